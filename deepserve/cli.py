@@ -1,0 +1,202 @@
+"""The `deepserve` command: serve | generate | chat.
+
+    deepserve serve    [--host 127.0.0.1] [--port 8000] [engine args]   OpenAI-compatible server
+    deepserve generate [--max-tokens N] [--temperature T] [--chat] [engine args] "prompt"
+    deepserve chat     [--max-tokens N] [--temperature T] [--system S] [engine args]
+
+Engine args (--model, --dtype, --max-model-len, ...) come from `EngineArgs.add_cli_args`.
+A start-up error (model not found, bad config, bad argument value) prints one line to stderr and
+exits with status 2, never a traceback. Heavy imports (torch, fastapi) happen inside commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from typing import Any, Callable, Sequence, TextIO
+
+from deepserve.engine.args import EngineArgs
+from deepserve.server.config import ServerConfig
+
+EXIT_USAGE = 2
+CHAT_EXIT = ("/exit", "/quit")
+
+
+class StartupError(Exception):
+    """A start-up problem already phrased for the user."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepserve", description="Run DeepSeek-family LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,chat}")
+    _add_serve(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
+    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    _add_sampling(gen)
+    chat = sub.add_parser("chat", help="interactive chat on stdin/stdout (/exit or EOF quits)")
+    _add_sampling(chat)
+    return parser
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    EngineArgs.add_cli_args(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--max-n", type=int, default=d.max_n, help="largest `n` a request may ask for")
+    g.add_argument("--log-level", default=None, help="debug | info | warning | error (default: DEEPSERVE_LOG_LEVEL)")
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    EngineArgs.add_cli_args(parser)
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--system", default=None, help="system message for chat")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    command = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat}[ns.command]
+    try:
+        return command(ns)
+    except StartupError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"deepserve: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _startup_errors() -> tuple[type[BaseException], ...]:
+    from deepserve.config import ConfigError
+    from deepserve.loader.errors import LoadError
+
+    return (LoadError, ConfigError, ValueError, OSError)
+
+
+def _guarded(build: Callable[[], Any]) -> Any:
+    """Run a start-up step; known start-up errors become a StartupError (message only)."""
+    errors = _startup_errors()
+    try:
+        return build()
+    except errors as exc:
+        raise StartupError(str(exc) or type(exc).__name__) from None
+
+
+def load_engine(ns: argparse.Namespace) -> tuple[Any, Any]:
+    """(EngineConfig, in-process LLMEngine): resolves the model first, then loads it."""
+    config = _guarded(EngineArgs.from_cli_args(ns).create_engine_config)
+    from deepserve.engine.llm_engine import LLMEngine
+
+    return config, _guarded(lambda: LLMEngine.from_config(config))
+
+
+# ---- serve ----------------------------------------------------------------------------------------
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import logging
+
+    from deepserve import envs
+    from deepserve.engine.async_llm import AsyncLLM
+    from deepserve.server.serve import run_server
+
+    log_level = ns.log_level or _guarded(envs.log_level)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = _guarded(lambda: ServerConfig(host=ns.host, port=ns.port, max_n=ns.max_n, log_level=log_level.lower()))
+    config, engine = load_engine(ns)
+    run_server(AsyncLLM(engine, config), config.served_model_name or config.model, server)
+    return 0
+
+
+# ---- generate / chat ------------------------------------------------------------------------------
+
+
+def sampling_params(ns: argparse.Namespace) -> Any:
+    from deepserve.sampling_params import SamplingParams
+
+    return _guarded(lambda: SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature,
+                                           top_p=ns.top_p, top_k=ns.top_k))
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    params = sampling_params(ns)
+    _, engine = load_engine(ns)
+    if ns.chat:
+        prompt: str | list[int] = _guarded(lambda: chat_prompt(engine.tokenizer, _system(ns) + [_user(ns.prompt)]))
+    else:
+        prompt = ns.prompt
+    stream_text(engine, prompt, params, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    params = sampling_params(ns)
+    _, engine = load_engine(ns)
+    messages = _system(ns)
+    show_prompt = stdin.isatty()
+    while (line := _read_line(stdin, stdout, show_prompt)) is not None:
+        if not line:
+            continue
+        messages.append(_user(line))
+        prompt = _guarded(lambda: chat_prompt(engine.tokenizer, messages))
+        reply = stream_text(engine, prompt, params, stdout)
+        stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _read_line(stdin: TextIO, stdout: TextIO, show_prompt: bool) -> str | None:
+    """The next user line (stripped), or None on EOF / an exit command."""
+    if show_prompt:
+        stdout.write(">>> ")
+        stdout.flush()
+    raw = stdin.readline()
+    if not raw or raw.strip() in CHAT_EXIT:
+        return None
+    return raw.strip()
+
+
+def _system(ns: argparse.Namespace) -> list[dict[str, str]]:
+    return [{"role": "system", "content": ns.system}] if ns.system else []
+
+
+def _user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the conversation rendered by the model's chat template, ready for a reply."""
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if isinstance(rendered, str):
+        return list(tokenizer.encode(rendered, add_special_tokens=False))
+    return list(rendered)
+
+
+def stream_text(engine: Any, prompt: str | list[int], params: Any, out: TextIO) -> str:
+    """Run one request to the end on an in-process LLMEngine, writing text as it comes."""
+    request_id = f"cli-{uuid.uuid4().hex}"
+    engine.add_request(request_id, prompt, params)
+    pieces: list[str] = []
+    try:
+        while engine.has_unfinished():
+            for output in engine.step():
+                if output.request_id == request_id and output.outputs[0].text:
+                    pieces.append(output.outputs[0].text)
+                    out.write(pieces[-1])
+                    out.flush()
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        raise
+    return "".join(pieces)

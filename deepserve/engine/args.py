@@ -1,0 +1,93 @@
+"""Engine arguments shared by `LLM(...)`, `deepserve serve|generate|chat` and the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from deepserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # folder, .gguf file, or bundled name; None: the default model
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float = 2.0
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    attention_mode: str = "auto"
+    seed: int = 0
+    served_model_name: str | None = None
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        d = EngineArgs()
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model", default=d.model,
+                       help="model folder, .gguf file, or bundled name (tiny-deepseek-v3); default: SmolLM2-135M")
+        g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+        g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+        g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
+        g.add_argument("--max-model-len", type=int, default=d.max_model_len)
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+        g.add_argument("--block-size", type=int, default=d.block_size)
+        g.add_argument("--num-kv-blocks", type=int, default=d.num_kv_blocks)
+        g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb,
+                       help="KV cache budget on CPU")
+        g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+        g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+        g.add_argument("--attention-mode", default=d.attention_mode, choices=["auto", "naive", "absorb"])
+        g.add_argument("--seed", type=int, default=d.seed)
+        g.add_argument("--served-model-name", default=d.served_model_name)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    def create_engine_config(self) -> EngineConfig:
+        from deepserve.loader.resolve import resolve_model_path
+
+        folder = resolve_model_path(self.model)
+        model_config = ModelConfig.from_folder(folder)
+        config = EngineConfig(
+            model=str(folder),
+            model_config=model_config,
+            cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
+                              enable_prefix_caching=self.enable_prefix_caching,
+                              cpu_kv_cache_bytes=int(self.kv_cache_memory_gb * (1 << 30))),
+            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                                      max_num_batched_tokens=self.max_num_batched_tokens,
+                                      max_model_len=self.max_model_len,
+                                      enable_chunked_prefill=self.enable_chunked_prefill),
+            dtype=self.dtype, device=_resolve_device(self.device), load_format=self.load_format,
+            seed=self.seed, attention_mode=self.attention_mode,
+            served_model_name=self.served_model_name or _default_name(self.model, folder),
+        )
+        return config.resolve()
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _default_name(model: str | None, folder) -> str:
+    from pathlib import Path
+
+    if model is None or model == "default":
+        return "SmolLM2-135M-Instruct"
+    return Path(str(model)).name.removesuffix(".gguf") or str(folder)

@@ -1,0 +1,262 @@
+"""Continuous batching by token budget (vLLM v1): no prefill or decode phases, only a number of new
+tokens per sequence per step. A decode is a sequence that wants 1 token; a chunked prefill is one
+that wants more than the budget leaves it.
+
+The scheduler changes only a `Sequence`'s counters, status and (through the block manager) its
+block table; the model runner reads the batch between `schedule()` and `update()`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple, Protocol
+
+from deepserve.config import CacheConfig, SchedulerConfig
+from deepserve.engine.block_manager import BlockManager, BlockManagerStats, cdiv
+from deepserve.engine.outputs import EngineOutput
+from deepserve.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from deepserve.engine.stop_checker import check_stop
+
+
+class ScheduledSeq(NamedTuple):
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def start(self) -> int:
+        """Position of the first new token (valid between `schedule()` and `update()`)."""
+        return self.seq.num_computed_tokens
+
+    @property
+    def is_last_chunk(self) -> bool:
+        """The chunk reaches the end of the sequence: the runner samples a token for it."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class ScheduledBatch:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)  # lost their blocks this step
+    num_batched_tokens: int = 0
+
+    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+        self.scheduled.append(ScheduledSeq(seq, num_new_tokens))
+        self.num_batched_tokens += num_new_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def sampling(self) -> list[ScheduledSeq]:
+        """The entries that get a sampled token, in batch order."""
+        return [entry for entry in self.scheduled if entry.is_last_chunk]
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # cumulative
+    cache: BlockManagerStats
+
+
+class PreemptionPolicy(Protocol):
+    def pick_victim(self, candidates: list[Sequence]) -> Sequence:
+        """Choose among the running sequences not yet scheduled this step (the one that failed to
+        get blocks comes first)."""
+        ...
+
+
+class PreemptLast:
+    """First come, first served: the most recently admitted sequence gives its blocks back."""
+
+    def pick_victim(self, candidates: list[Sequence]) -> Sequence:
+        return candidates[-1]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig | BlockManager,
+                 max_model_len: int | None = None, preemption: PreemptionPolicy | None = None):
+        self.config = config
+        self.block_manager = cache if isinstance(cache, BlockManager) else BlockManager.from_config(cache)
+        self.max_model_len = _resolve_max_model_len(config, max_model_len)
+        self.preemption = preemption or PreemptLast()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._requests: dict[str, Sequence] = {}
+
+    # ----- requests --------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self._check_admissible(seq)
+        seq.status = SequenceStatus.WAITING
+        self._requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> EngineOutput | None:
+        """Finish a waiting or running request with ABORT and free its blocks (None: unknown)."""
+        seq = self._requests.get(request_id)
+        if seq is None:
+            return None
+        (self.waiting if seq.status == SequenceStatus.WAITING else self.running).remove(seq)
+        self._finish(seq, FinishReason.ABORT)
+        return _output(seq, [], [])
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.num_preemptions,
+                              self.block_manager.stats())
+
+    # ----- one step --------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        # Algorithm (vLLM v1), one token budget (max_num_batched_tokens) per step:
+        # 1. Running sequences in order; each asks for all its uncomputed tokens (1 for a decode,
+        #    the rest of its prompt for a chunked prefill), capped by the budget left. When the
+        #    block manager cannot hold them, the preemption policy's victim (default: the last
+        #    running sequence) frees its blocks and waits at the front of the queue for a full
+        #    recompute; if the victim is the sequence itself, it does not run this step.
+        # 2. If nothing was preempted: waiting sequences, FIFO, while budget and max_num_seqs
+        #    allow. Prefix-cache hits count as computed; the rest is cut to the budget (or, with
+        #    chunked prefill off, waits until it fits whole). Stop at the first that does not fit.
+        batch = ScheduledBatch()
+        self._schedule_waiting(batch, self.config.max_num_batched_tokens)
+        self._schedule_running(batch, self.config.max_num_batched_tokens - batch.num_batched_tokens)
+        return batch
+
+    def update(self, batch: ScheduledBatch, sampled: Mapping[str, int] | Any,
+               logprobs: Mapping[str, TokenLogprob] | Any | None = None) -> list[EngineOutput]:
+        """Account for a step the runner executed. `sampled` (and `logprobs`) map request id to the
+        new token, or are sequences aligned with `batch.scheduled` or with `batch.sampling`."""
+        tokens = _by_request(batch, sampled)
+        lps = _by_request(batch, logprobs) if logprobs is not None else {}
+        outputs = [out for seq, n in batch.scheduled if not seq.is_finished
+                   if (out := self._advance(seq, n, tokens, lps)) is not None]
+        self.running = [seq for seq in self.running if not seq.is_finished]
+        return outputs
+
+    # ----- schedule() phases -----------------------------------------------------------------
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if self._allocate_or_preempt(seq, num_new, i, batch):
+                batch.add(seq, num_new)
+                budget -= num_new
+                i += 1
+        return budget
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, first: int, batch: ScheduledBatch) -> bool:
+        """Preempt victims among running[first:] until `seq` gets its slots; False if `seq` went."""
+        while not self.block_manager.allocate_slots(seq, num_new):
+            victim = self.preemption.pick_victim(self.running[first:])
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = self._admit(seq, budget)
+            if num_new == 0:
+                return
+            batch.add(seq, num_new)
+            budget -= num_new
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Move the head of the queue to running with its prefix hits; its new token count, or 0."""
+        hits = self.block_manager.get_computed_blocks(seq)
+        num_cached = len(hits) * self.block_manager.block_size
+        num_new = self._fit(seq.num_tokens - num_cached, budget)
+        if num_new == 0 or not self.block_manager.allocate_slots(seq, num_new, hits):
+            return 0
+        self.waiting.popleft()
+        seq.num_computed_tokens = num_cached
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = num_cached
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return num_new
+
+    def _fit(self, num_tokens: int, budget: int) -> int:
+        """Tokens of a prefill that run now: all, a chunk of the budget, or 0 (must wait)."""
+        if num_tokens <= budget:
+            return num_tokens
+        return budget if self.config.enable_chunked_prefill else 0
+
+    # ----- update() helpers ------------------------------------------------------------------
+    def _advance(self, seq: Sequence, num_new: int, tokens: Mapping[str, int],
+                 lps: Mapping[str, TokenLogprob]) -> EngineOutput | None:
+        seq.num_computed_tokens += num_new
+        self.block_manager.cache_computed_blocks(seq)
+        if seq.num_computed_tokens < seq.num_tokens:
+            return None  # a prefill chunk short of the end: nothing sampled
+        if seq.request_id not in tokens:
+            raise ValueError(f"no sampled token for {seq.request_id!r}, whose chunk reached its end")
+        logprob = lps.get(seq.request_id)
+        seq.append_token(int(tokens[seq.request_id]), logprob)
+        stop = check_stop(seq, self.max_model_len)
+        if stop is not None:
+            self._finish(seq, stop.reason, stop.stop_reason)
+        return _output(seq, [seq.last_token_id], [logprob] if logprob is not None else [])
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | None = None) -> None:
+        seq.finish(reason, stop_reason)
+        self.block_manager.free(seq)
+        del self._requests[seq.request_id]
+
+    def _check_admissible(self, seq: Sequence) -> None:
+        size, capacity = self.block_manager.block_size, self.block_manager.num_blocks
+        checks = [
+            (seq.request_id not in self._requests, "is already known"),
+            (seq.num_tokens > 0, "has an empty prompt"),
+            (seq.num_tokens <= self.max_model_len,
+             f"has {seq.num_tokens} tokens, more than max_model_len {self.max_model_len}"),
+            (cdiv(seq.num_tokens, size) <= capacity, f"needs more than the {capacity} KV blocks"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ValueError(f"request {seq.request_id!r} {problem}")
+
+
+def _resolve_max_model_len(config: SchedulerConfig, max_model_len: int | None) -> int:
+    length = max_model_len or config.max_model_len
+    if length is None:
+        raise ValueError("max_model_len is unresolved: pass it or resolve the EngineConfig first")
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < length:
+        raise ValueError(f"without chunked prefill, max_num_batched_tokens "
+                         f"({config.max_num_batched_tokens}) must be >= max_model_len ({length})")
+    return length
+
+
+def _by_request(batch: ScheduledBatch, values: Any) -> Mapping[str, Any]:
+    """Per-request values from a mapping, or from a list/tensor aligned with the batch's entries
+    (all of them, or only those that sample). Call before any counter moves."""
+    if isinstance(values, Mapping):
+        return values
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    entries = batch.scheduled if len(values) == len(batch.scheduled) else batch.sampling
+    if len(values) != len(entries):
+        raise ValueError(f"{len(values)} values for {len(batch.scheduled)} scheduled sequences "
+                         f"({len(batch.sampling)} sampling)")
+    return {entry.seq.request_id: value for entry, value in zip(entries, values)}
+
+
+def _output(seq: Sequence, new_tokens: list[int], new_logprobs: list[TokenLogprob]) -> EngineOutput:
+    return EngineOutput(seq.request_id, new_tokens, new_logprobs, seq.finish_reason, seq.stop_reason,
+                        seq.num_prompt_tokens, seq.num_cached_tokens)

@@ -1,0 +1,89 @@
+"""Paged multi-head / grouped-query attention in PyTorch (the reference backend, used on CPU).
+
+Per layer the cache is `[2, num_blocks, block_size, num_kv_heads, head_dim]` (K = [0], V = [1]),
+bound by the model runner into `kv_cache`. Each call
+  1. writes the new tokens' K/V at `ForwardContext.slot_mapping`;
+  2. for each sequence gathers its whole context (cached + new) through its block table and runs
+     SDPA with the causal mask shifted so the new tokens sit at the end of the context.
+Chunked prefill, prefix-cache hits (context longer than the new tokens) and decode all follow
+from step 2 and may share one batch.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepserve.forward_context import get_forward_context
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v [num_tokens, num_kv_heads, head_dim] at flat slots [num_tokens] int64."""
+    _, num_blocks, block_size, heads, dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, heads, dim)  # [2, slots, H_kv, D]
+    flat[0, slot_mapping] = k.to(kv_cache.dtype)
+    flat[1, slot_mapping] = v.to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [seq_len, num_kv_heads, head_dim] of one sequence; block_table: [max_blocks] int64."""
+    block_size = kv_cache.shape[2]
+    blocks = block_table[: (seq_len + block_size - 1) // block_size]
+    kv = kv_cache[:, blocks].flatten(1, 2)[:, :seq_len]  # [2, seq_len, H_kv, D]
+    return kv[0], kv[1]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [L, H, D] (the last L of the S context tokens), k/v [S, H_kv, D] -> [L, H, D].
+
+    Query i (position S - L + i) attends to keys 0 .. S - L + i.
+    """
+    q_len, ctx_len = q.shape[0], k.shape[0]
+    mask = None
+    if q_len > 1:
+        offset = ctx_len - q_len
+        mask = torch.arange(ctx_len, device=q.device)[None, :] <= torch.arange(q_len, device=q.device)[:, None] + offset
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0).to(q.dtype),
+        v.transpose(0, 1).unsqueeze(0).to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True,
+    )  # [1, H, L, D]
+    return out[0].transpose(0, 1)
+
+
+class Attention(nn.Module):
+    """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim].
+
+    Holds no weights; `kv_cache` starts empty. Without a bound cache (e.g. a profiling pass) it
+    attends over the new tokens only, which is correct only when no sequence has cached context.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.kv_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        cached = self.kv_cache.numel() > 0
+        if cached:
+            write_kv(self.kv_cache, k, v, ctx.slot_mapping)
+        elif ctx.seq_lens_cpu != ctx.query_lens_cpu:
+            raise RuntimeError("attention over cached context needs a bound kv_cache (bind_kv_cache)")
+        out = torch.empty_like(q)
+        starts = [0, *accumulate(ctx.query_lens_cpu)]
+        tables = ctx.block_tables.long()
+        for i, seq_len in enumerate(ctx.seq_lens_cpu):
+            lo, hi = starts[i], starts[i + 1]
+            if cached:
+                ck, cv = gather_kv(self.kv_cache, tables[i], seq_len)
+            else:
+                ck, cv = k[lo:hi], v[lo:hi]
+            out[lo:hi] = causal_attention(q[lo:hi], ck, cv, self.scale)
+        return out

@@ -1,0 +1,49 @@
+"""Token embedding and the LM head (optionally tied to the embedding).
+
+Both hold a [vocab, hidden] matrix; the vocabulary dimension is the one tensor parallelism will
+split (each rank a contiguous range of token ids), so the loaders narrow along dim 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepserve.layers.linear import _copy
+
+
+class VocabEmbedding(nn.Module):
+    """input_ids [num_tokens] int64 -> [num_tokens, hidden]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        _copy(param.data, loaded)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(VocabEmbedding):
+    """hidden [num_tokens, hidden] -> logits [num_tokens, vocab] float32.
+
+    With `tie_to` the head shares the embedding's weight (one Parameter, loaded once).
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, tie_to: VocabEmbedding | None = None):
+        nn.Module.__init__(self)
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.tied = tie_to is not None
+        if tie_to is not None:
+            self.weight = tie_to.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+            self.weight.weight_loader = self.weight_loader
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight).float()

@@ -1,0 +1,167 @@
+"""Linear layers with checkpoint weight loaders, shaped for tensor parallelism.
+
+Every parameter carries `weight_loader(param, loaded, shard_id=None)`: it copies the checkpoint
+tensor (or this rank's slice of it) into `param`, raising ValueError with the expected and got
+shapes on a mismatch. Column layers split the output dimension over `tp_size` ranks, row layers the
+input dimension; with the default `tp_size=1` they are plain linears. Merged layers (q/k/v,
+gate/up) take one checkpoint tensor per `shard_id` and place it at its offset.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_shape(expected: torch.Size, loaded: torch.Tensor) -> None:
+    if tuple(expected) != tuple(loaded.shape):
+        raise ValueError(f"shape mismatch: expected {tuple(expected)}, got {tuple(loaded.shape)}")
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what} ({total}) is not divisible by tp_size ({parts})")
+    return total // parts
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    _check_shape(dst.shape, src)
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    """Whole-tensor copy with a shape check, for parameters without their own loader (norms)."""
+    _copy(param.data, loaded)
+
+
+class LinearBase(nn.Module):
+    """y = x W^T (+ b). x: [num_tokens, in_per_rank] -> [num_tokens, out_per_rank]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 tp_size: int = 1, tp_rank: int = 0):
+        super().__init__()
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight.weight_loader = self.weight_loader
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        _copy(param.data, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """The full matrix on every rank."""
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split over ranks; the checkpoint holds the full [out, in] matrix."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 tp_size: int = 1, tp_rank: int = 0):
+        super().__init__(in_features, _divide(out_features, tp_size, "output features"), bias,
+                         tp_size, tp_rank)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        size = param.shape[0]
+        _check_shape(torch.Size((size * self.tp_size, *param.shape[1:])), loaded)
+        _copy(param.data, loaded.narrow(0, self.tp_rank * size, size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column linears sharing an input, concatenated on the output (gate | up).
+
+    `shard_id` is the index into `output_sizes` of the checkpoint tensor being loaded.
+    """
+
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False,
+                 tp_size: int = 1, tp_rank: int = 0):
+        self.output_sizes = tuple(output_sizes)
+        super().__init__(in_features, sum(self.output_sizes), bias, tp_size, tp_rank)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if shard_id is None:
+            raise ValueError("merged column linear needs a shard_id (index into output_sizes)")
+        sizes = [s // self.tp_size for s in self.output_sizes]  # per rank
+        offset, size = sum(sizes[:shard_id]), sizes[shard_id]
+        _check_shape(torch.Size((self.output_sizes[shard_id], *param.shape[1:])), loaded)
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection; output layout [q heads | k heads | v heads] of `head_dim` each.
+
+    Query heads split over ranks; key/value heads too, or are replicated when fewer than ranks.
+    `shard_id` is "q", "k" or "v".
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, tp_size: int = 1, tp_rank: int = 0):
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp_size, "attention heads")
+        if num_kv_heads >= tp_size:
+            self.num_kv_heads = _divide(num_kv_heads, tp_size, "key/value heads")
+        else:
+            _divide(tp_size, num_kv_heads, "tp_size over key/value heads")
+            self.num_kv_heads = 1
+        self.total_heads = {"q": num_heads, "k": num_kv_heads, "v": num_kv_heads}
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
+        super().__init__(hidden_size, out, bias, tp_size, tp_rank)
+
+    def _shard_range(self, shard_id: str) -> tuple[int, int, int]:
+        """(offset in param, size, start in the checkpoint tensor) along dim 0 for this rank."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            return 0, q, self.tp_rank * q
+        total_kv = self.total_heads["k"]
+        if total_kv >= self.tp_size:
+            first_head = self.tp_rank * self.num_kv_heads
+        else:  # replicated: tp_size // total_kv consecutive ranks share one head
+            first_head = self.tp_rank * total_kv // self.tp_size
+        return (q if shard_id == "k" else q + kv), kv, first_head * self.head_dim
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if shard_id not in ("q", "k", "v"):
+            raise ValueError(f"qkv linear needs shard_id 'q', 'k' or 'v', got {shard_id!r}")
+        offset, size, start = self._shard_range(shard_id)
+        _check_shape(torch.Size((self.total_heads[shard_id] * self.head_dim, *param.shape[1:])), loaded)
+        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split over ranks; partial products summed by `all_reduce` (needed if tp > 1).
+
+    The bias is added once, after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 tp_size: int = 1, tp_rank: int = 0,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if tp_size > 1 and all_reduce is None:
+            raise ValueError("RowParallelLinear with tp_size > 1 needs an all_reduce")
+        super().__init__(_divide(in_features, tp_size, "input features"), out_features, bias,
+                         tp_size, tp_rank)
+        self.all_reduce = all_reduce
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if param.dim() == 1:  # bias: replicated
+            _copy(param.data, loaded)
+            return
+        size = param.shape[1]
+        _check_shape(torch.Size((param.shape[0], size * self.tp_size)), loaded)
+        _copy(param.data, loaded.narrow(1, self.tp_rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.all_reduce is not None:
+            out = self.all_reduce(out)
+        return out if self.bias is None else out + self.bias

@@ -1,0 +1,137 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over the paged latent cache, pure PyTorch.
+
+Per token, MLA compresses the keys and values of all heads into one latent of `kv_lora_rank`
+plus one shared rope key of `qk_rope_head_dim`. The cache stores only those (the latent after
+kv_a_layernorm, the rope key after rotation): layer cache [num_blocks, block_size, R + Dr].
+
+Two equivalent ways to attend (DeepSeek-V3 `inference/model.py`):
+  * naive: gather the context latents, expand them with kv_b_proj into per-head k_nope and v,
+    then ordinary attention with k = [k_nope | k_pe];
+  * absorb: fold kv_b_proj's key half into the query (q_nope @ W_UK lands in latent space) and its
+    value half into the output, and attend directly over [latent | k_pe] as one shared "head".
+"auto" takes absorb for decode-only batches (little query, long context) and naive otherwise.
+
+Shapes: T new tokens, S context tokens of one sequence, h heads, R kv_lora_rank,
+Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepserve.config import ModelConfig
+from deepserve.forward_context import ForwardContext, get_forward_context
+from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from deepserve.layers.norm import RMSNorm
+from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
+
+ATTENTION_MODES = ("auto", "naive", "absorb")
+LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in DeepSeek's code and HF's
+
+
+def context_slots(ctx: ForwardContext, seq: int) -> torch.Tensor:
+    """[S] int64 cache slots of positions 0..seq_len-1 of sequence `seq`."""
+    pos = torch.arange(ctx.seq_lens_cpu[seq], device=ctx.block_tables.device)
+    blocks = ctx.block_tables[seq, pos // ctx.block_size].long()
+    return blocks * ctx.block_size + pos % ctx.block_size
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The last T of S positions attend causally.
+
+    q: [T, h, D]; k: [S, h or 1, D]; v: [S, h or 1, Dv] -> [T, h, Dv] (float32 softmax).
+    """
+    num_q, num_k = q.shape[0], k.shape[0]
+    scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)).float() * scale  # [h, T, S]
+    q_pos = torch.arange(num_k - num_q, num_k, device=q.device)[:, None]  # [T, 1]
+    future = torch.arange(num_k, device=q.device)[None, :] > q_pos  # [T, S]
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [T, h, Dv]
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_mode: str = "auto"):
+        super().__init__()
+        if attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode {attention_mode!r} not in {ATTENTION_MODES}")
+        self.attention_mode = attention_mode
+        self.num_heads = config.num_attention_heads
+        self.kv_lora_rank, self.rope_dim = config.kv_lora_rank, config.qk_rope_head_dim
+        self.nope_dim, self.v_dim = config.qk_nope_head_dim, config.v_head_dim
+        self.scale = config.qk_head_dim ** -0.5 * yarn_softmax_scale(config.rope_scaling)
+        self.rotary = rotary
+        self._build_projections(config)
+        self.kv_cache = torch.empty(0)  # [num_blocks, block_size, R + Dr], bound by the runner
+
+    def _build_projections(self, config: ModelConfig) -> None:
+        hidden, q_out = config.hidden_size, self.num_heads * config.qk_head_dim
+        bias = config.attention_bias
+        self.q_lora_rank = config.q_lora_rank
+        if self.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(hidden, q_out)
+        else:
+            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=LORA_NORM_EPS)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, q_out)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=LORA_NORM_EPS)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = RowParallelLinear(self.num_heads * self.v_dim, hidden, bias=bias)
+
+    def _query(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> q_nope [T, h, Dn], rotated q_pe [T, h, Dr]."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)  # [T, h, Dn + Dr]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, self.rotary.rotate(positions, q_pe)
+
+    def _latent(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> cache entries [T, R + Dr]: normalised latent, rotated shared rope key."""
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = self.rotary.rotate(positions, k_pe.unsqueeze(1)).squeeze(1)  # [T, Dr]
+        return torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1)
+
+    def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_UK [h, Dn, R], W_UV [h, Dv, R]."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, :self.nope_dim], w[:, self.nope_dim:]
+
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx_kv: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, h, Dn], q_pe [T, h, Dr], ctx_kv [S, R + Dr] -> [T, h, Dv]."""
+        latent, k_pe = ctx_kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)  # [S, h, Dn + Dv]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)], dim=-1)  # [S, h, Dn + Dr]
+        return causal_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale)
+
+    def _absorbed(self, q_latent: torch.Tensor, ctx_kv: torch.Tensor) -> torch.Tensor:
+        """q_latent [T, h, R + Dr] (absorbed q_nope | q_pe), ctx_kv [S, R + Dr] -> [T, h, R]."""
+        kv = ctx_kv.unsqueeze(1)  # [S, 1, R + Dr], one head shared by all query heads
+        return causal_attention(q_latent, kv, kv[..., :self.kv_lora_rank], self.scale)
+
+    def _use_absorb(self, ctx: ForwardContext) -> bool:
+        if self.attention_mode == "auto":
+            return ctx.is_decode_only
+        return self.attention_mode == "absorb"
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """positions: [T] int64, x: [T, H] -> [T, H]; writes the new tokens' latents to the cache."""
+        ctx = get_forward_context()
+        q_nope, q_pe = self._query(positions, x)
+        cache = self.kv_cache.view(-1, self.kv_lora_rank + self.rope_dim)  # [slots, R + Dr]
+        cache[ctx.slot_mapping] = self._latent(positions, x).to(cache.dtype)
+        starts = ctx.query_start_loc.tolist()
+        if self._use_absorb(ctx):
+            w_uk, w_uv = self._kv_b_weights()
+            q_lat = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1)  # [T, h, R + Dr]
+            o_lat = torch.cat([self._absorbed(q_lat[starts[i]:starts[i + 1]], cache[context_slots(ctx, i)])
+                               for i in range(ctx.num_seqs)])  # [T, h, R]
+            out = torch.einsum("thr,hvr->thv", o_lat, w_uv)  # [T, h, Dv]
+        else:
+            out = torch.cat([self._naive(q_nope[starts[i]:starts[i + 1]], q_pe[starts[i]:starts[i + 1]],
+                                         cache[context_slots(ctx, i)]) for i in range(ctx.num_seqs)])
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))

@@ -1,0 +1,121 @@
+"""`load_model(engine_config) -> nn.Module`: weights in place, eval mode, target dtype and device.
+
+    1. dtype: float32 on CPU whatever the checkpoint ("auto"); the checkpoint's dtype elsewhere.
+    2. class from `deepserve.models.registry` by config.json's `architectures[0]`.
+    3. build the modules directly on the target device under the target default dtype.
+    4. fill: dummy weights, or every tensor of the safetensors files (rich progress per shard);
+       a parameter left unfilled is an error naming it and the files searched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from deepserve.config import EngineConfig, ModelConfig
+from deepserve.loader.dummy import fill_dummy_weights
+from deepserve.loader.errors import LoadError
+from deepserve.loader.safetensors_loader import (
+    CheckpointFiles, WeightStream, check_all_filled, find_checkpoint_files, load_into,
+)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def parse_dtype(name: str, source: str = "dtype") -> torch.dtype:
+    try:
+        return _DTYPES[str(name).removeprefix("torch.").lower()]
+    except KeyError:
+        raise LoadError(f"{source}: unsupported dtype {name!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def resolve_dtype(engine_config: EngineConfig) -> torch.dtype:
+    """The dtype parameters are built in (see the module docstring)."""
+    if engine_config.dtype != "auto":
+        return parse_dtype(engine_config.dtype)
+    if torch.device(engine_config.device).type == "cpu":
+        return torch.float32
+    return _DTYPES.get(str(engine_config.model_config.torch_dtype).lower(), torch.bfloat16)
+
+
+def model_class(model_config: ModelConfig) -> type[nn.Module]:
+    """The registered class for config.json's architecture; LoadError listing the supported ones."""
+    from deepserve.models.registry import get_model_class  # lazy: pulls in torch model code
+
+    try:
+        return get_model_class(model_config.architecture)
+    except (KeyError, ValueError) as exc:
+        message = str(exc.args[0]) if exc.args else str(exc)
+        raise LoadError(f"config.json: architecture {model_config.architecture!r}: {message}") from None
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(cls: type[nn.Module], model_config: ModelConfig, attention_mode: str,
+                device: str, dtype: torch.dtype) -> nn.Module:
+    """Modules created on `device` with floating parameters in `dtype` (explicit dtypes kept)."""
+    with torch.device(device), _default_dtype(dtype):
+        return cls(model_config, attention_mode=attention_mode)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("loading weights"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.description}"), TimeElapsedColumn(),
+                    transient=True, disable=not enabled)
+
+
+def _expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    # Parameters with a `weight_loader` are sharded or fused: the model checks those itself.
+    return {n: p.shape for n, p in model.named_parameters() if not hasattr(p, "weight_loader")}
+
+
+@torch.no_grad()
+def load_checkpoint(model: nn.Module, files: CheckpointFiles, progress: bool = True) -> set[str]:
+    """Fill `model` from safetensors files; LoadError on a bad file, shape or a missing tensor."""
+    with _progress(progress) as bar:
+        task = bar.add_task("", total=len(files.files))
+        stream = WeightStream(files, _expected_shapes(model),
+                              on_file=lambda path: bar.update(task, advance=1, description=path.name))
+        filled = load_into(model, stream)
+    check_all_filled([name for name, _ in model.named_parameters()], filled, files)
+    return filled
+
+
+def load_model(engine_config: EngineConfig, progress: bool = True) -> nn.Module:
+    """The model of `engine_config`, weights loaded, in eval mode."""
+    fmt = engine_config.load_format
+    if fmt not in LOAD_FORMATS:
+        raise LoadError(f"unknown load format {fmt!r}; use one of {', '.join(LOAD_FORMATS)}")
+    cls = model_class(engine_config.model_config)
+    files = None if fmt == "dummy" else find_checkpoint_files(_model_folder(engine_config.model))
+    model = build_model(cls, engine_config.model_config, engine_config.attention_mode,
+                        engine_config.device, resolve_dtype(engine_config))
+    if files is None:
+        fill_dummy_weights(model, seed=engine_config.seed)
+    else:
+        load_checkpoint(model, files, progress)
+    return model.eval()
+
+
+def _model_folder(model: str) -> Path:
+    from deepserve.loader.resolve import resolve_model_path
+
+    return resolve_model_path(model)
