@@ -123,8 +123,9 @@ class Scheduler:
         #    allow. Prefix-cache hits count as computed; the rest is cut to the budget (or, with
         #    chunked prefill off, waits until it fits whole). Stop at the first that does not fit.
         batch = ScheduledBatch()
-        self._schedule_waiting(batch, self.config.max_num_batched_tokens)
-        self._schedule_running(batch, self.config.max_num_batched_tokens - batch.num_batched_tokens)
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        if not batch.preempted:
+            self._schedule_waiting(batch, budget)
         return batch
 
     def update(self, batch: ScheduledBatch, sampled: Mapping[str, int] | Any,
