@@ -49,6 +49,15 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes: intra-op threads only add contention (10x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomise(hf: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, p in hf.named_parameters():

@@ -111,7 +111,8 @@ def test_different_tokens_do_not_share():
 
 def test_block_key_is_chained_on_the_parent():
     block = [5, 6, 7, 8]
-    assert hash_block(hash_block(b"", [1, 2, 3, 4]), block) != hash_block(hash_block(b"", [0, 2, 3, 4]), block)
+    parent_a, parent_b = hash_block(b"", [1, 2, 3, 4]), hash_block(b"", [0, 2, 3, 4])
+    assert hash_block(parent_a, block) != hash_block(parent_b, block)
     assert hash_block(b"", [1, 2]) == hash_block(b"", [1, 2]) != hash_block(b"", [2, 1])
 
 
@@ -297,7 +298,8 @@ class Driver:
 
     def add(self) -> None:
         base = self.rng.choice([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 9, 9, 9], [4, 4, 4, 4]])
-        tokens = base[: self.rng.randint(1, len(base))] + [self.rng.randrange(3) for _ in range(self.rng.randrange(4))]
+        tail = [self.rng.randrange(3) for _ in range(self.rng.randrange(4))]
+        tokens = base[: self.rng.randint(1, len(base))] + tail
         self.count += 1
         self.live.append(make_seq(f"r{self.count}", tokens))
 

@@ -241,3 +241,16 @@ def test_smollm2_tokenizer_and_chat_template(smollm2_folder):
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith(f"{text}<|im_end|>\n<|im_start|>assistant\n")
     assert tok.eos_token_ids[0] == tok.token_to_id("<|im_end|>") == 2
     assert tok.encode("<|im_start|>user", add_special_tokens=False)[0] == 1
+
+
+@pytest.mark.slow
+def test_smollm2_loads_and_answers(smollm2_folder):
+    """The default model end to end: converted folder -> load_model -> greedy answer."""
+    from tests.paged_harness import PagedRunner
+
+    config = EngineConfig(model=str(smollm2_folder), model_config=ModelConfig.from_folder(smollm2_folder))
+    model = load_model(config, progress=False)
+    tok = load_tokenizer(smollm2_folder)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    tokens, _ = PagedRunner(model, num_blocks=16).greedy(tok.encode(prompt), 8)
+    assert "Paris" in tok.decode(tokens)
