@@ -84,7 +84,7 @@ def _group_mask(choice: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     grouped = choice.view(choice.shape[0], cfg.n_group, -1)  # [T, G, E/G]
     if cfg.topk_method == "noaux_tc":
         best = min(2, grouped.shape[-1])
-        group_scores = grouped.topk(best, dim=-1).values.sum(dim=-1)  # [T, G]
+        group_scores = grouped.max(dim=-1).values  # [T, G]
     else:
         group_scores = grouped.max(dim=-1).values  # [T, G]
     keep = torch.zeros_like(group_scores, dtype=torch.bool)

@@ -137,8 +137,7 @@ class OpenAIRoutes:
             raise APIError.invalid("prompt", "prompt must not be empty")
         return ids
 
-    def _jobs(self, req: P.SamplingRequest, prompts: list[_Prompt], param: str) -> list[_Job]:
-        base = f"{'chatcmpl' if param == 'messages' else 'cmpl'}-{uuid.uuid4().hex}"
+    def _jobs(self, base: str, req: P.SamplingRequest, prompts: list[_Prompt], param: str) -> list[_Job]:
         jobs = []
         for p_index, prompt in enumerate(prompts):
             max_tokens = self._max_tokens(req, len(prompt.token_ids), param)
@@ -166,9 +165,9 @@ class OpenAIRoutes:
 
     async def _serve(self, request: Request, req: P.SamplingRequest, prompts: list[_Prompt],
                      fmt: P.ResponseFormatter, param: str) -> Response:
-        jobs = self._jobs(req, prompts, param)
-        head = P.envelope(fmt.chunk_object if req.stream else fmt.object, jobs[0].request_id.rsplit("-", 1)[0],
-                          self.model_name)
+        base = f"{'chatcmpl' if param == 'messages' else 'cmpl'}-{uuid.uuid4().hex}"
+        jobs = self._jobs(base, req, prompts, param)
+        head = P.envelope(fmt.chunk_object if req.stream else fmt.object, base, self.model_name)
         if req.stream:
             events = self._events(jobs, fmt, head, req.include_usage)
             return StreamingResponse(events, media_type="text/event-stream",

@@ -21,7 +21,7 @@ logger = logging.getLogger("deepserve.server")
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",

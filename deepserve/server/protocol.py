@@ -165,6 +165,11 @@ class CompletionRequest(SamplingRequest):
             raise APIError.invalid("prompt", "prompt must not be empty")
         return batch
 
+    def check(self, max_n: int, vocab_size: int | None) -> None:
+        super().check(max_n, vocab_size)
+        if self.echo:
+            raise APIError.invalid("echo", "echo is not supported")
+
     def logprobs_k(self) -> int | None:
         return self.logprobs
 

@@ -38,13 +38,13 @@ VARIANTS = {
         q_lora_rank=32, n_shared_experts=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
         routed_scaling_factor=1.5,
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0, mscale_all_dim=0.8,
-                             original_max_position_embeddings=32, beta_fast=32, beta_slow=1))),
+                             original_max_position_embeddings=64, beta_fast=32, beta_slow=1))),
     # V3-like: sigmoid + noaux_tc with a random bias, normalised top-k, YaRN with mscale == mscale_all_dim.
     "v3": (DeepseekV3Config, DeepseekV3ForCausalLM, dict(
         q_lora_rank=32, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
         routed_scaling_factor=2.5,
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=0.707,
-                             mscale_all_dim=0.707, original_max_position_embeddings=32,
+                             mscale_all_dim=0.707, original_max_position_embeddings=64,
                              beta_fast=32, beta_slow=1))),
 }
 

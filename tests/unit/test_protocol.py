@@ -133,7 +133,7 @@ def test_health_and_models(client, engine):
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("temperature", 2.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("max_tokens", 0), ("max_completion_tokens", 0),
-    ("n", 0), ("n", 5), ("stop", [""]), ("stop", [str(i) for i in range(17)]), ("temperature", "hot"),
+    ("n", 0), ("n", 5), ("n", True), ("stop", [""]), ("stop", [str(i) for i in range(17)]), ("temperature", "hot"),
     ("max_tokens", "10"), ("stream", "yes"), ("logit_bias", {"abc": 1}), ("logit_bias", {"5": 101}),
     ("logit_bias", {"-1": 1}), ("top_logprobs", 3), ("stream_options", {"include_usage": True}),
     ("messages", []), ("messages", "hi"), ("messages", [{"role": "wizard", "content": "x"}]),
@@ -148,6 +148,11 @@ def test_chat_missing_fields(client, missing):
     body = chat_body()
     del body[missing]
     assert_error(client.post("/v1/chat/completions", json=body), 400, param=missing)
+
+
+def test_completion_echo_rejected(client):
+    resp = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "echo": True})
+    assert_error(resp, 400, param="echo")
 
 
 @pytest.mark.parametrize("prompt", ["", [], [[]], [-1], [0x110000], 3])
