@@ -54,6 +54,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out[0].transpose(0, 1)
 
 
+def batched_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                             seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One new token per sequence, all sequences in one SDPA call.
+
+    q [B, H, D]; kv_cache [2, num_blocks, block_size, H_kv, D]; block_tables [B, W] int64;
+    seq_lens [B] int32 -> [B, H, D]. Keys past each sequence's length are masked out.
+    """
+    kv = kv_cache[:, block_tables].flatten(2, 3)  # [2, B, W * block_size, H_kv, D]
+    keys = torch.arange(kv.shape[2], device=q.device)
+    mask = (keys[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, S]
+    valid = mask.view(mask.shape[0], 1, -1, 1)  # [B, 1, S, 1]
+    k = kv[0].transpose(1, 2).to(q.dtype).masked_fill(~valid, 0.0)  # [B, H_kv, S, D]
+    v = kv[1].transpose(1, 2).to(q.dtype).masked_fill(~valid, 0.0)  # stale slots may hold anything
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)  # [B, H, 1, D]
+    return out.squeeze(2)
+
+
 class Attention(nn.Module):
     """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim].
 
@@ -76,6 +94,8 @@ class Attention(nn.Module):
             write_kv(self.kv_cache, k, v, ctx.slot_mapping)
         elif ctx.seq_lens_cpu != ctx.query_lens_cpu:
             raise RuntimeError("attention over cached context needs a bound kv_cache (bind_kv_cache)")
+        if cached and ctx.is_decode_only:
+            return batched_decode_attention(q, self.kv_cache, ctx.block_tables.long(), ctx.seq_lens, self.scale)
         out = torch.empty_like(q)
         starts = [0, *accumulate(ctx.query_lens_cpu)]
         tables = ctx.block_tables.long()

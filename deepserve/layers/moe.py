@@ -84,7 +84,7 @@ def _group_mask(choice: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     grouped = choice.view(choice.shape[0], cfg.n_group, -1)  # [T, G, E/G]
     if cfg.topk_method == "noaux_tc":
         best = min(2, grouped.shape[-1])
-        group_scores = grouped.max(dim=-1).values  # [T, G]
+        group_scores = grouped.topk(best, dim=-1).values.sum(dim=-1)  # [T, G]
     else:
         group_scores = grouped.max(dim=-1).values  # [T, G]
     keep = torch.zeros_like(group_scores, dtype=torch.bool)
@@ -106,7 +106,7 @@ def select_experts(router_logits: torch.Tensor, cfg: RouterConfig,
     ids = _topk_stable(choice, cfg.top_k)  # [T, k]
     weights = scores.gather(1, ids)
     if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-3)
     return Routing(weights * cfg.routed_scaling_factor, ids)
 
 

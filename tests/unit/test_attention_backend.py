@@ -126,3 +126,17 @@ def test_without_cache_prefill_only():
 def test_needs_forward_context():
     with pytest.raises(RuntimeError, match="forward_context"):
         make_layer()(torch.randn(1, HQ, D), torch.randn(1, HKV, D), torch.randn(1, HKV, D))
+
+
+def test_decode_only_batch_matches_dense_causal():
+    """The batched decode path (one SDPA call for all sequences) over NaN-filled unwritten slots."""
+    lengths = [5, 9, 16, 3]
+    seqs = [random_seq(n) for n in lengths]
+    tables = shuffled_tables(lengths)
+    layer, scale = make_layer(), D ** -0.5
+    run_step(layer, seqs, [n - 1 for n in lengths], [0] * 4, tables)
+    outs = run_step(layer, seqs, [1] * 4, [n - 1 for n in lengths], tables)
+    for seq, out, n in zip(seqs, outs, lengths):
+        ref = dense_reference(seq["q"], seq["k"], seq["v"], scale)[n - 1:n]
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
