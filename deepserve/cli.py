@@ -97,7 +97,8 @@ def load_engine(ns: argparse.Namespace) -> tuple[Any, Any]:
     config = _guarded(EngineArgs.from_cli_args(ns).create_engine_config)
     from deepserve.engine.llm_engine import LLMEngine
 
-    return config, _guarded(lambda: LLMEngine.from_config(config))
+    # The loader's progress bar writes to stdout: keep it out of piped output.
+    return config, _guarded(lambda: LLMEngine.from_config(config, progress=sys.stdout.isatty()))
 
 
 # ---- serve ----------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ class MLAAttention(nn.Module):
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, q_out)
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=LORA_NORM_EPS)
-        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim))
+        kv_b_out = self.num_heads * (self.nope_dim + self.v_dim)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, kv_b_out)
         self.o_proj = RowParallelLinear(self.num_heads * self.v_dim, hidden, bias=bias)
 
     def _query(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,12 +43,13 @@ class RouterConfig:
     routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.topk_method not in TOPK_METHODS:
-            raise ValueError(f"unsupported topk_method {self.topk_method!r} (supported: {', '.join(TOPK_METHODS)})")
-        if self.scoring_func not in SCORING_FUNCS:
-            raise ValueError(f"unsupported scoring_func {self.scoring_func!r} (supported: {', '.join(SCORING_FUNCS)})")
+        for field_name, value, allowed in (("topk_method", self.topk_method, TOPK_METHODS),
+                                           ("scoring_func", self.scoring_func, SCORING_FUNCS)):
+            if value not in allowed:
+                raise ValueError(f"unsupported {field_name} {value!r} (supported: {', '.join(allowed)})")
         if self.num_experts % self.n_group:
-            raise ValueError(f"n_routed_experts {self.num_experts} is not divisible by n_group {self.n_group}")
+            raise ValueError(f"n_routed_experts {self.num_experts} is not divisible by n_group "
+                             f"{self.n_group}")
         if self.top_k > self.num_experts // self.n_group * self.topk_group:
             raise ValueError(f"top_k {self.top_k} exceeds the experts of topk_group {self.topk_group} groups")
 
@@ -106,7 +107,7 @@ def select_experts(router_logits: torch.Tensor, cfg: RouterConfig,
     ids = _topk_stable(choice, cfg.top_k)  # [T, k]
     weights = scores.gather(1, ids)
     if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-3)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return Routing(weights * cfg.routed_scaling_factor, ids)
 
 

@@ -59,7 +59,8 @@ def map_name(hf_name: str) -> Target:
     for pattern, replacement, shard in NAME_MAP:
         if re.search(pattern, hf_name):
             expert = _EXPERT_INDEX.search(hf_name)
-            return Target(re.sub(pattern, replacement, hf_name), shard, int(expert.group(1)) if expert else None)
+            index = int(expert.group(1)) if expert else None
+            return Target(re.sub(pattern, replacement, hf_name), shard, index)
     return Target(hf_name)
 
 

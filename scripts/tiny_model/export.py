@@ -64,6 +64,7 @@ def save_weights(sd: dict[str, torch.Tensor], dst: Path, shard_bytes: int | None
     total = sum(t.numel() * t.element_size() for t in sd.values())
     if shard_bytes is None or total <= shard_bytes:
         save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        (dst / "model.safetensors").chmod(0o644)
         return ["model.safetensors"]
     shards, cur, size = [], {}, 0
     for k, t in sd.items():
@@ -78,6 +79,7 @@ def save_weights(sd: dict[str, torch.Tensor], dst: Path, shard_bytes: int | None
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(dst / fname), metadata={"format": "pt"})
+        (dst / fname).chmod(0o644)
         names.append(fname)
         weight_map.update({k: fname for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -134,6 +136,7 @@ def assemble(src: Path, pack: Path, dst: Path, keep_shards: bool = False) -> Non
     sharded = (src / "model.safetensors.index.json").exists()
     if sharded and not keep_shards:
         save_file(_merge_shards(src), str(dst / "model.safetensors"), metadata={"format": "pt"})
+        (dst / "model.safetensors").chmod(0o644)
     else:
         for p in src.glob("model*.safetensors*"):
             shutil.copyfile(p, dst / p.name)

@@ -22,7 +22,8 @@ def add_train_args(p: argparse.ArgumentParser, default_pack: str) -> None:
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--max-steps", type=int, default=20000,
-                   help="cosine schedule length; training also stops at --max-minutes")
+                   help="at most this many steps; the cosine ends at --max-steps or the deadline, "
+                   "whichever comes first")
     p.add_argument("--max-minutes", type=float, default=9.0,
                    help="strict wall-clock limit for the whole command, export included")
     p.add_argument("--export-reserve-s", type=float, default=45.0,
@@ -30,6 +31,8 @@ def add_train_args(p: argparse.ArgumentParser, default_pack: str) -> None:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-tokens", type=int, default=1 << 18,
                    help="held-out tokens per periodic eval (the final bits/char uses all)")
+    p.add_argument("--final-eval-tokens", type=int, default=None,
+                   help="cap the final held-out eval (smoke tests only; default: every token)")
     p.add_argument("--patience", type=int, default=4,
                    help="stop after this many evals without a held-out improvement")
     p.add_argument("--mtp-weight", type=float, default=0.3)
