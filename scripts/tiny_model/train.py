@@ -200,6 +200,6 @@ def train(a) -> None:
     print(f"held-out: {metrics['heldout_bits_per_char']:.4f} bits/char, "
           f"{metrics['heldout_loss_nats_per_token']:.4f} nats/token (best step {res['best']['step']})", flush=True)
     from .export import export
-    out_dir = Path(a.out_dir) if a.out_dir else pack / "export"
+    out_dir = Path(a.out_dir) if a.out_dir else pack.parent / f"{pack.name}-export"
     export(model, pack, out_dir, metrics, out=Path(a.out) if a.out else None)
     print(f"done in {meta['elapsed']() / 60:.2f} min -> {out_dir}" + (f" and {a.out}" if a.out else ""), flush=True)

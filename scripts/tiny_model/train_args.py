@@ -8,7 +8,7 @@ import os
 
 def add_train_args(p: argparse.ArgumentParser, default_pack: str) -> None:
     p.add_argument("--pack", default=default_pack, help="folder written by `pack`")
-    p.add_argument("--out-dir", default=None, help="HF folder to write (default PACK/export)")
+    p.add_argument("--out-dir", default=None, help="HF folder to write (default PACK-export, beside the pack)")
     p.add_argument("--out", default=os.environ.get("OUT"),
                    help="also copy the result here (default $OUT; at most 8 files, 16 MB each)")
     p.add_argument("--device", default="cuda")
