@@ -4,6 +4,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test shapes are tiny: one thread avoids OpenMP hand-off costs that dominate on 2 shared cores.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
