@@ -15,13 +15,13 @@ def add_train_args(p: argparse.ArgumentParser, default_pack: str) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="autocast dtype; master weights and AdamW state stay fp32")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--max-steps", type=int, default=20000,
+    p.add_argument("--max-steps", type=int, default=4000,
                    help="at most this many steps; the cosine ends at --max-steps or the deadline, "
                    "whichever comes first")
     p.add_argument("--max-minutes", type=float, default=9.0,
