@@ -1,0 +1,42 @@
+"""Paged MHA/GQA attention on Triton kernels (the CUDA backend), same interface as `Attention`.
+
+Each call, with the layer's cache `[2, num_blocks, block_size, H_kv, D]` bound:
+  1. `kv_cache_write` stores the new tokens' K/V at `ForwardContext.slot_mapping` (slot < 0: skip);
+  2. decode-only batches (every q_len == 1) run `paged_decode_attention` (split-K over the context);
+     any other batch runs `paged_prefill_attention` over all its tokens (decode rows are q_len 1).
+Launch decisions use host values only (tensor shapes and the ForwardContext's host tuples), so no
+call syncs with the device. The split count of decode is chosen from the batch size and the
+block-table width (W * block_size), both fixed in a captured CUDA graph's buffers.
+Without a bound cache (a profiling pass) it falls back to the PyTorch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepserve.forward_context import get_forward_context
+from deepserve.kernels.kv_cache_write import kv_cache_write
+from deepserve.kernels.paged_decode_attention import paged_decode_attention
+from deepserve.kernels.paged_prefill_attention import paged_prefill_attention
+from deepserve.layers.attention import Attention
+
+
+class TritonAttention(Attention):
+    """q [T, H, D], k/v [T, H_kv, D] (bf16 on GPU, any strides with a unit last stride) -> [T, H, D]."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.kv_cache.numel() == 0:
+            return super().forward(q, k, v)
+        ctx = get_forward_context()
+        kv_cache_write(self.kv_cache, k, v, ctx.slot_mapping)
+        q = q.to(self.kv_cache.dtype)
+        if ctx.is_decode_only:
+            return paged_decode_attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, self.scale)
+        return paged_prefill_attention(q, self.kv_cache, ctx.block_tables, ctx.query_start_loc,
+                                       ctx.seq_lens, self.scale)
+
+
+def attention_backend_cls(device_type: str) -> type[nn.Module]:
+    """The MHA/GQA backend for a device type: Triton kernels on "cuda", PyTorch elsewhere."""
+    return TritonAttention if device_type == "cuda" else Attention

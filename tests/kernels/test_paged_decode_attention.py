@@ -1,0 +1,105 @@
+"""Paged split-K decode attention vs its PyTorch reference.
+
+CPU: the Triton interpreter at tiny shapes (fp32 and fp16; the 3.9 interpreter's tl.dot multiplies
+bf16 bit patterns as integers, so bf16 runs on the GPU only). GPU: qwen-7b shapes in bf16.
+"""
+
+import pytest
+import torch
+
+from tests.kernels.interpret import device, load_kernel_module
+from tests.kernels.paged_cases import make_case
+
+dec = load_kernel_module("paged_decode_attention")
+
+# Lengths: 1, inside one block, exactly one block, crossing block boundaries, several tiles.
+TINY_LENS = [1, 16, 17, 40, 77]
+
+
+def _run(case, heads, dtype, **kwargs):
+    q = torch.randn(len(case.seq_lens), heads, case.kv_cache.shape[-1], device=case.kv_cache.device).to(dtype)
+    scale = q.shape[-1] ** -0.5
+    out = dec.paged_decode_attention(q, case.kv_cache, case.block_tables, case.seq_lens, scale, **kwargs)
+    ref = dec.paged_decode_attention_ref(q, case.kv_cache, case.block_tables, case.seq_lens, scale)
+    return out, ref
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
+def test_tiny_matches_reference_fp32(num_splits):
+    case = make_case(TINY_LENS, kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, device=device())
+    out, ref = _run(case, heads=4, dtype=torch.float32, num_splits=num_splits, block_n=16)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_fp16_mha_auto_splits_block_8():
+    case = make_case([1, 9, 33], kv_heads=2, head_dim=32, block_size=8, dtype=torch.float16, device=device())
+    out, ref = _run(case, heads=2, dtype=torch.float16, block_n=16)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_zero_length_sequence_gives_zeros():
+    """CUDA-graph padding rows have seq_len 0: no reads, zero output, no NaN."""
+    case = make_case([5, 20], kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32, device=device())
+    case.seq_lens[0] = 0
+    out, ref = _run(case, heads=2, dtype=torch.float32, num_splits=2, block_n=16)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rejects_bad_inputs():
+    case = make_case([3], kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, device=device())
+    q = torch.randn(1, 3, 16, device=device())  # 3 heads, not a multiple of 2
+    with pytest.raises(ValueError, match="GQA"):
+        dec.paged_decode_attention(q, case.kv_cache, case.block_tables, case.seq_lens, 0.25)
+    with pytest.raises(ValueError, match="int32"):
+        dec.paged_decode_attention(torch.randn(1, 4, 16, device=device()), case.kv_cache,
+                                   case.block_tables.long(), case.seq_lens, 0.25)
+
+
+def test_choose_num_splits():
+    assert dec.choose_num_splits(256, 4, 4096, 132) == 1  # the batch fills the GPU
+    assert dec.choose_num_splits(1, 4, 8192, 132) == 64  # capped
+    assert dec.choose_num_splits(1, 4, 100, 132) == 1  # too short to split
+    assert dec.choose_num_splits(8, 4, 2048, 132) == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 7, 64, 256])
+def test_gpu_qwen7b_shapes_bf16(batch):
+    gen = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, 4097, (batch,), generator=gen).tolist()
+    lens[0] = 4096
+    if batch > 2:
+        lens[1:3] = [1, 17]
+    case = make_case(lens, kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
+    out, ref = _run(case, heads=28, dtype=torch.bfloat16)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 4, 17, 64])
+def test_gpu_splits_agree_bf16(num_splits):
+    case = make_case([4096, 1, 333, 2048], kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16,
+                     device="cuda")
+    out, ref = _run(case, heads=32, dtype=torch.bfloat16, num_splits=num_splits)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_with_new_lengths():
+    """Captured once with fixed num_splits, replayed after seq_lens / block tables change in place."""
+    case = make_case([4096] * 8, kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(8, 28, 128, device="cuda").to(torch.bfloat16)
+    seq_lens = torch.full((8,), 100, dtype=torch.int32, device="cuda")
+    run = lambda: dec.paged_decode_attention(q, case.kv_cache, case.block_tables, seq_lens, 128 ** -0.5,
+                                             num_splits=8)
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    seq_lens.copy_(torch.tensor([1, 17, 4096, 2000, 0, 555, 16, 3000], dtype=torch.int32))
+    graph.replay()
+    ref = dec.paged_decode_attention_ref(q, case.kv_cache, case.block_tables, seq_lens, 128 ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
