@@ -21,11 +21,16 @@ from deepserve.forward_context import get_forward_context
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store k, v [num_tokens, num_kv_heads, head_dim] at flat slots [num_tokens] int64."""
+    """Store k, v [num_tokens, num_kv_heads, head_dim] at flat slots [num_tokens] int64.
+
+    A negative slot (padding row of a CUDA-graph batch) is skipped without a host sync: it is
+    pointed at slot 0 (the never-allocated null block) and writes back what is there."""
     _, num_blocks, block_size, heads, dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, heads, dim)  # [2, slots, H_kv, D]
-    flat[0, slot_mapping] = k.to(kv_cache.dtype)
-    flat[1, slot_mapping] = v.to(kv_cache.dtype)
+    keep = (slot_mapping >= 0)[:, None, None]  # [T, 1, 1]
+    slots = slot_mapping.clamp(min=0)
+    flat[0, slots] = torch.where(keep, k.to(kv_cache.dtype), flat[0, slots])
+    flat[1, slots] = torch.where(keep, v.to(kv_cache.dtype), flat[1, slots])
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
@@ -107,3 +112,18 @@ class Attention(nn.Module):
                 ck, cv = k[lo:hi], v[lo:hi]
             out[lo:hi] = causal_attention(q[lo:hi], ck, cv, self.scale)
         return out
+
+
+def attention_backend_cls(device_type: str) -> type[nn.Module]:
+    """The MHA/GQA backend for a device type: Triton kernels on "cuda" (imported lazily, so CPU
+    installs never import Triton), this PyTorch reference elsewhere."""
+    if device_type == "cuda":
+        from deepserve.layers.attention_triton import TritonAttention
+
+        return TritonAttention
+    return Attention
+
+
+def make_attention(num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None) -> nn.Module:
+    """The backend for the device the model is being built on (`with torch.device(...)`)."""
+    return attention_backend_cls(torch.get_default_device().type)(num_heads, head_dim, num_kv_heads, scale)

@@ -37,6 +37,3 @@ class TritonAttention(Attention):
                                        ctx.seq_lens, self.scale)
 
 
-def attention_backend_cls(device_type: str) -> type[nn.Module]:
-    """The MHA/GQA backend for a device type: Triton kernels on "cuda", PyTorch elsewhere."""
-    return TritonAttention if device_type == "cuda" else Attention

@@ -12,7 +12,7 @@ from torch import nn
 
 from deepserve.config import ModelConfig
 from deepserve.layers.activation import get_act_and_mul
-from deepserve.layers.attention import Attention
+from deepserve.layers.attention import make_attention
 from deepserve.layers.embedding import LMHead, VocabEmbedding
 from deepserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                      RowParallelLinear, default_weight_loader)
@@ -46,7 +46,7 @@ class LlamaAttention(nn.Module):
                                           self.num_kv_heads, bias=biases.qkv)
         self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, bias=biases.o)
         self.rotary_emb = rotary_emb  # shared by all layers
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads)
+        self.attn = make_attention(self.num_heads, self.head_dim, self.num_kv_heads)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """positions [T] int64, hidden [T, hidden] -> [T, hidden]."""

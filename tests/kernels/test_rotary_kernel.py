@@ -31,7 +31,8 @@ def _compare(positions, q, k, cos, sin, interleaved):
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,hq,hk,head_dim,rot_dim", [
-    (1, 4, 2, 16, 16), (5, 3, 1, 32, 32), (3, 2, 2, 24, 16), (4, 6, 1, 64, 32)])
+    (1, 4, 2, 16, 16), (5, 3, 1, 32, 32), (3, 2, 2, 24, 16), (4, 6, 1, 64, 32),
+    (2, 40, 2, 32, 32)])  # 40 heads x 16 pairs: two q head blocks
 def test_matches_reference(interleaved, dtype, tokens, hq, hk, head_dim, rot_dim):
     dev = device()
     cos, sin = _tables(64, rot_dim, dev)

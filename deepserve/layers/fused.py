@@ -1,0 +1,82 @@
+"""Dispatch for the small fused ops: Triton kernels on CUDA tensors, the eager math elsewhere.
+
+Model layers call these instead of writing the math inline, so the GPU gets one pass over memory
+per op while CPU (and any non-CUDA platform) keeps the reference semantics. Every function has
+the same results on both paths up to float rounding (see deepserve/kernels/*).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+             eps: float) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm with optional fused residual add, as `RMSNorm.forward`.
+
+    x [..., H], residual like x or None, weight [H]. Returns norm(x) when residual is None,
+    else (norm(x + residual), x + residual).
+    """
+    if not _use_triton(x):
+        return _rms_norm_eager(x, residual, weight, eps)
+    from deepserve.kernels.rms_norm import rms_norm as kernel
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])  # [T, H]
+    res2 = None if residual is None else residual.reshape(-1, shape[-1])
+    out, new_res = kernel(x2, res2, weight, eps)
+    if residual is None:
+        return out.view(shape)
+    return out.view(shape), new_res.view(shape)
+
+
+def _rms_norm_eager(x, residual, weight, eps):
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    out = weight * (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return out if residual is None else (out, x)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I]."""
+    if not _use_triton(x):
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    from deepserve.kernels.silu_and_mul import silu_and_mul as kernel
+
+    return kernel(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
+                 cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] (or None) by positions [T] int64, out of place.
+
+    cos, sin: [max_position, R/2] f32, R <= D (the first R dims of each head rotate).
+    """
+    if _use_triton(q):
+        from deepserve.kernels.rotary import rotary_embedding as kernel
+
+        return tuple(kernel(positions, q, k, cos, sin, interleaved))
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, R/2]
+    return _rotate_eager(q, c, s, interleaved), None if k is None else _rotate_eager(k, c, s, interleaved)
+
+
+def _rotate_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [T, H, D], cos/sin [T, 1, R/2] -> [T, H, D]: `RotaryEmbedding.rotate` on the first R dims."""
+    rot_dim = 2 * cos.shape[-1]
+    xf = x[..., :rot_dim].float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out = out.to(x.dtype)
+    return out if rot_dim == x.shape[-1] else torch.cat((out, x[..., rot_dim:]), dim=-1)
