@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in its interpreter. Triton reads TRITON_INTERPRET when a
+# function is decorated with @triton.jit, including its own standard library at `import triton`,
+# so it must be set before anything (transformers, the kernel tests) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test shapes are tiny: one thread avoids OpenMP hand-off costs that dominate on 2 shared cores.
 torch.set_num_threads(1)

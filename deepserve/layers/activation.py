@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from deepserve.layers import fused
 
 
 class SiluAndMul(nn.Module):
     """x: [num_tokens, 2 * intermediate] -> silu(x[:, :I]) * x[:, I:]  [num_tokens, intermediate]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return fused.silu_and_mul(x)
 
 
 _ACT_AND_MUL = {"silu": SiluAndMul}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepserve.layers import fused
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, the statistics computed in float32.
@@ -18,15 +20,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [num_tokens, hidden] any float dtype -> same shape and dtype."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+        """x [num_tokens, hidden] (and residual like x) -> norm(x) or (norm(x + residual), x + residual)."""
+        return fused.rms_norm(x, residual, self.weight, self.eps)

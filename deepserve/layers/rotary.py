@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from deepserve.layers import fused
+
 
 def default_inv_freq(dim: int, base: float) -> torch.Tensor:
     """[dim // 2] float32 inverse frequencies base^(-2i/dim)."""
@@ -105,17 +107,8 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, num_heads, head_dim]; positions: [num_tokens] int64."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        xf = x.float()
-        if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:
-            x1, x2 = xf.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+        return fused.apply_rotary(positions, x, None, self.cos, self.sin, self.interleaved)[0]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rotate(positions, q), self.rotate(positions, k)
+        return fused.apply_rotary(positions, q, k, self.cos, self.sin, self.interleaved)
