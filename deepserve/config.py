@@ -162,6 +162,8 @@ class EngineConfig:
     seed: int = 0
     attention_mode: str = "auto"  # MLA: auto | naive | absorb
     served_model_name: str | None = None
+    enforce_eager: bool = False  # True: no CUDA graphs, every batch runs eagerly
+    max_graph_batch_size: int = 512  # largest decode batch captured in a CUDA graph
 
     @property
     def max_model_len(self) -> int:

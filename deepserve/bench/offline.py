@@ -62,7 +62,7 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p, input_len=128, output_len=256)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-iters", type=int, default=5, help="timed runs (the median is reported)")
-    p.add_argument("--num-iters-warmup", type=int, default=1)
+    p.add_argument("--num-iters-warmup", type=int, default=2)
     p.add_argument("--roofline-bandwidth-gbs", type=float, default=None,
                    help="memory bandwidth in GB/s (read+write copy rate) for the roofline fraction")
 
@@ -286,10 +286,11 @@ def run_throughput(ns: argparse.Namespace) -> dict[str, Any]:
 
 def run_latency(ns: argparse.Namespace) -> dict[str, Any]:
     bench = Bench.load(engine_args(ns))
-    prompts = bench.random_prompts(ns.batch_size, ns.input_len, ns.seed)
-    for _ in range(ns.num_iters_warmup):
-        bench.run(prompts, ns.output_len)
-    runs = [bench.run(prompts, ns.output_len) for _ in range(ns.num_iters)]
+    # New random prompts every run: a repeated prompt would be a prefix-cache hit, not W-b1.
+    for i in range(ns.num_iters_warmup):
+        bench.run(bench.random_prompts(ns.batch_size, ns.input_len, ns.seed + 1000 + i), ns.output_len)
+    runs = [bench.run(bench.random_prompts(ns.batch_size, ns.input_len, ns.seed + i), ns.output_len)
+            for i in range(ns.num_iters)]
     figures = latency_figures(runs, ns.batch_size, ns.output_len)
     if ns.roofline_bandwidth_gbs:
         figures |= roofline_figures(bench, ns.batch_size, ns.input_len, ns.output_len,

@@ -21,6 +21,9 @@ class EngineArgs:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float = 2.0
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    max_graph_batch_size: int = 512
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     attention_mode: str = "auto"
@@ -43,6 +46,13 @@ class EngineArgs:
         g.add_argument("--num-kv-blocks", type=int, default=d.num_kv_blocks)
         g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb,
                        help="KV cache budget on CPU")
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                       help="fraction of the GPU's memory deepserve may use (weights, activations, "
+                            "KV cache); the KV cache gets what is left")
+        g.add_argument("--enforce-eager", action="store_true",
+                       help="no CUDA graphs: run every batch eagerly")
+        g.add_argument("--max-graph-batch-size", type=int, default=d.max_graph_batch_size,
+                       help="largest decode batch captured in a CUDA graph (larger ones run eagerly)")
         g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
         g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
         g.add_argument("--attention-mode", default=d.attention_mode, choices=["auto", "naive", "absorb"])
@@ -65,7 +75,8 @@ class EngineArgs:
             model_config=model_config,
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                               enable_prefix_caching=self.enable_prefix_caching,
-                              cpu_kv_cache_bytes=int(self.kv_cache_memory_gb * (1 << 30))),
+                              cpu_kv_cache_bytes=int(self.kv_cache_memory_gb * (1 << 30)),
+                              gpu_memory_utilization=self.gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_model_len=self.max_model_len,
@@ -73,16 +84,18 @@ class EngineArgs:
             dtype=self.dtype, device=_resolve_device(self.device), load_format=self.load_format,
             seed=self.seed, attention_mode=self.attention_mode,
             served_model_name=self.served_model_name or _default_name(self.model, folder),
+            enforce_eager=self.enforce_eager, max_graph_batch_size=self.max_graph_batch_size,
         )
         return config.resolve()
 
 
 def _resolve_device(device: str) -> str:
+    """"auto" -> the detected platform's device type; anything else as given."""
     if device != "auto":
         return device
-    import torch
+    from deepserve.platforms import current_platform  # lazy: imports torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return current_platform().device_type
 
 
 def _default_name(model: str | None, folder) -> str:

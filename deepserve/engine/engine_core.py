@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -9,12 +10,20 @@ from torch import nn
 
 from deepserve.config import EngineConfig
 from deepserve.engine.block_manager import BlockManager, cdiv
+from deepserve.engine.cuda_graph import DecodeGraphs, capture_sizes, supports_graphs
 from deepserve.engine.kv_cache import bytes_per_block
+from deepserve.engine.memory import (KVCachePlan, cpu_num_blocks, gpu_num_blocks, oom_guard,
+                                     profile_memory)
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.outputs import EngineOutput
 from deepserve.engine.scheduler import Scheduler, SchedulerStats
 from deepserve.engine.sequence import Sequence
+from deepserve.platforms import Platform, get_platform
 from deepserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+GRAPH_HINT = ("start with --enforce-eager, or lower --max-graph-batch-size, --max-num-seqs or "
+              "--gpu-memory-utilization")
 
 
 @dataclass(frozen=True)
@@ -27,30 +36,64 @@ class EngineStats:
     num_kv_blocks: int
 
 
-def plan_num_blocks(config: EngineConfig, model: nn.Module, dtype) -> int:
-    """KV blocks to allocate: the configured number, else what the byte budget allows, never more
-    than max_num_seqs full-length sequences need (+1 for the reserved null block)."""
-    cache, sched = config.cache, config.scheduler
-    needed = sched.max_num_seqs * cdiv(config.max_model_len, cache.block_size) + 1
+def use_cuda_graphs(config: EngineConfig, platform: Platform, model: nn.Module) -> bool:
+    """Graphs on: the platform captures, --enforce-eager is off, the attention is graph-safe."""
+    if config.enforce_eager or not platform.supports_graph_capture or config.max_graph_batch_size < 1:
+        return False
+    if not supports_graphs(model):
+        logger.info("CUDA graphs off: the attention backend does not declare supports_cuda_graph")
+        return False
+    return True
+
+
+def plan_kv_cache(config: EngineConfig, model: nn.Module, platform: Platform, graphs: bool) -> KVCachePlan:
+    """KV blocks to allocate: --num-kv-blocks, else the CPU byte budget, else the profiled GPU
+    budget (deepserve/engine/memory.py); logged."""
+    cache = config.cache
+    dtype = next(model.parameters()).dtype
+    per_block = bytes_per_block(model, cache.block_size, dtype)
     if cache.num_blocks is not None:
-        return cache.num_blocks
-    affordable = cache.cpu_kv_cache_bytes // bytes_per_block(model, cache.block_size, dtype)
-    if affordable < 2:
-        raise ValueError(f"the KV cache budget of {cache.cpu_kv_cache_bytes} bytes holds no block; "
-                         "raise --kv-cache-memory-gb")
-    return int(min(needed, affordable))
+        num_blocks = cache.num_blocks
+    elif platform.device_type == "cpu":
+        num_blocks = cpu_num_blocks(config, per_block)
+    else:
+        with oom_guard(platform, "profiling peak activation memory"):
+            profile = profile_memory(model, config, platform, graphs)
+        logger.info("memory: %s", profile.describe(cache.gpu_memory_utilization))
+        num_blocks = gpu_num_blocks(config, profile, per_block)
+    plan = KVCachePlan(num_blocks, cache.block_size, per_block, config.max_model_len)
+    logger.info(plan.summary())
+    return plan
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig, model: nn.Module, eos_token_ids: tuple[int, ...] = ()):
         self.config = config
         self.eos_token_ids = eos_token_ids or config.model_config.eos_token_id
-        dtype = next(model.parameters()).dtype
-        num_blocks = plan_num_blocks(config, model, dtype)
+        self.platform = get_platform(config.device)
+        graphs = use_cuda_graphs(config, self.platform, model)
+        self.kv_plan = plan_kv_cache(config, model, self.platform, graphs)
+        num_blocks = self.kv_plan.num_blocks
         self.block_manager = BlockManager(num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, config.max_model_len)
-        self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device)
+        with oom_guard(self.platform, "allocating the KV cache"):
+            self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device)
+        if graphs:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """One CUDA graph per decode batch size of the ladder, over the allocated KV cache."""
+        config, block_size = self.config, self.config.cache.block_size
+        sizes = capture_sizes(config.scheduler.max_num_seqs, config.max_graph_batch_size)
+        graphs = DecodeGraphs(sizes, cdiv(config.max_model_len, block_size), block_size,
+                              config.max_model_len, self.runner.device)
+        start, before = time.perf_counter(), self.platform.memory_stats().reserved
+        with oom_guard(self.platform, "capturing CUDA graphs", GRAPH_HINT):
+            self.runner.capture_decode_graphs(graphs, self.platform.graph_capturer())
+        used = self.platform.memory_stats().reserved - before
+        logger.info("captured %d CUDA graphs for decode batches %s..%s in %.1f s (%.0f MiB)",
+                    len(sizes), sizes[0], sizes[-1], time.perf_counter() - start, used / 2**20)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         vocab = self.config.model_config.vocab_size

@@ -1,5 +1,9 @@
 """Runs one scheduled batch: builds the flat inputs and the ForwardContext, runs the model,
-samples the sequences whose chunk reached their end."""
+samples the sequences whose chunk reached their end.
+
+A decode-only batch replays a captured CUDA graph when `capture_decode_graphs` was called
+(CUDA platforms, not --enforce-eager, graph-safe attention); prefill and mixed batches, and decode
+batches larger than the largest graph, run eagerly."""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deepserve.engine.cuda_graph import Capturer, DecodeGraphs
 from deepserve.engine.kv_cache import allocate_kv_caches, bind_kv_cache
 from deepserve.engine.scheduler import ScheduledBatch, ScheduledSeq
 from deepserve.engine.sequence import TokenLogprob
-from deepserve.forward_context import build_forward_context, forward_context
+from deepserve.forward_context import ForwardContext, build_forward_context, forward_context
 from deepserve.layers.sampler import Sampler, SamplingBatch, SamplingRequest, make_generator
 
 
@@ -32,24 +37,55 @@ class ModelRunner:
         bind_kv_cache(model, self.kv_caches)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
+        self.graphs: DecodeGraphs | None = None
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, graphs: DecodeGraphs, capturer: Capturer) -> None:
+        """Capture the decode step (ids, positions -> fp32 logits) for every size of `graphs`."""
+        graphs.capture(self._decode_step, capturer)
+        self.graphs = graphs
+
+    def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B] int64, [B] int64 -> logits [B, V] float32 (every row samples in a decode batch)."""
+        return self.model.compute_logits(self.model(input_ids, positions)).float()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
-        input_ids, ctx = self._prepare(batch.scheduled)
-        with forward_context(ctx):
-            hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
         sampling = batch.sampling
+        if self.graphs is not None and self.graphs.can_run([e.num_new_tokens for e in batch.scheduled]):
+            logits = self._replay(batch.scheduled)
+        else:
+            logits = self._run_eager(batch.scheduled, bool(sampling))
         if not sampling:
             return RunnerOutput()
-        logits = self.model.compute_logits(hidden[self._last_token_rows(batch.scheduled)])  # [N, V]
         out = self.sampler(logits.float(), self._sampling_batch(sampling))
         return self._collect(sampling, out)
+
+    def _run_eager(self, scheduled: list[ScheduledSeq], sample: bool) -> torch.Tensor | None:
+        """Logits [num_sampling, V] of the sampling rows (None when nobody samples)."""
+        input_ids, ctx = self._prepare(scheduled, self.device)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
+        if not sample:
+            return None
+        return self.model.compute_logits(hidden[self._last_token_rows(scheduled)])  # [N, V]
+
+    def _replay(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """A decode-only batch through its graph: inputs built on the host, copied into the
+        static buffers; logits [num_sampling, V] (row i of the batch is token i)."""
+        input_ids, ctx = self._prepare(scheduled, "cpu")
+        logits = self.graphs.run(input_ids, ctx)  # [B, V], a view of the graph's output
+        if all(e.is_last_chunk for e in scheduled):
+            return logits
+        return logits[self._last_token_rows(scheduled)]
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (the seeded generator) of a finished request."""
         self._generators.pop(request_id, None)
 
-    def _prepare(self, scheduled: list[ScheduledSeq]):
+    def _prepare(self, scheduled: list[ScheduledSeq], device: torch.device | str
+                 ) -> tuple[torch.Tensor, ForwardContext]:
+        """Flat new-token ids [num_tokens] int64 and the batch's ForwardContext, on `device`."""
         ids: list[int] = []
         for entry in scheduled:
             ids.extend(entry.seq.token_ids[entry.start:entry.start + entry.num_new_tokens])
@@ -57,8 +93,8 @@ class ModelRunner:
             query_lens=[e.num_new_tokens for e in scheduled],
             seq_lens=[e.start + e.num_new_tokens for e in scheduled],
             block_tables=[e.seq.block_table for e in scheduled],
-            block_size=self.block_size, device=self.device)
-        return torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True), ctx
+            block_size=self.block_size, device=device)
+        return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True), ctx
 
     def _last_token_rows(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """[num_sampling] int64 row of each sampling sequence's last new token in the flat batch."""

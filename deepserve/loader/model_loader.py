@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from deepserve.config import EngineConfig, ModelConfig
@@ -76,10 +75,35 @@ def build_model(cls: type[nn.Module], model_config: ModelConfig, attention_mode:
         return cls(model_config, attention_mode=attention_mode)
 
 
-def _progress(enabled: bool) -> Progress:
+class _NoProgress:
+    """Stands in for rich's Progress when the bar is off or rich is not installed."""
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        return None
+
+
+def _progress(enabled: bool):
+    """A weight-loading bar on stderr, so piped stdout (generated text) stays clean. rich is
+    imported only here: the offline benchmarks run where it is not installed."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        return _NoProgress()
+    if not enabled:
+        return _NoProgress()
     return Progress(TextColumn("loading weights"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.description}"), TimeElapsedColumn(),
-                    transient=True, disable=not enabled)
+                    transient=True, console=Console(stderr=True))
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, torch.Size]:

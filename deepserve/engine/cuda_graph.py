@@ -1,0 +1,213 @@
+"""CUDA graphs for decode-only batches.
+
+At start-up the model's decode step (input ids + positions -> logits) is captured once per batch
+size of a ladder (1, 2, 4, 8, 16, 24, 32, ... up to the cap), all over one set of static input
+buffers sized for the largest. A decode-only batch of b sequences replays the smallest captured
+size >= b: the first b rows of the static buffers get the batch, the padding rows get a dummy
+token that writes nowhere (slot_mapping -1, which KV writers skip) and reads one slot of the null
+block (seq_len 1, block table row of zeros); the first b rows of the output are the answer.
+
+Inside a graph nothing on the host runs at replay, so the attention backend's launch decisions
+must depend only on tensor shapes (the padded batch size, the block-table width) and never on the
+host copies `seq_lens_cpu` / `query_lens_cpu`. The capture context sets those to the worst case
+(every sequence at max_model_len) so a backend that does read them sizes for every replay.
+
+The capture mechanism sits behind `Capturer` so CPU tests can swap in `EagerCapturer`, which
+re-runs the function at replay over the same static buffers (same padding and slicing logic).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from deepserve.forward_context import ForwardContext, forward_context
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids [B], positions [B]) -> [B, V]
+LADDER_HEAD = (1, 2, 4, 8)
+LADDER_STEP = 8  # after 8: 16, 24, 32, ...
+PAD_SLOT = -1  # KV writers skip negative slots
+PAD_SEQ_LEN = 1  # padding rows attend to one (null-block) slot, so no row is empty
+
+
+def capture_sizes(max_num_seqs: int, max_graph_batch_size: int) -> tuple[int, ...]:
+    """The batch-size ladder, ascending: 1, 2, 4, 8, 16, 24, ... up to min(max_num_seqs, cap),
+    with that limit itself as the top rung so every allowed decode batch has a graph."""
+    limit = min(max_num_seqs, max_graph_batch_size)
+    if limit < 1:
+        return ()
+    ladder = [s for s in LADDER_HEAD if s <= limit]
+    ladder += range(2 * LADDER_STEP, limit + 1, LADDER_STEP)
+    if ladder[-1] != limit:
+        ladder.append(limit)
+    return tuple(ladder)
+
+
+def padded_size(sizes: tuple[int, ...], batch: int) -> int | None:
+    """The smallest captured size >= batch; None when the batch is larger than every graph."""
+    i = bisect.bisect_left(sizes, batch)
+    return sizes[i] if i < len(sizes) else None
+
+
+def supports_graphs(model: nn.Module) -> bool:
+    """Every attention layer declares `supports_cuda_graph = True` (shape-only launch decisions)."""
+    from deepserve.engine.kv_cache import attention_layers
+
+    layers = attention_layers(model)
+    return bool(layers) and all(getattr(layer, "supports_cuda_graph", False) for layer in layers)
+
+
+# ------------------------------------------------------------------------------- static inputs
+
+
+@dataclass(frozen=True)
+class StaticInputs:
+    """Device buffers every graph reads, sized for the largest captured batch (max_bs)."""
+
+    input_ids: torch.Tensor  # [max_bs] int64
+    positions: torch.Tensor  # [max_bs] int64
+    slot_mapping: torch.Tensor  # [max_bs] int64
+    seq_lens: torch.Tensor  # [max_bs] int32
+    query_start_loc: torch.Tensor  # [max_bs + 1] int32, always 0..max_bs (one token per row)
+    block_tables: torch.Tensor  # [max_bs, max_blocks_per_seq] int32
+
+    @classmethod
+    def allocate(cls, max_bs: int, max_blocks: int, device: torch.device | str) -> "StaticInputs":
+        def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(input_ids=zeros(max_bs, dtype=torch.int64), positions=zeros(max_bs, dtype=torch.int64),
+                   slot_mapping=torch.full((max_bs,), PAD_SLOT, dtype=torch.int64, device=device),
+                   seq_lens=torch.full((max_bs,), PAD_SEQ_LEN, dtype=torch.int32, device=device),
+                   query_start_loc=torch.arange(max_bs + 1, dtype=torch.int32, device=device),
+                   block_tables=zeros(max_bs, max_blocks, dtype=torch.int32))
+
+    @property
+    def max_bs(self) -> int:
+        return self.input_ids.shape[0]
+
+    def context(self, bs: int, block_size: int, max_model_len: int) -> ForwardContext:
+        """The capture-time ForwardContext over the first `bs` rows (host fields: worst case)."""
+        return ForwardContext(
+            positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs], block_size=block_size,
+            query_lens_cpu=(1,) * bs, seq_lens_cpu=(max_model_len,) * bs)
+
+    def fill(self, input_ids: torch.Tensor, ctx: ForwardContext, padded: int) -> None:
+        """Copy a decode batch (b rows; host or device tensors) into rows [0, b); rows [b, padded)
+        become padding. ctx.block_tables may be narrower than the static width."""
+        b, width = ctx.num_seqs, ctx.block_tables.shape[1]
+        if width > self.block_tables.shape[1]:
+            raise ValueError(f"block table width {width} exceeds the captured {self.block_tables.shape[1]}")
+        self.input_ids[:b].copy_(input_ids, non_blocking=True)
+        self.positions[:b].copy_(ctx.positions, non_blocking=True)
+        self.slot_mapping[:b].copy_(ctx.slot_mapping, non_blocking=True)
+        self.seq_lens[:b].copy_(ctx.seq_lens, non_blocking=True)
+        tables = self.block_tables[:padded]
+        tables.zero_()
+        tables[:b, :width].copy_(ctx.block_tables, non_blocking=True)
+        self._pad(b, padded)
+
+    def _pad(self, start: int, stop: int) -> None:
+        self.input_ids[start:stop].zero_()
+        self.positions[start:stop].zero_()
+        self.slot_mapping[start:stop].fill_(PAD_SLOT)
+        self.seq_lens[start:stop].fill_(PAD_SEQ_LEN)
+
+
+# ------------------------------------------------------------------------------- capturers
+
+
+class Capturer(Protocol):
+    def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Record `fn` (which reads only static buffers); returns a replay returning its output."""
+        ...
+
+
+class EagerCapturer:
+    """No graph: `fn` runs once at capture (as a recording would) and again at every replay
+    (CPU tests, and a debugging aid)."""
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        fn()
+        return fn
+
+
+class CudaGraphCapturer:
+    """torch.cuda.CUDAGraph per capture, all sharing one memory pool (capture largest first)."""
+
+    def __init__(self, warmup_runs: int = 2):
+        self.warmup_runs = warmup_runs
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup_runs):  # lazy init, autotuning, allocator warm-up
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        self.graphs.append(graph)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+
+# ------------------------------------------------------------------------------- the runner
+
+
+class DecodeGraphs:
+    """Captured decode steps, one per ladder size, over shared static inputs."""
+
+    def __init__(self, sizes: tuple[int, ...], max_blocks_per_seq: int, block_size: int,
+                 max_model_len: int, device: torch.device | str):
+        if not sizes or list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"capture sizes must be ascending and distinct, got {sizes}")
+        self.sizes = sizes
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.static = StaticInputs.allocate(sizes[-1], max_blocks_per_seq, device)
+        self._replays: dict[int, Callable[[], torch.Tensor]] = {}
+
+    def capture(self, step: StepFn, capturer: Capturer) -> None:
+        """Capture `step` for every size, largest first (the pool then fits the smaller ones)."""
+        for bs in reversed(self.sizes):
+            ctx = self.static.context(bs, self.block_size, self.max_model_len)
+            self._replays[bs] = capturer.capture(self._bound(step, ctx, bs))
+
+    def _bound(self, step: StepFn, ctx: ForwardContext, bs: int) -> Callable[[], torch.Tensor]:
+        ids, positions = self.static.input_ids[:bs], self.static.positions[:bs]
+
+        def run() -> torch.Tensor:
+            with forward_context(ctx):
+                return step(ids, positions)
+
+        return run
+
+    def can_run(self, query_lens: list[int]) -> bool:
+        """Decode-only (one new token per sequence) and no larger than the largest graph."""
+        return bool(query_lens) and len(query_lens) <= self.sizes[-1] and all(q == 1 for q in query_lens)
+
+    def run(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids [b] int64 and a decode-only ctx of b sequences -> step output rows [b, ...]."""
+        b = ctx.num_seqs
+        padded = padded_size(self.sizes, b)
+        if padded is None or padded not in self._replays:
+            raise ValueError(f"no captured graph for a decode batch of {b}")
+        self.static.fill(input_ids, ctx, padded)
+        return self._replays[padded]()[:b]

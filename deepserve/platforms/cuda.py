@@ -1,0 +1,64 @@
+"""NVIDIA GPUs through torch.cuda: nccl, Triton attention, CUDA graphs, bf16 by default."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from deepserve.platforms.interface import MemoryInfo, MemoryStats, Platform
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+    attention_backend = "triton"
+    supports_graph_capture = True
+    supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    default_dtype = torch.bfloat16
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available() and torch.version.hip is None
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def device_name(self, index: int = 0) -> str:
+        return torch.cuda.get_device_name(index)
+
+    def mem_get_info(self, index: int = 0) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(index)
+        return MemoryInfo(free=free, total=total)
+
+    def memory_stats(self, index: int = 0) -> MemoryStats:
+        return MemoryStats(allocated=torch.cuda.memory_allocated(index),
+                           reserved=torch.cuda.memory_reserved(index),
+                           peak_allocated=torch.cuda.max_memory_allocated(index))
+
+    def reset_peak_memory_stats(self, index: int = 0) -> None:
+        torch.cuda.reset_peak_memory_stats(index)
+
+    def synchronize(self, index: int = 0) -> None:
+        torch.cuda.synchronize(index)
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        return (torch.cuda.OutOfMemoryError,)
+
+    def graph_capturer(self):
+        from deepserve.engine.cuda_graph import CudaGraphCapturer  # lazy: engine imports platforms
+
+        return CudaGraphCapturer()
+
+    @contextlib.contextmanager
+    def stream_context(self) -> Iterator[None]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream().wait_stream(stream)

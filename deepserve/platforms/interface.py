@@ -1,0 +1,90 @@
+"""The `Platform` interface: what the engine asks of an accelerator (or of the CPU).
+
+The engine never calls `torch.cuda` directly; it asks the platform of its device. A platform is
+stateless (all answers come from the runtime when asked), so one instance per kind is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """Device memory in bytes, as the driver reports it (all processes)."""
+
+    free: int
+    total: int
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """This process's allocator, in bytes (0 where the platform does not track it)."""
+
+    allocated: int  # live tensors
+    reserved: int  # held by the caching allocator
+    peak_allocated: int  # since the last `reset_peak_memory_stats`
+
+
+class Platform:
+    """Base class: defaults describe a device with no special features. Subclasses override."""
+
+    name: str = "base"
+    device_type: str = "cpu"  # torch device type
+    dist_backend: str = "gloo"  # torch.distributed backend
+    attention_backend: str = "torch"  # name in the attention backend registry
+    supports_graph_capture: bool = False
+    supported_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    default_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return False
+
+    def device_count(self) -> int:
+        return 1
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device(self.device_type, index)
+
+    def device_name(self, index: int = 0) -> str:
+        return self.name
+
+    def mem_get_info(self, index: int = 0) -> MemoryInfo:
+        raise NotImplementedError(f"{self.name}: device memory is not reported")
+
+    def memory_stats(self, index: int = 0) -> MemoryStats:
+        return MemoryStats(0, 0, 0)
+
+    def reset_peak_memory_stats(self, index: int = 0) -> None:
+        return None
+
+    def synchronize(self, index: int = 0) -> None:
+        return None
+
+    def empty_cache(self) -> None:
+        return None
+
+    def oom_errors(self) -> tuple[type[BaseException], ...]:
+        """Exception types this platform raises when device memory runs out."""
+        return (MemoryError,)
+
+    def resolve_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """`dtype` if the platform computes in it, else the default (e.g. bf16 -> fp32 on CPU)."""
+        return dtype if dtype in self.supported_dtypes else self.default_dtype
+
+    def graph_capturer(self):
+        """A `deepserve.engine.cuda_graph.Capturer` (only where supports_graph_capture)."""
+        raise NotImplementedError(f"{self.name} does not capture graphs")
+
+    @contextlib.contextmanager
+    def stream_context(self) -> Iterator[None]:
+        """Run the enclosed work on a side stream where the platform has streams."""
+        yield
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

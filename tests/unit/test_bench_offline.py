@@ -1,0 +1,106 @@
+"""Offline benchmarks (W-offline, W-b1) on a tiny dummy-weight model, CPU only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from deepserve.bench import offline
+from deepserve.bench.offline import (RunTiming, build_parser, latency_figures, resolve_model_arg,
+                                     throughput_figures, weight_bytes_read)
+
+TINY = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "eos_token_id": 1}
+REPO = Path(__file__).resolve().parents[2]
+SERVER_PACKAGES = ("fastapi", "uvicorn", "pydantic", "msgspec", "zmq", "prometheus_client", "rich", "gguf")
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny-shape"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY))
+    return folder  # config.json only: no weights, no tokenizer
+
+
+def test_shape_names_resolve_to_benchmark_configs():
+    for shape in ("qwen-1.5b", "qwen-7b", "llama-8b", "qwen-32b", "v2-lite"):
+        assert Path(resolve_model_arg(shape), "config.json").is_file()
+    assert resolve_model_arg("/no/such/folder") == "/no/such/folder"
+    assert resolve_model_arg(None) is None
+
+
+def test_throughput_defaults_follow_w_offline():
+    ns = build_parser().parse_args(["throughput", "--model", "qwen-7b"])
+    assert (ns.num_prompts, ns.input_len, ns.output_len, ns.max_num_seqs) == (256, 512, 256, 256)
+    ns = build_parser().parse_args(["latency", "--model", "qwen-7b"])
+    assert (ns.batch_size, ns.input_len, ns.output_len) == (1, 128, 256)
+    assert offline.engine_args(ns).max_model_len == 384
+
+
+def test_figures_arithmetic():
+    t = RunTiming(wall_s=2.0, output_tokens=1000, first_token_s=[0.1, 0.2, 0.3])
+    assert throughput_figures(t, num_prompts=4, input_len=500) == {
+        "wall_s": 2.0, "output_tok_s": 500.0, "total_tok_s": 1500.0, "ttft_ms_p50": 200.0}
+    runs = [RunTiming(1.1, 11, [0.1]), RunTiming(1.2, 11, [0.2]), RunTiming(2.0, 11, [1.0])]
+    f = latency_figures(runs, batch=1, output_len=11)
+    assert f["ms_per_token"] == 100.0 and f["decode_tok_s"] == 10.0 and f["wall_s"] == 1.2
+
+
+def test_weight_bytes_skip_untied_embedding(tiny_folder):
+    from deepserve.engine.args import EngineArgs
+    from deepserve.loader.model_loader import load_model
+
+    model = load_model(EngineArgs(model=str(tiny_folder), load_format="dummy").create_engine_config())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    assert weight_bytes_read(model, batch=1) == total - embed.numel() * embed.element_size()
+
+
+def test_throughput_end_to_end(tiny_folder, tmp_path):
+    results = tmp_path / "out" / "cpu.jsonl"
+    ns = build_parser().parse_args(["throughput", "--model", str(tiny_folder), "--load-format", "dummy",
+                                    "--num-prompts", "5", "--input-len", "8", "--output-len", "4",
+                                    "--result-file", str(results), "--run-id", "abc"])
+    assert offline.run(ns) == 0
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["workload"] == "W-offline" and record["run_id"] == "abc" and record["model"] == "tiny-shape"
+    assert record["engine"] == "deepserve" and record["batch"] == 5 and record["output_tok_s"] > 0
+    assert record["total_tok_s"] == pytest.approx(record["output_tok_s"] * 3, rel=0.01)
+    for key in ("date", "git_sha", "gpu", "driver", "torch", "triton", "dtype", "quant", "tp", "notes"):
+        assert key in record
+
+
+def test_latency_end_to_end_with_roofline(tiny_folder, tmp_path):
+    results = tmp_path / "cpu.jsonl"
+    ns = build_parser().parse_args(["latency", "--model", str(tiny_folder), "--load-format", "dummy",
+                                    "--input-len", "8", "--output-len", "5", "--num-iters", "2",
+                                    "--roofline-bandwidth-gbs", "50", "--result-file", str(results)])
+    record = offline.run_latency(ns)
+    assert record["workload"] == "W-b1" and record["batch"] == 1
+    assert 0 < record["roofline_fraction"] and record["roofline_tok_s"] > 0 and record["ms_per_token"] > 0
+    assert json.loads(results.read_text())["ms_per_token"] == record["ms_per_token"]
+
+
+def test_offline_bench_imports_no_server_package(tiny_folder):
+    """The GPU machine has torch/triton/numpy/transformers/safetensors/tokenizers/jinja2 only."""
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {SERVER_PACKAGES!r}:
+                    raise ImportError("blocked " + name)
+        sys.meta_path.insert(0, Block())
+        from deepserve.bench.offline import main
+        sys.exit(main(["latency", "--model", {str(tiny_folder)!r}, "--load-format", "dummy",
+                       "--input-len", "4", "--output-len", "2", "--num-iters", "1"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "W-b1" in out.stdout
