@@ -1,129 +1,133 @@
-"""AsyncLLM: an asyncio front for an in-process `LLMEngine`, stepped by one background thread.
+"""AsyncLLM: the server's engine front, over an engine core in its own process.
 
-    server coroutine --add/abort--> inbox (deque, under a Condition) --> engine thread
-    engine thread: drain inbox -> engine.step() -> outputs --call_soon_threadsafe--> asyncio.Queue
-    generate(): awaits its queue, yields RequestOutputs (delta: what is new since the last one)
+    generate() --tokenize--> EngineCoreClient.send_add --ZMQ--> engine process (token ids only)
+    output task: client.recv() -> OutputProcessor (detokenise, stop strings) -> per-request queues
+    generate(): awaits its queue, yields RequestOutputs (DELTA: what is new since the last one)
 
-Only the engine thread touches the engine after `start()`. It sleeps on the condition while it has
-no work (no busy spin). If `step()` raises, every in-flight request receives the error as
-`EngineDeadError`, `healthy` turns False and new requests are refused.
+    llm = AsyncLLM.from_config(engine_config)     # loads the tokenizer; starts nothing
+    await llm.start()                             # spawns the engine, waits until it is loaded
+    ...
+    llm.shutdown()                                # from the loop's thread, or after the loop ended
+
+Tokenisation, detokenisation and stop strings happen here; a stop string found here aborts the
+request in the engine. When the engine dies, every in-flight generate() raises EngineDeadError,
+`healthy` turns False, `dead` is set and `on_engine_death(error)` runs. `on_request_finished`
+receives one `RequestStats` per finished, aborted or failed request (for server/metrics.py).
+`EngineProcessConfig(transport="inproc")` runs the same engine loop in a thread of this process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import threading
+import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, NamedTuple
+from typing import Any, AsyncIterator, Callable
 
+from deepserve.config import EngineConfig
+from deepserve.engine.core_client import EngineCoreClient, EngineDeadError, EngineProcessConfig
+from deepserve.engine.messages import EngineOutputs, EngineStatsMsg, output_from_msg
+from deepserve.engine.output_processor import OutputKind, OutputProcessor
 from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.stats import RequestStats
 from deepserve.sampling_params import SamplingParams
+
+__all__ = ["AsyncLLM", "EngineDeadError"]
 
 logger = logging.getLogger("deepserve.engine")
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped (it raised, or it was shut down); no request can be served."""
-
-
-class _Add(NamedTuple):
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-
-
-class _Abort(NamedTuple):
-    request_id: str
-
-
 @dataclass
 class _Stream:
-    """Where one request's outputs go: an asyncio.Queue owned by the caller's event loop."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-            pass
+    queue: asyncio.Queue  # RequestOutput | BaseException
+    stats: RequestStats
 
 
 class AsyncLLM:
-    def __init__(self, engine: Any, config: Any = None):
-        self.engine = engine  # LLMEngine (or anything with its add_request/abort_request/step API)
-        self.config = config  # EngineConfig, for max_model_len / vocab size / model name
-        self._cond = threading.Condition()
-        self._inbox: collections.deque[_Add | _Abort] = collections.deque()
+    def __init__(self, config: EngineConfig, tokenizer: Any, client: EngineCoreClient):
+        self.config = config
+        self._tokenizer = tokenizer
+        self.client = client
+        self.client.on_death = self._on_engine_dead
+        self.output_processor = OutputProcessor(getattr(tokenizer, "backend", tokenizer))
+        self.dead = asyncio.Event()  # set when the engine died (not on a requested shutdown)
+        self.on_engine_death: Callable[[EngineDeadError], None] | None = None
+        self.on_request_finished: Callable[[RequestStats], None] | None = None
         self._streams: dict[str, _Stream] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._error: BaseException | None = None
+        self._stats = EngineStatsMsg()
+        self._output_task: asyncio.Task | None = None
+        self._stopped = False
 
     @classmethod
-    def from_config(cls, config: Any) -> "AsyncLLM":
-        """Load the model and tokenizer (slow); the loop starts only with `start()`."""
-        from deepserve.engine.llm_engine import LLMEngine
+    def from_config(cls, config: EngineConfig, process: EngineProcessConfig = EngineProcessConfig(),
+                    core_factory: Callable[[], Any] | None = None) -> "AsyncLLM":
+        """Load the tokenizer (fast); the engine process starts only with `await start()`."""
+        from deepserve.loader.tokenizer import load_tokenizer
 
-        return cls(LLMEngine.from_config(config), config)
+        tokenizer = load_tokenizer(config.model)
+        eos = tuple(dict.fromkeys(tokenizer.eos_token_ids + config.model_config.eos_token_id))
+        return cls(config, tokenizer, EngineCoreClient(config, eos, process, core_factory))
 
     # ---- facts the server needs ---------------------------------------------------------------
 
     @property
     def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self._tokenizer
 
     @property
-    def max_model_len(self) -> int | None:
-        return None if self.config is None else self.config.max_model_len
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
 
     @property
-    def vocab_size(self) -> int | None:
-        return None if self.config is None else self.config.model_config.vocab_size
+    def vocab_size(self) -> int:
+        return self.config.model_config.vocab_size
 
     @property
     def healthy(self) -> bool:
-        return self._error is None and self._thread is not None and self._thread.is_alive()
+        return self.client.is_running and not self._stopped
 
     @property
     def num_in_flight(self) -> int:
-        with self._cond:
-            return len(self._streams)
+        return len(self._streams)
+
+    def num_waiting_requests(self) -> int:
+        """Requests admitted here but not running in the engine yet (queued there or in transit)."""
+        return max(0, len(self._streams) - self._stats.num_running)
+
+    def stats(self) -> EngineStatsMsg:
+        """The latest engine snapshot (all zeros before the first step)."""
+        return self._stats
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("AsyncLLM already started")
-        self._thread = threading.Thread(target=self._run, name="deepserve-engine", daemon=True)
-        self._thread.start()
+    async def start(self) -> None:
+        """Spawn the engine and wait until its model is loaded (LoadError / EngineStartError if not)."""
+        await self.client.start()
+        self._output_task = asyncio.create_task(self._pump_outputs(), name="deepserve-engine-outputs")
 
-    def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Stop the loop, fail the requests still in flight, and join the thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        self._fail_all(EngineDeadError("the engine was shut down"))
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the engine (join, kill if needed) and fail the requests still in flight. Idempotent."""
+        self._stopped = True
+        if self._output_task is not None and not self._output_task.done():
+            try:
+                self._output_task.cancel()
+            except RuntimeError:  # its loop is closed already
+                pass
+        self.client.shutdown(timeout)
+        self._fail_all(EngineDeadError("the engine was shut down"), "abort")
 
-    # ---- requests (called from the event loop) --------------------------------------------------
+    # ---- requests ---------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come; closing the iterator early aborts the request."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._register(request_id, stream)
+        stream = self._admit(request_id, prompt, params)
         finished = False
         try:
-            self._post(_Add(request_id, prompt, params))
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
-                    finished = True  # the engine already dropped it
+                    finished = True  # already dropped everywhere
                     raise item
                 finished = item.finished
                 yield item
@@ -133,85 +137,113 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client went away); its iterator gets nothing more. Idempotent."""
-        with self._cond:
-            if self._streams.pop(request_id, None) is None:
-                return
-            self._inbox.append(_Abort(request_id))
-            self._cond.notify()
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        self.output_processor.abort_requests([request_id])
+        self._finish_stats(stream, "abort")
+        if self.client.is_running:
+            self.client.send_abort([request_id])
 
-    def _register(self, request_id: str, stream: _Stream) -> None:
-        with self._cond:
-            if self._error is not None or self._stopping:
-                raise EngineDeadError(f"the engine is not running ({self._error or 'shut down'})")
-            if self._thread is None:
-                raise RuntimeError("AsyncLLM.start() was not called")
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in flight")
-            self._streams[request_id] = stream
+    def _admit(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> _Stream:
+        self._check_running()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        text, token_ids = (prompt, self._tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        if not token_ids:
+            raise ValueError(f"request {request_id!r} has an empty prompt")
+        arrival = time.monotonic()
+        self.output_processor.add_request(request_id, text, token_ids, params, OutputKind.DELTA)
+        stream = _Stream(asyncio.Queue(), RequestStats(request_id, arrival, num_prompt_tokens=len(token_ids)))
+        self._streams[request_id] = stream
+        self.client.send_add(request_id, token_ids, params, arrival)
+        return stream
 
-    def _post(self, command: _Add | _Abort) -> None:
-        with self._cond:
-            self._inbox.append(command)
-            self._cond.notify()
+    def _check_running(self) -> None:
+        if self.client.error is not None:
+            raise self.client.error
+        if self._stopped:
+            raise EngineDeadError("the engine was shut down")
+        if not self.client.is_running:
+            raise RuntimeError("AsyncLLM.start() was not awaited")
 
-    # ---- the engine thread ------------------------------------------------------------------------
+    # ---- outputs (one task) -------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    async def _pump_outputs(self) -> None:
         try:
-            while self._wait_for_work():
-                self._apply(self._drain())
-                if self.engine.has_unfinished():
-                    self._dispatch(self.engine.step())
-        except BaseException as exc:  # noqa: BLE001 - any failure kills the loop and must be reported
-            logger.exception("engine loop failed; failing all in-flight requests")
-            with self._cond:
-                self._error = exc
-            self._fail_all(EngineDeadError(f"engine failed: {type(exc).__name__}: {exc}"))
+            while True:
+                self._dispatch(await self.client.recv())
+        except EngineDeadError as exc:
+            self._on_engine_dead(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken output path is as bad as a dead engine
+            logger.exception("engine output handling failed")
+            self.client.mark_dead(f"engine output handling failed: {type(exc).__name__}: {exc}")
 
-    def _wait_for_work(self) -> bool:
-        """Sleep until there is a command or unfinished work; False when asked to stop."""
-        with self._cond:
-            while not self._stopping and not self._inbox and not self.engine.has_unfinished():
-                self._cond.wait()
-            return not self._stopping
+    def _dispatch(self, message: EngineOutputs) -> None:
+        if message.stats is not None:
+            self._stats = message.stats
+        now = time.monotonic()
+        outputs = []
+        for out in message.outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted here already
+            if out.error is not None:
+                self._fail(out.request_id, ValueError(out.error), "error")
+                continue
+            self._record(stream.stats, out, now)
+            outputs.append(output_from_msg(out))
+        self._deliver(self.output_processor.process(outputs), now)
 
-    def _drain(self) -> list[_Add | _Abort]:
-        with self._cond:
-            commands = list(self._inbox)
-            self._inbox.clear()
-        return commands
+    @staticmethod
+    def _record(stats: RequestStats, out: Any, now: float) -> None:
+        if out.first_scheduled_time is not None and stats.first_scheduled_time is None:
+            stats.first_scheduled_time = out.first_scheduled_time
+        stats.num_cached_tokens = out.num_cached_tokens or stats.num_cached_tokens
+        stats.record_tokens(now, len(out.new_token_ids))
 
-    def _apply(self, commands: list[_Add | _Abort]) -> None:
-        for command in commands:
-            if isinstance(command, _Abort):
-                self.engine.abort_request(command.request_id)
-            elif self._stream(command.request_id) is not None:  # not aborted meanwhile
-                self._add(command)
+    def _deliver(self, processed: Any, now: float) -> None:
+        if processed.requests_to_abort and self.client.is_running:
+            self.client.send_abort(processed.requests_to_abort)
+        for output in processed.request_outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+                self._finish_stats(stream, output.outputs[0].finish_reason, now)
+            stream.queue.put_nowait(output)
 
-    def _add(self, command: _Add) -> None:
-        try:
-            self.engine.add_request(command.request_id, command.prompt, command.params)
-        except (ValueError, TypeError) as exc:  # this request is bad; the engine is fine
-            stream = self._pop_stream(command.request_id)
-            if stream is not None:
-                stream.put(exc)
+    # ---- endings -------------------------------------------------------------------------------------
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            stream = self._pop_stream(output.request_id) if output.finished else self._stream(output.request_id)
-            if stream is not None:
-                stream.put(output)
+    def _fail(self, request_id: str, error: BaseException, reason: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        self.output_processor.abort_requests([request_id])
+        self._finish_stats(stream, reason)
+        stream.queue.put_nowait(error)
 
-    def _stream(self, request_id: str) -> _Stream | None:
-        with self._cond:
-            return self._streams.get(request_id)
+    def _fail_all(self, error: BaseException, reason: str) -> None:
+        for request_id in list(self._streams):
+            self._fail(request_id, error, reason)
 
-    def _pop_stream(self, request_id: str) -> _Stream | None:
-        with self._cond:
-            return self._streams.pop(request_id, None)
+    def _on_engine_dead(self, error: EngineDeadError) -> None:
+        if self.dead.is_set() or self._stopped:
+            return
+        self.dead.set()
+        self._fail_all(error, "error")
+        if self.on_engine_death is not None:
+            self.on_engine_death(error)
 
-    def _fail_all(self, error: BaseException) -> None:
-        with self._cond:
-            streams, self._streams = list(self._streams.values()), {}
-        for stream in streams:
-            stream.put(error)
+    def _finish_stats(self, stream: _Stream, reason: str | None, now: float | None = None) -> None:
+        stats = stream.stats
+        stats.finish_time = time.monotonic() if now is None else now
+        stats.finish_reason = reason
+        if self.on_request_finished is not None:
+            try:
+                self.on_request_finished(stats)
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                logger.exception("on_request_finished failed")
