@@ -6,7 +6,7 @@ Each call, with the layer's cache `[2, num_blocks, block_size, H_kv, D]` bound:
      any other batch runs `paged_prefill_attention` over all its tokens (decode rows are q_len 1).
 Launch decisions use host values only (tensor shapes and the ForwardContext's host tuples), so no
 call syncs with the device. The split count of decode is chosen from the batch size and the
-block-table width (W * block_size), both fixed in a captured CUDA graph's buffers.
+longest context on the host (max_model_len while a CUDA graph is captured).
 Without a bound cache (a profiling pass) it falls back to the PyTorch backend.
 """
 
@@ -25,6 +25,10 @@ from deepserve.layers.attention import Attention
 class TritonAttention(Attention):
     """q [T, H, D], k/v [T, H_kv, D] (bf16 on GPU, any strides with a unit last stride) -> [T, H, D]."""
 
+    # Launch decisions read only shapes and host tuples: during graph capture the runner sets
+    # seq_lens_cpu to max_model_len, so the decode split count is fixed for every replay.
+    supports_cuda_graph = True
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.kv_cache.numel() == 0:
             return super().forward(q, k, v)
@@ -32,7 +36,8 @@ class TritonAttention(Attention):
         kv_cache_write(self.kv_cache, k, v, ctx.slot_mapping)
         q = q.to(self.kv_cache.dtype)
         if ctx.is_decode_only:
-            return paged_decode_attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, self.scale)
+            return paged_decode_attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, self.scale,
+                                          max_seq_len=max(ctx.seq_lens_cpu))
         return paged_prefill_attention(q, self.kv_cache, ctx.block_tables, ctx.query_start_loc,
                                        ctx.seq_lens, self.scale)
 
