@@ -46,7 +46,23 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
     g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' (repeatable; default: DEEPSERVE_API_KEY)")
+    g.add_argument("--ssl-certfile", default=None)
+    g.add_argument("--ssl-keyfile", default=None)
+    g.add_argument("--allowed-origins", default="", help="comma-separated CORS origins (default: CORS off)")
     g.add_argument("--max-n", type=int, default=d.max_n, help="largest `n` a request may ask for")
+    g.add_argument("--max-waiting-requests", type=int, default=None, help="queue bound; beyond it 429")
+    g.add_argument("--max-waiting-tokens", type=int, default=None, help="bound on queued prompt tokens; beyond it 429")
+    g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="body size limit (413)")
+    g.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes, help="request head limit (431)")
+    g.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s,
+                   help="seconds in-flight requests may run after SIGTERM")
+    g.add_argument("--chat-template", default=None, help="chat template file, or the template text itself")
+    g.add_argument("--reasoning-parser", default=None, help="e.g. deepseek-r1: <think> text -> reasoning_content")
+    g.add_argument("--tool-call-parser", default=None, help="e.g. deepseek-v3: tool calls -> tool_calls")
+    g.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port instead")
+    g.add_argument("--log-format", default=d.log_format, choices=["text", "json"])
     g.add_argument("--log-level", default=None, help="debug | info | warning | error (default: DEEPSERVE_LOG_LEVEL)")
 
 
@@ -83,9 +99,9 @@ def _startup_errors() -> tuple[type[BaseException], ...]:
     return (LoadError, ConfigError, ValueError, OSError)
 
 
-def _guarded(build: Callable[[], Any]) -> Any:
+def _guarded(build: Callable[[], Any], extra: tuple[type[BaseException], ...] = ()) -> Any:
     """Run a start-up step; known start-up errors become a StartupError (message only)."""
-    errors = _startup_errors()
+    errors = _startup_errors() + extra
     try:
         return build()
     except errors as exc:
@@ -105,18 +121,65 @@ def load_engine(ns: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    import logging
-
     from deepserve import envs
     from deepserve.engine.async_llm import AsyncLLM
+    from deepserve.server.logging import configure_logging
     from deepserve.server.serve import run_server
 
     log_level = ns.log_level or _guarded(envs.log_level)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = _guarded(lambda: ServerConfig(host=ns.host, port=ns.port, max_n=ns.max_n, log_level=log_level.lower()))
-    config, engine = load_engine(ns)
-    run_server(AsyncLLM(engine, config), config.served_model_name or config.model, server)
+    configure_logging(log_level, ns.log_format)
+    server = _guarded(lambda: server_config(ns, log_level.lower(), envs.api_key()))
+    config = _guarded(EngineArgs.from_cli_args(ns).create_engine_config)
+    engine = _guarded(lambda: AsyncLLM.from_config(config))
+    _guarded(lambda: run_server(engine, config.served_model_name or config.model, server), _engine_start_errors())
     return 0
+
+
+def server_config(ns: argparse.Namespace, log_level: str, env_key: str | None) -> ServerConfig:
+    """ServerConfig from the serve flags; --api-key wins over DEEPSERVE_API_KEY."""
+    keys = tuple(ns.api_key) if ns.api_key else ((env_key,) if env_key else ())
+    _check_parsers(ns.reasoning_parser, ns.tool_call_parser)
+    return ServerConfig(
+        host=ns.host, port=ns.port, api_keys=keys, ssl_certfile=ns.ssl_certfile, ssl_keyfile=ns.ssl_keyfile,
+        allowed_origins=tuple(o.strip() for o in ns.allowed_origins.split(",") if o.strip()),
+        max_n=ns.max_n, max_waiting_requests=ns.max_waiting_requests, max_waiting_tokens=ns.max_waiting_tokens,
+        max_request_bytes=ns.max_request_bytes, max_header_bytes=ns.max_header_bytes,
+        drain_timeout_s=ns.drain_timeout, chat_template=read_chat_template(ns.chat_template),
+        reasoning_parser=ns.reasoning_parser, tool_call_parser=ns.tool_call_parser, metrics_port=ns.metrics_port,
+        log_level=log_level, log_format=ns.log_format)
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the argument itself when it is template text."""
+    from pathlib import Path
+
+    if value is None:
+        return None
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--chat-template {value}: no such file (and not template text)")
+    return path.read_text(encoding="utf-8")
+
+
+def _check_parsers(reasoning: str | None, tools: str | None) -> None:
+    if reasoning is None and tools is None:
+        return
+    from deepserve.server.parsers import get_reasoning_parser, get_tool_parser
+
+    if reasoning is not None:
+        get_reasoning_parser(reasoning)
+    if tools is not None:
+        get_tool_parser(tools)
+
+
+def _engine_start_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from deepserve.engine.core_client import EngineStartError
+    except ImportError:
+        return ()
+    return (EngineStartError,)
 
 
 # ---- generate / chat ------------------------------------------------------------------------------

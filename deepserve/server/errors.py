@@ -24,6 +24,7 @@ _TYPE_BY_STATUS = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
 }
@@ -33,8 +34,9 @@ class APIError(Exception):
     """An error answered to the client; `status` goes in the HTTP status line."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None):
+                 code: str | None = None, type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param
@@ -54,7 +56,7 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def from_validation_error(exc: ValidationError | RequestValidationError) -> APIError:
@@ -79,12 +81,15 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
 
 async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = str(exc.detail) if exc.detail else "HTTP error"
-    err = APIError(exc.status_code, message)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    err = APIError(exc.status_code, message, code=code)
     return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("internal error while serving %s", request.url.path)
+    # The type only: an exception's message may quote the request (a prompt) and must not reach the log.
+    logger.error("internal error while serving %s: %s", request.url.path, type(exc).__name__)
+    logger.debug("internal error traceback", exc_info=exc)
     return error_response(APIError(500, f"internal server error ({type(exc).__name__})", type="server_error"))
 
 

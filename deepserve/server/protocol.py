@@ -1,4 +1,4 @@
-"""OpenAI request models (pydantic, strict types) and the response / chunk bodies (plain dicts).
+"""OpenAI request models (pydantic, strict types); response bodies are in `responses.py`.
 
 Field names are OpenAI's; `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`,
 `skip_special_tokens` and `include_stop_str_in_output` are extras, as in vLLM. Per-field ranges are
@@ -8,14 +8,10 @@ need the server's limits live in `check()`, which raises `APIError`.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deepserve.engine.outputs import CompletionOutput, RequestOutput
-from deepserve.engine.sequence import TokenLogprob
 from deepserve.sampling_params import SamplingParams
 from deepserve.server.errors import APIError
 
@@ -40,19 +36,46 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
-    def as_template_dict(self) -> dict[str, str]:
+    def as_template_dict(self) -> dict[str, Any]:
+        """The message as the chat template sees it (None fields left out)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        out = {"role": self.role, "content": content or ""}
-        if self.name is not None:
-            out["name"] = self.name
-        return out
+        out: dict[str, Any] = {"role": self.role, "content": content or ""}
+        extra = {"name": self.name, "tool_call_id": self.tool_call_id, "reasoning_content": self.reasoning_content,
+                 "tool_calls": [c.model_dump() for c in self.tool_calls] if self.tool_calls else None}
+        return out | {k: v for k, v in extra.items() if v is not None}
 
 
 class SamplingRequest(_Strict):
@@ -74,9 +97,12 @@ class SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool | None = None  # None: True, or what the output parser needs
     include_stop_str_in_output: bool = False
-    user: str | None = None
+    user: str | None = None  # accepted (OpenAI's end-user id); never logged
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -117,7 +143,7 @@ class SamplingRequest(_Strict):
     def logprobs_k(self) -> int | None:
         return None
 
-    def sampling_params(self, max_tokens: int, index: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, index: int, skip_special_default: bool = True) -> SamplingParams:
         """Parameters of the `index`-th of n samples (seeded samples differ by their index)."""
         kwargs: dict[str, Any] = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -130,7 +156,7 @@ class SamplingRequest(_Strict):
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             logprobs=self.logprobs_k(), stop=tuple(self.stop or ()),
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            skip_special_tokens=self.skip_special_tokens,
+            skip_special_tokens=skip_special_default if self.skip_special_tokens is None else self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, **kwargs,
         )
 
@@ -153,6 +179,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(default=None, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (a batch), each text or token ids; never empty."""
@@ -169,6 +197,10 @@ class CompletionRequest(SamplingRequest):
         super().check(max_n, vocab_size)
         if self.echo:
             raise APIError.invalid("echo", "echo is not supported")
+        if self.suffix:
+            raise APIError.invalid("suffix", "suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError.invalid("best_of", "best_of other than n is not supported")
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
@@ -180,15 +212,37 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormat | None = None  # accepted; output is NOT constrained (no guided decoding)
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool | None = None  # None: True, unless continue_final_message
+    continue_final_message: bool = False
+    reasoning_effort: str | None = None
 
     def check(self, max_n: int, vocab_size: int | None) -> None:
         super().check(max_n, vocab_size)
         if not self.messages:
-            raise APIError.invalid("messages", "messages must not be empty")
+            raise APIError.invalid("prompt", "messages must not be empty (the prompt would be empty)")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError.invalid("top_logprobs", "top_logprobs requires logprobs=true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError.invalid("continue_final_message",
+                                   "continue_final_message and add_generation_prompt cannot both be true")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise APIError.invalid("messages", "continue_final_message needs a final assistant message")
+
+    def template_options(self) -> dict[str, Any]:
+        """Keyword arguments for the chat template besides the messages."""
+        tools = None if not self.tools or self.tool_choice == "none" else [t.model_dump(exclude_none=True)
+                                                                           for t in self.tools]
+        add_prompt = self.add_generation_prompt
+        if add_prompt is None:
+            add_prompt = not self.continue_final_message
+        return (self.chat_template_kwargs or {}) | {
+            "add_generation_prompt": add_prompt, "continue_final_message": self.continue_final_message,
+            "tools": tools}
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -196,122 +250,26 @@ class ChatCompletionRequest(SamplingRequest):
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_dict() for m in self.messages]
 
 
-# ---- responses (plain dicts, OpenAI shapes) -------------------------------------------------
+class TokenizeRequest(_Strict):
+    """POST /tokenize: a prompt, or chat messages rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError.invalid("prompt", "give exactly one of prompt and messages")
+        if self.messages is not None and not self.messages:
+            raise APIError.invalid("messages", "messages must not be empty")
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def envelope(kind: str, request_id: str, model: str, created: int | None = None) -> dict:
-    """The fields every response and chunk starts with."""
-    return {"id": request_id, "object": kind, "created": created or int(time.time()), "model": model}
-
-
-@dataclass
-class ChoiceState:
-    """One choice so far, accumulated from the engine's delta outputs."""
-
-    text: str = ""
-    num_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-
-    def add(self, output: RequestOutput) -> CompletionOutput:
-        """Fold in one output; returns its (delta) completion."""
-        delta = output.outputs[0]
-        self.text += delta.text
-        self.num_tokens += len(delta.token_ids)
-        if delta.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + list(delta.logprobs)
-        self.finish_reason = delta.finish_reason or self.finish_reason
-        self.stop_reason = delta.stop_reason if delta.stop_reason is not None else self.stop_reason
-        self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
-        return delta
-
-
-TokenText = Callable[[int], str]
-
-
-class ResponseFormatter(Protocol):
-    object: str
-    chunk_object: str
-
-    def choice(self, index: int, state: ChoiceState) -> dict: ...
-
-    def first_chunk_choice(self, index: int) -> dict | None: ...
-
-    def chunk_choice(self, index: int, delta: CompletionOutput, state: ChoiceState) -> dict: ...
-
-
-class CompletionFormat:
-    object = "text_completion"
-    chunk_object = "text_completion"
-
-    def __init__(self, token_text: TokenText):
-        self.token_text = token_text
-
-    def choice(self, index: int, state: ChoiceState) -> dict:
-        return {"index": index, "text": state.text, "logprobs": self._logprobs(state.logprobs, 0),
-                "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
-
-    def first_chunk_choice(self, index: int) -> dict | None:
-        return None
-
-    def chunk_choice(self, index: int, delta: CompletionOutput, state: ChoiceState) -> dict:
-        offset = len(state.text) - len(delta.text)
-        return {"index": index, "text": delta.text, "logprobs": self._logprobs(delta.logprobs, offset),
-                "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
-
-    def _logprobs(self, logprobs: list[TokenLogprob] | None, offset: int) -> dict | None:
-        if logprobs is None:
-            return None
-        tokens = [self.token_text(lp.token_id) for lp in logprobs]
-        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        tops = [{self.token_text(t): v for t, v in lp.top} for lp in logprobs]
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-                "top_logprobs": tops, "text_offset": offsets}
-
-
-class ChatFormat:
-    object = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-
-    def __init__(self, token_text: TokenText):
-        self.token_text = token_text
-
-    def choice(self, index: int, state: ChoiceState) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": state.text},
-                "logprobs": self._logprobs(state.logprobs), "finish_reason": state.finish_reason,
-                "stop_reason": state.stop_reason}
-
-    def first_chunk_choice(self, index: int) -> dict | None:
-        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                "finish_reason": None}
-
-    def chunk_choice(self, index: int, delta: CompletionOutput, state: ChoiceState) -> dict:
-        return {"index": index, "delta": {"content": delta.text} if delta.text else {},
-                "logprobs": self._logprobs(delta.logprobs), "finish_reason": delta.finish_reason,
-                "stop_reason": delta.stop_reason}
-
-    def _entry(self, token_id: int, logprob: float) -> dict:
-        text = self.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    def _logprobs(self, logprobs: list[TokenLogprob] | None) -> dict | None:
-        if logprobs is None:
-            return None
-        content = [self._entry(lp.token_id, lp.logprob)
-                   | {"top_logprobs": [self._entry(t, v) for t, v in lp.top]} for lp in logprobs]
-        return {"content": content}
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]

@@ -32,7 +32,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
         if proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode} before becoming healthy")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from deepserve.engine.async_llm import EngineDeadError
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sequence import TokenLogprob
-from deepserve.server.app import build_app, json_depth
+from deepserve.server.app import build_app
+from deepserve.server.http_body import json_depth
 from deepserve.server.config import ServerConfig
 
 MODEL = "fake-model"
@@ -30,7 +31,7 @@ class FakeTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids)
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
+    def apply_chat_template(self, messages, add_generation_prompt=True, chat_template=None, **kwargs):
         if any(m["content"] == "BOOM" for m in messages):
             raise ValueError("template exploded")
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
@@ -136,7 +137,7 @@ def test_health_and_models(client, engine):
     ("n", 0), ("n", 5), ("n", True), ("stop", [""]), ("stop", [str(i) for i in range(17)]), ("temperature", "hot"),
     ("max_tokens", "10"), ("stream", "yes"), ("logit_bias", {"abc": 1}), ("logit_bias", {"5": 101}),
     ("logit_bias", {"-1": 1}), ("top_logprobs", 3), ("stream_options", {"include_usage": True}),
-    ("messages", []), ("messages", "hi"), ("messages", [{"role": "wizard", "content": "x"}]),
+    ("messages", "hi"), ("messages", [{"role": "wizard", "content": "x"}]),
     ("messages", [{"role": "user", "content": "BOOM"}]),
 ])
 def test_chat_field_errors(client, field, value):
@@ -148,6 +149,10 @@ def test_chat_missing_fields(client, missing):
     body = chat_body()
     del body[missing]
     assert_error(client.post("/v1/chat/completions", json=body), 400, param=missing)
+
+
+def test_empty_messages_is_an_empty_prompt(client):
+    assert_error(client.post("/v1/chat/completions", json=chat_body(messages=[])), 400, param="prompt")
 
 
 def test_completion_echo_rejected(client):
@@ -189,7 +194,7 @@ def test_context_length(client, engine):
 
 
 def test_body_too_large(engine):
-    small = TestClient(build_app(engine, MODEL, ServerConfig(max_body_bytes=100)))
+    small = TestClient(build_app(engine, MODEL, ServerConfig(max_request_bytes=100)))
     resp = small.post("/v1/chat/completions", json=chat_body(user="u" * 200))
     assert_error(resp, 413, code="content_too_large")
 
@@ -291,7 +296,7 @@ def test_completion_logprobs(client):
 def test_engine_errors(engine):
     engine.fail = EngineDeadError("engine failed")
     client = TestClient(build_app(engine, MODEL))
-    assert_error(client.post("/v1/chat/completions", json=chat_body()), 500, code="engine_error")
+    assert_error(client.post("/v1/chat/completions", json=chat_body()), 503, code="engine_dead")
     engine.fail = ValueError("bad request for the engine")
     assert_error(client.post("/v1/chat/completions", json=chat_body()), 400)
 
@@ -338,7 +343,7 @@ def test_stream_engine_error_becomes_error_event(engine):
     resp = TestClient(build_app(engine, MODEL)).post("/v1/chat/completions", json=chat_body(stream=True))
     assert resp.status_code == 200
     events = sse_events(resp.text)
-    assert events[-1]["error"]["code"] == "engine_error"
+    assert events[-1]["error"]["code"] == "engine_dead"
 
 
 # ---- disconnect, over a real socket -----------------------------------------------------------------
