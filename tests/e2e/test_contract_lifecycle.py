@@ -18,6 +18,9 @@ import pytest
 from tests.e2e.conftest import MODEL_NAME, child_pids, pid_alive
 
 LONG = {"model": MODEL_NAME, "prompt": "Paris is", "max_tokens": 480, "ignore_eos": True, "stream": True}
+# DRAIN_LONG needs ~1000 decode steps (seconds even for the tiny model), far beyond the 1 s drain
+# timeout; SHORT needs 5 more steps after its first token.
+DRAIN_LONG = LONG | {"max_tokens": 1000}
 SHORT = {"model": MODEL_NAME, "prompt": "The quick", "max_tokens": 6, "ignore_eos": True, "stream": True}
 
 
@@ -63,9 +66,9 @@ def engine_pids(server_pid: int) -> list[int]:
 
 
 def test_sigterm_drains_then_exits_zero_without_children(serve_process):
-    server = serve_process(["--drain-timeout", "3", "--max-num-seqs", "4"])
+    server = serve_process(["--drain-timeout", "1", "--max-num-seqs", "4", "--max-model-len", "1024"])
     children = child_pids(server.pid)
-    long, short = StreamReader(server.url, LONG), StreamReader(server.url, SHORT)
+    long, short = StreamReader(server.url, DRAIN_LONG), StreamReader(server.url, SHORT)
     long.start()
     assert long.started.wait(30)
     short.start()
