@@ -29,7 +29,7 @@ class StartupError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepserve", description="Run DeepSeek-family LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,chat}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,chat,bench}")
     _add_serve(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     gen = sub.add_parser("generate", help="complete one prompt and print the text")
     gen.add_argument("prompt", help="the prompt text")
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(gen)
     chat = sub.add_parser("chat", help="interactive chat on stdin/stdout (/exit or EOF quits)")
     _add_sampling(chat)
+    from deepserve.bench import cli as bench_cli
+
+    bench_cli.add_bench_parser(sub)
     return parser
 
 
@@ -78,13 +81,19 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    command = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat}[ns.command]
+    command = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}[ns.command]
     try:
         return command(ns)
     except StartupError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from deepserve.bench import cli as bench_cli
+
+    return bench_cli.main(ns)
 
 
 def _fail(message: str) -> int:

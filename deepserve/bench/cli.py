@@ -24,10 +24,14 @@ EXIT_USAGE = 2
 
 def add_bench_parser(subparsers: Any) -> Any:
     """Add `bench` and `bench serve`; returns bench's own subparsers so more commands can join."""
-    bench = subparsers.add_parser("bench", help="benchmarks (serve: online load generator)")
+    from deepserve.bench.offline import add_latency_args, add_throughput_args
+
+    bench = subparsers.add_parser("bench", help="benchmarks: serve (online), throughput, latency (offline)")
     sub = bench.add_subparsers(dest="bench_command", required=True)
     add_serve_args(sub.add_parser("serve", help="stream requests to an OpenAI-compatible server and "
                                                 "report TTFT / TPOT / ITL / E2E, throughput and goodput"))
+    add_throughput_args(sub.add_parser("throughput", help="W-offline: a batch of requests at once"))
+    add_latency_args(sub.add_parser("latency", help="W-b1: one request, ms per token, roofline"))
     return sub
 
 
@@ -91,6 +95,10 @@ def parse_metadata(items: list[str]) -> dict[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.bench_command in ("throughput", "latency"):
+        from deepserve.bench.offline import run
+
+        return run(args)
     if args.bench_command != "serve":
         return _fail(f"unknown bench command {args.bench_command!r}")
     return serve_main(args)
