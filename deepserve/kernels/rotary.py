@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from deepserve.layers.fused import rotate_eager
 import triton
 import triton.language as tl
 
@@ -116,22 +118,9 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor |
     return RotaryOutput(q_out, k_out)
 
 
-def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x [T, H, D], cos/sin [T, 1, R/2] -> [T, H, D]: the eager module's math on the first R dims."""
-    rot_dim = 2 * cos.shape[-1]
-    xf, rest = x[..., :rot_dim].float(), x[..., rot_dim:]
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xf.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((out.to(x.dtype), rest), dim=-1)
-
-
 def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                          cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> RotaryOutput:
     """Pure-PyTorch reference (out of place): `deepserve.layers.rotary.RotaryEmbedding.rotate` math."""
     c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, R/2]
-    return RotaryOutput(_rotate_ref(q, c, s, interleaved),
-                        None if k is None else _rotate_ref(k, c, s, interleaved))
+    return RotaryOutput(rotate_eager(q, c, s, interleaved),
+                        None if k is None else rotate_eager(k, c, s, interleaved))

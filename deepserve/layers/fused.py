@@ -65,10 +65,10 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor | Non
 
         return tuple(kernel(positions, q, k, cos, sin, interleaved))
     c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, R/2]
-    return _rotate_eager(q, c, s, interleaved), None if k is None else _rotate_eager(k, c, s, interleaved)
+    return rotate_eager(q, c, s, interleaved), None if k is None else rotate_eager(k, c, s, interleaved)
 
 
-def _rotate_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def rotate_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """x [T, H, D], cos/sin [T, 1, R/2] -> [T, H, D]: `RotaryEmbedding.rotate` on the first R dims."""
     rot_dim = 2 * cos.shape[-1]
     xf = x[..., :rot_dim].float()

@@ -5,7 +5,8 @@ delta outputs are merged as they come and folded into one `ChoiceState` per choi
 goes away aborts every job still running (closing the engine's iterators). `stop_generations()`
 of the server state ends them too: while draining each unfinished choice ends with
 finish_reason "abort"; when the engine died the request fails with a 503.
-A job counts as waiting in `Admission` from its submission to its first output.
+A job counts as waiting in `Admission` from its submission to its first output; before that, the
+request's reservation (taken at admission) holds its place, until the jobs enter or the response ends.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from deepserve.engine.outputs import RequestOutput
 from deepserve.sampling_params import SamplingParams
 from deepserve.server import responses as R
 from deepserve.server.errors import APIError
-from deepserve.server.lifecycle import STOP, Phase, ServerState
+from deepserve.server.lifecycle import STOP, Phase, ServerState, WaitTicket
 
 DONE = "data: [DONE]\n\n"
 
@@ -66,24 +67,29 @@ class Generation:
         self.model_name = model_name
 
     async def respond(self, request: Request, jobs: list[Job], fmt: R.ResponseFormatter, base: str,
-                      stream: bool, include_usage: bool) -> Response:
+                      stream: bool, include_usage: bool, reservation: WaitTicket | None = None) -> Response:
+        """Takes over `reservation`: given back when the jobs enter the queue or the response ends."""
         head = R.envelope(fmt.chunk_object if stream else fmt.object, base, self.model_name)
         if stream:
-            events = self._events(jobs, fmt, head, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            events = self._events(jobs, fmt, head, include_usage, reservation)
+            return ReservedStreamingResponse(reservation, events, media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            choices = await until_disconnected(request, self._collect(jobs, fmt))
+            choices = await until_disconnected(request, self._collect(jobs, fmt, reservation))
         except ClientGone:
             return Response(status_code=499)
+        finally:
+            if reservation is not None:
+                reservation.leave()
         body = head | {"choices": [fmt.choice(i, choices[i]) for i in sorted(choices)],
                        "usage": usage(jobs, choices)}
         return JSONResponse(body)
 
-    async def _collect(self, jobs: list[Job], fmt: R.ResponseFormatter) -> dict[int, R.ChoiceState]:
+    async def _collect(self, jobs: list[Job], fmt: R.ResponseFormatter,
+                       reservation: WaitTicket | None) -> dict[int, R.ChoiceState]:
         choices = {job.index: fmt.new_state() for job in jobs}
         try:
-            async with aclosing(self._merge(jobs)) as merged:
+            async with aclosing(self._merge(jobs, reservation)) as merged:
                 async for job, output in merged:
                     choices[job.index].add(output)
         except Stopped:
@@ -101,14 +107,14 @@ class Generation:
         return [(i, c.abort()) for i, c in choices.items() if c.finish_reason is None]
 
     async def _events(self, jobs: list[Job], fmt: R.ResponseFormatter, head: dict,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, reservation: WaitTicket | None) -> AsyncIterator[str]:
         choices = {job.index: fmt.new_state() for job in jobs}
         try:
             for job in jobs:
                 first = fmt.first_chunk_choice(job.index)
                 if first is not None:
                     yield sse(head | {"choices": [first]})
-            async for index, delta in self._stream_deltas(jobs, choices):
+            async for index, delta in self._stream_deltas(jobs, choices, reservation):
                 for choice in fmt.chunk_choices(index, delta, choices[index]):
                     yield sse(head | {"choices": [choice]})
             if include_usage:
@@ -119,19 +125,22 @@ class Generation:
             yield sse(engine_error(exc).body())
         yield DONE
 
-    async def _stream_deltas(self, jobs: list[Job], choices: dict[int, R.ChoiceState]) -> AsyncIterator[tuple]:
+    async def _stream_deltas(self, jobs: list[Job], choices: dict[int, R.ChoiceState],
+                             reservation: WaitTicket | None) -> AsyncIterator[tuple]:
         try:
-            async with aclosing(self._merge(jobs)) as merged:
+            async with aclosing(self._merge(jobs, reservation)) as merged:
                 async for job, output in merged:
                     yield job.index, choices[job.index].add(output)
         except Stopped:
             for item in self._end_stopped(choices):
                 yield item
 
-    async def _merge(self, jobs: list[Job]) -> AsyncIterator[tuple[Job, RequestOutput]]:
+    async def _merge(self, jobs: list[Job], reservation: WaitTicket | None) -> AsyncIterator[tuple[Job, RequestOutput]]:
         """Outputs of all jobs as they come; closing this aborts every job still running."""
         queue: asyncio.Queue = asyncio.Queue()
         tickets = {job.index: self.state.admission.enter(len(job.prompt.token_ids)) for job in jobs}
+        if reservation is not None:
+            reservation.leave()  # the jobs hold the request's place now
         tasks = [asyncio.create_task(self._pump(job, queue)) for job in jobs]
         self.state.streams.add(queue)
         try:
@@ -161,6 +170,22 @@ class Generation:
             queue.put_nowait((job, None))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
             queue.put_nowait((job, exc))
+
+
+class ReservedStreamingResponse(StreamingResponse):
+    """A stream that gives its request's queue reservation back when it ends, even if it ended
+    (client gone) before the stream's first line, when the jobs never entered the queue."""
+
+    def __init__(self, reservation: WaitTicket | None, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reservation = reservation
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.reservation is not None:
+                self.reservation.leave()
 
 
 # ---- helpers ------------------------------------------------------------------------------------

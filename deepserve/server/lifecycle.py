@@ -11,7 +11,9 @@ one answers an error.
 
 `Admission` bounds the queue: requests whose engine jobs have not produced a first output yet are
 "waiting". The check reads only these counters, so a full queue is refused (429) before the body is
-read or the prompt tokenised.
+read or the prompt tokenised. `reserve()` counts an admitted request as waiting at once (before
+any await), so a burst of requests arriving together sees itself; the generation takes the
+reservation over when its jobs enter the queue.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class Admission:
     def _full(self, why: str) -> APIError:
         return APIError(429, f"server queue is full: {why}; retry later", code="rate_limit_exceeded",
                         headers={"Retry-After": str(self.retry_after_s)})
+
+    def reserve(self) -> "WaitTicket":
+        """check(), then hold one waiting slot (no prompt tokens yet) until the jobs enter."""
+        self.check()
+        return self.enter(0)
 
     def enter(self, num_tokens: int) -> "WaitTicket":
         self.waiting_requests += 1

