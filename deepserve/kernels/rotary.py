@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-
-from deepserve.layers.fused import rotate_eager
 import triton
 import triton.language as tl
+
+from deepserve.layers.fused import rotate_eager
 
 _MAX_PAIRS = 512  # rotated pairs per program (q heads x rot_dim / 2): bounds registers
 
