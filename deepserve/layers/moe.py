@@ -26,6 +26,7 @@ from torch import nn
 from deepserve.config import ModelConfig
 from deepserve.layers.activation import get_act_and_mul
 from deepserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from deepserve.layers.moe_backend import moe_backend_for
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -168,7 +169,8 @@ class TopKRouter(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """Stacked expert weights: w13 [E, 2I, H] (gate | up), w2 [E, H, I]."""
+    """Stacked expert weights: w13 [E, 2I, H] (gate | up), w2 [E, H, I]; computed by the MoE
+    backend of the input's device (`layers/moe_backend.py`: torch on CPU, triton on CUDA)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
@@ -178,7 +180,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
-        return fused_experts_ref(x, self.w13, self.w2, routing, self.act)
+        return moe_backend_for(x.device).apply(x, self.w13, self.w2, routing, self.act)
 
 
 class DeepseekMoE(nn.Module):

@@ -1,0 +1,163 @@
+"""Fused MoE: routed experts as two grouped GEMMs over expert-sorted token assignments.
+
+    fused_moe(x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k] f32, topk_ids [T, k])
+        -> [T, H] in x's dtype
+
+Steps (one host call, no host synchronisation, so it can be captured in a CUDA graph):
+  1. `moe_align_block_size` groups the T*k assignments by expert, each expert's segment padded to
+     BLOCK_M (sentinel rows are masked out).
+  2. Launch 1 (gate/up + SiLU-and-mul, fused): each program takes one M-block (one expert) and a
+     BLOCK_N slice of I, gathers the block's token rows of x, and accumulates in float32 two tiles:
+     x @ gate[n]^T and x @ up[n]^T (w13 rows n and I + n). The epilogue writes
+     silu(gate) * up -> act [T*k, I], row = assignment. Fusing saves the [T*k, 2I] round trip and
+     one launch, at the cost of two accumulators per program.
+  3. Launch 2 (down): act rows of the block @ w2[e]^T, multiplied in the epilogue by the
+     assignment's routing weight -> per-assignment outputs [T*k, H] in x's dtype.
+  4. The k outputs of each token are summed in float32: view [T, k, H] + sum (deterministic, no
+     atomics), rounded to x's dtype.
+
+Rounding mirrors `fused_experts_ref` on the eager path: GEMM results are rounded to the dtype,
+silu is computed in float32 and rounded, then multiplied by up and rounded (the
+`silu_and_mul` kernel's rule); the down result is rounded before the routing weight multiplies it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.kernels.fused_moe_configs import MoeConfig, get_config
+from deepserve.kernels.moe_align import moe_align_block_size
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, used_ptr,
+                      num_m_blocks, N, K, num_valid, row_div,
+                      stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+                      GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    """C[ids] = A[ids // row_div] @ B[expert]^T (N columns) for one M-block x one N-block.
+
+    GATED: B has 2N rows; C = silu(A @ B[:N]^T) * (A @ B[N:]^T). MUL_WEIGHT: C *= weights[ids].
+    """
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n_blocks  # grouped order: neighbouring programs share B tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    if pid_m * BLOCK_M >= tl.load(used_ptr):
+        return
+    ids = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM] assignments
+    valid = ids < num_valid
+    rows = (ids // row_div).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b_mask = k_mask[:, None] & n_mask[None, :]
+        acc = _dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, IEEE)
+        if GATED:
+            acc_up = _dot(a, tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0), acc_up, IEEE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    out_ty = c_ptr.dtype.element_ty
+    res = acc.to(out_ty).to(tl.float32)
+    if GATED:
+        res = (res / (1.0 + tl.exp(-res))).to(out_ty).to(tl.float32) * acc_up.to(out_ty).to(tl.float32)
+    if MUL_WEIGHT:
+        res = res * tl.load(weights_ptr + ids, mask=valid, other=0.0)[:, None]
+    c_ptrs = c_ptr + ids.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, res.to(out_ty), mask=valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b in float32; IEEE (float32 inputs): exact products instead of TF32."""
+    if IEEE:
+        acc = tl.dot(a, b, acc=acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc=acc)
+    return acc
+
+
+def _check(x, w13, w2, topk_weights, topk_ids) -> None:
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"want x [T, H], w13 [E, 2I, H], w2 [E, H, I]; got {tuple(x.shape)}, "
+                         f"{tuple(w13.shape)}, {tuple(w2.shape)}")
+    num_experts, two_inter, hidden = w13.shape
+    if x.shape[1] != hidden or two_inter % 2 or w2.shape != (num_experts, hidden, two_inter // 2):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    if x.dtype not in _DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"x, w13, w2 must share one of {_DTYPES}; got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids/topk_weights must be [T={x.shape[0]}, k]; got "
+                         f"{tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}")
+    if topk_weights.dtype != torch.float32 or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_weights must be float32 and topk_ids int32/int64; got "
+                         f"{topk_weights.dtype}, {topk_ids.dtype}")
+    if len({t.device for t in (x, w13, w2, topk_weights, topk_ids)}) != 1:
+        raise ValueError("all tensors must be on one device")
+
+
+def _launch(a, b, c, weights, align, num_valid, row_div, gated, cfg: MoeConfig) -> None:
+    """c [T*k, N] <- grouped GEMM of a's gathered rows with b [E, N or 2N, K] (see the kernel)."""
+    n_cols, k_dim = c.shape[1], a.shape[1]
+    num_m_blocks = align.expert_ids.shape[0]
+    grid = (num_m_blocks * triton.cdiv(n_cols, cfg.block_n),)
+    _fused_moe_kernel[grid](
+        a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_tokens_post_padded,
+        num_m_blocks, n_cols, k_dim, num_valid, row_div,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        GATED=gated, MUL_WEIGHT=not gated, IEEE=a.dtype == torch.float32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
+    """x [T, H], w13 [E, 2I, H] (gate rows | up rows), w2 [E, H, I], all f16/bf16/f32 alike;
+    topk_weights [T, k] f32, topk_ids [T, k] int32/int64 -> [T, H] in x's dtype.
+
+    Any strides are accepted. `config` overrides the table in `fused_moe_configs`.
+    """
+    _check(x, w13, w2, topk_weights, topk_ids)
+    num_tokens, hidden = x.shape
+    num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    if num_tokens == 0 or top_k == 0:
+        return torch.zeros_like(x)
+    cfg = config or get_config(num_experts, inter, x.dtype, num_tokens, top_k)
+    align = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
+    num_valid, weights = num_tokens * top_k, topk_weights.contiguous()
+    act = torch.empty(num_valid, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
+    _launch(x, w13, act, weights, align, num_valid, top_k, True, cfg)
+    per_assignment = torch.empty(num_valid, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
+    _launch(act, w2, per_assignment, weights, align, num_valid, 1, False, cfg)
+    out = per_assignment.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32)  # [T, H]
+    return out.to(x.dtype)
+
+
+def _silu_and_mul_eager(x: torch.Tensor) -> torch.Tensor:
+    """[n, 2I] -> [n, I]: the eager SiluAndMul math, independent of the device."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch reference: `deepserve.layers.moe.fused_experts_ref` with SiLU."""
+    from deepserve.layers.moe import Routing, fused_experts_ref
+
+    return fused_experts_ref(x, w13, w2, Routing(topk_weights, topk_ids.long()), _silu_and_mul_eager)

@@ -1,0 +1,80 @@
+"""MoE backends: who computes the routed experts of `DeepseekMoE`.
+
+    backend.apply(x [T, H], w13 [E, 2I, H], w2 [E, H, I], routing [T, k], act) -> [T, H]
+
+    "torch"   `fused_experts_ref`: per-expert loop in PyTorch, any device (the CPU path)
+    "triton"  `deepserve.kernels.fused_moe`: expert-sorted grouped GEMMs, SiLU fused; CUDA tensors
+
+`get_moe_backend(name)` builds a backend by name (module imported on first use, so importing this
+file never imports Triton); `moe_backend_for(device)` picks the default for a device type: triton on
+CUDA, torch elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from deepserve.layers.moe import Routing
+
+Act = Callable[[torch.Tensor], torch.Tensor]  # gated activation: [n, 2I] -> [n, I]
+
+
+class MoEBackend:
+    """Interface: one method, no state."""
+
+    name: str = "base"
+
+    def apply(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: "Routing",
+              act: Act) -> torch.Tensor:
+        """x [T, H], w13 [E, 2I, H] (gate | up), w2 [E, H, I], routing [T, k] -> [T, H] x's dtype."""
+        raise NotImplementedError
+
+
+class TorchMoEBackend(MoEBackend):
+    name = "torch"
+
+    def apply(self, x, w13, w2, routing, act):
+        from deepserve.layers.moe import fused_experts_ref
+
+        return fused_experts_ref(x, w13, w2, routing, act)
+
+
+class TritonMoEBackend(MoEBackend):
+    """The fused kernels compute SiLU themselves, so `act` must be `SiluAndMul`."""
+
+    name = "triton"
+
+    def apply(self, x, w13, w2, routing, act):
+        from deepserve.kernels.fused_moe import fused_moe
+        from deepserve.layers.activation import SiluAndMul
+
+        if not isinstance(act, SiluAndMul):
+            raise ValueError(f"the triton MoE backend fuses SiLU only; got {type(act).__name__}")
+        return fused_moe(x, w13, w2, routing.weights, routing.ids)
+
+
+BACKENDS = MappingProxyType({
+    "torch": "deepserve.layers.moe_backend:TorchMoEBackend",
+    "triton": "deepserve.layers.moe_backend:TritonMoEBackend",
+})
+DEVICE_DEFAULTS = MappingProxyType({"cuda": "triton"})  # device type -> backend; others: torch
+
+
+@functools.lru_cache(maxsize=None)
+def get_moe_backend(name: str) -> MoEBackend:
+    """The backend registered under `name`; ValueError naming the known ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown MoE backend {name!r}; known: {', '.join(BACKENDS)}")
+    module, _, attr = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def moe_backend_for(device: torch.device) -> MoEBackend:
+    """The default backend for tensors on `device`."""
+    return get_moe_backend(DEVICE_DEFAULTS.get(device.type, "torch"))
