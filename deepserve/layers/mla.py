@@ -10,12 +10,17 @@ Two equivalent ways to attend (DeepSeek-V3 `inference/model.py`):
   * absorb: fold kv_b_proj's key half into the query (q_nope @ W_UK lands in latent space) and its
     value half into the output, and attend directly over [latent | k_pe] as one shared "head".
 "auto" takes absorb for decode-only batches (little query, long context) and naive otherwise.
+On CUDA tensors the cache write runs `kernels/mla_cache_write` and a decode-only absorb batch the
+Triton kernel `kernels/mla_decode_attention` (both imported lazily, so CPU installs never import
+Triton); everything else is the PyTorch code here.
 
 Shapes: T new tokens, S context tokens of one sequence, h heads, R kv_lora_rank,
 Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
 """
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -119,18 +124,45 @@ class MLAAttention(nn.Module):
             return ctx.is_decode_only
         return self.attention_mode == "absorb"
 
+    def _write_cache(self, cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """entries [T, R + Dr] into cache [slots, R + Dr] at slot_mapping [T] int64. On CUDA the Triton
+        writer, which skips slot < 0 (CUDA-graph padding) where indexing would wrap to the last slot."""
+        if not self._on_triton(entries):
+            cache[slot_mapping] = entries.to(cache.dtype)
+            return
+        from deepserve.kernels.mla_cache_write import mla_cache_write  # lazy: Triton on CUDA only
+
+        mla_cache_write(self.kv_cache, entries[:, :self.kv_lora_rank], entries[:, self.kv_lora_rank:], slot_mapping)
+
+    def _on_triton(self, t: torch.Tensor) -> bool:
+        """Triton kernels serve CUDA tensors (tests force them on CPU, under the interpreter)."""
+        return t.is_cuda
+
+    def _absorbed_decode_kernel(self, q_lat: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """q_lat [B, h, R + Dr] (one new token per sequence) -> o_lat [B, h, R] in the cache dtype.
+        Launch decisions read shapes and host tuples only (no device sync)."""
+        from deepserve.kernels.mla_decode_attention import mla_decode_attention  # lazy: Triton on CUDA only
+
+        q_lat = q_lat.to(self.kv_cache.dtype)
+        q_latent, q_rope = q_lat.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [B, h, R], [B, h, Dr]
+        return mla_decode_attention(q_latent, q_rope, self.kv_cache, ctx.block_tables, ctx.seq_lens, self.scale,
+                                    max_seq_len=max(ctx.seq_lens_cpu, default=1))
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """positions: [T] int64, x: [T, H] -> [T, H]; writes the new tokens' latents to the cache."""
         ctx = get_forward_context()
         q_nope, q_pe = self._query(positions, x)
         cache = self.kv_cache.view(-1, self.kv_lora_rank + self.rope_dim)  # [slots, R + Dr]
-        cache[ctx.slot_mapping] = self._latent(positions, x).to(cache.dtype)
-        starts = ctx.query_start_loc.tolist()
+        self._write_cache(cache, self._latent(positions, x), ctx.slot_mapping)
+        starts = [0, *accumulate(ctx.query_lens_cpu)]  # == query_start_loc, from the host copy (no sync)
         if self._use_absorb(ctx):
             w_uk, w_uv = self._kv_b_weights()
             q_lat = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1)  # [T, h, R + Dr]
-            o_lat = torch.cat([self._absorbed(q_lat[starts[i]:starts[i + 1]], cache[context_slots(ctx, i)])
-                               for i in range(ctx.num_seqs)])  # [T, h, R]
+            if self._on_triton(q_lat) and ctx.is_decode_only:
+                o_lat = self._absorbed_decode_kernel(q_lat, ctx)  # [T, h, R]
+            else:
+                o_lat = torch.cat([self._absorbed(q_lat[starts[i]:starts[i + 1]], cache[context_slots(ctx, i)])
+                                   for i in range(ctx.num_seqs)])  # [T, h, R]
             out = torch.einsum("thr,hvr->thv", o_lat, w_uv)  # [T, h, Dv]
         else:
             out = torch.cat([self._naive(q_nope[starts[i]:starts[i + 1]], q_pe[starts[i]:starts[i + 1]],

@@ -1,0 +1,227 @@
+"""MLA decode attention in the absorbed form over the paged latent cache, split-K, heads tiled.
+
+In DeepSeek's "absorb" form (layers/mla.py) every query head attends over one shared "KV head":
+the cached latent (kv_lora_rank R, after kv_a_layernorm) followed by the rotated rope key (Dr).
+The key of a context token is the whole row [latent | rope], its value is the latent alone:
+
+    scores[h, s] = (q_latent[h] . latent[s] + q_rope[h] . rope[s]) * scale
+    o_latent[h]  = softmax_s(scores[h]) @ latent          (W_UV is applied outside)
+
+Shapes: q_latent [B, H, R] (q_nope @ W_UK); q_rope [B, H, Dr] (rotated); kv_cache
+[num_blocks, block_size, R + Dr]; block_tables [B, W] int32; seq_lens [B] int32 (context length
+including the new token, whose latent is already in the cache) -> o_latent [B, H, R] in q's dtype.
+
+Flash-decoding in two kernels, like `paged_decode_attention`:
+  1. `_mla_split_kernel`, grid (B, cdiv(H, BLOCK_H), num_splits): BLOCK_H query heads form one
+     [BLOCK_H, R] tile, so each latent row is read once per head tile (H=16: once; H=128: 8 times,
+     mostly from L2). Sequence b's context is cut into `num_splits` chunks (a multiple of BLOCK_N,
+     computed in the kernel from seq_lens[b]); each program runs an online softmax over its chunk
+     in fp32 and writes its normalised partial [BLOCK_H, R] and log2-sum-exp [BLOCK_H].
+  2. `_mla_reduce_kernel`, grid (B, H): merges the splits with their LSE weights, one split at a
+     time (a [num_splits, 512] tile would not fit in registers).
+With one split the first kernel writes `o_latent` directly and the second is skipped.
+
+A launch depends on the host only through shapes and num_splits (a host int), so it can be captured
+in a CUDA graph with a fixed num_splits. Rows with seq_len 0 (graph padding) produce zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.kernels.paged_decode_attention import LOG2E, choose_num_splits
+
+
+def mla_decode_attention_ref(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
+                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference in fp32. q_latent [B, H, R]; q_rope [B, H, Dr]; kv_cache [N, bs, R + Dr];
+    block_tables [B, W] int32; seq_lens [B] int32 -> o_latent [B, H, R] in q_latent's dtype."""
+    rank, block_size = q_latent.shape[-1], kv_cache.shape[1]
+    out = torch.zeros_like(q_latent)
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        if seq_len == 0:
+            continue
+        blocks = block_tables[b, : (seq_len + block_size - 1) // block_size].long()
+        rows = kv_cache[blocks].flatten(0, 1)[:seq_len].float()  # [S, R + Dr]
+        latent, rope = rows[:, :rank], rows[:, rank:]
+        scores = (q_latent[b].float() @ latent.T + q_rope[b].float() @ rope.T) * scale  # [H, S]
+        out[b] = (scores.softmax(-1) @ latent).to(q_latent.dtype)
+    return out
+
+
+@triton.jit
+def _mla_split_kernel(
+    q_lat_ptr, q_rope_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
+    scale_log2,
+    stride_qb, stride_qh, stride_rb, stride_rh, stride_cb, stride_co, stride_bt,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
+    NUM_HEADS: tl.constexpr, RANK: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    r = tl.arange(0, BLOCK_R)
+    e = tl.arange(0, BLOCK_DR)
+    h_mask = heads < NUM_HEADS
+    r_mask = r < RANK
+    e_mask = e < ROPE_DIM
+    q_lat = tl.load(q_lat_ptr + b * stride_qb + heads[:, None] * stride_qh + r[None, :],
+                    mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_R]
+    q_rope = tl.load(q_rope_ptr + b * stride_rb + heads[:, None] * stride_rh + e[None, :],
+                     mask=h_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_DR]
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        p_mask = pos < end
+        page = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
+        rows = cache_ptr + page * stride_cb + (pos % BLOCK_SIZE) * stride_co  # [BLOCK_N] row starts
+        latent = tl.load(rows[:, None] + r[None, :], mask=p_mask[:, None] & r_mask[None, :],
+                         other=0.0)  # [BLOCK_N, BLOCK_R]
+        rope = tl.load(rows[:, None] + RANK + e[None, :], mask=p_mask[:, None] & e_mask[None, :],
+                       other=0.0)  # [BLOCK_N, BLOCK_DR]
+        s = tl.dot(q_lat, tl.trans(latent), input_precision=DOT_PRECISION)
+        s = tl.dot(q_rope, tl.trans(rope), acc=s, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+        s = tl.where(p_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=DOT_PRECISION)
+        m = m_new
+
+    l_safe = tl.where(l > 0.0, l, 1.0)
+    o = acc / l_safe[:, None]  # zeros for an empty chunk
+    o_mask = h_mask[:, None] & r_mask[None, :]
+    if DIRECT:
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + r[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        lse = tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf"))  # -inf for an empty split
+        tl.store(mid_o_ptr + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + r[None, :],
+                 o, mask=o_mask)
+        tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+
+
+@triton.jit
+def _mla_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
+    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    r = tl.arange(0, BLOCK_R)
+    s = tl.arange(0, BLOCK_S)
+    lse_row = mid_lse_ptr + b * stride_lb + h * stride_lh
+    lse = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.sum(tl.exp2(lse - lse_max), 0)  # 0 when every split is empty
+    acc = tl.zeros([BLOCK_R], tl.float32)
+    o_row = mid_o_ptr + b * stride_mb + h * stride_mh
+    for i in range(num_splits):
+        w = tl.exp2(tl.load(lse_row + i) - lse_max)  # 0 for an empty split (whose partial is 0)
+        acc += w * tl.load(o_row + i * stride_ms + r, mask=r < RANK, other=0.0)
+    result = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + r, result.to(out_ptr.dtype.element_ty), mask=r < RANK)
+
+
+def _check(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+           seq_lens: torch.Tensor) -> None:
+    if q_latent.dim() != 3 or q_rope.dim() != 3 or kv_cache.dim() != 3:
+        raise ValueError(f"q_latent [B, H, R], q_rope [B, H, Dr] and kv_cache [N, bs, R + Dr] expected; got "
+                         f"{tuple(q_latent.shape)}, {tuple(q_rope.shape)}, {tuple(kv_cache.shape)}")
+    batch, heads, rank = q_latent.shape
+    if q_rope.shape[:2] != (batch, heads) or kv_cache.shape[2] != rank + q_rope.shape[2]:
+        raise ValueError(f"q_latent {tuple(q_latent.shape)} / q_rope {tuple(q_rope.shape)} do not fit "
+                         f"kv_cache {tuple(kv_cache.shape)} (last dim must be R + Dr)")
+    if not (q_latent.dtype == q_rope.dtype == kv_cache.dtype) or q_latent.dtype not in (
+            torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"q_latent, q_rope and kv_cache must share a float dtype (bf16/f16/f32), got "
+                         f"{q_latent.dtype}, {q_rope.dtype}, {kv_cache.dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} "
+                         f"do not match batch {batch}")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError(f"block_tables and seq_lens must be int32, got {block_tables.dtype}, {seq_lens.dtype}")
+    if q_latent.stride(2) != 1 or q_rope.stride(2) != 1 or kv_cache.stride(2) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("q_latent, q_rope, kv_cache and block_tables must be contiguous in their last dim")
+    if rank < 16:
+        raise ValueError(f"kv_lora_rank {rank} < 16 is not supported by tl.dot")
+    if not (q_latent.device == q_rope.device == kv_cache.device == block_tables.device == seq_lens.device):
+        raise ValueError("all inputs must be on one device")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: any small number
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pick_splits(batch: int, head_tiles: int, block_tables: torch.Tensor, block_size: int,
+                 max_seq_len: int | None, device: torch.device) -> int:
+    """Host-only split choice: from shapes and `max_seq_len` (None: the block-table capacity)."""
+    longest = block_tables.shape[1] * block_size if max_seq_len is None else max_seq_len
+    return choose_num_splits(batch, head_tiles, longest, _num_sms(device))
+
+
+def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                         num_splits: int | None = None, max_seq_len: int | None = None, block_h: int = 16,
+                         block_n: int = 32, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """q_latent [B, H, R], q_rope [B, H, Dr] bf16/f16/f32 (any batch/head strides, unit last stride);
+    kv_cache [N, bs, R + Dr] same dtype; block_tables [B, W] int32; seq_lens [B] int32
+    -> o_latent [B, H, R] in q's dtype (fp32 accumulation).
+
+    num_splits: None picks it from B, the head tiles, the SM count and `max_seq_len` (a host int;
+    None uses the block-table capacity W * bs, so no device sync). Fix it under CUDA-graph capture.
+    block_h / block_n: powers of two >= 16 (tl.dot's minimum), heads per program / keys per step.
+    """
+    _check(q_latent, q_rope, kv_cache, block_tables, seq_lens)
+    if block_h < 16 or block_n < 16 or block_h & (block_h - 1) or block_n & (block_n - 1):
+        raise ValueError(f"block_h {block_h} and block_n {block_n} must be powers of two >= 16")
+    batch, heads, rank = q_latent.shape
+    out = torch.empty_like(q_latent, memory_format=torch.contiguous_format)
+    if batch == 0:
+        return out
+    head_tiles = triton.cdiv(heads, block_h)
+    if num_splits is None:
+        num_splits = _pick_splits(batch, head_tiles, block_tables, kv_cache.shape[1], max_seq_len, q_latent.device)
+    mid_o, mid_lse = out, out  # unused when num_splits == 1
+    if num_splits > 1:
+        mid_o = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=q_latent.device)
+        mid_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q_latent.device)
+    block_r = triton.next_power_of_2(rank)
+    _mla_split_kernel[(batch, head_tiles, num_splits)](
+        q_latent, q_rope, kv_cache, block_tables, seq_lens, mid_o, mid_lse, out, scale * LOG2E,
+        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1), num_splits,
+        NUM_HEADS=heads, RANK=rank, ROPE_DIM=q_rope.shape[2], BLOCK_H=block_h, BLOCK_R=block_r,
+        BLOCK_DR=max(16, triton.next_power_of_2(q_rope.shape[2])), BLOCK_SIZE=kv_cache.shape[1],
+        BLOCK_N=block_n, DIRECT=num_splits == 1,
+        DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _mla_reduce_kernel[(batch, heads)](
+            mid_o, mid_lse, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1), num_splits,
+            RANK=rank, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out
