@@ -150,6 +150,32 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
 
+SPECULATIVE_METHODS = ("mtp",)
+MAX_SPECULATIVE_TOKENS = 3
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: `method` "mtp" drafts with the checkpoint's multi-token-prediction layer
+    (model.layers.{num_hidden_layers}.*), chained on itself for k > 1; the main model verifies
+    `num_speculative_tokens` drafts per greedy decode (non-greedy requests do not speculate)."""
+
+    method: str = "mtp"
+    num_speculative_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative method {self.method!r} not in {SPECULATIVE_METHODS}")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, "
+                              f"got {self.num_speculative_tokens}")
+
+    @property
+    def num_lookahead_slots(self) -> int:
+        """KV slots past a step's tokens that the chained draft passes write (k - 1)."""
+        return self.num_speculative_tokens - 1
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # folder, GGUF file, or bundled name
@@ -164,6 +190,7 @@ class EngineConfig:
     served_model_name: str | None = None
     enforce_eager: bool = False  # True: no CUDA graphs, every batch runs eagerly
     max_graph_batch_size: int = 512  # largest decode batch captured in a CUDA graph
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     @property
     def max_model_len(self) -> int:
@@ -179,4 +206,7 @@ class EngineConfig:
                 f"max_model_len {sched.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.model_config.max_position_embeddings}"
             )
+        if self.speculative is not None and self.model_config.num_nextn_predict_layers < 1:
+            raise ConfigError(f"{self.model}: --speculative mtp needs a checkpoint with an MTP layer "
+                              f"(num_nextn_predict_layers >= 1 in config.json)")
         return dataclasses.replace(self, scheduler=sched)

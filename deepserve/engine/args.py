@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from deepserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from deepserve.config import (SPECULATIVE_METHODS, CacheConfig, EngineConfig, ModelConfig,
+                              SchedulerConfig, SpeculativeConfig)
 
 
 @dataclass
@@ -29,6 +30,8 @@ class EngineArgs:
     attention_mode: str = "auto"
     seed: int = 0
     served_model_name: str | None = None
+    speculative: str | None = None  # "mtp": draft with the checkpoint's MTP layer
+    num_speculative_tokens: int = 1
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -58,6 +61,11 @@ class EngineArgs:
         g.add_argument("--attention-mode", default=d.attention_mode, choices=["auto", "naive", "absorb"])
         g.add_argument("--seed", type=int, default=d.seed)
         g.add_argument("--served-model-name", default=d.served_model_name)
+        g.add_argument("--speculative", default=d.speculative, choices=list(SPECULATIVE_METHODS),
+                       help="speculative decoding of greedy requests: mtp drafts with the "
+                            "checkpoint's multi-token-prediction layer (DeepSeek-V3/R1)")
+        g.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens,
+                       help="draft tokens verified per step with --speculative (1..3)")
         return parser
 
     @classmethod
@@ -85,8 +93,15 @@ class EngineArgs:
             seed=self.seed, attention_mode=self.attention_mode,
             served_model_name=self.served_model_name or _default_name(self.model, folder),
             enforce_eager=self.enforce_eager, max_graph_batch_size=self.max_graph_batch_size,
+            speculative=self._speculative_config(),
         )
         return config.resolve()
+
+
+    def _speculative_config(self) -> SpeculativeConfig | None:
+        if self.speculative is None:
+            return None
+        return SpeculativeConfig(self.speculative, self.num_speculative_tokens)
 
 
 def _resolve_device(device: str) -> str:

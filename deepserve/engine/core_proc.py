@@ -135,6 +135,8 @@ class CoreLoop:
             prefix_queried_tokens=getattr(cache, "prefix_queried_tokens", 0),
             prefix_hit_tokens=getattr(cache, "prefix_hit_tokens", 0),
             step_prompt_tokens=self._step_prompt_tokens, step_generation_tokens=self._step_generation_tokens,
+            spec_num_draft_tokens=getattr(s, "spec_num_draft_tokens", 0),
+            spec_num_accepted_tokens=getattr(s, "spec_num_accepted_tokens", 0),
             timestamp=time.monotonic())
         self._step_prompt_tokens = self._step_generation_tokens = 0
         return msg

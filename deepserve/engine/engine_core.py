@@ -16,7 +16,8 @@ from deepserve.engine.memory import (KVCachePlan, cpu_num_blocks, gpu_num_blocks
                                      profile_memory)
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.outputs import EngineOutput
-from deepserve.engine.scheduler import Scheduler, SchedulerStats
+from deepserve.engine.scheduler import DraftBudget, Scheduler, SchedulerStats
+from deepserve.engine.spec_decode import DraftTokenBudget, MTPProposer
 from deepserve.engine.sequence import Sequence
 from deepserve.platforms import Platform, get_platform
 from deepserve.sampling_params import SamplingParams
@@ -34,11 +35,20 @@ class EngineStats:
     kv_cache_usage: float  # 0..1, blocks held by live requests
     prefix_cache_hit_rate: float
     num_kv_blocks: int
+    spec_num_draft_tokens: int = 0  # cumulative: draft tokens verified (speculative decoding)
+    spec_num_accepted_tokens: int = 0  # cumulative: of those, accepted
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
 
 
 def use_cuda_graphs(config: EngineConfig, platform: Platform, model: nn.Module) -> bool:
     """Graphs on: the platform captures, --enforce-eager is off, the attention is graph-safe."""
     if config.enforce_eager or not platform.supports_graph_capture or config.max_graph_batch_size < 1:
+        return False
+    if config.speculative is not None:
+        logger.info("CUDA graphs off: speculative decoding runs every batch eagerly")
         return False
     if not supports_graphs(model):
         logger.info("CUDA graphs off: the attention backend does not declare supports_cuda_graph")
@@ -46,12 +56,13 @@ def use_cuda_graphs(config: EngineConfig, platform: Platform, model: nn.Module) 
     return True
 
 
-def plan_kv_cache(config: EngineConfig, model: nn.Module, platform: Platform, graphs: bool) -> KVCachePlan:
+def plan_kv_cache(config: EngineConfig, model: nn.Module, platform: Platform, graphs: bool,
+                  draft: nn.Module | None = None) -> KVCachePlan:
     """KV blocks to allocate: --num-kv-blocks, else the CPU byte budget, else the profiled GPU
-    budget (deepserve/engine/memory.py); logged."""
+    budget (deepserve/engine/memory.py); logged. A block holds every layer of `model` and `draft`."""
     cache = config.cache
     dtype = next(model.parameters()).dtype
-    per_block = bytes_per_block(model, cache.block_size, dtype)
+    per_block = sum(bytes_per_block(m, cache.block_size, dtype) for m in (model, draft) if m is not None)
     if cache.num_blocks is not None:
         num_blocks = cache.num_blocks
     elif platform.device_type == "cpu":
@@ -66,19 +77,40 @@ def plan_kv_cache(config: EngineConfig, model: nn.Module, platform: Platform, gr
     return plan
 
 
+def load_draft_model(config: EngineConfig, model: nn.Module) -> nn.Module | None:
+    """The speculative draft model (--speculative mtp: the checkpoint's MTP layer), or None."""
+    if config.speculative is None:
+        return None
+    from deepserve.engine.spec_decode.loader import load_mtp  # lazy: only with --speculative
+
+    return load_mtp(config, model)
+
+
+def draft_budget(config: EngineConfig) -> DraftBudget | None:
+    """The scheduler's speculative budget term (None: no drafts)."""
+    if config.speculative is None:
+        return None
+    return DraftTokenBudget(config.speculative.num_speculative_tokens, config.max_model_len)
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, model: nn.Module, eos_token_ids: tuple[int, ...] = ()):
         self.config = config
         self.eos_token_ids = eos_token_ids or config.model_config.eos_token_id
         self.platform = get_platform(config.device)
         graphs = use_cuda_graphs(config, self.platform, model)
-        self.kv_plan = plan_kv_cache(config, model, self.platform, graphs)
+        mtp = load_draft_model(config, model)
+        self.kv_plan = plan_kv_cache(config, model, self.platform, graphs, mtp)
         num_blocks = self.kv_plan.num_blocks
         self.block_manager = BlockManager(num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, config.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, config.max_model_len,
+                                   drafts=draft_budget(config))
         with oom_guard(self.platform, "allocating the KV cache"):
-            self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device)
+            proposer = None if mtp is None else MTPProposer(
+                mtp, config.speculative.num_speculative_tokens, num_blocks, config.cache.block_size,
+                config.max_model_len, config.device)
+            self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device, proposer)
         if graphs:
             self._capture_graphs()
 
@@ -113,7 +145,7 @@ class EngineCore:
         if batch.is_empty:
             return []
         result = self.runner.execute(batch)
-        outputs = self.scheduler.update(batch, result.sampled, result.logprobs)
+        outputs = self.scheduler.update(batch, result.sampled, result.logprobs, result.drafts)
         for out in outputs:
             if out.finished:
                 self.runner.release(out.request_id)
@@ -125,5 +157,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s: SchedulerStats = self.scheduler.stats()
         bm = self.block_manager
+        spec = self.runner.verifier.stats
         return EngineStats(s.num_running, s.num_waiting, s.num_preemptions, bm.usage,
-                           bm.stats().prefix_hit_rate, bm.num_blocks)
+                           bm.stats().prefix_hit_rate, bm.num_blocks,
+                           spec.num_draft_tokens, spec.num_accepted_tokens)

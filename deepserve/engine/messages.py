@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import msgspec
 
-from deepserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from deepserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from deepserve.engine.outputs import EngineOutput
 from deepserve.engine.sequence import FinishReason, TokenLogprob
 from deepserve.sampling_params import SamplingParams
@@ -127,6 +127,8 @@ class EngineStatsMsg(msgspec.Struct, forbid_unknown_fields=True):
     prefix_hit_tokens: int = 0  # cumulative
     step_prompt_tokens: int = 0
     step_generation_tokens: int = 0
+    spec_num_draft_tokens: int = 0  # cumulative: speculative draft tokens verified
+    spec_num_accepted_tokens: int = 0  # cumulative: of those, accepted
     timestamp: float = 0.0  # time.monotonic() in the engine process
 
 
@@ -216,12 +218,15 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 def encode_engine_config(config: EngineConfig) -> bytes:
     plain = _fields(config) | {"model_config": _fields(config.model_config),
-                               "cache": _fields(config.cache), "scheduler": _fields(config.scheduler)}
+                               "cache": _fields(config.cache), "scheduler": _fields(config.scheduler),
+                               "speculative": config.speculative and _fields(config.speculative)}
     return msgspec.msgpack.encode(plain)
 
 
 def decode_engine_config(data: bytes) -> EngineConfig:
     plain = msgspec.msgpack.decode(data, type=dict[str, Any])
     model = ModelConfig(**{k: _refreeze(v) for k, v in plain.pop("model_config").items()})
+    spec = plain.pop("speculative", None)
+    plain["speculative"] = None if spec is None else SpeculativeConfig(**spec)
     return EngineConfig(model_config=model, cache=CacheConfig(**plain.pop("cache")),
                         scheduler=SchedulerConfig(**plain.pop("scheduler")), **plain)

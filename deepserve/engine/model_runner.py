@@ -1,5 +1,6 @@
 """Runs one scheduled batch: builds the flat inputs and the ForwardContext, runs the model,
-samples the sequences whose chunk reached their end.
+samples the sequences whose chunk reached their end (at every draft position too, when drafts are
+verified: deepserve/engine/spec_decode) and, with a proposer, drafts the next step's tokens.
 
 A decode-only batch replays a captured CUDA graph when `capture_decode_graphs` was called
 (CUDA platforms, not --enforce-eager, graph-safe attention); prefill and mixed batches, and decode
@@ -16,18 +17,21 @@ from deepserve.engine.cuda_graph import Capturer, DecodeGraphs
 from deepserve.engine.kv_cache import allocate_kv_caches, bind_kv_cache
 from deepserve.engine.scheduler import ScheduledBatch, ScheduledSeq
 from deepserve.engine.sequence import TokenLogprob
+from deepserve.engine.spec_decode.verifier import Verifier, row_requests, sample_rows
 from deepserve.forward_context import ForwardContext, build_forward_context, forward_context
-from deepserve.layers.sampler import Sampler, SamplingBatch, SamplingRequest, make_generator
+from deepserve.layers.sampler import Sampler, SamplingBatch, make_generator
 
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)  # request id -> new token
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # where asked for
+    sampled: dict[str, list[int]] = field(default_factory=dict)  # request id -> accepted run (>= 1)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # where asked for
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # request id -> next step's drafts
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device | str):
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device | str,
+                 proposer=None):
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
@@ -38,6 +42,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
         self.graphs: DecodeGraphs | None = None
+        self.verifier = Verifier()
+        self.proposer = proposer  # spec_decode.MTPProposer or None (it needs every hidden state)
 
     @torch.inference_mode()
     def capture_decode_graphs(self, graphs: DecodeGraphs, capturer: Capturer) -> None:
@@ -52,23 +58,29 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
         sampling = batch.sampling
+        hidden = None
         if self.graphs is not None and self.graphs.can_run([e.num_new_tokens for e in batch.scheduled]):
             logits = self._replay(batch.scheduled)
         else:
-            logits = self._run_eager(batch.scheduled, bool(sampling))
-        if not sampling:
-            return RunnerOutput()
-        out = self.sampler(logits.float(), self._sampling_batch(sampling))
-        return self._collect(sampling, out)
+            hidden, logits = self._run_eager(batch.scheduled, bool(sampling))
+        result = RunnerOutput()
+        if sampling:
+            out = self.sampler(logits.float(), self._sampling_batch(sampling))
+            result = self._collect(sampling, out)
+        if self.proposer is not None:
+            result.drafts = self.proposer.propose(batch.scheduled, hidden, result.sampled)
+        return result
 
-    def _run_eager(self, scheduled: list[ScheduledSeq], sample: bool) -> torch.Tensor | None:
-        """Logits [num_sampling, V] of the sampling rows (None when nobody samples)."""
+    def _run_eager(self, scheduled: list[ScheduledSeq], sample: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states [num_tokens, H] and the logits [num_rows, V] of the sampling rows (None
+        when nobody samples)."""
         input_ids, ctx = self._prepare(scheduled, self.device)
         with forward_context(ctx):
             hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
         if not sample:
-            return None
-        return self.model.compute_logits(hidden[self._last_token_rows(scheduled)])  # [N, V]
+            return hidden, None
+        return hidden, self.model.compute_logits(hidden[self._last_token_rows(scheduled)])  # [N, V]
 
     def _replay(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """A decode-only batch through its graph: inputs built on the host, copied into the
@@ -88,7 +100,7 @@ class ModelRunner:
         """Flat new-token ids [num_tokens] int64 and the batch's ForwardContext, on `device`."""
         ids: list[int] = []
         for entry in scheduled:
-            ids.extend(entry.seq.token_ids[entry.start:entry.start + entry.num_new_tokens])
+            ids.extend(entry.input_token_ids)
         ctx = build_forward_context(
             query_lens=[e.num_new_tokens for e in scheduled],
             seq_lens=[e.start + e.num_new_tokens for e in scheduled],
@@ -97,17 +109,13 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True), ctx
 
     def _last_token_rows(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """[num_sampling] int64 row of each sampling sequence's last new token in the flat batch."""
-        rows, end = [], 0
-        for entry in scheduled:
-            end += entry.num_new_tokens
-            if entry.is_last_chunk:
-                rows.append(end - 1)
-        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+        """[num_rows] int64 flat-batch rows that sample: each sampling sequence's last new token,
+        and before it one row per draft it verifies."""
+        return sample_rows(scheduled).to(self.device)
 
     def _sampling_batch(self, sampling: list[ScheduledSeq]) -> SamplingBatch:
-        requests = [SamplingRequest(e.seq.params, e.seq.prompt_token_ids, e.seq.output_token_ids,
-                                    self._generator(e.seq.request_id, e.seq.params)) for e in sampling]
+        requests = [request for e in sampling
+                    for request in row_requests(e, self._generator(e.seq.request_id, e.seq.params))]
         return SamplingBatch.build(requests, self.vocab_size, self.device)
 
     def _generator(self, request_id: str, params) -> torch.Generator | None:
@@ -115,11 +123,11 @@ class ModelRunner:
             self._generators[request_id] = make_generator(params, self.device)
         return self._generators[request_id]
 
-    @staticmethod
-    def _collect(sampling: list[ScheduledSeq], out) -> RunnerOutput:
+    def _collect(self, sampling: list[ScheduledSeq], out) -> RunnerOutput:
+        """Sampled rows -> each sequence's accepted run (one token when it verified no drafts)."""
         result = RunnerOutput()
-        for i, (entry, token) in enumerate(zip(sampling, out.token_ids.tolist())):
-            result.sampled[entry.seq.request_id] = token
-            if out.logprobs is not None and out.logprobs[i] is not None:
-                result.logprobs[entry.seq.request_id] = out.logprobs[i]
+        for entry, run, lps in self.verifier.runs(sampling, out.token_ids.tolist(), out.logprobs):
+            result.sampled[entry.seq.request_id] = run
+            if lps is not None:
+                result.logprobs[entry.seq.request_id] = lps
         return result

@@ -16,12 +16,12 @@ from deepserve.config import CacheConfig, SchedulerConfig
 from deepserve.engine.block_manager import BlockManager, BlockManagerStats, cdiv
 from deepserve.engine.outputs import EngineOutput
 from deepserve.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
-from deepserve.engine.stop_checker import check_stop
+from deepserve.engine.stop_checker import StopDecision, check_stop
 
 
 class ScheduledSeq(NamedTuple):
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # fed to the model this step, drafts included (they come last)
 
     @property
     def start(self) -> int:
@@ -30,8 +30,20 @@ class ScheduledSeq(NamedTuple):
 
     @property
     def is_last_chunk(self) -> bool:
-        """The chunk reaches the end of the sequence: the runner samples a token for it."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+        """The chunk reaches the end of the sequence: the runner samples a token for it (and one per
+        draft when it verifies drafts)."""
+        return self.start + self.num_new_tokens >= self.seq.num_tokens
+
+    @property
+    def num_spec_tokens(self) -> int:
+        """Of the new tokens, the drafts to verify: those past the sequence's last token."""
+        return max(0, self.start + self.num_new_tokens - self.seq.num_tokens)
+
+    @property
+    def input_token_ids(self) -> list[int]:
+        """The ids fed this step: uncomputed tokens, then the drafts to verify."""
+        uncomputed = self.seq.token_ids[self.start:self.start + self.num_new_tokens]
+        return uncomputed + self.seq.spec_token_ids[:self.num_spec_tokens]
 
 
 @dataclass
@@ -76,13 +88,35 @@ class PreemptLast:
         return candidates[-1]
 
 
+class DraftBudget(Protocol):
+    """The speculative-decoding budget term: how many drafts a sequence verifies this step, and how
+    many KV slots past its scheduled tokens the draft model needs (deepserve/engine/spec_decode)."""
+
+    num_lookahead_slots: int
+
+    def num_draft_tokens(self, seq: Sequence, num_new: int, budget: int) -> int:
+        """Drafts to feed after `num_new` uncomputed tokens within `budget` tokens left."""
+        ...
+
+
+class NoDrafts:
+    """No speculative decoding: no drafts, no lookahead."""
+
+    num_lookahead_slots = 0
+
+    def num_draft_tokens(self, seq: Sequence, num_new: int, budget: int) -> int:
+        return 0
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheConfig | BlockManager,
-                 max_model_len: int | None = None, preemption: PreemptionPolicy | None = None):
+                 max_model_len: int | None = None, preemption: PreemptionPolicy | None = None,
+                 drafts: DraftBudget | None = None):
         self.config = config
         self.block_manager = cache if isinstance(cache, BlockManager) else BlockManager.from_config(cache)
         self.max_model_len = _resolve_max_model_len(config, max_model_len)
         self.preemption = preemption or PreemptLast()
+        self.drafts = drafts or NoDrafts()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -118,24 +152,31 @@ class Scheduler:
         #    the rest of its prompt for a chunked prefill), capped by the budget left. When the
         #    block manager cannot hold them, the preemption policy's victim (default: the last
         #    running sequence) frees its blocks and waits at the front of the queue for a full
-        #    recompute; if the victim is the sequence itself, it does not run this step.
+        #    recompute; if the victim is the sequence itself, it does not run this step. A decode
+        #    with drafts (speculative decoding) also feeds them, as far as the draft budget term
+        #    allows, and reserves its lookahead slots.
         # 2. If nothing was preempted: waiting sequences, FIFO, while budget and max_num_seqs
         #    allow. Prefix-cache hits count as computed; the rest is cut to the budget (or, with
         #    chunked prefill off, waits until it fits whole). Stop at the first that does not fit.
+        # update() appends each sampled run token by token, stopping at the first stop condition;
+        # after a sampled chunk every token but the last is computed (rejected drafts are not).
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
         if not batch.preempted:
             self._schedule_waiting(batch, budget)
         return batch
 
-    def update(self, batch: ScheduledBatch, sampled: Mapping[str, int] | Any,
-               logprobs: Mapping[str, TokenLogprob] | Any | None = None) -> list[EngineOutput]:
+    def update(self, batch: ScheduledBatch, sampled: Mapping[str, int | list[int]] | Any,
+               logprobs: Mapping[str, TokenLogprob | list[TokenLogprob]] | Any | None = None,
+               drafts: Mapping[str, list[int]] | None = None) -> list[EngineOutput]:
         """Account for a step the runner executed. `sampled` (and `logprobs`) map request id to the
-        new token, or are sequences aligned with `batch.scheduled` or with `batch.sampling`."""
+        new token (or the run of accepted tokens, bonus last, when drafts were verified), or are
+        sequences aligned with `batch.scheduled` or with `batch.sampling`. `drafts`: request id ->
+        draft tokens to verify next step."""
         tokens = _by_request(batch, sampled)
         lps = _by_request(batch, logprobs) if logprobs is not None else {}
-        outputs = [out for seq, n in batch.scheduled if not seq.is_finished
-                   if (out := self._advance(seq, n, tokens, lps)) is not None]
+        outputs = [out for entry in batch.scheduled if not entry.seq.is_finished
+                   if (out := self._advance(entry, tokens, lps, drafts or {})) is not None]
         self.running = [seq for seq in self.running if not seq.is_finished]
         return outputs
 
@@ -145,15 +186,17 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if self._allocate_or_preempt(seq, num_new, i, batch):
-                batch.add(seq, num_new)
-                budget -= num_new
+            num_spec = self.drafts.num_draft_tokens(seq, num_new, budget - num_new)
+            if self._allocate_or_preempt(seq, num_new + num_spec, i, batch):
+                batch.add(seq, num_new + num_spec)
+                budget -= num_new + num_spec
                 i += 1
         return budget
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, first: int, batch: ScheduledBatch) -> bool:
-        """Preempt victims among running[first:] until `seq` gets its slots; False if `seq` went."""
-        while not self.block_manager.allocate_slots(seq, num_new):
+        """Preempt victims among running[first:] until `seq` gets its slots (plus the draft
+        lookahead); False if `seq` went."""
+        while not self.block_manager.allocate_slots(seq, num_new + self.drafts.num_lookahead_slots):
             victim = self.preemption.pick_victim(self.running[first:])
             self._preempt(victim)
             batch.preempted.append(victim)
@@ -165,6 +208,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []  # the draft model's KV went with the blocks
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -184,7 +228,8 @@ class Scheduler:
         hits = self.block_manager.get_computed_blocks(seq)
         num_cached = len(hits) * self.block_manager.block_size
         num_new = self._fit(seq.num_tokens - num_cached, budget)
-        if num_new == 0 or not self.block_manager.allocate_slots(seq, num_new, hits):
+        slots = num_new + self.drafts.num_lookahead_slots
+        if num_new == 0 or not self.block_manager.allocate_slots(seq, slots, hits):
             return 0
         self.waiting.popleft()
         seq.num_computed_tokens = num_cached
@@ -201,20 +246,23 @@ class Scheduler:
         return budget if self.config.enable_chunked_prefill else 0
 
     # ----- update() helpers ------------------------------------------------------------------
-    def _advance(self, seq: Sequence, num_new: int, tokens: Mapping[str, int],
-                 lps: Mapping[str, TokenLogprob]) -> EngineOutput | None:
-        seq.num_computed_tokens += num_new
-        self.block_manager.cache_computed_blocks(seq)
-        if seq.num_computed_tokens < seq.num_tokens:
-            return None  # a prefill chunk short of the end: nothing sampled
+    def _advance(self, entry: ScheduledSeq, tokens: Mapping[str, Any], lps: Mapping[str, Any],
+                 drafts: Mapping[str, list[int]]) -> EngineOutput | None:
+        seq = entry.seq
+        if not entry.is_last_chunk:  # a prefill chunk short of the end: nothing sampled
+            seq.num_computed_tokens += entry.num_new_tokens
+            self.block_manager.cache_computed_blocks(seq)
+            return None
         if seq.request_id not in tokens:
             raise ValueError(f"no sampled token for {seq.request_id!r}, whose chunk reached its end")
-        logprob = lps.get(seq.request_id)
-        seq.append_token(int(tokens[seq.request_id]), logprob)
-        stop = check_stop(seq, self.max_model_len)
+        new_tokens, new_lps, stop = _append_until_stop(seq, _as_list(tokens[seq.request_id]),
+                                                       _as_list(lps.get(seq.request_id)), self.max_model_len)
+        seq.num_computed_tokens = seq.num_tokens - 1  # the fed tokens the sampled run confirmed
+        seq.spec_token_ids = list(drafts.get(seq.request_id, ()))
+        self.block_manager.cache_computed_blocks(seq)
         if stop is not None:
             self._finish(seq, stop.reason, stop.stop_reason)
-        return _output(seq, [seq.last_token_id], [logprob] if logprob is not None else [])
+        return _output(seq, new_tokens, new_lps)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | None = None) -> None:
         seq.finish(reason, stop_reason)
@@ -256,6 +304,25 @@ def _by_request(batch: ScheduledBatch, values: Any) -> Mapping[str, Any]:
         raise ValueError(f"{len(values)} values for {len(batch.scheduled)} scheduled sequences "
                          f"({len(batch.sampling)} sampling)")
     return {entry.seq.request_id: value for entry, value in zip(entries, values)}
+
+
+def _as_list(value: Any) -> list:
+    """A sampled value as a run: a token (or logprob) -> [it]; None -> []; a list as is."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _append_until_stop(seq: Sequence, tokens: list[int], lps: list[TokenLogprob], max_model_len: int
+                       ) -> tuple[list[int], list[TokenLogprob], StopDecision | None]:
+    """Append `tokens` one by one, ending at the first that stops `seq` (EOS, stop token, length):
+    the appended tokens, their logprobs, and the stop decision (None: still running)."""
+    for i, token in enumerate(tokens):
+        seq.append_token(int(token), lps[i] if i < len(lps) else None)
+        stop = check_stop(seq, max_model_len)
+        if stop is not None:
+            return tokens[:i + 1], lps[:i + 1], stop
+    return tokens, lps, None
 
 
 def _output(seq: Sequence, new_tokens: list[int], new_logprobs: list[TokenLogprob]) -> EngineOutput:

@@ -1,7 +1,8 @@
 """One `Sequence` carries a request through the engine.
 
 The scheduler changes only its counters (`num_computed_tokens`, `num_cached_tokens`), its status
-and its `block_table`; the engine appends sampled tokens with `append_token`.
+and its `block_table`; the engine appends sampled tokens with `append_token` and, with speculative
+decoding, sets the drafts to verify next step in `spec_token_ids` (never part of `token_ids`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache (first schedule)
         self.num_preemptions = 0
         self.logprobs: list[TokenLogprob] = []
+        self.spec_token_ids: list[int] = []  # draft tokens to verify after the last token (spec decode)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -4,7 +4,8 @@ Both `DeepseekV2ForCausalLM` and `DeepseekV3ForCausalLM` checkpoints load into t
 they differ only in routing defaults (V3: sigmoid scores, `noaux_tc` with a score-correction bias)
 and in V3's optional non-interleaved rope (`rope_interleave: false`).
 
-The MTP module of V3 checkpoints (layer index >= num_hidden_layers) is skipped by `load_weights`.
+The MTP module of V3 checkpoints (layer index >= num_hidden_layers) is skipped by `load_weights`;
+`models/deepseek_mtp.py` loads it for speculative decoding (--speculative mtp).
 """
 
 from __future__ import annotations
