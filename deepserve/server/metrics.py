@@ -77,6 +77,7 @@ class EngineSnapshotLike(Protocol):
     kv_cache_usage: float  # 0..1
     prefix_cache_hit_rate: float  # 0..1
     num_preemptions: int  # cumulative since the engine started
+    # Optional, cumulative: spec_num_draft_tokens, spec_num_accepted_tokens (0 when absent).
 
 
 class ServerMetrics:
@@ -84,7 +85,7 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
-        self._last_preemptions = 0
+        self._last_cumulative: dict[str, int] = {}
         self._build_counters()
         self._build_gauges()
         self._build_histograms()
@@ -100,6 +101,10 @@ class ServerMetrics:
         self.prompt_tokens = _counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = _counter("generation_tokens", "Generated tokens of finished requests.")
         self.num_preemptions = _counter("num_preemptions", "Sequences preempted by the scheduler.")
+        self.spec_draft_tokens = _counter("spec_decode_num_draft_tokens",
+                                          "Speculative (MTP) draft tokens verified by the main model.")
+        self.spec_accepted_tokens = _counter("spec_decode_num_accepted_tokens",
+                                             "Speculative draft tokens accepted.")
 
     def _build_gauges(self) -> None:
         self.num_requests_running = _gauge("num_requests_running", "Requests in the running batch.")
@@ -117,7 +122,7 @@ class ServerMetrics:
 
     def _all_metrics(self) -> list:
         return [self.request_success, self.request_rejected, self.prompt_tokens, self.generation_tokens,
-                self.num_preemptions, self.num_requests_running, self.num_requests_waiting,
+                self.num_preemptions, self.spec_draft_tokens, self.spec_accepted_tokens, self.num_requests_running, self.num_requests_waiting,
                 self.kv_cache_usage, self.prefix_cache_hit_rate, self.ttft, self.tpot, self.e2e,
                 self.queue_time]
 
@@ -155,18 +160,23 @@ class ServerMetrics:
             self.tpot.labels(self.model_name).observe(tpot)
 
     def update_engine(self, snapshot: EngineSnapshotLike) -> None:
-        """Set the gauges from a snapshot; grow the preemption counter by the cumulative increase."""
+        """Set the gauges from a snapshot; grow the counters by their cumulative increases."""
         name = self.model_name
         self.num_requests_running.labels(name).set(snapshot.num_running)
         self.num_requests_waiting.labels(name).set(snapshot.num_waiting)
         self.kv_cache_usage.labels(name).set(snapshot.kv_cache_usage)
         self.prefix_cache_hit_rate.labels(name).set(snapshot.prefix_cache_hit_rate)
-        self.num_preemptions.labels(name).inc(self._preemption_delta(snapshot.num_preemptions))
+        self.num_preemptions.labels(name).inc(self._delta("preemptions", snapshot.num_preemptions))
+        drafts = getattr(snapshot, "spec_num_draft_tokens", 0)
+        self.spec_draft_tokens.labels(name).inc(self._delta("spec_drafts", drafts))
+        accepted = getattr(snapshot, "spec_num_accepted_tokens", 0)
+        self.spec_accepted_tokens.labels(name).inc(self._delta("spec_accepted", accepted))
 
-    def _preemption_delta(self, cumulative: int) -> int:
+    def _delta(self, key: str, cumulative: int) -> int:
         """Increase since the last snapshot; a smaller value means the engine restarted from 0."""
         with self._lock:
-            last, self._last_preemptions = self._last_preemptions, cumulative
+            last = self._last_cumulative.get(key, 0)
+            self._last_cumulative[key] = cumulative
         return cumulative - last if cumulative >= last else cumulative
 
     def count_rejection(self, reason: str) -> None:

@@ -17,7 +17,8 @@ MODEL = "tiny-model"
 
 COUNTERS = {"deepserve:request_success_total", "deepserve:prompt_tokens_total",
             "deepserve:generation_tokens_total", "deepserve:num_preemptions_total",
-            "deepserve:request_rejected_total"}
+            "deepserve:request_rejected_total", "deepserve:spec_decode_num_draft_tokens_total",
+            "deepserve:spec_decode_num_accepted_tokens_total"}
 GAUGES = {"deepserve:num_requests_running", "deepserve:num_requests_waiting",
           "deepserve:kv_cache_usage_perc", "deepserve:prefix_cache_hit_rate"}
 HISTOGRAMS = {"deepserve:time_to_first_token_seconds": M.TTFT_BUCKETS,
@@ -296,3 +297,18 @@ def test_given_registry_is_used_and_duplicates_refused():
     assert m.registry is registry
     with pytest.raises(ValueError):
         ServerMetrics("other", registry=registry)  # the same names twice in one registry
+
+
+def test_speculative_counters_grow_by_cumulative_increase():
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = ServerMetrics("m")
+    base = dict(num_running=0, num_waiting=0, kv_cache_usage=0.0, prefix_cache_hit_rate=0.0, num_preemptions=0)
+    metrics.update_engine(SimpleNamespace(**base, spec_num_draft_tokens=10, spec_num_accepted_tokens=6))
+    metrics.update_engine(SimpleNamespace(**base, spec_num_draft_tokens=14, spec_num_accepted_tokens=9))
+    text = metrics.render()[0].decode()
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert values["deepserve:spec_decode_num_draft_tokens_total"] == 14
+    assert values["deepserve:spec_decode_num_accepted_tokens_total"] == 9
