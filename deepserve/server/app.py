@@ -44,6 +44,7 @@ def build_app(engine: Any, served_model_name: str, config: ServerConfig = Server
 
 def _add_routes(app: FastAPI, openai: OpenAIRoutes, admin: AdminRoutes) -> None:
     for path, handler in (("/health", admin.health), ("/ready", admin.ready), ("/version", admin.version),
+                          ("/openapi.json", admin.openapi),
                           ("/metrics", admin.metrics_text), ("/v1/models", admin.models)):
         app.add_api_route(path, handler, methods=["GET"])
     for path, handler in (("/tokenize", admin.tokenize), ("/detokenize", admin.detokenize),

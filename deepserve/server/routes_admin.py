@@ -42,6 +42,12 @@ class AdminRoutes:
 
         return JSONResponse({"version": __version__})
 
+    async def openapi(self) -> Response:
+        from deepserve import __version__
+        from deepserve.server.openapi import openapi_document
+
+        return JSONResponse(openapi_document(__version__))
+
     async def metrics_text(self) -> Response:
         if self.metrics is None:
             return error_response(APIError(404, "metrics are not served on this port", code="not_found"))
