@@ -135,7 +135,8 @@ class Generation:
             for item in self._end_stopped(choices):
                 yield item
 
-    async def _merge(self, jobs: list[Job], reservation: WaitTicket | None) -> AsyncIterator[tuple[Job, RequestOutput]]:
+    async def _merge(self, jobs: list[Job],
+                     reservation: WaitTicket | None) -> AsyncIterator[tuple[Job, RequestOutput]]:
         """Outputs of all jobs as they come; closing this aborts every job still running."""
         queue: asyncio.Queue = asyncio.Queue()
         tickets = {job.index: self.state.admission.enter(len(job.prompt.token_ids)) for job in jobs}
