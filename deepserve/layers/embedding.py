@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepserve.layers.linear import _copy
+from deepserve.layers.linear_method import DenseLinearMethod, LinearMethod, linear_method_for
 
 
 class VocabEmbedding(nn.Module):
@@ -44,6 +45,14 @@ class LMHead(VocabEmbedding):
         else:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
             self.weight.weight_loader = self.weight_loader
+        self.method: LinearMethod = DenseLinearMethod()
+
+    # The embedding (tied) or the MTP head may read the dense matrix: keep it next to a packed copy.
+    keep_dense_weight = True
+
+    def process_weights_after_loading(self) -> None:
+        self.method = linear_method_for(self.weight)
+        self.method.process_weights_after_loading(self)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        return self.method.apply(self, hidden, None).float()

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from deepserve.layers.linear_method import DenseLinearMethod, LinearMethod, linear_method_for
 
 
 def _check_shape(expected: torch.Size, loaded: torch.Tensor) -> None:
@@ -51,12 +52,17 @@ class LinearBase(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
+        self.method: LinearMethod = DenseLinearMethod()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy(param.data, loaded)
 
+    def process_weights_after_loading(self) -> None:
+        self.method = linear_method_for(self.weight)
+        self.method.process_weights_after_loading(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -161,7 +167,7 @@ class RowParallelLinear(LinearBase):
         _copy(param.data, loaded.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = self.method.apply(self, x, None)
         if self.all_reduce is not None:
             out = self.all_reduce(out)
         return out if self.bias is None else out + self.bias

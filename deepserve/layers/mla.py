@@ -83,6 +83,7 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=LORA_NORM_EPS)
         kv_b_out = self.num_heads * (self.nope_dim + self.v_dim)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, kv_b_out)
+        self.kv_b_proj.keep_dense_weight = True  # the absorb path folds its matrix into q and o
         self.o_proj = RowParallelLinear(self.num_heads * self.v_dim, hidden, bias=bias)
 
     def _query(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

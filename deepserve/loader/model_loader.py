@@ -18,6 +18,7 @@ from torch import nn
 
 from deepserve.config import EngineConfig, ModelConfig
 from deepserve.loader.dummy import fill_dummy_weights
+from deepserve.layers.linear_method import process_weights_after_loading
 from deepserve.loader.errors import LoadError
 from deepserve.loader.safetensors_loader import (
     CheckpointFiles, WeightStream, check_all_filled, find_checkpoint_files, load_into,
@@ -136,6 +137,7 @@ def load_model(engine_config: EngineConfig, progress: bool = True) -> nn.Module:
         fill_dummy_weights(model, seed=engine_config.seed)
     else:
         load_checkpoint(model, files, progress)
+    process_weights_after_loading(model)
     return model.eval()
 
 
