@@ -64,16 +64,19 @@ def batched_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tabl
     """One new token per sequence, all sequences in one SDPA call.
 
     q [B, H, D]; kv_cache [2, num_blocks, block_size, H_kv, D]; block_tables [B, W] int64;
-    seq_lens [B] int32 -> [B, H, D]. Keys past each sequence's length are masked out.
+    seq_lens [B] int32 -> [B, H, D]. Keys past each sequence's length are masked out; their slots
+    are redirected to the sequence's own position 0 (always written), so stale or poisoned cache
+    contents never enter the softmax, not even as 0 * NaN.
     """
-    kv = kv_cache[:, block_tables].flatten(2, 3)  # [2, B, W * block_size, H_kv, D]
-    keys = torch.arange(kv.shape[2], device=q.device)
-    mask = (keys[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, S]
-    valid = mask.view(mask.shape[0], 1, -1, 1)  # [B, 1, S, 1]
-    k = kv[0].transpose(1, 2).to(q.dtype).masked_fill(~valid, 0.0)  # [B, H_kv, S, D]
-    v = kv[1].transpose(1, 2).to(q.dtype).masked_fill(~valid, 0.0)  # stale slots may hold anything
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)  # [B, H, 1, D]
+    _, num_blocks, block_size, heads, dim = kv_cache.shape
+    pos = torch.arange(block_tables.shape[1] * block_size, device=q.device)  # [S]
+    slots = block_tables[:, pos // block_size] * block_size + pos % block_size  # [B, S]
+    valid = pos[None, :] < seq_lens[:, None].long()  # [B, S]
+    slots = torch.where(valid, slots, slots[:, :1])
+    kv = kv_cache.view(2, num_blocks * block_size, heads, dim)[:, slots]  # [2, B, S, H_kv, D]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), kv[0].transpose(1, 2).to(q.dtype), kv[1].transpose(1, 2).to(q.dtype),
+        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)  # [B, H, 1, D]
     return out.squeeze(2)
 
 
