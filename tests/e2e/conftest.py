@@ -87,8 +87,8 @@ class ServerProcess:
 
     def _probe(self) -> bool:
         try:
-            health = httpx.get(f"{self.url}/health", timeout=2).status_code
-            ready = httpx.get(f"{self.url}/ready", timeout=2).status_code
+            health = httpx.get(f"{self.url}/health", timeout=2, verify=False).status_code
+            ready = httpx.get(f"{self.url}/ready", timeout=2, verify=False).status_code
         except httpx.HTTPError:
             return False
         if ready != 200:
@@ -118,7 +118,8 @@ def start_server(model: Path, args: list[str], log_dir: Path, env: dict | None =
            "--port", str(port), "--max-model-len", "512", *args]
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    scheme = "https" if "--ssl-certfile" in args else "http"
+    server = ServerProcess(proc, f"{scheme}://127.0.0.1:{port}", log_path)
     try:
         server.wait_ready()
     except AssertionError:

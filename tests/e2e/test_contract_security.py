@@ -156,3 +156,24 @@ def test_logs_hold_no_prompt_output_or_key(server, env_server, which):
     if which == "json":
         access = [json.loads(line) for line in log.splitlines() if line.startswith("{") and "deepserve.access" in line]
         assert access and all(entry["request_id"] and entry["status"] for entry in access)
+
+
+def test_tls_with_certfile_and_keyfile(serve_process, tmp_path):
+    """--ssl-certfile/--ssl-keyfile serve HTTPS; plain HTTP on that port gets no answer."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = serve_process(["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)])
+    assert server.url.startswith("https://")
+    reply = httpx.post(f"{server.url}/v1/completions", verify=str(cert), timeout=30,
+                       json={"model": MODEL_NAME, "prompt": "Paris is", "max_tokens": 3})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(server.url.replace("https://", "http://") + "/health", timeout=5)
