@@ -172,7 +172,9 @@ def test_tls_with_certfile_and_keyfile(serve_process, tmp_path):
                    check=True, capture_output=True)
     server = serve_process(["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)])
     assert server.url.startswith("https://")
-    reply = httpx.post(f"{server.url}/v1/completions", verify=str(cert), timeout=30,
+    import ssl
+
+    reply = httpx.post(f"{server.url}/v1/completions", verify=ssl.create_default_context(cafile=str(cert)), timeout=30,
                        json={"model": MODEL_NAME, "prompt": "Paris is", "max_tokens": 3})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
     with pytest.raises(httpx.HTTPError):
