@@ -63,6 +63,10 @@ class EngineProcessConfig:
     ready_timeout_s: float = 600.0  # model load included
     shutdown_timeout_s: float = 10.0
     watchdog_interval_s: float = 0.2
+    # The engine process runs this much "nicer" than the server, so that on a CPU-only machine,
+    # where both compete for the cores, HTTP answers (429s, health, streamed chunks) are not
+    # queued behind the model's compute. No effect on GPU throughput (the engine mostly waits).
+    engine_niceness: int = 5
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -152,7 +156,8 @@ class EngineCoreClient:
         if self.process.transport == "inproc":
             return self._launch_thread(input_address, output_address)
         spawn = multiprocessing.get_context("spawn")
-        args = (encode_engine_config(self.config), input_address, output_address, os.getpid(), self.eos_token_ids)
+        args = (encode_engine_config(self.config), input_address, output_address, os.getpid(),
+                self.eos_token_ids, self.process.engine_niceness)
         # daemon: multiprocessing terminates it at interpreter exit even if shutdown() was skipped
         worker = spawn.Process(target=run_engine_core, args=args, name="deepserve-engine", daemon=True)
         worker.start()

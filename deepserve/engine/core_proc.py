@@ -149,9 +149,11 @@ class CoreLoop:
 
 
 def run_engine_core(config_bytes: bytes, input_address: str, output_address: str, parent_pid: int,
-                    eos_token_ids: tuple[int, ...] = ()) -> None:
+                    eos_token_ids: tuple[int, ...] = (), niceness: int = 0) -> None:
     """Entry of the spawned engine process (all arguments are plain builtins)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if niceness:
+        os.nice(niceness)  # below the server's priority: see EngineProcessConfig.engine_niceness
     watch_parent(parent_pid, ipc_paths([input_address, output_address]))
     code = serve_core(zmq.Context(), lambda: build_core(decode_engine_config(config_bytes), eos_token_ids),
                       input_address, output_address)
