@@ -29,7 +29,7 @@ class StartupError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepserve", description="Run DeepSeek-family LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,chat,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,chat,bench,eval,quantize}")
     _add_serve(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
     gen = sub.add_parser("generate", help="complete one prompt and print the text")
     gen.add_argument("prompt", help="the prompt text")
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     from deepserve.bench import cli as bench_cli
 
     bench_cli.add_bench_parser(sub)
+    _add_eval(sub.add_parser("eval", help="accuracy gate: perplexity and top-1 agreement against a reference"))
+    _add_quantize(sub.add_parser("quantize", help="write an INT8 checkpoint folder (W8A8 or W8A16)"))
     return parser
 
 
@@ -81,7 +83,8 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    command = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}[ns.command]
+    command = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "eval": cmd_eval,
+               "quantize": cmd_quantize}[ns.command]
     try:
         return command(ns)
     except StartupError as exc:
@@ -94,6 +97,30 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     from deepserve.bench import cli as bench_cli
 
     return bench_cli.main(ns)
+
+
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="candidate: model folder, .gguf file or bundled name")
+    parser.add_argument("--quantization", default=None, help="candidate's quantization, e.g. int8")
+    parser.add_argument("--reference", default=None, help="reference model (default: --model, unquantized)")
+    parser.add_argument("--text", default=None, help="held-out text file (default: the shipped eval text)")
+    parser.add_argument("--min-top1", type=float, default=0.97, help="least top-1 agreement that passes")
+    parser.add_argument("--max-ppl-increase", type=float, default=0.02, help="largest relative perplexity rise")
+    parser.add_argument("--max-tokens", type=int, default=None, help="score at most this many text tokens")
+    parser.add_argument("--window", type=int, default=512, help="tokens per scoring window")
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    """Print the accuracy table; exit 0 when the candidate passes the gate, 1 when it fails."""
+    from deepserve.quant.eval import ModelSpec, format_report, gate
+
+    candidate = ModelSpec(ns.model, ns.quantization)
+    reference = ModelSpec(ns.reference if ns.reference is not None else ns.model)
+    report = _guarded(lambda: gate(reference, candidate, text_file=ns.text, min_top1=ns.min_top1,
+                                   max_ppl_increase=ns.max_ppl_increase, force=True, window=ns.window,
+                                   max_tokens=ns.max_tokens))
+    print(format_report(report, reference.describe(), candidate.describe()))
+    return 0 if report.passed else 1
 
 
 def _fail(message: str) -> int:
@@ -273,3 +300,42 @@ def stream_text(engine: Any, prompt: str | list[int], params: Any, out: TextIO) 
         engine.abort_request(request_id)
         raise
     return "".join(pieces)
+
+
+# ---- quantize -------------------------------------------------------------------------------------
+
+
+def _add_quantize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="float checkpoint folder or bundled name (default: SmolLM2-135M)")
+    parser.add_argument("--out", required=True, help="output folder (HF layout, loadable with --model OUT)")
+    parser.add_argument("--method", default="int8", choices=["int8", "int8-weight-only"],
+                        help="int8: W8A8 dynamic; int8-weight-only: W8A16")
+    parser.add_argument("--asymmetric", action="store_true", help="zero points per channel (W8A16 only)")
+    parser.add_argument("--min-top1", type=float, default=0.97,
+                        help="accuracy gate: least top-1 agreement with the float model")
+    parser.add_argument("--force", action="store_true", help="keep the output even if the accuracy gate fails")
+    parser.add_argument("--skip-gate", action="store_true", help="do not run the accuracy gate")
+
+
+def cmd_quantize(ns: argparse.Namespace) -> int:
+    """Quantise, write OUT, then run the accuracy gate (deepserve.quant.eval) against the input."""
+    from deepserve.quant.writer import quantize_checkpoint
+
+    summary = _guarded(lambda: quantize_checkpoint(ns.model, ns.out, ns.method, ns.asymmetric,
+                                                   progress=sys.stderr.isatty()))
+    print(f"wrote {summary.out}: {summary.method}, {summary.quantized} int8 tensors, {summary.kept} kept, "
+          f"{summary.bytes_in / 2**20:.1f} MiB -> {summary.bytes_out / 2**20:.1f} MiB", file=sys.stderr)
+    if ns.skip_gate:
+        return 0
+    try:
+        from deepserve.quant import eval as quant_eval
+    except ImportError:
+        print("accuracy gate skipped: deepserve.quant.eval is not available", file=sys.stderr)
+        return 0
+    try:
+        report = quant_eval.gate(ns.model, str(summary.out), min_top1=ns.min_top1, force=ns.force)
+    except quant_eval.AccuracyGateError as exc:
+        return _fail(f"{exc} (the folder is written; rerun with --force to accept it)")
+    print(f"accuracy gate: {report.summary()}", file=sys.stderr)
+    return 0
+

@@ -191,6 +191,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs, every batch runs eagerly
     max_graph_batch_size: int = 512  # largest decode batch captured in a CUDA graph
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
+    quantization: str | None = None  # deepserve.quant method for LinearBase layers (int8, ...)
 
     @property
     def max_model_len(self) -> int:

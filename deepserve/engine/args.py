@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from deepserve.config import (SPECULATIVE_METHODS, CacheConfig, EngineConfig, ModelConfig,
+from deepserve.config import (SPECULATIVE_METHODS, CacheConfig, ConfigError, EngineConfig, ModelConfig,
                               SchedulerConfig, SpeculativeConfig)
 
 
@@ -32,6 +32,7 @@ class EngineArgs:
     served_model_name: str | None = None
     speculative: str | None = None  # "mtp": draft with the checkpoint's MTP layer
     num_speculative_tokens: int = 1
+    quantization: str | None = None  # int8 | int8-weight-only; None: float, or the checkpoint's
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,6 +67,11 @@ class EngineArgs:
                             "checkpoint's multi-token-prediction layer (DeepSeek-V3/R1)")
         g.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens,
                        help="draft tokens verified per step with --speculative (1..3)")
+        from deepserve.quant import QUANTIZATION_METHODS
+
+        g.add_argument("--quantization", default=d.quantization, choices=list(QUANTIZATION_METHODS),
+                       help="dynamic INT8 of the linear layers: int8 (W8A8) or int8-weight-only "
+                            "(W8A16); default: none, or what a quantised checkpoint says")
         return parser
 
     @classmethod
@@ -93,10 +99,19 @@ class EngineArgs:
             seed=self.seed, attention_mode=self.attention_mode,
             served_model_name=self.served_model_name or _default_name(self.model, folder),
             enforce_eager=self.enforce_eager, max_graph_batch_size=self.max_graph_batch_size,
-            speculative=self._speculative_config(),
+            speculative=self._speculative_config(), quantization=self._quantization(model_config),
         )
         return config.resolve()
 
+
+    def _quantization(self, model_config: ModelConfig) -> str | None:
+        from deepserve.quant import check_quantization, quantization_from_hf_config
+
+        try:
+            name = check_quantization(self.quantization)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return name or quantization_from_hf_config(model_config.hf_config)
 
     def _speculative_config(self) -> SpeculativeConfig | None:
         if self.speculative is None:

@@ -57,8 +57,13 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy(param.data, loaded)
 
-    def process_weights_after_loading(self) -> None:
-        self.method = linear_method_for(self.weight)
+    # Quantisation methods may replace this layer's weight; not the layers whose dense matrix is
+    # read elsewhere (MLA's kv_b_proj sets keep_dense_weight).
+    quantizable = True
+
+    def process_weights_after_loading(self, quantization: str | None = None) -> None:
+        keep = getattr(self, "keep_dense_weight", False)
+        self.method = linear_method_for(self.weight, None if keep else quantization)
         self.method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,15 +46,21 @@ class CpuPackedLinearMethod:
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def linear_method_for(weight: torch.Tensor) -> LinearMethod:
-    """The method for a loaded weight: packed float32 GEMMs on CPU where oneDNN is built in."""
+def linear_method_for(weight: torch.Tensor, quantization: str | None = None) -> LinearMethod:
+    """The method for a loaded weight: the `quantization` method from `deepserve.quant` when one
+    is named, else packed float32 GEMMs on CPU where oneDNN is built in."""
+    if quantization is not None:
+        from deepserve.quant import get_quant_method  # lazy: quant methods are optional
+
+        return get_quant_method(quantization)
     packable = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() > 0
     return CpuPackedLinearMethod() if packable and torch.backends.mkldnn.is_available() else DenseLinearMethod()
 
 
-def process_weights_after_loading(model: nn.Module) -> None:
-    """Give every layer that has a method the chance to reshape its weights, once."""
-    for module in model.modules():
+def process_weights_after_loading(model: nn.Module, quantization: str | None = None) -> None:
+    """Give every layer that has a method the chance to reshape its weights, once. Layers marked
+    `quantizable` (LinearBase) get the `quantization` method; the others stay in float."""
+    for module in list(model.modules()):
         hook = getattr(module, "process_weights_after_loading", None)
         if callable(hook):
-            hook()
+            hook(quantization) if quantization and getattr(module, "quantizable", False) else hook()

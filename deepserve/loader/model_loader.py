@@ -113,12 +113,19 @@ def _expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 @torch.no_grad()
-def load_checkpoint(model: nn.Module, files: CheckpointFiles, progress: bool = True) -> set[str]:
-    """Fill `model` from safetensors files; LoadError on a bad file, shape or a missing tensor."""
+def load_checkpoint(model: nn.Module, files: CheckpointFiles, progress: bool = True,
+                    quantized: str | None = None) -> set[str]:
+    """Fill `model` from safetensors files; LoadError on a bad file, shape or a missing tensor.
+    `quantized`: the method that wrote a `deepserve quantize` checkpoint; its int8 weights are
+    dequantised to float on the way in (the layer's method quantises them again)."""
     with _progress(progress) as bar:
         task = bar.add_task("", total=len(files.files))
         stream = WeightStream(files, _expected_shapes(model),
                               on_file=lambda path: bar.update(task, advance=1, description=path.name))
+        if quantized is not None:
+            from deepserve.quant.int8 import DequantizingStream
+
+            stream = DequantizingStream(stream, asymmetric=quantized.endswith("-asym"))
         filled = load_into(model, stream)
     check_all_filled([name for name, _ in model.named_parameters()], filled, files)
     return filled
@@ -136,8 +143,11 @@ def load_model(engine_config: EngineConfig, progress: bool = True) -> nn.Module:
     if files is None:
         fill_dummy_weights(model, seed=engine_config.seed)
     else:
-        load_checkpoint(model, files, progress)
-    process_weights_after_loading(model)
+        from deepserve.quant import quantization_from_hf_config
+
+        load_checkpoint(model, files, progress,
+                        quantized=quantization_from_hf_config(engine_config.model_config.hf_config))
+    process_weights_after_loading(model, quantization=engine_config.quantization)
     return model.eval()
 
 
