@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from deepserve.engine.args import EngineArgs
@@ -318,24 +319,39 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_quantize(ns: argparse.Namespace) -> int:
-    """Quantise, write OUT, then run the accuracy gate (deepserve.quant.eval) against the input."""
+    """Quantise into OUT.partial, run the accuracy gate against the input, and only then move it to
+    OUT: a checkpoint that fails the gate is never written (unless --force)."""
+    import shutil
+
     from deepserve.quant.writer import quantize_checkpoint
 
-    summary = _guarded(lambda: quantize_checkpoint(ns.model, ns.out, ns.method, ns.asymmetric,
+    out = Path(ns.out)
+    if out.exists():
+        return _fail(f"{out} already exists; choose another --out")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    summary = _guarded(lambda: quantize_checkpoint(ns.model, str(partial), ns.method, ns.asymmetric,
                                                    progress=sys.stderr.isatty()))
-    print(f"wrote {summary.out}: {summary.method}, {summary.quantized} int8 tensors, {summary.kept} kept, "
+    print(f"quantised: {summary.method}, {summary.quantized} int8 tensors, {summary.kept} kept, "
           f"{summary.bytes_in / 2**20:.1f} MiB -> {summary.bytes_out / 2**20:.1f} MiB", file=sys.stderr)
     if ns.skip_gate:
-        return 0
-    try:
-        from deepserve.quant import eval as quant_eval
-    except ImportError:
-        print("accuracy gate skipped: deepserve.quant.eval is not available", file=sys.stderr)
-        return 0
-    try:
-        report = quant_eval.gate(ns.model, str(summary.out), min_top1=ns.min_top1, force=ns.force)
-    except quant_eval.AccuracyGateError as exc:
-        return _fail(f"{exc} (the folder is written; rerun with --force to accept it)")
-    print(f"accuracy gate: {report.summary()}", file=sys.stderr)
+        print("accuracy gate NOT run (--skip-gate): the checkpoint is unchecked", file=sys.stderr)
+    elif not _passes_gate(ns, partial):
+        shutil.rmtree(partial, ignore_errors=True)
+        return EXIT_USAGE
+    partial.rename(out)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _passes_gate(ns: argparse.Namespace, candidate: Path) -> bool:
+    from deepserve.quant import eval as quant_eval
+
+    try:
+        report = quant_eval.gate(ns.model, str(candidate), min_top1=ns.min_top1, force=ns.force)
+    except quant_eval.AccuracyGateError as exc:
+        _fail(f"{exc}; nothing written (--force accepts it anyway)")
+        return False
+    print(f"accuracy gate: {report.summary()}", file=sys.stderr)
+    return True
 

@@ -192,6 +192,21 @@ def test_quantize_command_writes_a_loadable_folder(tiny, tmp_path, capsys):
     assert _greedy(loaded) == _greedy(LLM(str(tiny), quantization="int8", num_kv_blocks=64))
 
 
+def test_quantize_refuses_to_write_below_the_gate_unless_forced(tiny, tmp_path):
+    from deepserve.cli import main
+
+    out = tmp_path / "refused"
+    # top-1 agreement can never exceed 1, so a threshold above it must fail the gate
+    assert main(["quantize", "--model", str(tiny), "--out", str(out), "--method", "int8",
+                 "--min-top1", "1.01"]) != 0
+    assert not out.exists() and not (tmp_path / "refused.partial").exists()
+    forced = tmp_path / "forced"
+    assert main(["quantize", "--model", str(tiny), "--out", str(forced), "--method", "int8",
+                 "--min-top1", "1.01", "--force"]) == 0
+    assert (forced / "model.safetensors").is_file() and not (tmp_path / "forced.partial").exists()
+    assert main(["quantize", "--model", str(tiny), "--out", str(forced), "--skip-gate"]) != 0  # exists
+
+
 def test_quantize_asymmetric_weight_only(tiny, tmp_path):
     from deepserve import LLM
     from deepserve.quant.writer import quantize_checkpoint
