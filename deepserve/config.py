@@ -19,6 +19,23 @@ class ConfigError(ValueError):
     """A configuration that cannot be served; the message names the file and the problem."""
 
 
+def read_json_object(path: Path, error: type[Exception] | None = None, required: bool = True) -> dict[str, Any]:
+    """A model folder's JSON file as a dict; `error` (ConfigError by default) names the file and the
+    problem when it is missing (and required), unreadable, or not a JSON object."""
+    error = error or ConfigError
+    if not path.is_file():
+        if required:
+            raise error(f"{path}: {path.name} not found in the model folder")
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: cannot read {path.name} ({exc})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: {path.name} is not a JSON object")
+    return raw
+
+
 def _freeze(value: Any) -> Any:
     if isinstance(value, dict):
         return MappingProxyType({k: _freeze(v) for k, v in value.items()})
@@ -120,15 +137,7 @@ class ModelConfig:
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
         path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: config.json not found in the model folder")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read config.json ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: config.json is not a JSON object")
-        return cls.from_hf_dict(raw, source=str(path))
+        return cls.from_hf_dict(read_json_object(path), source=str(path))
 
 
 @dataclass(frozen=True)

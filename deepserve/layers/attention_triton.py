@@ -13,7 +13,6 @@ Without a bound cache (a profiling pass) it falls back to the PyTorch backend.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from deepserve.forward_context import get_forward_context
 from deepserve.kernels.kv_cache_write import kv_cache_write

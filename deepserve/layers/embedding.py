@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepserve.layers.linear import _copy
+from deepserve.layers.linear import checked_copy
 from deepserve.layers.linear_method import DenseLinearMethod, LinearMethod, linear_method_for
 
 
@@ -24,7 +24,7 @@ class VocabEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        _copy(param.data, loaded)
+        checked_copy(param.data, loaded)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)

@@ -28,7 +28,8 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+def checked_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy `src` into `dst`; ValueError with both shapes when they differ."""
     _check_shape(dst.shape, src)
     with torch.no_grad():
         dst.copy_(src)
@@ -36,7 +37,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
     """Whole-tensor copy with a shape check, for parameters without their own loader (norms)."""
-    _copy(param.data, loaded)
+    checked_copy(param.data, loaded)
 
 
 class LinearBase(nn.Module):
@@ -55,7 +56,7 @@ class LinearBase(nn.Module):
         self.method: LinearMethod = DenseLinearMethod()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        _copy(param.data, loaded)
+        checked_copy(param.data, loaded)
 
     # Quantisation methods may replace this layer's weight; not the layers whose dense matrix is
     # read elsewhere (MLA's kv_b_proj sets keep_dense_weight).
@@ -85,7 +86,7 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = param.shape[0]
         _check_shape(torch.Size((size * self.tp_size, *param.shape[1:])), loaded)
-        _copy(param.data, loaded.narrow(0, self.tp_rank * size, size))
+        checked_copy(param.data, loaded.narrow(0, self.tp_rank * size, size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -105,7 +106,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         sizes = [s // self.tp_size for s in self.output_sizes]  # per rank
         offset, size = sum(sizes[:shard_id]), sizes[shard_id]
         _check_shape(torch.Size((self.output_sizes[shard_id], *param.shape[1:])), loaded)
-        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
+        checked_copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -145,7 +146,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise ValueError(f"qkv linear needs shard_id 'q', 'k' or 'v', got {shard_id!r}")
         offset, size, start = self._shard_range(shard_id)
         _check_shape(torch.Size((self.total_heads[shard_id] * self.head_dim, *param.shape[1:])), loaded)
-        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size))
+        checked_copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size))
 
 
 class RowParallelLinear(LinearBase):
@@ -165,11 +166,11 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.dim() == 1:  # bias: replicated
-            _copy(param.data, loaded)
+            checked_copy(param.data, loaded)
             return
         size = param.shape[1]
         _check_shape(torch.Size((param.shape[0], size * self.tp_size)), loaded)
-        _copy(param.data, loaded.narrow(1, self.tp_rank * size, size))
+        checked_copy(param.data, loaded.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.method.apply(self, x, None)

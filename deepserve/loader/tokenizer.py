@@ -12,13 +12,13 @@ transformers' `apply_chat_template`, which runs jinja2 in a sandboxed environmen
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import tokenizers
 
+from deepserve.config import read_json_object
 from deepserve.loader.errors import LoadError
 
 
@@ -33,17 +33,7 @@ def _ids(value: Any) -> tuple[int, ...]:
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise LoadError(f"{path}: {path.name} not found in the model folder")
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"{path}: cannot read {path.name} ({exc})") from None
-    if not isinstance(raw, dict):
-        raise LoadError(f"{path}: {path.name} is not a JSON object")
-    return raw
+    return read_json_object(path, LoadError, required)
 
 
 @dataclass(frozen=True)

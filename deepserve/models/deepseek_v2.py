@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from deepserve.config import ModelConfig
+from deepserve.layers.decoder import PreNormDecoderLayer
 from deepserve.layers.embedding import LMHead, VocabEmbedding
-from deepserve.layers.linear import _copy
+from deepserve.layers.linear import checked_copy
 from deepserve.layers.mla import MLAAttention
 from deepserve.layers.moe import DeepseekMoE, GatedMLP, RouterConfig
 from deepserve.layers.norm import RMSNorm
@@ -73,14 +74,14 @@ def load_expert(param: nn.Parameter, loaded: torch.Tensor, expert: int, shard: i
     if shard is not None:
         half = dst.shape[0] // 2
         dst = dst.narrow(0, shard * half, half)
-    _copy(dst, loaded)
+    checked_copy(dst, loaded)
 
 
 def default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-    _copy(param.data, loaded)
+    checked_copy(param.data, loaded)
 
 
-class DeepseekDecoderLayer(nn.Module):
+class DeepseekDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
                  router: RouterConfig | None, attention_mode: str):
         super().__init__()
@@ -91,17 +92,6 @@ class DeepseekDecoderLayer(nn.Module):
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden, residual: [T, H] (residual None for the first layer) -> (mlp out, residual)."""
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class DeepseekModel(nn.Module):

@@ -51,7 +51,7 @@ def platform_class(name: str) -> type[Platform]:
     """The class registered under `name`; ValueError naming the known ones."""
     target = _plugin_targets().get(name) or BUILTIN.get(name)
     if target is None:
-        hint = f" (install its deepserve plugin)" if name in PLUGIN_NAMES else ""
+        hint = " (install its deepserve plugin)" if name in PLUGIN_NAMES else ""
         raise ValueError(f"unknown platform {name!r}{hint}; known: {', '.join(available_names())}")
     return _load(target)
 

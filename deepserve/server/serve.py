@@ -32,7 +32,7 @@ import uvicorn
 from deepserve.server.app import build_app, build_metrics_app
 from deepserve.server.config import ServerConfig
 from deepserve.server.http11 import H11Protocol431
-from deepserve.server.lifecycle import Phase, ServerState
+from deepserve.server.lifecycle import ServerState
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 ENGINE_DIED_EXIT_CODE = 1
