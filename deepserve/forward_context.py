@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 
@@ -69,29 +71,39 @@ def build_forward_context(
     query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
     device: torch.device | str = "cpu",
 ) -> ForwardContext:
-    """Build the context for a batch on the host, then move it to `device` in one go per tensor."""
-    positions: list[int] = []
-    slots: list[int] = []
-    for q_len, s_len, table in zip(query_lens, seq_lens, block_tables):
-        for pos in range(s_len - q_len, s_len):
-            positions.append(pos)
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-    starts = [0]
-    for q_len in query_lens:
-        starts.append(starts[-1] + q_len)
-    width = max((len(t) for t in block_tables), default=0) or 1
-    padded = [t + [0] * (width - len(t)) for t in block_tables]
+    """Build the context for a batch on the host (vectorised with numpy: its cost grows with the
+    batch every step), then move it to `device` one tensor each."""
+    num_seqs = len(query_lens)
+    q_lens = np.asarray(query_lens, dtype=np.int64).reshape(num_seqs)
+    s_lens = np.asarray(seq_lens, dtype=np.int64).reshape(num_seqs)
+    tables = _pad_tables(block_tables)  # [num_seqs, width] int32
+    starts = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=starts[1:])
+    owner = np.repeat(np.arange(num_seqs), q_lens)  # [num_tokens] sequence of each new token
+    positions = np.arange(starts[-1]) - starts[owner] + (s_lens - q_lens)[owner]
+    blocks = tables[owner, positions // block_size].astype(np.int64) if owner.size else positions
+    slots = blocks * block_size + positions % block_size
 
-    def as_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    def as_tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(values).to(device=device, dtype=dtype, non_blocking=True)
 
     return ForwardContext(
         positions=as_tensor(positions, torch.int64),
         slot_mapping=as_tensor(slots, torch.int64),
         query_start_loc=as_tensor(starts, torch.int32),
-        seq_lens=as_tensor(seq_lens, torch.int32),
-        block_tables=as_tensor(padded, torch.int32),
+        seq_lens=as_tensor(s_lens, torch.int32),
+        block_tables=as_tensor(tables, torch.int32),
         block_size=block_size,
         query_lens_cpu=tuple(query_lens),
         seq_lens_cpu=tuple(seq_lens),
     )
+
+
+def _pad_tables(block_tables: list[list[int]]) -> np.ndarray:
+    """Ragged block tables -> [num_seqs, width] int32, padded with 0 (width >= 1)."""
+    lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+    width = int(lens.max(initial=0)) or 1
+    flat = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(lens.sum()))
+    tables = np.zeros((len(block_tables), width), dtype=np.int32)
+    tables[np.arange(width)[None, :] < lens[:, None]] = flat
+    return tables

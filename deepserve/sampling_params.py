@@ -7,6 +7,10 @@ from types import MappingProxyType
 from typing import Mapping
 
 
+# Temperatures below this are treated as greedy (dividing by them overflows float32 logits).
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -61,3 +65,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def is_argmax(self) -> bool:
+        """Sampling is a plain argmax of the raw logits: greedy (the sampler's threshold), no bias,
+        no penalties, no logprobs."""
+        return (self.temperature < GREEDY_TEMPERATURE and not self.logit_bias and not self.uses_token_history
+                and self.logprobs is None)
+
+    @property
+    def uses_token_history(self) -> bool:
+        """The sampler needs the prompt and output token ids (a penalty is on)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

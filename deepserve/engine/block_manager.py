@@ -186,6 +186,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
+        known = self._requests.get(seq.request_id)
+        if known is not None and num_full <= known.num_registered:
+            return  # no block filled since the last call (most decode steps)
         keys = self._hashes(seq, num_full)
         state = self._requests[seq.request_id]
         for i in range(state.num_registered, num_full):

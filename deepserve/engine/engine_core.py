@@ -111,8 +111,17 @@ class EngineCore:
                 mtp, config.speculative.num_speculative_tokens, num_blocks, config.cache.block_size,
                 config.max_model_len, config.device)
             self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device, proposer)
+        if self.platform.jit_kernels:
+            self._warm_up()
         if graphs:
             self._capture_graphs()
+
+    def _warm_up(self) -> None:
+        start = time.perf_counter()
+        with oom_guard(self.platform, "warming up the kernels"):
+            self.runner.warm_up(self.config.scheduler.max_num_batched_tokens)
+        self.platform.synchronize()
+        logger.info("warmed up the kernels in %.1f s", time.perf_counter() - start)
 
     def _capture_graphs(self) -> None:
         """One CUDA graph per decode batch size of the ladder, over the allocated KV cache."""

@@ -22,6 +22,9 @@ from deepserve.forward_context import ForwardContext, build_forward_context, for
 from deepserve.layers.sampler import Sampler, SamplingBatch, make_generator
 
 
+WARM_UP_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # plus the step budget itself
+
+
 @dataclass
 class RunnerOutput:
     sampled: dict[str, list[int]] = field(default_factory=dict)  # request id -> accepted run (>= 1)
@@ -46,6 +49,22 @@ class ModelRunner:
         self.proposer = proposer  # spec_decode.MTPProposer or None (it needs every hidden state)
 
     @torch.inference_mode()
+    def warm_up(self, max_num_batched_tokens: int) -> None:
+        """Run the eager forward once per token count of a ladder up to the step budget, then once
+        as a decode-heavy mixed batch, so every kernel variant real batches pick (Triton compiles
+        per constexpr combination at first launch; launch configs are chosen by token count) is
+        compiled before the first request. Every token writes into the null block 0, which no
+        sequence owns."""
+        counts = sorted({n for n in WARM_UP_TOKEN_COUNTS if n < max_num_batched_tokens} | {max_num_batched_tokens})
+        for query_lens in [[n] for n in counts] + [[1] * 7 + [2]]:
+            tables = [[0] * -(-n // self.block_size) for n in query_lens]
+            ctx = build_forward_context(query_lens, query_lens, tables, self.block_size, self.device)
+            input_ids = torch.zeros(sum(query_lens), dtype=torch.int64, device=self.device)
+            with forward_context(ctx):
+                hidden = self.model(input_ids, ctx.positions)
+            self.model.compute_logits(hidden[ctx.query_start_loc[1:].long() - 1])
+
+    @torch.inference_mode()
     def capture_decode_graphs(self, graphs: DecodeGraphs, capturer: Capturer) -> None:
         """Capture the decode step (ids, positions -> fp32 logits) for every size of `graphs`."""
         graphs.capture(self._decode_step, capturer)
@@ -64,7 +83,9 @@ class ModelRunner:
         else:
             hidden, logits = self._run_eager(batch.scheduled, bool(sampling))
         result = RunnerOutput()
-        if sampling:
+        if sampling and _all_argmax(sampling):
+            result.sampled = {e.seq.request_id: [token] for e, token in zip(sampling, logits.argmax(dim=-1).tolist())}
+        elif sampling:
             out = self.sampler(logits.float(), self._sampling_batch(sampling))
             result = self._collect(sampling, out)
         if self.proposer is not None:
@@ -131,3 +152,9 @@ class ModelRunner:
             if lps is not None:
                 result.logprobs[entry.seq.request_id] = lps
         return result
+
+
+def _all_argmax(sampling: list[ScheduledSeq]) -> bool:
+    """Every sampling row is a plain argmax and verifies no drafts: the sampler's work reduces to
+    one argmax, without building a SamplingBatch (host time that grows with the batch)."""
+    return all(e.seq.params.is_argmax and not e.num_spec_tokens for e in sampling)

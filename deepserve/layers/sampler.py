@@ -27,10 +27,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from deepserve.engine.sequence import TokenLogprob
-from deepserve.sampling_params import SamplingParams
+from deepserve.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
-# Temperatures below this are treated as greedy (dividing by them overflows float32 logits).
-_MIN_TEMPERATURE = 1e-5
 
 
 class SamplingRequest(NamedTuple):
@@ -200,7 +198,7 @@ class SamplingBatch:
 
 
 def _is_greedy(params: SamplingParams) -> bool:
-    return params.temperature < _MIN_TEMPERATURE
+    return params.temperature < GREEDY_TEMPERATURE
 
 
 def _temperatures(params: list[SamplingParams], greedy: list[bool], device) -> torch.Tensor:
@@ -228,13 +226,8 @@ def _logit_bias(params: list[SamplingParams], vocab_size: int, device) -> LogitB
                      values=torch.tensor(values, dtype=torch.float32, device=device))
 
 
-def _has_penalty(params: SamplingParams) -> bool:
-    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0)
-
-
 def _penalties(requests: Sequence[SamplingRequest], vocab_size: int, device) -> Penalties | None:
-    if not any(_has_penalty(r.params) for r in requests):
+    if not any(r.params.uses_token_history for r in requests):
         return None
     counts = token_counts([r.output_token_ids for r in requests], vocab_size, device)
     in_prompt = token_counts([r.prompt_token_ids for r in requests], vocab_size, device) > 0

@@ -16,6 +16,7 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     attention_backend = "triton"
     supports_graph_capture = True
+    jit_kernels = True  # Triton
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     default_dtype = torch.bfloat16
 

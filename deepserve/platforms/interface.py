@@ -38,6 +38,7 @@ class Platform:
     dist_backend: str = "gloo"  # torch.distributed backend
     attention_backend: str = "torch"  # name in the attention backend registry
     supports_graph_capture: bool = False
+    jit_kernels: bool = False  # kernels compile at first launch: warm them up before serving
     supported_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
     default_dtype: torch.dtype = torch.float32
 

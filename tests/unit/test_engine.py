@@ -5,6 +5,7 @@ token), which the engine returns for every generated token.
 """
 
 import pytest
+import torch
 
 from deepserve import LLM, SamplingParams
 from tests.tiny_checkpoints import make_tiny_llama
@@ -109,3 +110,23 @@ def test_bad_prompt_ids_are_rejected(folder):
     with pytest.raises(ValueError, match="prompt token ids"):
         llm.generate([[1, 2, 10_000]], GREEDY)
     assert llm.generate([[3, 4, 5]], GREEDY)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("model", ["llama", "deepseek"])
+def test_kernel_warm_up_writes_only_the_null_block(folder, model):
+    """The start-up warm-up (run on platforms that compile kernels at first launch) feeds dummy
+    batches up to the step budget; their KV writes must stay in block 0, which no sequence owns,
+    and the engine must generate the same tokens afterwards."""
+    path = folder if model == "llama" else "deepserve/assets/tiny-deepseek-v3"
+    llm = make_llm(path, enable_prefix_caching=False)  # the second run must recompute, not hit 7.0s
+    runner = llm.engine.core.runner
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    before = [out.outputs[0].token_ids for out in llm.generate(prompts(3), params)]
+    for cache in runner.kv_caches:
+        cache.fill_(7.0)
+    runner.warm_up(300)
+    for cache in runner.kv_caches:
+        blocks = cache if cache.dim() == 3 else cache.transpose(0, 1)  # [num_blocks, ...]
+        assert not torch.equal(blocks[0], torch.full_like(blocks[0], 7.0)), "warm-up wrote nothing"
+        assert torch.equal(blocks[1:], torch.full_like(blocks[1:], 7.0)), "warm-up wrote outside block 0"
+    assert [out.outputs[0].token_ids for out in llm.generate(prompts(3), params)] == before

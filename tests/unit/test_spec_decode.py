@@ -55,11 +55,12 @@ def test_stats_count_drafts_and_accepted_per_position():
     assert stats.mean_tokens_per_step == pytest.approx(2.0)
 
 
-def _entry_batch(specs: list[tuple[list[int], list[int], int]]) -> ScheduledBatch:
+def _entry_batch(specs: list[tuple[list[int], list[int], int]],
+                 params: SamplingParams = SamplingParams(temperature=0.0, max_tokens=16)) -> ScheduledBatch:
     """(tokens, drafts, num_computed) per sequence -> a batch that feeds the rest + the drafts."""
     batch = ScheduledBatch()
     for i, (tokens, drafts, computed) in enumerate(specs):
-        seq = Sequence(f"r{i}", tokens, SamplingParams(temperature=0.0, max_tokens=16))
+        seq = Sequence(f"r{i}", tokens, params)
         seq.num_computed_tokens, seq.spec_token_ids = computed, list(drafts)
         batch.add(seq, len(tokens) - computed + len(drafts))
     return batch
@@ -71,13 +72,22 @@ def test_rows_requests_and_runs_of_a_mixed_batch():
     assert [e.num_spec_tokens for e in batch.scheduled] == [2, 0, 1]
     assert [e.input_token_ids for e in batch.scheduled] == [[3, 4, 5], [6, 7, 8], [10, 11]]
     assert sample_rows(batch.scheduled).tolist() == [0, 1, 2, 5, 6, 7]
-    outputs = [r.output_token_ids for r in row_requests(batch.scheduled[0], None)]
-    assert [list(o) for o in outputs] == [[], [4], [4, 5]]  # prompt is [1, 2, 3]
+    # Without penalties the sampler reads no token history, so none is copied.
+    assert [(list(r.prompt_token_ids), list(r.output_token_ids))
+            for r in row_requests(batch.scheduled[0], None)] == [([], [])] * 3
     verifier = Verifier()
     targets = [4, 5, 99, 42, 11, 12]  # r0 accepts both (+ bonus 99); r1 samples 42; r2 accepts 11
     runs = {e.seq.request_id: run for e, run, _ in verifier.runs(batch.sampling, targets, None)}
     assert runs == {"r0": [4, 5, 99], "r1": [42], "r2": [11, 12]}
     assert (verifier.stats.num_draft_tokens, verifier.stats.num_accepted_tokens) == (3, 3)
+
+
+def test_row_requests_with_a_penalty_see_the_drafts_as_output():
+    penalised = SamplingParams(temperature=0.0, max_tokens=16, presence_penalty=0.5)
+    batch = _entry_batch([([1, 2, 3], [4, 5], 2)], penalised)
+    rows = row_requests(batch.scheduled[0], None)
+    assert [list(r.output_token_ids) for r in rows] == [[], [4], [4, 5]]  # prompt is [1, 2, 3]
+    assert all(list(r.prompt_token_ids) == [1, 2, 3] for r in rows)
 
 
 def test_speculative_config_is_validated():

@@ -73,8 +73,11 @@ def sample_rows(scheduled: Seq[ScheduledSeq]) -> torch.Tensor:
 
 
 def row_requests(entry: ScheduledSeq, generator: torch.Generator | None) -> list[SamplingRequest]:
-    """One SamplingRequest per sampled row of `entry`: row i sees the drafts d_1 .. d_i as output."""
+    """One SamplingRequest per sampled row of `entry`: row i sees the drafts d_1 .. d_i as output.
+    The token histories are copied only for requests whose penalties read them."""
     seq, drafts = entry.seq, entry.seq.spec_token_ids[:entry.num_spec_tokens]
+    if not seq.params.uses_token_history:
+        return [SamplingRequest(seq.params, (), (), generator)] * (len(drafts) + 1)
     output = seq.output_token_ids
     return [SamplingRequest(seq.params, seq.prompt_token_ids, output + drafts[:i], generator)
             for i in range(len(drafts) + 1)]

@@ -1,0 +1,169 @@
+"""Where does a W-offline run spend its time? A step timeline and the top GPU kernels.
+
+    python benchmarks/profile_offline.py --model qwen-7b --load-format dummy [--num-prompts 256]
+        [--input-len 512] [--output-len 256] [--profile-steps 2] [any engine argument]
+
+Runs the offline engine as `deepserve bench throughput` does, but drives the steps itself and
+synchronises the device around each phase of a step, so every phase gets its own wall time:
+
+    schedule   scheduler.schedule() (host)
+    forward    input preparation + the model forward (graph replay or eager), device synchronised
+    sample     sampler (device synchronised) + moving the ids to the host
+    update     scheduler.update() (host)
+
+Steps are grouped as "prefill" (any sequence with more than one new token: mixed batches count
+here) and "decode" (one new token per sequence). Synchronising removes whatever overlap of host
+and device the engine has, so the total is an upper bound of the real wall time; the engine today
+synchronises once a step anyway (the sampled ids go to the host).
+
+Then torch.profiler records `--profile-steps` steps of each kind in a second run and prints the
+kernels with the largest device time. Prints tables only; records nothing to results/ (these are
+diagnostics, not benchmark figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deepserve.bench.offline import Bench, add_throughput_args, engine_args  # noqa: E402
+
+
+class Timeline:
+    """Per-step phase times in ms, keyed by step kind."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, int, int, dict[str, float]]] = []  # kind, tokens, seqs, phases
+
+    def add(self, kind: str, tokens: int, seqs: int, phases: dict[str, float]) -> None:
+        self.rows.append((kind, tokens, seqs, phases))
+
+    def report(self) -> str:
+        lines = [f"{'kind':<8}{'steps':>6}{'tokens':>9}{'seqs/step':>10}"
+                 f"{'schedule':>10}{'forward':>10}{'sample':>10}{'update':>10}{'total s':>9}  (phase ms: mean per step)"]
+        grand = 0.0
+        for kind in ("prefill", "decode"):
+            rows = [r for r in self.rows if r[0] == kind]
+            if not rows:
+                continue
+            mean = {p: statistics.fmean(r[3][p] for r in rows) for p in rows[0][3]}
+            total = sum(sum(r[3].values()) for r in rows) / 1000
+            grand += total
+            lines.append(f"{kind:<8}{len(rows):>6}{sum(r[1] for r in rows):>9}"
+                         f"{statistics.fmean(r[2] for r in rows):>10.1f}"
+                         + "".join(f"{mean[p]:>10.2f}" for p in ("schedule", "forward", "sample", "update"))
+                         + f"{total:>9.2f}")
+        lines.append(f"sum of phases: {grand:.2f} s")
+        return "\n".join(lines)
+
+
+def step_kind(batch) -> str:
+    return "decode" if all(e.num_new_tokens == 1 for e in batch.scheduled) else "prefill"
+
+
+def timed_run(bench: Bench, prompts: list[list[int]], output_len: int, sync) -> Timeline:
+    """Drive the engine core step by step, synchronising between phases."""
+    from deepserve.sampling_params import SamplingParams
+
+    core, runner = bench.core, bench.core.runner
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        core.add_request(f"p-{i}", prompt, params)
+    timeline = Timeline()
+    sample_ms = [0.0]
+    real_sampler = runner.sampler
+
+    def timed_sampler(logits, batch):
+        sync()
+        t = time.perf_counter()
+        out = real_sampler(logits, batch)
+        sync()
+        sample_ms[0] = 1000 * (time.perf_counter() - t)
+        return out
+
+    runner.sampler = timed_sampler
+    try:
+        while core.has_unfinished():
+            t0 = time.perf_counter()
+            batch = core.scheduler.schedule()
+            t1 = time.perf_counter()
+            if batch.is_empty:
+                continue
+            sample_ms[0] = 0.0
+            result = runner.execute(batch)
+            sync()
+            t2 = time.perf_counter()
+            core.scheduler.update(batch, result.sampled, result.logprobs, result.drafts)
+            t3 = time.perf_counter()
+            forward = 1000 * (t2 - t1) - sample_ms[0]
+            timeline.add(step_kind(batch), sum(e.num_new_tokens for e in batch.scheduled), len(batch.scheduled),
+                         {"schedule": 1000 * (t1 - t0), "forward": forward, "sample": sample_ms[0],
+                          "update": 1000 * (t3 - t2)})
+    finally:
+        runner.sampler = real_sampler
+    return timeline
+
+
+def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps: int) -> dict[str, str]:
+    """torch.profiler over the first `steps` prefill steps and `steps` decode steps past the middle."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from deepserve.sampling_params import SamplingParams
+
+    core = bench.core
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        core.add_request(f"q-{i}", prompt, params)
+    tables: dict[str, str] = {}
+    seen: dict[str, int] = defaultdict(int)
+    decode_from = output_len // 2
+    step = 0
+    while core.has_unfinished():
+        prof = None  # by the step counter: prefill steps at the start, decode steps past the middle
+        want = ("prefill" if seen["prefill"] < steps and step < 2 * steps
+                else "decode" if step >= decode_from and seen["decode"] < steps else None)
+        if want:
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.start()
+        outputs = core.step()
+        torch.cuda.synchronize()
+        if prof is not None:
+            prof.stop()
+            seen[want] += 1
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+            tables[f"{want} step {step} ({len(outputs)} outputs)"] = table
+        step += 1
+    return tables
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_throughput_args(p)
+    p.add_argument("--profile-steps", type=int, default=1)
+    ns = p.parse_args()
+    bench = Bench.load(engine_args(ns))
+    sync = bench.platform.synchronize
+    bench.run(bench.random_prompts(min(ns.num_prompts, 4), ns.input_len, ns.seed + 1), min(ns.output_len, 8))
+    prompts = bench.random_prompts(ns.num_prompts, ns.input_len, ns.seed)
+    timing = bench.run(prompts, ns.output_len)
+    print(f"W-offline as benchmarked: {timing.wall_s:.2f} s, {timing.output_tokens / timing.wall_s:.0f} out tok/s, "
+          f"first-token p50 {1000 * statistics.median(timing.first_token_s):.0f} ms "
+          f"(graphs {'on' if bench.graphs_on else 'off'})", flush=True)
+    timeline = timed_run(bench, bench.random_prompts(ns.num_prompts, ns.input_len, ns.seed + 7), ns.output_len, sync)
+    print(timeline.report(), flush=True)
+    if ns.profile_steps > 0 and bench.platform.device_type == "cuda":
+        tables = profiled_run(bench, bench.random_prompts(ns.num_prompts, ns.input_len, ns.seed + 9),
+                              ns.output_len, ns.profile_steps)
+        for title, table in tables.items():
+            print(f"\n=== {title}\n{table}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
