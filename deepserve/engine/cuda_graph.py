@@ -69,25 +69,39 @@ def supports_graphs(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class StaticInputs:
-    """Device buffers every graph reads, sized for the largest captured batch (max_bs)."""
+    """Device buffers every graph reads, sized for the largest captured batch (max_bs), and their
+    host staging copies (pinned on CUDA) so that a fill is three asynchronous copies."""
 
-    input_ids: torch.Tensor  # [max_bs] int64
-    positions: torch.Tensor  # [max_bs] int64
-    slot_mapping: torch.Tensor  # [max_bs] int64
+    input_ids: torch.Tensor  # [max_bs] int64 (row 0 of `tokens`)
+    positions: torch.Tensor  # [max_bs] int64 (row 1)
+    slot_mapping: torch.Tensor  # [max_bs] int64 (row 2)
     seq_lens: torch.Tensor  # [max_bs] int32
     query_start_loc: torch.Tensor  # [max_bs + 1] int32, always 0..max_bs (one token per row)
     block_tables: torch.Tensor  # [max_bs, max_blocks_per_seq] int32
+    tokens: torch.Tensor  # [3, max_bs] int64: ids, positions, slots
+    host_tokens: torch.Tensor  # [3, max_bs] int64 on the host
+    host_seq_lens: torch.Tensor  # [max_bs] int32 on the host
+    host_tables: torch.Tensor  # [max_bs, max_blocks_per_seq] int32 on the host
+    copied: list  # [the CUDA event recorded after the last fill's copies, or None]
 
     @classmethod
     def allocate(cls, max_bs: int, max_blocks: int, device: torch.device | str) -> "StaticInputs":
-        def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
+        device = torch.device(device)
+        pin = device.type == "cuda"
 
-        return cls(input_ids=zeros(max_bs, dtype=torch.int64), positions=zeros(max_bs, dtype=torch.int64),
-                   slot_mapping=torch.full((max_bs,), PAD_SLOT, dtype=torch.int64, device=device),
-                   seq_lens=torch.full((max_bs,), PAD_SEQ_LEN, dtype=torch.int32, device=device),
+        def host(*shape: int, dtype: torch.dtype, value: int = 0) -> torch.Tensor:
+            return torch.full(shape, value, dtype=dtype, pin_memory=pin)
+
+        host_tokens = host(3, max_bs, dtype=torch.int64)
+        host_tokens[2] = PAD_SLOT
+        host_seq_lens = host(max_bs, dtype=torch.int32, value=PAD_SEQ_LEN)
+        host_tables = host(max_bs, max_blocks, dtype=torch.int32)
+        tokens = host_tokens.to(device, copy=True)
+        return cls(input_ids=tokens[0], positions=tokens[1], slot_mapping=tokens[2],
+                   seq_lens=host_seq_lens.to(device, copy=True),
                    query_start_loc=torch.arange(max_bs + 1, dtype=torch.int32, device=device),
-                   block_tables=zeros(max_bs, max_blocks, dtype=torch.int32))
+                   block_tables=host_tables.to(device, copy=True), tokens=tokens, host_tokens=host_tokens,
+                   host_seq_lens=host_seq_lens, host_tables=host_tables, copied=[None])
 
     @property
     def max_bs(self) -> int:
@@ -102,25 +116,33 @@ class StaticInputs:
             query_lens_cpu=(1,) * bs, seq_lens_cpu=(max_model_len,) * bs)
 
     def fill(self, input_ids: torch.Tensor, ctx: ForwardContext, padded: int) -> None:
-        """Copy a decode batch (b rows; host or device tensors) into rows [0, b); rows [b, padded)
-        become padding. ctx.block_tables may be narrower than the static width."""
+        """Copy a decode batch (b rows of host tensors) into rows [0, b); rows [b, padded) become
+        padding (token 0 at position 0, slot -1, seq_len 1, block table row of zeros).
+
+        The batch is written into the host staging buffers, then copied to the device
+        asynchronously. Table columns past the batch's widest table keep what an earlier batch
+        left there: no row reads past its own blocks (a padding row reads only column 0)."""
         b, width = ctx.num_seqs, ctx.block_tables.shape[1]
         if width > self.block_tables.shape[1]:
             raise ValueError(f"block table width {width} exceeds the captured {self.block_tables.shape[1]}")
-        self.input_ids[:b].copy_(input_ids, non_blocking=True)
-        self.positions[:b].copy_(ctx.positions, non_blocking=True)
-        self.slot_mapping[:b].copy_(ctx.slot_mapping, non_blocking=True)
-        self.seq_lens[:b].copy_(ctx.seq_lens, non_blocking=True)
-        tables = self.block_tables[:padded]
-        tables.zero_()
-        tables[:b, :width].copy_(ctx.block_tables, non_blocking=True)
-        self._pad(b, padded)
-
-    def _pad(self, start: int, stop: int) -> None:
-        self.input_ids[start:stop].zero_()
-        self.positions[start:stop].zero_()
-        self.slot_mapping[start:stop].fill_(PAD_SLOT)
-        self.seq_lens[start:stop].fill_(PAD_SEQ_LEN)
+        if self.copied[0] is not None:
+            self.copied[0].synchronize()  # the previous fill's copies have read the staging buffers
+        tokens, seq_lens, tables = self.host_tokens.numpy(), self.host_seq_lens.numpy(), self.host_tables.numpy()
+        tokens[0, :b] = input_ids.numpy()
+        tokens[1, :b] = ctx.positions.numpy()
+        tokens[2, :b] = ctx.slot_mapping.numpy()
+        tokens[:2, b:padded] = 0
+        tokens[2, b:padded] = PAD_SLOT
+        seq_lens[:b] = ctx.seq_lens.numpy()
+        seq_lens[b:padded] = PAD_SEQ_LEN
+        tables[:b, :width] = ctx.block_tables.numpy()
+        tables[b:padded, :width] = 0
+        self.tokens.copy_(self.host_tokens, non_blocking=True)
+        self.seq_lens.copy_(self.host_seq_lens, non_blocking=True)
+        self.block_tables[:padded].copy_(self.host_tables[:padded], non_blocking=True)
+        if self.tokens.is_cuda:
+            self.copied[0] = torch.cuda.Event()
+            self.copied[0].record()
 
 
 # ------------------------------------------------------------------------------- capturers

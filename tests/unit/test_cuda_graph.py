@@ -58,19 +58,22 @@ def test_padded_size():
 
 def test_fill_pads_rows_and_columns():
     static = StaticInputs.allocate(max_bs=8, max_blocks=6, device="cpu")
-    static.block_tables.fill_(99)  # stale entries of an earlier batch
+    wide = build_forward_context([1] * 5, [90] * 5, [[9, 9, 9, 9, 9, 9]] * 5, block_size=16)
+    static.fill(torch.tensor([1] * 5), wide, padded=8)  # an earlier, wider and larger batch
     ctx = build_forward_context([1, 1, 1], [5, 17, 33], [[1], [2, 3], [4, 5, 6]], block_size=16)
     static.fill(torch.tensor([7, 8, 9]), ctx, padded=4)
     assert static.input_ids[:4].tolist() == [7, 8, 9, 0]
     assert static.positions[:4].tolist() == [4, 16, 32, 0]
     assert static.slot_mapping[:4].tolist() == [16 + 4, 3 * 16 + 0, 6 * 16 + 0, PAD_SLOT]
     assert static.seq_lens[:4].tolist() == [5, 17, 33, PAD_SEQ_LEN]
-    assert static.block_tables[:4].tolist() == [[1, 0, 0, 0, 0, 0], [2, 3, 0, 0, 0, 0], [4, 5, 6, 0, 0, 0],
-                                                [0] * 6]
+    # Up to the batch's widest table (3 blocks): the tables, zero-padded; the padding row is zeros.
+    assert static.block_tables[:4, :3].tolist() == [[1, 0, 0], [2, 3, 0], [4, 5, 6], [0, 0, 0]]
+    # Past it, stale ids stay: no row reads past its own blocks (seq_len 33 -> 3 blocks).
+    assert static.block_tables[0, 3:].tolist() == [9, 9, 9]
     assert static.query_start_loc.tolist() == list(range(9))
-    wide = build_forward_context([1], [200], [list(range(1, 14))], block_size=16)
+    too_wide = build_forward_context([1], [200], [list(range(1, 14))], block_size=16)
     with pytest.raises(ValueError, match="exceeds the captured"):
-        static.fill(torch.tensor([1]), wide, padded=1)
+        static.fill(torch.tensor([1]), too_wide, padded=1)
 
 
 def test_capture_context_is_static_and_worst_case():
