@@ -105,6 +105,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Module casts move the cos/sin tables but keep them float32: `model.to(device, bf16)` must
+        not round them (the rotary kernel requires float32 tables of equal strides)."""
+        tables = {name: self._buffers[name] for name in ("cos", "sin")}
+        super()._apply(fn, recurse)
+        for name, table in tables.items():
+            moved = self._buffers[name]
+            if moved.dtype != table.dtype:
+                self._buffers[name] = table.to(moved.device)  # the float32 values, on the new device
+        return self
+
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, num_heads, head_dim]; positions: [num_tokens] int64."""
         return fused.apply_rotary(positions, x, None, self.cos, self.sin, self.interleaved)[0]

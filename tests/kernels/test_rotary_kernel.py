@@ -84,3 +84,30 @@ def test_gpu_real_shapes(tokens, hq, hk, head_dim, rot_dim, interleaved):
     q = torch.randn(tokens, hq, head_dim, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(tokens, hk, head_dim, dtype=torch.bfloat16, device="cuda")
     _compare(positions, q, k, cos, sin, interleaved)
+
+
+V3_YARN = {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+           "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1}
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "to_device_bf16", "parent_to_bf16"])
+def test_module_cast_keeps_float32_tables(cast):
+    """A model built or moved to bf16 keeps float32 cos/sin of equal strides (a bf16 MLA layer on CUDA
+    used to fail the kernel's check: `layer.to(dev, bf16)` had rounded the tables)."""
+    rope = RotaryEmbedding(16, 64, 10000.0, V3_YARN, interleaved=True)
+    want_cos, want_sin = rope.cos.clone(), rope.sin.clone()
+    if cast == "to_bf16":
+        rope.to(torch.bfloat16)
+    elif cast == "half":
+        rope.half()
+    elif cast == "to_device_bf16":
+        rope.to(device(), torch.bfloat16)
+    else:
+        torch.nn.ModuleDict({"rotary": rope}).to(device(), torch.bfloat16)
+    assert rope.cos.dtype == rope.sin.dtype == torch.float32 and rope.cos.stride() == rope.sin.stride()
+    assert torch.equal(rope.cos.cpu(), want_cos) and torch.equal(rope.sin.cpu(), want_sin)
+    positions = torch.tensor([0, 7, 63], device=rope.cos.device)
+    q = torch.randn(3, 4, 16, device=rope.cos.device).to(torch.bfloat16)
+    got = K.rotary_embedding(positions, q, None, rope.cos, rope.sin, True)  # the check that used to raise
+    want = K.rotary_embedding_ref(positions, q, None, rope.cos, rope.sin, True)
+    torch.testing.assert_close(got.q, want.q, atol=1e-2, rtol=1e-2)
