@@ -4,11 +4,12 @@ shapes in benchmarks/configs. Every figure is appended to benchmarks/results/gpu
 run_id (see ../shared/BENCHMARKS.md); a table is printed at the end.
 
     python benchmarks/gpu_dense.py [--shapes qwen-7b,qwen-1.5b,llama-8b] [--budget-s 540]
-                                   [--skip-hf] [--skip-compile] [--result-file PATH]
+                                   [--skip-hf] [--skip-compile] [--skip-prefix] [--result-file PATH]
 
 Each step runs in a child process with a deadline taken from what is left of --budget-s, so the
 whole run fits the budget; a step that would not fit is skipped and says so. Order: ceilings,
-then for the first shape deepserve throughput + latency and HF eager, then the other shapes,
+then for the first shape deepserve throughput + latency, W-prefix with the prefix cache on and off,
+and HF eager, then the other shapes,
 then HF static cache + compile (slowest to warm up) last.
 """
 
@@ -186,7 +187,8 @@ def print_table(path: Path, run_id: str) -> None:
     print(f"{'engine':<13}{'model':<11}{'workload':<15}{'batch':>6}{'out tok/s':>11}{'tot tok/s':>11}"
           f"{'ms/tok':>9}{'roofline':>9}  other")
     for r in rows:
-        other = {k: r[k] for k in ("bandwidth_gbs", "tflops", "wall_s", "cuda_graphs") if k in r}
+        other = {k: r[k] for k in ("bandwidth_gbs", "tflops", "wall_s", "cuda_graphs", "ttft_ms_p50", "prefix_caching",
+                                   "quant") if k in r}
         print(f"{r['engine']:<13}{str(r['model']):<11}{r['workload']:<15}{str(r.get('batch') or ''):>6}"
               f"{_num(r.get('output_tok_s')):>11}{_num(r.get('total_tok_s')):>11}{_num(r.get('ms_per_token')):>9}"
               f"{_num(r.get('roofline_fraction')):>9}  {other}")
@@ -208,6 +210,7 @@ def main() -> None:
     p.add_argument("--result-file", default=str(RESULTS))
     p.add_argument("--run-id", default=uuid.uuid4().hex[:12])
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-prefix", action="store_true", help="no W-prefix (cache on / off) for the first shape")
     p.add_argument("--skip-compile", action="store_true", help="HF eager only")
     p.add_argument("--engine-arg", action="append", default=[],
                    help="extra argument for deepserve's benchmarks (repeat), e.g. --engine-arg=--enforce-eager")
@@ -224,6 +227,10 @@ def main() -> None:
         run_step(f"deepserve W-offline {shape}", bench_cmd("throughput", shape, args, []), budget, cap_s=300)
         run_step(f"deepserve W-b1 {shape}", bench_cmd("latency", shape, args,
                  ["--roofline-bandwidth-gbs", str(bw)] if bw else []), budget, cap_s=240)
+        if i == 0 and not args.skip_prefix:
+            for flag in ([], ["--no-prefix-caching"]):
+                run_step(f"deepserve W-prefix {shape} {'cache off' if flag else 'cache on'}",
+                         bench_cmd("prefix", shape, args, flag), budget, cap_s=180)
         if i == 0 and not args.skip_hf:
             run_step(f"transformers W-b1 eager {shape}", me + common + ["--child", "hf", shape, "eager", str(bw)],
                      budget, cap_s=240)

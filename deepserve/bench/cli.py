@@ -24,14 +24,13 @@ EXIT_USAGE = 2
 
 def add_bench_parser(subparsers: Any) -> Any:
     """Add `bench` and `bench serve`; returns bench's own subparsers so more commands can join."""
-    from deepserve.bench.offline import add_latency_args, add_throughput_args
+    from deepserve.bench.offline import add_offline_commands
 
-    bench = subparsers.add_parser("bench", help="benchmarks: serve (online), throughput, latency (offline)")
+    bench = subparsers.add_parser("bench", help="benchmarks: serve (online), throughput, latency, prefix (offline)")
     sub = bench.add_subparsers(dest="bench_command", required=True)
     add_serve_args(sub.add_parser("serve", help="stream requests to an OpenAI-compatible server and "
                                                 "report TTFT / TPOT / ITL / E2E, throughput and goodput"))
-    add_throughput_args(sub.add_parser("throughput", help="W-offline: a batch of requests at once"))
-    add_latency_args(sub.add_parser("latency", help="W-b1: one request, ms per token, roofline"))
+    add_offline_commands(sub)
     return sub
 
 
@@ -95,7 +94,9 @@ def parse_metadata(items: list[str]) -> dict[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.bench_command in ("throughput", "latency"):
+    from deepserve.bench.offline import OFFLINE_COMMANDS
+
+    if args.bench_command in OFFLINE_COMMANDS:
         from deepserve.bench.offline import run
 
         return run(args)

@@ -3,6 +3,8 @@
     deepserve bench throughput --model qwen-7b --load-format dummy     W-offline: --num-prompts
         requests of --input-len random token ids, all submitted at once, --output-len tokens each
         (EOS ignored); output tok/s, total tok/s, wall s
+    deepserve bench prefix --model qwen-7b --load-format dummy [--no-prefix-caching]   W-prefix:
+        --num-prompts requests sharing a --prefix-len prefix + --input-len unique ids; TTFT
     deepserve bench latency --model qwen-7b --load-format dummy        W-b1: --batch-size 1,
         input 128, output 256; ms per output token, tok/s and, with --roofline-bandwidth-gbs, the
         fraction of the bandwidth roofline (bytes of weights + KV read per decode step / bandwidth)
@@ -67,11 +69,27 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
                    help="memory bandwidth in GB/s (read+write copy rate) for the roofline fraction")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepserve bench", description="offline benchmarks")
-    sub = parser.add_subparsers(dest="bench_command", required=True)
+def add_prefix_args(p: argparse.ArgumentParser) -> None:
+    add_common_args(p, input_len=128, output_len=128)
+    p.set_defaults(**THROUGHPUT_DEFAULTS)
+    p.add_argument("--prefix-len", type=int, default=2048, help="tokens every request shares")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests, all submitted at once")
+
+
+OFFLINE_COMMANDS = ("throughput", "latency", "prefix")
+
+
+def add_offline_commands(sub: Any) -> None:
+    """The offline benchmark subcommands, on `deepserve bench` or this module's own parser."""
     add_throughput_args(sub.add_parser("throughput", help="W-offline: a batch of requests at once"))
     add_latency_args(sub.add_parser("latency", help="W-b1: one request, ms per token, roofline"))
+    add_prefix_args(sub.add_parser("prefix", help="W-prefix: requests sharing a long prefix (run with "
+                                                  "and without --no-prefix-caching)"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepserve bench", description="offline benchmarks")
+    add_offline_commands(parser.add_subparsers(dest="bench_command", required=True))
     return parser
 
 
@@ -304,6 +322,33 @@ def run_latency(ns: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def run_prefix(ns: argparse.Namespace) -> dict[str, Any]:
+    """W-prefix: one request with the shared prefix runs first (untimed: it fills the prefix cache
+    when caching is on), then --num-prompts requests of prefix + --input-len unique tokens at once."""
+    bench = Bench.load(engine_args(_with_input_len(ns, ns.prefix_len + ns.input_len)))
+    prefix = bench.random_prompts(1, ns.prefix_len, ns.seed + 99)[0]
+    bench.run([prefix + bench.random_prompts(1, ns.input_len, ns.seed + 98)[0]], 1)
+    prompts = [prefix + tail for tail in bench.random_prompts(ns.num_prompts, ns.input_len, ns.seed)]
+    timing = bench.run(prompts, ns.output_len)
+    caching = bench.config.cache.enable_prefix_caching
+    notes = (f"{ns.num_prompts} requests of a shared {ns.prefix_len}-token prefix + {ns.input_len} unique random "
+             f"ids, output {ns.output_len}, all at once, after one untimed request with the prefix; prefix "
+             f"caching {'on' if caching else 'off'}; ttft over the {ns.num_prompts} requests")
+    record = {**base_record(ns, bench, "W-prefix", ns.num_prompts),
+              **throughput_figures(timing, ns.num_prompts, ns.prefix_len + ns.input_len),
+              "ttft_ms_p90": round(1000 * timing.first_token_s[int(0.9 * (len(timing.first_token_s) - 1))], 2),
+              "prefix_len": ns.prefix_len, "prefix_caching": caching, "num_prompts": ns.num_prompts,
+              "prefix_hit_rate": round(bench.core.block_manager.stats().prefix_hit_rate, 4),
+              "notes": " ".join(filter(None, [notes, ns.notes]))}
+    append_record(record, ns.result_file)
+    return record
+
+
+def _with_input_len(ns: argparse.Namespace, input_len: int) -> argparse.Namespace:
+    """A copy of `ns` whose --input-len is `input_len` (max_model_len follows it)."""
+    return argparse.Namespace(**{**vars(ns), "input_len": input_len})
+
+
 def format_record(r: dict[str, Any]) -> str:
     keys = ("output_tok_s", "total_tok_s", "wall_s", "ttft_ms_p50", "ms_per_token", "roofline_fraction")
     shown = ", ".join(f"{k} {r[k]}" for k in keys if k in r)
@@ -312,7 +357,7 @@ def format_record(r: dict[str, Any]) -> str:
 
 def run(ns: argparse.Namespace) -> int:
     """Run a parsed `bench throughput|latency` namespace; prints one summary line and the JSON."""
-    command = {"throughput": run_throughput, "latency": run_latency}[ns.bench_command]
+    command = {"throughput": run_throughput, "latency": run_latency, "prefix": run_prefix}[ns.bench_command]
     record = command(ns)
     print(format_record(record))
     print(json.dumps(record))

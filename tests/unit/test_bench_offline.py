@@ -88,6 +88,20 @@ def test_latency_end_to_end_with_roofline(tiny_folder, tmp_path):
     assert json.loads(results.read_text())["ms_per_token"] == record["ms_per_token"]
 
 
+@pytest.mark.parametrize("caching", [True, False])
+def test_prefix_end_to_end(tiny_folder, tmp_path, caching):
+    """W-prefix: with caching on, the timed requests reuse the prefix the untimed one cached."""
+    results = tmp_path / "cpu.jsonl"
+    argv = ["prefix", "--model", str(tiny_folder), "--load-format", "dummy", "--prefix-len", "48",
+            "--input-len", "8", "--output-len", "3", "--num-prompts", "4", "--result-file", str(results)]
+    record = offline.run_prefix(build_parser().parse_args(argv + ([] if caching else ["--no-prefix-caching"])))
+    assert record["workload"] == "W-prefix" and record["prefix_caching"] is caching and record["batch"] == 4
+    assert record["total_tok_s"] == pytest.approx(record["output_tok_s"] * (48 + 8 + 3) / 3, rel=0.01)
+    # 48 of each timed request's 56 prompt tokens (3 blocks of 16) hit; the untimed one missed.
+    assert record["prefix_hit_rate"] == (pytest.approx(4 * 48 / (5 * 56), abs=1e-3) if caching else 0.0)
+    assert json.loads(results.read_text())["ttft_ms_p50"] == record["ttft_ms_p50"]
+
+
 def test_offline_bench_imports_no_server_package(tiny_folder):
     """The GPU machine has torch/triton/numpy/transformers/safetensors/tokenizers/jinja2 only."""
     script = textwrap.dedent(f"""
