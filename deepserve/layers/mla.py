@@ -1,4 +1,4 @@
-"""Multi-head latent attention (DeepSeek-V2/V3) over the paged latent cache, pure PyTorch.
+"""Multi-head latent attention (DeepSeek-V2/V3) over the paged latent cache.
 
 Per token, MLA compresses the keys and values of all heads into one latent of `kv_lora_rank`
 plus one shared rope key of `qk_rope_head_dim`. The cache stores only those (the latent after
@@ -10,9 +10,18 @@ Two equivalent ways to attend (DeepSeek-V3 `inference/model.py`):
   * absorb: fold kv_b_proj's key half into the query (q_nope @ W_UK lands in latent space) and its
     value half into the output, and attend directly over [latent | k_pe] as one shared "head".
 "auto" takes absorb for decode-only batches (little query, long context) and naive otherwise.
-On CUDA tensors the cache write runs `kernels/mla_cache_write` and a decode-only absorb batch the
-Triton kernel `kernels/mla_decode_attention` (both imported lazily, so CPU installs never import
-Triton); everything else is the PyTorch code here.
+Routes (`forward`):
+  * decode-only batch, "auto"/"absorb": absorbed, all sequences at once, sized by shapes and masked by
+    the device seq_lens (CUDA-graph safe): the Triton kernel `kernels/mla_decode_attention` on CUDA,
+    `absorbed_decode` elsewhere;
+  * any other batch on CUDA, "auto"/"naive": `layers/mla_batch.py` plans it on the host; the context
+    latents of all its prefill sequences are gathered once, expanded by ONE kv_b_proj GEMM and attended
+    by the varlen kernel `kernels/mla_prefill_attention`; in "auto" its decode rows (q_len 1) take the
+    absorbed decode kernel instead (expanding their long contexts would cost memory and a GEMM for one
+    row);
+  * everything else (CPU prefill, forced "absorb" prefill): the PyTorch loop over sequences here.
+The cache write runs `kernels/mla_cache_write` on CUDA. Triton modules are imported lazily, so CPU
+installs never import Triton.
 
 Shapes: T new tokens, S context tokens of one sequence, h heads, R kv_lora_rank,
 Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
@@ -28,6 +37,7 @@ from torch import nn
 from deepserve.config import ModelConfig
 from deepserve.forward_context import ForwardContext, get_forward_context
 from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from deepserve.layers.mla_batch import PrefillSeqs, plan_mla_batch
 from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 
@@ -53,6 +63,25 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     future = torch.arange(num_k, device=q.device)[None, :] > q_pos  # [T, S]
     probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [T, h, Dv]
+
+
+def absorbed_decode(q_lat: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    block_size: int, rank: int, scale: float) -> torch.Tensor:
+    """One new token per sequence, all sequences at once, in the absorbed form (PyTorch).
+
+    q_lat [B, h, R + Dr]; cache [slots, R + Dr]; block_tables [B, W] int32; seq_lens [B] int32
+    -> o_lat [B, h, R]. Sized by the block-table width, masked by the device seq_lens: no host
+    lengths, so a CUDA-graph-style replay over static buffers stays exact. Keys past a sequence's
+    length read its position-0 slot instead (always written), so stale or padding slots never reach
+    the softmax, not even as 0 * NaN.
+    """
+    pos = torch.arange(block_tables.shape[1] * block_size, device=q_lat.device)  # [P]
+    slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size  # [B, P]
+    valid = pos[None, :] < seq_lens[:, None].long()  # [B, P]
+    kv = cache[torch.where(valid, slots, slots[:, :1])]  # [B, P, R + Dr]
+    scores = torch.einsum("bhd,bpd->bhp", q_lat, kv).float() * scale  # [B, h, P]
+    probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1).to(kv.dtype)
+    return torch.einsum("bhp,bpr->bhr", probs, kv[..., :rank])  # [B, h, R]
 
 
 class MLAAttention(nn.Module):
@@ -120,34 +149,105 @@ class MLAAttention(nn.Module):
         kv = ctx_kv.unsqueeze(1)  # [S, 1, R + Dr], one head shared by all query heads
         return causal_attention(q_latent, kv, kv[..., :self.kv_lora_rank], self.scale)
 
-    def _use_absorb(self, ctx: ForwardContext) -> bool:
-        if self.attention_mode == "auto":
-            return ctx.is_decode_only
-        return self.attention_mode == "absorb"
+    def _absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, h, Dn], q_pe [T, h, Dr] -> q_latent [T, h, R + Dr] (q_nope @ W_UK | q_pe)."""
+        w_uk, _ = self._kv_b_weights()
+        return torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1)
+
+    def _absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_latent [T, h, R] -> [T, h, Dv] (times W_UV)."""
+        _, w_uv = self._kv_b_weights()
+        return torch.einsum("thr,hvr->thv", o_lat, w_uv)
 
     def _write_cache(self, cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """entries [T, R + Dr] into cache [slots, R + Dr] at slot_mapping [T] int64. On CUDA the Triton
-        writer, which skips slot < 0 (CUDA-graph padding) where indexing would wrap to the last slot."""
-        if not self._on_triton(entries):
-            cache[slot_mapping] = entries.to(cache.dtype)
-            return
-        from deepserve.kernels.mla_cache_write import mla_cache_write  # lazy: Triton on CUDA only
+        """entries [T, R + Dr] into cache [slots, R + Dr] at slot_mapping [T] int64. A slot < 0 (CUDA-graph
+        padding) is skipped, where plain indexing would wrap to the last slot: on CUDA by the Triton
+        writer, elsewhere by pointing it at slot 0 (the null block) and writing back what is there."""
+        if self._on_triton(entries):
+            from deepserve.kernels.mla_cache_write import mla_cache_write  # lazy: Triton on CUDA only
 
-        mla_cache_write(self.kv_cache, entries[:, :self.kv_lora_rank], entries[:, self.kv_lora_rank:], slot_mapping)
+            mla_cache_write(self.kv_cache, entries[:, :self.kv_lora_rank], entries[:, self.kv_lora_rank:],
+                            slot_mapping)
+            return
+        keep = (slot_mapping >= 0)[:, None]  # [T, 1]
+        slots = slot_mapping.clamp(min=0)
+        cache[slots] = torch.where(keep, entries.to(cache.dtype), cache[slots])
 
     def _on_triton(self, t: torch.Tensor) -> bool:
         """Triton kernels serve CUDA tensors (tests force them on CPU, under the interpreter)."""
         return t.is_cuda
 
-    def _absorbed_decode_kernel(self, q_lat: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """q_lat [B, h, R + Dr] (one new token per sequence) -> o_lat [B, h, R] in the cache dtype.
-        Launch decisions read shapes and host tuples only (no device sync)."""
+    @property
+    def supports_cuda_graph(self) -> bool:
+        """Decode-only batches (the captured ones) take the absorbed path in "auto" and "absorb" modes,
+        whose launches read shapes and host tuples only (the decode kernel's split count comes from
+        max(seq_lens_cpu), max_model_len under capture), and the device seq_lens on CPU; "naive"
+        sizes its gathers from the host lengths of the batch."""
+        return self.attention_mode != "naive"
+
+    def _decode_kernel(self, q_lat: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                       max_seq_len: int) -> torch.Tensor:
+        """q_lat [B, h, R + Dr] (one new token per sequence), block_tables [B, W] int32, seq_lens [B]
+        int32 -> o_lat [B, h, R] in the cache dtype. No device sync."""
         from deepserve.kernels.mla_decode_attention import mla_decode_attention  # lazy: Triton on CUDA only
 
         q_lat = q_lat.to(self.kv_cache.dtype)
         q_latent, q_rope = q_lat.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [B, h, R], [B, h, Dr]
-        return mla_decode_attention(q_latent, q_rope, self.kv_cache, ctx.block_tables, ctx.seq_lens, self.scale,
-                                    max_seq_len=max(ctx.seq_lens_cpu, default=1))
+        return mla_decode_attention(q_latent, q_rope, self.kv_cache, block_tables, seq_lens, self.scale,
+                                    max_seq_len=max_seq_len)
+
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        """A decode-only batch in the absorbed form: [B, h, Dn], [B, h, Dr] -> [B, h, Dv]. Reads the
+        device seq_lens (no per-sequence host loop), so it is safe to capture in a CUDA graph."""
+        q_lat = self._absorb_query(q_nope, q_pe)  # [B, h, R + Dr]
+        if self._on_triton(q_lat):
+            o_lat = self._decode_kernel(q_lat, ctx.block_tables, ctx.seq_lens, max(ctx.seq_lens_cpu, default=1))
+        else:
+            o_lat = absorbed_decode(q_lat, cache, ctx.block_tables, ctx.seq_lens, ctx.block_size,
+                                    self.kv_lora_rank, self.scale)
+        return self._absorb_output(o_lat)
+
+    def _mixed_kernels(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                       ctx: ForwardContext) -> torch.Tensor:
+        """Any batch on the GPU kernels (mla_batch.py): decode rows absorbed ("auto"), every other
+        sequence expanded and attended by the varlen prefill kernel. [T, h, Dn], [T, h, Dr] -> [T, h, Dv]."""
+        plan = plan_mla_batch(ctx, split_decode_rows=self.attention_mode == "auto")
+        if plan.decode is None:
+            return self._prefill_kernel(q_nope, q_pe, cache, plan.prefill)  # every row, in batch order
+        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, h, Dv]
+        rows = plan.decode
+        q_lat = self._absorb_query(q_nope[rows.tokens], q_pe[rows.tokens])  # [Bd, h, R + Dr]
+        o_lat = self._decode_kernel(q_lat, ctx.block_tables[rows.seqs], ctx.seq_lens[rows.seqs], rows.max_seq_len)
+        out[rows.tokens] = self._absorb_output(o_lat.to(out.dtype))
+        if plan.prefill is not None:
+            tokens = plan.prefill.tokens
+            out[tokens] = self._prefill_kernel(q_nope[tokens], q_pe[tokens], cache, plan.prefill)
+        return out
+
+    def _prefill_kernel(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                        seqs: PrefillSeqs) -> torch.Tensor:
+        """The new tokens of `seqs`, q_nope [Tp, h, Dn], q_pe [Tp, h, Dr] -> [Tp, h, Dv] in q's dtype: their
+        context latents gathered once, ONE kv_b_proj GEMM, one varlen prefill launch."""
+        from deepserve.kernels.mla_prefill_attention import mla_prefill_attention  # lazy: Triton on CUDA only
+
+        latent, k_pe = cache[seqs.slots].split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [Sp, R], [Sp, Dr]
+        kv = self.kv_b_proj(latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)  # [Sp, h, Dn + Dv]
+        out = mla_prefill_attention(q_nope.to(kv.dtype), q_pe.to(kv.dtype), kv[..., :self.nope_dim],
+                                    k_pe.to(kv.dtype), kv[..., self.nope_dim:], seqs.cu_q, seqs.cu_k, self.scale)
+        return out.to(q_nope.dtype)
+
+    def _per_sequence(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                      ctx: ForwardContext) -> torch.Tensor:
+        """The PyTorch paths, one sequence at a time: [T, h, Dn], [T, h, Dr] -> [T, h, Dv]."""
+        starts = [0, *accumulate(ctx.query_lens_cpu)]  # == query_start_loc, from the host copy (no sync)
+        if self.attention_mode == "absorb":
+            q_lat = self._absorb_query(q_nope, q_pe)  # [T, h, R + Dr]
+            o_lat = torch.cat([self._absorbed(q_lat[starts[i]:starts[i + 1]], cache[context_slots(ctx, i)])
+                               for i in range(ctx.num_seqs)])  # [T, h, R]
+            return self._absorb_output(o_lat)
+        return torch.cat([self._naive(q_nope[starts[i]:starts[i + 1]], q_pe[starts[i]:starts[i + 1]],
+                                      cache[context_slots(ctx, i)]) for i in range(ctx.num_seqs)])
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """positions: [T] int64, x: [T, H] -> [T, H]; writes the new tokens' latents to the cache."""
@@ -155,17 +255,10 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = self._query(positions, x)
         cache = self.kv_cache.view(-1, self.kv_lora_rank + self.rope_dim)  # [slots, R + Dr]
         self._write_cache(cache, self._latent(positions, x), ctx.slot_mapping)
-        starts = [0, *accumulate(ctx.query_lens_cpu)]  # == query_start_loc, from the host copy (no sync)
-        if self._use_absorb(ctx):
-            w_uk, w_uv = self._kv_b_weights()
-            q_lat = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1)  # [T, h, R + Dr]
-            if self._on_triton(q_lat) and ctx.is_decode_only:
-                o_lat = self._absorbed_decode_kernel(q_lat, ctx)  # [T, h, R]
-            else:
-                o_lat = torch.cat([self._absorbed(q_lat[starts[i]:starts[i + 1]], cache[context_slots(ctx, i)])
-                                   for i in range(ctx.num_seqs)])  # [T, h, R]
-            out = torch.einsum("thr,hvr->thv", o_lat, w_uv)  # [T, h, Dv]
+        if ctx.is_decode_only and self.attention_mode != "naive":
+            out = self._decode(q_nope, q_pe, cache, ctx)
+        elif self._on_triton(q_nope) and self.attention_mode != "absorb":
+            out = self._mixed_kernels(q_nope, q_pe, cache, ctx)
         else:
-            out = torch.cat([self._naive(q_nope[starts[i]:starts[i + 1]], q_pe[starts[i]:starts[i + 1]],
-                                         cache[context_slots(ctx, i)]) for i in range(ctx.num_seqs)])
+            out = self._per_sequence(q_nope, q_pe, cache, ctx)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))

@@ -10,31 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepserve.config import ModelConfig
-from deepserve.forward_context import build_forward_context, forward_context
 from tests.kernels.interpret import device, load_kernel_module
-from tests.kernels.paged_cases import shuffled_tables
+from tests.kernels.mla_cases import V2_LITE_DIMS, V3_DIMS, layer_outputs, make_latent_case, mla_layer
 
 mla = load_kernel_module("mla_decode_attention")
 
 TINY_LENS = [1, 15, 16, 17, 40]  # one token, inside / exactly / across a block, several tiles
 V3_SCALE = 192 ** -0.5  # qk_head_dim 128 + 64
-
-
-def make_latent_case(lengths: list[int], rank: int, rope_dim: int, block_size: int, dtype: torch.dtype,
-                     dev: torch.device | str, seed: int = 0):
-    """(kv_cache [N, bs, R + Dr] NaN outside the sequences, block_tables [B, W] int32, seq_lens [B] int32)."""
-    gen = torch.Generator().manual_seed(seed)
-    tables, num_blocks = shuffled_tables(lengths, block_size, gen)
-    cache = torch.full((num_blocks * block_size, rank + rope_dim), float("nan"), dtype=dtype)  # [slots, R + Dr]
-    for table, n in zip(tables, lengths):
-        pos = torch.arange(n)
-        slots = torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
-        cache[slots] = torch.randn(n, rank + rope_dim, generator=gen).to(dtype)
-    width = max((len(t) for t in tables), default=0) or 1
-    padded = [t + [0] * (width - len(t)) for t in tables]
-    return (cache.view(num_blocks, block_size, rank + rope_dim).to(dev),
-            torch.tensor(padded, dtype=torch.int32, device=dev), torch.tensor(lengths, dtype=torch.int32, device=dev))
 
 
 def _run(lengths, heads, rank, rope_dim, dtype, dev, block_size=16, scale=0.3, **kwargs):
@@ -88,70 +70,55 @@ def test_rejects_bad_inputs():
 # ------------------------------------------------------------------ agreement with layers/mla.py
 
 
-TINY_DIMS = dict(hidden_size=48, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                 v_head_dim=16)
-V2_LITE_DIMS = dict(hidden_size=256, num_attention_heads=16, kv_lora_rank=512, qk_nope_head_dim=128,
-                    qk_rope_head_dim=64, v_head_dim=128)
-
-
-def _mla_layer(attention_mode: str, dims: dict = TINY_DIMS, dtype=torch.float32, dev="cpu"):
-    """An MLAAttention with random weights (norm weights around 1) of a V2-Lite-like config (no q LoRA)."""
-    from deepserve.layers.mla import MLAAttention
-    from deepserve.layers.rotary import RotaryEmbedding
-
-    config = ModelConfig(architecture="DeepseekV2ForCausalLM", vocab_size=64, num_hidden_layers=1,
-                         num_key_value_heads=dims["num_attention_heads"], intermediate_size=64,
-                         max_position_embeddings=4096, q_lora_rank=None, **dims)
-    rotary = RotaryEmbedding(dims["qk_rope_head_dim"], 4096, 10000.0)
-    layer = MLAAttention(config, rotary, attention_mode).eval()
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, dims["hidden_size"] ** -0.5)
-    return layer.to(dev, dtype)
-
-
-def _layer_outputs(layer, lengths, query_lens, triton_flags, block_size=16):
-    """layer(...) outputs on one batch, once per flag; each run starts from the same NaN-poisoned cache."""
-    dev, dtype = layer.kv_b_proj.weight.device, layer.kv_b_proj.weight.dtype
-    cache, tables, _ = make_latent_case(lengths, layer.kv_lora_rank, layer.rope_dim, block_size, dtype, dev, seed=3)
-    ctx = build_forward_context(query_lens, lengths, [[b for b in row if b] for row in tables.tolist()], block_size,
-                                device=dev)
-    x = torch.randn(sum(query_lens), layer.o_proj.weight.shape[0], device=dev).to(dtype)
-    outs = []
-    for flag in triton_flags:
-        layer.kv_cache = cache.clone()
-        layer._on_triton = lambda t, flag=flag: flag  # instance override: Triton (interpreted on CPU) or PyTorch
-        with forward_context(ctx), torch.no_grad():
-            outs.append(layer(ctx.positions, x))
-    return outs
-
-
-def test_layer_decode_kernel_matches_absorb_path():
+def test_layer_decode_routes_agree():
     """MLAAttention.forward on a decode batch: the Triton route (cache write + decode kernel, interpreted
-    on CPU) equals the PyTorch absorb loop."""
-    torch_out, triton_out = _layer_outputs(_mla_layer("absorb"), TINY_LENS, [1] * len(TINY_LENS), (False, True))
+    on CPU) and the batched PyTorch absorb path equal the per-sequence naive loop."""
+    triton_out, torch_out, naive = layer_outputs(mla_layer("absorb"), TINY_LENS, [1] * len(TINY_LENS),
+                                                 [(True, "absorb"), (False, "auto"), (False, "naive")])
     assert not triton_out.isnan().any()
     torch.testing.assert_close(triton_out, torch_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch_out, naive, atol=1e-5, rtol=1e-5)
 
 
-def test_layer_prefill_keeps_pytorch_attention_with_triton_write():
-    """A mixed batch on the Triton route only swaps the cache writer; attention stays the PyTorch loop."""
-    outs = _layer_outputs(_mla_layer("auto"), [7, 20, 33], [7, 1, 5], (False, True))
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+def test_cpu_cache_write_skips_padding_slots():
+    """slot -1 (a CUDA-graph padding row) writes nothing, where indexing would wrap to the last slot."""
+    layer = mla_layer("auto")
+    cache, _, _ = make_latent_case([5], 32, 8, 16, torch.float32, "cpu")
+    layer.kv_cache = cache
+    flat = cache.view(-1, 40)
+    before = flat.clone()
+    entries = torch.randn(3, 40)
+    layer._write_cache(flat, entries, torch.tensor([-1, 7, -1]))
+    assert torch.equal(flat[7], entries[1])
+    keep = [s for s in range(flat.shape[0]) if s != 7]
+    assert torch.equal(flat[keep].isnan(), before[keep].isnan())
+    assert torch.equal(flat[keep].nan_to_num(), before[keep].nan_to_num())
+
+
+def test_graph_safety_depends_on_the_mode():
+    assert mla_layer("auto").supports_cuda_graph and mla_layer("absorb").supports_cuda_graph
+    assert not mla_layer("naive").supports_cuda_graph
+
+
+def test_bf16_layer_keeps_float32_rope_tables():
+    """`.to(dtype=bf16)` of a layer (as the GPU test helper does) keeps the rotary kernel's float32 tables."""
+    rotary = mla_layer("auto", dtype=torch.bfloat16).rotary
+    assert rotary.cos.dtype == rotary.sin.dtype == torch.float32 and rotary.cos.stride() == rotary.sin.stride()
 
 
 @pytest.mark.gpu
-def test_gpu_layer_triton_route_matches_pytorch_bf16():
-    """The wiring on the GPU: V2-Lite attention dims, bf16, the Triton route vs the PyTorch absorb loop."""
+@pytest.mark.parametrize("dims", [V2_LITE_DIMS, V3_DIMS], ids=["v2-lite", "v3"])
+def test_gpu_layer_triton_route_matches_pytorch_bf16(dims):
+    """The wiring on the GPU: DeepSeek attention dims, bf16, the Triton route vs the PyTorch absorb loop."""
     lengths = [1, 17, 1000, 4096]
-    torch_out, triton_out = _layer_outputs(_mla_layer("absorb", V2_LITE_DIMS, torch.bfloat16, "cuda"),
-                                           lengths, [1] * len(lengths), (False, True))
+    triton_out, torch_out = layer_outputs(mla_layer("absorb", dims, torch.bfloat16, "cuda"), lengths,
+                                          [1] * len(lengths), [(True, "absorb"), (False, "absorb")])
     err = (triton_out.float() - torch_out.float()).abs().max() / torch_out.float().abs().max()
     assert err < 2e-2, f"max |triton - torch| / max |torch| = {err:.3g}"
 
 
 def test_cpu_tensors_keep_pytorch_paths():
-    assert not _mla_layer("absorb")._on_triton(torch.zeros(2, 4, 40))
+    assert not mla_layer("absorb")._on_triton(torch.zeros(2, 4, 40))
 
 
 # ------------------------------------------------------------------ GPU, real shapes
