@@ -20,29 +20,28 @@ from deepserve.engine.stop_checker import StopDecision, check_stop
 
 
 class ScheduledSeq(NamedTuple):
+    """One sequence's share of a step. The counters are taken when it is scheduled (`of`), so they
+    stay what the runner needs until `update()` moves the sequence on."""
+
     seq: Sequence
     num_new_tokens: int  # fed to the model this step, drafts included (they come last)
+    start: int  # position of the first new token
+    is_last_chunk: bool  # the chunk reaches the end of the sequence: the runner samples a token
+    #                      for it (and one per draft when it verifies drafts)
+    num_spec_tokens: int  # of the new tokens, the drafts to verify: those past the last token
 
-    @property
-    def start(self) -> int:
-        """Position of the first new token (valid between `schedule()` and `update()`)."""
-        return self.seq.num_computed_tokens
-
-    @property
-    def is_last_chunk(self) -> bool:
-        """The chunk reaches the end of the sequence: the runner samples a token for it (and one per
-        draft when it verifies drafts)."""
-        return self.start + self.num_new_tokens >= self.seq.num_tokens
-
-    @property
-    def num_spec_tokens(self) -> int:
-        """Of the new tokens, the drafts to verify: those past the sequence's last token."""
-        return max(0, self.start + self.num_new_tokens - self.seq.num_tokens)
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> "ScheduledSeq":
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
+        num_tokens = seq.num_tokens
+        return cls(seq, num_new_tokens, start, end >= num_tokens, max(0, end - num_tokens))
 
     @property
     def input_token_ids(self) -> list[int]:
         """The ids fed this step: uncomputed tokens, then the drafts to verify."""
         uncomputed = self.seq.token_ids[self.start:self.start + self.num_new_tokens]
+        if not self.num_spec_tokens:
+            return uncomputed
         return uncomputed + self.seq.spec_token_ids[:self.num_spec_tokens]
 
 
@@ -53,7 +52,7 @@ class ScheduledBatch:
     num_batched_tokens: int = 0
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
-        self.scheduled.append(ScheduledSeq(seq, num_new_tokens))
+        self.scheduled.append(ScheduledSeq.of(seq, num_new_tokens))
         self.num_batched_tokens += num_new_tokens
 
     @property

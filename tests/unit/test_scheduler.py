@@ -77,11 +77,11 @@ def run(sched: Scheduler, model: FakeModel, max_steps: int = 1000):
 
 
 def check_batch(sched: Scheduler, batch: ScheduledBatch) -> None:
-    counts = [n for _, n in batch.scheduled]
+    counts = [n for _, n, *_ in batch.scheduled]
     assert batch.num_batched_tokens == sum(counts) <= sched.config.max_num_batched_tokens
     assert all(n >= 1 for n in counts)
     assert len(batch.scheduled) <= sched.config.max_num_seqs >= len(sched.running)
-    assert len({id(seq) for seq, _ in batch.scheduled}) == len(batch.scheduled)
+    assert len({id(seq) for seq, _, *_ in batch.scheduled}) == len(batch.scheduled)
 
 
 # ----- budget, chunking, order -----------------------------------------------------------------
@@ -102,7 +102,7 @@ def test_long_prompt_is_chunked_over_several_steps():
     chunks, outputs = [], []
     while sched.has_unfinished():
         batch = sched.schedule()
-        chunks.append([(s.request_id, n) for s, n in batch.scheduled])
+        chunks.append([(s.request_id, n) for s, n, *_ in batch.scheduled])
         outputs.append(len(sched.update(batch, model.execute(batch))))
     assert chunks == [[("a", 16)], [("a", 16)], [("a", 8)], [("a", 1)]]
     assert outputs == [0, 0, 1, 1]  # a token only once the prompt's end is reached
@@ -115,7 +115,7 @@ def test_running_decodes_come_before_new_prefills():
     sched.update(batch, model.execute(batch))
     sched.add(make_seq("b", range(30)))
     batch = sched.schedule()
-    assert [(s.request_id, n) for s, n in batch.scheduled] == [("a", 1), ("b", 15)]
+    assert [(s.request_id, n) for s, n, *_ in batch.scheduled] == [("a", 1), ("b", 15)]
 
 
 def test_chunked_prefill_continues_ahead_of_waiting_requests():
@@ -125,8 +125,8 @@ def test_chunked_prefill_continues_ahead_of_waiting_requests():
     first = sched.schedule()
     sched.update(first, model.execute(first))
     second = sched.schedule()
-    assert [(s.request_id, n) for s, n in first.scheduled] == [("a", 10)]
-    assert [(s.request_id, n) for s, n in second.scheduled] == [("a", 10)]
+    assert [(s.request_id, n) for s, n, *_ in first.scheduled] == [("a", 10)]
+    assert [(s.request_id, n) for s, n, *_ in second.scheduled] == [("a", 10)]
 
 
 def test_max_num_seqs_is_honoured():
@@ -146,8 +146,8 @@ def test_without_chunking_a_prompt_waits_until_it_fits_whole():
     first = sched.schedule()
     sched.update(first, model.execute(first))
     second = sched.schedule()
-    assert [(s.request_id, n) for s, n in first.scheduled] == [("a", 10)]
-    assert [(s.request_id, n) for s, n in second.scheduled] == [("a", 1), ("b", 10)]
+    assert [(s.request_id, n) for s, n, *_ in first.scheduled] == [("a", 10)]
+    assert [(s.request_id, n) for s, n, *_ in second.scheduled] == [("a", 1), ("b", 10)]
 
 
 def test_without_chunking_the_budget_must_cover_max_model_len():
@@ -163,7 +163,7 @@ def test_prefix_hits_count_as_computed():
     run(sched, model)
     sched.add(make_seq("b", list(range(9)) + [42], max_tokens=1))
     batch = sched.schedule()
-    (seq, n), = batch.scheduled
+    (seq, n, *_), = batch.scheduled
     assert seq.num_computed_tokens == seq.num_cached_tokens == 8 and n == 2
     out, = sched.update(batch, model.execute(batch))
     assert out.num_cached_tokens == 8 and sched.stats().cache.prefix_hit_tokens == 8
@@ -181,7 +181,7 @@ def test_last_running_sequence_is_preempted_when_blocks_run_out():
         if batch.preempted:
             break
         sched.update(batch, model.execute(batch))
-    assert batch.preempted == [b] and [s for s, _ in batch.scheduled] == [a]
+    assert batch.preempted == [b] and [s for s, _, *_ in batch.scheduled] == [a]
     assert b.status == SequenceStatus.WAITING and sched.waiting[0] is b
     assert b.num_computed_tokens == 0 and b.block_table == [] and b.num_preemptions == 1
     assert sched.stats().num_preemptions == 1 and sched.running == [a]
@@ -243,8 +243,8 @@ def test_abort_between_schedule_and_update_is_skipped():
 
 def step_with(sched: Scheduler, token: int, logprob: TokenLogprob | None = None):
     batch = sched.schedule()
-    lps = {s.request_id: logprob for s, _ in batch.scheduled} if logprob else None
-    return sched.update(batch, {s.request_id: token for s, _ in batch.scheduled}, lps)
+    lps = {s.request_id: logprob for s, _, *_ in batch.scheduled} if logprob else None
+    return sched.update(batch, {s.request_id: token for s, _, *_ in batch.scheduled}, lps)
 
 
 @pytest.mark.parametrize("params, token, reason, stop_reason", [
