@@ -3,6 +3,8 @@
     get_quant_method("int8")              -> Int8W8A8Method()      weights int8/channel, activations int8/token
     get_quant_method("int8-weight-only")  -> Int8WeightOnlyMethod() weights int8/channel, activations float
     get_quant_method("int8-weight-only-asym") -> Int8WeightOnlyMethod(symmetric=False)  (zero points)
+    get_quant_method("fp8")               -> Fp8Method()           e4m3 weights/channel, activations/token
+    get_quant_method("fp8-per-tensor")    -> Fp8Method(per_channel=False)
 
 Only `LinearBase` layers are quantised; the embedding, the LM head, MLA's kv_b_proj (its dense
 matrix is absorbed into q/o) and the stacked MoE experts stay in float in this slice.
@@ -19,6 +21,8 @@ _METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "int8": ("deepserve.quant.int8", "Int8W8A8Method", {}),
     "int8-weight-only": ("deepserve.quant.int8", "Int8WeightOnlyMethod", {}),
     "int8-weight-only-asym": ("deepserve.quant.int8", "Int8WeightOnlyMethod", {"symmetric": False}),
+    "fp8": ("deepserve.quant.fp8", "Fp8Method", {}),
+    "fp8-per-tensor": ("deepserve.quant.fp8", "Fp8Method", {"per_channel": False}),
 }
 QUANTIZATION_METHODS: tuple[str, ...] = tuple(_METHODS)
 QUANT_METHOD_TAG = "deepserve-int8"  # config.json quantization_config.quant_method of our checkpoints

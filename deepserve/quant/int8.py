@@ -1,4 +1,4 @@
-"""Dynamic INT8 linear methods (CPU first slice; GPU kernels come later).
+"""Dynamic INT8 linear methods: eager PyTorch on CPU, Triton / cuBLAS kernels on CUDA (`int8_cuda`).
 
     Int8W8A8Method        weights int8 per output channel (symmetric, scale [out] f32), activations
                           quantised per token at apply time; int8 x int8 -> int32 GEMM
@@ -18,6 +18,12 @@ checkpoint is loaded by dequantising it to float and letting the method quantise
 CPU timings (2 cores, 576x1536 weight): float32 packed GEMM at 8 rows 0.52 ms, _int_mm 0.04 ms;
 torch._weight_int8pack_mm accepts float32 but runs ~9x slower than dequantise-and-matmul here, so
 W8A16 dequantises (it saves memory on CPU, not time).
+
+Weight layout: on CPU the int8 [out, in] weight is a view of a contiguous [in, out] buffer (what
+torch._int_mm wants there); on CUDA it is [out, in] row-major (K-major, what the int8 tensor cores,
+the Triton kernels and cuBLASLt's TN int8 GEMM want; see `kernels/int8_gemm.py`). Quantising runs
+where the weight lives, one layer at a time, so a model built on the GPU (dummy weights included)
+is quantised there.
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ def _install_quantized(layer: nn.Module, symmetric: bool) -> None:
             raise ValueError("int8 weight without a weight_scale")
         return
     q, scale, zp = quantize_per_channel_ref(layer.weight.detach(), symmetric)
-    layer.weight = _frozen(q.t().contiguous().t())  # [out, in] view of a [in, out] buffer
+    layer.weight = _frozen(q.contiguous() if q.is_cuda else q.t().contiguous().t())  # see "Weight layout"
     layer.weight_scale = _frozen(scale.to(layer.weight.device))
     if zp is not None:
         layer.weight_zero_point = _frozen(zp.float())
@@ -124,6 +130,11 @@ class Int8W8A8Method:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., in] float -> [..., out] in x's dtype."""
         rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        if rows.is_cuda:
+            from deepserve.quant.int8_cuda import w8a8_linear
+
+            y = w8a8_linear(rows, layer.weight, layer.weight_scale, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
         x_q, x_scale = quantize_per_token_ref(rows)
         acc = int8_mm(x_q, layer.weight.t())  # [tokens, out] int32
         y = acc.float() * x_scale[:, None] * layer.weight_scale[None, :]
@@ -144,8 +155,13 @@ class Int8WeightOnlyMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., in] float -> [..., out] in x's dtype."""
         rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
-        y = rows @ layer.weight.t().to(x.dtype)  # [tokens, out]
         zp = getattr(layer, "weight_zero_point", None)
+        if rows.is_cuda:
+            from deepserve.quant.int8_cuda import w8a16_linear
+
+            y = w8a16_linear(rows, layer.weight, layer.weight_scale, zp, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        y = rows @ layer.weight.t().to(x.dtype)  # [tokens, out]
         if zp is not None:
             y = y - rows.sum(dim=-1, keepdim=True) * zp.to(x.dtype)[None, :]
         y = y * layer.weight_scale.to(x.dtype)[None, :]

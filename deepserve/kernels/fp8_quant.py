@@ -1,0 +1,81 @@
+"""Per-token dynamic FP8 (e4m3) quantisation of activations, for the FP8 W8A8 linear method.
+
+    fp8_quant(x [T, K] f16/bf16/f32) -> Fp8Activations(q [T, K] float8_e4m3fn, scale [T] f32)
+
+Per row t (the math of `deepserve.quant.fp8.quantize_per_token_fp8_ref`, bit for bit):
+
+    scale_t = max(max_k |x_tk|, 1e-8) / 448,    q_tk = e4m3(clamp(x_tk / scale_t, -448, 448))
+
+e4m3() rounds to nearest, ties to even, as torch's cast. The kernel rounds onto the e4m3 grid itself
+in float32 (spacing 2^(e-3) for a value in [2^e, 2^(e+1)), 2^-9 below 2^-6, the subnormals) with
+`int8_quant.round_half_even`, then casts a value the format holds exactly; this gives the same bits
+on any backend (the Triton interpreter's own float32 -> fp8 cast rounds ties up and drops carries).
+One program per row, the whole row in registers (K <= 65536): x is read once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.kernels.int8_quant import round_half_even
+
+_MAX_HIDDEN = 65536
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class Fp8Activations(NamedTuple):
+    q: torch.Tensor  # [T, K] float8_e4m3fn
+    scale: torch.Tensor  # [T] f32: row t ~ q[t] * scale[t]
+
+
+@triton.jit
+def _round_to_e4m3_grid(v):
+    """float32 |v| <= 448 -> the nearest float8_e4m3fn value (ties to even), as float32."""
+    bits = v.to(tl.int32, bitcast=True)
+    mag = tl.abs(v)
+    pow2 = (mag.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2|v|)
+    step = tl.maximum(pow2 * 0.125, 0.001953125)  # 3 mantissa bits; subnormal spacing 2^-9
+    r = round_half_even(tl.div_rn(mag, step)) * step  # exact: step is a power of two
+    return tl.where(bits < 0, -r, r)  # sign bit, -0.0 included
+
+
+@triton.jit
+def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK: tl.constexpr):
+    """One program per row."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    v = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 448.0)
+    y = tl.minimum(tl.maximum(tl.div_rn(v, scale), -448.0), 448.0)
+    tl.store(q_ptr + row * q_stride + cols, _round_to_e4m3_grid(y).to(tl.float8e4nv), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def fp8_quant(x: torch.Tensor) -> Fp8Activations:
+    """x [T, K] f16/bf16/f32 (unit stride in K; rows may be strided) -> (q [T, K] e4m3, scale [T] f32)."""
+    if x.dim() != 2 or x.dtype not in _FLOATS or x.stride(1) != 1:
+        raise ValueError(f"x must be [num_tokens, hidden] f16/bf16/f32 with unit stride in hidden, got "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
+    num_tokens, hidden = x.shape
+    if hidden > _MAX_HIDDEN:
+        raise ValueError(f"hidden {hidden} exceeds {_MAX_HIDDEN}")
+    q = torch.empty((num_tokens, hidden), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return Fp8Activations(q, scale)
+    block = triton.next_power_of_2(hidden)
+    _fp8_quant_kernel[(num_tokens,)](x, q, scale, hidden, x.stride(0), q.stride(0), BLOCK=block,
+                                     num_warps=4 if block <= 1024 else (8 if block <= 4096 else 16))
+    return Fp8Activations(q, scale)
+
+
+def fp8_quant_ref(x: torch.Tensor) -> Fp8Activations:
+    """Pure-PyTorch reference: `deepserve.quant.fp8.quantize_per_token_fp8_ref`."""
+    from deepserve.quant.fp8 import quantize_per_token_fp8_ref
+
+    return Fp8Activations(*quantize_per_token_fp8_ref(x))

@@ -1,0 +1,182 @@
+"""W8A8 GEMM: int8 x int8 -> int32 on tensor cores, the dequantising epilogue fused.
+
+    int8_gemm(x_q [M, K] int8, x_scale [M] f32, w_q [N, K] int8, w_scale [N] f32, bias [N] | None,
+              out_dtype) -> y [M, N] out_dtype
+    y = acc * x_scale[:, None] * w_scale[None, :] (+ bias),   acc = x_q @ w_q^T exact in int32
+
+Weight layout: [N, K] row-major (K contiguous), the layout the checkpoint has and the one both
+operands of the int8 tensor-core instructions want (Hopper's int8 wgmma takes K-major operands only;
+`torch._int_mm` is also fastest with `w_q.t()`, a column-major [K, N], the "TN" case of cuBLASLt).
+
+Tiling: program (m-block, n-block, k-split) in grouped order (GROUP_M m-blocks share n-blocks in L2).
+Block sizes come from `int8_gemm_config(M, N, K, num_sms)` chosen by M on the host: small M
+(decode) is weight-bandwidth bound and wants many programs (narrow N blocks, split-K); large M
+(prefill) is compute bound and wants 128x128 tiles. With SPLIT_K > 1 each split writes its scaled
+float32 partial (split 0 adds the bias) to a [SPLIT_K, M, N] workspace and the host sums the splits
+(`torch.sum`, deterministic). The epilogue's order of float32 operations is the one of
+`int8_gemm_ref` and of `Int8W8A8Method` on CPU: (float(acc) * x_scale) * w_scale + bias.
+The launch has no host synchronisation (CUDA-graph safe). The table is a first estimate for H100
+(not yet measured); `benchmarks/gpu_quant.py --tune` prints measured alternatives.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# max M -> config (split_k here is the most splits allowed; `int8_gemm_config` picks <= it).
+# not yet measured: first estimates for H100, refresh from `benchmarks/gpu_quant.py --tune`.
+CONFIGS: dict[int, GemmConfig] = {
+    16: GemmConfig(16, 64, 256, split_k=4, group_m=1, num_warps=4, num_stages=4),
+    64: GemmConfig(64, 64, 128, split_k=2, group_m=4, num_warps=4, num_stages=4),
+    256: GemmConfig(64, 128, 128, split_k=1, group_m=8, num_warps=4, num_stages=4),
+    1 << 62: GemmConfig(128, 128, 128, split_k=1, group_m=8, num_warps=8, num_stages=3),
+}
+
+
+def pick_split_k(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int) -> int:
+    """Enough programs to cover the SMs: split K only while the tiles are fewer than the SMs, and
+    keep at least 4 K-steps per split (shared by the W8A16 kernel)."""
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if cfg.split_k <= 1 or tiles >= num_sms:
+        return 1
+    most = max(1, k // (4 * cfg.block_k))
+    return max(1, min(cfg.split_k, triton.cdiv(num_sms, tiles), most))
+
+
+def config_for(table: dict[int, GemmConfig], m: int, n: int, k: int, num_sms: int) -> GemmConfig:
+    """The entry with the smallest max-M >= m, its split_k resolved for this shape."""
+    cfg = table[min(bound for bound in table if bound >= m)]
+    return cfg._replace(split_k=pick_split_k(cfg, m, n, k, num_sms))
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a nominal 132 elsewhere: only block choice uses it)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def int8_gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
+    return config_for(CONFIGS, m, n, k, sms)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (m-block, n-block), GROUP_M m-blocks walking the n-blocks together."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, k_per_split,
+                      stride_am, stride_bn, stride_cs, stride_cm,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """c[split] = (a @ b^T over this split's K range) * a_scale * b_scale (+ bias on split 0)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_start + offs_k)[None, :]  # [BM, BK]
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + (k_start + offs_k)[:, None]  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_mask = offs_k < k_end - k0
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y + tl.where(split == 0, bias, 0.0)[None, :]
+    c_ptrs = c_ptr + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def check_operands(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   x_dtypes: tuple[torch.dtype, ...], what: str) -> None:
+    """Shared by the int8 GEMMs: x [M, K], w [N, K] int8 (unit stride in K), w_scale [N] f32, bias [N]."""
+    if x.dim() != 2 or x.dtype not in x_dtypes or x.stride(1) != 1:
+        raise ValueError(f"{what}: x must be [M, K] {x_dtypes} with unit stride in K, got "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
+    if w.dim() != 2 or w.dtype != torch.int8 or w.stride(1) != 1 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{what}: weight must be [N, K={x.shape[1]}] int8 with unit stride in K, got "
+                         f"{tuple(w.shape)} {w.dtype} strides {w.stride()}")
+    n = w.shape[0]
+    if w_scale.shape != (n,) or w_scale.dtype != torch.float32:
+        raise ValueError(f"{what}: weight scale must be [{n}] float32, got {tuple(w_scale.shape)} {w_scale.dtype}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"{what}: bias must be [{n}] float, got {tuple(bias.shape)} {bias.dtype}")
+    if len({t.device for t in (x, w, w_scale, bias) if t is not None}) != 1:
+        raise ValueError(f"{what}: all tensors must be on one device")
+
+
+def split_k_output(m: int, n: int, split_k: int, out_dtype: torch.dtype, device) -> torch.Tensor:
+    """Where the kernel writes: [1, M, N] out_dtype, or the [S, M, N] float32 partials."""
+    return torch.empty((split_k, m, n), dtype=out_dtype if split_k == 1 else torch.float32, device=device)
+
+
+def reduce_splits(c: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """[S, M, N] -> [M, N] out_dtype (float32 sum of the splits, then one rounding)."""
+    return c[0] if c.shape[0] == 1 else c.sum(dim=0).to(out_dtype)
+
+
+def int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+              config: GemmConfig | None = None) -> torch.Tensor:
+    """x_q [M, K] int8 (unit stride in K), x_scale [M] f32, w_q [N, K] int8 (unit stride in K),
+    w_scale [N] f32, bias [N] float or None -> [M, N] out_dtype. `config` overrides the table."""
+    check_operands(x_q, w_q, w_scale, bias, (torch.int8,), "int8_gemm")
+    if x_scale.shape != (x_q.shape[0],) or x_scale.dtype != torch.float32 or x_scale.device != x_q.device:
+        raise ValueError(f"int8_gemm: x_scale must be [{x_q.shape[0]}] float32 on {x_q.device}, got "
+                         f"{tuple(x_scale.shape)} {x_scale.dtype}")
+    (m, k), n = x_q.shape, w_q.shape[0]
+    if m == 0 or n == 0:
+        return torch.zeros((m, n), dtype=out_dtype, device=x_q.device)
+    cfg = config or int8_gemm_config(m, n, k, num_sms(x_q.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    c = split_k_output(m, n, cfg.split_k, out_dtype, x_q.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    _int8_gemm_kernel[grid](
+        x_q, w_q, c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k, k_per_split,
+        x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return reduce_splits(c, out_dtype)
+
+
+def int8_gemm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Pure-PyTorch reference: exact integer products (float64 holds |acc| <= 127^2 K exactly), then
+    the float32 epilogue in the kernel's order, one rounding to out_dtype."""
+    acc = (x_q.double() @ w_q.double().t()).float()  # [M, N], exact, rounded to float32 once
+    y = acc * x_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

@@ -1,0 +1,144 @@
+"""Per-token dynamic symmetric INT8 quantisation of activations, optionally fused with residual add +
+RMSNorm (the pre-norm block's norm feeding a W8A8 linear).
+
+    int8_quant(x [T, K])                           -> Int8Activations(q [T, K] int8, scale [T] f32, None)
+    rms_norm_int8_quant(x, residual, weight, eps)  -> Int8Activations(q, scale, x + residual or None)
+
+Per row t (the math of `deepserve.quant.int8.quantize_per_token_ref`, bit for bit):
+
+    scale_t = max(max_k |v_tk|, 1e-8) / 127,     q_tk = clamp(round(v_tk / scale_t), -127, 127)
+
+with IEEE divisions (`tl.div_rn`) and round-half-to-even (`torch.round`). The rounding is written
+with `floor` (`round_half_even` below) because libdevice's rint does not exist in the Triton
+interpreter; it is exact for |v| < 2^23.
+
+The fused variant first computes, in registers, exactly what `kernels/rms_norm.py` writes:
+    s = x + residual (in x's dtype; stored as the new residual),
+    v = weight * (s.f32 * rsqrt(mean(s.f32^2) + eps)).to(x.dtype), rounded to promote(x, weight)
+and quantises v; the normalised activations never go to memory. One program per row, the whole row
+in registers (K <= 65536), so x is read once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_HIDDEN = 65536
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+class Int8Activations(NamedTuple):
+    q: torch.Tensor  # [T, K] int8
+    scale: torch.Tensor  # [T] f32: row t ~ q[t] * scale[t]
+    residual: torch.Tensor | None  # [T, K] x.dtype: x + residual (fused variant with a residual), else None
+
+
+@triton.jit
+def round_half_even(y):
+    """float32 -> the nearest integer as float32, ties to even (torch.round); |y| < 2^23."""
+    f = tl.floor(y)
+    frac = y - f  # exact
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hidden,
+                       x_stride, res_stride, q_stride, res_out_stride, eps,
+                       NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_DTYPE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """One program per row; NORM: (residual add +) RMSNorm, rounded to NORM_DTYPE, before quantising."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like the eager add
+        tl.store(res_out_ptr + row * res_out_stride + cols, x, mask=mask)
+    v = x.to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(v * v, axis=0) / hidden + eps)
+        normed = (v * rstd).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        v = (normed * w.to(tl.float32)).to(NORM_DTYPE).to(tl.float32)
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 127.0)
+    q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(v, scale)), -127.0), 127.0)
+    tl.store(q_ptr + row * q_stride + cols, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None) -> None:
+    if x.dim() != 2 or x.dtype not in _FLOATS:
+        raise ValueError(f"x must be [num_tokens, hidden] f16/bf16/f32, got {tuple(x.shape)} {x.dtype}")
+    hidden = x.shape[1]
+    if hidden > _MAX_HIDDEN:
+        raise ValueError(f"hidden {hidden} exceeds {_MAX_HIDDEN}")
+    if weight is not None and (weight.shape != (hidden,) or weight.dtype not in _FLOATS):
+        raise ValueError(f"weight must be [{hidden}] f16/bf16/f32, got {tuple(weight.shape)} {weight.dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    for name, t in (("x", x), ("residual", residual), ("weight", weight)):
+        if t is not None and (t.stride(-1) != 1 or t.device != x.device):
+            raise ValueError(f"{name} must be unit-stride in its last dim and on {x.device}")
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def _launch(x, residual, weight, eps: float, norm: bool) -> Int8Activations:
+    num_tokens, hidden = x.shape
+    q = torch.empty((num_tokens, hidden), dtype=torch.int8, device=x.device)
+    scale = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
+    res_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
+    if num_tokens == 0:
+        return Int8Activations(q, scale, res_out)
+    block = triton.next_power_of_2(hidden)
+    res_in = residual if residual is not None else x  # unused pointers when HAS_RESIDUAL is off
+    res_dst = res_out if res_out is not None else x
+    norm_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
+    _int8_quant_kernel[(num_tokens,)](
+        x, res_in, weight if weight is not None else x, q, scale, res_dst, hidden,
+        x.stride(0), res_in.stride(0), q.stride(0), res_dst.stride(0), eps,
+        NORM=norm, HAS_RESIDUAL=residual is not None, NORM_DTYPE=_TL_DTYPES[norm_dtype], BLOCK=block,
+        num_warps=_num_warps(block))
+    return Int8Activations(q, scale, res_out)
+
+
+def int8_quant(x: torch.Tensor) -> Int8Activations:
+    """x [T, K] f16/bf16/f32 (rows may be strided) -> (q [T, K] int8, scale [T] f32, None)."""
+    _check(x, None, None)
+    return _launch(x, None, None, 0.0, norm=False)
+
+
+def rms_norm_int8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                        eps: float) -> Int8Activations:
+    """x [T, H], residual like x or None, weight [H] -> (q [T, H] int8 of the normalised rows,
+    scale [T] f32, x + residual [T, H] x.dtype or None). Inputs are not modified."""
+    _check(x, residual, weight)
+    return _launch(x, residual, weight, eps, norm=True)
+
+
+def int8_quant_ref(x: torch.Tensor) -> Int8Activations:
+    """Pure-PyTorch reference: `deepserve.quant.int8.quantize_per_token_ref`."""
+    from deepserve.quant.int8 import quantize_per_token_ref
+
+    return Int8Activations(*quantize_per_token_ref(x), None)
+
+
+def rms_norm_int8_quant_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                            eps: float) -> Int8Activations:
+    """Pure-PyTorch reference: `kernels.rms_norm.rms_norm_ref`, then the per-token quantisation."""
+    from deepserve.kernels.rms_norm import rms_norm_ref  # pure PyTorch part of that module
+    from deepserve.quant.int8 import quantize_per_token_ref
+
+    out, new_residual = rms_norm_ref(x, residual, weight, eps)
+    return Int8Activations(*quantize_per_token_ref(out), new_residual)

@@ -1,0 +1,124 @@
+"""Dynamic FP8 (float8_e4m3fn) W8A8 linear method.
+
+    Fp8Method(per_channel=True)   "fp8":            weight scale per output channel
+    Fp8Method(per_channel=False)  "fp8-per-tensor": one weight scale per layer
+
+Weights: q = e4m3(w / scale) with scale = max|w| / 448 per output channel (or over the whole
+matrix), stored [out, in] row-major with weight_scale [out] f32 (a per-tensor scale is stored
+repeated, so both variants run the same row-wise GEMM). Activations: per token at apply time,
+scale_t = max|x_t| / 448 (`kernels/fp8_quant.py` on CUDA).
+
+CUDA (compute capability 8.9+: Ada, Hopper): y = torch._scaled_mm(x_q, w_q.t(), scale_a [M, 1],
+scale_b [1, N], bias, out_dtype=bfloat16), cuBLASLt's (or CUTLASS's) row-wise scaled FP8 GEMM with
+float32 accumulation (use_fast_accum off). It needs K and N multiples of 16; other layers, and CPU,
+run the emulation below. Older GPUs are refused when the weights are processed.
+CPU (and the fallback): the same quantisation, then float32 matmul of the fp8 values:
+y = (x_q @ w_q^T) * x_scale * w_scale + bias. Correct and portable (tests, CI), not fast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+MIN_CAPABILITY = (8, 9)
+_EPS = 1e-8
+
+
+# ---- pure-PyTorch references ------------------------------------------------------------------------
+
+
+def quantize_weight_fp8_ref(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] float -> (q [out, in] e4m3, scale [out] f32); per-tensor: one scale, repeated."""
+    w = w.float()
+    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])  # [out]
+    scale = amax.clamp(min=_EPS) / FP8_MAX
+    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.contiguous()
+
+
+def quantize_per_token_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, in] float -> (q [tokens, in] e4m3, scale [tokens] f32), per row."""
+    x = x.float()
+    scale = x.abs().amax(dim=1).clamp(min=_EPS) / FP8_MAX  # [tokens]
+    return (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def fp8_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """x_q [M, K] e4m3, x_scale [M], w_q [N, K] e4m3, w_scale [N] -> [M, N] out_dtype, in float32
+    (products of e4m3 values are exact in float32; only the sums round)."""
+    y = (x_q.float() @ w_q.float().t()) * x_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def dequantize_weight_fp8_ref(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q [out, in] e4m3, scale [out] -> w [out, in] f32."""
+    return q.float() * scale.float()[:, None]
+
+
+# ---- platform -----------------------------------------------------------------------------------
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """ValueError on a CUDA device without FP8 tensor cores (below sm_89); CPU is fine (emulated)."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_CAPABILITY:
+        raise ValueError(f"--quantization fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}. "
+                         f"Use --quantization int8 or int8-weight-only on this GPU.")
+
+
+def scaled_mm_fits(x: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """torch._scaled_mm's conditions: CUDA, K and N multiples of 16."""
+    return x.is_cuda and w_q.shape[1] % 16 == 0 and w_q.shape[0] % 16 == 0
+
+
+# ---- the method ---------------------------------------------------------------------------------
+
+
+class Fp8Method:
+    """Dynamic FP8 W8A8: e4m3 weights (per channel or per tensor), e4m3 activations per token."""
+
+    def __init__(self, per_channel: bool = True):
+        self.per_channel = per_channel
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Replace layer.weight (float [out, in]) by e4m3 [out, in] + weight_scale [out] f32, on the
+        weight's device; a layer already holding e4m3 weights and a scale is kept as it is."""
+        check_fp8_device(layer.weight.device)
+        if layer.weight.dtype == FP8_DTYPE:
+            if not hasattr(layer, "weight_scale"):
+                raise ValueError("float8 weight without a weight_scale")
+            return
+        q, scale = quantize_weight_fp8_ref(layer.weight.detach(), self.per_channel)
+        layer.weight = nn.Parameter(q.contiguous(), requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] float -> [..., out] in x's dtype."""
+        rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        if scaled_mm_fits(rows, layer.weight):
+            y = fp8_scaled_mm(rows, layer.weight, layer.weight_scale, bias)
+        else:
+            x_q, x_scale = quantize_per_token_fp8_ref(rows)
+            y = fp8_linear_ref(x_q, x_scale, layer.weight, layer.weight_scale, bias, x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def fp8_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] f16/bf16/f32 on CUDA, w_q [N, K] e4m3 row-major, w_scale [N] f32 -> [M, N] x.dtype.
+    Row-wise scaled _scaled_mm computes in bfloat16 out (the only output it supports row-wise)."""
+    from deepserve.kernels.fp8_quant import fp8_quant
+
+    x_q, x_scale = fp8_quant(x if x.stride(-1) == 1 else x.contiguous())
+    y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
+                         bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+    return y if x.dtype == torch.bfloat16 else y.to(x.dtype)

@@ -1,0 +1,117 @@
+"""W8A8 GEMM (Triton, epilogue fused) and the int32 epilogue of the torch._int_mm path, against
+their references; the CUDA dispatch `deepserve.quant.int8_cuda.w8a8_linear` with both backends.
+
+Accumulation is exact in int32 on both sides, and the float32 epilogue runs in the reference's
+order, so without split-K the result is bit-exact; split-K sums float32 partials (one rounding per
+split, relative 2^-24 of the partials), and a 16-bit output can then differ by one ulp where that
+moves a value across a rounding boundary (relative 2^-7 for bf16, 2^-10 for f16, at most).
+"""
+
+import pytest
+import torch
+
+from deepserve.kernels.int8_gemm import CONFIGS, GemmConfig, int8_gemm_config, pick_split_k
+from deepserve.quant.int8 import quantize_per_channel_ref, quantize_per_token_ref
+from tests.kernels.interpret import device, load_kernel_module
+
+G = load_kernel_module("int8_gemm")
+E = load_kernel_module("int8_epilogue")
+TINY = [GemmConfig(16, 32, 32, group_m=1, num_stages=1), GemmConfig(16, 16, 32, split_k=3, num_stages=1),
+        GemmConfig(32, 64, 64, group_m=2, num_stages=1)]
+
+
+def _operands(m, n, k, dev, bias=True):
+    x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev)
+    x_s, w_s = torch.rand(m, device=dev) / 100 + 1e-4, torch.rand(n, device=dev) / 100 + 1e-4
+    return x_q, x_s, w_q, w_s, (torch.randn(n, device=dev) if bias else None)
+
+
+def _assert_close(got, want, split):
+    if split == 1 and got.dtype == torch.float32:
+        assert torch.equal(got, want)
+        return
+    rtol = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -20}[got.dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (5, 33, 70), (33, 70, 200)])
+@pytest.mark.parametrize("cfg", TINY, ids=["plain", "split3", "grouped"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_gemm_matches_reference(m, n, k, cfg, bias):
+    ops = _operands(m, n, k, device(), bias)
+    _assert_close(G.int8_gemm(*ops, torch.float32, cfg), G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
+
+
+def test_triton_gemm_strided_rows_and_default_config():
+    x_q, x_s, w_q, w_s, bias = _operands(5, 48, 64, device())
+    wide = torch.zeros(5, 80, dtype=torch.int8, device=device())
+    wide[:, :64] = x_q
+    want = G.int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.float16)
+    _assert_close(G.int8_gemm(wide[:, :64], x_s, w_q, w_s, bias, torch.float16), want, 4)
+
+
+@pytest.mark.parametrize("m,n", [(1, 40), (33, 70)])
+def test_epilogue_matches_reference(m, n):
+    acc = torch.randint(-2 ** 20, 2 ** 20, (m + 2, n), dtype=torch.int32, device=device())[1:-1]  # strided view
+    x_s, w_s, bias = torch.rand(m, device=device()), torch.rand(n, device=device()), torch.randn(n, device=device())
+    for b in (bias, None):
+        assert torch.equal(E.int8_epilogue(acc, x_s, w_s, b, torch.float32),
+                           E.int8_epilogue_ref(acc, x_s, w_s, b, torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["triton", "int_mm"])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_w8a8_linear_backends_match_float(backend, m):
+    from deepserve.quant.int8_cuda import w8a8_linear
+
+    dev = device()
+    x, w, bias = torch.randn(m, 96, device=dev), torch.randn(64, 96, device=dev), torch.randn(64, device=dev)
+    w_q, w_s, _ = quantize_per_channel_ref(w)
+    got = w8a8_linear(x, w_q.contiguous(), w_s, bias, backend=backend)
+    x_q, x_s = quantize_per_token_ref(x)
+    torch.testing.assert_close(got, G.int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.float32),
+                               rtol=2.0 ** -20, atol=1e-6)
+    assert (got - torch.nn.functional.linear(x, w, bias)).norm() / got.norm() < 2e-2
+
+
+def test_bad_inputs():
+    x_q, x_s, w_q, w_s, bias = _operands(3, 16, 32, device())
+    for args in [(x_q.float(), x_s, w_q, w_s), (x_q, x_s, w_q[:, :16], w_s), (x_q, x_s[:2], w_q, w_s),
+                 (x_q, x_s, w_q, w_s.double()), (x_q, x_s, w_q.t().contiguous().t(), w_s)]:
+        with pytest.raises(ValueError):
+            G.int8_gemm(*args)
+    with pytest.raises(ValueError):
+        E.int8_epilogue(torch.zeros(2, 3, device=device()), x_s[:2], w_s[:3], None, torch.float32)
+    from deepserve.quant.int8_cuda import w8a8_linear
+    with pytest.raises(ValueError, match="backend"):
+        w8a8_linear(torch.randn(2, 32, device=device()), w_q, w_s, None, backend="cutlass")
+    assert G.int8_gemm(x_q[:0], x_s[:0], w_q, w_s).shape == (0, 16)
+
+
+def test_config_table():
+    assert int8_gemm_config(1, 3584, 3584, 132).block_m == CONFIGS[16].block_m
+    assert int8_gemm_config(4096, 3584, 3584, 132) == CONFIGS[1 << 62]
+    decode = CONFIGS[16]
+    assert pick_split_k(decode, 1, 37888, 3584, 132) == 1  # 592 tiles cover the SMs
+    assert 1 < pick_split_k(decode, 1, 3584, 18944, 132) <= decode.split_k  # 56 tiles, long K
+
+
+# ---- GPU, qwen-7b linear shapes -------------------------------------------------------------------
+
+SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): qkv, gate_up, o, down
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+@pytest.mark.parametrize("backend", ["triton", "int_mm"])
+def test_gpu_real_shapes(k, n, m, backend):
+    from deepserve.quant.int8_cuda import w8a8_linear
+
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    w_q, w_s, _ = quantize_per_channel_ref(torch.randn(n, k, device="cuda") / k ** 0.5)
+    bias = torch.randn(n, device="cuda").bfloat16()
+    got = w8a8_linear(x, w_q.contiguous(), w_s, bias, backend=backend)
+    x_q, x_s = quantize_per_token_ref(x)
+    _assert_close(got, G.int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.bfloat16), split=2)

@@ -1,0 +1,126 @@
+"""W8A16 GEMM (int8 weights dequantised in the kernel, symmetric or with zero points), the weight
+dequantisation kernel of the large-M path, and the CUDA dispatch `int8_cuda.w8a16_linear`.
+
+Tolerances: the kernel's products x * (q - zp) are exact in float32 (|q - zp| <= 255 is exact in
+every activation dtype) and only the float32 sums and the final rounding differ from the float64
+reference. Elementwise: |y - ref| <= 1 ulp of the output dtype * |ref| + 2^-14 * B, with
+B = |x| @ |w|^T the sum of the magnitudes of the products. Float32 sums of K terms in any order
+(blocked, on tensor cores or not) err by about sqrt(K) * 2^-24 * B in practice (independent
+rounding errors), <= 2^-17 * B for K <= 18944: the bound leaves a factor 8. An indexing or scaling
+bug gives errors of the order of |y| ~ B / sqrt(K), far above it. On CPU the interpreter truncates
+float32 -> bf16 where a GPU rounds, so bf16 outputs are checked on GPU only.
+"""
+
+import pytest
+import torch
+
+from deepserve.kernels.int8_gemm import GemmConfig
+from deepserve.kernels.w8a16_gemm import CONFIGS, w8a16_gemm_config
+from deepserve.quant.int8 import dequantize_per_channel_ref, quantize_per_channel_ref
+from tests.kernels.interpret import INTERPRET, device, load_kernel_module
+
+G = load_kernel_module("w8a16_gemm")
+D = load_kernel_module("w8a16_dequant")
+TINY = [GemmConfig(16, 32, 32, group_m=1, num_stages=1), GemmConfig(16, 16, 32, split_k=3, num_stages=1),
+        GemmConfig(32, 64, 64, group_m=2, num_stages=1)]
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def _weights(n, k, symmetric, dev):
+    w = torch.randn(n, k, device=dev) * (torch.rand(n, 1, device=dev) + 0.1)
+    w[0] = w[0].abs()  # an all-positive row: the zero point sits at the end of the range
+    q, scale, zp = quantize_per_channel_ref(w, symmetric)
+    return q.contiguous(), scale, (None if zp is None else zp.float())
+
+
+def _assert_close(got, ref, x, w_deq):
+    bound = x.float().abs() @ w_deq.float().abs().t()  # [M, N]
+    err = (got.double() - ref.double()).abs()
+    allowed = ULP[got.dtype] * ref.double().abs() + 2.0 ** -14 * bound.double() + 1e-30
+    assert got.dtype == x.dtype and (err <= allowed).all(), f"max excess {(err / allowed).max().item():.3g}"
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (5, 33, 70), (33, 70, 200)])
+@pytest.mark.parametrize("cfg", TINY, ids=["plain", "split3", "grouped"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference(m, n, k, cfg, symmetric, dtype):
+    dev = device()
+    q, scale, zp = _weights(n, k, symmetric, dev)
+    x, bias = torch.randn(m, k, device=dev).to(dtype), torch.randn(n, device=dev).to(dtype)
+    got = G.w8a16_gemm(x, q, scale, zp, bias, cfg)
+    _assert_close(got, G.w8a16_gemm_ref(x, q, scale, zp, bias), x, dequantize_per_channel_ref(q, scale, zp))
+
+
+def test_strided_rows_default_config_no_bias():
+    dev = device()
+    q, scale, zp = _weights(24, 64, False, dev)
+    x = torch.randn(3, 100, device=dev)[:, :64]
+    got = G.w8a16_gemm(x, q, scale, zp)
+    _assert_close(got, G.w8a16_gemm_ref(x, q, scale, zp), x, dequantize_per_channel_ref(q, scale, zp))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16]))
+def test_dequant_matches_reference_exactly(symmetric, dtype):
+    q, scale, zp = _weights(33, 300, symmetric, device())
+    assert torch.equal(D.w8a16_dequant(q, scale, zp, dtype), D.w8a16_dequant_ref(q, scale, zp, dtype))
+
+
+@pytest.mark.parametrize("backend", ["triton", "dequant"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_w8a16_linear_backends(backend, symmetric, m):
+    from deepserve.quant.int8_cuda import w8a16_linear
+
+    dev = device()
+    w, x, bias = torch.randn(64, 96, device=dev), torch.randn(m, 96, device=dev), torch.randn(64, device=dev)
+    q, scale, zp = quantize_per_channel_ref(w, symmetric)
+    zp = None if zp is None else zp.float()
+    got = w8a16_linear(x, q.contiguous(), scale, zp, bias, backend=backend)
+    w_deq = dequantize_per_channel_ref(q, scale, zp)
+    _assert_close(got, G.w8a16_gemm_ref(x, q, scale, zp, bias), x, w_deq)
+    assert (got - torch.nn.functional.linear(x, w, bias)).norm() / got.norm() < 1e-2
+
+
+def test_bad_inputs():
+    dev = device()
+    q, scale, zp = _weights(16, 32, False, dev)
+    x = torch.randn(2, 32, device=dev)
+    for args in [(x.double(), q, scale), (x, q.float(), scale), (x, q, scale[:8]), (x, q, scale, zp[:3]),
+                 (x, q, scale, zp.double()), (x[:, :16], q, scale)]:
+        with pytest.raises(ValueError):
+            G.w8a16_gemm(*args)
+    with pytest.raises(ValueError):
+        D.w8a16_dequant(q.t(), scale, None, torch.float32)
+    assert G.w8a16_gemm(x[:0], q, scale).shape == (0, 16)
+
+
+def test_config_table():
+    assert w8a16_gemm_config(1, 3584, 3584, 132).block_m == CONFIGS[16].block_m
+    assert w8a16_gemm_config(8192, 3584, 3584, 132) == CONFIGS[1 << 62]
+
+
+# ---- GPU, qwen-7b linear shapes -------------------------------------------------------------------
+
+SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): qkv, gate_up, o, down
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("backend", ["triton", "dequant"])
+def test_gpu_real_shapes(k, n, m, symmetric, backend):
+    from deepserve.quant.int8_cuda import w8a16_linear
+
+    q, scale, zp = _weights(n, k, symmetric, "cuda")
+    x, bias = torch.randn(m, k, device="cuda").bfloat16(), torch.randn(n, device="cuda").bfloat16()
+    got = w8a16_linear(x, q, scale, zp, bias, backend=backend)
+    if backend == "dequant":  # cuBLAS multiplies the weight rounded to bf16: the reference does too
+        w_deq = D.w8a16_dequant_ref(q, scale, zp, torch.bfloat16)
+        ref = (x.double() @ w_deq.double().t() + bias.double()).bfloat16()
+    else:
+        w_deq = dequantize_per_channel_ref(q, scale, zp)
+        ref = G.w8a16_gemm_ref(x, q, scale, zp, bias)
+    _assert_close(got, ref, x, w_deq)

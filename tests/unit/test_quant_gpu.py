@@ -1,0 +1,102 @@
+"""The quantised linear methods on CUDA at the qwen-7b linear shapes: against float, against the
+references, inside CUDA graphs, and the quantisation of a GPU-built layer on the GPU.
+
+Tolerances: vs float, the relative error norm of the CPU tests (int8 W8A8 2e-2, W8A16 1e-2, fp8
+0.06: see tests/unit/test_quant_int8.py and test_quant_fp8.py). FP8 `_scaled_mm` vs its float32
+emulation: the products of e4m3 values are exact; the accumulation in cuBLASLt's FP8 GEMM is not
+plain float32 on Hopper (partial sums are promoted every few K-blocks), so elementwise
+|y - ref| <= one bf16 ulp * |ref| + 2^-12 * (|x_q x_s| @ |w_q w_s|^T), a bound four times the
+~2^-14 precision of those partial sums.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepserve.layers.linear import ReplicatedLinear
+
+pytestmark = pytest.mark.gpu
+SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): qkv, gate_up, o, down
+METHODS = {"int8": 2e-2, "int8-weight-only": 1e-2, "int8-weight-only-asym": 1e-2, "fp8": 0.06,
+           "fp8-per-tensor": 0.06}
+
+
+def _layer(k: int, n: int, bias: bool = True) -> ReplicatedLinear:
+    with torch.device("cuda"):
+        layer = ReplicatedLinear(k, n, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.normal_(std=k ** -0.5)
+        if layer.bias is not None:
+            layer.bias.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+def test_methods_match_float(name, k, n, m):
+    layer = _layer(k, n)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    layer.process_weights_after_loading(name)
+    assert layer.weight.is_cuda and layer.weight.is_contiguous() and layer.weight.element_size() == 1
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert float((y.float() - ref).norm() / ref.norm()) < METHODS[name]
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+def test_fp8_scaled_mm_matches_emulation(k, n, m):
+    from deepserve.kernels.fp8_quant import fp8_quant
+    from deepserve.quant.fp8 import fp8_linear_ref, fp8_scaled_mm, quantize_weight_fp8_ref
+
+    w_q, w_s = quantize_weight_fp8_ref(torch.randn(n, k, device="cuda") / k ** 0.5)
+    x, bias = torch.randn(m, k, device="cuda").bfloat16(), torch.randn(n, device="cuda").bfloat16()
+    got = fp8_scaled_mm(x, w_q.contiguous(), w_s, bias)
+    x_q, x_s = fp8_quant(x)  # bit-exact vs its reference (tests/kernels/test_fp8_quant.py)
+    ref = fp8_linear_ref(x_q, x_s, w_q, w_s, bias, torch.float32)
+    bound = (x_q.float().abs() * x_s[:, None]) @ (w_q.float().abs() * w_s[:, None]).t()
+    err = (got.float() - ref).abs()
+    assert (err <= 2.0 ** -7 * ref.abs() + 2.0 ** -12 * bound).all(), f"max err {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_cuda_graph_replay_matches_eager(name, m):
+    """No host synchronisation or allocation outside the graph pool: capture, replay, compare."""
+    layer = _layer(3584, 4608)
+    layer.process_weights_after_loading(name)
+    x = torch.randn(m, 3584, device="cuda").bfloat16()
+    with torch.no_grad():
+        eager = layer(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)  # warm-up (Triton compilation) outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, layer(x)) and not torch.equal(out, eager)
+
+
+def test_quantises_on_the_gpu_quickly():
+    """The largest qwen-7b linear (37888 x 3584 bf16) quantises on the device, without a host copy."""
+    import time
+
+    for name in ("int8", "int8-weight-only-asym", "fp8"):
+        layer = _layer(3584, 37888, bias=False)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        layer.process_weights_after_loading(name)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        assert layer.weight.is_cuda and layer.weight_scale.is_cuda
+        assert elapsed < 1.0, f"{name}: {elapsed:.2f} s for one layer"
