@@ -266,7 +266,8 @@ def base_record(ns: argparse.Namespace, bench: Bench, workload: str, batch: int)
     shape = ns.shape_name or Path(bench.config.model).name
     sched = bench.config.scheduler
     return {**environment_fields(bench.platform.device_name(), ns.run_id), "engine": "deepserve",
-            "engine_version": deepserve.__version__, "model": shape, "dtype": dtype, "quant": "none",
+            "engine_version": deepserve.__version__, "model": shape, "dtype": dtype,
+            "quant": bench.config.quantization or "none",
             "tp": 1, "pp": 1, "ep": 1, "workload": workload, "batch": batch,
             "input_len": ns.input_len, "output_len": ns.output_len, "cuda_graphs": bench.graphs_on,
             "max_num_seqs": sched.max_num_seqs, "max_num_batched_tokens": sched.max_num_batched_tokens,

@@ -1,0 +1,294 @@
+"""INT8 / FP8 linear methods on one GPU, in one call: (a) GEMM microbenchmarks at the qwen-7b linear
+shapes against bf16 cuBLAS, and the per-M backend choice they imply; (b) deepserve W-b1 and
+W-offline on qwen-7b (dummy weights) for each --quantization. Every figure is appended to
+benchmarks/results/gpu.jsonl with one run_id (../shared/BENCHMARKS.md); tables are printed.
+
+    python benchmarks/gpu_quant.py [--budget-s 360] [--methods none,int8,int8-weight-only,fp8]
+                                   [--ms 1,16,64,256,2048,8192] [--skip-kernels] [--skip-engine]
+                                   [--tune] [--result-file PATH]
+
+(a) For each linear of a qwen-7b layer (qkv 3584->4608, gate_up 3584->37888, o 3584->3584,
+down 18944->3584) and each M: bf16 F.linear (cuBLAS), W8A8 with the Triton GEMM and with
+torch._int_mm + epilogue (both including the activation quantisation), W8A16 Triton (symmetric and
+with zero points) and dequantise + cuBLAS, FP8 torch._scaled_mm (including its activation
+quantisation). Median of CUDA-event timings, the L2 cache flushed before each repetition (a decode
+step reads each layer's weights from HBM, not from L2). It prints the W8A8_BACKENDS / W8A16_BACKENDS
+tables for deepserve/quant/int8_cuda.py (per M, the backend with the least time summed over the four
+linears). `--tune` also times a few Triton block configurations per M and prints CONFIGS tables
+for kernels/int8_gemm.py and kernels/w8a16_gemm.py.
+(b) `python -m deepserve.bench.offline latency|throughput --model qwen-7b --load-format dummy
+--quantization X`; W-b1 runs first for every method (the cheaper figures), then W-offline.
+Steps run in child processes with deadlines from what is left of --budget-s; a step that would not
+fit is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_dense, run as a script or imported
+from gpu_dense import REPO, RESULTS, Budget, _num, bandwidth, records, run_step  # noqa: E402
+
+sys.path.insert(0, str(REPO))  # deepserve from this checkout
+SHAPES = {"qkv": (3584, 4608), "gate_up": (3584, 37888), "o": (3584, 3584), "down": (18944, 3584)}
+VARIANTS = ("bf16", "w8a8-triton", "w8a8-int_mm", "w8a16-triton", "w8a16-asym-triton", "w8a16-dequant", "fp8")
+CHOICES = {"W8A8_BACKENDS": {"triton": "w8a8-triton", "int_mm": "w8a8-int_mm"},
+           "W8A16_BACKENDS": {"triton": "w8a16-triton", "dequant": "w8a16-dequant"}}
+B1_FAST = ["--num-iters", "3", "--num-iters-warmup", "1", "--max-graph-batch-size", "16"]
+
+
+# ------------------------------------------------------------------------------- (a) kernels
+
+
+def time_ms(fn, flush, reps: int = 15) -> float:
+    """Median of CUDA-event timings of fn(), the L2 flushed (outside the timed region) before each."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def make_weights(k: int, n: int) -> dict:
+    import torch
+
+    from deepserve.quant.fp8 import quantize_weight_fp8_ref
+    from deepserve.quant.int8 import quantize_per_channel_ref
+
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
+    q, s, _ = quantize_per_channel_ref(w)
+    qa, sa, zp = quantize_per_channel_ref(w, symmetric=False)
+    f8, f8s = quantize_weight_fp8_ref(w)
+    return {"w": w, "q": q.contiguous(), "s": s, "qa": qa.contiguous(), "sa": sa, "zp": zp.float(),
+            "f8": f8.contiguous(), "f8s": f8s}
+
+
+def variant_fns(wt: dict, x) -> dict:
+    import torch.nn.functional as F
+
+    from deepserve.quant.fp8 import fp8_scaled_mm
+    from deepserve.quant.int8_cuda import w8a8_linear, w8a16_linear
+
+    return {"bf16": lambda: F.linear(x, wt["w"]),
+            "w8a8-triton": lambda: w8a8_linear(x, wt["q"], wt["s"], None, "triton"),
+            "w8a8-int_mm": lambda: w8a8_linear(x, wt["q"], wt["s"], None, "int_mm"),
+            "w8a16-triton": lambda: w8a16_linear(x, wt["q"], wt["s"], None, None, "triton"),
+            "w8a16-asym-triton": lambda: w8a16_linear(x, wt["qa"], wt["sa"], wt["zp"], None, "triton"),
+            "w8a16-dequant": lambda: w8a16_linear(x, wt["q"], wt["s"], None, None, "dequant"),
+            "fp8": lambda: fp8_scaled_mm(x, wt["f8"], wt["f8s"], None)}
+
+
+def kernels(ms: list[int], result_file: str, run_id: str) -> None:
+    import torch
+
+    from deepserve.bench.offline import append_record, environment_fields
+
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    env = environment_fields(torch.cuda.get_device_name(), run_id)
+    for layer, (k, n) in SHAPES.items():
+        wt = make_weights(k, n)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            for variant, fn in variant_fns(wt, x).items():
+                ms_ = time_ms(fn, flush)
+                weight_bytes = n * k * (2 if variant == "bf16" else 1)
+                append_record({**env, "engine": "deepserve", "engine_version": None, "model": "qwen-7b",
+                               "dtype": "bfloat16", "quant": variant, "tp": 1, "pp": 1, "ep": 1,
+                               "workload": "kernel-linear", "batch": m, "layer": layer, "k": k, "n": n,
+                               "ms": round(ms_, 5), "tflops": round(2 * m * n * k / ms_ / 1e9, 2),
+                               "weight_gbs": round(weight_bytes / ms_ / 1e6, 1),
+                               "notes": "one linear incl. activation quantisation; median of 15 CUDA-event "
+                                        "timings, L2 flushed before each; weight_gbs = weight bytes / time"},
+                              result_file)
+        del wt
+
+
+def kernel_times(path: Path, run_id: str) -> dict[tuple[str, int, str], float]:
+    """(layer, M, variant) -> ms, from the records of this run."""
+    return {(r["layer"], r["batch"], r["quant"]): r["ms"] for r in records(path, run_id)
+            if r["workload"] == "kernel-linear"}
+
+
+def print_kernel_table(times: dict, ms: list[int]) -> None:
+    if not times:
+        return
+    print(f"\n{'layer':<8}{'M':>6}" + "".join(f"{v:>19}" for v in VARIANTS) + "   (ms; x = speed-up over bf16)")
+    for layer in SHAPES:
+        for m in ms:
+            base = times[layer, m, "bf16"]
+            cells = "".join(f"{times[layer, m, v]:>11.4f} {base / times[layer, m, v]:>5.2f}x " for v in VARIANTS)
+            print(f"{layer:<8}{m:>6}{cells}")
+
+
+def print_choices(times: dict, ms: list[int]) -> None:
+    """Per M, the backend with the least time over the four linears; as tables to paste."""
+    if not times:
+        return
+    print("\nper-M choice (summed over qkv, gate_up, o, down), for deepserve/quant/int8_cuda.py:")
+    for table, options in CHOICES.items():
+        entries = []
+        for i, m in enumerate(ms):
+            totals = {b: sum(times[layer, m, v] for layer in SHAPES) for b, v in options.items()}
+            best = min(totals, key=totals.get)
+            bound = "1 << 62" if i == len(ms) - 1 else str(m)
+            entries.append(f'{bound}: "{best}"')
+            print(f"  {table} M={m}: " + ", ".join(f"{b} {t:.4f} ms" for b, t in totals.items()))
+        print(f"{table}: dict[int, str] = {{{', '.join(entries)}}}  # measured")
+
+
+# ------------------------------------------------------------------------------- --tune
+
+
+def candidates(m: int):
+    from deepserve.kernels.int8_gemm import GemmConfig
+
+    if m <= 16:
+        return [GemmConfig(16, bn, bk, split_k=s, group_m=1, num_warps=4, num_stages=4)
+                for bn in (32, 64, 128) for bk in (128, 256) for s in (1, 4)]
+    if m <= 256:
+        return [GemmConfig(bm, bn, bk, split_k=s, group_m=8, num_warps=4, num_stages=4)
+                for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for s in (1, 2)]
+    return [GemmConfig(128, bn, bk, split_k=1, group_m=8, num_warps=w, num_stages=st)
+            for bn in (128, 256) for bk in (64, 128) for w, st in ((8, 3), (8, 4), (4, 4))]
+
+
+def tune(ms: list[int], result_file: str, run_id: str) -> None:
+    """Time the Triton GEMMs with a few configs per M (summed over the four linears); one record per
+    (kernel, M) with the best config."""
+    import torch
+
+    from deepserve.bench.offline import append_record, environment_fields
+    from deepserve.kernels.int8_gemm import config_for, int8_gemm, num_sms
+    from deepserve.kernels.w8a16_gemm import w8a16_gemm
+
+    flush, sms = torch.empty(256 << 20, dtype=torch.int8, device="cuda"), num_sms(torch.device("cuda"))
+    weights = {layer: make_weights(k, n) for layer, (k, n) in SHAPES.items()}
+    for m in ms:
+        for kernel in ("int8_gemm", "w8a16_gemm"):
+            scores = {}
+            for cfg in candidates(m):
+                total = 0.0
+                for layer, (k, n) in SHAPES.items():
+                    wt, table = weights[layer], {m: cfg}
+                    c = config_for(table, m, n, k, sms)  # resolve split_k for this shape
+                    x = torch.randn(m, k, device="cuda").bfloat16()
+                    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+                    xs = torch.rand(m, device="cuda")
+                    fn = ((lambda: int8_gemm(xq, xs, wt["q"], wt["s"], None, torch.bfloat16, c))
+                          if kernel == "int8_gemm" else (lambda: w8a16_gemm(x, wt["q"], wt["s"], None, None, c)))
+                    total += time_ms(fn, flush, reps=7)
+                scores[cfg] = total
+            top = min(scores, key=scores.get)
+            append_record({**environment_fields(torch.cuda.get_device_name(), run_id), "engine": "deepserve",
+                           "model": "qwen-7b", "dtype": "bfloat16", "quant": kernel, "workload": "kernel-tune",
+                           "batch": m, "config": list(top), "ms": round(scores[top], 5),
+                           "worst_ms": round(max(scores.values()), 5), "candidates": len(scores),
+                           "notes": "ms summed over qkv, gate_up, o, down; median of 7, L2 flushed"}, result_file)
+
+
+def print_tuned(path: Path, run_id: str, ms: list[int]) -> None:
+    """CONFIGS tables to paste into kernels/int8_gemm.py and kernels/w8a16_gemm.py."""
+    rows = [r for r in records(path, run_id) if r["workload"] == "kernel-tune"]
+    for kernel in ("int8_gemm", "w8a16_gemm"):
+        best = {r["batch"]: r for r in rows if r["quant"] == kernel}
+        if not best:
+            continue
+        lines = [f"    {'1 << 62' if m == ms[-1] else m}: GemmConfig{tuple(best[m]['config'])},  "
+                 f"# {best[m]['ms']:.4f} ms (worst of {best[m]['candidates']}: {best[m]['worst_ms']:.4f})"
+                 for m in ms if m in best]
+        print(f"\n# kernels/{kernel}.py, measured\nCONFIGS: dict[int, GemmConfig] = {{\n" + "\n".join(lines) + "\n}")
+
+
+def print_engine_table(path: Path, run_id: str) -> None:
+    rows = [r for r in records(path, run_id) if r["workload"] in ("W-b1", "W-offline", "ceiling-copy")]
+    print(f"\nrun {run_id} on {rows[0]['gpu'] if rows else '?'} -> {path}")
+    print(f"{'model':<10}{'workload':<11}{'quant':<18}{'out tok/s':>11}{'tot tok/s':>11}{'ms/tok':>9}"
+          f"{'roofline':>9}{'ttft ms':>9}")
+    for r in rows:
+        if r["workload"] == "ceiling-copy":
+            print(f"copy bandwidth {r['bandwidth_gbs']} GB/s")
+            continue
+        print(f"{str(r['model']):<10}{r['workload']:<11}{r['quant']:<18}{_num(r.get('output_tok_s')):>11}"
+              f"{_num(r.get('total_tok_s')):>11}{_num(r.get('ms_per_token')):>9}"
+              f"{_num(r.get('roofline_fraction')):>9}{_num(r.get('ttft_ms_p50')):>9}")
+
+
+# ------------------------------------------------------------------------------- the driver
+
+
+def offline_cmd(kind: str, method: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    quant = [] if method == "none" else ["--quantization", method]
+    return [sys.executable, "-m", "deepserve.bench.offline", kind, "--model", args.shape, "--load-format", "dummy",
+            "--result-file", args.result_file, "--run-id", args.run_id, *quant, *extra,
+            "--notes", f"benchmarks/gpu_quant.py{' ' + ' '.join(extra) if extra else ''}"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen-7b", help="a name under benchmarks/configs, for (b)")
+    p.add_argument("--methods", default="none,int8,int8-weight-only,fp8", help="--quantization values for (b)")
+    p.add_argument("--ms", default="1,16,64,256,2048,8192", help="token counts M for (a)")
+    p.add_argument("--budget-s", type=float, default=360.0, help="the whole run, seconds")
+    p.add_argument("--result-file", default=str(RESULTS))
+    p.add_argument("--run-id", default=uuid.uuid4().hex[:12])
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--skip-offline", action="store_true", help="W-b1 only in (b)")
+    p.add_argument("--tune", action="store_true", help="also time Triton block configs per M (slow: compiles)")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
+    if args.child:
+        return child(args, ms)
+    budget, me = Budget(args.budget_s), [sys.executable, str(Path(__file__).resolve())]
+    common = ["--result-file", args.result_file, "--run-id", args.run_id, "--ms", args.ms]
+    if not args.skip_kernels:
+        run_step("kernel microbenchmarks", me + common + ["--child", "kernels"], budget, cap_s=150)
+    if args.tune:
+        run_step("Triton config sweep", me + common + ["--child", "tune"], budget, cap_s=300, min_s=60)
+    if not args.skip_engine:
+        run_step("ceilings", me + common + ["--child", "ceilings"], budget, cap_s=60)
+        bw = bandwidth(Path(args.result_file), args.run_id)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        roof = ["--roofline-bandwidth-gbs", str(bw)] if bw else []
+        for method in methods:
+            run_step(f"W-b1 {args.shape} {method}", offline_cmd("latency", method, args, B1_FAST + roof),
+                     budget, cap_s=150, min_s=45)
+        for method in [] if args.skip_offline else methods:
+            run_step(f"W-offline {args.shape} {method}", offline_cmd("throughput", method, args, []),
+                     budget, cap_s=200, min_s=60)
+    path = Path(args.result_file)
+    times = kernel_times(path, args.run_id)
+    print_kernel_table(times, ms)
+    print_choices(times, ms)
+    print_tuned(path, args.run_id, ms)
+    print_engine_table(path, args.run_id)
+
+
+def child(args: argparse.Namespace, ms: list[int]) -> None:
+    kind = args.child[0]
+    if kind == "kernels":
+        kernels(ms, args.result_file, args.run_id)
+    elif kind == "tune":
+        tune(ms, args.result_file, args.run_id)
+    elif kind == "ceilings":
+        from gpu_dense import ceilings
+
+        ceilings(args.result_file, args.run_id)
+    else:
+        raise SystemExit(f"unknown child step {kind!r}")
+
+
+if __name__ == "__main__":
+    main()
