@@ -1,11 +1,12 @@
 """INT8 / FP8 linear methods on one GPU, in one call: (a) GEMM microbenchmarks at the qwen-7b linear
 shapes against bf16 cuBLAS, and the per-M backend choice they imply; (b) deepserve W-b1 and
-W-offline on qwen-7b (dummy weights) for each --quantization. Every figure is appended to
-benchmarks/results/gpu.jsonl with one run_id (../shared/BENCHMARKS.md); tables are printed.
+W-offline on qwen-7b (dummy weights) for each --quantization. The engine figures are appended to
+benchmarks/results/gpu.jsonl, the kernel timings to benchmarks/results/gpu_quant_kernels.jsonl,
+all with one run_id (../shared/BENCHMARKS.md); tables are printed at the end.
 
     python benchmarks/gpu_quant.py [--budget-s 360] [--methods none,int8,int8-weight-only,fp8]
                                    [--ms 1,16,64,256,2048,8192] [--skip-kernels] [--skip-engine]
-                                   [--tune] [--result-file PATH]
+                                   [--tune] [--result-file PATH] [--kernel-file PATH]
 
 (a) For each linear of a qwen-7b layer (qkv 3584->4608, gate_up 3584->37888, o 3584->3584,
 down 18944->3584) and each M: bf16 F.linear (cuBLAS), W8A8 with the Triton GEMM and with
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_dense, run as a 
 from gpu_dense import REPO, RESULTS, Budget, _num, bandwidth, records, run_step  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # deepserve from this checkout
+KERNEL_RESULTS = RESULTS.parent / "gpu_quant_kernels.jsonl"
 SHAPES = {"qkv": (3584, 4608), "gate_up": (3584, 37888), "o": (3584, 3584), "down": (18944, 3584)}
 VARIANTS = ("bf16", "w8a8-triton", "w8a8-int_mm", "w8a16-triton", "w8a16-asym-triton", "w8a16-dequant", "fp8")
 CHOICES = {"W8A8_BACKENDS": {"triton": "w8a8-triton", "int_mm": "w8a8-int_mm"},
@@ -101,23 +103,32 @@ def kernels(ms: list[int], result_file: str, run_id: str) -> None:
         for m in ms:
             x = torch.randn(m, k, device="cuda").bfloat16()
             for variant, fn in variant_fns(wt, x).items():
-                ms_ = time_ms(fn, flush)
-                weight_bytes = n * k * (2 if variant == "bf16" else 1)
-                append_record({**env, "engine": "deepserve", "engine_version": None, "model": "qwen-7b",
-                               "dtype": "bfloat16", "quant": variant, "tp": 1, "pp": 1, "ep": 1,
-                               "workload": "kernel-linear", "batch": m, "layer": layer, "k": k, "n": n,
-                               "ms": round(ms_, 5), "tflops": round(2 * m * n * k / ms_ / 1e9, 2),
-                               "weight_gbs": round(weight_bytes / ms_ / 1e6, 1),
-                               "notes": "one linear incl. activation quantisation; median of 15 CUDA-event "
-                                        "timings, L2 flushed before each; weight_gbs = weight bytes / time"},
-                              result_file)
+                record = {**env, "engine": "deepserve", "engine_version": None, "model": "qwen-7b",
+                          "dtype": "bfloat16", "quant": variant, "tp": 1, "pp": 1, "ep": 1,
+                          "workload": "kernel-linear", "batch": m, "layer": layer, "k": k, "n": n,
+                          "notes": "one linear incl. activation quantisation; median of 15 CUDA-event "
+                                   "timings, L2 flushed before each; weight_gbs = weight bytes / time"}
+                append_record({**record, **timed_figures(fn, flush, m, n, k, variant)}, result_file)
         del wt
+
+
+def timed_figures(fn, flush, m: int, n: int, k: int, variant: str) -> dict:
+    """ms, TFLOP/s and weight GB/s of one variant; an error is recorded, not raised (the other
+    variants still get measured)."""
+    try:
+        ms_ = time_ms(fn, flush)
+    except Exception as exc:  # noqa: BLE001 - a compile or launch failure of one variant
+        print(f"{variant} M={m} N={n} K={k}: {exc!r}"[:400], file=sys.stderr, flush=True)
+        return {"ms": None, "error": repr(exc)[:300]}
+    weight_bytes = n * k * (2 if variant == "bf16" else 1)
+    return {"ms": round(ms_, 5), "tflops": round(2 * m * n * k / ms_ / 1e9, 2),
+            "weight_gbs": round(weight_bytes / ms_ / 1e6, 1)}
 
 
 def kernel_times(path: Path, run_id: str) -> dict[tuple[str, int, str], float]:
     """(layer, M, variant) -> ms, from the records of this run."""
     return {(r["layer"], r["batch"], r["quant"]): r["ms"] for r in records(path, run_id)
-            if r["workload"] == "kernel-linear"}
+            if r["workload"] == "kernel-linear" and r.get("ms") is not None}
 
 
 def print_kernel_table(times: dict, ms: list[int]) -> None:
@@ -126,9 +137,15 @@ def print_kernel_table(times: dict, ms: list[int]) -> None:
     print(f"\n{'layer':<8}{'M':>6}" + "".join(f"{v:>19}" for v in VARIANTS) + "   (ms; x = speed-up over bf16)")
     for layer in SHAPES:
         for m in ms:
-            base = times[layer, m, "bf16"]
-            cells = "".join(f"{times[layer, m, v]:>11.4f} {base / times[layer, m, v]:>5.2f}x " for v in VARIANTS)
+            base = times.get((layer, m, "bf16"))
+            cells = "".join(_cell(times.get((layer, m, v)), base) for v in VARIANTS)
             print(f"{layer:<8}{m:>6}{cells}")
+
+
+def _cell(ms_: float | None, base: float | None) -> str:
+    if ms_ is None:
+        return f"{'failed/absent':>18} "
+    return f"{ms_:>11.4f} {base / ms_:>5.2f}x " if base else f"{ms_:>11.4f}        "
 
 
 def print_choices(times: dict, ms: list[int]) -> None:
@@ -139,7 +156,11 @@ def print_choices(times: dict, ms: list[int]) -> None:
     for table, options in CHOICES.items():
         entries = []
         for i, m in enumerate(ms):
-            totals = {b: sum(times[layer, m, v] for layer in SHAPES) for b, v in options.items()}
+            totals = {b: sum(times[layer, m, v] for layer in SHAPES) for b, v in options.items()
+                      if all((layer, m, v) in times for layer in SHAPES)}
+            if not totals:
+                print(f"  {table} M={m}: no complete measurement")
+                continue
             best = min(totals, key=totals.get)
             bound = "1 << 62" if i == len(ms) - 1 else str(m)
             entries.append(f'{bound}: "{best}"')
@@ -187,13 +208,19 @@ def tune(ms: list[int], result_file: str, run_id: str) -> None:
                     xs = torch.rand(m, device="cuda")
                     fn = ((lambda: int8_gemm(xq, xs, wt["q"], wt["s"], None, torch.bfloat16, c))
                           if kernel == "int8_gemm" else (lambda: w8a16_gemm(x, wt["q"], wt["s"], None, None, c)))
-                    total += time_ms(fn, flush, reps=7)
+                    try:
+                        total += time_ms(fn, flush, reps=7)
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip the config
+                        print(f"{kernel} {cfg}: {exc!r}"[:300], file=sys.stderr, flush=True)
+                        total = float("inf")
+                        break
                 scores[cfg] = total
             top = min(scores, key=scores.get)
+            worst = max((v for v in scores.values() if v < float("inf")), default=None)
             append_record({**environment_fields(torch.cuda.get_device_name(), run_id), "engine": "deepserve",
                            "model": "qwen-7b", "dtype": "bfloat16", "quant": kernel, "workload": "kernel-tune",
                            "batch": m, "config": list(top), "ms": round(scores[top], 5),
-                           "worst_ms": round(max(scores.values()), 5), "candidates": len(scores),
+                           "worst_ms": None if worst is None else round(worst, 5), "candidates": len(scores),
                            "notes": "ms summed over qkv, gate_up, o, down; median of 7, L2 flushed"}, result_file)
 
 
@@ -205,7 +232,7 @@ def print_tuned(path: Path, run_id: str, ms: list[int]) -> None:
         if not best:
             continue
         lines = [f"    {'1 << 62' if m == ms[-1] else m}: GemmConfig{tuple(best[m]['config'])},  "
-                 f"# {best[m]['ms']:.4f} ms (worst of {best[m]['candidates']}: {best[m]['worst_ms']:.4f})"
+                 f"# {best[m]['ms']} ms (worst of {best[m]['candidates']}: {best[m]['worst_ms']})"
                  for m in ms if m in best]
         print(f"\n# kernels/{kernel}.py, measured\nCONFIGS: dict[int, GemmConfig] = {{\n" + "\n".join(lines) + "\n}")
 
@@ -240,7 +267,8 @@ def main() -> None:
     p.add_argument("--methods", default="none,int8,int8-weight-only,fp8", help="--quantization values for (b)")
     p.add_argument("--ms", default="1,16,64,256,2048,8192", help="token counts M for (a)")
     p.add_argument("--budget-s", type=float, default=360.0, help="the whole run, seconds")
-    p.add_argument("--result-file", default=str(RESULTS))
+    p.add_argument("--result-file", default=str(RESULTS), help="engine figures (b)")
+    p.add_argument("--kernel-file", default=str(KERNEL_RESULTS), help="kernel timings (a) and --tune")
     p.add_argument("--run-id", default=uuid.uuid4().hex[:12])
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
@@ -252,7 +280,8 @@ def main() -> None:
     if args.child:
         return child(args, ms)
     budget, me = Budget(args.budget_s), [sys.executable, str(Path(__file__).resolve())]
-    common = ["--result-file", args.result_file, "--run-id", args.run_id, "--ms", args.ms]
+    common = ["--result-file", args.result_file, "--kernel-file", args.kernel_file, "--run-id", args.run_id,
+              "--ms", args.ms]
     if not args.skip_kernels:
         run_step("kernel microbenchmarks", me + common + ["--child", "kernels"], budget, cap_s=150)
     if args.tune:
@@ -268,20 +297,19 @@ def main() -> None:
         for method in [] if args.skip_offline else methods:
             run_step(f"W-offline {args.shape} {method}", offline_cmd("throughput", method, args, []),
                      budget, cap_s=200, min_s=60)
-    path = Path(args.result_file)
-    times = kernel_times(path, args.run_id)
+    times = kernel_times(Path(args.kernel_file), args.run_id)
     print_kernel_table(times, ms)
     print_choices(times, ms)
-    print_tuned(path, args.run_id, ms)
-    print_engine_table(path, args.run_id)
+    print_tuned(Path(args.kernel_file), args.run_id, ms)
+    print_engine_table(Path(args.result_file), args.run_id)
 
 
 def child(args: argparse.Namespace, ms: list[int]) -> None:
     kind = args.child[0]
     if kind == "kernels":
-        kernels(ms, args.result_file, args.run_id)
+        kernels(ms, args.kernel_file, args.run_id)
     elif kind == "tune":
-        tune(ms, args.result_file, args.run_id)
+        tune(ms, args.kernel_file, args.run_id)
     elif kind == "ceilings":
         from gpu_dense import ceilings
 

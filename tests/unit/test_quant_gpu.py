@@ -84,7 +84,20 @@ def test_cuda_graph_replay_matches_eager(name, m):
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, layer(x)) and not torch.equal(out, eager)
+        again = layer(x)
+    assert not torch.equal(out, eager)  # the replay read the new input
+    if _triton_only(name, m):  # the same Triton launches give the same bits
+        assert torch.equal(out, again)
+    else:  # cuBLASLt may pick another algorithm under capture (another workspace): one bf16 ulp
+        torch.testing.assert_close(out, again, rtol=2.0 ** -7, atol=1e-6 * again.abs().max().item())
+
+
+def _triton_only(name: str, m: int) -> bool:
+    from deepserve.quant.int8_cuda import W8A8_BACKENDS, W8A16_BACKENDS, pick_backend
+
+    if not name.startswith("int8"):
+        return False
+    return pick_backend(W8A8_BACKENDS if name == "int8" else W8A16_BACKENDS, m) == "triton"
 
 
 def test_quantises_on_the_gpu_quickly():
