@@ -1,7 +1,8 @@
 """Mixture of experts for DeepSeek-V2/V3: router, stacked routed experts, shared experts.
 
-Pure PyTorch. The router is the pure function `select_experts`, the reference a fused GPU kernel
-is tested against; `fused_experts_ref` is the reference for the grouped expert GEMMs.
+The math here is pure PyTorch: the router is the pure function `select_experts`, the reference
+that `kernels/moe_router` (which TopKRouter runs on CUDA) is tested against; `fused_experts_ref`
+is the reference for the grouped expert GEMMs (`kernels/fused_moe`, the MoE backend on CUDA).
 
 Routing (DeepSeek-V2 / V3, as HF transformers computes it):
   1. scores = softmax(logits) (V2) or sigmoid(logits) (V3), float32;
@@ -151,7 +152,12 @@ class GatedMLP(nn.Module):
 
 
 class TopKRouter(nn.Module):
-    """gate.weight [E, H] (router logits in float32) and, for noaux_tc, e_score_correction_bias [E]."""
+    """gate.weight [E, H] (router logits in float32) and, for noaux_tc, e_score_correction_bias [E].
+
+    On CUDA the routing after the logits GEMM is one Triton launch (`kernels/moe_router`, imported
+    lazily: CPU installs never import Triton); elsewhere `select_experts`. After loading, the weight
+    and bias are kept in float32, so a bf16 model does not cast them on every forward.
+    """
 
     def __init__(self, hidden_size: int, cfg: RouterConfig):
         super().__init__()
@@ -162,9 +168,18 @@ class TopKRouter(nn.Module):
             if cfg.topk_method == "noaux_tc" else None
         )
 
+    def process_weights_after_loading(self) -> None:
+        for param in (self.weight, self.e_score_correction_bias):
+            if param is not None:
+                param.data = param.data.float()
+
     def forward(self, x: torch.Tensor) -> Routing:
         """x: [T, H] -> Routing [T, k]."""
         logits = F.linear(x.float(), self.weight.float())  # [T, E] f32
+        if logits.is_cuda:
+            from deepserve.kernels.moe_router import moe_router  # lazy: Triton on CUDA only
+
+            return Routing(*moe_router(logits, self.cfg, self.e_score_correction_bias))
         return select_experts(logits, self.cfg, self.e_score_correction_bias)
 
 
