@@ -4,8 +4,8 @@
         -> [T, H] in x's dtype
 
 Steps (one host call, no host synchronisation, so it can be captured in a CUDA graph):
-  1. `moe_align_block_size` groups the T*k assignments by expert, each expert's segment padded to
-     BLOCK_M (sentinel rows are masked out).
+  1. `moe_align_block_size_triton` groups the T*k assignments by expert, each expert's segment
+     padded to BLOCK_M (sentinel rows are masked out): one launch at decode sizes, two beyond.
   2. Launch 1 (gate/up + SiLU-and-mul, fused): each program takes one M-block (one expert) and a
      BLOCK_N slice of I, gathers the block's token rows of x, and accumulates in float32 two tiles:
      x @ gate[n]^T and x @ up[n]^T (w13 rows n and I + n). The epilogue writes
@@ -13,8 +13,11 @@ Steps (one host call, no host synchronisation, so it can be captured in a CUDA g
      one launch, at the cost of two accumulators per program.
   3. Launch 2 (down): act rows of the block @ w2[e]^T, multiplied in the epilogue by the
      assignment's routing weight -> per-assignment outputs [T*k, H] in x's dtype.
-  4. The k outputs of each token are summed in float32: view [T, k, H] + sum (deterministic, no
-     atomics), rounded to x's dtype.
+  4. The k outputs of each token are summed: view [T, k, H] + sum in x's dtype, one reduction
+     launch (torch accumulates half/bf16 sums in float32 and rounds once: the same value as
+     sum(dtype=float32).to(dtype), without the second launch). Deterministic, no atomics. Folding
+     this sum into launch 2's epilogue would need atomics (a token's k rows sit in the M-blocks of
+     k different experts, i.e. in different programs), so it stays a separate launch.
 
 Rounding mirrors `fused_experts_ref` on the eager path: GEMM results are rounded to the dtype,
 silu is computed in float32 and rounded, then multiplied by up and rounded (the
@@ -28,7 +31,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.fused_moe_configs import MoeConfig, get_config
-from deepserve.kernels.moe_align import moe_align_block_size
+from deepserve.kernels.moe_align import moe_align_block_size_triton
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -139,14 +142,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if num_tokens == 0 or top_k == 0:
         return torch.zeros_like(x)
     cfg = config or get_config(num_experts, inter, x.dtype, num_tokens, top_k)
-    align = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
+    align = moe_align_block_size_triton(topk_ids, num_experts, cfg.block_m)
     num_valid, weights = num_tokens * top_k, topk_weights.contiguous()
     act = torch.empty(num_valid, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     _launch(x, w13, act, weights, align, num_valid, top_k, True, cfg)
     per_assignment = torch.empty(num_valid, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
     _launch(act, w2, per_assignment, weights, align, num_valid, 1, False, cfg)
-    out = per_assignment.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32)  # [T, H]
-    return out.to(x.dtype)
+    return per_assignment.view(num_tokens, top_k, hidden).sum(dim=1)  # [T, H], f32 accumulation
 
 
 def _silu_and_mul_eager(x: torch.Tensor) -> torch.Tensor:
