@@ -9,6 +9,12 @@ bound by it (H100 SXM: ~3.35 TB/s peak HBM). Routing: top-k of softmax(random lo
     .venv/bin/python benchmarks/kernels_moe.py [--quick] [--shape v3]
         [--json benchmarks/results/kernels_moe.jsonl]
     .venv/bin/python benchmarks/kernels_moe.py --tune [--shape v2-lite]   # prints CONFIGS entries
+    .venv/bin/python benchmarks/kernels_moe.py --layer [--shape v3] [--json ...]
+
+--layer times a whole routed-expert layer at decode sizes (T = 1, 8, 64): router GEMM + routing +
+alignment + fused_moe, the old path (select_experts torch ops, torch-ops alignment, sum + cast)
+against the new one (moe_router kernel, Triton alignment, one sum), eager and as a replayed CUDA
+graph (what decode runs), plus each piece alone and the CUDA kernels one eager call launches.
 """
 
 from __future__ import annotations
@@ -18,17 +24,28 @@ import itertools
 import json
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
+from deepserve.kernels import fused_moe as fused_moe_module
 from deepserve.kernels.fused_moe import fused_moe, fused_moe_ref
 from deepserve.kernels.fused_moe_configs import MoeConfig, get_config
+from deepserve.kernels.moe_align import moe_align_block_size_torch, moe_align_block_size_triton
+from deepserve.kernels.moe_router import moe_router
+from deepserve.layers.moe import RouterConfig, select_experts
 
 BF16 = torch.bfloat16
 SHAPES = {"v2-lite": (64, 2048, 1408, 6), "v3": (256, 7168, 2048, 8)}  # E, H, I, top-k
 TOKENS = [1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 QUICK_TOKENS = [1, 32, 256, 1024]
+LAYER_TOKENS = [1, 8, 64]
+ROUTERS = {  # the checkpoints' routing: V2-Lite greedy softmax; V3 sigmoid + bias, 8 groups, top-4
+    "v2-lite": RouterConfig(num_experts=64, top_k=6),
+    "v3": RouterConfig(num_experts=256, top_k=8, scoring_func="sigmoid", topk_method="noaux_tc",
+                       n_group=8, topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5),
+}
 
 
 def make_inputs(shape: str, tokens: int, weights: tuple | None = None):
@@ -110,17 +127,111 @@ def tune(shape: str, tokens_list: list[int]) -> None:
     print(f"\n    ({num_experts}, {inter}, \"bfloat16\"): {{{entries}}},  # {torch.cuda.get_device_name()}")
 
 
+# --- whole routed-expert layer at decode sizes: old torch-ops glue vs the new kernels ----------
+
+def fused_moe_old(x, w13, w2, topk_weights, topk_ids):
+    """fused_moe as it was before the Triton alignment: torch-ops alignment, sum(f32) + cast."""
+    num_tokens, hidden = x.shape
+    num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    cfg = get_config(num_experts, inter, x.dtype, num_tokens, top_k)
+    align = moe_align_block_size_torch(topk_ids, num_experts, cfg.block_m)
+    num_valid = num_tokens * top_k
+    act = torch.empty(num_valid, inter, dtype=x.dtype, device=x.device)
+    fused_moe_module._launch(x, w13, act, topk_weights, align, num_valid, top_k, True, cfg)
+    out = torch.empty(num_valid, hidden, dtype=x.dtype, device=x.device)
+    fused_moe_module._launch(act, w2, out, topk_weights, align, num_valid, 1, False, cfg)
+    return out.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def layer_paths(cfg: RouterConfig, gate_w, bias, w13, w2):
+    """{'old': fn(x), 'new': fn(x)}: router GEMM + routing + routed experts, [T, H] -> [T, H]."""
+    def old(x):
+        routing = select_experts(F.linear(x.float(), gate_w), cfg, bias)
+        return fused_moe_old(x, w13, w2, *routing)
+
+    def new(x):
+        return fused_moe(x, w13, w2, *moe_router(F.linear(x.float(), gate_w), cfg, bias))
+
+    return {"old": old, "new": new}
+
+
+def graph_ms(fn, x) -> float:
+    """Replay time of `fn(x)` captured in a CUDA graph."""
+    fn(x)  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x)
+    return triton.testing.do_bench(graph.replay)
+
+
+def count_kernels(fn) -> int:
+    """CUDA kernels (and memsets/copies) one eager call launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def bench_layer(shape: str, out_json: str | None) -> None:
+    num_experts, hidden, inter, top_k = SHAPES[shape]
+    cfg = ROUTERS[shape]
+    gate_w = torch.randn(num_experts, hidden, device="cuda") / hidden ** 0.5
+    bias = torch.randn(num_experts, device="cuda") * 0.1 if cfg.topk_method == "noaux_tc" else None
+    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=BF16, device="cuda") / hidden ** 0.5
+    w2 = torch.randn(num_experts, hidden, inter, dtype=BF16, device="cuda") / inter ** 0.5
+    paths = layer_paths(cfg, gate_w, bias, w13, w2)
+    print(f"\n{shape} layer (us): {'T':>4s} {'path':>4s} {'route':>7s} {'align':>7s} {'eager':>8s} "
+          f"{'graph':>8s} {'kernels':>8s}  rel err vs old")
+    for tokens in LAYER_TOKENS:
+        x = torch.randn(tokens, hidden, dtype=BF16, device="cuda")
+        logits = F.linear(x.float(), gate_w)
+        ids = moe_router(logits, cfg, bias).ids
+        block_m = get_config(num_experts, inter, BF16, tokens, top_k).block_m
+        pieces = {"old": (lambda: select_experts(logits, cfg, bias),
+                          lambda: moe_align_block_size_torch(ids, num_experts, block_m)),
+                  "new": (lambda: moe_router(logits, cfg, bias),
+                          lambda: moe_align_block_size_triton(ids, num_experts, block_m))}
+        ref = paths["old"](x)
+        for name, fn in paths.items():
+            route_fn, align_fn = pieces[name]
+            row = dict(shape=shape, tokens=tokens, path=name,
+                       route_us=1e3 * triton.testing.do_bench(route_fn),
+                       align_us=1e3 * triton.testing.do_bench(align_fn),
+                       eager_us=1e3 * triton.testing.do_bench(lambda: fn(x)),
+                       graph_us=1e3 * graph_ms(fn, x), kernels=count_kernels(lambda: fn(x)),
+                       rel_err=max_rel_err(fn(x), ref), device=torch.cuda.get_device_name())
+            print(f"{'':{len(shape) + 12}s} {tokens:4d} {name:>4s} {row['route_us']:7.1f} "
+                  f"{row['align_us']:7.1f} {row['eager_us']:8.1f} {row['graph_us']:8.1f} "
+                  f"{row['kernels']:8d}  {row['rel_err']:.1e}", flush=True)
+            if out_json:
+                with open(out_json, "a") as f:
+                    f.write(json.dumps(dict(row, bench="kernels_moe_layer")) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes")
     parser.add_argument("--shape", choices=list(SHAPES), action="append", help="default: all")
     parser.add_argument("--tune", action="store_true", help="sweep configs, print the best per batch size")
+    parser.add_argument("--layer", action="store_true",
+                        help="router + align + fused_moe at decode sizes, old torch-ops path vs new kernels")
     parser.add_argument("--json", default=None, help="append one JSON line per case to this file")
     args = parser.parse_args()
     tokens = QUICK_TOKENS if args.quick else TOKENS
     with torch.inference_mode():
         for shape in args.shape or list(SHAPES):
-            if args.tune:
+            if args.layer:
+                bench_layer(shape, args.json)
+            elif args.tune:
                 tune(shape, tokens)
             else:
                 bench(shape, tokens, args.json)
