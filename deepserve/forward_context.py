@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterator
 
 import numpy as np
 import torch
@@ -36,6 +36,16 @@ class ForwardContext:
     # Host copies for CPU backends and for launch decisions (no device sync needed).
     query_lens_cpu: tuple[int, ...]
     seq_lens_cpu: tuple[int, ...]
+    # Metadata a backend derives from this batch once and every layer reuses (see `derived`).
+    derived_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def derived(self, key: Hashable, build: Callable[["ForwardContext"], Any]) -> Any:
+        """build(self) on the first call with `key`, the same object for every later call (every layer
+        of the step). Not for decode paths captured in CUDA graphs: a capture context serves many
+        replays, so what the first call computed from device contents would go stale."""
+        if key not in self.derived_cache:
+            self.derived_cache[key] = build(self)
+        return self.derived_cache[key]
 
     @property
     def num_seqs(self) -> int:

@@ -212,7 +212,8 @@ class MLAAttention(nn.Module):
                        ctx: ForwardContext) -> torch.Tensor:
         """Any batch on the GPU kernels (mla_batch.py): decode rows absorbed ("auto"), every other
         sequence expanded and attended by the varlen prefill kernel. [T, h, Dn], [T, h, Dr] -> [T, h, Dv]."""
-        plan = plan_mla_batch(ctx, split_decode_rows=self.attention_mode == "auto")
+        split = self.attention_mode == "auto"
+        plan = ctx.derived(("mla_batch_plan", split), lambda c: plan_mla_batch(c, split))  # once per step
         if plan.decode is None:
             return self._prefill_kernel(q_nope, q_pe, cache, plan.prefill)  # every row, in batch order
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, h, Dv]

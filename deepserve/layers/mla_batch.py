@@ -11,7 +11,9 @@ outgrow the activation memory profiled at start-up.
 
 Everything is computed on the host from the ForwardContext's host tuples and the block-table width
 (a shape), then copied to the device in one transfer; the cache slots of the context tokens come
-from one device gather of the block table. Nothing reads a device tensor on the host.
+from one device gather of the block table. Nothing reads a device tensor on the host. The plan
+depends on the batch only, so the first MLA layer of a step builds it and the others reuse it
+(`ForwardContext.derived`).
 
 Shapes: T new tokens, B sequences, W block-table width, bs block size; Bd decode rows; Bp prefill
 sequences owning Tp new tokens and Sp context tokens.

@@ -141,6 +141,24 @@ def test_batch_plan_indices():
     assert only_decode.prefill is None and only_decode.decode.tokens.tolist() == [0, 1]
 
 
+def test_layers_of_a_step_share_one_plan(monkeypatch):
+    """Two MLA layers in one forward context: the host plan is built once (ForwardContext.derived)."""
+    import deepserve.layers.mla as mla_module
+    from deepserve.forward_context import build_forward_context, forward_context
+
+    calls = []
+    original = mla_module.plan_mla_batch
+    monkeypatch.setattr(mla_module, "plan_mla_batch", lambda ctx, split: calls.append(split) or original(ctx, split))
+    ctx = build_forward_context([3, 1], [3, 5], [[1], [2]], 16)
+    q_nope, q_pe = torch.randn(4, 4, 16), torch.randn(4, 4, 8)
+    layers = (mla_layer("auto"), mla_layer("auto"))
+    for layer in layers:
+        layer.kv_cache = torch.randn(3, 16, 40)  # [N, bs, R + Dr]
+    with forward_context(ctx), torch.no_grad():
+        outs = [layer._mixed_kernels(q_nope, q_pe, layer.kv_cache.view(48, 40), ctx) for layer in layers]
+    assert calls == [True] and outs[0].shape == (4, 4, 16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dims", [V2_LITE_DIMS, V3_DIMS], ids=["v2-lite", "v3"])
 def test_gpu_layer_mixed_batch_matches_naive_loop_bf16(dims):
