@@ -51,7 +51,7 @@ def mla_decode_attention_ref(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_ca
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # chosen per step in eager decode
 def _mla_split_kernel(
     q_lat_ptr, q_rope_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
     scale_log2,
@@ -115,7 +115,7 @@ def _mla_split_kernel(
         tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # chosen per step in eager decode
 def _mla_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,

@@ -98,7 +98,7 @@ def _attend(q_nope, q_pe, m, l, acc, k_nope_ptr, k_pe_ptr, v_ptr, row_pos, key_l
     return m, l, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # the batch size changes every step: one compile
 def _mla_prefill_kernel(
     q_nope_ptr, q_pe_ptr, k_nope_ptr, k_pe_ptr, v_ptr, cu_q_ptr, cu_k_ptr, out_ptr, scale_log2, num_seqs,
     stride_qt, stride_qh, stride_rt, stride_rh, stride_kt, stride_kh, stride_pt, stride_vt, stride_vh,

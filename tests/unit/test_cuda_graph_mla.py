@@ -114,6 +114,6 @@ def test_engine_with_eager_capture_matches_plain_engine():
     core.runner.capture_decode_graphs(graphs, EagerCapturer())
     replays = []
     original = graphs.run
-    graphs.run = lambda ids, ctx: replays.append(ctx.num_seqs) or original(ids, ctx)
+    graphs.run = lambda ids, ctx, *rest: replays.append(ctx.num_seqs) or original(ids, ctx, *rest)
     assert generate(core) == expected
     assert replays and max(replays) == 5
