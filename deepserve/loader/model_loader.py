@@ -4,14 +4,17 @@
     2. class from `deepserve.models.registry` by config.json's `architectures[0]`.
     3. build the modules directly on the target device under the target default dtype.
     4. fill: dummy weights, or every tensor of the safetensors files (rich progress per shard);
-       a parameter left unfilled is an error naming it and the files searched.
+       a parameter left unfilled is an error naming it and the files searched. Quantised
+       checkpoints: `deepserve quantize` int8 ones are dequantised on the way in; DeepSeek block-FP8
+       ones are kept in fp8 or dequantised, by the serving mode (`deepserve/quant/block_fp8.py`).
+    5. process_weights_after_loading: each layer's method (quantisation, packed CPU weights).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -114,10 +117,12 @@ def _expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, files: CheckpointFiles, progress: bool = True,
-                    quantized: str | None = None) -> set[str]:
+                    quantized: str | None = None, transform: Callable[[WeightStream], Iterable] | None = None
+                    ) -> set[str]:
     """Fill `model` from safetensors files; LoadError on a bad file, shape or a missing tensor.
     `quantized`: the method that wrote a `deepserve quantize` checkpoint; its int8 weights are
-    dequantised to float on the way in (the layer's method quantises them again)."""
+    dequantised to float on the way in (the layer's method quantises them again). `transform`
+    wraps the stream of (name, tensor) (block-FP8 checkpoints: `BlockFp8Plan.wrap`)."""
     with _progress(progress) as bar:
         task = bar.add_task("", total=len(files.files))
         stream = WeightStream(files, _expected_shapes(model),
@@ -126,6 +131,8 @@ def load_checkpoint(model: nn.Module, files: CheckpointFiles, progress: bool = T
             from deepserve.quant.int8 import DequantizingStream
 
             stream = DequantizingStream(stream, asymmetric=quantized.endswith("-asym"))
+        if transform is not None:
+            stream = transform(stream)
         filled = load_into(model, stream)
     check_all_filled([name for name, _ in model.named_parameters()], filled, files)
     return filled
@@ -140,15 +147,54 @@ def load_model(engine_config: EngineConfig, progress: bool = True) -> nn.Module:
     files = None if fmt == "dummy" else find_checkpoint_files(_model_folder(engine_config.model))
     model = build_model(cls, engine_config.model_config, engine_config.attention_mode,
                         engine_config.device, resolve_dtype(engine_config))
+    quantization = engine_config.quantization
     if files is None:
         fill_dummy_weights(model, seed=engine_config.seed)
     else:
-        from deepserve.quant import quantization_from_hf_config
-
-        load_checkpoint(model, files, progress,
-                        quantized=quantization_from_hf_config(engine_config.model_config.hf_config))
-    process_weights_after_loading(model, quantization=engine_config.quantization)
+        quantization = _load_weights(model, files, engine_config, progress)
+    process_weights_after_loading(model, quantization=None if quantization == "none" else quantization)
     return model.eval()
+
+
+def _load_weights(model: nn.Module, files: CheckpointFiles, engine_config: EngineConfig,
+                  progress: bool) -> str | None:
+    """Fill `model` from the checkpoint; the quantization its linear layers get afterwards (a
+    block-FP8 checkpoint resolves its serving mode here, see deepserve/quant/block_fp8.py)."""
+    from deepserve.quant import quantization_from_hf_config
+    from deepserve.quant.block_fp8 import checkpoint_block_size
+
+    hf_config = engine_config.model_config.hf_config
+    block = checkpoint_block_size(hf_config)
+    if block is None:
+        load_checkpoint(model, files, progress, quantized=quantization_from_hf_config(hf_config))
+        return engine_config.quantization
+    from deepserve.quant.block_fp8_loading import plan_block_fp8_load
+
+    plan = plan_block_fp8_load(model, files, block, engine_config.quantization, engine_config.device,
+                               resolve_dtype(engine_config))
+    load_checkpoint(model, files, progress, transform=plan.wrap)
+    plan.finish(model)
+    return plan.mode
+
+
+def float_weights(stream: Iterable, engine_config: EngineConfig) -> Iterable:
+    """`stream` of (name, tensor) with a quantised checkpoint's weights dequantised to the model
+    dtype, for modules loaded on their own (the MTP layer): `load_into(mtp, float_weights(stream, cfg))`."""
+    from deepserve.quant import quantization_from_hf_config
+    from deepserve.quant.block_fp8 import checkpoint_block_size
+
+    hf_config = engine_config.model_config.hf_config
+    quantized = quantization_from_hf_config(hf_config)
+    if quantized is not None:
+        from deepserve.quant.int8 import DequantizingStream
+
+        return DequantizingStream(stream, asymmetric=quantized.endswith("-asym"))
+    block = checkpoint_block_size(hf_config)
+    if block is None:
+        return stream
+    from deepserve.quant.block_fp8_loading import dequantizing
+
+    return dequantizing(stream, block, engine_config.device, resolve_dtype(engine_config))
 
 
 def _model_folder(model: str) -> Path:

@@ -34,9 +34,11 @@ from deepserve.layers.rotary import RotaryEmbedding
 #   model.layers.L.mlp.experts.E.up_proj.weight             -> mlp.experts.w13[E, I:]
 #   model.layers.L.mlp.experts.E.down_proj.weight           -> mlp.experts.w2[E]
 #   model.layers.L.mlp.experts.{gate_up_proj,down_proj}     -> w13 / w2 whole (transformers>=5 layout)
+# Block-FP8 checkpoints: a gate/up `weight_scale_inv` goes to gate_up_proj.weight_scale_inv, same shard
+# (only loaded when the layer keeps fp8 weights; see deepserve/quant/block_fp8_loading.py).
 NAME_MAP: tuple[tuple[str, str, int | None], ...] = (
-    (r"\.(mlp|shared_experts)\.gate_proj\.weight$", r".\1.gate_up_proj.weight", 0),
-    (r"\.(mlp|shared_experts)\.up_proj\.weight$", r".\1.gate_up_proj.weight", 1),
+    (r"\.(mlp|shared_experts)\.gate_proj\.weight(_scale_inv)?$", r".\1.gate_up_proj.weight\2", 0),
+    (r"\.(mlp|shared_experts)\.up_proj\.weight(_scale_inv)?$", r".\1.gate_up_proj.weight\2", 1),
     (r"\.experts\.(\d+)\.gate_proj\.weight$", r".experts.w13", 0),
     (r"\.experts\.(\d+)\.up_proj\.weight$", r".experts.w13", 1),
     (r"\.experts\.(\d+)\.down_proj\.weight$", r".experts.w2", None),

@@ -30,6 +30,10 @@ class CudaPlatform(Platform):
     def device_name(self, index: int = 0) -> str:
         return torch.cuda.get_device_name(index)
 
+    def supports_fp8(self, index: int = 0) -> bool:
+        """FP8 tensor cores: compute capability 8.9+ (Ada, Hopper and later)."""
+        return torch.cuda.get_device_capability(index) >= (8, 9)
+
     def mem_get_info(self, index: int = 0) -> MemoryInfo:
         free, total = torch.cuda.mem_get_info(index)
         return MemoryInfo(free=free, total=total)

@@ -74,6 +74,11 @@ class Platform:
         """Exception types this platform raises when device memory runs out."""
         return (MemoryError,)
 
+    def supports_fp8(self, index: int = 0) -> bool:
+        """Whether float8_e4m3fn tensor-core GEMMs run here (block-FP8 checkpoints are then served
+        in FP8; elsewhere they are dequantised at load)."""
+        return False
+
     def resolve_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """`dtype` if the platform computes in it, else the default (e.g. bf16 -> fp32 on CPU)."""
         return dtype if dtype in self.supported_dtypes else self.default_dtype

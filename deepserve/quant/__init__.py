@@ -3,6 +3,9 @@
     get_quant_method("int8")              -> Int8W8A8Method()      weights int8/channel, activations int8/token
     get_quant_method("int8-weight-only")  -> Int8WeightOnlyMethod() weights int8/channel, activations float
     get_quant_method("int8-weight-only-asym") -> Int8WeightOnlyMethod(symmetric=False)  (zero points)
+    get_quant_method("block-fp8")         -> BlockFp8LinearMethod() DeepSeek-V3 fp8 weights + 128x128 block
+                                             scales, activations fp8 per token per 128 columns
+    "none": no method: float linear layers (a quantised checkpoint is dequantised at load)
     get_quant_method("fp8")               -> Fp8Method()           e4m3 weights/channel, activations/token
     get_quant_method("fp8-per-tensor")    -> Fp8Method(per_channel=False)
 
@@ -21,23 +24,33 @@ _METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "int8": ("deepserve.quant.int8", "Int8W8A8Method", {}),
     "int8-weight-only": ("deepserve.quant.int8", "Int8WeightOnlyMethod", {}),
     "int8-weight-only-asym": ("deepserve.quant.int8", "Int8WeightOnlyMethod", {"symmetric": False}),
+    "block-fp8": ("deepserve.quant.block_fp8", "BlockFp8LinearMethod", {}),
     "fp8": ("deepserve.quant.fp8", "Fp8Method", {}),
     "fp8-per-tensor": ("deepserve.quant.fp8", "Fp8Method", {"per_channel": False}),
 }
-QUANTIZATION_METHODS: tuple[str, ...] = tuple(_METHODS)
+NO_QUANTIZATION = "none"
+QUANTIZATION_METHODS: tuple[str, ...] = (*_METHODS, NO_QUANTIZATION)
+QUANTIZATION_HELP = (
+    "quantization of the linear layers: int8 (W8A8), int8-weight-only (W8A16), block-fp8 (DeepSeek-V3/R1 "
+    "FP8 weights with 128x128 block scales, activations FP8 per token per 128 columns; CUDA compute "
+    "capability 8.9+), none (float; a quantised checkpoint is dequantised at load). Default: what the "
+    "checkpoint says; a block-FP8 checkpoint (V3/R1) is served as block-fp8 on FP8 GPUs and dequantised "
+    "(none) elsewhere; with int8 it is dequantised, then quantised per channel")
 QUANT_METHOD_TAG = "deepserve-int8"  # config.json quantization_config.quant_method of our checkpoints
 
 
 def check_quantization(name: str | None) -> str | None:
     """`name` if registered (or None); ValueError listing the registered names otherwise."""
-    if name is not None and name not in _METHODS:
+    if name is not None and name not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown quantization {name!r}; use one of {', '.join(QUANTIZATION_METHODS)}")
     return name
 
 
 def get_quant_method(name: str):
     """A fresh method object (one per layer: it may keep per-layer state)."""
-    module, cls, kwargs = _METHODS[check_quantization(name)]
+    if check_quantization(name) == NO_QUANTIZATION:
+        raise ValueError(f"{NO_QUANTIZATION!r} is no method: float layers take none")
+    module, cls, kwargs = _METHODS[name]
     return getattr(import_module(module), cls)(**kwargs)
 
 
