@@ -201,6 +201,9 @@ class EngineConfig:
     max_graph_batch_size: int = 512  # largest decode batch captured in a CUDA graph
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
     quantization: str | None = None  # deepserve.quant method for LinearBase layers (int8, ...)
+    # Schedule the next step while the device runs this one (sampled ids stay on the device):
+    # "auto" = on where kernels run asynchronously to the host (CUDA), "on", "off".
+    async_scheduling: str = "auto"
 
     @property
     def max_model_len(self) -> int:
@@ -216,6 +219,8 @@ class EngineConfig:
                 f"max_model_len {sched.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.model_config.max_position_embeddings}"
             )
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ConfigError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.speculative is not None and self.model_config.num_nextn_predict_layers < 1:
             raise ConfigError(f"{self.model}: --speculative mtp needs a checkpoint with an MTP layer "
                               f"(num_nextn_predict_layers >= 1 in config.json)")

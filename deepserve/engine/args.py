@@ -33,6 +33,7 @@ class EngineArgs:
     speculative: str | None = None  # "mtp": draft with the checkpoint's MTP layer
     num_speculative_tokens: int = 1
     quantization: str | None = None  # int8 | int8-weight-only; None: float, or the checkpoint's
+    async_scheduling: str = "auto"
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,6 +58,9 @@ class EngineArgs:
                        help="no CUDA graphs: run every batch eagerly")
         g.add_argument("--max-graph-batch-size", type=int, default=d.max_graph_batch_size,
                        help="largest decode batch captured in a CUDA graph (larger ones run eagerly)")
+        g.add_argument("--async-scheduling", default=d.async_scheduling, choices=["auto", "on", "off"],
+                       help="schedule the next step while the device runs this one (auto: on for CUDA); "
+                            "batches with logprobs, penalties or speculative decoding run in step")
         g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
         g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
         g.add_argument("--attention-mode", default=d.attention_mode, choices=["auto", "naive", "absorb"])
@@ -100,6 +104,7 @@ class EngineArgs:
             served_model_name=self.served_model_name or _default_name(self.model, folder),
             enforce_eager=self.enforce_eager, max_graph_batch_size=self.max_graph_batch_size,
             speculative=self._speculative_config(), quantization=self._quantization(model_config),
+            async_scheduling=self.async_scheduling,
         )
         return config.resolve()
 

@@ -225,11 +225,16 @@ class DecodeGraphs:
         """Decode-only (one new token per sequence) and no larger than the largest graph."""
         return bool(query_lens) and len(query_lens) <= self.sizes[-1] and all(q == 1 for q in query_lens)
 
-    def run(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """input_ids [b] int64 and a decode-only ctx of b sequences -> step output rows [b, ...]."""
+    def run(self, input_ids: torch.Tensor, ctx: ForwardContext,
+            pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """input_ids [b] int64 (host) and a decode-only ctx of b sequences -> step output rows
+        [b, ...]. `pending`: (rows [P], values [P]) on the device, ids only the device knows
+        (async scheduling), written over those rows after the copy."""
         b = ctx.num_seqs
         padded = padded_size(self.sizes, b)
         if padded is None or padded not in self._replays:
             raise ValueError(f"no captured graph for a decode batch of {b}")
         self.static.fill(input_ids, ctx, padded)
+        if pending is not None:
+            self.static.input_ids[pending[0]] = pending[1]
         return self._replays[padded]()[:b]

@@ -16,10 +16,11 @@ from deepserve.engine.memory import (KVCachePlan, cpu_num_blocks, gpu_num_blocks
                                      profile_memory)
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.outputs import EngineOutput
-from deepserve.engine.scheduler import DraftBudget, Scheduler, SchedulerStats
+from deepserve.engine.scheduler import DraftBudget, PendingToken, ScheduledBatch, Scheduler, SchedulerStats
 from deepserve.engine.spec_decode import DraftTokenBudget, MTPProposer
 from deepserve.engine.sequence import Sequence
 from deepserve.platforms import Platform, get_platform
+from deepserve.platforms.interface import HostCopy
 from deepserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,21 @@ def use_cuda_graphs(config: EngineConfig, platform: Platform, model: nn.Module) 
         logger.info("CUDA graphs off: the attention backend does not declare supports_cuda_graph")
         return False
     return True
+
+
+def use_async_scheduling(config: EngineConfig, platform: Platform) -> bool:
+    """--async-scheduling: auto means on where the device runs asynchronously to the host; never
+    with speculative decoding (its drafts need the verified tokens on the host)."""
+    if config.speculative is not None or config.async_scheduling == "off":
+        return False
+    return config.async_scheduling == "on" or platform.device_type != "cpu"
+
+
+def _overlappable(batch: ScheduledBatch) -> bool:
+    """A batch may be launched before the previous tokens are read back: its sampling is plain
+    (no logprobs, no penalties reading the token history) and it verifies no drafts."""
+    return all(e.seq.params.logprobs is None and not e.seq.params.uses_token_history and not e.num_spec_tokens
+               for e in batch.scheduled)
 
 
 def plan_kv_cache(config: EngineConfig, model: nn.Module, platform: Platform, graphs: bool,
@@ -111,6 +127,8 @@ class EngineCore:
                 mtp, config.speculative.num_speculative_tokens, num_blocks, config.cache.block_size,
                 config.max_model_len, config.device)
             self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device, proposer)
+        self.async_scheduling = use_async_scheduling(config, self.platform)
+        self._in_flight: tuple[HostCopy, list[PendingToken]] | None = None  # launched, not yet resolved
         if self.platform.jit_kernels:
             self._warm_up()
         if graphs:
@@ -150,18 +168,39 @@ class EngineCore:
         return outputs
 
     def step(self) -> list[EngineOutput]:
+        """Run one batch; the outputs of the tokens that became known. With async scheduling a
+        plain batch is launched, then the previous one (still in flight until now) is resolved:
+        the host schedules and prepares while the device computes, and outputs trail by a step."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
+            return self._resolve_in_flight()
+        if not (self.async_scheduling and _overlappable(batch)):
+            outputs = self._resolve_in_flight()  # its pending tokens are inputs of this batch
+            result = self.runner.execute(batch)
+            return self._released(outputs + self.scheduler.update(batch, result.sampled, result.logprobs,
+                                                                   result.drafts))
+        tokens = self.platform.copy_to_host_async(self.runner.launch(batch))
+        pending = self.scheduler.commit(batch)
+        outputs = self._resolve_in_flight()
+        self._in_flight = (tokens, pending)
+        return outputs
+
+    def _resolve_in_flight(self) -> list[EngineOutput]:
+        if self._in_flight is None:
             return []
-        result = self.runner.execute(batch)
-        outputs = self.scheduler.update(batch, result.sampled, result.logprobs, result.drafts)
+        tokens, pending = self._in_flight
+        self._in_flight = None
+        tokens.wait()
+        return self._released(self.scheduler.resolve(pending, tokens.tensor.tolist()))
+
+    def _released(self, outputs: list[EngineOutput]) -> list[EngineOutput]:
         for out in outputs:
             if out.finished:
                 self.runner.release(out.request_id)
         return outputs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def stats(self) -> EngineStats:
         s: SchedulerStats = self.scheduler.stats()

@@ -16,6 +16,7 @@ from torch import nn
 from deepserve.engine.cuda_graph import Capturer, DecodeGraphs
 from deepserve.engine.kv_cache import allocate_kv_caches, bind_kv_cache
 from deepserve.engine.scheduler import ScheduledBatch, ScheduledSeq
+from deepserve.engine.sequence import PLACEHOLDER_TOKEN
 from deepserve.engine.sequence import TokenLogprob
 from deepserve.engine.spec_decode.verifier import Verifier, row_requests, sample_rows
 from deepserve.forward_context import ForwardContext, build_forward_context, forward_context
@@ -23,6 +24,9 @@ from deepserve.layers.sampler import Sampler, SamplingBatch, make_generator
 
 
 WARM_UP_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # plus the step budget itself
+
+
+Pending = tuple[torch.Tensor, torch.Tensor]  # (rows [P] int64 of the flat ids, their values [P] int64), on the device
 
 
 @dataclass
@@ -47,6 +51,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.verifier = Verifier()
         self.proposer = proposer  # spec_decode.MTPProposer or None (it needs every hidden state)
+        # The last launch's sampled ids [N] on the device and each request's row in them: where a
+        # pending token (async scheduling) is read from when the next batch feeds it.
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     @torch.inference_mode()
     def warm_up(self, max_num_batched_tokens: int) -> None:
@@ -92,11 +99,33 @@ class ModelRunner:
             result.drafts = self.proposer.propose(batch.scheduled, hidden, result.sampled)
         return result
 
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Queue a batch on the device without waiting for it (async scheduling); its sampled ids
+        [N] int64 on the device, in sampling order (the next batch reads its pending inputs from
+        them). Plain sampling only: no drafts, no logprobs, no penalties (the engine runs other
+        batches with `execute`)."""
+        sampling = batch.sampling
+        if self.graphs is not None and self.graphs.can_run([e.num_new_tokens for e in batch.scheduled]):
+            logits = self._replay(batch.scheduled)
+        else:
+            _, logits = self._run_eager(batch.scheduled, bool(sampling))
+        if not sampling:
+            tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
+        elif _all_argmax(sampling):
+            tokens = logits.argmax(dim=-1)  # [N] int64
+        else:
+            tokens = self.sampler(logits.float(), self._sampling_batch(sampling)).token_ids
+        self._last_sampled = (tokens, {e.seq.request_id: row for row, e in enumerate(sampling)})
+        return tokens
+
     def _run_eager(self, scheduled: list[ScheduledSeq], sample: bool
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states [num_tokens, H] and the logits [num_rows, V] of the sampling rows (None
         when nobody samples)."""
-        input_ids, ctx = self._prepare(scheduled, self.device)
+        input_ids, ctx, pending = self._prepare(scheduled, self.device)
+        if pending is not None:
+            input_ids[pending[0]] = pending[1]
         with forward_context(ctx):
             hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
         if not sample:
@@ -106,8 +135,8 @@ class ModelRunner:
     def _replay(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """A decode-only batch through its graph: inputs built on the host, copied into the
         static buffers; logits [num_sampling, V] (row i of the batch is token i)."""
-        input_ids, ctx = self._prepare(scheduled, "cpu")
-        logits = self.graphs.run(input_ids, ctx)  # [B, V], a view of the graph's output
+        input_ids, ctx, pending = self._prepare(scheduled, "cpu")
+        logits = self.graphs.run(input_ids, ctx, pending)  # [B, V], a view of the graph's output
         if all(e.is_last_chunk for e in scheduled):
             return logits
         return logits[self._last_token_rows(scheduled)]
@@ -117,17 +146,35 @@ class ModelRunner:
         self._generators.pop(request_id, None)
 
     def _prepare(self, scheduled: list[ScheduledSeq], device: torch.device | str
-                 ) -> tuple[torch.Tensor, ForwardContext]:
-        """Flat new-token ids [num_tokens] int64 and the batch's ForwardContext, on `device`."""
+                 ) -> tuple[torch.Tensor, ForwardContext, Pending | None]:
+        """Flat new-token ids [num_tokens] int64 and the batch's ForwardContext, on `device`, and
+        the pending inputs: (rows [P] of the ids holding PLACEHOLDER_TOKEN, their values [P] read
+        on the device from the previous launch's sampled ids), or None when every id is known."""
         ids: list[int] = []
+        holes: list[int] = []
+        sources: list[int] = []
         for entry in scheduled:
-            ids.extend(entry.input_token_ids)
+            fed = entry.input_token_ids
+            ids.extend(fed)
+            if entry.seq.num_pending_tokens and fed[-1] == PLACEHOLDER_TOKEN:  # a decode of a pending token
+                holes.append(len(ids) - 1)
+                sources.append(self._pending_source(entry.seq.request_id))
         ctx = build_forward_context(
             query_lens=[e.num_new_tokens for e in scheduled],
             seq_lens=[e.start + e.num_new_tokens for e in scheduled],
             block_tables=[e.seq.block_table for e in scheduled],
             block_size=self.block_size, device=device)
-        return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True), ctx
+        pending = None
+        if holes:
+            values = self._last_sampled[0][torch.tensor(sources, dtype=torch.int64).to(self.device)]
+            pending = (torch.tensor(holes, dtype=torch.int64).to(self.device), values)
+        return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True), ctx, pending
+
+    def _pending_source(self, request_id: str) -> int:
+        """The row of `request_id`'s pending token among the last launch's sampled ids."""
+        if self._last_sampled is None or request_id not in self._last_sampled[1]:
+            raise RuntimeError(f"request {request_id!r} feeds a pending token the last launch did not sample")
+        return self._last_sampled[1][request_id]
 
     def _last_token_rows(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """[num_rows] int64 flat-batch rows that sample: each sampling sequence's last new token,

@@ -15,7 +15,7 @@ from typing import Any, Mapping, NamedTuple, Protocol
 from deepserve.config import CacheConfig, SchedulerConfig
 from deepserve.engine.block_manager import BlockManager, BlockManagerStats, cdiv
 from deepserve.engine.outputs import EngineOutput
-from deepserve.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from deepserve.engine.sequence import PLACEHOLDER_TOKEN, FinishReason, Sequence, SequenceStatus, TokenLogprob
 from deepserve.engine.stop_checker import StopDecision, check_stop
 
 
@@ -43,6 +43,13 @@ class ScheduledSeq(NamedTuple):
         if not self.num_spec_tokens:
             return uncomputed
         return uncomputed + self.seq.spec_token_ids[:self.num_spec_tokens]
+
+
+class PendingToken(NamedTuple):
+    """A sampled token on its way from the device: it goes to `seq.token_ids[index]`."""
+
+    seq: Sequence
+    index: int
 
 
 @dataclass
@@ -179,11 +186,71 @@ class Scheduler:
         self.running = [seq for seq in self.running if not seq.is_finished]
         return outputs
 
+    # ----- async scheduling: commit() a launched batch, resolve() its tokens later -------------
+    def commit(self, batch: ScheduledBatch) -> list[PendingToken]:
+        """Account for a batch launched before its sampled tokens are known (async scheduling).
+
+        Each sequence that samples gets a PLACEHOLDER_TOKEN where its token will go and moves on as
+        if it were known, so the next batch can be scheduled while this one runs (its input for
+        that token is taken from the device). Returns the pending tokens, in the batch's sampling
+        order, for `resolve()`. Prefix-cache hashing of blocks holding a placeholder waits for
+        `resolve()`. Only plain batches (no drafts) are committed."""
+        pending = []
+        for entry in batch.scheduled:
+            seq = entry.seq
+            if entry.num_spec_tokens:
+                raise ValueError("async scheduling does not verify drafts; use update()")
+            if not entry.is_last_chunk:
+                seq.num_computed_tokens += entry.num_new_tokens
+                self.block_manager.cache_computed_blocks(seq)
+                continue
+            pending.append(PendingToken(seq, seq.num_tokens))
+            seq.append_token(PLACEHOLDER_TOKEN)
+            seq.num_pending_tokens += 1
+            seq.num_computed_tokens = seq.num_tokens - 1
+        return pending
+
+    def resolve(self, pending: list[PendingToken], tokens: list[int],
+                logprobs: list[TokenLogprob | None] | None = None) -> list[EngineOutput]:
+        """The sampled tokens of a committed batch arrived: write them over their placeholders,
+        apply the stop conditions (a stopped sequence loses any later placeholder and finishes,
+        even if a later in-flight batch still runs it: its result there is ignored) and register
+        the blocks they completed in the prefix cache. One output per still-live sequence."""
+        if len(tokens) != len(pending):
+            raise ValueError(f"{len(tokens)} tokens for {len(pending)} pending sequences")
+        outputs = []
+        for i, (p, token) in enumerate(zip(pending, tokens)):
+            seq = p.seq
+            if seq.is_finished:  # aborted, or stopped by an earlier token
+                continue
+            seq.token_ids[p.index] = int(token)
+            seq.num_pending_tokens -= 1
+            lp = logprobs[i] if logprobs is not None else None
+            if lp is not None:
+                seq.logprobs.append(lp)
+            stop = check_stop(seq, self.max_model_len, p.index)
+            if stop is not None:
+                del seq.token_ids[p.index + 1:]
+                seq.num_pending_tokens = 0
+                (self.waiting if seq.status == SequenceStatus.WAITING else self.running).remove(seq)
+                self._finish(seq, stop.reason, stop.stop_reason)
+            elif seq.status == SequenceStatus.RUNNING:
+                self.block_manager.cache_computed_blocks(seq)
+            outputs.append(_output(seq, [int(token)], [lp] if lp is not None else []))
+        return outputs
+
+    def _pending_token_is_last(self, seq: Sequence) -> bool:
+        """The pending token ends `seq` by length (max_tokens or max_model_len), whatever it is."""
+        return seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+
     # ----- schedule() phases -----------------------------------------------------------------
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending_tokens and self._pending_token_is_last(seq):
+                i += 1  # finishes by length when its pending token resolves: nothing more to run
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             num_spec = self.drafts.num_draft_tokens(seq, num_new, budget - num_new)
             if self._allocate_or_preempt(seq, num_new + num_spec, i, batch):

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from deepserve.sampling_params import SamplingParams
 
 
+PLACEHOLDER_TOKEN = -1  # a sampled token not yet read back from the device (async scheduling)
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -52,6 +55,9 @@ class Sequence:
         self.num_preemptions = 0
         self.logprobs: list[TokenLogprob] = []
         self.spec_token_ids: list[int] = []  # draft tokens to verify after the last token (spec decode)
+        # Async scheduling: sampled tokens still on the device, held by PLACEHOLDER_TOKEN entries
+        # at the end of token_ids until the scheduler resolves them (deepserve/engine/scheduler.py).
+        self.num_pending_tokens = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from deepserve.platforms.interface import MemoryInfo, MemoryStats, Platform
+from deepserve.platforms.interface import HostCopy, MemoryInfo, MemoryStats, Platform
 
 
 class CudaPlatform(Platform):
@@ -59,6 +59,14 @@ class CudaPlatform(Platform):
         from deepserve.engine.cuda_graph import CudaGraphCapturer  # lazy: engine imports platforms
 
         return CudaGraphCapturer()
+
+    def copy_to_host_async(self, tensor: torch.Tensor) -> HostCopy:
+        """Into pinned memory, ordered after the work queued on the current stream."""
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return HostCopy(host, done.synchronize)
 
     @contextlib.contextmanager
     def stream_context(self) -> Iterator[None]:

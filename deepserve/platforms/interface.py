@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -28,6 +28,13 @@ class MemoryStats:
     allocated: int  # live tensors
     reserved: int  # held by the caching allocator
     peak_allocated: int  # since the last `reset_peak_memory_stats`
+
+
+class HostCopy(NamedTuple):
+    """A device-to-host copy in progress: `tensor` is valid once `wait()` returned."""
+
+    tensor: torch.Tensor
+    wait: Callable[[], None]
 
 
 class Platform:
@@ -86,6 +93,11 @@ class Platform:
     def graph_capturer(self):
         """A `deepserve.engine.cuda_graph.Capturer` (only where supports_graph_capture)."""
         raise NotImplementedError(f"{self.name} does not capture graphs")
+
+    def copy_to_host_async(self, tensor: torch.Tensor) -> "HostCopy":
+        """Start copying `tensor` to host memory behind the work queued before it; `wait()` on the
+        result before reading it. Synchronous where the device is the host."""
+        return HostCopy(tensor.to("cpu", copy=True), lambda: None)
 
     @contextlib.contextmanager
     def stream_context(self) -> Iterator[None]:

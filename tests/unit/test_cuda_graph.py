@@ -3,6 +3,8 @@ capture; graph-vs-eager equality on a GPU (gpu-marked)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -136,21 +138,24 @@ def generate(core: EngineCore, prompts: list[list[int]], max_tokens: int) -> dic
     return out
 
 
-def test_engine_with_eager_capture_matches_plain_engine():
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_engine_with_eager_capture_matches_plain_engine(async_scheduling):
     """Same greedy tokens with decode batches going through padded static buffers (5 requests:
-    batches of 5 padded to 8, then fewer as requests finish at different lengths)."""
+    batches of 5 padded to 8, then fewer as requests finish at different lengths); with async
+    scheduling the pending inputs are written into the static buffers after the fill."""
     prompts = [[(7 * i + j) % 256 for j in range(n)] for i, n in enumerate([3, 17, 30, 5, 40])]
     config, model = tiny()
     expected = generate(EngineCore(config, model), prompts, 12)
 
     config, model = tiny()
-    core = EngineCore(config, model)
+    core = EngineCore(dataclasses.replace(config, async_scheduling=async_scheduling), model)
+    assert core.async_scheduling is (async_scheduling == "on")
     sizes = capture_sizes(config.scheduler.max_num_seqs, config.max_graph_batch_size)
     graphs = DecodeGraphs(sizes, 16, 16, config.max_model_len, "cpu")
     core.runner.capture_decode_graphs(graphs, EagerCapturer())
     replays = []
     original = graphs.run
-    graphs.run = lambda ids, ctx: replays.append(ctx.num_seqs) or original(ids, ctx)
+    graphs.run = lambda ids, ctx, *rest: replays.append(ctx.num_seqs) or original(ids, ctx, *rest)
     assert generate(core, prompts, 12) == expected
     assert replays and max(replays) == 5  # decode steps replayed; prefills ran eagerly
 
