@@ -6,7 +6,7 @@ then either keep them (block-fp8 serving) or dequantise the weight on the way in
     plan.finish(model)                              # int8 experts (int8 modes, CPU)
     plan.mode                                       # the linear method for process_weights_after_loading
 
-Kept layers (mode block-fp8 only): DeepSeek `LinearBase` layers (replicated, column, row, merged
+Kept layers (mode block-fp8 only): DeepSeek models' `LinearBase` layers (replicated, column, row, merged
 gate/up; tp_size 1) whose every checkpoint shard is fp8 and whose merged shards start on block
 boundaries, except those that keep a dense matrix (MLA's kv_b_proj). Before loading, their float
 weight is replaced by an empty fp8 one plus a `weight_scale_inv` parameter, so the model's own name
@@ -182,8 +182,19 @@ def install_fp8_weight(layer: LinearBase, block: tuple[int, int]) -> None:
     layer.weight, layer.weight_scale_inv, layer.weight_block = weight, scale, tuple(block)
 
 
+def _uses_deepseek_names(model: nn.Module) -> bool:
+    from deepserve.models.deepseek_mtp import DeepseekMTP
+    from deepserve.models.deepseek_v2 import DeepseekV2ForCausalLM
+
+    return isinstance(model, (DeepseekV2ForCausalLM, DeepseekMTP))
+
+
 def keep_fp8_layers(model: nn.Module, fp8_names: Iterable[str], block: tuple[int, int]) -> frozenset[str]:
-    """Give the keepable layers fp8 parameters (`install_fp8_weight`); their checkpoint names."""
+    """Give the keepable layers fp8 parameters (`install_fp8_weight`); their checkpoint names.
+    Only DeepSeek models (whose name table maps `weight_scale_inv`); other architectures load
+    dequantised and their linears are quantised to blocks again by the method."""
+    if not _uses_deepseek_names(model):
+        return frozenset()
     kept: set[str] = set()
     for path, shards in _shards_by_layer(model, fp8_names).items():
         layer = model.get_submodule(path)

@@ -192,3 +192,12 @@ def test_merged_layer_fp8_install_places_scales_by_shard():
     assert torch.equal(block_fp8_dequant_ref(layer.weight, layer.weight_scale_inv), expected)
     with pytest.raises(ValueError, match="shape mismatch"):
         layer.weight_scale_inv.weight_loader(layer.weight_scale_inv, torch.ones(1, 2), 1)  # up needs 2 rows
+
+
+def test_only_deepseek_models_keep_fp8_layers():
+    from deepserve.quant.block_fp8_loading import keep_fp8_layers
+
+    model = torch.nn.Module()
+    model.q_proj = ReplicatedLinear(128, 128, bias=False)
+    assert keep_fp8_layers(model, {"q_proj.weight"}, (128, 128)) == frozenset()
+    assert model.q_proj.weight.dtype == torch.float32
