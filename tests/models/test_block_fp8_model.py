@@ -77,7 +77,7 @@ def _load(model: str | Path, quantization: str | None = None):
 @pytest.fixture(scope="module")
 def reference_continuations(src):
     """The original model's prompts + 64 greedy tokens, and its teacher-forced distributions there."""
-    llm = LLM(str(src), num_kv_blocks=128)
+    llm = LLM(str(src), num_kv_blocks=128, device="cpu")
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
     seqs = [llm.tokenizer.encode(p) + o.outputs[0].token_ids for p, o in zip(PROMPTS, outs)]
     return seqs, next_token_logprobs(_load(src), seqs)
@@ -127,10 +127,10 @@ def test_dequantised_load_is_exact_and_within_fp8_error(src, fp8_dir, fp8_tensor
 
 
 def test_greedy_tokens_equal_fake_quantised_original(fp8_dir, fake_quant_dir):
-    """16 greedy steps on 8 prompts: the fp8 checkpoint (dequantised) and the float checkpoint with
-    the same values give the same tokens."""
-    ours = LLM(str(fp8_dir), num_kv_blocks=128).generate(PROMPTS, GREEDY16)
-    theirs = LLM(str(fake_quant_dir), num_kv_blocks=128).generate(PROMPTS, GREEDY16)
+    """16 greedy steps on 8 prompts: the fp8 checkpoint (dequantised: the default on CPU) and the
+    float checkpoint with the same values give the same tokens."""
+    ours = LLM(str(fp8_dir), num_kv_blocks=128, device="cpu").generate(PROMPTS, GREEDY16)
+    theirs = LLM(str(fake_quant_dir), num_kv_blocks=128, device="cpu").generate(PROMPTS, GREEDY16)
     for a, b in zip(ours, theirs):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
