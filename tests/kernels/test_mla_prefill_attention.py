@@ -32,8 +32,9 @@ def make_case(seqs: list[tuple[int, int]], heads: int, nope: int, rope: int, v_d
     return q[..., :nope], q[..., nope:], kv[..., :nope], latent[:, rank:], kv[..., nope:], cu_q, cu_k
 
 
-def run(seqs, heads=2, nope=32, rope=16, v_dim=32, dtype=torch.float32, dev=None, scale=0.3, **kwargs):
-    args = make_case(seqs, heads, nope, rope, v_dim, dtype, dev or device())
+def run(seqs, heads=2, nope=32, rope=16, v_dim=32, dtype=torch.float32, dev=None, scale=0.3, rank=32, **kwargs):
+    """kwargs go to the kernel; `rank` sizes the latent the shared rope key is a view into."""
+    args = make_case(seqs, heads, nope, rope, v_dim, dtype, dev or device(), rank=rank)
     out = K.mla_prefill_attention(*args, scale, **kwargs)
     return out, K.mla_prefill_attention_ref(*args, scale)
 
