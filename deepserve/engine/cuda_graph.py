@@ -82,6 +82,8 @@ class StaticInputs:
     host_tokens: torch.Tensor  # [3, max_bs] int64 on the host
     host_seq_lens: torch.Tensor  # [max_bs] int32 on the host
     host_tables: torch.Tensor  # [max_bs, max_blocks_per_seq] int32 on the host
+    pending: torch.Tensor  # [2, max_bs] int64: rows of input_ids the device fills, their sources
+    host_pending: torch.Tensor  # [2, max_bs] int64 on the host
     copied: list  # [the CUDA event recorded after the last fill's copies, or None]
 
     @classmethod
@@ -97,11 +99,13 @@ class StaticInputs:
         host_seq_lens = host(max_bs, dtype=torch.int32, value=PAD_SEQ_LEN)
         host_tables = host(max_bs, max_blocks, dtype=torch.int32)
         tokens = host_tokens.to(device, copy=True)
+        host_pending = host(2, max_bs, dtype=torch.int64)
         return cls(input_ids=tokens[0], positions=tokens[1], slot_mapping=tokens[2],
                    seq_lens=host_seq_lens.to(device, copy=True),
                    query_start_loc=torch.arange(max_bs + 1, dtype=torch.int32, device=device),
                    block_tables=host_tables.to(device, copy=True), tokens=tokens, host_tokens=host_tokens,
-                   host_seq_lens=host_seq_lens, host_tables=host_tables, copied=[None])
+                   host_seq_lens=host_seq_lens, host_tables=host_tables,
+                   pending=host_pending.to(device, copy=True), host_pending=host_pending, copied=[None])
 
     @property
     def max_bs(self) -> int:
@@ -115,12 +119,18 @@ class StaticInputs:
             block_tables=self.block_tables[:bs], block_size=block_size,
             query_lens_cpu=(1,) * bs, seq_lens_cpu=(max_model_len,) * bs)
 
-    def fill(self, input_ids: torch.Tensor, ctx: ForwardContext, padded: int) -> None:
+    def pending_rows(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `count` (rows, sources) of the last fill's pending inputs, on the device."""
+        return self.pending[0, :count], self.pending[1, :count]
+
+    def fill(self, input_ids: torch.Tensor, ctx: ForwardContext, padded: int,
+             pending: tuple[list[int], list[int]] | None = None) -> None:
         """Copy a decode batch (b rows of host tensors) into rows [0, b); rows [b, padded) become
         padding (token 0 at position 0, slot -1, seq_len 1, block table row of zeros).
 
         The batch is written into the host staging buffers, then copied to the device
-        asynchronously. Table columns past the batch's widest table keep what an earlier batch
+        asynchronously (pinned memory: a pageable copy would wait for the device). `pending`
+        (rows, sources) is staged the same way, for `pending_rows`. Table columns past the batch's widest table keep what an earlier batch
         left there: no row reads past its own blocks (a padding row reads only column 0)."""
         b, width = ctx.num_seqs, ctx.block_tables.shape[1]
         if width > self.block_tables.shape[1]:
@@ -140,6 +150,12 @@ class StaticInputs:
         self.tokens.copy_(self.host_tokens, non_blocking=True)
         self.seq_lens.copy_(self.host_seq_lens, non_blocking=True)
         self.block_tables[:padded].copy_(self.host_tables[:padded], non_blocking=True)
+        if pending is not None:
+            rows, sources = pending
+            staged = self.host_pending.numpy()
+            staged[0, :len(rows)] = rows
+            staged[1, :len(sources)] = sources
+            self.pending.copy_(self.host_pending, non_blocking=True)
         if self.tokens.is_cuda:
             self.copied[0] = torch.cuda.Event()
             self.copied[0].record()
@@ -226,15 +242,17 @@ class DecodeGraphs:
         return bool(query_lens) and len(query_lens) <= self.sizes[-1] and all(q == 1 for q in query_lens)
 
     def run(self, input_ids: torch.Tensor, ctx: ForwardContext,
-            pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            pending: tuple[list[int], list[int], torch.Tensor] | None = None) -> torch.Tensor:
         """input_ids [b] int64 (host) and a decode-only ctx of b sequences -> step output rows
-        [b, ...]. `pending`: (rows [P], values [P]) on the device, ids only the device knows
-        (async scheduling), written over those rows after the copy."""
+        [b, ...]. `pending` (async scheduling): (rows, source rows, tokens [N] on the device):
+        ids only the device knows, input_ids[rows[i]] = tokens[sources[i]], gathered on the
+        device after the copy."""
         b = ctx.num_seqs
         padded = padded_size(self.sizes, b)
         if padded is None or padded not in self._replays:
             raise ValueError(f"no captured graph for a decode batch of {b}")
-        self.static.fill(input_ids, ctx, padded)
+        self.static.fill(input_ids, ctx, padded, None if pending is None else pending[:2])
         if pending is not None:
-            self.static.input_ids[pending[0]] = pending[1]
+            rows, sources = self.static.pending_rows(len(pending[0]))
+            self.static.input_ids[rows] = pending[2][sources]
         return self._replays[padded]()[:b]

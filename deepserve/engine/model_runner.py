@@ -26,7 +26,7 @@ from deepserve.layers.sampler import Sampler, SamplingBatch, make_generator
 WARM_UP_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # plus the step budget itself
 
 
-Pending = tuple[torch.Tensor, torch.Tensor]  # (rows [P] int64 of the flat ids, their values [P] int64), on the device
+Pending = tuple[list[int], list[int], torch.Tensor]  # (rows of the flat ids, rows of the sampled ids, sampled ids [N])
 
 
 @dataclass
@@ -124,8 +124,9 @@ class ModelRunner:
         """Hidden states [num_tokens, H] and the logits [num_rows, V] of the sampling rows (None
         when nobody samples)."""
         input_ids, ctx, pending = self._prepare(scheduled, self.device)
-        if pending is not None:
-            input_ids[pending[0]] = pending[1]
+        if pending is not None:  # (pageable copies: this waits for the device; prefill-sized steps only)
+            rows, sources, tokens = pending
+            input_ids[torch.tensor(rows, device=self.device)] = tokens[torch.tensor(sources, device=self.device)]
         with forward_context(ctx):
             hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
         if not sample:
@@ -148,8 +149,10 @@ class ModelRunner:
     def _prepare(self, scheduled: list[ScheduledSeq], device: torch.device | str
                  ) -> tuple[torch.Tensor, ForwardContext, Pending | None]:
         """Flat new-token ids [num_tokens] int64 and the batch's ForwardContext, on `device`, and
-        the pending inputs: (rows [P] of the ids holding PLACEHOLDER_TOKEN, their values [P] read
-        on the device from the previous launch's sampled ids), or None when every id is known."""
+        the pending inputs: (rows of the ids holding PLACEHOLDER_TOKEN, the rows of their values
+        among the last launch's sampled ids, those ids [N] on the device), or None when every id
+        is known. Rows stay on the host: the graph path stages them in pinned memory, as a
+        pageable copy would wait for the device and undo the overlap."""
         ids: list[int] = []
         holes: list[int] = []
         sources: list[int] = []
@@ -164,10 +167,7 @@ class ModelRunner:
             seq_lens=[e.start + e.num_new_tokens for e in scheduled],
             block_tables=[e.seq.block_table for e in scheduled],
             block_size=self.block_size, device=device)
-        pending = None
-        if holes:
-            values = self._last_sampled[0][torch.tensor(sources, dtype=torch.int64).to(self.device)]
-            pending = (torch.tensor(holes, dtype=torch.int64).to(self.device), values)
+        pending = (holes, sources, self._last_sampled[0]) if holes else None
         return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True), ctx, pending
 
     def _pending_source(self, request_id: str) -> int:
