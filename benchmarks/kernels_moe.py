@@ -96,7 +96,7 @@ def candidates(tokens: int, num_experts: int, top_k: int) -> list[MoeConfig]:
     per_expert = tokens * top_k / num_experts
     block_ms = [m for m in (16, 32, 64, 128) if m == 16 or m <= 4 * per_expert]
     out = []
-    for bm, bn, bk in itertools.product(block_ms, (64, 128), (64, 128)):
+    for bm, bn, bk in itertools.product(block_ms, (32, 64, 128), (64, 128)):
         for warps in ((4,) if bm * bn <= 4096 else (4, 8)):
             out.append(MoeConfig(bm, bn, bk, 1 if bm == 16 else 8, warps, 4 if bm == 16 else 3))
     return out
@@ -225,8 +225,11 @@ def main() -> None:
     parser.add_argument("--layer", action="store_true",
                         help="router + align + fused_moe at decode sizes, old torch-ops path vs new kernels")
     parser.add_argument("--json", default=None, help="append one JSON line per case to this file")
+    parser.add_argument("--tokens", default=None, help="comma-separated batch sizes (default: the built-in list)")
     args = parser.parse_args()
     tokens = QUICK_TOKENS if args.quick else TOKENS
+    if args.tokens:
+        tokens = [int(t) for t in args.tokens.split(",")]
     with torch.inference_mode():
         for shape in args.shape or list(SHAPES):
             if args.layer:
