@@ -14,7 +14,9 @@ Block sizes come from `int8_gemm_config(M, N, K, num_sms)` chosen by M on the ho
 (prefill) is compute bound and wants 128x128 tiles. With SPLIT_K > 1 each split writes its scaled
 float32 partial (split 0 adds the bias) to a [SPLIT_K, M, N] workspace and the host sums the splits
 (`torch.sum`, deterministic). The epilogue's order of float32 operations is the one of
-`int8_gemm_ref` and of `Int8W8A8Method` on CPU: (float(acc) * x_scale) * w_scale + bias.
+`int8_gemm_ref` and of `Int8W8A8Method` on CPU: (float(acc) * x_scale) * w_scale + bias, each
+rounded to float32; the launch passes `enable_fp_fusion=False` so that the GPU compiler does not
+contract the last multiply and the bias add into one FMA (one rounding fewer than the reference).
 The launch has no host synchronisation (CUDA-graph safe). The table is a first estimate for H100
 (not yet measured); `benchmarks/gpu_quant.py --tune` prints measured alternatives.
 """
@@ -106,7 +108,9 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
         k_mask = offs_k < k_end - k0
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
-        acc = tl.dot(a, b, acc)
+        # out_dtype must name the int32 accumulator: Triton <= 3.6 defaults it to float32 and asserts
+        # acc's dtype equals it (later releases infer it from acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
@@ -167,7 +171,8 @@ def int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
         x_q, w_q, c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k, k_per_split,
         x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=False)  # no FMA in the epilogue: the reference rounds the product first
     return reduce_splits(c, out_dtype)
 
 

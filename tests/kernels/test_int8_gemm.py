@@ -12,7 +12,8 @@ import torch
 
 from deepserve.kernels.int8_gemm import CONFIGS, GemmConfig, int8_gemm_config, pick_split_k
 from deepserve.quant.int8 import quantize_per_channel_ref, quantize_per_token_ref
-from tests.kernels.interpret import device, load_kernel_module
+from tests.kernels.interpret import INTERPRET, device, load_kernel_module
+from tests.kernels.triton36 import triton_3_6_semantics
 
 G = load_kernel_module("int8_gemm")
 E = load_kernel_module("int8_epilogue")
@@ -40,6 +41,17 @@ def _assert_close(got, want, split):
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_gemm_matches_reference(m, n, k, cfg, bias):
     ops = _operands(m, n, k, device(), bias)
+    _assert_close(G.int8_gemm(*ops, torch.float32, cfg), G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="models Triton 3.6 in the interpreter")
+@pytest.mark.parametrize("m", [1, 17, 300])  # one per entry of the tile table
+def test_triton_gemm_builds_with_triton_3_6_dot(monkeypatch, m):
+    """Triton 3.6's tl.dot defaults out_dtype to float32 and asserts the accumulator has it: the
+    int32 accumulator must be named (a GPU run failed to compile at every M without it)."""
+    triton_3_6_semantics(monkeypatch)
+    ops = _operands(m, 24, 64, device())
+    cfg = int8_gemm_config(m, 24, 64, 132)._replace(block_k=32, num_stages=1)  # small K tile: fast
     _assert_close(G.int8_gemm(*ops, torch.float32, cfg), G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
 
 
