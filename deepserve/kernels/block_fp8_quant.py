@@ -51,13 +51,15 @@ def _round_to_e4m3(v):
 
     e4m3 keeps 3 fraction bits: in [2^e, 2^(e+1)) the spacing is 2^(e-3); below 2^-6 (subnormals)
     it is 2^-9. Scaling by powers of two is exact, so only `_rint` rounds. The sign is re-applied
-    from the input's sign bit (so -0.0 and small negatives keep it, as torch's cast does)."""
+    from the input's sign bit (so -0.0 and small negatives keep it, as torch's cast does) by bit
+    operations: `-mag` would not do, Triton 3.6 compiles unary minus as 0 - mag (+0.0 for +0.0)."""
     bits = v.to(tl.int32, bitcast=True)
     exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-3)
     inv_step = ((3 - exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^(3-e)
-    mag = _rint(tl.abs(v) * inv_step) * step
-    return tl.where(bits < 0, -mag, mag)
+    mag = _rint(tl.abs(v) * inv_step) * step  # >= +0.0
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -6,7 +6,7 @@ Per row t (the math of `deepserve.quant.fp8.quantize_per_token_fp8_ref`, bit for
 
     scale_t = max(max_k |x_tk|, 1e-8) / 448,    q_tk = e4m3(clamp(x_tk / scale_t, -448, 448))
 
-e4m3() rounds to nearest, ties to even, as torch's cast. The kernel rounds onto the e4m3 grid itself
+e4m3() rounds to nearest, ties to even, as torch's cast, keeping the sign of zero. The kernel rounds onto the e4m3 grid itself
 in float32 (spacing 2^(e-3) for a value in [2^e, 2^(e+1)), 2^-9 below 2^-6, the subnormals) with
 `int8_quant.round_half_even`, then casts a value the format holds exactly; this gives the same bits
 on any backend (the Triton interpreter's own float32 -> fp8 cast rounds ties up and drops carries).
@@ -35,12 +35,14 @@ class Fp8Activations(NamedTuple):
 @triton.jit
 def _round_to_e4m3_grid(v):
     """float32 |v| <= 448 -> the nearest float8_e4m3fn value (ties to even), as float32."""
-    bits = v.to(tl.int32, bitcast=True)
     mag = tl.abs(v)
     pow2 = (mag.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2|v|)
     step = tl.maximum(pow2 * 0.125, 0.001953125)  # 3 mantissa bits; subnormal spacing 2^-9
-    r = round_half_even(tl.div_rn(mag, step)) * step  # exact: step is a power of two
-    return tl.where(bits < 0, -r, r)  # sign bit, -0.0 included
+    r = round_half_even(tl.div_rn(mag, step)) * step  # exact: step is a power of two; r >= +0.0
+    # v's sign bit copied onto r (-0.0 included, as torch's cast keeps it); not `-r`, which Triton
+    # 3.6 compiles as 0 - r, turning -0.0 into +0.0
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deepserve.quant.int8 import quantize_per_channel_ref
+from deepserve.quant.int8 import div_rn, quantize_per_channel_ref
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -66,7 +66,7 @@ def block_fp8_quantize_weight_ref(w: torch.Tensor, block: tuple[int, int] = DEFA
     per (bn x bk) block: scale = max(max |w_block|, eps) / 448, q = e4m3(w / scale)."""
     n, k = w.shape[-2:]
     blocks = _blocked(w, block)  # [..., Nb, bn, Kb, bk]
-    scale = blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_EPS) / FP8_MAX  # [..., Nb, Kb]
+    scale = div_rn(blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_EPS), FP8_MAX)  # [..., Nb, Kb]
     q = _to_fp8(blocks / scale[..., :, None, :, None])
     return _unblocked(q.float(), n, k).to(FP8_DTYPE).contiguous(), scale
 
@@ -90,7 +90,7 @@ def block_fp8_quant_ref(x: torch.Tensor, group_size: int = DEFAULT_BLOCK[1]
     m, k = x.shape
     groups = _cdiv(k, group_size)
     padded = F.pad(x.float(), (0, groups * group_size - k)).view(m, groups, group_size)
-    scale = padded.abs().amax(dim=-1).clamp(min=AMAX_EPS) / FP8_MAX  # [M, G]
+    scale = div_rn(padded.abs().amax(dim=-1).clamp(min=AMAX_EPS), FP8_MAX)  # [M, G]
     q = _to_fp8(padded / scale[..., None]).view(m, groups * group_size)[:, :k]
     return q.contiguous(), scale
 

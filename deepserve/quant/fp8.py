@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepserve.quant.int8 import div_rn
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 MIN_CAPABILITY = (8, 9)
@@ -34,7 +36,7 @@ def quantize_weight_fp8_ref(w: torch.Tensor, per_channel: bool = True) -> tuple[
     """w [out, in] float -> (q [out, in] e4m3, scale [out] f32); per-tensor: one scale, repeated."""
     w = w.float()
     amax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])  # [out]
-    scale = amax.clamp(min=_EPS) / FP8_MAX
+    scale = div_rn(amax.clamp(min=_EPS), FP8_MAX)
     q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale.contiguous()
 
@@ -42,7 +44,7 @@ def quantize_weight_fp8_ref(w: torch.Tensor, per_channel: bool = True) -> tuple[
 def quantize_per_token_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [tokens, in] float -> (q [tokens, in] e4m3, scale [tokens] f32), per row."""
     x = x.float()
-    scale = x.abs().amax(dim=1).clamp(min=_EPS) / FP8_MAX  # [tokens]
+    scale = div_rn(x.abs().amax(dim=1).clamp(min=_EPS), FP8_MAX)  # [tokens]
     return (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 

@@ -35,6 +35,14 @@ from torch import nn
 _EPS = 1e-8
 
 
+def div_rn(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """t / divisor correctly rounded on every device, as the kernels' `tl.div_rn`. Not `t / 127.0`:
+    PyTorch's CUDA division by a Python number computes t * float32(1 / divisor), a second
+    rounding (1 ulp off the quotient for a few percent of the scales amax / 127 or amax / 448), while its CPU
+    division divides; dividing by a tensor on t's device is an IEEE division on both."""
+    return t / torch.full_like(t, divisor)
+
+
 # ---- pure-PyTorch references ------------------------------------------------------------------------
 
 
@@ -43,11 +51,11 @@ def quantize_per_channel_ref(w: torch.Tensor, symmetric: bool = True
     """w [out, in] float -> (q [out, in] int8, scale [out] f32, zero_point [out] int8 or None)."""
     w = w.float()
     if symmetric:
-        scale = w.abs().amax(dim=1).clamp(min=_EPS) / 127.0  # [out]
+        scale = div_rn(w.abs().amax(dim=1).clamp(min=_EPS), 127.0)  # [out]
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return q, scale, None
     lo, hi = w.amin(dim=1).clamp(max=0.0), w.amax(dim=1).clamp(min=0.0)  # [out]
-    scale = (hi - lo).clamp(min=_EPS) / 255.0
+    scale = div_rn((hi - lo).clamp(min=_EPS), 255.0)
     zp = torch.round(-128.0 - lo / scale).clamp(-128, 127)
     q = (torch.round(w / scale[:, None]) + zp[:, None]).clamp(-128, 127).to(torch.int8)
     return q, scale, zp.to(torch.int8)
@@ -65,7 +73,7 @@ def dequantize_per_channel_ref(q: torch.Tensor, scale: torch.Tensor,
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [tokens, in] float -> (q [tokens, in] int8, scale [tokens] f32), symmetric per row."""
     x = x.float()
-    scale = x.abs().amax(dim=1).clamp(min=_EPS) / 127.0  # [tokens]
+    scale = div_rn(x.abs().amax(dim=1).clamp(min=_EPS), 127.0)  # [tokens]
     q = torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 

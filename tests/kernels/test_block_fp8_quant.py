@@ -6,7 +6,8 @@ exactly the reference's scales and fp8 values (see the kernel's docstring)."""
 import pytest
 import torch
 
-from tests.kernels.interpret import device, load_kernel_module
+from tests.kernels.interpret import INTERPRET, device, load_kernel_module
+from tests.kernels.triton36 import triton_3_6_semantics
 
 K = load_kernel_module("block_fp8_quant")
 
@@ -36,6 +37,19 @@ def test_ties_subnormals_and_carries():
     values = torch.cat([values, torch.zeros(-values.numel() % 127)]).view(-1, 127)
     x = torch.cat([torch.full((values.shape[0], 1), 448.0), values], dim=1)  # scale 448 / 448 = 1 exactly
     _assert_same(x.to(device()))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="models Triton 3.6 in the interpreter")
+def test_sign_of_zero_with_triton_3_6_negation(monkeypatch):
+    """Triton 3.6 compiles unary minus as 0 - x (-(+0.0) = +0.0); -0.0 and negatives that round to
+    zero must still give -0.0 (0x80), as torch's cast does: a GPU run caught this at M = 32, 512."""
+    triton_3_6_semantics(monkeypatch)
+    row = torch.zeros(128)
+    row[0] = 448.0  # scale exactly 1
+    row[1:5] = torch.tensor([-0.0, -1e-4, -2.0 ** -11, -2.0 ** -10])  # all round to -0.0
+    row[5] = 2.0 ** -11  # +0.0
+    _assert_same(torch.stack([row, -row]).to(device()))
+    assert K.block_fp8_quant(row[None].to(device())).q.view(torch.uint8)[0, 1:6].tolist() == [128] * 4 + [0]
 
 
 def test_strided_rows_empty_and_bad_inputs():

@@ -5,7 +5,8 @@ including the ties, the carries into the next binade and the subnormals tested b
 import pytest
 import torch
 
-from tests.kernels.interpret import device, load_kernel_module
+from tests.kernels.interpret import INTERPRET, device, load_kernel_module
+from tests.kernels.triton36 import triton_3_6_semantics
 
 K = load_kernel_module("fp8_quant")
 
@@ -15,6 +16,10 @@ def _assert_exact(x):
     assert got.q.dtype == torch.float8_e4m3fn and got.scale.dtype == torch.float32
     assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))  # sign of zero included
     assert torch.equal(got.scale, want.scale)
+    # the correctly rounded quotient amax / 448 on every device (float64 then float32 is exact for
+    # a division); PyTorch's CUDA `tensor / 448.0` would multiply by float32(1 / 448) instead
+    amax = x.float().abs().amax(dim=1).clamp(min=1e-8)
+    assert torch.equal(want.scale, (amax.double() / 448.0).float())
 
 
 @pytest.mark.parametrize("tokens,hidden", [(1, 64), (5, 100), (33, 96), (2, 1537)])
@@ -38,6 +43,18 @@ def test_ties_carries_and_subnormals():
     x = _grid_cases().to(device())[None, :]
     assert K.fp8_quant(x).scale.item() == 1.0
     _assert_exact(x)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="models Triton 3.6 in the interpreter")
+def test_sign_of_zero_with_triton_3_6_negation(monkeypatch):
+    """Triton 3.6 compiles unary minus as 0 - x (so -(+0.0) = +0.0): the kernel must still give -0.0
+    for -0.0 and for negatives that round to zero, as torch's cast does (a GPU run caught this)."""
+    triton_3_6_semantics(monkeypatch)
+    x = _grid_cases().to(device())[None, :]
+    tiny = torch.tensor([[-1e-4, -2.0 ** -11, -2.0 ** -10, -0.0, 2.0 ** -11, 0.0, 448.0]], device=device())
+    _assert_exact(x)
+    _assert_exact(tiny)
+    assert K.fp8_quant(tiny).q.view(torch.uint8)[0, :5].tolist() == [128, 128, 128, 128, 0]
 
 
 def test_zero_rows_and_strided_rows():
