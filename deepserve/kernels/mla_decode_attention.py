@@ -51,7 +51,7 @@ def mla_decode_attention_ref(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_ca
     return out
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # chosen per step in eager decode
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one compile
 def _mla_split_kernel(
     q_lat_ptr, q_rope_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
     scale_log2,

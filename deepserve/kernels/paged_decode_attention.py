@@ -55,7 +55,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: 
     return max(1, min(wanted, by_length, max_splits))
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # chosen per step in eager decode
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one compile
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
     scale_log2,

@@ -88,7 +88,7 @@ def _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, table, kv_head, row_pos
     return m, l, acc
 
 
-@triton.jit(do_not_specialize=["num_seqs"])  # the batch size changes every step: one compile
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])  # batch size and table width change every step: one compile
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
     scale_log2, num_seqs,
