@@ -152,7 +152,11 @@ def test_bad_inputs():
 
 
 def test_router_keeps_float32_weights_after_loading():
-    router = TopKRouter(32, CONFIGS["v3_unnormalised"]).to(torch.bfloat16)
+    router = TopKRouter(32, CONFIGS["v3_unnormalised"])
+    with torch.no_grad():  # the parameters start uninitialised (torch.empty): NaN would compare unequal
+        router.weight.copy_(torch.randn_like(router.weight))
+        router.e_score_correction_bias.copy_(torch.randn_like(router.e_score_correction_bias) * 0.1)
+    router = router.to(torch.bfloat16)
     assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.bfloat16
     router.process_weights_after_loading()
     assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
