@@ -32,7 +32,7 @@ class EngineArgs:
     served_model_name: str | None = None
     speculative: str | None = None  # "mtp": draft with the checkpoint's MTP layer
     num_speculative_tokens: int = 1
-    quantization: str | None = None  # int8 | int8-weight-only; None: float, or the checkpoint's
+    quantization: str | None = None  # deepserve.quant name (QUANTIZATION_HELP); None: the checkpoint's
     async_scheduling: str = "auto"
 
     @staticmethod
@@ -71,11 +71,10 @@ class EngineArgs:
                             "checkpoint's multi-token-prediction layer (DeepSeek-V3/R1)")
         g.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens,
                        help="draft tokens verified per step with --speculative (1..3)")
-        from deepserve.quant import QUANTIZATION_METHODS
+        from deepserve.quant import QUANTIZATION_HELP, QUANTIZATION_METHODS
 
         g.add_argument("--quantization", default=d.quantization, choices=list(QUANTIZATION_METHODS),
-                       help="dynamic INT8 of the linear layers: int8 (W8A8) or int8-weight-only "
-                            "(W8A16); default: none, or what a quantised checkpoint says")
+                       help=QUANTIZATION_HELP)
         return parser
 
     @classmethod

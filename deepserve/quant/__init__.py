@@ -31,7 +31,8 @@ _METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
 NO_QUANTIZATION = "none"
 QUANTIZATION_METHODS: tuple[str, ...] = (*_METHODS, NO_QUANTIZATION)
 QUANTIZATION_HELP = (
-    "quantization of the linear layers: int8 (W8A8), int8-weight-only (W8A16), block-fp8 (DeepSeek-V3/R1 "
+    "quantization of the linear layers: int8 (W8A8), int8-weight-only (W8A16; -asym: zero-point weights), fp8 / fp8-per-tensor (W8A8 "
+    "FP8 with per-channel / per-tensor weight scales, CUDA 8.9+), block-fp8 (DeepSeek-V3/R1 "
     "FP8 weights with 128x128 block scales, activations FP8 per token per 128 columns; CUDA compute "
     "capability 8.9+), none (float; a quantised checkpoint is dequantised at load). Default: what the "
     "checkpoint says; a block-FP8 checkpoint (V3/R1) is served as block-fp8 on FP8 GPUs and dequantised "
