@@ -321,3 +321,15 @@ def test_gpu_dequantising_modes(fp8_dir, fake_quant_dir, mode):
     else:
         assert model.model.layers[1].self_attn.q_a_proj.weight.dtype == torch.int8
         assert model.model.layers[1].mlp.experts.w13.dtype == torch.bfloat16  # no int8 MoE kernel on GPU
+
+
+def test_speculative_mtp_serves_the_fp8_checkpoint(fp8_dir, fake_quant_dir):
+    """--speculative mtp loads the checkpoint's MTP layer dequantised; greedy tokens equal those of
+    the dequantised-equal (fake-quantised) checkpoint without speculation."""
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 200, 31], [7] * 12]
+    spec = LLM(str(fp8_dir), device="cpu", speculative="mtp", num_speculative_tokens=2, num_kv_blocks=64)
+    plain = LLM(str(fake_quant_dir), device="cpu", num_kv_blocks=64)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == \
+           [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert spec.engine.stats().spec_num_draft_tokens > 0

@@ -13,7 +13,7 @@ from torch import nn
 
 from deepserve.config import EngineConfig
 from deepserve.loader.dummy import fill_dummy_weights
-from deepserve.loader.model_loader import build_model, resolve_dtype
+from deepserve.loader.model_loader import build_model, float_weights, resolve_dtype
 from deepserve.loader.resolve import resolve_model_path
 from deepserve.loader.safetensors_loader import (CheckpointFiles, WeightStream, check_all_filled,
                                                 find_checkpoint_files, load_into)
@@ -33,19 +33,21 @@ def load_mtp(config: EngineConfig, main_model: nn.Module) -> DeepseekMTP:
         fill_dummy_weights(mtp, seed=config.seed + 1)
     else:
         files = find_checkpoint_files(Path(resolve_model_path(config.model)))
-        _load(mtp, files, main_model)
+        _load(mtp, files, main_model, config)
     share_identical_weights(mtp, main_model)
     return mtp.eval()
 
 
-def _load(mtp: DeepseekMTP, files: CheckpointFiles, main_model: nn.Module) -> None:
-    """Fill from the checkpoint; the shareable copies it lacks are taken from the main model.
-    (Reads every tensor of the checkpoint: fine for small ones; a name filter is left to do.)"""
+def _load(mtp: DeepseekMTP, files: CheckpointFiles, main_model: nn.Module, config: EngineConfig) -> None:
+    """Fill from the checkpoint; the shareable copies it lacks are taken from the main model. A
+    quantised checkpoint's weights (block-FP8, deepserve int8) arrive dequantised: the MTP layer
+    runs in float. (Reads every tensor of the checkpoint: fine for small ones; a name filter is
+    left to do.)"""
     main, ours = dict(main_model.named_parameters()), dict(mtp.named_parameters())
     with torch.no_grad():
         for name, theirs in _SHARED.items():  # overwritten below where the checkpoint has a copy
             ours[name].copy_(main[theirs])
-    filled = load_into(mtp, WeightStream(files))
+    filled = load_into(mtp, float_weights(WeightStream(files), config))
     check_all_filled([n for n in ours if n not in _SHARED], filled, files)
 
 
