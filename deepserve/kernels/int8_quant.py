@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-_MAX_HIDDEN = 65536
+from deepserve.kernels.rms_norm import check_rows, row_num_warps
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -75,23 +76,11 @@ def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hid
 
 
 def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None) -> None:
-    if x.dim() != 2 or x.dtype not in _FLOATS:
-        raise ValueError(f"x must be [num_tokens, hidden] f16/bf16/f32, got {tuple(x.shape)} {x.dtype}")
-    hidden = x.shape[1]
-    if hidden > _MAX_HIDDEN:
-        raise ValueError(f"hidden {hidden} exceeds {_MAX_HIDDEN}")
-    if weight is not None and (weight.shape != (hidden,) or weight.dtype not in _FLOATS):
-        raise ValueError(f"weight must be [{hidden}] f16/bf16/f32, got {tuple(weight.shape)} {weight.dtype}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
-                         f"{tuple(x.shape)} {x.dtype}")
-    for name, t in (("x", x), ("residual", residual), ("weight", weight)):
-        if t is not None and (t.stride(-1) != 1 or t.device != x.device):
-            raise ValueError(f"{name} must be unit-stride in its last dim and on {x.device}")
-
-
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    """rms_norm's row checks, restricted to the dtypes the kernel stores (f16/bf16/f32)."""
+    check_rows(x, residual, weight)
+    for name, t in (("x", x), ("weight", weight)):
+        if t is not None and t.dtype not in _FLOATS:
+            raise ValueError(f"{name} must be f16/bf16/f32, got {t.dtype}")
 
 
 def _launch(x, residual, weight, eps: float, norm: bool) -> Int8Activations:
@@ -109,7 +98,7 @@ def _launch(x, residual, weight, eps: float, norm: bool) -> Int8Activations:
         x, res_in, weight if weight is not None else x, q, scale, res_dst, hidden,
         x.stride(0), res_in.stride(0), q.stride(0), res_dst.stride(0), eps,
         NORM=norm, HAS_RESIDUAL=residual is not None, NORM_DTYPE=_TL_DTYPES[norm_dtype], BLOCK=block,
-        num_warps=_num_warps(block))
+        num_warps=row_num_warps(block))
     return Int8Activations(q, scale, res_out)
 
 

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.varlen_tiles import find_sequence
+
 from deepserve.kernels.paged_prefill_attention import LOG2E
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -48,20 +50,6 @@ def mla_prefill_attention_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: 
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         out[lo:hi] = torch.einsum("hts,shd->thd", probs, v[k_lo:k_hi].float()).to(out.dtype)
     return out
-
-
-@triton.jit
-def _find_sequence(cu_q_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
-    """Largest i with cu_q[i] // BLOCK_M + i <= tile (binary search)."""
-    lo = num_seqs * 0
-    hi = num_seqs - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if tl.load(cu_q_ptr + mid) // BLOCK_M + mid <= tile:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 @triton.jit
@@ -108,7 +96,7 @@ def _mla_prefill_kernel(
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
-    seq = _find_sequence(cu_q_ptr, num_seqs, tile, BLOCK_M)
+    seq = find_sequence(cu_q_ptr, num_seqs, tile, BLOCK_M)
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     tok0 = (tile - (q_start // BLOCK_M + seq)) * BLOCK_M

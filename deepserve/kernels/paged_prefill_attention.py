@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.varlen_tiles import find_sequence
+
 LOG2E = 1.4426950408889634
 
 
@@ -43,21 +45,6 @@ def paged_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_t
         scores = scores.masked_fill(~visible, float("-inf"))
         out[lo:hi] = torch.einsum("hqs,shd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out
-
-
-@triton.jit
-def _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
-    """Largest i with query_start_loc[i] // BLOCK_Q + i <= tile (binary search)."""
-    lo = num_seqs * 0
-    hi = num_seqs - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        first_tile = tl.load(query_start_ptr + mid) // BLOCK_Q + mid
-        if first_tile <= tile:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 @triton.jit
@@ -98,7 +85,7 @@ def _prefill_kernel(
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_Q)
+    seq = find_sequence(query_start_ptr, num_seqs, tile, BLOCK_Q)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     tok0 = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q

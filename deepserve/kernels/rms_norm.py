@@ -45,11 +45,14 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     tl.store(out_ptr + row * out_stride + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
+def check_rows(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None) -> None:
+    """The inputs of a one-row-per-program kernel: x [T, hidden] float (hidden <= _MAX_HIDDEN),
+    residual like x, weight [hidden] float (None: no weight), all unit-stride in the last dim and on
+    x's device. Also used by the kernels that fuse this norm (int8_quant)."""
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a [num_tokens, hidden] float tensor, got {tuple(x.shape)} {x.dtype}")
     hidden = x.shape[1]
-    if weight.shape != (hidden,) or not weight.is_floating_point():
+    if weight is not None and (weight.shape != (hidden,) or not weight.is_floating_point()):
         raise ValueError(f"weight must be [{hidden}] float, got {tuple(weight.shape)} {weight.dtype}")
     if hidden > _MAX_HIDDEN:
         raise ValueError(f"hidden {hidden} exceeds {_MAX_HIDDEN}")
@@ -61,7 +64,8 @@ def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor)
             raise ValueError(f"{name} must be unit-stride in its last dim and on {x.device}")
 
 
-def _num_warps(block: int) -> int:
+def row_num_warps(block: int) -> int:
+    """Warps for a program holding one row of `block` elements."""
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
@@ -72,7 +76,7 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     Returns (out [T, H] promote(x, weight), new residual [T, H] x.dtype or None). Inputs are not
     modified.
     """
-    _check(x, residual, weight)
+    check_rows(x, residual, weight)
     num_tokens, hidden = x.shape
     out = torch.empty((num_tokens, hidden), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     res_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
@@ -84,7 +88,7 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     _rms_norm_kernel[(num_tokens,)](
         x, res_in, weight, out, res_dst, hidden, x.stride(0), res_in.stride(0), out.stride(0),
         res_dst.stride(0), eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-        num_warps=_num_warps(block))
+        num_warps=row_num_warps(block))
     return RMSNormOutput(out, res_out)
 
 

@@ -117,6 +117,22 @@ class WeightStream:
                             f"the model expects {list(expected)}")
 
 
+class StreamWrapper:
+    """A (name, tensor) stream over another one (a WeightStream or a wrapper of one) that reports
+    the inner stream's files, so load errors still name the file being read."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @property
+    def files(self):
+        return self.inner.files
+
+    @property
+    def current_file(self):
+        return self.inner.current_file
+
+
 def load_into(model: torch.nn.Module, stream: WeightStream) -> set[str]:
     """Run `model.load_weights(stream)`; a ValueError from the model becomes a LoadError naming the file."""
     try:

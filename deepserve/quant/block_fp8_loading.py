@@ -31,6 +31,7 @@ from torch import nn
 from deepserve.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                      ReplicatedLinear, RowParallelLinear, checked_copy)
 from deepserve.loader.errors import LoadError
+from deepserve.loader.safetensors_loader import StreamWrapper
 from deepserve.quant.block_fp8 import (BLOCK_FP8, NO_QUANTIZATION, SCALE_SUFFIX, device_supports_fp8,
                                        serving_mode)
 from deepserve.quant.block_fp8_ref import FP8_DTYPE, block_fp8_dequant_ref, scale_shape
@@ -39,7 +40,7 @@ _KEEPABLE = (ReplicatedLinear, ColumnParallelLinear, RowParallelLinear, MergedCo
 _INT8_MODES = ("int8", "int8-weight-only", "int8-weight-only-asym")
 
 
-class BlockFp8Stream:
+class BlockFp8Stream(StreamWrapper):
     """Wraps a WeightStream (or anything yielding (name, tensor) with `files`/`current_file`).
 
     Yields non-fp8 tensors unchanged; for each fp8 `<w>` and its `<w>_scale_inv` (in any order, in
@@ -48,16 +49,9 @@ class BlockFp8Stream:
 
     def __init__(self, inner, block: tuple[int, int], keep: frozenset[str] = frozenset(),
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, use_triton: bool = False):
-        self.inner, self.block, self.keep = inner, tuple(block), keep
+        super().__init__(inner)
+        self.block, self.keep = tuple(block), keep
         self.device, self.dtype, self.use_triton = torch.device(device), dtype, use_triton
-
-    @property
-    def files(self):
-        return self.inner.files
-
-    @property
-    def current_file(self):
-        return self.inner.current_file
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         pending: dict[str, dict[str, tuple[torch.Tensor, Path]]] = {}  # weight name -> parts read

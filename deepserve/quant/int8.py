@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepserve.loader.safetensors_loader import StreamWrapper
+
 _EPS = 1e-8
 
 
@@ -183,22 +185,15 @@ class Int8WeightOnlyMethod:
 SCALE_SUFFIX, ZERO_POINT_SUFFIX = "_scale", "_zero_point"  # <prefix>.weight -> <prefix>.weight_scale
 
 
-class DequantizingStream:
+class DequantizingStream(StreamWrapper):
     """Wraps a WeightStream of a `deepserve quantize` checkpoint: each int8 `<p>.weight` is yielded
     as float32 `dequant(q, <p>.weight_scale, <p>.weight_zero_point)` once its companions have been
     read (in any order, across shards); the scale / zero-point tensors themselves are consumed.
     The layer's method then quantises the float weight again (exactly, for symmetric weights)."""
 
     def __init__(self, inner, asymmetric: bool = False):
-        self.inner, self.asymmetric = inner, asymmetric
-
-    @property
-    def files(self):
-        return self.inner.files
-
-    @property
-    def current_file(self):
-        return self.inner.current_file
+        super().__init__(inner)
+        self.asymmetric = asymmetric
 
     def _needs(self) -> tuple[str, ...]:
         return ("q", SCALE_SUFFIX, ZERO_POINT_SUFFIX) if self.asymmetric else ("q", SCALE_SUFFIX)
