@@ -12,9 +12,10 @@ synchronises the device around each phase of a step, so every phase gets its own
     update     scheduler.update() (host)
 
 Steps are grouped as "prefill" (any sequence with more than one new token: mixed batches count
-here) and "decode" (one new token per sequence). Synchronising removes whatever overlap of host
-and device the engine has, so the total is an upper bound of the real wall time; the engine today
-synchronises once a step anyway (the sampled ids go to the host).
+here) and "decode" (one new token per sequence). The timeline drives the synchronous path
+(`ModelRunner.execute` + `Scheduler.update`) and synchronises around each phase, so it shows what
+each phase costs, not the overlap of host and device that async scheduling gets (the first line,
+"as benchmarked", runs the engine as it is configured).
 
 Then torch.profiler records `--profile-steps` steps of each kind in a second run and prints the
 kernels with the largest device time. Prints tables only; records nothing to results/ (these are

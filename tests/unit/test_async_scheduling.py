@@ -146,3 +146,18 @@ def test_gpu_same_tokens_with_graphs_and_pinned_copies(folder, eager):
     params = [SamplingParams(max_tokens=4 + i, temperature=0.0, ignore_eos=True) for i in range(10)]
     kw = dict(device="cuda", dtype="float32", enforce_eager=eager, max_num_seqs=16)
     assert generate(folder, "on", ps, params, **kw) == generate(folder, "off", ps, params, **kw)
+
+
+def test_the_flag_and_its_defaults(folder):
+    from deepserve.config import ConfigError
+    from deepserve.engine.args import EngineArgs
+    from deepserve.engine.engine_core import use_async_scheduling
+    from deepserve.platforms import get_platform
+
+    with pytest.raises(ConfigError, match="async_scheduling must be auto, on or off"):
+        EngineArgs(model=str(folder), async_scheduling="sometimes").create_engine_config()
+    config = EngineArgs(model=str(folder)).create_engine_config()
+    assert not use_async_scheduling(config, get_platform("cpu"))  # auto: nothing to overlap on the CPU
+    for mode, expected in (("on", True), ("off", False)):
+        config = EngineArgs(model=str(folder), async_scheduling=mode).create_engine_config()
+        assert use_async_scheduling(config, get_platform("cpu")) is expected
