@@ -24,6 +24,8 @@ from typing import Any, Callable, Hashable, Iterator
 import numpy as np
 import torch
 
+from deepserve.platforms import upload
+
 
 @dataclass(frozen=True)
 class ForwardContext:
@@ -95,7 +97,7 @@ def build_forward_context(
     slots = blocks * block_size + positions % block_size
 
     def as_tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(values).to(device=device, dtype=dtype, non_blocking=True)
+        return upload(torch.from_numpy(values).to(dtype), device)
 
     return ForwardContext(
         positions=as_tensor(positions, torch.int64),

@@ -21,6 +21,7 @@ from deepserve.engine.sequence import TokenLogprob
 from deepserve.engine.spec_decode.verifier import Verifier, row_requests, sample_rows
 from deepserve.forward_context import ForwardContext, build_forward_context, forward_context
 from deepserve.layers.sampler import Sampler, SamplingBatch, make_generator
+from deepserve.platforms import upload
 
 
 WARM_UP_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # plus the step budget itself
@@ -124,9 +125,9 @@ class ModelRunner:
         """Hidden states [num_tokens, H] and the logits [num_rows, V] of the sampling rows (None
         when nobody samples)."""
         input_ids, ctx, pending = self._prepare(scheduled, self.device)
-        if pending is not None:  # (pageable copies: this waits for the device; prefill-sized steps only)
+        if pending is not None:
             rows, sources, tokens = pending
-            input_ids[torch.tensor(rows, device=self.device)] = tokens[torch.tensor(sources, device=self.device)]
+            input_ids[upload(torch.tensor(rows), self.device)] = tokens[upload(torch.tensor(sources), self.device)]
         with forward_context(ctx):
             hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
         if not sample:
@@ -168,7 +169,7 @@ class ModelRunner:
             block_tables=[e.seq.block_table for e in scheduled],
             block_size=self.block_size, device=device)
         pending = (holes, sources, self._last_sampled[0]) if holes else None
-        return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True), ctx, pending
+        return upload(torch.tensor(ids, dtype=torch.int64), device), ctx, pending
 
     def _pending_source(self, request_id: str) -> int:
         """The row of `request_id`'s pending token among the last launch's sampled ids."""
@@ -179,7 +180,7 @@ class ModelRunner:
     def _last_token_rows(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """[num_rows] int64 flat-batch rows that sample: each sampling sequence's last new token,
         and before it one row per draft it verifies."""
-        return sample_rows(scheduled).to(self.device)
+        return upload(sample_rows(scheduled), self.device)
 
     def _sampling_batch(self, sampling: list[ScheduledSeq]) -> SamplingBatch:
         requests = [request for e in sampling

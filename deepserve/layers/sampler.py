@@ -27,6 +27,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from deepserve.engine.sequence import TokenLogprob
+from deepserve.platforms import upload
 from deepserve.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 
@@ -52,6 +53,12 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed)
     return generator
+
+
+def _upload(values: Sequence, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list as a [N] tensor on `device` (asynchronously on CUDA: the sampler's inputs are
+    built while the device still runs the forward)."""
+    return upload(torch.tensor(values, dtype=dtype), device)
 
 
 # ----------------------------------------------------------------------------- pure logit ops
@@ -184,7 +191,7 @@ class SamplingBatch:
         all_greedy = all(greedy)
         return cls(
             num_seqs=len(requests),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            greedy=_upload(greedy, torch.bool, device),
             all_greedy=all_greedy,
             temperature=None if all_greedy else _temperatures(params, greedy, device),
             top_k=_optional([max(p.top_k, 0) for p in params], 0, torch.int64, device, all_greedy),
@@ -203,7 +210,7 @@ def _is_greedy(params: SamplingParams) -> bool:
 
 def _temperatures(params: list[SamplingParams], greedy: list[bool], device) -> torch.Tensor:
     values = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return _upload(values, torch.float32, device)
 
 
 def _optional(values: list, off: float | int, dtype: torch.dtype, device,
@@ -211,7 +218,7 @@ def _optional(values: list, off: float | int, dtype: torch.dtype, device,
     """A [N] tensor of `values`, or None when every row is `off` (or nobody samples)."""
     if all_greedy or all(v == off for v in values):
         return None
-    return torch.tensor(values, dtype=dtype, device=device)
+    return _upload(values, dtype, device)
 
 
 def _logit_bias(params: list[SamplingParams], vocab_size: int, device) -> LogitBias | None:
@@ -221,9 +228,8 @@ def _logit_bias(params: list[SamplingParams], vocab_size: int, device) -> LogitB
     if not entries:
         return None
     rows, cols, values = zip(*entries)
-    return LogitBias(rows=torch.tensor(rows, dtype=torch.int64, device=device),
-                     cols=torch.tensor(cols, dtype=torch.int64, device=device),
-                     values=torch.tensor(values, dtype=torch.float32, device=device))
+    return LogitBias(rows=_upload(rows, torch.int64, device), cols=_upload(cols, torch.int64, device),
+                     values=_upload(values, torch.float32, device))
 
 
 def _penalties(requests: Sequence[SamplingRequest], vocab_size: int, device) -> Penalties | None:
@@ -233,7 +239,7 @@ def _penalties(requests: Sequence[SamplingRequest], vocab_size: int, device) -> 
     in_prompt = token_counts([r.prompt_token_ids for r in requests], vocab_size, device) > 0
 
     def column(name: str) -> torch.Tensor:
-        return torch.tensor([getattr(r.params, name) for r in requests], dtype=torch.float32, device=device)
+        return _upload([getattr(r.params, name) for r in requests], torch.float32, device)
 
     return Penalties(seen=in_prompt | (counts > 0), counts=counts,
                      repetition=column("repetition_penalty"), presence=column("presence_penalty"),
@@ -246,7 +252,7 @@ def token_counts(token_lists: Sequence[Sequence[int]], vocab_size: int, device="
     padded = torch.full((len(token_lists), width), vocab_size, dtype=torch.int64)  # pad -> spare column
     for row, ids in enumerate(token_lists):
         padded[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.int64)
-    padded = padded.to(device)
+    padded = upload(padded, device)
     counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab_size]

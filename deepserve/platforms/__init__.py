@@ -16,6 +16,8 @@ import importlib
 from importlib.metadata import entry_points
 from types import MappingProxyType
 
+import torch
+
 from deepserve.platforms.interface import MemoryInfo, MemoryStats, Platform
 
 BUILTIN = MappingProxyType({
@@ -72,3 +74,12 @@ def current_platform() -> Platform:
         if cls.is_available():
             return cls()
     raise RuntimeError("no platform available")  # unreachable: the CPU always is
+
+
+def upload(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`, through that device's platform (asynchronously on CUDA); the
+    tensor itself when the device is the CPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return tensor
+    return get_platform(device.type).upload(tensor, device)

@@ -60,6 +60,11 @@ class CudaPlatform(Platform):
 
         return CudaGraphCapturer()
 
+    def upload(self, tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """Through pinned memory (the caching host allocator keeps the staging block alive until
+        the copy has run)."""
+        return tensor.pin_memory().to(device, non_blocking=True)
+
     def copy_to_host_async(self, tensor: torch.Tensor) -> HostCopy:
         """Into pinned memory, ordered after the work queued on the current stream."""
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)

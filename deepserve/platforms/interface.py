@@ -94,6 +94,11 @@ class Platform:
         """A `deepserve.engine.cuda_graph.Capturer` (only where supports_graph_capture)."""
         raise NotImplementedError(f"{self.name} does not capture graphs")
 
+    def upload(self, tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """A host tensor on `device` without waiting for the work queued there, where the platform
+        can (a copy from pageable memory waits for the device: no host/device overlap)."""
+        return tensor.to(device)
+
     def copy_to_host_async(self, tensor: torch.Tensor) -> "HostCopy":
         """Start copying `tensor` to host memory behind the work queued before it; `wait()` on the
         result before reading it. Synchronous where the device is the host."""
