@@ -1,4 +1,4 @@
-"""Accuracy gate for quantised checkpoints: perplexity on held-out text + next-token agreement.
+"""Accuracy gate for quantised checkpoints: perplexity and next-token agreement on held-out text.
 
     nll, n = score_text(model, ids, window=512)     # summed -log p(next token) in nats, tokens scored
     perplexity(model, ids, window)                  # exp(nll / n)
@@ -10,8 +10,19 @@ after the first is predicted exactly once, from the context inside its window. E
 fresh prefill through a temporary paged KV cache (the model's own caches are put back afterwards);
 the logits of every position come from `model.compute_logits`. Scores are computed in float32.
 
-`gate` loads one model at a time (the reference first, its prompt distributions kept on the host),
-so comparing two large checkpoints needs the memory of one.
+Positions compared: every position of the held-out text that predicts a text token (teacher-forced,
+the same windows as the perplexity: N - 1 positions for N tokens, about 3150 for the shipped text)
+plus every position of a few short prompts. Top-1 agreement is the fraction of positions where both
+models' most likely next token is the same; it comes with a 95% Wilson score interval. The interval
+treats positions as independent draws, which neighbouring tokens of one text are not: read it as a
+lower bound on the real uncertainty. The pass/fail decision uses the point estimate.
+
+The evaluation text must be held out from the calibration text `deepserve quantize` smooths and
+rounds with (data/calibration_text.txt by default; `check_held_out` refuses overlapping files).
+
+`gate` loads one model at a time (the reference first); the reference's log-distributions stay on
+the host for the candidate pass: positions x vocab x 4 bytes (3200 x 49152: 0.6 GiB; `max_tokens`
+caps it for large vocabularies).
 """
 
 from __future__ import annotations
@@ -29,9 +40,11 @@ from torch import nn
 from deepserve.engine.kv_cache import allocate_kv_caches, attention_layers, bind_kv_cache
 from deepserve.forward_context import build_forward_context, forward_context
 
-DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "eval_text.txt"
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_TEXT = DATA / "eval_text.txt"
 DEFAULT_WINDOW = 512
 BLOCK_SIZE = 16
+Z_95 = 1.959964  # two-sided 95% normal quantile
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "Once upon a time, in a small village by the sea,",
@@ -70,6 +83,8 @@ class AgreementReport:
     mean_kl: float  # mean over positions of KL(ref || cand), nats
     max_kl: float
     num_positions: int
+    top1_low: float = 1.0  # 95% Wilson score interval of top1_agreement
+    top1_high: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -83,11 +98,26 @@ class EvalReport:
     reasons: tuple[str, ...]  # why it failed; empty when it passed
     max_kl: float = 0.0
     num_tokens: int = 0  # tokens scored for perplexity
-    num_positions: int = 0  # prompt positions compared
+    num_positions: int = 0  # positions compared for agreement / KL (text + prompts)
+    num_text_positions: int = 0  # of which on the held-out text
+    top1_low: float = 1.0  # 95% Wilson score interval of top1_agreement
+    top1_high: float = 1.0
 
     def summary(self) -> str:
         return (f"ppl ref {self.ppl_ref:.4f}, ppl cand {self.ppl_cand:.4f}, ratio {self.ppl_ratio:.4f}, "
-                f"top-1 agreement {self.top1_agreement:.4f}, mean KL {self.mean_kl:.5f} nats")
+                f"top-1 agreement {self.top1_agreement:.4f} (95% CI {self.top1_low:.4f}-{self.top1_high:.4f}, "
+                f"{self.num_positions} positions), mean KL {self.mean_kl:.5f} nats")
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion; (0, 1) without observations."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends, whatever the rounding
+    return low, 1.0 if successes == n else min(1.0, centre + half)
 
 
 # ---- scoring ----------------------------------------------------------------------------------------
@@ -136,22 +166,32 @@ def _prefill_logprobs(model: nn.Module, token_ids: Sequence[int], block_size: in
     return torch.log_softmax(model.compute_logits(hidden).float(), dim=-1)  # [n, vocab]
 
 
-def score_text(model: nn.Module, token_ids: Sequence[int], window: int = DEFAULT_WINDOW) -> tuple[float, int]:
-    """(summed -log p(next token) in nats, number of predicted tokens) over windows of the text."""
+def text_logprobs(model: nn.Module, token_ids: Sequence[int], window: int = DEFAULT_WINDOW
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per window: (log p(. | prefix) [len - 1, vocab] f32 at the positions that predict a token of the
+    text, targets [len - 1] int64), both on the model's device; every token after the first once."""
     token_ids = [int(t) for t in token_ids]
-    total, count = 0.0, 0
-    spans = _windows(len(token_ids), window)
-    longest = max((end - start for start, end in spans), default=0)
-    if longest < 2:
-        return 0.0, 0
-    with _temporary_kv_cache(model, longest):
+    spans = [(s, e) for s, e in _windows(len(token_ids), window) if e - s >= 2]
+    if not spans:
+        return
+    with _temporary_kv_cache(model, max(e - s for s, e in spans)):
         for start, end in spans:
             chunk = token_ids[start:end]
-            logprobs = _prefill_logprobs(model, chunk)  # [len, vocab]
-            targets = torch.tensor(chunk[1:], dtype=torch.int64, device=logprobs.device)  # [len - 1]
-            picked = logprobs[:-1].gather(1, targets[:, None])  # [len - 1, 1]
-            total -= float(picked.double().sum())
-            count += len(chunk) - 1
+            logprobs = _prefill_logprobs(model, chunk)[:-1]  # [len - 1, vocab]
+            yield logprobs, torch.tensor(chunk[1:], dtype=torch.int64, device=logprobs.device)
+
+
+def _nll(logprobs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed -log p(target) over the rows of logprobs [n, vocab], targets [n]."""
+    return -float(logprobs.gather(1, targets[:, None]).double().sum())
+
+
+def score_text(model: nn.Module, token_ids: Sequence[int], window: int = DEFAULT_WINDOW) -> tuple[float, int]:
+    """(summed -log p(next token) in nats, number of predicted tokens) over windows of the text."""
+    total, count = 0.0, 0
+    for logprobs, targets in text_logprobs(model, token_ids, window):
+        total += _nll(logprobs, targets)
+        count += len(targets)
     return total, count
 
 
@@ -173,22 +213,39 @@ def next_token_logprobs(model: nn.Module, prompts_token_ids: Sequence[Sequence[i
     return out
 
 
+class AgreementTally:
+    """Running top-1 matches and KL(ref || cand) over [n, vocab] log-probability pairs."""
+
+    def __init__(self) -> None:
+        self.matches, self.positions, self.kl_sum, self.kl_max = 0, 0, 0.0, 0.0
+
+    def add(self, ref: torch.Tensor, cand: torch.Tensor) -> None:
+        if ref.shape != cand.shape:
+            raise ValueError(f"distribution shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}")
+        cand = cand.to(ref.device)
+        self.matches += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0).double()  # [n] nats; rounding below 0 clamped
+        self.positions += int(kl.numel())
+        if kl.numel():
+            self.kl_sum += float(kl.sum())
+            self.kl_max = max(self.kl_max, float(kl.max()))
+
+    def report(self) -> AgreementReport:
+        n = self.positions
+        if n == 0:
+            return AgreementReport(1.0, 0.0, 0.0, 0)
+        low, high = wilson_interval(self.matches, n)
+        return AgreementReport(self.matches / n, self.kl_sum / n, self.kl_max, n, low, high)
+
+
 def compare_distributions(ref: Sequence[torch.Tensor], cand: Sequence[torch.Tensor]) -> AgreementReport:
     """Top-1 agreement and KL(ref || cand) over matching [len, vocab] log-probability tensors."""
     if len(ref) != len(cand):
         raise ValueError(f"{len(ref)} reference prompts but {len(cand)} candidate prompts")
-    matches, kls = 0, []
+    tally = AgreementTally()
     for r, c in zip(ref, cand):
-        if r.shape != c.shape:
-            raise ValueError(f"distribution shapes differ: reference {tuple(r.shape)}, candidate {tuple(c.shape)}")
-        matches += int((r.argmax(-1) == c.argmax(-1)).sum())
-        kl = (r.exp() * (r - c)).sum(-1).clamp_min(0.0)  # [len] nats; clamp rounding below zero
-        kls.append(kl.double())
-    all_kl = torch.cat(kls) if kls else torch.zeros(0, dtype=torch.float64)
-    n = int(all_kl.numel())
-    if n == 0:
-        return AgreementReport(1.0, 0.0, 0.0, 0)
-    return AgreementReport(matches / n, float(all_kl.mean()), float(all_kl.max()), n)
+        tally.add(r, c)
+    return tally.report()
 
 
 def agreement(ref_model: nn.Module, cand_model: nn.Module,
@@ -247,22 +304,75 @@ def _prompt_ids(tokenizer: Any, prompts: Sequence[str | Sequence[int]] | None) -
     return [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in items]
 
 
+def check_held_out(calibration_text: str, eval_text: str, min_line: int = 60) -> None:
+    """ValueError when the evaluation text repeats a line of the calibration text (lines of at least
+    `min_line` characters): a gate scored on calibration data would flatter the candidate."""
+    seen = {line.strip() for line in calibration_text.splitlines() if len(line.strip()) >= min_line}
+    shared = [line.strip() for line in eval_text.splitlines() if line.strip() in seen]
+    if shared:
+        raise ValueError(f"the evaluation text is not held out from the calibration text: {len(shared)} "
+                         f"shared line(s), e.g. {shared[0][:70]!r}")
+
+
 @dataclass(frozen=True)
-class _Scores:
-    ppl: float
+class _Reference:
+    """The reference model's pass: text NLL and the log-distributions the candidate is compared with."""
+
+    nll: float
     num_tokens: int
-    logprobs: list[torch.Tensor]
+    text_logprobs: list[torch.Tensor]  # per window [len - 1, vocab] f32, host
+    prompt_logprobs: list[torch.Tensor]  # per prompt [len, vocab] f32, host
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.num_tokens)
 
 
-def _score(model: nn.Module, text_ids: list[int], prompt_ids: list[list[int]], window: int) -> _Scores:
-    nll, count = score_text(model, text_ids, window)
+@dataclass(frozen=True)
+class _Candidate:
+    ppl: float
+    text: AgreementReport  # text positions only
+    pooled: AgreementReport  # text and prompt positions
+
+
+def _reference_pass(model: nn.Module, text_ids: list[int], prompt_ids: list[list[int]], window: int) -> _Reference:
+    nll, count, kept = 0.0, 0, []
+    for logprobs, targets in text_logprobs(model, text_ids, window):
+        nll += _nll(logprobs, targets)
+        count += len(targets)
+        kept.append(logprobs.cpu())
     if count == 0:
         raise ValueError("the evaluation text has fewer than 2 tokens")
-    return _Scores(math.exp(nll / count), count, next_token_logprobs(model, prompt_ids))
+    return _Reference(nll, count, kept, next_token_logprobs(model, prompt_ids))
 
 
-def judge(ref: _Scores, cand: _Scores, min_top1: float, max_ppl_increase: float) -> EvalReport:
-    agree = compare_distributions(ref.logprobs, cand.logprobs)
+def _candidate_pass(model: nn.Module, ref: _Reference, text_ids: list[int], prompt_ids: list[list[int]],
+                    window: int) -> _Candidate:
+    """Score the candidate window by window against the kept reference distributions."""
+    nll, tally = 0.0, AgreementTally()
+    windows = text_logprobs(model, text_ids, window)
+    for ref_logprobs, (logprobs, targets) in zip(ref.text_logprobs, windows, strict=True):
+        nll += _nll(logprobs, targets)
+        tally.add(ref_logprobs, logprobs.cpu())
+    text = tally.report()
+    for ref_logprobs, logprobs in zip(ref.prompt_logprobs, next_token_logprobs(model, prompt_ids), strict=True):
+        tally.add(ref_logprobs, logprobs)
+    return _Candidate(math.exp(nll / ref.num_tokens), text, tally.report())
+
+
+def _self_candidate(ref: _Reference) -> _Candidate:
+    """The candidate pass of a model against its own distributions (same spec: a plumbing check)."""
+    tally = AgreementTally()
+    for r in ref.text_logprobs:
+        tally.add(r, r)
+    text = tally.report()
+    for r in ref.prompt_logprobs:
+        tally.add(r, r)
+    return _Candidate(ref.ppl, text, tally.report())
+
+
+def judge(ref: _Reference, cand: _Candidate, min_top1: float, max_ppl_increase: float) -> EvalReport:
+    agree = cand.pooled
     ratio = cand.ppl / ref.ppl
     reasons = []
     if agree.top1_agreement < min_top1:
@@ -272,8 +382,9 @@ def judge(ref: _Scores, cand: _Scores, min_top1: float, max_ppl_increase: float)
                        f"({ref.ppl:.4f} -> {cand.ppl:.4f})")
     return EvalReport(ppl_ref=ref.ppl, ppl_cand=cand.ppl, ppl_ratio=ratio,
                       top1_agreement=agree.top1_agreement, mean_kl=agree.mean_kl, passed=not reasons,
-                      reasons=tuple(reasons), max_kl=agree.max_kl, num_tokens=cand.num_tokens,
-                      num_positions=agree.num_positions)
+                      reasons=tuple(reasons), max_kl=agree.max_kl, num_tokens=ref.num_tokens,
+                      num_positions=agree.num_positions, num_text_positions=cand.text.num_positions,
+                      top1_low=agree.top1_low, top1_high=agree.top1_high)
 
 
 def gate(reference: Any, candidate: Any, text_file: str | Path | None = None,
@@ -290,13 +401,13 @@ def gate(reference: Any, candidate: Any, text_file: str | Path | None = None,
     tokenizer = load_tokenizer(folder)
     text_ids = tokenizer.encode(read_eval_text(text_file))[:max_tokens]
     prompt_ids = _prompt_ids(tokenizer, prompts)
-    ref_scores = _score(ref_model, text_ids, prompt_ids, window)
+    ref_scores = _reference_pass(ref_model, text_ids, prompt_ids, window)
+    del ref_model  # one model in memory at a time
     if cand_spec == ref_spec:
-        cand_scores = ref_scores  # the same spec loads the same model: a plumbing check
+        cand_scores = _self_candidate(ref_scores)  # the same spec loads the same model
     else:
-        del ref_model  # one model in memory at a time
         cand_model, _ = load_spec(cand_spec)
-        cand_scores = _score(cand_model, text_ids, prompt_ids, window)
+        cand_scores = _candidate_pass(cand_model, ref_scores, text_ids, prompt_ids, window)
     report = judge(ref_scores, cand_scores, min_top1, max_ppl_increase)
     if not report.passed and not force:
         raise AccuracyGateError(f"{cand_spec.describe()} fails the accuracy gate against "
@@ -307,10 +418,13 @@ def gate(reference: Any, candidate: Any, text_file: str | Path | None = None,
 
 def format_report(report: EvalReport, reference: str, candidate: str) -> str:
     """The table `deepserve eval` prints."""
+    prompts = report.num_positions - report.num_text_positions
     rows = [("perplexity (reference)", f"{report.ppl_ref:.4f}", reference),
             ("perplexity (candidate)", f"{report.ppl_cand:.4f}", candidate),
             ("perplexity ratio", f"{report.ppl_ratio:.4f}", f"{report.num_tokens} tokens scored"),
-            ("top-1 agreement", f"{report.top1_agreement:.4f}", f"{report.num_positions} positions"),
+            ("top-1 agreement", f"{report.top1_agreement:.4f}",
+             f"{report.num_positions} positions ({report.num_text_positions} text + {prompts} prompt)"),
+            ("top-1 95% interval", f"{report.top1_low:.4f}-{report.top1_high:.4f}", "Wilson score"),
             ("mean KL(ref||cand)", f"{report.mean_kl:.6f}", "nats"),
             ("max KL(ref||cand)", f"{report.max_kl:.6f}", "nats"),
             ("result", "PASS" if report.passed else "FAIL", "; ".join(report.reasons))]

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from deepserve import cli
 from deepserve.engine.args import EngineArgs
 from deepserve.loader.model_loader import load_model
-from deepserve.quant.eval import (DEFAULT_TEXT, AccuracyGateError, EvalReport, ModelSpec, _windows, agreement,
-                                  gate, perplexity, score_text)
+from deepserve.quant.eval import (DEFAULT_PROMPTS, DEFAULT_TEXT, AccuracyGateError, EvalReport, ModelSpec, _windows,
+                                  agreement, check_held_out, format_report, gate, perplexity, score_text,
+                                  wilson_interval)
 from tests.tiny_checkpoints import make_tiny_llama
 
 
@@ -111,6 +112,31 @@ def test_same_checkpoint_passes(tiny):
     assert report.passed and report.ppl_ratio == 1.0 and report.top1_agreement == 1.0
 
 
+def test_wilson_interval():
+    low, high = wilson_interval(97, 100)
+    assert low == pytest.approx(0.9155, abs=1e-4) and high == pytest.approx(0.9897, abs=1e-4)
+    low, high = wilson_interval(3100, 3200)
+    assert low < 3100 / 3200 < high and high - low < 0.013  # ~3000 positions: +-0.6% around 97%
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 10)[0] == 0.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_gate_compares_every_text_position_and_the_prompts(tiny, broken):
+    report = gate(str(tiny), str(broken), max_tokens=300, force=True)
+    assert report.num_tokens == 299 and report.num_text_positions == 299
+    assert report.num_positions > report.num_text_positions  # + every position of the default prompts
+    assert report.top1_low <= report.top1_agreement <= report.top1_high
+    table = format_report(report, "ref", "cand")
+    assert f"{report.num_positions} positions (299 text + " in table and "95% interval" in table
+
+
+def test_held_out_check():
+    calibration = (DEFAULT_TEXT.parent / "calibration_text.txt").read_text()
+    check_held_out(calibration, DEFAULT_TEXT.read_text())
+    with pytest.raises(ValueError, match="not held out"):
+        check_held_out(calibration, "intro\n" + calibration.splitlines()[0] + "\n")
+
+
 def test_cli_exit_codes(tiny, broken, capsys):
     assert cli.main(["eval", "--model", str(tiny), "--max-tokens", "200"]) == 0
     out = capsys.readouterr().out
@@ -125,5 +151,5 @@ def test_default_model_against_itself_on_shipped_text():
     assert DEFAULT_TEXT.is_file() and len(DEFAULT_TEXT.read_text()) > 2000
     report = gate(None, None, max_tokens=512)
     assert report.passed and report.top1_agreement == 1.0 and report.mean_kl == 0.0
-    assert report.num_tokens == 511
+    assert report.num_tokens == 511 and report.num_text_positions == 511
     assert 1.0 < report.ppl_ref < 100.0  # a real model finds our prose predictable
