@@ -310,12 +310,43 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="float checkpoint folder or bundled name (default: SmolLM2-135M)")
     parser.add_argument("--out", required=True, help="output folder (HF layout, loadable with --model OUT)")
     parser.add_argument("--method", default="int8", choices=["int8", "int8-weight-only"],
-                        help="int8: W8A8 dynamic; int8-weight-only: W8A16")
-    parser.add_argument("--asymmetric", action="store_true", help="zero points per channel (W8A16 only)")
+                        help="int8: W8A8 (weights per channel, activations per token); int8-weight-only: W8A16")
+    sym = parser.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="asymmetric", action="store_false", help="no zero points (default)")
+    sym.add_argument("--asymmetric", dest="asymmetric", action="store_true",
+                     help="zero points per channel (W8A16 only; rounded to nearest)")
+    parser.set_defaults(asymmetric=False)
+    parser.add_argument("--calibration", default=None,
+                        help="calibration text for smoothing and GPTQ (default: the shipped calibration text; "
+                             "'none': round each weight to nearest, no calibration)")
+    parser.add_argument("--rotation", default="hadamard", choices=["hadamard", "none"],
+                        help="W8A8: rotate each linear's input by 64-wide Hadamard blocks at run time (default)")
+    parser.add_argument("--smoothing-alpha", type=float, default=0.5,
+                        help="W8A8: SmoothQuant migration strength folded into the weights (default 0.5)")
+    parser.add_argument("--no-smoothing", action="store_true", help="W8A8: no SmoothQuant smoothing")
+    parser.add_argument("--rounding", default="gptq", choices=["gptq", "rtn"],
+                        help="with calibration: GPTQ (default) or round-to-nearest")
+    parser.add_argument("--eval-text", default=None, help="accuracy gate's held-out text (default: the shipped one)")
     parser.add_argument("--min-top1", type=float, default=0.97,
                         help="accuracy gate: least top-1 agreement with the float model")
+    parser.add_argument("--max-ppl-increase", type=float, default=0.02,
+                        help="accuracy gate: largest relative perplexity rise over the float model")
     parser.add_argument("--force", action="store_true", help="keep the output even if the accuracy gate fails")
     parser.add_argument("--skip-gate", action="store_true", help="do not run the accuracy gate")
+
+
+def _calibration_file(ns: argparse.Namespace) -> Path | None:
+    """--calibration as a path (None for 'none'); refused when it overlaps the gate's text."""
+    from deepserve.quant.eval import check_held_out, read_eval_text
+    from deepserve.quant.writer import DEFAULT_CALIBRATION
+
+    if ns.calibration is not None and ns.calibration.lower() == "none":
+        return None
+    path = Path(ns.calibration) if ns.calibration is not None else DEFAULT_CALIBRATION
+    if not path.is_file():
+        raise ValueError(f"--calibration {path}: no such file")
+    check_held_out(path.read_text(encoding="utf-8"), read_eval_text(ns.eval_text))
+    return path
 
 
 def cmd_quantize(ns: argparse.Namespace) -> int:
@@ -328,11 +359,15 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
     out = Path(ns.out)
     if out.exists():
         return _fail(f"{out} already exists; choose another --out")
+    calibration = _guarded(lambda: _calibration_file(ns))
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    summary = _guarded(lambda: quantize_checkpoint(ns.model, str(partial), ns.method, ns.asymmetric,
-                                                   progress=sys.stderr.isatty()))
-    print(f"quantised: {summary.method}, {summary.quantized} int8 tensors, {summary.kept} kept, "
+    summary = _guarded(lambda: quantize_checkpoint(
+        ns.model, str(partial), ns.method, ns.asymmetric, progress=sys.stderr.isatty(), calibration=calibration,
+        rotation=ns.rotation, smoothing_alpha=None if ns.no_smoothing else ns.smoothing_alpha, rounding=ns.rounding))
+    recipe = summary.recipe
+    print(f"quantised: {summary.method} (smoothing {recipe.smoothing_alpha}, rounding {recipe.rounding}, "
+          f"calibration {recipe.calibration}), {summary.quantized} int8 tensors, {summary.kept} kept, "
           f"{summary.bytes_in / 2**20:.1f} MiB -> {summary.bytes_out / 2**20:.1f} MiB", file=sys.stderr)
     if ns.skip_gate:
         print("accuracy gate NOT run (--skip-gate): the checkpoint is unchecked", file=sys.stderr)
@@ -348,10 +383,12 @@ def _passes_gate(ns: argparse.Namespace, candidate: Path) -> bool:
     from deepserve.quant import eval as quant_eval
 
     try:
-        report = quant_eval.gate(ns.model, str(candidate), min_top1=ns.min_top1, force=ns.force)
+        report = quant_eval.gate(ns.model, str(candidate), text_file=ns.eval_text, min_top1=ns.min_top1,
+                                 max_ppl_increase=ns.max_ppl_increase, force=ns.force)
     except quant_eval.AccuracyGateError as exc:
         _fail(f"{exc}; nothing written (--force accepts it anyway)")
         return False
-    print(f"accuracy gate: {report.summary()}", file=sys.stderr)
+    verdict = "passed" if report.passed else "FAILED (kept: --force)"
+    print(f"accuracy gate {verdict}: {report.summary()}", file=sys.stderr)
     return True
 

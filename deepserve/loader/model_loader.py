@@ -130,7 +130,7 @@ def load_checkpoint(model: nn.Module, files: CheckpointFiles, progress: bool = T
         if quantized is not None:
             from deepserve.quant.int8 import DequantizingStream
 
-            stream = DequantizingStream(stream, asymmetric=quantized.endswith("-asym"))
+            stream = DequantizingStream.for_method(stream, quantized)
         if transform is not None:
             stream = transform(stream)
         filled = load_into(model, stream)
@@ -188,7 +188,7 @@ def float_weights(stream: Iterable, engine_config: EngineConfig) -> Iterable:
     if quantized is not None:
         from deepserve.quant.int8 import DequantizingStream
 
-        return DequantizingStream(stream, asymmetric=quantized.endswith("-asym"))
+        return DequantizingStream.for_method(stream, quantized)
     block = checkpoint_block_size(hf_config)
     if block is None:
         return stream

@@ -3,6 +3,8 @@
     get_quant_method("int8")              -> Int8W8A8Method()      weights int8/channel, activations int8/token
     get_quant_method("int8-weight-only")  -> Int8WeightOnlyMethod() weights int8/channel, activations float
     get_quant_method("int8-weight-only-asym") -> Int8WeightOnlyMethod(symmetric=False)  (zero points)
+    get_quant_method("int8-hadamard")     -> Int8HadamardW8A8Method() W8A8 on block-Hadamard-rotated
+                                             inputs (x H, W H; block 64), see quant/hadamard.py
     get_quant_method("block-fp8")         -> BlockFp8LinearMethod() DeepSeek-V3 fp8 weights + 128x128 block
                                              scales, activations fp8 per token per 128 columns
     "none": no method: float linear layers (a quantised checkpoint is dequantised at load)
@@ -24,6 +26,7 @@ _METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "int8": ("deepserve.quant.int8", "Int8W8A8Method", {}),
     "int8-weight-only": ("deepserve.quant.int8", "Int8WeightOnlyMethod", {}),
     "int8-weight-only-asym": ("deepserve.quant.int8", "Int8WeightOnlyMethod", {"symmetric": False}),
+    "int8-hadamard": ("deepserve.quant.hadamard", "Int8HadamardW8A8Method", {"block": 64}),
     "block-fp8": ("deepserve.quant.block_fp8", "BlockFp8LinearMethod", {}),
     "fp8": ("deepserve.quant.fp8", "Fp8Method", {}),
     "fp8-per-tensor": ("deepserve.quant.fp8", "Fp8Method", {"per_channel": False}),
@@ -55,11 +58,21 @@ def get_quant_method(name: str):
     return getattr(import_module(module), cls)(**kwargs)
 
 
+def hadamard_block_of(name: str) -> int | None:
+    """The input-rotation block of method `name` (int8-hadamard), None for the others."""
+    entry = _METHODS.get(name)
+    return entry[2].get("block") if entry and entry[1] == "Int8HadamardW8A8Method" else None
+
+
 def quantization_config(name: str) -> dict[str, Any]:
     """The `quantization_config` entry written into config.json for a checkpoint quantised by `name`."""
     check_quantization(name)
-    return {"quant_method": QUANT_METHOD_TAG, "scheme": "w8a8" if name == "int8" else "w8a16",
-            "symmetric": not name.endswith("-asym")}
+    config = {"quant_method": QUANT_METHOD_TAG, "scheme": "w8a8" if name in ("int8", "int8-hadamard") else "w8a16",
+              "symmetric": not name.endswith("-asym")}
+    block = hadamard_block_of(name)
+    if block is not None:
+        config["input_rotation"] = {"type": "block-hadamard", "block_size": block}
+    return config
 
 
 def quantization_from_hf_config(hf_config: Mapping[str, Any]) -> str | None:
@@ -69,5 +82,15 @@ def quantization_from_hf_config(hf_config: Mapping[str, Any]) -> str | None:
     if not isinstance(qc, Mapping) or qc.get("quant_method") != QUANT_METHOD_TAG:
         return None
     if qc.get("scheme") == "w8a8":
-        return "int8"
+        return _w8a8_name(qc.get("input_rotation"))
     return "int8-weight-only" if qc.get("symmetric", True) else "int8-weight-only-asym"
+
+
+def _w8a8_name(rotation: Any) -> str:
+    if rotation is None:
+        return "int8"
+    if isinstance(rotation, Mapping) and rotation.get("type") == "block-hadamard" \
+            and rotation.get("block_size") == hadamard_block_of("int8-hadamard"):
+        return "int8-hadamard"
+    raise ValueError(f"quantization_config.input_rotation {rotation!r} is not supported "
+                     f"(deepserve reads block-hadamard with block_size {hadamard_block_of('int8-hadamard')})")

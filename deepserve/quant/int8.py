@@ -189,11 +189,28 @@ class DequantizingStream(StreamWrapper):
     """Wraps a WeightStream of a `deepserve quantize` checkpoint: each int8 `<p>.weight` is yielded
     as float32 `dequant(q, <p>.weight_scale, <p>.weight_zero_point)` once its companions have been
     read (in any order, across shards); the scale / zero-point tensors themselves are consumed.
-    The layer's method then quantises the float weight again (exactly, for symmetric weights)."""
+    The layer's method then quantises the float weight again (exactly, for symmetric weights).
+    `hadamard_block`: the checkpoint stores W H (quant/hadamard.py); the dequantised weight is
+    rotated back to W (H is its own inverse) so that every method sees the original basis."""
 
-    def __init__(self, inner, asymmetric: bool = False):
+    def __init__(self, inner, asymmetric: bool = False, hadamard_block: int | None = None):
         super().__init__(inner)
-        self.asymmetric = asymmetric
+        self.asymmetric, self.hadamard_block = asymmetric, hadamard_block
+
+    @classmethod
+    def for_method(cls, inner, method: str) -> "DequantizingStream":
+        """The stream for a checkpoint `deepserve quantize` wrote for the registered `method`."""
+        from deepserve.quant import hadamard_block_of
+
+        return cls(inner, asymmetric=method.endswith("-asym"), hadamard_block=hadamard_block_of(method))
+
+    def _dequantize(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = dequantize_per_channel_ref(parts["q"], parts[SCALE_SUFFIX], parts.get(ZERO_POINT_SUFFIX))
+        if self.hadamard_block is None:
+            return w
+        from deepserve.quant.hadamard import block_size_for, rotate_blocks
+
+        return rotate_blocks(w.double(), block_size_for(w.shape[1], self.hadamard_block)).float()
 
     def _needs(self) -> tuple[str, ...]:
         return ("q", SCALE_SUFFIX, ZERO_POINT_SUFFIX) if self.asymmetric else ("q", SCALE_SUFFIX)
@@ -209,8 +226,7 @@ class DequantizingStream(StreamWrapper):
             parts[part] = tensor
             if all(k in parts for k in self._needs()):
                 del pending[base]
-                yield base, dequantize_per_channel_ref(parts["q"], parts[SCALE_SUFFIX],
-                                                       parts.get(ZERO_POINT_SUFFIX))
+                yield base, self._dequantize(parts)
         if pending:
             name, parts = next(iter(pending.items()))
             raise ValueError(f"quantised tensor {name!r} is incomplete: found {sorted(parts)}, "

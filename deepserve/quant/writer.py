@@ -1,15 +1,23 @@
 """`deepserve quantize`: write an INT8 checkpoint folder in the HF layout.
 
-    quantize_checkpoint("in/", "out/", "int8")  ->  out/model.safetensors   <p>.weight int8 [out, in]
-                                                                             <p>.weight_scale f32 [out]
-                                                                             <p>.weight_zero_point int8 [out] (asymmetric)
-                                                     out/config.json         + quantization_config
-                                                     out/tokenizer* ...      copied
-Which tensors are quantised is decided by the model itself: each checkpoint tensor is loaded into
-the float32 model on its own, and it is quantised when the parameter it fills is the weight of a
-`quantizable` LinearBase (not the embedding, LM head, MLA kv_b_proj or stacked MoE experts). The
-other tensors are written unchanged. Per-channel quantisation is row-wise, so quantising q_proj
-and k_proj apart equals quantising the fused qkv matrix. One output file (no sharding yet).
+    quantize_checkpoint("in/", "out/", "int8", calibration=DEFAULT_CALIBRATION)
+        -> out/model.safetensors   <p>.weight int8 [out, in], <p>.weight_scale f32 [out]
+                                   (<p>.weight_zero_point int8 [out]: asymmetric W8A16)
+           out/config.json         + quantization_config (method, input rotation, recipe)
+           out/tokenizer* ...      copied
+
+Recipes (`plan`):
+    int8 (W8A8)            calibrated: SmoothQuant factors (alpha 0.5) folded into the float weights,
+                           block-Hadamard input rotation (method int8-hadamard; `rotation="none"`:
+                           plain int8), GPTQ rounding. benchmarks/results/quant_accuracy.md has the
+                           measurements behind each step.
+    int8-weight-only       calibrated: GPTQ rounding (symmetric); asymmetric: round-to-nearest
+    calibration=None       every weight rounded to nearest on its own, tensor by tensor (any
+                           architecture, constant memory: the input is streamed)
+The calibrated path holds the whole float32 model and its calibration statistics in memory and
+handles Llama-style decoder stacks (quant/calibrated.py). Which tensors are quantised is decided
+by the model itself: the weights of `quantizable` LinearBase layers (not the embedding, LM head,
+MLA kv_b_proj or stacked MoE experts). One output file (no sharding yet).
 """
 
 from __future__ import annotations
@@ -21,7 +29,12 @@ from pathlib import Path
 
 import torch
 
-from deepserve.quant import check_quantization, quantization_config, quantization_from_hf_config
+from deepserve.quant import check_quantization, hadamard_block_of, quantization_config, quantization_from_hf_config
+from deepserve.quant.calibrated import ROUNDINGS, Recipe
+
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration_text.txt"
+DEFAULT_ALPHA = 0.5
+ROTATIONS = ("hadamard", "none")
 
 
 @dataclass(frozen=True)
@@ -32,12 +45,32 @@ class QuantizeSummary:
     kept: int  # tensors written unchanged
     bytes_in: int
     bytes_out: int
+    recipe: Recipe | None = None
 
 
-def method_name(method: str, asymmetric: bool) -> str:
+def method_name(method: str, asymmetric: bool, rotation: str = "none") -> str:
+    """The registered method a checkpoint is written for (ValueError for impossible combinations)."""
     if asymmetric and method != "int8-weight-only":
         raise ValueError("--asymmetric needs --method int8-weight-only (W8A8 activations are symmetric)")
+    if rotation not in ROTATIONS:
+        raise ValueError(f"unknown rotation {rotation!r}; use one of {', '.join(ROTATIONS)}")
+    if rotation == "hadamard" and method == "int8":
+        return "int8-hadamard"
     return check_quantization(method + "-asym" if asymmetric else method)
+
+
+def plan(method: str, asymmetric: bool = False, calibration: str | Path | None = DEFAULT_CALIBRATION,
+         rotation: str = "hadamard", smoothing_alpha: float | None = DEFAULT_ALPHA,
+         rounding: str = "gptq") -> Recipe:
+    """The recipe for a method and options (see the module docstring)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; use one of {', '.join(ROUNDINGS)}")
+    w8a8 = method == "int8"
+    name = method_name(method, asymmetric, rotation if w8a8 else "none")
+    if calibration is None:
+        return Recipe(name, None, "rtn", None)
+    return Recipe(name, smoothing_alpha if w8a8 else None, "rtn" if asymmetric else rounding,
+                  Path(calibration).name)
 
 
 def _quantizable(model: torch.nn.Module, param_name: str) -> bool:
@@ -48,7 +81,7 @@ def _quantizable(model: torch.nn.Module, param_name: str) -> bool:
     return getattr(module, "quantizable", False) and not getattr(module, "keep_dense_weight", False)
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, label: str = "quantizing"):
     from deepserve.loader.model_loader import _progress as loader_progress
 
     if not enabled:
@@ -56,22 +89,23 @@ def _progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("quantizing"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.description}"), TimeElapsedColumn(),
                     transient=True, console=Console(stderr=True))
 
 
 @torch.no_grad()
 def quantize_checkpoint(model: str | Path | None, out: str | Path, method: str, asymmetric: bool = False,
-                        progress: bool = True) -> QuantizeSummary:
-    """Quantise the float checkpoint `model` (folder or bundled name) into the folder `out`."""
+                        progress: bool = True, calibration: str | Path | None = None,
+                        rotation: str = "hadamard", smoothing_alpha: float | None = DEFAULT_ALPHA,
+                        rounding: str = "gptq") -> QuantizeSummary:
+    """Quantise the float checkpoint `model` (folder or bundled name) into the folder `out`;
+    `calibration`: a text file for the calibrated recipe (None: round-to-nearest, streamed)."""
     from safetensors.torch import save_file
 
     from deepserve.engine.args import EngineArgs
-    from deepserve.loader.model_loader import build_model, model_class
-    from deepserve.loader.safetensors_loader import WeightStream, check_all_filled, find_checkpoint_files
 
-    name = method_name(method, asymmetric)
+    recipe = plan(method, asymmetric, calibration, rotation, smoothing_alpha, rounding)
     config = EngineArgs(model=None if model is None else str(model), device="cpu",
                         dtype="float32").create_engine_config()
     folder, out = Path(config.model), Path(out)
@@ -79,42 +113,94 @@ def quantize_checkpoint(model: str | Path | None, out: str | Path, method: str, 
         raise ValueError(f"{folder} is already a deepserve-quantised checkpoint")
     if out.resolve() == folder.resolve():
         raise ValueError("--out must differ from the input folder")
+    if recipe.needs_calibration:
+        tensors, num_tokens = _calibrated(config, Path(calibration), recipe, progress)
+    else:
+        tensors, num_tokens = _streamed(config, asymmetric, progress, hadamard_block_of(recipe.method)), 0
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_config(folder, out, recipe, num_tokens)
+    _copy_side_files(folder, out)
+    return _summary(out, recipe, tensors, config)
+
+
+def _summary(out: Path, recipe: Recipe, tensors: dict[str, torch.Tensor], config) -> QuantizeSummary:
+    from deepserve.loader.safetensors_loader import find_checkpoint_files
+
+    bytes_in = sum(p.stat().st_size for p in find_checkpoint_files(config.model).files)
+    quantized = sum(1 for t in tensors.values() if t.dtype == torch.int8 and t.dim() == 2)
+    kept = sum(1 for n in tensors if not n.endswith(("_scale", "_zero_point"))) - quantized
+    bytes_out = sum(t.numel() * t.element_size() for t in tensors.values())
+    return QuantizeSummary(out, recipe.method, quantized, kept, bytes_in, bytes_out, recipe)
+
+
+def _float_model(config):
+    """The float32 model of `config`, loaded but not processed (dense weights, as in the checkpoint)."""
+    from deepserve.loader.model_loader import build_model, load_checkpoint, model_class
+    from deepserve.loader.safetensors_loader import find_checkpoint_files
+
     net = build_model(model_class(config.model_config), config.model_config, "auto", "cpu", torch.float32)
-    files = find_checkpoint_files(folder)
+    load_checkpoint(net, find_checkpoint_files(config.model), progress=False)
+    return net.eval()
+
+
+def _calibrated(config, calibration: Path, recipe: Recipe, progress: bool) -> tuple[dict[str, torch.Tensor], int]:
+    from deepserve.loader.safetensors_loader import WeightStream, find_checkpoint_files
+    from deepserve.loader.tokenizer import load_tokenizer
+    from deepserve.quant.calibrated import export_tensors, prepare, round_linears
+
+    text = calibration.read_text(encoding="utf-8")
+    token_ids = load_tokenizer(config.model).encode(text)
+    if len(token_ids) < 2:
+        raise ValueError(f"{calibration}: the calibration text needs at least 2 tokens")
+    net = _float_model(config)
+    stats = prepare(net, token_ids, recipe)
+    with _progress(progress, f"rounding ({recipe.rounding})") as bar:
+        task = bar.add_task("", total=len(stats.act_max))
+        rounded = round_linears(net, stats, recipe, on_layer=lambda name: bar.update(task, advance=1, description=name))
+    del stats
+    return export_tensors(net, WeightStream(find_checkpoint_files(config.model)), rounded), len(token_ids)
+
+
+def _streamed(config, asymmetric: bool, progress: bool, block: int | None) -> dict[str, torch.Tensor]:
+    """Round-to-nearest, one checkpoint tensor at a time (no calibration); `block`: store W H."""
+    from deepserve.loader.model_loader import build_model, model_class
+    from deepserve.loader.safetensors_loader import WeightStream, check_all_filled, find_checkpoint_files
+    from deepserve.quant.int8 import quantize_per_channel_ref
+
+    net = build_model(model_class(config.model_config), config.model_config, "auto", "cpu", torch.float32)
+    files = find_checkpoint_files(config.model)
     tensors: dict[str, torch.Tensor] = {}
     filled: set[str] = set()
-    quantized = kept = bytes_in = 0
     with _progress(progress) as bar:
         task = bar.add_task("", total=len(files.files))
         stream = WeightStream(files, on_file=lambda p: bar.update(task, advance=1, description=p.name))
         for hf_name, tensor in stream:
-            bytes_in += tensor.numel() * tensor.element_size()
             params = net.load_weights([(hf_name, tensor)])
             filled |= set(params)
             if tensor.dim() == 2 and params and all(_quantizable(net, p) for p in params):
-                from deepserve.quant.int8 import quantize_per_channel_ref
-
-                q, scale, zp = quantize_per_channel_ref(tensor.float(), symmetric=not asymmetric)
+                q, scale, zp = quantize_per_channel_ref(_rotated(tensor.float(), block), symmetric=not asymmetric)
                 tensors[hf_name], tensors[hf_name + "_scale"] = q, scale
                 if zp is not None:
                     tensors[hf_name + "_zero_point"] = zp
-                quantized += 1
             else:
                 tensors[hf_name] = tensor.contiguous()
-                kept += 1
     check_all_filled([n for n, _ in net.named_parameters()], filled, files)
-    del net
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_config(folder, out, name)
-    _copy_side_files(folder, out)
-    bytes_out = sum(t.numel() * t.element_size() for t in tensors.values())
-    return QuantizeSummary(out, name, quantized, kept, bytes_in, bytes_out)
+    return tensors
 
 
-def _write_config(folder: Path, out: Path, name: str) -> None:
+def _rotated(w: torch.Tensor, block: int | None) -> torch.Tensor:
+    """w [out, in] -> w H (block-diagonal Hadamard over the input channels), or w without a block."""
+    if block is None:
+        return w
+    from deepserve.quant.hadamard import block_size_for, rotate_blocks
+
+    return rotate_blocks(w.double(), block_size_for(w.shape[1], block)).float()
+
+
+def _write_config(folder: Path, out: Path, recipe: Recipe, num_tokens: int) -> None:
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    raw["quantization_config"] = quantization_config(name)
+    raw["quantization_config"] = {**quantization_config(recipe.method), "recipe": recipe.record(num_tokens)}
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
 
 

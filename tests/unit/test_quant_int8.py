@@ -173,10 +173,12 @@ def test_quantize_command_writes_a_loadable_folder(tiny, tmp_path, capsys):
 
     out = tmp_path / "tiny-int8"
     assert main(["quantize", "--model", str(tiny), "--out", str(out), "--method", "int8",
-                 "--skip-gate"]) == 0
+                 "--calibration", "none", "--rotation", "none", "--skip-gate"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "deepserve-int8", "scheme": "w8a8",
-                                             "symmetric": True}
+    assert config["quantization_config"] == {
+        "quant_method": "deepserve-int8", "scheme": "w8a8", "symmetric": True,
+        "recipe": {"smoothing_alpha": None, "rounding": "rtn", "calibration": None, "calibration_tokens": 0,
+                   "input_rotation_block": None}}
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
