@@ -42,6 +42,7 @@ class Recipe:
     smoothing_alpha: float | None = None  # SmoothQuant migration strength; None: no smoothing
     rounding: str = "gptq"  # gptq | rtn
     calibration: str | None = None  # the calibration text's file name (recorded in the config)
+    calibration_sha256: str | None = None  # of its bytes
 
     @property
     def needs_calibration(self) -> bool:
@@ -50,7 +51,8 @@ class Recipe:
     def record(self, num_tokens: int) -> dict:
         """The `recipe` entry of quantization_config (informational: loading does not read it)."""
         return {"smoothing_alpha": self.smoothing_alpha, "rounding": self.rounding,
-                "calibration": self.calibration, "calibration_tokens": num_tokens,
+                "calibration": self.calibration, "calibration_sha256": self.calibration_sha256,
+                "calibration_tokens": num_tokens,
                 "input_rotation_block": hadamard_block_of(self.method)}
 
 

@@ -22,6 +22,7 @@ MLA kv_b_proj or stacked MoE experts). One output file (no sharding yet).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -69,8 +70,9 @@ def plan(method: str, asymmetric: bool = False, calibration: str | Path | None =
     name = method_name(method, asymmetric, rotation if w8a8 else "none")
     if calibration is None:
         return Recipe(name, None, "rtn", None)
+    digest = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()
     return Recipe(name, smoothing_alpha if w8a8 else None, "rtn" if asymmetric else rounding,
-                  Path(calibration).name)
+                  Path(calibration).name, digest)
 
 
 def _quantizable(model: torch.nn.Module, param_name: str) -> bool:

@@ -177,8 +177,8 @@ def test_quantize_command_writes_a_loadable_folder(tiny, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == {
         "quant_method": "deepserve-int8", "scheme": "w8a8", "symmetric": True,
-        "recipe": {"smoothing_alpha": None, "rounding": "rtn", "calibration": None, "calibration_tokens": 0,
-                   "input_rotation_block": None}}
+        "recipe": {"smoothing_alpha": None, "rounding": "rtn", "calibration": None, "calibration_sha256": None,
+                   "calibration_tokens": 0, "input_rotation_block": None}}
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())

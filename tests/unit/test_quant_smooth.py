@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -194,6 +195,7 @@ def test_calibrated_checkpoint_loads_and_equals_in_memory_quantisation(tiny, tmp
     assert recipe.rounding == "gptq" and (recipe.smoothing_alpha == 0.5) == (method == "int8")
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["recipe"]["calibration"] == "calibration_text.txt" and qc["recipe"]["calibration_tokens"] > 1000
+    assert qc["recipe"]["calibration_sha256"] == hashlib.sha256(DEFAULT_CALIBRATION.read_bytes()).hexdigest()
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.v_proj.weight").dtype == torch.int8
         assert f.get_tensor("model.layers.0.self_attn.v_proj.bias").dtype == torch.float32
