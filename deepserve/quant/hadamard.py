@@ -11,6 +11,8 @@ its values far better; on the default model this cut the activation part of the 
 KL to float32) several-fold (benchmarks/results/quant_accuracy.md). The rotation costs one small
 matmul per layer input at run time ([tokens, in/b, b] @ [b, b], b = 64: 64 / out_features of the
 GEMM's work, 2-11% on SmolLM2); it is the one runtime op a deepserve int8-hadamard checkpoint needs.
+It runs in the activations' dtype and then hands x H to Int8W8A8Method (its CUDA kernels included);
+in bf16 that is one more rounding before the int8 quantisation (measured on CPU float32 only).
 
 Weights: `process_weights_after_loading` rotates the layer's float weight (original basis) and
 quantises it per output channel like Int8W8A8Method. A checkpoint stores the int8 weight of W H (as
