@@ -17,7 +17,7 @@ Flash-decoding in two kernels, like `paged_decode_attention`:
      mostly from L2). Sequence b's context is cut into `num_splits` chunks (a multiple of BLOCK_N,
      computed in the kernel from seq_lens[b]); each program runs an online softmax over its chunk
      in fp32 and writes its normalised partial [BLOCK_H, R] and log2-sum-exp [BLOCK_H].
-  2. `_mla_reduce_kernel`, grid (B, H): merges the splits with their LSE weights, one split at a
+  2. `split_k.merge_splits`, grid (B, H): merges the splits with their LSE weights, one split at a
      time (a [num_splits, 512] tile would not fit in registers).
 With one split the first kernel writes `o_latent` directly and the second is skipped.
 
@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.paged_decode_attention import LOG2E, choose_num_splits
+from deepserve.kernels.paged_decode_attention import LOG2E
+from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
 
 
 def mla_decode_attention_ref(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
@@ -115,30 +116,6 @@ def _mla_split_kernel(
         tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # chosen per step in eager decode
-def _mla_reduce_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr,
-    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
-    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    r = tl.arange(0, BLOCK_R)
-    s = tl.arange(0, BLOCK_S)
-    lse_row = mid_lse_ptr + b * stride_lb + h * stride_lh
-    lse = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp2(lse - lse_max), 0)  # 0 when every split is empty
-    acc = tl.zeros([BLOCK_R], tl.float32)
-    o_row = mid_o_ptr + b * stride_mb + h * stride_mh
-    for i in range(num_splits):
-        w = tl.exp2(tl.load(lse_row + i) - lse_max)  # 0 for an empty split (whose partial is 0)
-        acc += w * tl.load(o_row + i * stride_ms + r, mask=r < RANK, other=0.0)
-    result = acc / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + r, result.to(out_ptr.dtype.element_ty), mask=r < RANK)
-
-
 def _check(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
            seq_lens: torch.Tensor) -> None:
     if q_latent.dim() != 3 or q_rope.dim() != 3 or kv_cache.dim() != 3:
@@ -165,17 +142,11 @@ def _check(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("all inputs must be on one device")
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: any small number
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _pick_splits(batch: int, head_tiles: int, block_tables: torch.Tensor, block_size: int,
                  max_seq_len: int | None, device: torch.device) -> int:
     """Host-only split choice: from shapes and `max_seq_len` (None: the block-table capacity)."""
     longest = block_tables.shape[1] * block_size if max_seq_len is None else max_seq_len
-    return choose_num_splits(batch, head_tiles, longest, _num_sms(device))
+    return choose_num_splits(batch, head_tiles, longest, num_sms(device))
 
 
 def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
@@ -218,10 +189,5 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _mla_reduce_kernel[(batch, heads)](
-            mid_o, mid_lse, out,
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-            out.stride(0), out.stride(1), num_splits,
-            RANK=rank, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
-        )
+        merge_splits(mid_o, mid_lse, out)
     return out

@@ -11,7 +11,7 @@ Flash-decoding in two kernels:
      a multiple of BLOCK_N); each program runs an online softmax over its chunk, BLOCK_N keys at a
      time (keys are gathered through the block table, so any block_size works), and writes its
      normalised partial output [G, D] and log2-sum-exp [G] in fp32.
-  2. `_decode_reduce_kernel`, grid (B, H): merges the splits' partials with their LSE weights.
+  2. `split_k.merge_splits`, grid (B, H): merges the splits' partials with their LSE weights.
 With one split the first kernel writes `out` directly and the second is skipped.
 
 Because chunking is derived in the kernel from seq_lens and num_splits, a launch depends on the
@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -43,16 +45,6 @@ def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
         scores = torch.einsum("hd,shd->hs", q[b].float(), k) * scale  # [H, S]
         out[b] = torch.einsum("hs,shd->hd", scores.softmax(-1), v).to(q.dtype)
     return out
-
-
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
-                      min_keys_per_split: int = 128, max_splits: int = 64) -> int:
-    """Splits per sequence so that batch * H_kv * splits programs fill ~4 waves of `num_sms`,
-    each split keeping at least `min_keys_per_split` keys of the longest sequence."""
-    programs = batch * num_kv_heads
-    wanted = triton.cdiv(4 * num_sms, programs)
-    by_length = max(1, max_seq_len // min_keys_per_split)
-    return max(1, min(wanted, by_length, max_splits))
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one compile
@@ -114,30 +106,6 @@ def _decode_split_kernel(
         tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # chosen per step in eager decode
-def _decode_reduce_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr,
-    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_mask = s < num_splits
-    lse = tl.load(mid_lse_ptr + b * stride_lb + h * stride_lh + s, mask=s_mask, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    w = tl.exp2(lse - lse_max)  # [BLOCK_S], 0 for empty splits
-    live = w > 0.0
-    o = tl.load(mid_o_ptr + b * stride_mb + h * stride_mh + s[:, None] * stride_ms + d[None, :],
-                mask=live[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_S, BLOCK_D]
-    total = tl.sum(w, 0)
-    total = tl.where(total > 0.0, total, 1.0)
-    result = tl.sum(o * w[:, None], 0) / total
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, result.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-
-
 def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
     if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"q must be [B, H, D] and kv_cache [2, N, bs, H_kv, D]; got {tuple(q.shape)}, "
@@ -161,12 +129,6 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, 
         raise ValueError("all inputs must be on one device")
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: any small number
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
                            max_seq_len: int | None = None, block_n: int = 64, num_warps: int = 4,
@@ -185,7 +147,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         return out
     if num_splits is None:
         longest = block_tables.shape[1] * block_size if max_seq_len is None else max_seq_len
-        num_splits = choose_num_splits(batch, kv_heads, longest, _num_sms(q.device))
+        num_splits = choose_num_splits(batch, kv_heads, longest, num_sms(q.device))
     mid_o = out  # unused when num_splits == 1
     mid_lse = out
     if num_splits > 1:
@@ -205,11 +167,5 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(batch, heads)](
-            mid_o, mid_lse, out,
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-            out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=dim, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
-        )
+        merge_splits(mid_o, mid_lse, out)
     return out

@@ -57,13 +57,6 @@ def test_rejects_bad_inputs():
                                    case.block_tables.long(), case.seq_lens, 0.25)
 
 
-def test_choose_num_splits():
-    assert dec.choose_num_splits(256, 4, 4096, 132) == 1  # the batch fills the GPU
-    assert dec.choose_num_splits(1, 4, 8192, 132) == 64  # capped
-    assert dec.choose_num_splits(1, 4, 100, 132) == 1  # too short to split
-    assert dec.choose_num_splits(8, 4, 2048, 132) == 16
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 7, 64, 256])
 def test_gpu_qwen7b_shapes_bf16(batch):

@@ -1,0 +1,40 @@
+"""Split-K helpers shared by the decode kernels: the split count and the merge of partials."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.interpret import device, load_kernel_module
+
+sk = load_kernel_module("split_k")
+
+
+def test_choose_num_splits():
+    assert sk.choose_num_splits(256, 4, 4096, 132) == 1  # the batch fills the GPU
+    assert sk.choose_num_splits(1, 4, 8192, 132) == 64  # capped
+    assert sk.choose_num_splits(1, 4, 100, 132) == 1  # too short to split
+    assert sk.choose_num_splits(8, 4, 2048, 132) == 16
+
+
+@pytest.mark.parametrize("dim, splits", [(16, 1), (32, 3), (40, 5), (128, 64), (512, 4), (512, 17)])  # tile / loop
+def test_merge_matches_reference_with_empty_splits(dim, splits):
+    gen = torch.Generator().manual_seed(dim + splits)
+    mid_o = torch.randn(3, 2, splits, dim, generator=gen).to(device())
+    mid_lse = (torch.randn(3, 2, splits, generator=gen) * 4).to(device())
+    mid_lse[0, 0, 0] = float("-inf")  # an empty split: weight 0
+    mid_o[0, 0, 0] = float("nan")  # ... whose partial is never read
+    mid_lse[1, 1, :] = float("-inf")  # every split empty (a graph padding row): zeros
+    out = sk.merge_splits(mid_o, mid_lse, torch.empty(3, 2, dim, device=device()))
+    clean = mid_o.clone()
+    clean[0, 0, 0] = 0.0
+    ref = sk.merge_splits_ref(clean, mid_lse, torch.float32)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[1, 1], torch.zeros(dim, device=device()))
+    if splits > 1:  # the weights matter: not a plain mean of the partials
+        assert not torch.allclose(out[2, 0], clean[2, 0].mean(0), atol=1e-3)
+
+
+def test_merge_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="do not fit"):
+        sk.merge_splits(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 4), torch.zeros(1, 2, 16))
