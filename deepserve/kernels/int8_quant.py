@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.rms_norm import check_rows, row_num_warps
+from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_normalize, row_num_warps
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -58,17 +58,11 @@ def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hid
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like the eager add
-        tl.store(res_out_ptr + row * res_out_stride + cols, x, mask=mask)
+    x = load_row_add_residual(x_ptr, res_ptr, res_out_ptr, row, cols, mask, x_stride, res_stride, res_out_stride,
+                              HAS_RESIDUAL)
     v = x.to(tl.float32)
     if NORM:
-        rstd = tl.rsqrt(tl.sum(v * v, axis=0) / hidden + eps)
-        normed = (v * rstd).to(x.dtype).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        v = (normed * w.to(tl.float32)).to(NORM_DTYPE).to(tl.float32)
+        v = rms_normalize(x, w_ptr, cols, mask, hidden, eps).to(NORM_DTYPE).to(tl.float32)
     scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 127.0)
     q = tl.minimum(tl.maximum(round_half_even(tl.div_rn(v, scale)), -127.0), 127.0)
     tl.store(q_ptr + row * q_stride + cols, q.to(tl.int8), mask=mask)

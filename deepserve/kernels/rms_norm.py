@@ -26,6 +26,29 @@ class RMSNormOutput(NamedTuple):
 
 
 @triton.jit
+def load_row_add_residual(x_ptr, res_ptr, res_out_ptr, row, cols, mask, x_stride, res_stride, res_out_stride,
+                          HAS_RESIDUAL: tl.constexpr):
+    """Row `row` of x [BLOCK] in x's dtype; HAS_RESIDUAL: + residual (rounded like the eager add),
+    stored to res_out. Shared with the kernels that fuse this norm (int8_quant)."""
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + row * res_out_stride + cols, x, mask=mask)
+    return x
+
+
+@triton.jit
+def rms_normalize(x, w_ptr, cols, mask, hidden, eps):
+    """x [BLOCK] (one row, x's dtype) -> RMSNorm(x) * w in f32; the normalised row is rounded to x's
+    dtype before the weight multiply, as the module does."""
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    return normed * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                      hidden, x_stride, res_stride, out_stride, res_out_stride, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
@@ -33,16 +56,10 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like the eager add
-        tl.store(res_out_ptr + row * res_out_stride + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)  # the module rounds before the weight multiply
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    x = load_row_add_residual(x_ptr, res_ptr, res_out_ptr, row, cols, mask, x_stride, res_stride, res_out_stride,
+                              HAS_RESIDUAL)
+    y = rms_normalize(x, w_ptr, cols, mask, hidden, eps)
+    tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def check_rows(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None) -> None:
