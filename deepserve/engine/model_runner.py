@@ -85,11 +85,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
         sampling = batch.sampling
-        hidden = None
-        if self.graphs is not None and self.graphs.can_run([e.num_new_tokens for e in batch.scheduled]):
-            logits = self._replay(batch.scheduled)
-        else:
-            hidden, logits = self._run_eager(batch.scheduled, bool(sampling))
+        hidden, logits = self._forward(batch)
         result = RunnerOutput()
         if sampling and _all_argmax(sampling):
             result.sampled = {e.seq.request_id: [token] for e, token in zip(sampling, logits.argmax(dim=-1).tolist())}
@@ -107,10 +103,7 @@ class ModelRunner:
         them). Plain sampling only: no drafts, no logprobs, no penalties (the engine runs other
         batches with `execute`)."""
         sampling = batch.sampling
-        if self.graphs is not None and self.graphs.can_run([e.num_new_tokens for e in batch.scheduled]):
-            logits = self._replay(batch.scheduled)
-        else:
-            _, logits = self._run_eager(batch.scheduled, bool(sampling))
+        _, logits = self._forward(batch)
         if not sampling:
             tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
         elif _all_argmax(sampling):
@@ -119,6 +112,13 @@ class ModelRunner:
             tokens = self.sampler(logits.float(), self._sampling_batch(sampling)).token_ids
         self._last_sampled = (tokens, {e.seq.request_id: row for row, e in enumerate(sampling)})
         return tokens
+
+    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(hidden states, or None through a CUDA graph; logits of the sampling rows, or None when
+        nobody samples): a decode-only batch that fits replays its graph, any other runs eagerly."""
+        if self.graphs is not None and self.graphs.can_run([e.num_new_tokens for e in batch.scheduled]):
+            return None, self._replay(batch.scheduled)
+        return self._run_eager(batch.scheduled, bool(batch.sampling))
 
     def _run_eager(self, scheduled: list[ScheduledSeq], sample: bool
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
