@@ -10,6 +10,7 @@ bound by it (H100 SXM: ~3.35 TB/s peak HBM). Routing: top-k of softmax(random lo
         [--json benchmarks/results/kernels_moe.jsonl]
     .venv/bin/python benchmarks/kernels_moe.py --tune [--shape v2-lite]   # prints CONFIGS entries
     .venv/bin/python benchmarks/kernels_moe.py --layer [--shape v3] [--json ...]
+    .venv/bin/python benchmarks/kernels_moe.py --align [--shape v2-lite] [--tokens 1,256]
 
 --layer times a whole routed-expert layer at decode sizes (T = 1, 8, 64): router GEMM + routing +
 alignment + fused_moe, the old path (select_experts torch ops, torch-ops alignment, sum + cast)
@@ -37,7 +38,10 @@ from deepserve.kernels.moe_router import moe_router
 from deepserve.layers.moe import RouterConfig, select_experts
 
 BF16 = torch.bfloat16
-SHAPES = {"v2-lite": (64, 2048, 1408, 6), "v3": (256, 7168, 2048, 8)}  # E, H, I, top-k
+# E, H, I, top-k. "-shared": the shared experts folded in as always-chosen extra experts (ids E-n..E-1)
+SHAPES = {"v2-lite": (64, 2048, 1408, 6), "v3": (256, 7168, 2048, 8),
+          "v2-lite-shared": (66, 2048, 1408, 8), "v3-shared": (257, 7168, 2048, 9)}
+SHARED = {"v2-lite-shared": 2, "v3-shared": 1}
 TOKENS = [1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 QUICK_TOKENS = [1, 32, 256, 1024]
 LAYER_TOKENS = [1, 8, 64]
@@ -55,8 +59,14 @@ def make_inputs(shape: str, tokens: int, weights: tuple | None = None):
         weights = (torch.randn(num_experts, 2 * inter, hidden, dtype=BF16, device="cuda") / hidden ** 0.5,
                    torch.randn(num_experts, hidden, inter, dtype=BF16, device="cuda") / inter ** 0.5)
     x = torch.randn(tokens, hidden, dtype=BF16, device="cuda")
-    topk = torch.randn(tokens, num_experts, device="cuda").softmax(dim=-1).topk(top_k, dim=-1)
-    return x, *weights, topk.values, topk.indices
+    shared = SHARED.get(shape, 0)
+    routed = num_experts - shared
+    topk = torch.randn(tokens, routed, device="cuda").softmax(dim=-1).topk(top_k - shared, dim=-1)
+    if not shared:
+        return x, *weights, topk.values, topk.indices
+    fixed = torch.arange(routed, num_experts, device="cuda").expand(tokens, shared)
+    ones = torch.ones(tokens, shared, device="cuda")
+    return x, *weights, torch.cat([topk.values, ones], 1), torch.cat([topk.indices, fixed], 1)
 
 
 def weight_bytes(w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor) -> int:
@@ -217,6 +227,41 @@ def bench_layer(shape: str, out_json: str | None) -> None:
                     f.write(json.dumps(dict(row, bench="kernels_moe_layer")) + "\n")
 
 
+ALIGN_TOKENS = (1, 8, 64, 128, 256, 512, 1024, 8192)
+
+
+def align_variants(n: int) -> dict[str, dict[str, int]]:
+    """moe_align_block_size_triton keyword sets to compare for n assignments: one launch (where
+    n fits a 4096-key sort) and two launches at several chunk sizes."""
+    out = {"single": dict(single_max=n)} if n <= 4096 else {}
+    for chunk in (64, 128, 256, 512, 1024):
+        if chunk < n:
+            out[f"two/{chunk}"] = dict(single_max=0, chunk=chunk)
+    return out
+
+
+def bench_align(shape: str, tokens_list: list[int]) -> None:
+    """Graph-replay time (us) of the alignment per variant and batch size; checks each variant's
+    output against the torch-ops path."""
+    num_experts, _, inter, top_k = SHAPES[shape]
+    print(f"\n{shape} moe_align (us, CUDA-graph replay):")
+    for tokens in tokens_list:
+        logits = torch.randn(tokens, num_experts, device="cuda")
+        ids = logits.topk(top_k, dim=-1).indices
+        block_m = get_config(num_experts, inter, BF16, tokens, top_k).block_m
+        ref = moe_align_block_size_torch(ids, num_experts, block_m)
+        cells = []
+        for name, kw in align_variants(tokens * top_k).items():
+            out = moe_align_block_size_triton(ids, num_experts, block_m, **kw)
+            used = int(ref.num_tokens_post_padded)
+            same = (torch.equal(out.sorted_ids[:used], ref.sorted_ids[:used])
+                    and torch.equal(out.expert_ids[:used // block_m], ref.expert_ids[:used // block_m])
+                    and int(out.num_tokens_post_padded) == used)
+            us = 1e3 * graph_ms(lambda t: moe_align_block_size_triton(t, num_experts, block_m, **kw), ids)
+            cells.append(f"{name} {us:6.1f}{'' if same else ' MISMATCH'}")
+        print(f"  T={tokens:5d} n={tokens * top_k:6d} bm={block_m:3d}: " + " | ".join(cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes")
@@ -224,6 +269,7 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep configs, print the best per batch size")
     parser.add_argument("--layer", action="store_true",
                         help="router + align + fused_moe at decode sizes, old torch-ops path vs new kernels")
+    parser.add_argument("--align", action="store_true", help="time moe_align: one launch vs two, chunk sizes")
     parser.add_argument("--json", default=None, help="append one JSON line per case to this file")
     parser.add_argument("--tokens", default=None, help="comma-separated batch sizes (default: the built-in list)")
     args = parser.parse_args()
@@ -231,8 +277,10 @@ def main() -> None:
     if args.tokens:
         tokens = [int(t) for t in args.tokens.split(",")]
     with torch.inference_mode():
-        for shape in args.shape or list(SHAPES):
-            if args.layer:
+        for shape in args.shape or list(ROUTERS):
+            if args.align:
+                bench_align(shape, [int(t) for t in args.tokens.split(",")] if args.tokens else ALIGN_TOKENS)
+            elif args.layer:
                 bench_layer(shape, args.json)
             elif args.tune:
                 tune(shape, tokens)

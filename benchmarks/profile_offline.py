@@ -1,7 +1,11 @@
 """Where does a W-offline run spend its time? A step timeline and the top GPU kernels.
 
     python benchmarks/profile_offline.py --model qwen-7b --load-format dummy [--num-prompts 256]
-        [--input-len 512] [--output-len 256] [--profile-steps 2] [any engine argument]
+        [--input-len 512] [--output-len 256] [--profile-steps 2] [--prefix-len 2048] [any engine argument]
+
+--prefix-len N puts one shared N-token prefix before every prompt (W-prefix): the warm-up run uses
+prompts with that prefix, so with prefix caching on the measured runs find it cached; the
+timeline then also lists every prefill step (tokens, sequences, forward ms).
 
 Runs the offline engine as `deepserve bench throughput` does, but drives the steps itself and
 synchronises the device around each phase of a step, so every phase gets its own wall time:
@@ -62,6 +66,12 @@ class Timeline:
                          + f"{total:>9.2f}")
         lines.append(f"sum of phases: {grand:.2f} s")
         return "\n".join(lines)
+
+    def prefill_steps(self, limit: int = 24) -> str:
+        """One line per prefill step (the first `limit`): tokens, sequences, forward ms."""
+        rows = [r for r in self.rows if r[0] == "prefill"][:limit]
+        return "\n".join(f"prefill step {i}: {tokens} tokens, {seqs} seqs, forward {phases['forward']:.1f} ms, "
+                         f"schedule {phases['schedule']:.2f} ms" for i, (_, tokens, seqs, phases) in enumerate(rows))
 
 
 def step_kind(batch) -> str:
@@ -148,19 +158,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_throughput_args(p)
     p.add_argument("--profile-steps", type=int, default=1)
+    p.add_argument("--prefix-len", type=int, default=0, help="tokens of one prefix shared by every prompt")
     ns = p.parse_args()
-    bench = Bench.load(engine_args(ns))
+    bench = Bench.load(engine_args(argparse.Namespace(**{**vars(ns), "input_len": ns.prefix_len + ns.input_len})))
     sync = bench.platform.synchronize
-    bench.run(bench.random_prompts(min(ns.num_prompts, 4), ns.input_len, ns.seed + 1), min(ns.output_len, 8))
-    prompts = bench.random_prompts(ns.num_prompts, ns.input_len, ns.seed)
+    shared = bench.random_prompts(1, ns.prefix_len, ns.seed + 99)[0] if ns.prefix_len else []
+
+    def prompts_of(count: int, seed: int) -> list[list[int]]:
+        return [shared + tail for tail in bench.random_prompts(count, ns.input_len, seed)]
+
+    bench.run(prompts_of(min(ns.num_prompts, 4), ns.seed + 1), min(ns.output_len, 8))
+    prompts = prompts_of(ns.num_prompts, ns.seed)
     timing = bench.run(prompts, ns.output_len)
     print(f"W-offline as benchmarked: {timing.wall_s:.2f} s, {timing.output_tokens / timing.wall_s:.0f} out tok/s, "
           f"first-token p50 {1000 * statistics.median(timing.first_token_s):.0f} ms "
           f"(graphs {'on' if bench.graphs_on else 'off'})", flush=True)
-    timeline = timed_run(bench, bench.random_prompts(ns.num_prompts, ns.input_len, ns.seed + 7), ns.output_len, sync)
+    timeline = timed_run(bench, prompts_of(ns.num_prompts, ns.seed + 7), ns.output_len, sync)
     print(timeline.report(), flush=True)
+    if ns.prefix_len:
+        print(timeline.prefill_steps(), flush=True)
     if ns.profile_steps > 0 and bench.platform.device_type == "cuda":
-        tables = profiled_run(bench, bench.random_prompts(ns.num_prompts, ns.input_len, ns.seed + 9),
+        tables = profiled_run(bench, prompts_of(ns.num_prompts, ns.seed + 9),
                               ns.output_len, ns.profile_steps)
         for title, table in tables.items():
             print(f"\n=== {title}\n{table}", flush=True)

@@ -221,10 +221,15 @@ def _tiles(num_experts: int, block_m: int) -> dict[str, int]:
                 BLOCK_B=max(1, min(64, 4096 // max(block_e, bm))), BLOCK_M=bm)
 
 
-def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
+def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int, *,
+                                single_max: int | None = None, chunk: int | None = None) -> MoeAlignment:
     """The Triton path of `moe_align_block_size` (any device Triton runs on): one launch for up to
-    _SINGLE_MAX assignments, two beyond. Ids outside [0, E) are left out of sorted_ids."""
+    `single_max` (default _SINGLE_MAX) assignments, two beyond, with at least `chunk` (default
+    _CHUNK) assignments per program; benchmarks sweep both. Ids outside [0, E) are left out of
+    sorted_ids."""
     _check(topk_ids, num_experts, block_m)
+    single_max = _SINGLE_MAX if single_max is None else single_max
+    chunk = _CHUNK if chunk is None else chunk
     ids = topk_ids.reshape(-1)  # [N] (a view when contiguous)
     n, device = ids.numel(), ids.device
     length = max_padded_length(n, num_experts, block_m)
@@ -237,12 +242,12 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     tiles = _tiles(num_experts, block_m)
     warps = 4 if tiles["BLOCK_E"] <= 256 else 8
     args = (n, num_experts, block_m, length, num_blocks)
-    if n <= _SINGLE_MAX:
+    if n <= single_max:
+        block_n = max(16, triton.next_power_of_2(n))
         _moe_align_kernel[(1,)](ids, total, sorted_ids, expert_ids, total, *args, n, 1, num_blocks,
-                                MODE=0, BLOCK_N=max(16, triton.next_power_of_2(n)), num_warps=4,
-                                **tiles)
+                                MODE=0, BLOCK_N=block_n, num_warps=4 if block_n <= 1024 else 8, **tiles)
         return MoeAlignment(sorted_ids, expert_ids, total)
-    chunk = max(_CHUNK, -(-triton.cdiv(n, _MAX_PROGRAMS) // tiles["SUB"]) * tiles["SUB"])
+    chunk = max(chunk, -(-triton.cdiv(n, _MAX_PROGRAMS) // tiles["SUB"]) * tiles["SUB"])
     num_chunks = triton.cdiv(n, chunk)
     workspace = torch.empty(num_chunks, tiles["BLOCK_E"], dtype=torch.int32, device=device)
     per_program = triton.cdiv(num_blocks, num_chunks)

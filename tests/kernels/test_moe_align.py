@@ -4,6 +4,8 @@ Both implementations: the Triton kernel (interpreted on CPU: tiny shapes; the on
 to _SINGLE_MAX assignments, the two-launch chunked path beyond) and the torch-ops CPU path.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -61,6 +63,22 @@ def test_triton_chunked_path(name, ids):
     """More than _SINGLE_MAX assignments: two launches over chunks, the workspace summed per chunk."""
     assert ids.numel() > K._SINGLE_MAX
     _check_against_ref(K.moe_align_block_size_triton, ids, 64, 16)
+
+
+@pytest.mark.parametrize("name,ids", [
+    ("random", torch.rand(300, 64).topk(6).indices),  # 1800 assignments: a 2048-key sort in one program
+    ("one_expert", torch.full((200, 6), 63)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_triton_single_launch_beyond_default(name, ids):
+    """single_max raised past _SINGLE_MAX: the one-program sort (8 warps past 1024 keys) still matches."""
+    assert ids.numel() > K._SINGLE_MAX
+    _check_against_ref(functools.partial(K.moe_align_block_size_triton, single_max=4096), ids, 64, 16)
+
+
+def test_triton_chunk_keyword():
+    """chunk= sets the assignments per program of the two-launch path (here 8 programs)."""
+    ids = torch.rand(100, 64).topk(6).indices
+    _check_against_ref(functools.partial(K.moe_align_block_size_triton, single_max=0, chunk=80), ids, 64, 16)
 
 
 @pytest.mark.parametrize("block_m", [1, 16, 64])
