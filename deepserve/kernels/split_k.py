@@ -49,31 +49,29 @@ def merge_splits_ref(mid_o: torch.Tensor, mid_lse: torch.Tensor, out_dtype: torc
 @triton.jit(do_not_specialize=["num_splits"])  # chosen per step in eager decode
 def _merge_kernel(mid_o_ptr, mid_lse_ptr, out_ptr,
                   stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
-                  DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, WHOLE_TILE: tl.constexpr):
-    """One program per (sequence, head). WHOLE_TILE: the [S, D] partials are read as one tile (head
-    dims); otherwise one split at a time (MLA's 512-wide latent would not fit in registers)."""
+                  DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (sequence, head, BLOCK_D columns): the [S, BLOCK_D] partials are read as one tile,
+    all splits at once (no serial loop over splits); an empty split's partial is never read."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.arange(0, BLOCK_S)
-    lse_row = mid_lse_ptr + b * stride_lb + h * stride_lh
-    lse = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))
+    lse = tl.load(mid_lse_ptr + b * stride_lb + h * stride_lh + s, mask=s < num_splits, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     w = tl.exp2(lse - lse_max)  # [BLOCK_S], 0 for an empty split, whose partial never counts
     total = tl.sum(w, 0)  # 0 when every split is empty
-    o_row = mid_o_ptr + b * stride_mb + h * stride_mh
-    if WHOLE_TILE:
-        o = tl.load(o_row + s[:, None] * stride_ms + d[None, :],
-                    mask=(w > 0.0)[:, None] & (d[None, :] < DIM), other=0.0)  # [BLOCK_S, BLOCK_D]
-        acc = tl.sum(o * w[:, None], 0)
-    else:
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for i in range(num_splits):
-            wi = tl.exp2(tl.load(lse_row + i) - lse_max)
-            acc += tl.where(wi > 0.0, wi * tl.load(o_row + i * stride_ms + d, mask=d < DIM, other=0.0), 0.0)
-    result = acc / tl.where(total > 0.0, total, 1.0)
+    o = tl.load(mid_o_ptr + b * stride_mb + h * stride_mh + s[:, None] * stride_ms + d[None, :],
+                mask=(w > 0.0)[:, None] & (d[None, :] < DIM), other=0.0)  # [BLOCK_S, BLOCK_D]
+    result = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, result.to(out_ptr.dtype.element_ty), mask=d < DIM)
+
+
+def merge_tiles(splits: int, dim: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_D) of the merge: every split at once, D cut so a [BLOCK_S, BLOCK_D] f32 tile stays
+    within _WHOLE_TILE_MAX elements (head dims <= 128 with <= 64 splits: the whole row, one program)."""
+    block_s = triton.next_power_of_2(splits)
+    return block_s, min(triton.next_power_of_2(dim), max(16, _WHOLE_TILE_MAX // block_s))
 
 
 def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -83,10 +81,10 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor) 
             or out.stride(2) != 1:
         raise ValueError(f"mid_o {tuple(mid_o.shape)}, mid_lse {tuple(mid_lse.shape)} and out "
                          f"{tuple(out.shape)} do not fit [B, H, S, D] / [B, H, S] / [B, H, D]")
-    block_d, block_s = triton.next_power_of_2(dim), triton.next_power_of_2(splits)
-    _merge_kernel[(batch, heads)](
+    block_s, block_d = merge_tiles(splits, dim)
+    _merge_kernel[(batch, heads, triton.cdiv(dim, block_d))](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), splits,
-        DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, WHOLE_TILE=block_s * block_d <= _WHOLE_TILE_MAX, num_warps=4)
+        DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4)
     return out

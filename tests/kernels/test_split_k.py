@@ -17,7 +17,9 @@ def test_choose_num_splits():
     assert sk.choose_num_splits(8, 4, 2048, 132) == 16
 
 
-@pytest.mark.parametrize("dim, splits", [(16, 1), (32, 3), (40, 5), (128, 64), (512, 4), (512, 17)])  # tile / loop
+# one D chunk (head dims) / several (MLA's 512-wide latent; 40 over 300 splits: 16-wide chunks, a ragged last one)
+@pytest.mark.parametrize("dim, splits", [(16, 1), (32, 3), (40, 5), (128, 64), (512, 4), (512, 17), (512, 64),
+                                         (40, 300)])
 def test_merge_matches_reference_with_empty_splits(dim, splits):
     gen = torch.Generator().manual_seed(dim + splits)
     mid_o = torch.randn(3, 2, splits, dim, generator=gen).to(device())
@@ -33,6 +35,13 @@ def test_merge_matches_reference_with_empty_splits(dim, splits):
     assert torch.equal(out[1, 1], torch.zeros(dim, device=device()))
     if splits > 1:  # the weights matter: not a plain mean of the partials
         assert not torch.allclose(out[2, 0], clean[2, 0].mean(0), atol=1e-3)
+
+
+def test_merge_tiles():
+    assert sk.merge_tiles(64, 128) == (64, 128)  # dense head dim: the whole [S, D] row, one program
+    assert sk.merge_tiles(3, 512) == (4, 512)
+    assert sk.merge_tiles(64, 512) == (64, 128)  # MLA latent: four 128-wide chunks
+    assert sk.merge_tiles(300, 40) == (512, 16)
 
 
 def test_merge_rejects_mismatched_shapes():
