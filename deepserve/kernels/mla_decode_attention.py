@@ -16,10 +16,17 @@ Flash-decoding in two kernels, like `paged_decode_attention`:
      [BLOCK_H, R] tile, so each latent row is read once per head tile (H=16: once; H=128: 8 times,
      mostly from L2). Sequence b's context is cut into `num_splits` chunks (a multiple of BLOCK_N,
      computed in the kernel from seq_lens[b]); each program runs an online softmax over its chunk
-     in fp32 and writes its normalised partial [BLOCK_H, R] and log2-sum-exp [BLOCK_H].
-  2. `split_k.merge_splits`, grid (B, H): merges the splits with their LSE weights, one split at a
-     time (a [num_splits, 512] tile would not fit in registers).
+     in fp32 and writes its normalised partial [BLOCK_H, R] and log2-sum-exp [BLOCK_H]. A split past
+     the end of its sequence is empty: it loads nothing and writes only its LSE (-inf), so a split
+     count sized for max_model_len costs little on short sequences.
+  2. `split_k.merge_splits`, grid (B, H, R / 128 at <= 64 splits): merges the splits with their LSE
+     weights, every split at once, never reading an empty split's partial.
 With one split the first kernel writes `o_latent` directly and the second is skipped.
+
+Split count (`mla_num_splits`, host only): the shared rule (~4 waves of programs, >= 128 keys a split,
+the partials cost 2 x BLOCK_H x R x 4 bytes a split against 1152 bytes a key) while the batch alone fills
+the GPU; below one program per SM (batch 1: a single head tile at H=16) the kernel is latency-bound,
+so splits may shrink to one BLOCK_N tile of keys, up to one wave of programs.
 
 A launch depends on the host only through shapes and num_splits (a host int), so it can be captured
 in a CUDA graph with a fixed num_splits. Rows with seq_len 0 (graph padding) produce zeros.
@@ -70,15 +77,16 @@ def _mla_split_kernel(
     end = tl.minimum(start + chunk, seq_len)
 
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    live = heads < tl.where(start < end, NUM_HEADS, 0)  # [BLOCK_H]: none in an empty split (no q, no partial)
     r = tl.arange(0, BLOCK_R)
     e = tl.arange(0, BLOCK_DR)
     h_mask = heads < NUM_HEADS
     r_mask = r < RANK
     e_mask = e < ROPE_DIM
     q_lat = tl.load(q_lat_ptr + b * stride_qb + heads[:, None] * stride_qh + r[None, :],
-                    mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_R]
+                    mask=live[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_R]
     q_rope = tl.load(q_rope_ptr + b * stride_rb + heads[:, None] * stride_rh + e[None, :],
-                     mask=h_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_DR]
+                     mask=live[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_DR]
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
@@ -112,7 +120,7 @@ def _mla_split_kernel(
     else:
         lse = tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf"))  # -inf for an empty split
         tl.store(mid_o_ptr + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + r[None, :],
-                 o, mask=o_mask)
+                 o, mask=live[:, None] & r_mask[None, :])  # the merge never reads an empty split's partial
         tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 
@@ -142,11 +150,23 @@ def _check(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("all inputs must be on one device")
 
 
-def _pick_splits(batch: int, head_tiles: int, block_tables: torch.Tensor, block_size: int,
-                 max_seq_len: int | None, device: torch.device) -> int:
-    """Host-only split choice: from shapes and `max_seq_len` (None: the block-table capacity)."""
-    longest = block_tables.shape[1] * block_size if max_seq_len is None else max_seq_len
-    return choose_num_splits(batch, head_tiles, longest, num_sms(device))
+MLA_MAX_SPLITS = 64
+
+
+def mla_num_splits(batch: int, head_tiles: int, max_seq_len: int, num_sms: int, block_n: int) -> int:
+    """Splits per sequence from host values only (fixed per CUDA graph: max_seq_len = max_model_len there).
+
+    At least one program per SM without splitting: the shared rule (`choose_num_splits`: ~4 waves,
+    >= 128 keys a split, which keeps the fp32 partials small next to the latents read). Fewer programs
+    (small batches): the kernel is latency-bound, so also allow up to one wave of programs with splits
+    as short as one `block_n` tile; the larger of the two counts.
+    """
+    usual = choose_num_splits(batch, head_tiles, max_seq_len, num_sms, max_splits=MLA_MAX_SPLITS)
+    programs = batch * head_tiles
+    if programs >= num_sms:
+        return usual
+    latency_bound = min(num_sms // programs, max_seq_len // block_n, MLA_MAX_SPLITS)
+    return max(usual, latency_bound)
 
 
 def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
@@ -157,8 +177,8 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     kv_cache [N, bs, R + Dr] same dtype; block_tables [B, W] int32; seq_lens [B] int32
     -> o_latent [B, H, R] in q's dtype (fp32 accumulation).
 
-    num_splits: None picks it from B, the head tiles, the SM count and `max_seq_len` (a host int;
-    None uses the block-table capacity W * bs, so no device sync). Fix it under CUDA-graph capture.
+    num_splits: None picks it (`mla_num_splits`) from B, the head tiles, the SM count and `max_seq_len` (a
+    host int; None uses the block-table capacity W * bs, so no device sync). Fix it under CUDA-graph capture.
     block_h / block_n: powers of two >= 16 (tl.dot's minimum), heads per program / keys per step.
     """
     _check(q_latent, q_rope, kv_cache, block_tables, seq_lens)
@@ -170,7 +190,8 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
         return out
     head_tiles = triton.cdiv(heads, block_h)
     if num_splits is None:
-        num_splits = _pick_splits(batch, head_tiles, block_tables, kv_cache.shape[1], max_seq_len, q_latent.device)
+        longest = block_tables.shape[1] * kv_cache.shape[1] if max_seq_len is None else max_seq_len
+        num_splits = mla_num_splits(batch, head_tiles, longest, num_sms(q_latent.device), block_n)
     mid_o, mid_lse = out, out  # unused when num_splits == 1
     if num_splits > 1:
         mid_o = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=q_latent.device)

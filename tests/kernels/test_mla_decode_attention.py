@@ -54,6 +54,33 @@ def test_zero_length_rows_give_zeros():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_mla_num_splits_on_an_h200():
+    """132 SMs, V2-Lite (one head tile of 16), BLOCK_N 32: small batches split down to one tile of keys,
+    batches that fill the GPU keep the shared rule."""
+    pick = lambda batch, longest, tiles=1: mla.mla_num_splits(batch, tiles, longest, 132, 32)
+    assert pick(1, 384) == 12  # W-b1's graphs (max_model_len 384); the shared rule gave 3
+    assert pick(1, 163840) == 64  # capped
+    assert pick(1, 20) == 1  # shorter than one tile
+    assert pick(8, 384) == 12 and pick(1, 384, tiles=8) == 12  # V3: 128 heads, 8 head tiles
+    for batch, longest in ((64, 384), (64, 2048), (256, 768), (256, 4096)):  # unchanged
+        assert pick(batch, longest) == mla.choose_num_splits(batch, 1, longest, 132, max_splits=64)
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 40, 100])
+@pytest.mark.parametrize("max_seq_len, num_splits", [(4096, None), (None, 64)])
+def test_batch_1_many_splits_mostly_empty(length, max_seq_len, num_splits, monkeypatch):
+    """Batch 1 as a CUDA graph sized for a long max_model_len runs it: the split count is picked from
+    max_seq_len (or forced to 64) while the sequence fills only its first splits; the empty ones read
+    nothing, write only their LSE, and the merge skips them (the partials start as NaN here)."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan"))
+                        if k.get("dtype") == torch.float32 else empty(*a, **k))
+    out, ref = _run([length], heads=4, rank=32, rope_dim=8, dtype=torch.float32, dev=device(), block_n=16,
+                    max_seq_len=max_seq_len, num_splits=num_splits)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_rejects_bad_inputs():
     cache, tables, lens = make_latent_case([3], 32, 8, 16, torch.float32, device())
     q_lat, q_rope = torch.randn(1, 4, 32, device=device()), torch.randn(1, 4, 8, device=device())
@@ -143,6 +170,18 @@ def test_gpu_splits_agree_bf16(num_splits):
     out, ref = _run([4096, 1, 333, 2048], heads=128, rank=512, rope_dim=64, dtype=torch.bfloat16, dev="cuda",
                     scale=V3_SCALE, num_splits=num_splits)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_seq_len", [384, 2048, 163840])
+def test_gpu_v2_lite_batch_1_auto_splits_bf16(max_seq_len):
+    """W-b1's shape: one sequence, 16 heads, the split count picked from a graph's max_model_len."""
+    for length in (1, 31, 130, 384, 1000):
+        if length > max_seq_len:
+            continue
+        out, ref = _run([length], heads=16, rank=512, rope_dim=64, dtype=torch.bfloat16, dev="cuda",
+                        scale=V3_SCALE, max_seq_len=max_seq_len)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
