@@ -8,7 +8,7 @@ with the smallest `max_tokens >= T` (the largest entry beyond the table). Shapes
 table use `default_config`. One config serves both launches (gate/up and down): the alignment of
 tokens into M-blocks depends on BLOCK_M, so both must share it.
 
-The entries below are first estimates for H100 (not yet measured); refresh them with
+Refresh the entries on a new card with
 
     .venv/bin/python benchmarks/kernels_moe.py --tune
 
@@ -38,10 +38,17 @@ _MEDIUM = MoeConfig(32, 128, 64, 8, 4, 3)
 _LARGE = MoeConfig(64, 128, 64, 8, 8, 3)
 _PREFILL = MoeConfig(128, 128, 64, 8, 8, 3)
 
-# max_tokens -> config; V2-Lite: E=64, I=1408, H=2048, top-6. V3/R1: E=256, I=2048, H=7168, top-8.
+# max_tokens -> config; V2-Lite: E=64, I=1408, H=2048, top-6 (E=66, top-8 with its 2 shared experts
+# folded in). V3/R1: E=256, I=2048, H=7168, top-8. The V2-Lite rows were measured on an H200
+# (benchmarks/kernels_moe.py --tune --shape v2-lite --shape v2-lite-shared, 2026-11-28; at T <= 8 the
+# sweep's times include launch overhead, so those rows are the least certain); V3 rows are estimates.
 CONFIGS: dict[tuple[int, int, str], dict[int, MoeConfig]] = {
-    (64, 1408, "bfloat16"): {1: _DECODE, 16: _DECODE, 64: _SMALL, 256: _MEDIUM, 1024: _LARGE,
-                             4096: _PREFILL},
+    (64, 1408, "bfloat16"): {1: _DECODE, 8: MoeConfig(16, 32, 128, 1, 4, 4), 64: MoeConfig(16, 32, 128, 1, 4, 4),
+                             128: _DECODE, 256: MoeConfig(32, 64, 128, 8, 4, 3),
+                             512: MoeConfig(64, 64, 64, 8, 4, 3), 8192: _PREFILL},
+    (66, 1408, "bfloat16"): {1: MoeConfig(16, 32, 64, 1, 4, 4), 8: _DECODE, 32: MoeConfig(16, 32, 128, 1, 4, 4),
+                             64: _DECODE, 128: MoeConfig(32, 128, 64, 8, 4, 3),
+                             512: MoeConfig(64, 64, 64, 8, 4, 3), 8192: _PREFILL},
     (256, 2048, "bfloat16"): {1: _DECODE, 32: _DECODE, 128: _SMALL, 512: _MEDIUM, 2048: _LARGE,
                               8192: _PREFILL},
 }

@@ -55,7 +55,7 @@ def test_triton_decode_shapes(num_experts, top_k, tokens, block_m):
 
 
 @pytest.mark.parametrize("name,ids", [
-    ("random", torch.rand(400, 64).topk(6).indices),  # 2400 assignments: 3 chunks of 1024
+    ("random", torch.rand(400, 64).topk(6).indices),  # 2400 assignments: 38 chunks of 64
     ("one_expert", torch.full((200, 6), 63)),
     ("few_experts", torch.randint(0, 3, (200, 6)) * 20),
 ], ids=lambda v: v if isinstance(v, str) else "")
