@@ -23,6 +23,11 @@ Routes (`forward`):
 The cache write runs `kernels/mla_cache_write` on CUDA. Triton modules are imported lazily, so CPU
 installs never import Triton.
 
+A decode step on CUDA launches, per layer: q_proj (or q_a/q_b), kv_a_proj, kv_a_layernorm, ONE rotary
+kernel for q_pe and k_pe, the cache writer (latent and k_pe as two tensors), q_nope @ W_UK, the decode
+kernel (q_latent and q_pe as two strided tensors) and its merge (when split), o_lat @ W_UV written into
+token-major rows, o_proj: no concatenation and no layout copy on the way.
+
 Shapes: T new tokens, S context tokens of one sequence, h heads, R kv_lora_rank,
 Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
 """
@@ -115,21 +120,26 @@ class MLAAttention(nn.Module):
         self.kv_b_proj.keep_dense_weight = True  # the absorb path folds its matrix into q and o
         self.o_proj = RowParallelLinear(self.num_heads * self.v_dim, hidden, bias=bias)
 
-    def _query(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H] -> q_nope [T, h, Dn], rotated q_pe [T, h, Dr]."""
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> q_nope [T, h, Dn], q_pe [T, h, Dr] (not rotated yet), views of one projection."""
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)  # [T, h, Dn + Dr]
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, self.rotary.rotate(positions, q_pe)
+        return q.split([self.nope_dim, self.rope_dim], dim=-1)
 
-    def _latent(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] -> cache entries [T, R + Dr]: normalised latent, rotated shared rope key."""
+    def _latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> the two halves of the cache entries: normalised latent [T, R], shared rope key
+        [T, Dr] (not rotated yet)."""
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe = self.rotary.rotate(positions, k_pe.unsqueeze(1)).squeeze(1)  # [T, Dr]
-        return torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1)
+        return self.kv_a_layernorm(latent), k_pe
+
+    def _rotate(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_pe [T, h, Dr], k_pe [T, Dr] -> both rotated (one rotary launch on CUDA), new tensors."""
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe.unsqueeze(1))  # [T, h, Dr], [T, 1, Dr]
+        return q_pe, k_pe.squeeze(1)
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_UK [h, Dn, R], W_UV [h, Dv, R]."""
@@ -149,26 +159,41 @@ class MLAAttention(nn.Module):
         kv = ctx_kv.unsqueeze(1)  # [S, 1, R + Dr], one head shared by all query heads
         return causal_attention(q_latent, kv, kv[..., :self.kv_lora_rank], self.scale)
 
-    def _absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
-        """q_nope [T, h, Dn], q_pe [T, h, Dr] -> q_latent [T, h, R + Dr] (q_nope @ W_UK | q_pe)."""
+    def _absorb_latent(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, h, Dn] -> q_nope @ W_UK [T, h, R] (a head-major bmm result seen token-major: strided)."""
         w_uk, _ = self._kv_b_weights()
-        return torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1)
+        return torch.einsum("thd,hdr->thr", q_nope, w_uk)
+
+    def _absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, h, Dn], q_pe [T, h, Dr] -> q_latent [T, h, R + Dr] (q_nope @ W_UK | q_pe), for the
+        PyTorch paths (the decode kernel takes the two parts as they are)."""
+        return torch.cat([self._absorb_latent(q_nope), q_pe], dim=-1)
 
     def _absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
-        """o_latent [T, h, R] -> [T, h, Dv] (times W_UV)."""
+        """o_latent [T, h, R] -> [T, h, Dv] (times W_UV). On the Triton route the bmm writes straight into
+        token-major rows, so o_proj's [T, h * Dv] view of it needs no copy."""
         _, w_uv = self._kv_b_weights()
-        return torch.einsum("thr,hvr->thv", o_lat, w_uv)
+        if not self._on_triton(o_lat):
+            return torch.einsum("thr,hvr->thv", o_lat, w_uv)
+        out = o_lat.new_empty(o_lat.shape[0], self.num_heads, self.v_dim)  # [T, h, Dv] contiguous
+        torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))  # [h, T, R] @ [h, R, Dv]
+        return out
 
-    def _write_cache(self, cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """entries [T, R + Dr] into cache [slots, R + Dr] at slot_mapping [T] int64. A slot < 0 (CUDA-graph
-        padding) is skipped, where plain indexing would wrap to the last slot: on CUDA by the Triton
-        writer, elsewhere by pointing it at slot 0 (the null block) and writing back what is there."""
-        if self._on_triton(entries):
+    def _store_latents(self, cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+        """latent [T, R], rotated k_pe [T, Dr] into cache [slots, R + Dr] at slot_mapping [T] int64 (< 0:
+        skipped): the Triton writer takes the two halves as they are, elsewhere `_write_cache` of both."""
+        if self._on_triton(latent):
             from deepserve.kernels.mla_cache_write import mla_cache_write  # lazy: Triton on CUDA only
 
-            mla_cache_write(self.kv_cache, entries[:, :self.kv_lora_rank], entries[:, self.kv_lora_rank:],
-                            slot_mapping)
+            mla_cache_write(self.kv_cache, latent, k_pe, slot_mapping)
             return
+        self._write_cache(cache, torch.cat([latent, k_pe], dim=-1), slot_mapping)
+
+    def _write_cache(self, cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """PyTorch: entries [T, R + Dr] into cache [slots, R + Dr] at slot_mapping [T] int64. A slot < 0
+        (CUDA-graph padding) is skipped, where plain indexing would wrap to the last slot: it points at
+        slot 0 (the null block) and writes back what is there."""
         keep = (slot_mapping >= 0)[:, None]  # [T, 1]
         slots = slot_mapping.clamp(min=0)
         cache[slots] = torch.where(keep, entries.to(cache.dtype), cache[slots])
@@ -185,27 +210,27 @@ class MLAAttention(nn.Module):
         sizes its gathers from the host lengths of the batch."""
         return self.attention_mode != "naive"
 
-    def _decode_kernel(self, q_lat: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                       max_seq_len: int) -> torch.Tensor:
-        """q_lat [B, h, R + Dr] (one new token per sequence), block_tables [B, W] int32, seq_lens [B]
-        int32 -> o_lat [B, h, R] in the cache dtype. No device sync."""
+    def _decode_kernel(self, q_nope: torch.Tensor, q_pe: torch.Tensor, block_tables: torch.Tensor,
+                       seq_lens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        """q_nope [B, h, Dn], rotated q_pe [B, h, Dr] (one new token per sequence), block_tables [B, W]
+        int32, seq_lens [B] int32 -> o_lat [B, h, R] in the cache dtype. The kernel takes q_nope @ W_UK and
+        q_pe as two strided tensors (no concatenation). No device sync."""
         from deepserve.kernels.mla_decode_attention import mla_decode_attention  # lazy: Triton on CUDA only
 
-        q_lat = q_lat.to(self.kv_cache.dtype)
-        q_latent, q_rope = q_lat.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [B, h, R], [B, h, Dr]
-        return mla_decode_attention(q_latent, q_rope, self.kv_cache, block_tables, seq_lens, self.scale,
-                                    max_seq_len=max_seq_len)
+        dtype = self.kv_cache.dtype  # a no-op cast when the model runs in the cache dtype
+        return mla_decode_attention(self._absorb_latent(q_nope).to(dtype), q_pe.to(dtype), self.kv_cache,
+                                    block_tables, seq_lens, self.scale, max_seq_len=max_seq_len)
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         """A decode-only batch in the absorbed form: [B, h, Dn], [B, h, Dr] -> [B, h, Dv]. Reads the
         device seq_lens (no per-sequence host loop), so it is safe to capture in a CUDA graph."""
-        q_lat = self._absorb_query(q_nope, q_pe)  # [B, h, R + Dr]
-        if self._on_triton(q_lat):
-            o_lat = self._decode_kernel(q_lat, ctx.block_tables, ctx.seq_lens, max(ctx.seq_lens_cpu, default=1))
+        if self._on_triton(q_nope):
+            o_lat = self._decode_kernel(q_nope, q_pe, ctx.block_tables, ctx.seq_lens,
+                                        max(ctx.seq_lens_cpu, default=1))
         else:
-            o_lat = absorbed_decode(q_lat, cache, ctx.block_tables, ctx.seq_lens, ctx.block_size,
-                                    self.kv_lora_rank, self.scale)
+            o_lat = absorbed_decode(self._absorb_query(q_nope, q_pe), cache, ctx.block_tables, ctx.seq_lens,
+                                    ctx.block_size, self.kv_lora_rank, self.scale)
         return self._absorb_output(o_lat)
 
     def _mixed_kernels(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
@@ -218,8 +243,8 @@ class MLAAttention(nn.Module):
             return self._prefill_kernel(q_nope, q_pe, cache, plan.prefill)  # every row, in batch order
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, h, Dv]
         rows = plan.decode
-        q_lat = self._absorb_query(q_nope[rows.tokens], q_pe[rows.tokens])  # [Bd, h, R + Dr]
-        o_lat = self._decode_kernel(q_lat, ctx.block_tables[rows.seqs], ctx.seq_lens[rows.seqs], rows.max_seq_len)
+        o_lat = self._decode_kernel(q_nope[rows.tokens], q_pe[rows.tokens], ctx.block_tables[rows.seqs],
+                                    ctx.seq_lens[rows.seqs], rows.max_seq_len)  # [Bd, h, R]
         out[rows.tokens] = self._absorb_output(o_lat.to(out.dtype))
         if plan.prefill is not None:
             tokens = plan.prefill.tokens
@@ -253,13 +278,15 @@ class MLAAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """positions: [T] int64, x: [T, H] -> [T, H]; writes the new tokens' latents to the cache."""
         ctx = get_forward_context()
-        q_nope, q_pe = self._query(positions, x)
+        q_nope, q_pe = self._query(x)
+        latent, k_pe = self._latent(x)
+        q_pe, k_pe = self._rotate(positions, q_pe, k_pe)
         cache = self.kv_cache.view(-1, self.kv_lora_rank + self.rope_dim)  # [slots, R + Dr]
-        self._write_cache(cache, self._latent(positions, x), ctx.slot_mapping)
+        self._store_latents(cache, latent, k_pe, ctx.slot_mapping)
         if ctx.is_decode_only and self.attention_mode != "naive":
             out = self._decode(q_nope, q_pe, cache, ctx)
         elif self._on_triton(q_nope) and self.attention_mode != "absorb":
             out = self._mixed_kernels(q_nope, q_pe, cache, ctx)
         else:
             out = self._per_sequence(q_nope, q_pe, cache, ctx)
-        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))  # a view on the decode kernel route

@@ -10,6 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from deepserve.forward_context import build_forward_context, forward_context
+from deepserve.kernels.mla_cache_write import mla_cache_write_ref
+from deepserve.layers import fused
 from tests.kernels.interpret import device, load_kernel_module
 from tests.kernels.mla_cases import V2_LITE_DIMS, V3_DIMS, layer_outputs, make_latent_case, mla_layer
 
@@ -105,6 +110,52 @@ def test_layer_decode_routes_agree():
     assert not triton_out.isnan().any()
     torch.testing.assert_close(triton_out, torch_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch_out, naive, atol=1e-5, rtol=1e-5)
+
+
+class _AtenLog(TorchDispatchMode):
+    """The aten ops issued at the top level while active (kernels stubbed by `quiet` are not logged)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.muted = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.muted:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def quiet(self, fn):
+        def run(*args, **kwargs):
+            self.muted += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.muted -= 1
+        return run
+
+
+def test_triton_decode_route_has_no_cat_copy_or_second_rotary(monkeypatch):
+    """The decode route's launches (issue 5): the kernels (stubbed by their references here) take q_latent /
+    q_pe and latent / k_pe as separate tensors, q_pe and k_pe rotate in one call, and o_lat @ W_UV lands in
+    the rows o_proj reads: no cat, no layout copy between the kernels."""
+    log, rotations = _AtenLog(), []
+    decode_ref = lambda *args, max_seq_len=None: mla.mla_decode_attention_ref(*args)
+    monkeypatch.setattr("deepserve.kernels.mla_decode_attention.mla_decode_attention", log.quiet(decode_ref))
+    monkeypatch.setattr("deepserve.kernels.mla_cache_write.mla_cache_write", log.quiet(mla_cache_write_ref))
+    rotate = log.quiet(fused.apply_rotary)
+    monkeypatch.setattr(fused, "apply_rotary", lambda *args: rotations.append(args) or rotate(*args))
+    layer = mla_layer("auto")
+    layer._on_triton = lambda t: True
+    lengths = [5, 17, 40]
+    cache, tables, _ = make_latent_case(lengths, layer.kv_lora_rank, layer.rope_dim, 16, torch.float32, "cpu")
+    layer.kv_cache = cache
+    ctx = build_forward_context([1] * 3, lengths, [[b for b in row if b] for row in tables.tolist()], 16)
+    x = torch.randn(3, layer.o_proj.weight.shape[0])
+    with forward_context(ctx), torch.no_grad(), log:
+        layer(ctx.positions, x)
+    assert len(rotations) == 1 and rotations[0][2] is not None  # q_pe and k_pe together
+    assert log.ops.count("bmm") == 2 and log.ops.count("mm") == 3  # W_UK, W_UV; q_proj, kv_a_proj, o_proj
+    assert not {"cat", "clone", "copy_", "contiguous", "_to_copy"} & set(log.ops), log.ops
 
 
 def test_cpu_cache_write_skips_padding_slots():
