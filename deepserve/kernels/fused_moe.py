@@ -1,7 +1,7 @@
 """Fused MoE: routed experts as two grouped GEMMs over expert-sorted token assignments.
 
-    fused_moe(x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k] f32, topk_ids [T, k])
-        -> [T, H] in x's dtype
+    fused_moe(x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k] f32, topk_ids [T, k],
+              addend [T, H] | None) -> [T, H] in x's dtype
 
 Steps (one host call, no host synchronisation, so it can be captured in a CUDA graph):
   1. `moe_align_block_size_triton` groups the T*k assignments by expert, each expert's segment
@@ -13,11 +13,15 @@ Steps (one host call, no host synchronisation, so it can be captured in a CUDA g
      one launch, at the cost of two accumulators per program.
   3. Launch 2 (down): act rows of the block @ w2[e]^T, multiplied in the epilogue by the
      assignment's routing weight -> per-assignment outputs [T*k, H] in x's dtype.
-  4. The k outputs of each token are summed: view [T, k, H] + sum in x's dtype, one reduction
-     launch (torch accumulates half/bf16 sums in float32 and rounds once: the same value as
-     sum(dtype=float32).to(dtype), without the second launch). Deterministic, no atomics. Folding
+  4. The k outputs of each token are summed by `moe_sum` ([T, k, H] -> [T, H]: float32 sum, one
+     rounding, the value torch's bf16 `.sum(dim=1)` gives, in one small launch instead of torch's
+     slow reduction kernel), plus `addend` when given (rounded as torch's `sum + addend` would be:
+     the MoE layer passes its unfused shared-expert output here). Deterministic, no atomics. Folding
      this sum into launch 2's epilogue would need atomics (a token's k rows sit in the M-blocks of
      k different experts, i.e. in different programs), so it stays a separate launch.
+
+Shared experts folded into the stack (`DeepseekMoE`) are ordinary experts here: ids E..E+n-1 in
+every token's row of topk_ids, weight 1.0.
 
 Rounding mirrors `fused_experts_ref` on the eager path: GEMM results are rounded to the dtype,
 silu is computed in float32 and rounded, then multiplied by up and rounded (the
@@ -32,6 +36,7 @@ import triton.language as tl
 
 from deepserve.kernels.fused_moe_configs import MoeConfig, get_config
 from deepserve.kernels.moe_align import moe_align_block_size_triton
+from deepserve.kernels.moe_sum import moe_sum
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -130,9 +135,11 @@ def _launch(a, b, c, weights, align, num_valid, row_div, gated, cfg: MoeConfig) 
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: MoeConfig | None = None,
+              addend: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows | up rows), w2 [E, H, I], all f16/bf16/f32 alike;
-    topk_weights [T, k] f32, topk_ids [T, k] int32/int64 -> [T, H] in x's dtype.
+    topk_weights [T, k] f32, topk_ids [T, k] int32/int64; addend [T, H] x's dtype or None
+    -> [T, H] in x's dtype: round(sum of the k weighted expert outputs) (+ addend, rounded).
 
     Any strides are accepted. `config` overrides the table in `fused_moe_configs`.
     """
@@ -140,7 +147,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_tokens, hidden = x.shape
     num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     if num_tokens == 0 or top_k == 0:
-        return torch.zeros_like(x)
+        return moe_sum(x.new_empty(num_tokens, 0, hidden), addend)  # zeros (+ addend)
     cfg = config or get_config(num_experts, inter, x.dtype, num_tokens, top_k)
     align = moe_align_block_size_triton(topk_ids, num_experts, cfg.block_m)
     num_valid, weights = num_tokens * top_k, topk_weights.contiguous()
@@ -148,7 +155,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     _launch(x, w13, act, weights, align, num_valid, top_k, True, cfg)
     per_assignment = torch.empty(num_valid, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
     _launch(act, w2, per_assignment, weights, align, num_valid, 1, False, cfg)
-    return per_assignment.view(num_tokens, top_k, hidden).sum(dim=1)  # [T, H], f32 accumulation
+    return moe_sum(per_assignment.view(num_tokens, top_k, hidden), addend)  # [T, H]
 
 
 def _silu_and_mul_eager(x: torch.Tensor) -> torch.Tensor:
@@ -158,8 +165,9 @@ def _silu_and_mul_eager(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """Pure-PyTorch reference: `deepserve.layers.moe.fused_experts_ref` with SiLU."""
+                  topk_ids: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch reference: `deepserve.layers.moe.fused_experts_ref` with SiLU (+ addend)."""
     from deepserve.layers.moe import Routing, fused_experts_ref
 
-    return fused_experts_ref(x, w13, w2, Routing(topk_weights, topk_ids.long()), _silu_and_mul_eager)
+    out = fused_experts_ref(x, w13, w2, Routing(topk_weights, topk_ids.long()), _silu_and_mul_eager)
+    return out if addend is None else out + addend

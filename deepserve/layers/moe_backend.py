@@ -1,9 +1,15 @@
 """MoE backends: who computes the routed experts of `DeepseekMoE`.
 
-    backend.apply(x [T, H], w13 [E, 2I, H], w2 [E, H, I], routing [T, k], act) -> [T, H]
+    backend.apply(x [T, H], w13 [E, 2I, H], w2 [E, H, I], routing [T, k], act, addend [T, H] | None)
+        -> [T, H] = round(routed sum) (+ addend, rounded again: the unfused shared-expert output)
 
     "torch"   `fused_experts_ref`: per-expert loop in PyTorch, any device (the CPU path)
-    "triton"  `deepserve.kernels.fused_moe`: expert-sorted grouped GEMMs, SiLU fused; CUDA tensors
+    "triton"  `deepserve.kernels.fused_moe`: expert-sorted grouped GEMMs, SiLU fused, the k-sum and
+              the addend in one more launch (`moe_sum`); CUDA tensors
+
+`fuses_shared_experts`: whether `DeepseekMoE` folds its shared experts into the expert stack when
+this backend serves it (triton: the shared experts become 2 more rows of the same grouped GEMMs,
+instead of three GEMM launches, an activation and an add; torch: no gain, today's path kept).
 
 `get_moe_backend(name)` builds a backend by name (module imported on first use, so importing this
 file never imports Triton); `moe_backend_for(device)` picks the default for a device type: triton on
@@ -29,34 +35,38 @@ class MoEBackend:
     """Interface: one method, no state."""
 
     name: str = "base"
+    fuses_shared_experts: bool = False
 
     def apply(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: "Routing",
-              act: Act) -> torch.Tensor:
-        """x [T, H], w13 [E, 2I, H] (gate | up), w2 [E, H, I], routing [T, k] -> [T, H] x's dtype."""
+              act: Act, addend: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H], w13 [E, 2I, H] (gate | up), w2 [E, H, I], routing [T, k], addend [T, H] or None
+        -> [T, H] x's dtype."""
         raise NotImplementedError
 
 
 class TorchMoEBackend(MoEBackend):
     name = "torch"
 
-    def apply(self, x, w13, w2, routing, act):
+    def apply(self, x, w13, w2, routing, act, addend=None):
         from deepserve.layers.moe import fused_experts_ref
 
-        return fused_experts_ref(x, w13, w2, routing, act)
+        out = fused_experts_ref(x, w13, w2, routing, act)
+        return out if addend is None else out + addend
 
 
 class TritonMoEBackend(MoEBackend):
     """The fused kernels compute SiLU themselves, so `act` must be `SiluAndMul`."""
 
     name = "triton"
+    fuses_shared_experts = True
 
-    def apply(self, x, w13, w2, routing, act):
+    def apply(self, x, w13, w2, routing, act, addend=None):
         from deepserve.kernels.fused_moe import fused_moe
         from deepserve.layers.activation import SiluAndMul
 
         if not isinstance(act, SiluAndMul):
             raise ValueError(f"the triton MoE backend fuses SiLU only; got {type(act).__name__}")
-        return fused_moe(x, w13, w2, routing.weights, routing.ids)
+        return fused_moe(x, w13, w2, routing.weights, routing.ids, addend=addend)
 
 
 BACKENDS = MappingProxyType({

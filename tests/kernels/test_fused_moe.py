@@ -79,6 +79,34 @@ def test_strided_inputs_and_multi_block_k():
     assert_matches(base[:, :H], w13_t, w2, *route(5, E, TOP_K, device()), cfg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_addend_rides_in_the_sum(dtype):
+    """addend [T, H]: exactly round(round(routed sum) + addend), i.e. `fused_moe(...) + addend`, the
+    unfused shared-expert add of DeepseekMoE; and the reference's value within tolerance."""
+    x = torch.randn(5, H, device=device()).to(dtype)
+    w13, w2 = make_experts(E, H, I, dtype, device())
+    weights, ids = route(5, E, TOP_K, device())
+    addend = torch.randn(5, H, device=device()).to(dtype)
+    got = K.fused_moe(x, w13, w2, weights, ids, TINY, addend=addend)
+    assert torch.equal(got, K.fused_moe(x, w13, w2, weights, ids, TINY) + addend)
+    ref = K.fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids, addend.float())
+    assert (got.float() - ref).abs().max() <= TOL[dtype] * ref.abs().max()
+    empty = K.fused_moe(x, w13, w2, weights[:, :0].contiguous(), ids[:, :0].contiguous(), addend=addend)
+    assert torch.equal(empty, addend)  # no assignments: the addend alone
+    with pytest.raises(ValueError, match="addend"):
+        K.fused_moe(x, w13, w2, weights, ids, addend=addend[:, :-1])
+
+
+def test_shared_experts_as_extra_ids():
+    """Every token also routed to experts E and E+1 with weight 1 (the fused shared experts)."""
+    x = torch.randn(6, H, device=device())
+    w13, w2 = make_experts(E + 2, H, I, torch.float32, device())
+    weights, ids = route(6, E, TOP_K, device())
+    shared = torch.tensor([E, E + 1], device=device()).expand(6, 2)
+    full_w = torch.cat([weights, torch.ones(6, 2, device=device())], dim=1)
+    assert_matches(x, w13, w2, full_w, torch.cat([ids, shared], dim=1), TINY)
+
+
 def test_zero_tokens_and_bad_inputs():
     w13, w2 = make_experts(E, H, I, torch.float32, device())
     weights, ids = route(0, E, TOP_K, device())
@@ -141,6 +169,24 @@ def test_gpu_real_shapes(gpu_experts, tokens):
     w13, w2, top_k = gpu_experts
     x = torch.randn(tokens, w13.shape[2], dtype=torch.bfloat16, device="cuda")
     assert_matches(x, w13, w2, *route(tokens, w13.shape[0], top_k, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_gpu_v2_lite_with_shared_experts_and_addend(tokens):
+    """V2-Lite's fused stack (64 routed + 2 shared experts, top-6 + 2 columns of weight 1) in bf16;
+    the addend path bit-exact against `fused_moe(...) + addend`."""
+    num_experts, hidden, inter, top_k = GPU_SHAPES["v2-lite"]
+    torch.manual_seed(0)
+    w13, w2 = make_experts(num_experts + 2, hidden, inter, torch.bfloat16, "cuda")
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    weights, ids = route(tokens, num_experts, top_k, "cuda")
+    shared = torch.tensor([num_experts, num_experts + 1], device="cuda").expand(tokens, 2)
+    full_w = torch.cat([weights, torch.ones(tokens, 2, device="cuda")], dim=1)
+    assert_matches(x, w13, w2, full_w, torch.cat([ids, shared], dim=1))
+    addend = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    got = K.fused_moe(x, w13, w2, weights, ids, addend=addend)
+    assert torch.equal(got, K.fused_moe(x, w13, w2, weights, ids) + addend)
 
 
 @pytest.mark.gpu
