@@ -1,7 +1,7 @@
 """Fused MoE router: scoring, group limit, top-k and weight normalisation in one launch.
 
-    moe_router(logits [T, E] f32, cfg, correction_bias [E] | None)
-        -> TopK(weights [T, k] f32, ids [T, k] int64)
+    moe_router(logits [T, E] f32, cfg, correction_bias [E] | None, num_shared=0)
+        -> TopK(weights [T, k + num_shared] f32, ids [T, k + num_shared] int64)
 
 Semantics are those of `deepserve.layers.moe.select_experts` (its module docstring lists the five
 steps); `moe_router_ref` is that function. The router's GEMM stays outside (cuBLAS F.linear); this
@@ -19,7 +19,9 @@ it (ties go to the lower index, as the reference's stable sort does):
   * top_k rounds over the tile give the ids in decreasing choice order; each round also picks up
     the unbiased score of its expert.
 Weights = scores / (sum + 1e-20) if norm_topk_prob, times routed_scaling_factor, in the reference's
-order of operations. exp/sigmoid may differ from torch's by an ulp or two, so only choices closer
+order of operations. `num_shared` > 0 (shared experts folded into the expert stack, see
+`DeepseekMoE`): columns k .. k+n-1 get ids E .. E+n-1 and weight 1.0, written by the same program,
+so the fused expert call needs no concatenation launch (`with_shared_experts` is their reference). exp/sigmoid may differ from torch's by an ulp or two, so only choices closer
 than that can order differently (ties of equal logits order identically).
 """
 
@@ -76,9 +78,10 @@ def _moe_router_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, num
                        scale,
                        SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_LIMIT: tl.constexpr,
                        TOP2: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
-                       TOP_K: tl.constexpr,
+                       TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One token: logits row [E] -> weights [k] f32, ids [k] int64."""
+    """One token: logits row [E] -> weights [k + n] f32, ids [k + n] int64 (n = NUM_SHARED:
+    ids E.., weight 1)."""
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)[:, None]
     s = tl.arange(0, BLOCK_S)[None, :]
@@ -111,8 +114,13 @@ def _moe_router_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, num
     if NORM:
         out_w = out_w / (tl.sum(out_w, axis=0) + 1e-20)
     out_w = out_w * scale
-    tl.store(weights_ptr + t * TOP_K + slot, out_w, mask=slot < TOP_K)
-    tl.store(ids_ptr + t * TOP_K + slot, out_ids.to(tl.int64), mask=slot < TOP_K)
+    if NUM_SHARED > 0:  # after the normalisation: slots >= TOP_K held 0 until here
+        shared = slot >= TOP_K
+        out_ids = tl.where(shared, num_groups * group_size + slot - TOP_K, out_ids)
+        out_w = tl.where(shared, 1.0, out_w)
+    width = TOP_K + NUM_SHARED
+    tl.store(weights_ptr + t * width + slot, out_w, mask=slot < width)
+    tl.store(ids_ptr + t * width + slot, out_ids.to(tl.int64), mask=slot < width)
 
 
 def _check(logits: torch.Tensor, cfg: "RouterConfig", bias: torch.Tensor | None) -> None:
@@ -133,14 +141,18 @@ def _tile(cfg: "RouterConfig") -> tuple[int, int]:
     return groups, cfg.num_experts // groups
 
 
-def moe_router(logits: torch.Tensor, cfg: "RouterConfig",
-               correction_bias: torch.Tensor | None = None) -> TopK:
+def moe_router(logits: torch.Tensor, cfg: "RouterConfig", correction_bias: torch.Tensor | None = None,
+               num_shared: int = 0) -> TopK:
     """logits [T, E] f32 (rows may be strided), cfg: a `RouterConfig`, correction_bias [E] float or
-    None -> TopK(weights [T, k] f32, ids [T, k] int64). One launch, no host synchronisation."""
+    None, num_shared >= 0 -> TopK(weights [T, k + num_shared] f32, ids [T, k + num_shared] int64):
+    the routed top-k, then ids E..E+num_shared-1 with weight 1.0. One launch, no host sync."""
     _check(logits, cfg, correction_bias)
+    if num_shared < 0:
+        raise ValueError(f"num_shared must be >= 0, got {num_shared}")
     num_tokens, top_k = logits.shape[0], cfg.top_k
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    width = top_k + num_shared
+    weights = torch.empty(num_tokens, width, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, width, dtype=torch.int64, device=logits.device)
     groups, group_size = _tile(cfg)
     block_g, block_s = triton.next_power_of_2(groups), triton.next_power_of_2(group_size)
     if block_g * block_s > _MAX_TILE:
@@ -153,14 +165,15 @@ def moe_router(logits: torch.Tensor, cfg: "RouterConfig",
         float(cfg.routed_scaling_factor),
         SIGMOID=cfg.scoring_func == "sigmoid", HAS_BIAS=correction_bias is not None,
         GROUP_LIMIT=cfg.group_limited, TOP2=cfg.topk_method == "noaux_tc", TOPK_GROUP=cfg.topk_group,
-        NORM=cfg.norm_topk_prob, TOP_K=top_k, BLOCK_G=block_g, BLOCK_S=block_s,
-        BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if block_g * block_s <= 512 else 4)
+        NORM=cfg.norm_topk_prob, TOP_K=top_k, NUM_SHARED=num_shared, BLOCK_G=block_g, BLOCK_S=block_s,
+        BLOCK_K=triton.next_power_of_2(width), num_warps=1 if block_g * block_s <= 512 else 4)
     return TopK(weights, ids)
 
 
-def moe_router_ref(logits: torch.Tensor, cfg: "RouterConfig",
-                   correction_bias: torch.Tensor | None = None) -> TopK:
-    """Pure-PyTorch reference: `deepserve.layers.moe.select_experts`."""
-    from deepserve.layers.moe import select_experts
+def moe_router_ref(logits: torch.Tensor, cfg: "RouterConfig", correction_bias: torch.Tensor | None = None,
+                   num_shared: int = 0) -> TopK:
+    """Pure-PyTorch reference: `deepserve.layers.moe.select_experts`, then `with_shared_experts`."""
+    from deepserve.layers.moe import select_experts, with_shared_experts
 
-    return TopK(*select_experts(logits, cfg, correction_bias))
+    routing = select_experts(logits, cfg, correction_bias)
+    return TopK(*with_shared_experts(routing, cfg.num_experts, num_shared))

@@ -4,6 +4,15 @@ The math here is pure PyTorch: the router is the pure function `select_experts`,
 that `kernels/moe_router` (which TopKRouter runs on CUDA) is tested against; `fused_experts_ref`
 is the reference for the grouped expert GEMMs (`kernels/fused_moe`, the MoE backend on CUDA).
 
+Shared-expert fusion (`DeepseekMoE.process_weights_after_loading`): where the routed experts are
+float weights served by a backend with `fuses_shared_experts` (triton, i.e. CUDA) and nothing is
+quantised, the n shared experts (one MLP of intermediate n*I) are moved into the expert stack as
+experts E..E+n-1 (`split_shared_mlp`: I-sized pieces of the gate rows, up rows and down columns),
+and the router appends them to every token with weight 1 (`with_shared_experts`). One grouped-GEMM
+call then computes routed + shared: at decode that replaces 3-4 GEMM launches, an activation and an
+add per layer. Rounding differs from `round(round(routed) + shared)` by bf16 rounding: each shared
+piece's down product is rounded on its own and the sum is rounded once.
+
 Routing (DeepSeek-V2 / V3, as HF transformers computes it):
   1. scores = softmax(logits) (V2) or sigmoid(logits) (V3), float32;
   2. choice = scores (+ e_score_correction_bias for V3 `noaux_tc`; the bias only steers choice);
@@ -27,7 +36,8 @@ from torch import nn
 from deepserve.config import ModelConfig
 from deepserve.layers.activation import get_act_and_mul
 from deepserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-from deepserve.layers.moe_backend import moe_backend_for
+from deepserve.layers.linear_method import DenseLinearMethod
+from deepserve.layers.moe_backend import MoEBackend, get_moe_backend, moe_backend_for
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -113,6 +123,16 @@ def select_experts(router_logits: torch.Tensor, cfg: RouterConfig,
     return Routing(weights * cfg.routed_scaling_factor, ids)
 
 
+def with_shared_experts(routing: Routing, first_id: int, num_shared: int) -> Routing:
+    """routing [T, k] -> [T, k + num_shared]: ids first_id .. first_id+num_shared-1, weight 1.0, appended."""
+    if num_shared == 0:
+        return routing
+    num_tokens, device = routing.ids.shape[0], routing.ids.device
+    ids = torch.arange(first_id, first_id + num_shared, device=device).expand(num_tokens, num_shared)
+    ones = torch.ones(num_tokens, num_shared, dtype=routing.weights.dtype, device=device)
+    return Routing(torch.cat([routing.weights, ones], dim=1), torch.cat([routing.ids, ids], dim=1))
+
+
 def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing,
                       act: nn.Module) -> torch.Tensor:
     """Weighted sum of each token's routed experts.
@@ -157,6 +177,8 @@ class TopKRouter(nn.Module):
     On CUDA the routing after the logits GEMM is one Triton launch (`kernels/moe_router`, imported
     lazily: CPU installs never import Triton); elsewhere `select_experts`. After loading, the weight
     and bias are kept in float32, so a bf16 model does not cast them on every forward.
+    `num_shared` > 0 (set by the shared-expert fusion): the routing has that many more columns,
+    ids E.. with weight 1. `use_kernel`: None = the kernel on CUDA; True/False force it (tests).
     """
 
     def __init__(self, hidden_size: int, cfg: RouterConfig):
@@ -167,6 +189,8 @@ class TopKRouter(nn.Module):
             nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
             if cfg.topk_method == "noaux_tc" else None
         )
+        self.num_shared = 0
+        self.use_kernel: bool | None = None
 
     def process_weights_after_loading(self) -> None:
         for param in (self.weight, self.e_score_correction_bias):
@@ -174,44 +198,123 @@ class TopKRouter(nn.Module):
                 param.data = param.data.float()
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """x: [T, H] -> Routing [T, k]."""
+        """x: [T, H] -> Routing [T, k + num_shared]."""
         logits = F.linear(x.float(), self.weight.float())  # [T, E] f32
-        if logits.is_cuda:
+        if logits.is_cuda if self.use_kernel is None else self.use_kernel:
             from deepserve.kernels.moe_router import moe_router  # lazy: Triton on CUDA only
 
-            return Routing(*moe_router(logits, self.cfg, self.e_score_correction_bias))
-        return select_experts(logits, self.cfg, self.e_score_correction_bias)
+            return Routing(*moe_router(logits, self.cfg, self.e_score_correction_bias, self.num_shared))
+        routing = select_experts(logits, self.cfg, self.e_score_correction_bias)
+        return with_shared_experts(routing, self.cfg.num_experts, self.num_shared)
 
 
 class RoutedExperts(nn.Module):
     """Stacked expert weights: w13 [E, 2I, H] (gate | up), w2 [E, H, I]; computed by the MoE
-    backend of the input's device (`layers/moe_backend.py`: torch on CPU, triton on CUDA)."""
+    backend of the weights' device (`layers/moe_backend.py`: torch on CPU, triton on CUDA), or the
+    one named by `backend` (tests run triton on CPU under the interpreter)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str,
+                 backend: str | None = None):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act = get_act_and_mul(hidden_act)
+        self.backend = backend
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x: [T, H] -> [T, H]."""
-        return moe_backend_for(x.device).apply(x, self.w13, self.w2, routing, self.act)
+    def moe_backend(self) -> MoEBackend:
+        return get_moe_backend(self.backend) if self.backend else moe_backend_for(self.w13.device)
+
+    def forward(self, x: torch.Tensor, routing: Routing, addend: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, H], routing [T, k], addend [T, H] or None -> [T, H] (+ addend, rounded once more)."""
+        return self.moe_backend().apply(x, self.w13, self.w2, routing, self.act, addend)
+
+
+def split_shared_mlp(mlp: GatedMLP, num_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared MLP (intermediate n*I) as n experts of intermediate I: w13 [n, 2I, H], w2 [n, H, I].
+
+    down(act(gate x) * up x) = sum_j down[:, jI:(j+1)I] (act(gate[jI:(j+1)I] x) * up[jI:(j+1)I] x).
+    """
+    gate_up, down = mlp.gate_up_proj.weight.detach(), mlp.down_proj.weight.detach()  # [2nI, H], [H, nI]
+    hidden = gate_up.shape[1]
+    gate, up = gate_up.reshape(2, num_shared, -1, hidden).unbind(0)  # [n, I, H] each
+    w2 = down.reshape(hidden, num_shared, -1).transpose(0, 1)  # [n, H, I]
+    return torch.cat([gate, up], dim=1), w2.contiguous()  # [n, 2I, H], [n, H, I]
 
 
 class DeepseekMoE(nn.Module):
-    """Routed experts plus `n_shared_experts` shared experts run as one MLP on every token."""
+    """Routed experts plus `n_shared_experts` shared experts run as one MLP on every token, or, after
+    `process_weights_after_loading` where it applies, as extra experts of the routed stack (see the
+    module docstring). `fuse_shared_experts` (constructor argument, attribute read at that hook):
+    False keeps the shared MLP apart everywhere."""
 
-    def __init__(self, config: ModelConfig, router: RouterConfig):
+    # process_weights_after_loading receives the serving quantization (the loader passes it to the
+    # modules marked quantizable); this module quantises nothing itself: a quantised model (int8,
+    # block-fp8, ...) keeps its shared experts as a separate MLP, which the method quantises.
+    quantizable = True
+
+    def __init__(self, config: ModelConfig, router: RouterConfig, fuse_shared_experts: bool = True):
         super().__init__()
         hidden, inter = config.hidden_size, config.moe_intermediate_size
         self.gate = TopKRouter(hidden, router)
         self.experts = RoutedExperts(router.num_experts, hidden, inter, config.hidden_act)
         self.shared_experts = (GatedMLP(hidden, inter * config.n_shared_experts, config.hidden_act)
                                if config.n_shared_experts else None)
+        self.n_shared_experts = config.n_shared_experts
+        self.fuse_shared_experts = fuse_shared_experts
+
+    def can_fuse_shared_experts(self, quantization: str | None = None) -> bool:
+        """Whether the shared MLP can move into the expert stack: float weights of one dtype and
+        device, unsharded (tp_size 1), no bias, no quantization, the same activation, and a backend
+        that fuses them (triton)."""
+        mlp, experts = self.shared_experts, self.experts
+        if not self.fuse_shared_experts or mlp is None or quantization is not None:
+            return False
+        if not isinstance(experts, RoutedExperts) or not experts.moe_backend().fuses_shared_experts:
+            return False
+        return type(mlp.act) is type(experts.act) and all(
+            _plain_linear(linear, experts.w13) for linear in (mlp.gate_up_proj, mlp.down_proj))
+
+    def process_weights_after_loading(self, quantization: str | None = None) -> None:
+        """Fold the shared experts into the expert stack where `can_fuse_shared_experts`."""
+        if self.can_fuse_shared_experts(quantization):
+            self._fold_shared_experts()
+
+    def _fold_shared_experts(self) -> None:
+        """experts.w13 [E, 2I, H] -> [E+n, 2I, H], w2 [E, H, I] -> [E+n, H, I]; the shared MLP's tensors
+        are released at once (while one layer's stack is rebuilt, it is held twice)."""
+        w13_shared, w2_shared = split_shared_mlp(self.shared_experts, self.n_shared_experts)
+        experts = self.experts
+        for name, extra in (("w13", w13_shared), ("w2", w2_shared)):
+            old = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(torch.cat([old.detach(), extra]), requires_grad=old.requires_grad))
+        del w13_shared, w2_shared
+        for linear in (self.shared_experts.gate_up_proj, self.shared_experts.down_proj):
+            linear.weight = nn.Parameter(linear.weight.new_empty(0, linear.weight.shape[1]), requires_grad=False)
+        self.shared_experts = None
+        self.gate.num_shared = self.n_shared_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
-        out = self.experts(x, self.gate(x))
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        routing = self.gate(x)
+        shared = None if self.shared_experts is None else self.shared_experts(x)
+        if isinstance(self.experts, RoutedExperts):  # the shared add rides in the backend's sum
+            return self.experts(x, routing, shared)
+        out = self.experts(x, routing)  # quantised stand-ins (Int8RoutedExperts) take no addend
+        return out if shared is None else out + shared
+
+
+def _plain_linear(linear: nn.Module, like: torch.Tensor) -> bool:
+    """An unsharded, bias-free dense linear whose weight has `like`'s dtype and device."""
+    weight = linear.weight
+    return (getattr(linear, "tp_size", 1) == 1 and linear.bias is None
+            and not hasattr(linear, "weight_scale_inv") and isinstance(linear.method, DenseLinearMethod)
+            and weight.dtype == like.dtype and weight.device == like.device)
+
+
+def set_shared_expert_fusion(model: nn.Module, enabled: bool) -> int:
+    """Set `fuse_shared_experts` on every DeepseekMoE of `model` (before its weights are processed);
+    how many were set."""
+    layers = [m for m in model.modules() if isinstance(m, DeepseekMoE)]
+    for layer in layers:
+        layer.fuse_shared_experts = enabled
+    return len(layers)

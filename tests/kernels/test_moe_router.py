@@ -11,6 +11,7 @@ import torch
 
 from deepserve.layers.moe import RouterConfig, TopKRouter, select_experts
 from tests.kernels.interpret import device, load_kernel_module
+from tests.kernels.triton36 import triton_3_6_semantics
 
 K = load_kernel_module("moe_router")
 RTOL, ATOL = 1e-5, 1e-6  # float32 weights from exp/sigmoid that may differ by an ulp or two
@@ -139,6 +140,47 @@ def test_zero_tokens_and_strided_logits():
     assert torch.equal(strided.ids.cpu(), want.ids)
 
 
+@pytest.mark.parametrize("num_shared", [1, 2])
+@pytest.mark.parametrize("name", ["v2_lite", "v2", "v3", "v2_normed"])
+def test_shared_expert_columns(name, num_shared, monkeypatch):
+    """num_shared extra columns (shared experts folded into the stack): ids E.., weight 1; the routed
+    columns exactly as without them (normalisation and scaling leave the shared ones out). Under
+    Triton 3.6's front-end semantics too (the CPU interpreter runs a newer one)."""
+    triton_3_6_semantics(monkeypatch)
+    cfg, dev = CONFIGS[name], device()
+    logits, bias = torch.randn(5, cfg.num_experts) * 2, _bias(cfg)
+    bias_dev = None if bias is None else bias.to(dev)
+    plain = K.moe_router(logits.to(dev), cfg, bias_dev)
+    got = K.moe_router(logits.to(dev), cfg, bias_dev, num_shared)
+    k = cfg.top_k
+    assert got.ids.shape == got.weights.shape == (5, k + num_shared)
+    assert torch.equal(got.ids[:, :k], plain.ids) and torch.equal(got.weights[:, :k], plain.weights)
+    assert got.ids[:, k:].tolist() == [list(range(cfg.num_experts, cfg.num_experts + num_shared))] * 5
+    assert torch.equal(got.weights[:, k:].cpu(), torch.ones(5, num_shared))
+    want = K.moe_router_ref(logits, cfg, bias, num_shared)
+    rows = ~near_tie_rows(logits, cfg, bias)
+    assert torch.equal(got.ids.cpu()[rows], want.ids[rows])
+    torch.testing.assert_close(got.weights.cpu()[rows], want.weights[rows], rtol=RTOL, atol=ATOL)
+    assert K.moe_router(torch.empty(0, cfg.num_experts, device=dev), cfg, bias_dev, num_shared).ids.shape == (0, k + num_shared)
+
+
+def test_top_k_router_shared_columns_kernel_and_torch_agree():
+    """TopKRouter with num_shared: the kernel (forced on CPU) and the select_experts path."""
+    router = TopKRouter(32, CONFIGS["v2_normed"])
+    with torch.no_grad():
+        router.weight.copy_(torch.randn_like(router.weight))
+    router.num_shared = 2
+    x = torch.randn(6, 32, device=device())
+    router = router.to(device())
+    router.use_kernel = True
+    got = router(x)
+    router.use_kernel = False
+    want = router(x)
+    assert got.ids.shape == want.ids.shape == (6, 5)
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.weights[:, 3:], want.weights[:, 3:])
+    torch.testing.assert_close(got.weights, want.weights, rtol=RTOL, atol=ATOL)
+
+
 def test_bad_inputs():
     dev = device()
     with pytest.raises(ValueError, match="float32"):
@@ -149,6 +191,8 @@ def test_bad_inputs():
         K.moe_router(torch.zeros(64, 2, device=dev).t(), V2_LITE)
     with pytest.raises(ValueError, match="correction_bias"):
         K.moe_router(torch.zeros(2, 256, device=dev), V3, torch.zeros(128, device=dev))
+    with pytest.raises(ValueError, match="num_shared"):
+        K.moe_router(torch.zeros(2, 64, device=dev), V2_LITE, None, -1)
 
 
 def test_router_keeps_float32_weights_after_loading():
@@ -209,6 +253,22 @@ def test_gpu_top_k_router_uses_the_kernel(name):
     assert got.ids.dtype == torch.int64 and got.weights.dtype == torch.float32
     assert torch.equal(got.ids[rows], want.ids[rows])
     torch.testing.assert_close(got.weights[rows], want.weights[rows], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 256])
+@pytest.mark.parametrize("name,num_shared", [("v2_lite", 2), ("v3", 1)])
+def test_gpu_shared_expert_columns(name, num_shared, tokens):
+    """Real shapes with the shared experts' columns (V2-Lite: 2, V3: 1)."""
+    cfg = CONFIGS[name]
+    logits, bias = torch.randn(tokens, cfg.num_experts) * 2, _bias(cfg)
+    bias_cuda = None if bias is None else bias.cuda()
+    got = K.moe_router(logits.cuda(), cfg, bias_cuda, num_shared)
+    plain = K.moe_router(logits.cuda(), cfg, bias_cuda)
+    assert torch.equal(got.ids[:, :cfg.top_k], plain.ids) and torch.equal(got.weights[:, :cfg.top_k], plain.weights)
+    want = K.moe_router_ref(logits, cfg, bias, num_shared)
+    assert torch.equal(got.ids[:, cfg.top_k:].cpu(), want.ids[:, cfg.top_k:])
+    assert torch.equal(got.weights[:, cfg.top_k:].cpu(), want.weights[:, cfg.top_k:])
 
 
 @pytest.mark.gpu
