@@ -1,11 +1,15 @@
-"""Write the new tokens' K/V into the paged KV cache.
+"""Write the new tokens' K/V into the paged KV cache, quantising them for an 8-bit cache.
 
 Cache layout (one layer): `kv_cache [2, num_blocks, block_size, H_kv, D]`, K = [0], V = [1];
 slot `s` is block `s // block_size`, offset `s % block_size`. Token t goes to slot
 `slot_mapping[t]`; a negative slot means "skip" (padding tokens of a CUDA-graph batch).
+An int8 / float8_e4m3fn cache has `kv_scales [2, num_blocks, block_size, H_kv]` float32 beside it:
+each row (token, head) is stored as q = round(x / s) with s = max(amax|x|, 1e-8) / QMAX
+(deepserve/layers/kv_quant.py, whose references this kernel matches bit for bit: IEEE divisions,
+ties to even, e4m3 rounding done on the float32 grid as in kernels/fp8_quant.py).
 
-One program per token copies its K and V rows ([H_kv, D] each, contiguous in the head dim), casting
-to the cache dtype.
+One program per token copies (or quantises) its K and V rows ([H_kv, D] each, contiguous in the
+head dim), casting to the cache dtype. `load_kv_scales` is the attention kernels' read of the scales.
 """
 
 from __future__ import annotations
@@ -14,46 +18,115 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.fp8_quant import _round_to_e4m3_grid
+from deepserve.kernels.int8_quant import round_half_even
+from deepserve.layers.kv_quant import QUANT_MAX, dequantize_kv, is_quantized, quantize_kv, scales_shape
+
 
 def kv_cache_write_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
-    """In place. kv_cache [2, N, bs, H_kv, D]; k, v [T, H_kv, D]; slot_mapping [T] int64 (< 0: skip)."""
+                       slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """In place. kv_cache [2, N, bs, H_kv, D]; k, v [T, H_kv, D]; slot_mapping [T] int64 (< 0: skip);
+    kv_scales [2, N, bs, H_kv] f32 for an 8-bit cache (quantised rows, their scales), else None."""
     _, num_blocks, block_size, heads, dim = kv_cache.shape
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     flat = kv_cache.view(2, num_blocks * block_size, heads, dim)  # [2, slots, H_kv, D]
-    flat[0, slots] = k[keep].to(kv_cache.dtype)
-    flat[1, slots] = v[keep].to(kv_cache.dtype)
+    new = torch.stack([k[keep], v[keep]])  # [2, T', H_kv, D]
+    if is_quantized(kv_cache.dtype):
+        new, scales = quantize_kv(new, kv_cache.dtype)  # [2, T', H_kv, D], [2, T', H_kv]
+        kv_scales.view(2, num_blocks * block_size, heads)[:, slots] = scales
+    flat[:, slots] = new.to(kv_cache.dtype)
+
+
+def dequantized_cache_ref(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The cache as the attention kernels read it: [2, N, bs, H_kv, D] in `dtype` (q * s when 8-bit)."""
+    if kv_scales is None:
+        return kv_cache.to(dtype)
+    return dequantize_kv(kv_cache, kv_scales, dtype)
+
+
+@triton.jit
+def load_kv_scales(k_scale_ptr, v_scale_ptr, page, offset, kv_head, mask, stride_sb, stride_so):
+    """Scales [BLOCK_N] f32 of the K and V rows at (page, offset, kv_head) [BLOCK_N]; 0 where masked."""
+    rows = page * stride_sb + offset * stride_so + kv_head
+    return tl.load(k_scale_ptr + rows, mask=mask, other=0.0), tl.load(v_scale_ptr + rows, mask=mask, other=0.0)
+
+
+@triton.jit
+def _quantize_rows(x, QMAX: tl.constexpr, FP8: tl.constexpr):
+    """x [BLOCK_H, BLOCK_D] f32 (0 in padding) -> (rows on the int8 / e4m3 grid as f32, scales [BLOCK_H])."""
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8), QMAX)
+    y = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -QMAX), QMAX)
+    if FP8:
+        q = _round_to_e4m3_grid(y)
+    else:
+        q = round_half_even(y)  # |y| <= 127 after the clamp: the clamp commutes with rounding
+    return q, scale
+
+
+@triton.jit
+def _store_row(src_ptr, dst_ptr, scale_ptr, src, dst, scale_dst, mask, head_mask,
+               QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr):
+    x = tl.load(src_ptr + src, mask=mask, other=0.0)
+    if QUANT:
+        q, scale = _quantize_rows(x.to(tl.float32), QMAX, FP8)
+        tl.store(dst_ptr + dst, q.to(dst_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + scale_dst, scale, mask=head_mask)
+    else:
+        tl.store(dst_ptr + dst, x.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _kv_cache_write_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_co, stride_ch,
+    stride_cb, stride_co, stride_ch, stride_sb, stride_so,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:
         heads = tl.arange(0, BLOCK_H)
         dims = tl.arange(0, BLOCK_D)
-        mask = (heads[:, None] < NUM_HEADS) & (dims[None, :] < HEAD_DIM)
+        head_mask = heads < NUM_HEADS
+        mask = head_mask[:, None] & (dims[None, :] < HEAD_DIM)
         block = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
         dst = block * stride_cb + offset * stride_co + heads[:, None] * stride_ch + dims[None, :]
+        scale_dst = block * stride_sb + offset * stride_so + heads
         src_k = token.to(tl.int64) * stride_kt + heads[:, None] * stride_kh + dims[None, :]
         src_v = token.to(tl.int64) * stride_vt + heads[:, None] * stride_vh + dims[None, :]
-        k = tl.load(k_ptr + src_k, mask=mask)
-        v = tl.load(v_ptr + src_v, mask=mask)
-        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        _store_row(k_ptr, k_cache_ptr, k_scale_ptr, src_k, dst, scale_dst, mask, head_mask, QUANT, QMAX, FP8)
+        _store_row(v_ptr, v_cache_ptr, v_scale_ptr, src_v, dst, scale_dst, mask, head_mask, QUANT, QMAX, FP8)
 
 
-def _check(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def check_cache(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, float_dtype: torch.dtype | None = None) -> None:
+    """ValueError unless kv_cache [2, N, bs, H_kv, D] is either in `float_dtype` (any float when
+    None) without scales, or int8 / float8_e4m3fn with contiguous f32 kv_scales [2, N, bs, H_kv]."""
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"kv_cache must be [2, num_blocks, block_size, H_kv, D], got {tuple(kv_cache.shape)}")
+    if not is_quantized(kv_cache.dtype):
+        if kv_scales is not None:
+            raise ValueError(f"a {kv_cache.dtype} kv_cache takes no kv_scales")
+        if float_dtype is not None and kv_cache.dtype != float_dtype:
+            raise ValueError(f"kv_cache must be {float_dtype} (q's dtype) or int8 / float8_e4m3fn, got {kv_cache.dtype}")
+        return
+    if kv_scales is None or tuple(kv_scales.shape) != scales_shape(kv_cache.shape) \
+            or kv_scales.dtype != torch.float32 or not kv_scales.is_contiguous():
+        got = None if kv_scales is None else (tuple(kv_scales.shape), kv_scales.dtype)
+        raise ValueError(f"an 8-bit kv_cache needs contiguous float32 kv_scales {scales_shape(kv_cache.shape)}, "
+                         f"got {got}")
+    if kv_scales.device != kv_cache.device:
+        raise ValueError("kv_cache and kv_scales must be on one device")
+
+
+def _check(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+           kv_scales: torch.Tensor | None) -> None:
+    check_cache(kv_cache, kv_scales)
+    if kv_cache.stride(4) != 1 or kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
+        raise ValueError(f"kv_cache must be contiguous within each block, strides {kv_cache.stride()}")
     heads, dim = kv_cache.shape[3], kv_cache.shape[4]
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 3 or tuple(t.shape[1:]) != (heads, dim):
@@ -64,25 +137,28 @@ def _check(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mappin
         raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)}, slot_mapping {tuple(slot_mapping.shape)} disagree")
     if slot_mapping.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"slot_mapping must be int64 or int32, got {slot_mapping.dtype}")
-    if kv_cache.stride(4) != 1 or kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
-        raise ValueError(f"kv_cache must be contiguous within each block, strides {kv_cache.stride()}")
     if not (k.device == v.device == kv_cache.device == slot_mapping.device):
         raise ValueError("k, v, kv_cache and slot_mapping must be on one device")
 
 
-def kv_cache_write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """In place. kv_cache [2, N, bs, H_kv, D] (bf16/f16/f32); k, v [T, H_kv, D] any float dtype,
-    any token/head strides (e.g. views of a fused qkv projection); slot_mapping [T] int64 (< 0: skip)."""
-    _check(kv_cache, k, v, slot_mapping)
+def kv_cache_write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                   kv_scales: torch.Tensor | None = None) -> None:
+    """In place. kv_cache [2, N, bs, H_kv, D] (bf16/f16/f32, or int8/float8_e4m3fn with kv_scales
+    [2, N, bs, H_kv] f32, contiguous); k, v [T, H_kv, D] any float dtype, any token/head strides
+    (e.g. views of a fused qkv projection); slot_mapping [T] int64 (< 0: skip)."""
+    _check(kv_cache, k, v, slot_mapping, kv_scales)
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    quant = kv_scales is not None
+    k_scales, v_scales = (kv_scales[0], kv_scales[1]) if quant else (k_cache, v_cache)  # unused unless quant
     heads, dim = kv_cache.shape[3], kv_cache.shape[4]
     _kv_cache_write_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, k_scales, v_scales, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scales.stride(0), k_scales.stride(1),
         NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_H=triton.next_power_of_2(heads),
-        BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=kv_cache.shape[2], num_warps=4,
+        BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=kv_cache.shape[2], QUANT=quant,
+        QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0), FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
     )

@@ -3,6 +3,11 @@
 Shapes: q [B, H, D]; kv_cache [2, num_blocks, block_size, H_kv, D] (K = [0], V = [1]);
 block_tables [B, W] int32; seq_lens [B] int32 (context length including the new token, whose K/V
 are already in the cache) -> out [B, H, D] in q's dtype.
+An int8 / float8_e4m3fn cache comes with kv_scales [2, num_blocks, block_size, H_kv] f32 (one per
+row, deepserve/layers/kv_quant.py). Its tiles are dequantised right after loading: the 8-bit values
+convert exactly to q's dtype, and the row scales multiply the score columns (K) and the
+probabilities before the PV product (V), which is q.k * s_k and sum p * s_v * v without rounding
+a scaled K or V tile to bf16; compute stays in q's dtype with float32 accumulation.
 
 Flash-decoding in two kernels:
   1. `_decode_split_kernel`, grid (B, H_kv, num_splits): the G = H / H_kv query heads sharing one
@@ -25,22 +30,25 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_scales
 from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
 
 LOG2E = 1.4426950408889634
 
 
 def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reference in fp32. q [B, H, D]; kv_cache [2, N, bs, H_kv, D]; block_tables [B, W];
-    seq_lens [B] -> [B, H, D] in q's dtype."""
+                               seq_lens: torch.Tensor, scale: float,
+                               kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference in fp32. q [B, H, D]; kv_cache [2, N, bs, H_kv, D] (8-bit: with kv_scales
+    [2, N, bs, H_kv], dequantised first); block_tables [B, W]; seq_lens [B] -> [B, H, D] in q's dtype."""
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    kv_cache = dequantized_cache_ref(kv_cache, kv_scales)
     out = torch.zeros_like(q)
     for b, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             continue
         blocks = block_tables[b, : (seq_len + block_size - 1) // block_size].long()
-        kv = kv_cache[:, blocks].flatten(1, 2)[:, :seq_len].float()  # [2, S, H_kv, D]
+        kv = kv_cache[:, blocks].flatten(1, 2)[:, :seq_len]  # [2, S, H_kv, D] f32
         k, v = kv[0].repeat_interleave(q.shape[1] // kv_heads, 1), kv[1].repeat_interleave(q.shape[1] // kv_heads, 1)
         scores = torch.einsum("hd,shd->hs", q[b].float(), k) * scale  # [H, S]
         out[b] = torch.einsum("hs,shd->hd", scores.softmax(-1), v).to(q.dtype)
@@ -49,12 +57,13 @@ def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one compile
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
-    scale_log2,
-    stride_qb, stride_qh, stride_cb, stride_co, stride_ch, stride_bt,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr,
+    mid_lse_ptr, out_ptr, scale_log2,
+    stride_qb, stride_qh, stride_cb, stride_co, stride_ch, stride_sb, stride_so, stride_bt,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,15 +91,22 @@ def _decode_split_kernel(
         page = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
         rows = page * stride_cb + (pos % BLOCK_SIZE) * stride_co + kv_head * stride_ch  # [BLOCK_N]
         kv_mask = p_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
-        s = tl.where(p_mask[None, :], s, float("-inf"))
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+        if KV_SCALED:  # 8-bit cache: dequantise K by its per-key scales, V through p below
+            k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, page, pos % BLOCK_SIZE, kv_head, p_mask,
+                                              stride_sb, stride_so)
+            s = s * k_scale[None, :]
+        s = tl.where(p_mask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        pv = p
+        if KV_SCALED:
+            pv = p * v_scale[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
     l_safe = tl.where(l > 0.0, l, 1.0)
@@ -106,7 +122,8 @@ def _decode_split_kernel(
         tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
 
 
-def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+           kv_scales: torch.Tensor | None) -> None:
     if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"q must be [B, H, D] and kv_cache [2, N, bs, H_kv, D]; got {tuple(q.shape)}, "
                          f"{tuple(kv_cache.shape)}")
@@ -114,8 +131,9 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, 
     kv_heads = kv_cache.shape[3]
     if kv_cache.shape[4] != dim or heads % kv_heads:
         raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)} (GQA needs H % H_kv == 0)")
-    if q.dtype != kv_cache.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"q and kv_cache must share a float dtype (bf16/f16/f32), got {q.dtype}, {kv_cache.dtype}")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"q must be bf16/f16/f32, got {q.dtype}")
+    check_cache(kv_cache, kv_scales, q.dtype)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or seq_lens.shape != (batch,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} "
                          f"do not match batch {batch}")
@@ -132,14 +150,15 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
                            max_seq_len: int | None = None, block_n: int = 64, num_warps: int = 4,
-                           num_stages: int = 2) -> torch.Tensor:
-    """q [B, H, D] bf16/f16/f32; kv_cache [2, N, bs, H_kv, D] same dtype; block_tables [B, W] int32;
-    seq_lens [B] int32 -> out [B, H, D] in q's dtype.
+                           num_stages: int = 2, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D] bf16/f16/f32; kv_cache [2, N, bs, H_kv, D] in q's dtype, or int8 / float8_e4m3fn
+    with kv_scales [2, N, bs, H_kv] f32 (contiguous); block_tables [B, W] int32; seq_lens [B] int32
+    -> out [B, H, D] in q's dtype.
 
     num_splits: None picks it from B, H_kv, the SM count and `max_seq_len` (a host int; None uses the
     block-table capacity W * bs, so no device sync). Pass a fixed value under CUDA-graph capture.
     """
-    _check(q, kv_cache, block_tables, seq_lens)
+    _check(q, kv_cache, block_tables, seq_lens, kv_scales)
     batch, heads, dim = q.shape
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     out = torch.empty_like(q)
@@ -155,15 +174,17 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         mid_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     group = heads // kv_heads
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_scales, v_scales = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (k_cache, v_cache)  # unused unless 8-bit
     block_d = triton.next_power_of_2(dim)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse, out, scale * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, mid_o, mid_lse, out, scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_scales.stride(0), k_scales.stride(1), block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), num_splits,
         GROUP=group, HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT=num_splits == 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_SCALED=kv_scales is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

@@ -15,6 +15,9 @@ without reading the device (grid = T // BLOCK_Q + B); a program finds its sequen
 over query_start_loc and exits if its tile is past the sequence's end. Keys below the tile's first
 position are visible to every row (no mask); the rest up to its last position use the causal mask.
 Online softmax (flash attention) in fp32, exp2 domain.
+An int8 / float8_e4m3fn cache comes with kv_scales [2, num_blocks, block_size, H_kv] f32 and is
+dequantised right after each tile load as in the decode kernel: exact conversion to q's dtype, the
+K row scales multiply the score columns, the V row scales the probabilities before the PV product.
 """
 
 from __future__ import annotations
@@ -23,20 +26,23 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_scales
 from deepserve.kernels.varlen_tiles import find_sequence
 
 LOG2E = 1.4426950408889634
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                                query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reference in fp32; same arguments as `paged_prefill_attention`."""
+                                query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference in fp32 (an 8-bit cache dequantised first); same arguments as `paged_prefill_attention`."""
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    kv_cache = dequantized_cache_ref(kv_cache, kv_scales)
     starts, out = query_start_loc.tolist(), torch.empty_like(q)
     for i, seq_len in enumerate(seq_lens.tolist()):
         lo, hi = starts[i], starts[i + 1]
         blocks = block_tables[i, : (seq_len + block_size - 1) // block_size].long()
-        kv = kv_cache[:, blocks].flatten(1, 2)[:, :seq_len].float()  # [2, S, H_kv, D]
+        kv = kv_cache[:, blocks].flatten(1, 2)[:, :seq_len]  # [2, S, H_kv, D] f32
         rep = q.shape[1] // kv_heads
         k, v = kv[0].repeat_interleave(rep, 1), kv[1].repeat_interleave(rep, 1)  # [S, H, D]
         scores = torch.einsum("qhd,shd->hqs", q[lo:hi].float(), k) * scale  # [H, L, S]
@@ -48,10 +54,11 @@ def paged_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_t
 
 
 @triton.jit
-def _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, table, kv_head, row_pos, key_lo, key_hi,
-                 scale_log2, stride_cb, stride_co, stride_ch,
+def _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, row_pos,
+                 key_lo, key_hi, scale_log2, stride_cb, stride_co, stride_ch, stride_sb, stride_so,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 KV_SCALED: tl.constexpr):
     """Online softmax of q [BLOCK_M, BLOCK_D] over keys key_lo .. key_hi - 1 (BLOCK_N at a time)."""
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
@@ -61,27 +68,36 @@ def _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, table, kv_head, row_pos
         page = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
         rows = page * stride_cb + (pos % BLOCK_SIZE) * stride_co + kv_head * stride_ch  # [BLOCK_N]
         kv_mask = p_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if KV_SCALED:  # 8-bit cache: dequantise K by its per-key scales, V through p below
+            k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, page, pos % BLOCK_SIZE, kv_head, p_mask,
+                                              stride_sb, stride_so)
+            s = s * k_scale[None, :]
+        s = s * scale_log2
         if MASKED:
             s = tl.where(p_mask[None, :] & (pos[None, :] <= row_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        pv = p
+        if KV_SCALED:
+            pv = p * v_scale[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
     return m, l, acc
 
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])  # batch size and table width change every step: one compile
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
-    scale_log2, num_seqs,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, stride_bt,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
+    out_ptr, scale_log2, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, stride_sb, stride_so, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -111,12 +127,12 @@ def _prefill_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     full_end = (ctx + tok0 + 1) // BLOCK_N * BLOCK_N  # keys every row sees, in whole tiles
     key_end = tl.minimum(ctx + tok0 + BLOCK_Q, seq_len)  # one past the tile's last position
-    m, l, acc = _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, table, kv_head, row_pos, 0, full_end,
-                             scale_log2, stride_cb, stride_co, stride_ch, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
-                             BLOCK_N, False, DOT_PRECISION)
-    m, l, acc = _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, table, kv_head, row_pos, full_end,
-                             key_end, scale_log2, stride_cb, stride_co, stride_ch, HEAD_DIM, BLOCK_D,
-                             BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
+    m, l, acc = _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head,
+                             row_pos, 0, full_end, scale_log2, stride_cb, stride_co, stride_ch, stride_sb,
+                             stride_so, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_SCALED)
+    m, l, acc = _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head,
+                             row_pos, full_end, key_end, scale_log2, stride_cb, stride_co, stride_ch, stride_sb,
+                             stride_so, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, KV_SCALED)
     l = tl.where(l > 0.0, l, 1.0)
     o = acc / l[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -124,15 +140,16 @@ def _prefill_kernel(
 
 
 def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-           query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> None:
+           query_start_loc: torch.Tensor, seq_lens: torch.Tensor, kv_scales: torch.Tensor | None) -> None:
     if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"q must be [T, H, D] and kv_cache [2, N, bs, H_kv, D]; got {tuple(q.shape)}, "
                          f"{tuple(kv_cache.shape)}")
     heads, dim = q.shape[1], q.shape[2]
     if kv_cache.shape[4] != dim or heads % kv_cache.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)} (GQA needs H % H_kv == 0)")
-    if q.dtype != kv_cache.dtype or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"q and kv_cache must share a float dtype (bf16/f16/f32), got {q.dtype}, {kv_cache.dtype}")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"q must be bf16/f16/f32, got {q.dtype}")
+    check_cache(kv_cache, kv_scales, q.dtype)
     batch = seq_lens.shape[0]
     if seq_lens.dim() != 1 or query_start_loc.shape != (batch + 1,) or block_tables.dim() != 2 \
             or block_tables.shape[0] != batch:
@@ -152,14 +169,15 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                             block_m: int | None = None, block_n: int = 64, num_warps: int | None = None,
-                            num_stages: int = 2) -> torch.Tensor:
-    """q [T, H, D] bf16/f16/f32; kv_cache [2, N, bs, H_kv, D] same dtype; block_tables [B, W] int32;
+                            num_stages: int = 2, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D] bf16/f16/f32; kv_cache [2, N, bs, H_kv, D] in q's dtype, or int8 / float8_e4m3fn
+    with kv_scales [2, N, bs, H_kv] f32 (contiguous); block_tables [B, W] int32;
     query_start_loc [B + 1] int32; seq_lens [B] int32 -> out [T, H, D] in q's dtype.
 
     block_m: rows per tile (tokens x G heads), raised to the next power of two >= G; None picks 128
     (8 warps) when sequences average >= 32 new tokens, else 64 (4 warps): host shapes only, no sync.
     """
-    _check(q, kv_cache, block_tables, query_start_loc, seq_lens)
+    _check(q, kv_cache, block_tables, query_start_loc, seq_lens, kv_scales)
     num_tokens, heads, dim = q.shape
     block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     out = torch.empty_like(q)
@@ -174,13 +192,15 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     block_m = max(block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_scales, v_scales = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (k_cache, v_cache)  # unused unless 8-bit
     grid = (num_tokens // block_q + batch, kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * LOG2E, batch,
+        q, k_cache, v_cache, k_scales, v_scales, block_tables, query_start_loc, seq_lens, out, scale * LOG2E, batch,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scales.stride(0), k_scales.stride(1),
+        block_tables.stride(0),
         GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        KV_SCALED=kv_scales is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out

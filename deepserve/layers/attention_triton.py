@@ -1,9 +1,12 @@
 """Paged MHA/GQA attention on Triton kernels (the CUDA backend), same interface as `Attention`.
 
-Each call, with the layer's cache `[2, num_blocks, block_size, H_kv, D]` bound:
-  1. `kv_cache_write` stores the new tokens' K/V at `ForwardContext.slot_mapping` (slot < 0: skip);
+Each call, with the layer's cache `[2, num_blocks, block_size, H_kv, D]` bound (an 8-bit cache with
+its `kv_scales [2, num_blocks, block_size, H_kv]` f32, deepserve/layers/kv_quant.py):
+  1. `kv_cache_write` stores the new tokens' K/V at `ForwardContext.slot_mapping` (slot < 0: skip),
+     quantising each row and writing its scale for an 8-bit cache;
   2. decode-only batches (every q_len == 1) run `paged_decode_attention` (split-K over the context);
-     any other batch runs `paged_prefill_attention` over all its tokens (decode rows are q_len 1).
+     any other batch runs `paged_prefill_attention` over all its tokens (decode rows are q_len 1);
+     both dequantise an 8-bit cache's tiles after loading them and compute in q's dtype.
 Launch decisions use host values only (tensor shapes and the ForwardContext's host tuples), so no
 call syncs with the device. The split count of decode is chosen from the batch size and the
 longest context on the host (max_model_len while a CUDA graph is captured).
@@ -32,12 +35,14 @@ class TritonAttention(Attention):
         if self.kv_cache.numel() == 0:
             return super().forward(q, k, v)
         ctx = get_forward_context()
-        kv_cache_write(self.kv_cache, k, v, ctx.slot_mapping)
-        q = q.to(self.kv_cache.dtype)
+        scales = self.kv_scales if self.kv_scales.numel() else None  # the kernels check them
+        kv_cache_write(self.kv_cache, k, v, ctx.slot_mapping, scales)
+        if scales is None:
+            q = q.to(self.kv_cache.dtype)
         if ctx.is_decode_only:
             return paged_decode_attention(q, self.kv_cache, ctx.block_tables, ctx.seq_lens, self.scale,
-                                          max_seq_len=max(ctx.seq_lens_cpu))
+                                          max_seq_len=max(ctx.seq_lens_cpu), kv_scales=scales)
         return paged_prefill_attention(q, self.kv_cache, ctx.block_tables, ctx.query_start_loc,
-                                       ctx.seq_lens, self.scale)
+                                       ctx.seq_lens, self.scale, kv_scales=scales)
 
 

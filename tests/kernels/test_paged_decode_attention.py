@@ -2,12 +2,16 @@
 
 CPU: the Triton interpreter at tiny shapes (fp32 and fp16; the 3.9 interpreter's tl.dot multiplies
 bf16 bit patterns as integers, so bf16 runs on the GPU only). GPU: qwen-7b shapes in bf16.
+8-bit caches (int8 / fp8 with per-row scales): the kernel against the reference over the
+dequantised cache, and both against attention over the unquantised cache within the bound the
+8-bit round trip implies (tests/kernels/kv_quant_cases.py).
 """
 
 import pytest
 import torch
 
 from tests.kernels.interpret import device, load_kernel_module
+from tests.kernels.kv_quant_cases import QUANT_DTYPES, attention_bound, quantized_case
 from tests.kernels.paged_cases import make_case
 
 dec = load_kernel_module("paged_decode_attention")
@@ -95,4 +99,83 @@ def test_gpu_cuda_graph_replay_with_new_lengths():
     seq_lens.copy_(torch.tensor([1, 17, 4096, 2000, 0, 555, 16, 3000], dtype=torch.int32))
     graph.replay()
     ref = dec.paged_decode_attention_ref(q, case.kv_cache, case.block_tables, seq_lens, 128 ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------- 8-bit caches
+
+
+def _run_quantized(case, heads, dtype, kv_dtype, **kwargs):
+    """(kernel over the 8-bit cache, reference over its dequantisation, reference over the float
+    cache, the derived bound on the last two's difference)."""
+    data, scales = quantized_case(case, kv_dtype)
+    q = torch.randn(len(case.seq_lens), heads, case.kv_cache.shape[-1], device=case.kv_cache.device).to(dtype)
+    scale = q.shape[-1] ** -0.5
+    out = dec.paged_decode_attention(q, data, case.block_tables, case.seq_lens, scale, kv_scales=scales, **kwargs)
+    ref = dec.paged_decode_attention_ref(q, data, case.block_tables, case.seq_lens, scale, kv_scales=scales)
+    exact = dec.paged_decode_attention_ref(q, case.kv_cache, case.block_tables, case.seq_lens, scale)
+    rows = [(b, b + 1) for b in range(len(case.seq_lens))]
+    return out, ref, exact, attention_bound(q, rows, case, scales, kv_dtype, scale)
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_tiny_quantized_cache_fp32(kv_dtype, num_splits):
+    """Kernel == reference over the dequantised cache (fp32 rounding only); both within the bound
+    the 8-bit round trip allows of attention over the unquantised cache."""
+    case = make_case(TINY_LENS, kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, device=device())
+    out, ref, exact, bound = _run_quantized(case, 4, torch.float32, kv_dtype, num_splits=num_splits, block_n=16)
+    assert not out.isnan().any()  # NaN scales of rows nobody owns were never read
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert ((out - exact).abs().cpu() <= bound + 1e-5).all()
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
+def test_tiny_quantized_cache_fp16_block_8(kv_dtype):
+    """fp16 compute: the 8-bit values convert exactly; p * s_v rounds to fp16 (2^-11 relative)."""
+    case = make_case([1, 9, 33], kv_heads=2, head_dim=32, block_size=8, dtype=torch.float32, device=device())
+    out, ref, _, _ = _run_quantized(case, 2, torch.float16, kv_dtype, block_n=16)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_quantized_cache_needs_its_scales():
+    case = make_case([3], kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, device=device())
+    data, scales = quantized_case(case, torch.int8)
+    q = torch.randn(1, 4, 16, device=device())
+    with pytest.raises(ValueError, match="kv_scales"):
+        dec.paged_decode_attention(q, data, case.block_tables, case.seq_lens, 0.25)
+    with pytest.raises(ValueError, match="q.s dtype"):  # a float cache must match q
+        dec.paged_decode_attention(q.half(), case.kv_cache, case.block_tables, case.seq_lens, 0.25)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_gpu_qwen7b_shapes_quantized_bf16(kv_dtype, batch):
+    gen = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, 4097, (batch,), generator=gen).tolist()
+    lens[0] = 4096
+    case = make_case(lens, kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
+    out, ref, exact, bound = _run_quantized(case, 28, torch.bfloat16, kv_dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert ((out.float() - exact.float()).abs().cpu() <= bound + 2e-2).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
+def test_gpu_cuda_graph_replay_quantized(kv_dtype):
+    case = make_case([4096] * 8, kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
+    data, scales = quantized_case(case, kv_dtype)
+    q = torch.randn(8, 28, 128, device="cuda").to(torch.bfloat16)
+    seq_lens = torch.full((8,), 100, dtype=torch.int32, device="cuda")
+    run = lambda: dec.paged_decode_attention(q, data, case.block_tables, seq_lens, 128 ** -0.5, num_splits=8,
+                                             kv_scales=scales)
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    seq_lens.copy_(torch.tensor([1, 17, 4096, 2000, 0, 555, 16, 3000], dtype=torch.int32))
+    graph.replay()
+    ref = dec.paged_decode_attention_ref(q, data, case.block_tables, seq_lens, 128 ** -0.5, kv_scales=scales)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -2,12 +2,16 @@
 
 Batches mix fresh prefills (context == new tokens), chunked prefills / prefix hits (cached context
 before the new tokens) and decode rows (one new token), over shuffled blocks of a NaN-filled cache.
+8-bit caches (int8 / fp8, per-row scales; rows nobody owns get NaN scales): the kernel against the
+reference over the dequantised cache, and against attention over the unquantised cache within the
+bound the round trip implies (tests/kernels/kv_quant_cases.py).
 """
 
 import pytest
 import torch
 
 from tests.kernels.interpret import device, load_kernel_module
+from tests.kernels.kv_quant_cases import QUANT_DTYPES, attention_bound, quantized_case
 from tests.kernels.paged_cases import make_case, query_start_loc
 
 pre = load_kernel_module("paged_prefill_attention")
@@ -84,3 +88,48 @@ def test_gpu_configs_llama8b_bf16(block_m, block_n, num_warps):
     out, ref = _run(GPU_SPECS["mixed"], 32, 8, 128, 16, torch.bfloat16, "cuda",
                     block_m=block_m, block_n=block_n, num_warps=num_warps)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------- 8-bit caches
+
+
+def _run_quantized(spec, heads, kv_heads, head_dim, block_size, dtype, kv_dtype, dev, **kwargs):
+    """(kernel over the 8-bit cache, reference over its dequantisation, reference over the float
+    cache, the derived bound on the last two's difference)."""
+    seq_lens, q_lens = [s for s, _ in spec], [n for _, n in spec]
+    case = make_case(seq_lens, kv_heads, head_dim, block_size, torch.float32 if dev != "cuda" else dtype, dev)
+    data, scales = quantized_case(case, kv_dtype)
+    q = torch.randn(sum(q_lens), heads, head_dim, device=dev).to(dtype)
+    starts = query_start_loc(q_lens, dev)
+    scale = head_dim ** -0.5
+    args = (case.block_tables, starts, case.seq_lens, scale)
+    out = pre.paged_prefill_attention(q, data, *args, kv_scales=scales, **kwargs)
+    ref = pre.paged_prefill_attention_ref(q, data, *args, kv_scales=scales)
+    exact = pre.paged_prefill_attention_ref(q, case.kv_cache, *args)
+    bound = attention_bound(q, list(zip(starts.tolist()[:-1], starts.tolist()[1:])), case, scales, kv_dtype, scale)
+    return out, ref, exact, bound
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
+def test_tiny_mixed_batch_quantized_cache_fp32(kv_dtype):
+    out, ref, exact, bound = _run_quantized(TINY, 4, 2, 16, 16, torch.float32, kv_dtype, device(),
+                                            block_m=16, block_n=16)
+    assert not out.isnan().any()  # NaN scales of rows nobody owns were never read
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert ((out - exact).abs().cpu() <= bound + 1e-5).all()
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
+def test_tiny_group_of_three_quantized_cache_fp16(kv_dtype):
+    out, ref, _, _ = _run_quantized([(9, 9), (30, 5), (2, 1)], 6, 2, 32, 8, torch.float16, kv_dtype, device(),
+                                    block_m=16, block_n=16)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
+@pytest.mark.parametrize("name", ["mixed", "chunked_prefix_hits"])
+def test_gpu_qwen7b_shapes_quantized_bf16(kv_dtype, name):
+    out, ref, exact, bound = _run_quantized(GPU_SPECS[name], 28, 4, 128, 16, torch.bfloat16, kv_dtype, "cuda")
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert ((out.float() - exact.float()).abs().cpu() <= bound + 2e-2).all()
