@@ -111,3 +111,18 @@ def test_module_cast_keeps_float32_tables(cast):
     got = K.rotary_embedding(positions, q, None, rope.cos, rope.sin, True)  # the check that used to raise
     want = K.rotary_embedding_ref(positions, q, None, rope.cos, rope.sin, True)
     torch.testing.assert_close(got.q, want.q, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("heads", [4, 16, 40])  # 40: several q head blocks, k_pe rotated by the first
+def test_mla_q_pe_and_k_pe_in_one_launch(heads):
+    """MLAAttention's call: q_pe a strided view of [T, h, Dn + Dr], k_pe [T, 1, Dr] a view of the kv_a output
+    [T, R + Dr]; rotated together they equal the two separate rotations the layer used to launch."""
+    dev = device()
+    cos, sin = _tables(64, 16, dev)
+    positions = torch.tensor([0, 7, 63], device=dev)
+    q_pe = torch.randn(3, heads, 24 + 16, device=dev)[..., 24:]  # [T, h, Dr]
+    k_pe = torch.randn(3, 32 + 16, device=dev)[:, 32:].unsqueeze(1)  # [T, 1, Dr]
+    both = K.rotary_embedding(positions, q_pe, k_pe, cos, sin, True)
+    assert torch.equal(both.q, K.rotary_embedding(positions, q_pe, None, cos, sin, True).q)
+    assert torch.equal(both.k, K.rotary_embedding(positions, k_pe, None, cos, sin, True).q)
+    _compare(positions, q_pe, k_pe, cos, sin, True)
