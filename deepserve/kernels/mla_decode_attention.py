@@ -19,13 +19,13 @@ Flash-decoding in two kernels, like `paged_decode_attention`:
      in fp32 and writes its normalised partial [BLOCK_H, R] and log2-sum-exp [BLOCK_H]. A split past
      the end of its sequence is empty: it loads nothing and writes only its LSE (-inf), so a split
      count sized for max_model_len costs little on short sequences.
-  2. `split_k.merge_splits`, grid (B, H, R / 128 at <= 64 splits): merges the splits with their LSE
-     weights, every split at once, never reading an empty split's partial.
+  2. `split_k.merge_splits`, grid (B, H, R chunks: 1 up to 16 splits, 4 of 128 at 64): merges the splits
+     with their LSE weights, every split at once, never reading an empty split's partial.
 With one split the first kernel writes `o_latent` directly and the second is skipped.
 
 Split count (`mla_num_splits`, host only): the shared rule (~4 waves of programs, >= 128 keys a split,
-the partials cost 2 x BLOCK_H x R x 4 bytes a split against 1152 bytes a key) while the batch alone fills
-the GPU; below one program per SM (batch 1: a single head tile at H=16) the kernel is latency-bound,
+the fp32 partials cost 2 x BLOCK_H x R x 4 bytes a split against (R + Dr) x 2 bytes a key) while the batch
+alone fills the GPU; below one program per SM (batch 1: a single head tile at H=16) the kernel is latency-bound,
 so splits may shrink to one BLOCK_N tile of keys, up to one wave of programs.
 
 A launch depends on the host only through shapes and num_splits (a host int), so it can be captured
