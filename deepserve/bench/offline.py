@@ -190,7 +190,8 @@ def latency_figures(runs: list[RunTiming], batch: int, output_len: int) -> dict[
 def weight_bytes_read(model: Any, batch: int) -> int:
     """Bytes of parameters one decode step reads: all of them, except an untied input embedding
     (only `batch` rows are read) and, in MoE layers, the routed experts no token picked (at most
-    batch x top_k of n_routed_experts)."""
+    batch x top_k of n_routed_experts). Shared experts folded into an expert stack (its rows past
+    n_routed_experts) are read whole."""
     from deepserve.layers.embedding import LMHead, VocabEmbedding
 
     cfg = model.config
@@ -205,7 +206,9 @@ def weight_bytes_read(model: Any, batch: int) -> int:
         if id(p) in embeds and not cfg.tie_word_embeddings:
             continue
         if ".experts." in f".{name}" and "shared_experts" not in name:
-            size *= expert_share
+            routed = getattr(cfg, "n_routed_experts", 0) or p.shape[0]
+            shared_rows = max(p.shape[0] - routed, 0) if p.dim() == 3 else 0  # folded shared experts
+            size = size / p.shape[0] * (routed * expert_share + shared_rows) if p.dim() == 3 else size * expert_share
         total += size
     return int(total)
 

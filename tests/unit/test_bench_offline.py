@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from deepserve.bench import offline
 from deepserve.bench.offline import (RunTiming, build_parser, latency_figures, resolve_model_arg,
@@ -118,3 +119,26 @@ def test_offline_bench_imports_no_server_package(tiny_folder):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "W-b1" in out.stdout
+
+
+def test_weight_bytes_folded_shared_experts_read_whole():
+    """A stack with shared experts folded in (rows past n_routed_experts) reads those rows whole and
+    the routed rows by the batch's share: the same bytes as the unfolded layer."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    def model_with(stack_rows: int, shared_rows: int) -> nn.Module:
+        m = nn.Module()
+        m.config = SimpleNamespace(n_routed_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)
+        m.experts = nn.Module()
+        m.experts.w13 = nn.Parameter(torch.zeros(stack_rows, 4, 3))
+        m.shared_experts = nn.Module()
+        m.shared_experts.w = nn.Parameter(torch.zeros(shared_rows, 4, 3))
+        return m
+
+    per_expert = 4 * 3 * 4  # float32 bytes
+    unfolded = weight_bytes_read(model_with(8, 2), batch=1)  # shared MLP apart: 2 whole + 8 * 2/8 routed
+    folded = weight_bytes_read(model_with(10, 0), batch=1)
+    assert unfolded == folded == per_expert * (2 + 2)
+    assert weight_bytes_read(model_with(10, 0), batch=8) == per_expert * 10  # every routed expert hit
