@@ -26,6 +26,8 @@ Routing (DeepSeek-V2 / V3, as HF transformers computes it):
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -171,12 +173,26 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+@functools.lru_cache(maxsize=None)
+def mm_float32_out_supported(device: torch.device) -> bool:
+    """Whether torch.mm(half, half, out_dtype=float32) runs on `device` (CUDA in torch >= 2.8; not
+    on CPU), tried once per device."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(1, 8, dtype=torch.bfloat16, device=device)
+        return torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 class TopKRouter(nn.Module):
     """gate.weight [E, H] (router logits in float32) and, for noaux_tc, e_score_correction_bias [E].
 
     On CUDA the routing after the logits GEMM is one Triton launch (`kernels/moe_router`, imported
     lazily: CPU installs never import Triton); elsewhere `select_experts`. After loading, the weight
-    and bias are kept in float32, so a bf16 model does not cast them on every forward.
+    and bias are kept in float32, so a bf16 model does not cast them on every forward; on CUDA a
+    half-precision checkpoint weight is kept too and the logits GEMM takes x as it is (`logits`).
     `num_shared` > 0 (set by the shared-expert fusion): the routing has that many more columns,
     ids E.. with weight 1. `use_kernel`: None = the kernel on CUDA; True/False force it (tests).
     """
@@ -191,15 +207,30 @@ class TopKRouter(nn.Module):
         )
         self.num_shared = 0
         self.use_kernel: bool | None = None
+        self.half_weight: torch.Tensor | None = None  # [E, H] half precision, CUDA (see the hook)
 
     def process_weights_after_loading(self) -> None:
+        w = self.weight.data
+        # A half-precision checkpoint weight also stays as it is, for CUDA's mm with a float32
+        # output: half x half products are exact in float32 and accumulate in float32, so the logits
+        # are those of the float32 GEMM (up to summation order) without casting x every forward
+        # (one launch fewer per MoE layer, half the weight bytes).
+        self.half_weight = (w if w.dtype in (torch.float16, torch.bfloat16) and mm_float32_out_supported(w.device)
+                            else None)
         for param in (self.weight, self.e_score_correction_bias):
             if param is not None:
                 param.data = param.data.float()
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> router logits [T, E] float32."""
+        half = self.half_weight
+        if half is not None and x.dtype == half.dtype and x.device == half.device:
+            return torch.mm(x, half.t(), out_dtype=torch.float32)
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> Routing:
         """x: [T, H] -> Routing [T, k + num_shared]."""
-        logits = F.linear(x.float(), self.weight.float())  # [T, E] f32
+        logits = self.logits(x)  # [T, E] f32
         if logits.is_cuda if self.use_kernel is None else self.use_kernel:
             from deepserve.kernels.moe_router import moe_router  # lazy: Triton on CUDA only
 

@@ -210,3 +210,35 @@ def test_router_module_computes_logits_in_float32():
     got = router(x)
     assert got.weights.dtype == torch.float32
     assert torch.equal(got.ids, expected.ids) and torch.equal(got.weights, expected.weights)
+
+
+def test_router_keeps_no_half_weight_on_cpu():
+    """On CPU the hook keeps only the float32 weight; logits are F.linear in float32."""
+    from deepserve.layers.moe import TopKRouter
+
+    router = TopKRouter(16, RouterConfig(num_experts=8, top_k=2))
+    router.weight.data = torch.randn(8, 16).bfloat16()
+    router.process_weights_after_loading()
+    x = torch.randn(3, 16).bfloat16()
+    assert router.half_weight is None and router.weight.dtype == torch.float32
+    assert torch.equal(router.logits(x), F.linear(x.float(), router.weight))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+@pytest.mark.parametrize("tokens", [1, 8, 256])
+def test_router_half_weight_logits_match_float32_gpu(tokens):
+    """V2-Lite router (E=64, H=2048): mm(bf16, bf16 -> f32) equals the float32 GEMM of the same
+    values up to summation order, and picks the same experts."""
+    from deepserve.layers.moe import TopKRouter
+
+    torch.manual_seed(tokens)
+    router = TopKRouter(2048, RouterConfig(num_experts=64, top_k=6)).cuda()
+    router.weight.data = (torch.randn(64, 2048, device="cuda") / 2048 ** 0.5).bfloat16()
+    router.process_weights_after_loading()
+    assert router.half_weight is not None and router.half_weight.dtype == torch.bfloat16
+    x = torch.randn(tokens, 2048, device="cuda").bfloat16()
+    got, want = router.logits(x), F.linear(x.float(), router.weight)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.topk(6).indices.sort().values, want.topk(6).indices.sort().values)
