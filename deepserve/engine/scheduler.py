@@ -232,6 +232,13 @@ class Scheduler:
             if stop is not None:
                 del seq.token_ids[p.index + 1:]
                 seq.num_pending_tokens = 0
+                if seq.status == SequenceStatus.RUNNING:
+                    # The KV of tokens [0, p.index) is written (the batch that sampled p.index has run;
+                    # a later in-flight step's tokens are dropped): register its full blocks before
+                    # they are freed, so a request that ends on its first token (max_tokens=1, an
+                    # early EOS) still leaves its prompt in the prefix cache, as the synchronous path does.
+                    seq.num_computed_tokens = min(seq.num_computed_tokens, p.index)
+                    self.block_manager.cache_computed_blocks(seq)
                 (self.waiting if seq.status == SequenceStatus.WAITING else self.running).remove(seq)
                 self._finish(seq, stop.reason, stop.stop_reason)
             elif seq.status == SequenceStatus.RUNNING:

@@ -137,6 +137,39 @@ def test_a_pending_last_token_by_length_is_not_scheduled_again():
     assert out.finished and seq.finish_reason == FinishReason.LENGTH and seq.token_ids == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("max_tokens,stop_at", [(1, 0), (5, 1)])
+def test_a_request_that_stops_at_resolve_leaves_its_prompt_cached(max_tokens, stop_at):
+    """A request ending at resolve() (by length on its first token, or by EOS with a later step in
+    flight) registers its full prompt blocks before freeing them: the same prompt then hits them,
+    as it does on the synchronous path."""
+    sched = _scheduler()
+    prompt = list(range(1, 10))  # 9 tokens: two full blocks of 4
+    seq = Sequence("a", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), 0.0, eos_token_ids=(99,))
+    sched.add(seq)
+    batches = [sched.commit(sched.schedule())]
+    if stop_at:
+        batches.append(sched.commit(sched.schedule()))  # launched before the EOS is known
+        sched.resolve(batches[0], [50])
+    out, = sched.resolve(batches[stop_at], [99])
+    assert out.finished and not sched.has_unfinished()
+    again = Sequence("b", prompt + [7], SamplingParams(max_tokens=1, temperature=0.0), 0.0)
+    sched.add(again)
+    entry, = sched.schedule().scheduled
+    assert again.num_cached_tokens == 8 and entry.num_new_tokens == 2
+
+
+def test_sync_and_async_cache_the_same_blocks_for_one_token_requests(folder):
+    """End to end on the tiny model: after a max_tokens=1 request, the same prompt is a prefix hit
+    with async scheduling on, as with it off."""
+    for mode in ("off", "on"):
+        llm = LLM(str(folder), block_size=4, num_kv_blocks=64, async_scheduling=mode)
+        prompt = list(range(3, 40))
+        llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
+        before = llm.engine.core.block_manager.stats().prefix_hit_rate
+        llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
+        assert llm.engine.core.block_manager.stats().prefix_hit_rate > before, mode
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("eager", [False, True])
 def test_gpu_same_tokens_with_graphs_and_pinned_copies(folder, eager):
