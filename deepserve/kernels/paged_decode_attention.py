@@ -4,10 +4,10 @@ Shapes: q [B, H, D]; kv_cache [2, num_blocks, block_size, H_kv, D] (K = [0], V =
 block_tables [B, W] int32; seq_lens [B] int32 (context length including the new token, whose K/V
 are already in the cache) -> out [B, H, D] in q's dtype.
 An int8 / float8_e4m3fn cache comes with kv_scales [2, num_blocks, block_size, H_kv] f32 (one per
-row, deepserve/layers/kv_quant.py). Its tiles are dequantised right after loading: the 8-bit values
-convert exactly to q's dtype, and the row scales multiply the score columns (K) and the
-probabilities before the PV product (V), which is q.k * s_k and sum p * s_v * v without rounding
-a scaled K or V tile to bf16; compute stays in q's dtype with float32 accumulation.
+row, deepserve/layers/kv_quant.py), dequantised right after each tile load: K's 8-bit values convert
+exactly to q's dtype and its per-key scales multiply the score columns (q.k * s_k, no scaled K
+rounded to bf16); V is dequantised in float32 (v * s_v) and rounded once to q's dtype, as a cache in
+that dtype would hold it. Compute stays in q's dtype with float32 accumulation.
 
 Flash-decoding in two kernels:
   1. `_decode_split_kernel`, grid (B, H_kv, num_splits): the G = H / H_kv query heads sharing one
@@ -92,21 +92,19 @@ def _decode_split_kernel(
         rows = page * stride_cb + (pos % BLOCK_SIZE) * stride_co + kv_head * stride_ch  # [BLOCK_N]
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
-        if KV_SCALED:  # 8-bit cache: dequantise K by its per-key scales, V through p below
+        if KV_SCALED:  # 8-bit cache: K's per-key scales on the score columns; V dequantised (f32 product)
             k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, page, pos % BLOCK_SIZE, kv_head, p_mask,
                                               stride_sb, stride_so)
             s = s * k_scale[None, :]
+            v = v.to(tl.float32) * v_scale[:, None]
         s = tl.where(p_mask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        pv = p
-        if KV_SCALED:
-            pv = p * v_scale[None, :]
-        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m = m_new
 
     l_safe = tl.where(l > 0.0, l, 1.0)

@@ -16,8 +16,8 @@ over query_start_loc and exits if its tile is past the sequence's end. Keys belo
 position are visible to every row (no mask); the rest up to its last position use the causal mask.
 Online softmax (flash attention) in fp32, exp2 domain.
 An int8 / float8_e4m3fn cache comes with kv_scales [2, num_blocks, block_size, H_kv] f32 and is
-dequantised right after each tile load as in the decode kernel: exact conversion to q's dtype, the
-K row scales multiply the score columns, the V row scales the probabilities before the PV product.
+dequantised right after each tile load as in the decode kernel: K converts exactly to q's dtype and
+its per-key scales multiply the score columns; V is dequantised in float32, then rounded to q's dtype.
 """
 
 from __future__ import annotations
@@ -69,12 +69,13 @@ def _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_pt
         rows = page * stride_cb + (pos % BLOCK_SIZE) * stride_co + kv_head * stride_ch  # [BLOCK_N]
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if KV_SCALED:  # 8-bit cache: dequantise K by its per-key scales, V through p below
+        if KV_SCALED:  # 8-bit cache: K's per-key scales on the score columns; V dequantised (f32 product)
             k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, page, pos % BLOCK_SIZE, kv_head, p_mask,
                                               stride_sb, stride_so)
             s = s * k_scale[None, :]
+            v = v.to(tl.float32) * v_scale[:, None]
         s = s * scale_log2
         if MASKED:
             s = tl.where(p_mask[None, :] & (pos[None, :] <= row_pos[:, None]), s, float("-inf"))
@@ -82,10 +83,7 @@ def _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_pt
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        pv = p
-        if KV_SCALED:
-            pv = p * v_scale[None, :]
-        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m = m_new
     return m, l, acc
 

@@ -132,7 +132,7 @@ def test_tiny_quantized_cache_fp32(kv_dtype, num_splits):
 
 @pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
 def test_tiny_quantized_cache_fp16_block_8(kv_dtype):
-    """fp16 compute: the 8-bit values convert exactly; p * s_v rounds to fp16 (2^-11 relative)."""
+    """fp16 compute: K converts exactly, V * s_v and p round to fp16 (2^-11 relative)."""
     case = make_case([1, 9, 33], kv_heads=2, head_dim=32, block_size=8, dtype=torch.float32, device=device())
     out, ref, _, _ = _run_quantized(case, 2, torch.float16, kv_dtype, block_n=16)
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
