@@ -140,15 +140,26 @@ class ModelConfig:
         return cls.from_hf_dict(read_json_object(path), source=str(path))
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the model's dtype
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache. `num_blocks` None means: size it from memory at start-up."""
+    """Paged KV cache. `num_blocks` None means: size it from memory at start-up. `kv_cache_dtype`
+    fp8 / int8 stores K and V in 8 bits with a float32 scale per token and head
+    (deepserve/layers/kv_quant.py)."""
 
     block_size: int = 16
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 2 << 30  # budget for the KV cache on CPU
     gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch import nn
 from deepserve.config import EngineConfig
 from deepserve.engine.block_manager import BlockManager, cdiv
 from deepserve.engine.cuda_graph import DecodeGraphs, capture_sizes, supports_graphs
-from deepserve.engine.kv_cache import bytes_per_block
+from deepserve.engine.kv_cache import bytes_per_block, kv_cache_dtype_of
 from deepserve.engine.memory import (KVCachePlan, cpu_num_blocks, gpu_num_blocks, oom_guard,
                                      profile_memory)
 from deepserve.engine.model_runner import ModelRunner
@@ -75,9 +75,10 @@ def _overlappable(batch: ScheduledBatch) -> bool:
 def plan_kv_cache(config: EngineConfig, model: nn.Module, platform: Platform, graphs: bool,
                   draft: nn.Module | None = None) -> KVCachePlan:
     """KV blocks to allocate: --num-kv-blocks, else the CPU byte budget, else the profiled GPU
-    budget (deepserve/engine/memory.py); logged. A block holds every layer of `model` and `draft`."""
+    budget (deepserve/engine/memory.py); logged. A block holds every layer of `model` and `draft`
+    in the --kv-cache-dtype storage (8-bit: with a float32 scale per token and head)."""
     cache = config.cache
-    dtype = next(model.parameters()).dtype
+    dtype = kv_cache_dtype_of(config, model, platform)
     per_block = sum(bytes_per_block(m, cache.block_size, dtype) for m in (model, draft) if m is not None)
     if cache.num_blocks is not None:
         num_blocks = cache.num_blocks
@@ -88,7 +89,7 @@ def plan_kv_cache(config: EngineConfig, model: nn.Module, platform: Platform, gr
             profile = profile_memory(model, config, platform, graphs)
         logger.info("memory: %s", profile.describe(cache.gpu_memory_utilization))
         num_blocks = gpu_num_blocks(config, profile, per_block)
-    plan = KVCachePlan(num_blocks, cache.block_size, per_block, config.max_model_len)
+    plan = KVCachePlan(num_blocks, cache.block_size, per_block, config.max_model_len, dtype)
     logger.info(plan.summary())
     return plan
 
@@ -126,7 +127,8 @@ class EngineCore:
             proposer = None if mtp is None else MTPProposer(
                 mtp, config.speculative.num_speculative_tokens, num_blocks, config.cache.block_size,
                 config.max_model_len, config.device)
-            self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device, proposer)
+            self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device, proposer,
+                                      kv_cache_dtype=self.kv_plan.dtype)
         self.async_scheduling = use_async_scheduling(config, self.platform)
         self._in_flight: tuple[HostCopy, list[PendingToken]] | None = None  # launched, not yet resolved
         if self.platform.jit_kernels:

@@ -72,8 +72,9 @@ class MemoryProfile:
 class KVCachePlan:
     num_blocks: int  # including the null block
     block_size: int
-    bytes_per_block: int
+    bytes_per_block: int  # every layer's K and V elements (+ their scales with an 8-bit cache)
     max_model_len: int
+    dtype: torch.dtype | None = None  # the cache's storage dtype (None: not recorded)
 
     @property
     def num_tokens(self) -> int:
@@ -87,8 +88,18 @@ class KVCachePlan:
 
     def summary(self) -> str:
         return (f"KV cache: {self.num_blocks} blocks of {self.block_size} tokens "
-                f"({_gib(self.num_blocks * self.bytes_per_block)}), {self.num_tokens} tokens, "
+                f"({_gib(self.num_blocks * self.bytes_per_block)}{_storage(self.dtype)}), {self.num_tokens} tokens, "
                 f"max concurrency {self.max_concurrency:.2f}x at max_model_len {self.max_model_len}")
+
+
+def _storage(dtype: torch.dtype | None) -> str:
+    """", int8 + float32 scales per token and head" style label of a cache dtype for the start-up log."""
+    from deepserve.layers.kv_quant import is_quantized
+
+    if dtype is None:
+        return ""
+    name = str(dtype).removeprefix("torch.")
+    return f", {name} + float32 scales per token and head" if is_quantized(dtype) else f", {name}"
 
 
 def blocks_needed(config: EngineConfig) -> int:
@@ -151,9 +162,10 @@ def profile_lengths(config: EngineConfig) -> list[int]:
 
 
 def _profile_forward(model: nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> None:
-    """One prefill step of `profile_lengths` over a temporary cache, then logits + sampling for
+    """One prefill step of `profile_lengths` over a temporary cache of `dtype` (the KV storage
+    dtype, so an 8-bit cache's quantisation is profiled too), then logits + sampling for
     max_num_seqs rows (top-k/top-p, the sampler's most memory-hungry path)."""
-    from deepserve.engine.kv_cache import allocate_kv_caches, attention_layers, bind_kv_cache
+    from deepserve.engine.kv_cache import temporary_kv_cache
     from deepserve.forward_context import build_forward_context, forward_context
     from deepserve.layers.sampler import Sampler, SamplingBatch, SamplingRequest
     from deepserve.sampling_params import SamplingParams
@@ -163,9 +175,7 @@ def _profile_forward(model: nn.Module, config: EngineConfig, device: torch.devic
     for n in lens:
         tables.append(list(range(next_block, next_block + cdiv(n, bs))))
         next_block += cdiv(n, bs)
-    previous = [layer.kv_cache for layer in attention_layers(model)]
-    bind_kv_cache(model, allocate_kv_caches(model, next_block, bs, dtype, device))
-    try:
+    with temporary_kv_cache(model, next_block, bs, dtype, device):
         ctx = build_forward_context(lens, lens, tables, bs, device)
         ids = torch.zeros(sum(lens), dtype=torch.int64, device=device)
         with forward_context(ctx):
@@ -175,15 +185,15 @@ def _profile_forward(model: nn.Module, config: EngineConfig, device: torch.devic
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
         requests = [SamplingRequest(params, [0], []) for _ in range(logits.shape[0])]
         Sampler()(logits, SamplingBatch.build(requests, logits.shape[1], device))
-    finally:
-        bind_kv_cache(model, previous)
 
 
 @torch.inference_mode()
 def profile_memory(model: nn.Module, config: EngineConfig, platform: Platform, graphs: bool) -> MemoryProfile:
     """Measure weights, peak activations and memory outside torch on the model's device."""
+    from deepserve.engine.kv_cache import kv_cache_dtype_of
+
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = kv_cache_dtype_of(config, model, platform)
     platform.synchronize()
     platform.empty_cache()
     weights = platform.memory_stats().allocated

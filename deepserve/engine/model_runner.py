@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from deepserve.engine.cuda_graph import Capturer, DecodeGraphs
-from deepserve.engine.kv_cache import allocate_kv_caches, bind_kv_cache
+from deepserve.engine.kv_cache import allocate_kv_caches, allocate_kv_scales, bind_kv_cache
 from deepserve.engine.scheduler import ScheduledBatch, ScheduledSeq
 from deepserve.engine.sequence import PLACEHOLDER_TOKEN
 from deepserve.engine.sequence import TokenLogprob
@@ -39,14 +39,15 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device | str,
-                 proposer=None):
+                 proposer=None, kv_cache_dtype: torch.dtype | None = None):
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
         self.vocab_size = model.config.vocab_size
-        dtype = next(model.parameters()).dtype
+        dtype = kv_cache_dtype or next(model.parameters()).dtype  # --kv-cache-dtype's storage, or the model's
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, dtype, self.device)
-        bind_kv_cache(model, self.kv_caches)
+        self.kv_scales = allocate_kv_scales(self.kv_caches)  # empty unless the cache is 8-bit
+        bind_kv_cache(model, self.kv_caches, self.kv_scales)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
         self.graphs: DecodeGraphs | None = None

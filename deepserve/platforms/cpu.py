@@ -28,6 +28,11 @@ class CpuPlatform(Platform):
     def device_name(self, index: int = 0) -> str:
         return f"cpu-{os.cpu_count()}"
 
+    def supports_fp8_kv_cache(self, index: int = 0) -> bool:
+        """torch converts float8_e4m3fn on the host, and the PyTorch attention backend dequantises
+        the cache rows it gathers."""
+        return True
+
     def mem_get_info(self, index: int = 0) -> MemoryInfo:
         """Host memory from /proc/meminfo (MemAvailable, MemTotal); zeros where it is absent."""
         try:

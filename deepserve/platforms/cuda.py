@@ -34,6 +34,10 @@ class CudaPlatform(Platform):
         """FP8 tensor cores: compute capability 8.9+ (Ada, Hopper and later)."""
         return torch.cuda.get_device_capability(index) >= (8, 9)
 
+    def supports_fp8_kv_cache(self, index: int = 0) -> bool:
+        """Triton converts float8_e4m3fn (fp8e4nv) only on compute capability 8.9+, as for the GEMMs."""
+        return self.supports_fp8(index)
+
     def mem_get_info(self, index: int = 0) -> MemoryInfo:
         free, total = torch.cuda.mem_get_info(index)
         return MemoryInfo(free=free, total=total)

@@ -86,6 +86,11 @@ class Platform:
         in FP8; elsewhere they are dequantised at load)."""
         return False
 
+    def supports_fp8_kv_cache(self, index: int = 0) -> bool:
+        """Whether the attention backend here can store and read a float8_e4m3fn KV cache
+        (--kv-cache-dtype fp8): only conversions, no FP8 GEMMs. By default where FP8 GEMMs run."""
+        return self.supports_fp8(index)
+
     def resolve_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """`dtype` if the platform computes in it, else the default (e.g. bf16 -> fp32 on CPU)."""
         return dtype if dtype in self.supported_dtypes else self.default_dtype

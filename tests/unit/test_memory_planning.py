@@ -157,3 +157,42 @@ def test_plan_kv_cache_refuses_a_card_too_small():
     fake = FakeGpu(total=3 * per_block, free=3 * per_block, allocated=0, reserved=0, peak=0)
     with pytest.raises(InsufficientMemoryError, match="--max-model-len"):
         plan_kv_cache(config, model, fake, graphs=False)
+
+
+# ------------------------------------------------------------------------------- 8-bit KV cache
+
+HEAD_128 = {**TINY, "hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}  # head_dim 128
+
+
+def test_bytes_per_block_of_an_8bit_cache():
+    """Per layer and block: 2 (K, V) x 16 tokens x H_kv x D elements, + 4 bytes per (K|V, token, head)
+    row when 8-bit. head_dim 128: 2 x 128 / (128 + 4) = 1.94x the blocks of bf16 in the same bytes."""
+    config = engine_config()
+    model = build_model(model_class(config.model_config), ModelConfig.from_hf_dict(HEAD_128), "auto", "cpu",
+                        torch.bfloat16)
+    elements = 2 * 2 * 16 * 1 * 128  # layers x (K, V) x tokens x H_kv x D
+    assert bytes_per_block(model, 16, torch.bfloat16) == elements * 2
+    assert bytes_per_block(model, 16, torch.int8) == elements + 2 * 2 * 16 * 1 * 4
+    assert bytes_per_block(model, 16, torch.float8_e4m3fn) == bytes_per_block(model, 16, torch.int8)
+    assert bytes_per_block(model, 16, torch.bfloat16) * 132 == bytes_per_block(model, 16, torch.int8) * 256
+
+
+def test_8bit_cache_nearly_doubles_the_blocks_and_says_so(caplog):
+    """The same (fake) GPU budget, bf16 model: auto vs --kv-cache-dtype int8 (the profile forward
+    runs over a temporary int8 cache too)."""
+    raw = {**HEAD_128, "torch_dtype": "bfloat16"}
+    configs = {kv: dataclasses.replace(
+        engine_config(max_model_len=64, max_num_seqs=10_000, tokens=96, kv_cache_dtype=kv),
+        model_config=ModelConfig.from_hf_dict(raw), max_graph_batch_size=0) for kv in ("auto", "int8")}
+    model = build_model(model_class(configs["auto"].model_config), configs["auto"].model_config, "auto", "cpu",
+                        torch.bfloat16)
+    fill_dummy_weights(model)
+    bf16 = bytes_per_block(model, 16, torch.bfloat16)
+    fake = FakeGpu(total=1000 * bf16, free=1000 * bf16, allocated=0, reserved=0, peak=0)
+    with caplog.at_level(logging.INFO):
+        auto, int8 = (plan_kv_cache(configs[kv], model.eval(), fake, graphs=False) for kv in ("auto", "int8"))
+    assert auto.num_blocks == 900 and auto.dtype == torch.bfloat16  # 0.9 x 1000 blocks of bf16
+    assert int8.num_blocks == 900 * bf16 // bytes_per_block(model, 16, torch.int8) == 1745
+    assert int8.max_concurrency / auto.max_concurrency == pytest.approx(1744 / 899)
+    assert "KV cache: 1745 blocks of 16 tokens" in caplog.text
+    assert "int8 + float32 scales per token and head" in caplog.text

@@ -1,0 +1,109 @@
+"""--kv-cache-dtype: the flag, its config field, the start-up refusals (MLA models, fp8 without
+platform support), the CPU byte budget, and binding 8-bit caches to attention layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepserve import LLM
+from deepserve.bench.offline import build_parser as bench_parser
+from deepserve.cli import build_parser
+from deepserve.config import CacheConfig, ConfigError, ModelConfig
+from deepserve.engine.args import EngineArgs
+from deepserve.engine.kv_cache import (allocate_kv_caches, allocate_kv_scales, bind_kv_cache, bytes_per_block,
+                                       check_kv_cache_dtype, resolve_kv_cache_dtype, temporary_kv_cache)
+from deepserve.layers.attention import Attention
+from deepserve.platforms import Platform
+from deepserve.platforms.cpu import CpuPlatform
+from deepserve.platforms.cuda import CudaPlatform
+from tests.tiny_checkpoints import make_tiny_llama
+from tests.unit.test_cli import run_cli
+
+TINY_V3 = "deepserve/assets/tiny-deepseek-v3"
+DENSE = ModelConfig.from_hf_dict({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 8, "hidden_size": 32,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2})
+
+
+class NoFp8(Platform):
+    name = "nofp8"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_flag_in_serve_generate_and_bench_help():
+    for parser, argv in ((build_parser(), ["serve"]), (build_parser(), ["generate", "x"]),
+                         (bench_parser(), ["throughput"]), (bench_parser(), ["latency"])):
+        assert parser.parse_args(argv).kv_cache_dtype == "auto"
+        assert parser.parse_args([*argv, "--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
+    assert "--kv-cache-dtype {auto,fp8,int8}" in " ".join(run_cli("serve", "--help").stdout.split())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--kv-cache-dtype", "int4"])
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be one of auto, fp8, int8"):
+        CacheConfig(kv_cache_dtype="fp16")
+
+
+def test_storage_dtypes_and_platform_checks(monkeypatch):
+    assert resolve_kv_cache_dtype("auto", DENSE, NoFp8(), torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("int8", DENSE, NoFp8(), torch.bfloat16) == torch.int8
+    assert resolve_kv_cache_dtype("fp8", DENSE, CpuPlatform(), torch.float32) == torch.float8_e4m3fn
+    with pytest.raises(ConfigError, match="--kv-cache-dtype fp8 needs float8_e4m3fn support.*use --kv-cache-dtype int8"):
+        check_kv_cache_dtype("fp8", DENSE, NoFp8())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (8, 0))  # A100: no fp8
+    assert not CudaPlatform().supports_fp8_kv_cache()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))  # H100 / H200
+    assert CudaPlatform().supports_fp8_kv_cache()
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_mla_models_refuse_an_8bit_cache_at_start_up(kv):
+    with pytest.raises(ConfigError, match=f"--kv-cache-dtype {kv} is not supported yet for MLA models"):
+        EngineArgs(model=TINY_V3, device="cpu", kv_cache_dtype=kv).create_engine_config()
+    proc = run_cli("generate", "--model", TINY_V3, "--kv-cache-dtype", kv, "hello")
+    assert proc.returncode == 2 and "not supported yet for MLA" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mla_layers_cannot_be_bound_to_an_8bit_cache():
+    """The guard below the start-up check: only layers that declare kv_scales take an 8-bit cache."""
+    config = EngineArgs(model=TINY_V3, device="cpu").create_engine_config()
+    from deepserve.loader.model_loader import load_model
+
+    model = load_model(config, progress=False)
+    caches = allocate_kv_caches(model, 2, 16, torch.int8, "cpu")
+    with pytest.raises(ValueError, match="does not support an 8-bit"):
+        bind_kv_cache(model, caches, allocate_kv_scales(caches))
+
+
+def test_cpu_budget_counts_8bit_elements_and_scales(folder):
+    """--kv-cache-memory-gb on CPU: int8 blocks cost 1 byte per element + 4 per 16-element row
+    (tiny Llama head_dim 16), against 4 per element in float32: 64 / 20 = 3.2x the blocks."""
+    budget_gb = 64 * 2 * 2 * 16 * 2 * 16 * 4 / (1 << 30)  # 64 float32 blocks of the tiny Llama
+    plans = {kv: LLM(str(folder), kv_cache_memory_gb=budget_gb, max_model_len=512, max_num_seqs=8,
+                     kv_cache_dtype=kv).engine.core.kv_plan for kv in ("auto", "int8")}
+    assert plans["auto"].num_blocks == 64 and plans["auto"].dtype == torch.float32
+    assert plans["int8"].num_blocks == 204 and plans["int8"].dtype == torch.int8  # int(64 * 3.2)
+
+
+def test_bind_checks_scales_and_temporary_cache_restores():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(2, 16, 1)
+
+        def kv_cache_shape(self, num_blocks, block_size):
+            return (2, num_blocks, block_size, 1, 16)
+
+    model = Model()
+    caches = allocate_kv_caches(model, 3, 4, torch.int8, "cpu")
+    with pytest.raises(ValueError, match="needs scales"):
+        bind_kv_cache(model, caches)
+    bind_kv_cache(model, caches, allocate_kv_scales(caches))
+    assert model.attn.kv_scales.shape == (2, 3, 4, 1) and model.attn.kv_scales.dtype == torch.float32
+    before = (model.attn.kv_cache, model.attn.kv_scales)
+    with temporary_kv_cache(model, 5, 4, torch.float32, "cpu") as temp:
+        assert model.attn.kv_cache is temp[0] and model.attn.kv_scales.numel() == 0
+    assert model.attn.kv_cache is before[0] and model.attn.kv_scales is before[1]
+    assert bytes_per_block(model, 4, torch.int8) == 2 * 4 * 16 + 2 * 4 * 4
