@@ -1,12 +1,20 @@
-"""INT8 / FP8 linear methods on one GPU, in one call: (a) GEMM microbenchmarks at the qwen-7b linear
-shapes against bf16 cuBLAS, and the per-M backend choice they imply; (b) deepserve W-b1 and
-W-offline on qwen-7b (dummy weights) for each --quantization. The engine figures are appended to
-benchmarks/results/gpu.jsonl, the kernel timings to benchmarks/results/gpu_quant_kernels.jsonl,
-all with one run_id (../shared/BENCHMARKS.md); tables are printed at the end.
+"""INT8 / FP8 linear methods and 8-bit KV caches on one GPU, in one call: (a) GEMM microbenchmarks at
+the qwen-7b linear shapes against bf16 cuBLAS, and the per-M backend choice they imply; (b) deepserve
+W-b1 and W-offline on qwen-7b (dummy weights) for each --quantization x --kv-cache-dtype; (c) with
+a non-auto KV dtype, the KV blocks each --kv-cache-dtype gets at start-up (max_model_len 32768,
+256 sequences, so the count is the memory's, not what the sequences can use). The engine figures
+are appended to benchmarks/results/gpu.jsonl, the kernel timings to
+benchmarks/results/gpu_quant_kernels.jsonl, all with one run_id (../shared/BENCHMARKS.md); tables
+are printed at the end.
 
     python benchmarks/gpu_quant.py [--budget-s 360] [--methods none,int8,int8-weight-only,fp8]
+                                   [--kv-cache-dtypes auto,fp8,int8] [--skip-b1] [--offline-arg ARG]
                                    [--ms 1,16,64,256,2048,8192] [--skip-kernels] [--skip-engine]
                                    [--tune] [--result-file PATH] [--kernel-file PATH]
+
+8-bit KV caches alone (W-offline + block counts, about 5-6 minutes):
+    python benchmarks/gpu_quant.py --skip-kernels --skip-b1 --methods none --kv-cache-dtypes auto,fp8,int8 \
+        --budget-s 570
 
 (a) For each linear of a qwen-7b layer (qkv 3584->4608, gate_up 3584->37888, o 3584->3584,
 down 18944->3584) and each M: bf16 F.linear (cuBLAS), W8A8 with the Triton GEMM and with
@@ -19,6 +27,7 @@ linears). `--tune` also times a few Triton block configurations per M and prints
 for kernels/int8_gemm.py and kernels/w8a16_gemm.py.
 (b) `python -m deepserve.bench.offline latency|throughput --model qwen-7b --load-format dummy
 --quantization X`; W-b1 runs first for every method (the cheaper figures), then W-offline.
+Records of a non-auto KV cache say `kv_cache_dtype=...` in their notes (and num_kv_blocks, as all).
 Steps run in child processes with deadlines from what is left of --budget-s; a step that would not
 fit is skipped and says so.
 """
@@ -26,6 +35,7 @@ fit is skipped and says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import uuid
@@ -238,33 +248,81 @@ def print_tuned(path: Path, run_id: str, ms: list[int]) -> None:
 
 
 def print_engine_table(path: Path, run_id: str) -> None:
-    rows = [r for r in records(path, run_id) if r["workload"] in ("W-b1", "W-offline", "ceiling-copy")]
+    rows = [r for r in records(path, run_id) if r["workload"] in ("W-b1", "W-offline", "ceiling-copy", "kv-plan")]
     print(f"\nrun {run_id} on {rows[0]['gpu'] if rows else '?'} -> {path}")
-    print(f"{'model':<10}{'workload':<11}{'quant':<18}{'out tok/s':>11}{'tot tok/s':>11}{'ms/tok':>9}"
-          f"{'roofline':>9}{'ttft ms':>9}")
+    print(f"{'model':<10}{'workload':<11}{'quant':<18}{'kv cache':<9}{'out tok/s':>11}{'tot tok/s':>11}"
+          f"{'ms/tok':>9}{'roofline':>9}{'ttft ms':>9}{'kv blocks':>10}")
     for r in rows:
         if r["workload"] == "ceiling-copy":
             print(f"copy bandwidth {r['bandwidth_gbs']} GB/s")
             continue
-        print(f"{str(r['model']):<10}{r['workload']:<11}{r['quant']:<18}{_num(r.get('output_tok_s')):>11}"
+        if r["workload"] == "kv-plan":
+            print(f"{str(r['model']):<10}{'kv-plan':<11}{'':<18}{r['kv_cache_dtype']:<9}{r['num_kv_blocks']:>59}"
+                  f"  ({r['bytes_per_block']} B/block, max concurrency {r['max_concurrency']}x at "
+                  f"{r['max_model_len']} tokens)")
+            continue
+        print(f"{str(r['model']):<10}{r['workload']:<11}{r['quant']:<18}{kv_of(r):<9}{_num(r.get('output_tok_s')):>11}"
               f"{_num(r.get('total_tok_s')):>11}{_num(r.get('ms_per_token')):>9}"
-              f"{_num(r.get('roofline_fraction')):>9}{_num(r.get('ttft_ms_p50')):>9}")
+              f"{_num(r.get('roofline_fraction')):>9}{_num(r.get('ttft_ms_p50')):>9}{r.get('num_kv_blocks', ''):>10}")
+
+
+def kv_of(record: dict) -> str:
+    """The --kv-cache-dtype of an engine record (its notes name a non-auto one)."""
+    notes = record.get("notes") or ""
+    return notes.split("kv_cache_dtype=", 1)[1].split()[0] if "kv_cache_dtype=" in notes else "auto"
+
+
+# ------------------------------------------------------------------------------- (c) KV blocks
+
+
+def kv_plans(shape: str, kv_dtypes: list[str], result_file: str, run_id: str) -> None:
+    """Load `shape` once (dummy weights) and plan its KV cache for each --kv-cache-dtype, with CUDA
+    graphs as the engine would, at max_model_len 32768 and 256 sequences (the budget, not the
+    sequences, caps the count). One "kv-plan" record per dtype."""
+    from deepserve.bench.offline import append_record, environment_fields, resolve_model_arg
+    from deepserve.engine.args import EngineArgs
+    from deepserve.engine.engine_core import plan_kv_cache, use_cuda_graphs
+    from deepserve.loader.model_loader import load_model
+    from deepserve.platforms import get_platform
+
+    config = EngineArgs(model=resolve_model_arg(shape), load_format="dummy", max_model_len=32768,
+                        max_num_seqs=256, max_num_batched_tokens=8192).create_engine_config()
+    platform = get_platform(config.device)
+    model = load_model(config, progress=False)
+    env = environment_fields(platform.device_name(), run_id)
+    for kv in kv_dtypes:
+        cfg = dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_cache_dtype=kv))
+        plan = plan_kv_cache(cfg, model, platform, use_cuda_graphs(cfg, platform, model))
+        append_record({**env, "engine": "deepserve", "model": shape, "dtype": "bfloat16", "quant": "none",
+                       "tp": 1, "pp": 1, "ep": 1, "workload": "kv-plan", "batch": None, "kv_cache_dtype": kv,
+                       "num_kv_blocks": plan.num_blocks, "bytes_per_block": plan.bytes_per_block,
+                       "kv_tokens": plan.num_tokens, "max_concurrency": round(plan.max_concurrency, 2),
+                       "max_model_len": plan.max_model_len,
+                       "notes": f"KV blocks planned at start-up, --kv-cache-dtype {kv}, max_model_len 32768, "
+                                f"256 seqs, gpu_memory_utilization 0.9, graphs margin included"}, result_file)
+        print(plan.summary(), flush=True)
 
 
 # ------------------------------------------------------------------------------- the driver
 
 
-def offline_cmd(kind: str, method: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
+def offline_cmd(kind: str, method: str, args: argparse.Namespace, extra: list[str], kv: str = "auto") -> list[str]:
     quant = [] if method == "none" else ["--quantization", method]
+    kv_args = [] if kv == "auto" else ["--kv-cache-dtype", kv]
+    notes = " ".join(["benchmarks/gpu_quant.py", *extra, *([f"kv_cache_dtype={kv}"] if kv_args else [])])
     return [sys.executable, "-m", "deepserve.bench.offline", kind, "--model", args.shape, "--load-format", "dummy",
-            "--result-file", args.result_file, "--run-id", args.run_id, *quant, *extra,
-            "--notes", f"benchmarks/gpu_quant.py{' ' + ' '.join(extra) if extra else ''}"]
+            "--result-file", args.result_file, "--run-id", args.run_id, *quant, *kv_args, *extra, "--notes", notes]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen-7b", help="a name under benchmarks/configs, for (b)")
     p.add_argument("--methods", default="none,int8,int8-weight-only,fp8", help="--quantization values for (b)")
+    p.add_argument("--kv-cache-dtypes", default="auto",
+                   help="--kv-cache-dtype values for (b) (each with each method) and, when one is not auto, (c)")
+    p.add_argument("--skip-b1", action="store_true", help="W-offline only in (b) (and no ceilings)")
+    p.add_argument("--offline-arg", action="append", default=[],
+                   help="extra argument for the W-offline runs (repeat), e.g. --offline-arg=--num-prompts=1024")
     p.add_argument("--ms", default="1,16,64,256,2048,8192", help="token counts M for (a)")
     p.add_argument("--budget-s", type=float, default=360.0, help="the whole run, seconds")
     p.add_argument("--result-file", default=str(RESULTS), help="engine figures (b)")
@@ -287,21 +345,32 @@ def main() -> None:
     if args.tune:
         run_step("Triton config sweep", me + common + ["--child", "tune"], budget, cap_s=300, min_s=60)
     if not args.skip_engine:
-        run_step("ceilings", me + common + ["--child", "ceilings"], budget, cap_s=60)
-        bw = bandwidth(Path(args.result_file), args.run_id)
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        roof = ["--roofline-bandwidth-gbs", str(bw)] if bw else []
-        for method in methods:
-            run_step(f"W-b1 {args.shape} {method}", offline_cmd("latency", method, args, B1_FAST + roof),
-                     budget, cap_s=150, min_s=45)
-        for method in [] if args.skip_offline else methods:
-            run_step(f"W-offline {args.shape} {method}", offline_cmd("throughput", method, args, []),
-                     budget, cap_s=200, min_s=60)
+        engine_steps(args, budget, me + common)
     times = kernel_times(Path(args.kernel_file), args.run_id)
     print_kernel_table(times, ms)
     print_choices(times, ms)
     print_tuned(Path(args.kernel_file), args.run_id, ms)
     print_engine_table(Path(args.result_file), args.run_id)
+
+
+def engine_steps(args: argparse.Namespace, budget: Budget, me: list[str]) -> None:
+    """(c) the KV block counts, then (b): W-b1 for every method x KV dtype, then W-offline."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    kvs = [k.strip() for k in args.kv_cache_dtypes.split(",") if k.strip()]
+    if kvs != ["auto"]:
+        run_step(f"KV blocks {args.shape} {','.join(kvs)}", me + ["--kv-cache-dtypes", args.kv_cache_dtypes,
+                 "--shape", args.shape, "--child", "kv-plan"], budget, cap_s=150, min_s=60)
+    runs = [(method, kv) for method in methods for kv in kvs]
+    if not args.skip_b1:
+        run_step("ceilings", me + ["--child", "ceilings"], budget, cap_s=60)
+        bw = bandwidth(Path(args.result_file), args.run_id)
+        roof = ["--roofline-bandwidth-gbs", str(bw)] if bw else []
+        for method, kv in runs:
+            run_step(f"W-b1 {args.shape} {method} kv {kv}", offline_cmd("latency", method, args, B1_FAST + roof, kv),
+                     budget, cap_s=150, min_s=45)
+    for method, kv in [] if args.skip_offline else runs:
+        run_step(f"W-offline {args.shape} {method} kv {kv}",
+                 offline_cmd("throughput", method, args, list(args.offline_arg), kv), budget, cap_s=200, min_s=60)
 
 
 def child(args: argparse.Namespace, ms: list[int]) -> None:
@@ -314,6 +383,9 @@ def child(args: argparse.Namespace, ms: list[int]) -> None:
         from gpu_dense import ceilings
 
         ceilings(args.result_file, args.run_id)
+    elif kind == "kv-plan":
+        kv_plans(args.shape, [k.strip() for k in args.kv_cache_dtypes.split(",") if k.strip()], args.result_file,
+                 args.run_id)
     else:
         raise SystemExit(f"unknown child step {kind!r}")
 
