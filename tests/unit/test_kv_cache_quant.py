@@ -107,3 +107,11 @@ def test_bind_checks_scales_and_temporary_cache_restores():
         assert model.attn.kv_cache is temp[0] and model.attn.kv_scales.numel() == 0
     assert model.attn.kv_cache is before[0] and model.attn.kv_scales is before[1]
     assert bytes_per_block(model, 4, torch.int8) == 2 * 4 * 16 + 2 * 4 * 4
+
+
+def test_engine_process_receives_the_kv_cache_dtype(folder):
+    """The server's engine process gets its config over the wire (engine/messages.py)."""
+    from deepserve.engine.messages import decode_engine_config, encode_engine_config
+
+    config = EngineArgs(model=str(folder), device="cpu", kv_cache_dtype="int8").create_engine_config()
+    assert decode_engine_config(encode_engine_config(config)).cache.kv_cache_dtype == "int8"
