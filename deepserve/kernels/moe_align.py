@@ -232,7 +232,8 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     sorted_ids."""
     _check(topk_ids, num_experts, block_m)
     single_max = _SINGLE_MAX if single_max is None else single_max
-    chunk = _CHUNK if chunk is None else chunk
+    if chunk is None:  # wider expert rows make pass 2's workspace sum dearer: fewer, longer chunks
+        chunk = _CHUNK * max(1, triton.next_power_of_2(num_experts) // 64)
     ids = topk_ids.reshape(-1)  # [N] (a view when contiguous)
     n, device = ids.numel(), ids.device
     length = max_padded_length(n, num_experts, block_m)

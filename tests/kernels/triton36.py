@@ -8,13 +8,17 @@ a GPU run (torch 2.11, triton 3.6, sm90) showed and the interpreter tests (a new
     an int32 accumulator needs `out_dtype=tl.int32`; later releases infer out_dtype from acc.
 
 `triton_3_6_semantics(monkeypatch)` patches the front end the interpreter shares with the compiler
-(interpreted kernels re-run their Python body on every launch, so the patch applies at once).
+(interpreted kernels re-run their Python body on every launch, so the patch applies at once). On a
+CUDA machine (kernels compiled, not interpreted) it does nothing: the installed Triton's own
+semantics apply, and the 3.6 compiler has no `make_tensor` for the patched minus to call.
 """
 
 from __future__ import annotations
 
 import triton.language as tl
 from triton.language.semantic import TritonSemantic
+
+from tests.kernels.interpret import INTERPRET
 
 
 def _minus_3_6(self, input):
@@ -26,6 +30,8 @@ def _minus_3_6(self, input):
 
 
 def triton_3_6_semantics(monkeypatch) -> None:
+    if not INTERPRET:
+        return
     dot = TritonSemantic.dot
 
     def dot_3_6(self, lhs, rhs, acc, input_precision, max_num_imprecise_acc, out_dtype):
