@@ -11,8 +11,7 @@ every sequence at that length. Each case runs with the split count of two rules:
 
 each from two host lengths: max_seq_len = the context (an eager step, or W-b1's graphs, whose
 max_model_len is about the context) and max_seq_len = --graph-len (a CUDA graph captured at a longer
-max_model_len: most splits of short sequences are empty). Times are `triton.testing.do_bench` medians
-with L2 flushed between runs (the flush also queues the launches ahead, so the host does not count),
+max_model_len: most splits of short sequences are empty). Times are CUDA-graph replays (`time_us`),
 split kernel + merge; achieved bandwidth is over the latent cache bytes read (B * ctx * 576 * 2).
 `--sweep` adds a batch-1 search over (BLOCK_N, warps, splits). `--json PATH` appends one line per row.
 
@@ -56,10 +55,24 @@ def make_case(batch: int, ctx: int) -> Case:
     return Case(q_latent, q_rope, cache, tables, torch.full((batch,), ctx, dtype=torch.int32, device="cuda"))
 
 
+GRAPH_CALLS = 20  # calls captured per CUDA graph; a replay's time / GRAPH_CALLS is one call
+
+
 def time_us(case: Case, num_splits: int, **kwargs) -> float:
+    """One call's device time (split kernel + merge) as decode runs it: replayed from a CUDA graph
+    of GRAPH_CALLS calls (eager do_bench timed the wrapper's host work instead: ~55 us for every
+    case on an H200). The latent cache stays in L2 between calls, as one layer's does not."""
     fn = lambda: mla_decode_attention(*case, SCALE, num_splits=num_splits, **kwargs)
-    fn()
-    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return 1e3 * triton.testing.do_bench(graph.replay, warmup=5, rep=40, return_mode="median") / GRAPH_CALLS
 
 
 def split_rows(batches, contexts, graph_len: int, sms: int):
