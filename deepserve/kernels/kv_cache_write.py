@@ -9,7 +9,8 @@ each row (token, head) is stored as q = round(x / s) with s = max(amax|x|, 1e-8)
 ties to even, e4m3 rounding done on the float32 grid as in kernels/fp8_quant.py).
 
 One program per token copies (or quantises) its K and V rows ([H_kv, D] each, contiguous in the
-head dim), casting to the cache dtype. `load_kv_scales` is the attention kernels' read of the scales.
+head dim), casting to the cache dtype. `load_kv_tile` (with `load_kv_scales`) is the paged attention
+kernels' read of a K/V tile and its scales.
 """
 
 from __future__ import annotations
@@ -51,6 +52,29 @@ def load_kv_scales(k_scale_ptr, v_scale_ptr, page, offset, kv_head, mask, stride
     """Scales [BLOCK_N] f32 of the K and V rows at (page, offset, kv_head) [BLOCK_N]; 0 where masked."""
     rows = page * stride_sb + offset * stride_so + kv_head
     return tl.load(k_scale_ptr + rows, mask=mask, other=0.0), tl.load(v_scale_ptr + rows, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos, p_mask, d, d_mask,
+                 stride_cb, stride_co, stride_ch, stride_sb, stride_so, DTYPE: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr):
+    """The attention kernels' read of BLOCK_N keys: positions pos [BLOCK_N] (valid where p_mask) of
+    kv_head, gathered through the block table row `table`, head dim d [BLOCK_D] (valid where d_mask).
+    Returns K [BLOCK_N, BLOCK_D] in DTYPE (exact from an 8-bit cache), V [BLOCK_N, BLOCK_D] and K's
+    per-key scales [BLOCK_N] f32. KV_SCALED (8-bit cache): V is dequantised in float32 (v * s_v) and
+    the caller multiplies the scales into its score columns (q.k * s_k); otherwise V keeps the cache
+    dtype and the scales are a placeholder 1.0. Masked rows are 0."""
+    page = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
+    rows = page * stride_cb + (pos % BLOCK_SIZE) * stride_co + kv_head * stride_ch  # [BLOCK_N]
+    kv_mask = p_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(DTYPE)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    k_scale = 1.0
+    if KV_SCALED:
+        k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, page, pos % BLOCK_SIZE, kv_head, p_mask,
+                                          stride_sb, stride_so)
+        v = v.to(tl.float32) * v_scale[:, None]
+    return k, v, k_scale
 
 
 @triton.jit

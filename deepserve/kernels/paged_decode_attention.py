@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_scales
+from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile
 from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
 
 LOG2E = 1.4426950408889634
@@ -88,17 +88,12 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         p_mask = pos < end
-        page = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
-        rows = page * stride_cb + (pos % BLOCK_SIZE) * stride_co + kv_head * stride_ch  # [BLOCK_N]
-        kv_mask = p_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k, v, k_scale = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos, p_mask,
+                                     d, d_mask, stride_cb, stride_co, stride_ch, stride_sb, stride_so, q.dtype,
+                                     BLOCK_SIZE, KV_SCALED)  # [BLOCK_N, BLOCK_D] x 2, [BLOCK_N]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
-        if KV_SCALED:  # 8-bit cache: K's per-key scales on the score columns; V dequantised (f32 product)
-            k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, page, pos % BLOCK_SIZE, kv_head, p_mask,
-                                              stride_sb, stride_so)
+        if KV_SCALED:  # 8-bit cache: K's per-key scales on the score columns (V came dequantised, f32)
             s = s * k_scale[None, :]
-            v = v.to(tl.float32) * v_scale[:, None]
         s = tl.where(p_mask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
