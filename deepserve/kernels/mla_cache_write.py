@@ -5,7 +5,16 @@ first R columns and the rotated shared rope key in the last Dr. Slot `s` is bloc
 `s // block_size`, offset `s % block_size`. Token t goes to slot `slot_mapping[t]`; a negative slot
 means "skip" (padding tokens of a CUDA-graph batch), where an indexed copy would wrap to the end.
 
-One program per token copies its latent row and rope row, casting to the cache dtype.
+One program per token copies its latent row and rope row, casting to the cache dtype. An int8 /
+float8_e4m3fn cache (`--kv-cache-dtype int8|fp8`) has `kv_scales [num_blocks, block_size]` float32
+beside it: the whole row [latent | rope] (MLA's one "KV head") is quantised with ONE scale,
+s = max(amax|row|, 1e-8) / QMAX (deepserve/layers/kv_quant.py, whose per-token references this kernel
+matches bit for bit: the amax spans both halves, then each half is quantised on the same grid).
+One scale rather than one for the latent and one for the rope key: the rope key's range is larger
+(mean row amax 11.1 against the latent's 2.8 on the bundled tiny-deepseek-v3), so it sets the grid,
+but fake-quantising that model's cache both ways gave no consistent gain for separate scales (int8:
+greedy runs forked earlier on 2 of 4 prompts, later on none; fp8: later forks, larger logprob drift),
+and one scale keeps the dense format's rule (scales [N, bs] = the cache shape without its last dim).
 """
 
 from __future__ import annotations
@@ -14,20 +23,38 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.fp8_quant import _round_to_e4m3_grid
+from deepserve.kernels.int8_quant import round_half_even
+from deepserve.layers.kv_quant import QUANT_MAX, is_quantized, quantize_kv, scales_shape
+
 
 def mla_cache_write_ref(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
-    """In place. kv_cache [N, bs, R + Dr]; latent [T, R]; rope [T, Dr]; slot_mapping [T] int64 (< 0: skip)."""
+                        slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """In place. kv_cache [N, bs, R + Dr]; latent [T, R]; rope [T, Dr]; slot_mapping [T] int64 (< 0: skip);
+    kv_scales [N, bs] f32 for an 8-bit cache (quantised rows, one scale per row), else None."""
     keep = slot_mapping >= 0
     flat = kv_cache.view(-1, kv_cache.shape[2])  # [slots, R + Dr]
-    flat[slot_mapping[keep]] = torch.cat([latent[keep], rope[keep]], dim=-1).to(kv_cache.dtype)
+    rows = torch.cat([latent[keep], rope[keep]], dim=-1)  # [T', R + Dr]
+    if is_quantized(kv_cache.dtype):
+        rows, scales = quantize_kv(rows, kv_cache.dtype)  # [T', R + Dr], [T']
+        kv_scales.view(-1)[slot_mapping[keep]] = scales
+    flat[slot_mapping[keep]] = rows.to(kv_cache.dtype)
+
+
+@triton.jit
+def _quantize(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr):
+    """x [BLOCK] f32, scale f32 -> x / scale clamped to +-QMAX, on the int8 / e4m3 grid (f32)."""
+    y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX)
+    if FP8:
+        return _round_to_e4m3_grid(y)
+    return round_half_even(y)  # |y| <= 127 after the clamp: the clamp commutes with rounding
 
 
 @triton.jit
 def _mla_cache_write_kernel(
-    latent_ptr, rope_ptr, cache_ptr, slot_ptr, stride_lt, stride_rt, stride_cb, stride_co,
-    RANK: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    latent_ptr, rope_ptr, cache_ptr, scale_ptr, slot_ptr, stride_lt, stride_rt, stride_cb, stride_co,
+    stride_sb, RANK: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -37,8 +64,30 @@ def _mla_cache_write_kernel(
         e = tl.arange(0, BLOCK_DR)
         lat = tl.load(latent_ptr + token.to(tl.int64) * stride_lt + r, mask=r < RANK)
         rope = tl.load(rope_ptr + token.to(tl.int64) * stride_rt + e, mask=e < ROPE_DIM)
+        if QUANT:  # one scale for the whole row [latent | rope]
+            lat = tl.where(r < RANK, lat.to(tl.float32), 0.0)
+            rope = tl.where(e < ROPE_DIM, rope.to(tl.float32), 0.0)
+            amax = tl.maximum(tl.max(tl.abs(lat), axis=0), tl.max(tl.abs(rope), axis=0))
+            scale = tl.div_rn(tl.maximum(amax, 1e-8), QMAX)
+            lat = _quantize(lat, scale, QMAX, FP8)
+            rope = _quantize(rope, scale, QMAX, FP8)
+            tl.store(scale_ptr + (slot // BLOCK_SIZE) * stride_sb + slot % BLOCK_SIZE, scale)
         tl.store(row + r, lat.to(cache_ptr.dtype.element_ty), mask=r < RANK)
         tl.store(row + RANK + e, rope.to(cache_ptr.dtype.element_ty), mask=e < ROPE_DIM)
+
+
+def check_latent_scales(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None:
+    """ValueError unless kv_cache [N, bs, R + Dr] is a float cache without scales, or int8 /
+    float8_e4m3fn with contiguous float32 kv_scales [N, bs] on its device."""
+    if not is_quantized(kv_cache.dtype):
+        if kv_scales is not None:
+            raise ValueError(f"a {kv_cache.dtype} latent cache takes no kv_scales")
+        return
+    if kv_scales is None or tuple(kv_scales.shape) != scales_shape(kv_cache.shape) \
+            or kv_scales.dtype != torch.float32 or not kv_scales.is_contiguous() or kv_scales.device != kv_cache.device:
+        got = None if kv_scales is None else (tuple(kv_scales.shape), kv_scales.dtype)
+        raise ValueError(f"an 8-bit latent cache needs contiguous float32 kv_scales {scales_shape(kv_cache.shape)} "
+                         f"on its device, got {got}")
 
 
 def _check(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -60,16 +109,20 @@ def _check(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor, slo
 
 
 def mla_cache_write(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-    """In place. kv_cache [N, bs, R + Dr] (bf16/f16/f32); latent [T, R], rope [T, Dr] any float dtype, any
-    token stride (e.g. views of one [T, R + Dr] tensor); slot_mapping [T] int64 (< 0: skip)."""
+                    slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """In place. kv_cache [N, bs, R + Dr] (bf16/f16/f32, or int8/float8_e4m3fn with kv_scales [N, bs] f32,
+    contiguous); latent [T, R], rope [T, Dr] any float dtype, any token stride (e.g. views of one
+    [T, R + Dr] tensor); slot_mapping [T] int64 (< 0: skip)."""
     _check(kv_cache, latent, rope, slot_mapping)
+    check_latent_scales(kv_cache, kv_scales)
     if latent.shape[0] == 0:
         return
     rank, rope_dim = latent.shape[1], rope.shape[1]
+    quant = kv_scales is not None
     _mla_cache_write_kernel[(latent.shape[0],)](
-        latent, rope, kv_cache, slot_mapping, latent.stride(0), rope.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1),
+        latent, rope, kv_cache, kv_scales if quant else kv_cache, slot_mapping, latent.stride(0), rope.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_scales.stride(0) if quant else 0,
         RANK=rank, ROPE_DIM=rope_dim, BLOCK_R=triton.next_power_of_2(rank),
-        BLOCK_DR=triton.next_power_of_2(rope_dim), BLOCK_SIZE=kv_cache.shape[1], num_warps=4,
+        BLOCK_DR=triton.next_power_of_2(rope_dim), BLOCK_SIZE=kv_cache.shape[1], QUANT=quant,
+        QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0), FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
     )

@@ -28,6 +28,13 @@ the fp32 partials cost 2 x BLOCK_H x R x 4 bytes a split against (R + Dr) x 2 by
 alone fills the GPU; below one program per SM (batch 1: a single head tile at H=16) the kernel is latency-bound,
 so splits may shrink to one BLOCK_N tile of keys, up to one wave of programs.
 
+8-bit cache (`--kv-cache-dtype int8|fp8`, KV_SCALED): kv_cache int8 / float8_e4m3fn with kv_scales
+[num_blocks, block_size] f32, one scale per row [latent | rope] (kernels/mla_cache_write.py). After each
+tile load the latent and rope tiles are cast to q's dtype (exact: int8 and e4m3 values fit bf16) for the
+score dots, whose columns are then multiplied by the rows' scales (q . (x_q * s) = (q . x_q) * s); the
+latent tile for the value dot is dequantised in float32 (x_q * s). Without KV_SCALED the kernel is the
+unscaled one, unchanged.
+
 A launch depends on the host only through shapes and num_splits (a host int), so it can be captured
 in a CUDA graph with a fixed num_splits. Rows with seq_len 0 (graph padding) produce zeros.
 """
@@ -38,14 +45,20 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.mla_cache_write import check_latent_scales
 from deepserve.kernels.paged_decode_attention import LOG2E
 from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
+from deepserve.layers.kv_quant import dequantize_kv, is_quantized
 
 
 def mla_decode_attention_ref(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
-                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reference in fp32. q_latent [B, H, R]; q_rope [B, H, Dr]; kv_cache [N, bs, R + Dr];
-    block_tables [B, W] int32; seq_lens [B] int32 -> o_latent [B, H, R] in q_latent's dtype."""
+                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                             kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference in fp32. q_latent [B, H, R]; q_rope [B, H, Dr]; kv_cache [N, bs, R + Dr] (8-bit: with
+    kv_scales [N, bs] f32, read dequantised); block_tables [B, W] int32; seq_lens [B] int32
+    -> o_latent [B, H, R] in q_latent's dtype."""
+    if kv_scales is not None:
+        kv_cache = dequantize_kv(kv_cache, kv_scales, torch.float32)
     rank, block_size = q_latent.shape[-1], kv_cache.shape[1]
     out = torch.zeros_like(q_latent)
     for b, seq_len in enumerate(seq_lens.tolist()):
@@ -61,13 +74,13 @@ def mla_decode_attention_ref(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_ca
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one compile
 def _mla_split_kernel(
-    q_lat_ptr, q_rope_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
-    scale_log2,
-    stride_qb, stride_qh, stride_rb, stride_rh, stride_cb, stride_co, stride_bt,
+    q_lat_ptr, q_rope_ptr, cache_ptr, kv_scale_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr,
+    out_ptr, scale_log2,
+    stride_qb, stride_qh, stride_rb, stride_rh, stride_cb, stride_co, stride_sb, stride_bt,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
     NUM_HEADS: tl.constexpr, RANK: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     b = tl.program_id(0)
     split = tl.program_id(2)
@@ -101,14 +114,23 @@ def _mla_split_kernel(
                          other=0.0)  # [BLOCK_N, BLOCK_R]
         rope = tl.load(rows[:, None] + RANK + e[None, :], mask=p_mask[:, None] & e_mask[None, :],
                        other=0.0)  # [BLOCK_N, BLOCK_DR]
-        s = tl.dot(q_lat, tl.trans(latent), input_precision=DOT_PRECISION)
-        s = tl.dot(q_rope, tl.trans(rope), acc=s, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+        if KV_SCALED:  # 8-bit rows: exact casts for the score dots, one scale per key (column)
+            row_scale = tl.load(kv_scale_ptr + page * stride_sb + pos % BLOCK_SIZE, mask=p_mask,
+                                other=0.0)  # [BLOCK_N] f32
+            s = tl.dot(q_lat, tl.trans(latent.to(q_lat.dtype)), input_precision=DOT_PRECISION)
+            s = tl.dot(q_rope, tl.trans(rope.to(q_rope.dtype)), acc=s, input_precision=DOT_PRECISION)
+            s = s * (row_scale * scale_log2)[None, :]  # [BLOCK_H, BLOCK_N]
+            value = latent.to(tl.float32) * row_scale[:, None]  # [BLOCK_N, BLOCK_R] dequantised in f32
+        else:
+            s = tl.dot(q_lat, tl.trans(latent), input_precision=DOT_PRECISION)
+            s = tl.dot(q_rope, tl.trans(rope), acc=s, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+            value = latent
         s = tl.where(p_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision=DOT_PRECISION)
         m = m_new
 
     l_safe = tl.where(l > 0.0, l, 1.0)
@@ -125,7 +147,8 @@ def _mla_split_kernel(
 
 
 def _check(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-           seq_lens: torch.Tensor) -> None:
+           seq_lens: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    check_latent_scales(kv_cache, kv_scales)
     if q_latent.dim() != 3 or q_rope.dim() != 3 or kv_cache.dim() != 3:
         raise ValueError(f"q_latent [B, H, R], q_rope [B, H, Dr] and kv_cache [N, bs, R + Dr] expected; got "
                          f"{tuple(q_latent.shape)}, {tuple(q_rope.shape)}, {tuple(kv_cache.shape)}")
@@ -133,9 +156,10 @@ def _check(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
     if q_rope.shape[:2] != (batch, heads) or kv_cache.shape[2] != rank + q_rope.shape[2]:
         raise ValueError(f"q_latent {tuple(q_latent.shape)} / q_rope {tuple(q_rope.shape)} do not fit "
                          f"kv_cache {tuple(kv_cache.shape)} (last dim must be R + Dr)")
-    if not (q_latent.dtype == q_rope.dtype == kv_cache.dtype) or q_latent.dtype not in (
+    cache_dtype = q_latent.dtype if is_quantized(kv_cache.dtype) else kv_cache.dtype  # 8-bit: any float q
+    if not (q_latent.dtype == q_rope.dtype == cache_dtype) or q_latent.dtype not in (
             torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"q_latent, q_rope and kv_cache must share a float dtype (bf16/f16/f32), got "
+        raise ValueError(f"q_latent, q_rope and kv_cache (unless 8-bit) must share a float dtype (bf16/f16/f32), got "
                          f"{q_latent.dtype}, {q_rope.dtype}, {kv_cache.dtype}")
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or seq_lens.shape != (batch,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} "
@@ -172,16 +196,17 @@ def mla_num_splits(batch: int, head_tiles: int, max_seq_len: int, num_sms: int, 
 def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
                          block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                          num_splits: int | None = None, max_seq_len: int | None = None, block_h: int = 16,
-                         block_n: int = 32, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                         block_n: int = 32, num_warps: int = 4, num_stages: int = 2,
+                         kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q_latent [B, H, R], q_rope [B, H, Dr] bf16/f16/f32 (any batch/head strides, unit last stride);
-    kv_cache [N, bs, R + Dr] same dtype; block_tables [B, W] int32; seq_lens [B] int32
-    -> o_latent [B, H, R] in q's dtype (fp32 accumulation).
+    kv_cache [N, bs, R + Dr] same dtype, or int8 / float8_e4m3fn with kv_scales [N, bs] f32 (contiguous);
+    block_tables [B, W] int32; seq_lens [B] int32 -> o_latent [B, H, R] in q's dtype (fp32 accumulation).
 
     num_splits: None picks it (`mla_num_splits`) from B, the head tiles, the SM count and `max_seq_len` (a
     host int; None uses the block-table capacity W * bs, so no device sync). Fix it under CUDA-graph capture.
     block_h / block_n: powers of two >= 16 (tl.dot's minimum), heads per program / keys per step.
     """
-    _check(q_latent, q_rope, kv_cache, block_tables, seq_lens)
+    _check(q_latent, q_rope, kv_cache, block_tables, seq_lens, kv_scales)
     if block_h < 16 or block_n < 16 or block_h & (block_h - 1) or block_n & (block_n - 1):
         raise ValueError(f"block_h {block_h} and block_n {block_n} must be powers of two >= 16")
     batch, heads, rank = q_latent.shape
@@ -197,16 +222,17 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
         mid_o = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=q_latent.device)
         mid_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q_latent.device)
     block_r = triton.next_power_of_2(rank)
+    scaled = kv_scales is not None
     _mla_split_kernel[(batch, head_tiles, num_splits)](
-        q_latent, q_rope, kv_cache, block_tables, seq_lens, mid_o, mid_lse, out, scale * LOG2E,
-        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
+        q_latent, q_rope, kv_cache, kv_scales if scaled else kv_cache, block_tables, seq_lens, mid_o, mid_lse, out,
+        scale * LOG2E, q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_scales.stride(0) if scaled else 0, block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), num_splits,
         NUM_HEADS=heads, RANK=rank, ROPE_DIM=q_rope.shape[2], BLOCK_H=block_h, BLOCK_R=block_r,
         BLOCK_DR=max(16, triton.next_power_of_2(q_rope.shape[2])), BLOCK_SIZE=kv_cache.shape[1],
         BLOCK_N=block_n, DIRECT=num_splits == 1,
-        DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", KV_SCALED=scaled,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
