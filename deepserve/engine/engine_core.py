@@ -126,7 +126,7 @@ class EngineCore:
         with oom_guard(self.platform, "allocating the KV cache"):
             proposer = None if mtp is None else MTPProposer(
                 mtp, config.speculative.num_speculative_tokens, num_blocks, config.cache.block_size,
-                config.max_model_len, config.device)
+                config.max_model_len, config.device, kv_cache_dtype=self.kv_plan.dtype)
             self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device, proposer,
                                       kv_cache_dtype=self.kv_plan.dtype)
         self.async_scheduling = use_async_scheduling(config, self.platform)

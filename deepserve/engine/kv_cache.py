@@ -3,7 +3,9 @@
 `--kv-cache-dtype` (CacheConfig.kv_cache_dtype) picks the cache's storage: "auto" the model's
 dtype, "fp8" / "int8" 8 bits per element plus a float32 scale per stored row (token x KV head),
 held in a second tensor per layer, `kv_scales` (deepserve/layers/kv_quant.py). Only attention
-modules that declare `kv_scales` (the dense MHA/GQA backends) take an 8-bit cache.
+modules that declare `kv_scales` take an 8-bit cache: the dense MHA/GQA backends ([2, N, bs, H_kv, D]
+rows, scales [2, N, bs, H_kv]) and MLA ([N, bs, R + Dr] rows, one scale per token: [N, bs]); the MTP
+draft layer (an MLA layer, spec_decode/proposer.py) takes the main model's cache format.
 """
 
 from __future__ import annotations
@@ -25,13 +27,10 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, model_config: ModelConfig, platform: Platform) -> None:
-    """ConfigError where `--kv-cache-dtype` cannot be served: an 8-bit cache on an MLA model
-    (DeepSeek-V2/V3 latent cache), fp8 on a platform without float8 support."""
+    """ConfigError where `--kv-cache-dtype` cannot be served: fp8 on a platform without float8 support.
+    (MLA models take an 8-bit latent cache too: one scale per row [latent | rope], layers/mla.py.)"""
     if kv_cache_dtype == "auto":
         return
-    if model_config.is_mla:
-        raise ConfigError(f"--kv-cache-dtype {kv_cache_dtype} is not supported yet for MLA models "
-                          f"({model_config.architecture}: DeepSeek-V2/V3 latent cache); use --kv-cache-dtype auto")
     if kv_cache_dtype == "fp8" and not platform.supports_fp8_kv_cache():
         raise ConfigError(f"--kv-cache-dtype fp8 needs float8_e4m3fn support, which {platform.name} "
                           f"({platform.device_name()}) lacks (CUDA: compute capability 8.9+); "

@@ -14,6 +14,10 @@ of the others. Error per element: int8 |x - x'| <= s / 2 = amax / 254; fp8 |x - 
 per D bytes of data (3 % at D = 128): a block holds 2D / (D + 4) ~ 1.94x the tokens of bf16.
 The math is the per-token activation quantisers' (deepserve/quant/int8.py, fp8.py), row by row,
 so the Triton write kernel matches these references bit for bit.
+
+MLA (layers/mla.py) caches `data [N, bs, R + Dr]` per layer, one row [latent | rope key] per token (its
+one "KV head"), and `scales [N, bs]`: one scale per row, the same shapes rule (scales_shape). 4 bytes
+per 576 at R + Dr = 512 + 64: 1.99x the tokens of bf16.
 """
 
 from __future__ import annotations

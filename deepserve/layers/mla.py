@@ -28,6 +28,12 @@ kernel for q_pe and k_pe, the cache writer (latent and k_pe as two tensors), q_n
 kernel (q_latent and q_pe as two strided tensors) and its merge (when split), o_lat @ W_UV written into
 token-major rows, o_proj: no concatenation and no layout copy on the way.
 
+8-bit cache (`--kv-cache-dtype int8|fp8`): the cache is int8 / float8_e4m3fn and `kv_scales [num_blocks,
+block_size]` float32 holds one scale per row [latent | rope] (layers/kv_quant.py; bound by the runner, empty
+otherwise). The writers quantise (Triton: kernels/mla_cache_write; PyTorch: `quantize_kv`), the decode kernel
+dequantises after each tile load, and every PyTorch gather (`_gather`: absorbed decode, the prefill kernel's
+context rows, the per-sequence loop) dequantises the rows it gathered into the queries' dtype.
+
 Shapes: T new tokens, S context tokens of one sequence, h heads, R kv_lora_rank,
 Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
 """
@@ -41,6 +47,7 @@ from torch import nn
 
 from deepserve.config import ModelConfig
 from deepserve.forward_context import ForwardContext, get_forward_context
+from deepserve.layers.kv_quant import dequantize_kv, is_quantized, quantize_kv
 from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from deepserve.layers.mla_batch import PrefillSeqs, plan_mla_batch
 from deepserve.layers.norm import RMSNorm
@@ -71,11 +78,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def absorbed_decode(q_lat: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    block_size: int, rank: int, scale: float) -> torch.Tensor:
+                    block_size: int, rank: int, scale: float, scales: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence, all sequences at once, in the absorbed form (PyTorch).
 
-    q_lat [B, h, R + Dr]; cache [slots, R + Dr]; block_tables [B, W] int32; seq_lens [B] int32
-    -> o_lat [B, h, R]. Sized by the block-table width, masked by the device seq_lens: no host
+    q_lat [B, h, R + Dr]; cache [slots, R + Dr] (8-bit: with scales [slots] f32, dequantised on gather into
+    q_lat's dtype); block_tables [B, W] int32; seq_lens [B] int32 -> o_lat [B, h, R]. Sized by the block-table width, masked by the device seq_lens: no host
     lengths, so a CUDA-graph-style replay over static buffers stays exact. Keys past a sequence's
     length read its position-0 slot instead (always written), so stale or padding slots never reach
     the softmax, not even as 0 * NaN.
@@ -83,7 +90,8 @@ def absorbed_decode(q_lat: torch.Tensor, cache: torch.Tensor, block_tables: torc
     pos = torch.arange(block_tables.shape[1] * block_size, device=q_lat.device)  # [P]
     slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size  # [B, P]
     valid = pos[None, :] < seq_lens[:, None].long()  # [B, P]
-    kv = cache[torch.where(valid, slots, slots[:, :1])]  # [B, P, R + Dr]
+    read = torch.where(valid, slots, slots[:, :1])  # [B, P]
+    kv = cache[read] if scales is None else dequantize_kv(cache[read], scales[read], q_lat.dtype)  # [B, P, R + Dr]
     scores = torch.einsum("bhd,bpd->bhp", q_lat, kv).float() * scale  # [B, h, P]
     probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1).to(kv.dtype)
     return torch.einsum("bhp,bpr->bhr", probs, kv[..., :rank])  # [B, h, R]
@@ -102,6 +110,7 @@ class MLAAttention(nn.Module):
         self.rotary = rotary
         self._build_projections(config)
         self.kv_cache = torch.empty(0)  # [num_blocks, block_size, R + Dr], bound by the runner
+        self.kv_scales = torch.empty(0)  # [num_blocks, block_size] f32 for an 8-bit cache, else empty
 
     def _build_projections(self, config: ModelConfig) -> None:
         hidden, q_out = config.hidden_size, self.num_heads * config.qk_head_dim
@@ -186,9 +195,28 @@ class MLAAttention(nn.Module):
         if self._on_triton(latent):
             from deepserve.kernels.mla_cache_write import mla_cache_write  # lazy: Triton on CUDA only
 
-            mla_cache_write(self.kv_cache, latent, k_pe, slot_mapping)
+            scaled = {} if self._scales() is None else {"kv_scales": self._scales()}  # the float call stays as it was
+            mla_cache_write(self.kv_cache, latent, k_pe, slot_mapping, **scaled)
             return
-        self._write_cache(cache, torch.cat([latent, k_pe], dim=-1), slot_mapping)
+        entries = torch.cat([latent, k_pe], dim=-1)  # [T, R + Dr]
+        if self._scales() is None:
+            self._write_cache(cache, entries, slot_mapping)
+            return
+        rows, row_scales = quantize_kv(entries, cache.dtype)  # [T, R + Dr] 8-bit, [T] f32
+        self._write_cache(cache.view(torch.int8), rows.view(torch.int8), slot_mapping)  # bytes: where() on fp8
+        self._write_cache(self.kv_scales.view(-1, 1), row_scales[:, None], slot_mapping)
+
+    def _scales(self) -> torch.Tensor | None:
+        """kv_scales [num_blocks, block_size] f32 when the bound cache is 8-bit, else None."""
+        return self.kv_scales if is_quantized(self.kv_cache.dtype) else None
+
+    def _gather(self, cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """cache [slots, R + Dr] rows at slots [S] int64 -> [S, R + Dr]: as stored, or dequantised into `dtype`
+        from an 8-bit cache (x_q * s in float32)."""
+        scales = self._scales()
+        if scales is None:
+            return cache[slots]
+        return dequantize_kv(cache[slots], scales.view(-1)[slots], dtype)
 
     def _write_cache(self, cache: torch.Tensor, entries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """PyTorch: entries [T, R + Dr] into cache [slots, R + Dr] at slot_mapping [T] int64. A slot < 0
@@ -217,9 +245,12 @@ class MLAAttention(nn.Module):
         q_pe as two strided tensors (no concatenation). No device sync."""
         from deepserve.kernels.mla_decode_attention import mla_decode_attention  # lazy: Triton on CUDA only
 
-        dtype = self.kv_cache.dtype  # a no-op cast when the model runs in the cache dtype
+        scales = self._scales()
+        # a no-op cast when the model runs in the cache dtype; an 8-bit cache takes q as it is
+        dtype = self.kv_cache.dtype if scales is None else q_nope.dtype
+        scaled = {} if scales is None else {"kv_scales": scales}  # the float call stays as it was
         return mla_decode_attention(self._absorb_latent(q_nope).to(dtype), q_pe.to(dtype), self.kv_cache,
-                                    block_tables, seq_lens, self.scale, max_seq_len=max_seq_len)
+                                    block_tables, seq_lens, self.scale, max_seq_len=max_seq_len, **scaled)
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
@@ -229,8 +260,10 @@ class MLAAttention(nn.Module):
             o_lat = self._decode_kernel(q_nope, q_pe, ctx.block_tables, ctx.seq_lens,
                                         max(ctx.seq_lens_cpu, default=1))
         else:
+            scales = self._scales()
             o_lat = absorbed_decode(self._absorb_query(q_nope, q_pe), cache, ctx.block_tables, ctx.seq_lens,
-                                    ctx.block_size, self.kv_lora_rank, self.scale)
+                                    ctx.block_size, self.kv_lora_rank, self.scale,
+                                    None if scales is None else scales.view(-1))
         return self._absorb_output(o_lat)
 
     def _mixed_kernels(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
@@ -257,7 +290,7 @@ class MLAAttention(nn.Module):
         context latents gathered once, ONE kv_b_proj GEMM, one varlen prefill launch."""
         from deepserve.kernels.mla_prefill_attention import mla_prefill_attention  # lazy: Triton on CUDA only
 
-        latent, k_pe = cache[seqs.slots].split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [Sp, R], [Sp, Dr]
+        latent, k_pe = self._gather(cache, seqs.slots, q_nope.dtype).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [Sp, R], [Sp, Dr]
         kv = self.kv_b_proj(latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)  # [Sp, h, Dn + Dv]
         out = mla_prefill_attention(q_nope.to(kv.dtype), q_pe.to(kv.dtype), kv[..., :self.nope_dim],
                                     k_pe.to(kv.dtype), kv[..., self.nope_dim:], seqs.cu_q, seqs.cu_k, self.scale)
@@ -269,11 +302,13 @@ class MLAAttention(nn.Module):
         starts = [0, *accumulate(ctx.query_lens_cpu)]  # == query_start_loc, from the host copy (no sync)
         if self.attention_mode == "absorb":
             q_lat = self._absorb_query(q_nope, q_pe)  # [T, h, R + Dr]
-            o_lat = torch.cat([self._absorbed(q_lat[starts[i]:starts[i + 1]], cache[context_slots(ctx, i)])
+            o_lat = torch.cat([self._absorbed(q_lat[starts[i]:starts[i + 1]],
+                                              self._gather(cache, context_slots(ctx, i), q_lat.dtype))
                                for i in range(ctx.num_seqs)])  # [T, h, R]
             return self._absorb_output(o_lat)
         return torch.cat([self._naive(q_nope[starts[i]:starts[i + 1]], q_pe[starts[i]:starts[i + 1]],
-                                      cache[context_slots(ctx, i)]) for i in range(ctx.num_seqs)])
+                                      self._gather(cache, context_slots(ctx, i), q_nope.dtype))
+                          for i in range(ctx.num_seqs)])
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """positions: [T] int64, x: [T, H] -> [T, H]; writes the new tokens' latents to the cache."""

@@ -1,5 +1,5 @@
-"""--kv-cache-dtype: the flag, its config field, the start-up refusals (MLA models, fp8 without
-platform support), the CPU byte budget, and binding 8-bit caches to attention layers."""
+"""--kv-cache-dtype: the flag, its config field, the start-up refusal (fp8 without platform support),
+the CPU byte budget, binding 8-bit caches to attention layers (dense and MLA), MLA block bytes."""
 
 from __future__ import annotations
 
@@ -58,23 +58,54 @@ def test_storage_dtypes_and_platform_checks(monkeypatch):
     assert CudaPlatform().supports_fp8_kv_cache()
 
 
-@pytest.mark.parametrize("kv", ["int8", "fp8"])
-def test_mla_models_refuse_an_8bit_cache_at_start_up(kv):
-    with pytest.raises(ConfigError, match=f"--kv-cache-dtype {kv} is not supported yet for MLA models"):
-        EngineArgs(model=TINY_V3, device="cpu", kv_cache_dtype=kv).create_engine_config()
-    proc = run_cli("generate", "--model", TINY_V3, "--kv-cache-dtype", kv, "hello")
-    assert proc.returncode == 2 and "not supported yet for MLA" in proc.stderr and "Traceback" not in proc.stderr
+def test_mla_models_take_an_8bit_cache_fp8_keeps_its_platform_check():
+    config = EngineArgs(model=TINY_V3, device="cpu", kv_cache_dtype="int8").create_engine_config()
+    assert config.model_config.is_mla and config.cache.kv_cache_dtype == "int8"
+    assert resolve_kv_cache_dtype("int8", config.model_config, NoFp8(), torch.bfloat16) == torch.int8
+    with pytest.raises(ConfigError, match="--kv-cache-dtype fp8 needs float8_e4m3fn support"):
+        check_kv_cache_dtype("fp8", config.model_config, NoFp8())
 
 
-def test_mla_layers_cannot_be_bound_to_an_8bit_cache():
-    """The guard below the start-up check: only layers that declare kv_scales take an 8-bit cache."""
+def test_mla_layers_bind_an_8bit_cache_with_one_scale_per_token():
     config = EngineArgs(model=TINY_V3, device="cpu").create_engine_config()
     from deepserve.loader.model_loader import load_model
 
     model = load_model(config, progress=False)
     caches = allocate_kv_caches(model, 2, 16, torch.int8, "cpu")
-    with pytest.raises(ValueError, match="does not support an 8-bit"):
-        bind_kv_cache(model, caches, allocate_kv_scales(caches))
+    with pytest.raises(ValueError, match="needs scales"):
+        bind_kv_cache(model, caches)
+    bind_kv_cache(model, caches, allocate_kv_scales(caches))
+    mc = config.model_config
+    row = mc.kv_lora_rank + mc.qk_rope_head_dim
+    layers = [m for m in model.modules() if hasattr(m, "kv_cache")]
+    assert all(m.kv_cache.shape == (2, 16, row) and m.kv_scales.shape == (2, 16) for m in layers)
+    assert bytes_per_block(model, 16, torch.int8) == len(layers) * 16 * (row + 4)
+
+
+class _LatentLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.kv_cache = torch.empty(0)
+
+
+@pytest.mark.parametrize("num_layers", [27, 61], ids=["v2-lite", "v3"])
+def test_mla_block_bytes_at_deepseek_shapes(num_layers):
+    """[N, 16, 512 + 64] per layer: bf16 16 x 576 x 2 = 18,432 bytes; int8 / fp8 16 x 576 + 16 x 4 (one f32
+    scale per token) = 9,280: 1.986x the blocks in the same memory."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(_LatentLayer() for _ in range(num_layers))
+
+        def kv_cache_shape(self, num_blocks, block_size):
+            return (num_blocks, block_size, 512 + 64)
+
+    model = Model()
+    assert bytes_per_block(model, 16, torch.bfloat16) == num_layers * 18_432
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        assert bytes_per_block(model, 16, dtype) == num_layers * 9_280
+    assert (80 << 30) // bytes_per_block(model, 16, torch.int8) >= 1.98 * ((80 << 30) // bytes_per_block(
+        model, 16, torch.bfloat16))
 
 
 def test_cpu_budget_counts_8bit_elements_and_scales(folder):

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence as Seq
 
 import torch
 
-from deepserve.engine.kv_cache import allocate_kv_caches, bind_kv_cache
+from deepserve.engine.kv_cache import allocate_kv_caches, allocate_kv_scales, bind_kv_cache
 from deepserve.engine.scheduler import ScheduledSeq
 from deepserve.forward_context import build_forward_context, forward_context
 from deepserve.models.deepseek_mtp import DeepseekMTP
@@ -37,15 +37,16 @@ class _Chain:
 
 class MTPProposer:
     def __init__(self, mtp: DeepseekMTP, num_speculative_tokens: int, num_blocks: int, block_size: int,
-                 max_model_len: int, device: torch.device | str):
+                 max_model_len: int, device: torch.device | str, kv_cache_dtype: torch.dtype | None = None):
         self.mtp = mtp
         self.k = num_speculative_tokens
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.device = torch.device(device)
-        dtype = next(mtp.parameters()).dtype
+        dtype = kv_cache_dtype or next(mtp.parameters()).dtype  # the main model's cache format (8-bit: + scales)
         self.kv_caches = allocate_kv_caches(mtp, num_blocks, block_size, dtype, self.device)
-        bind_kv_cache(mtp, self.kv_caches)
+        self.kv_scales = allocate_kv_scales(self.kv_caches)  # empty unless the cache is 8-bit
+        bind_kv_cache(mtp, self.kv_caches, self.kv_scales)
 
     @torch.inference_mode()
     def propose(self, scheduled: Seq[ScheduledSeq], hidden: torch.Tensor,
