@@ -190,11 +190,15 @@ def test_chat_endpoint(fake):
 
 
 def test_goodput_counts_requests_within_slos(fake, tmp_path):
+    # Fast TTFT 0.05 s and slow 1.2 s around a 0.6 s bound (and ITL 0.02 s under a 0.5 s TPOT bound):
+    # half a second of slack each way, so a scheduling stall of a loaded 2-core CI machine cannot move
+    # a request across a bound (with 0.1 / 0.4 s around 0.25 s, one such run saw every request miss).
+    fake.behaviour.ttft_s, fake.behaviour.slow_ttft_s = 0.05, 1.2
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "slow one"}\n{"prompt": "fast one"}\n{"prompt": "fast two"}\n'
                     '{"prompt": "fast three", "max_tokens": 1}\n')
     config = ServeBenchConfig(base_url=fake.url, num_requests=8, prompt_file=str(path), output_len=4,
-                              ttft_slo_s=0.25, tpot_slo_s=0.2, concurrency=8)
+                              ttft_slo_s=0.6, tpot_slo_s=0.5, concurrency=8)
     run = asyncio.run(run_benchmark(config))
     s = serve_report.summarize(run, config)
     assert s["completed"] == 8 and s["slo_attainment"] == 0.75  # the two "slow" requests miss TTFT
