@@ -61,3 +61,19 @@ def query_start_loc(query_lens: list[int], device: torch.device | str) -> torch.
     for n in query_lens:
         starts.append(starts[-1] + n)
     return torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+NEW_LENGTHS = [1, 17, 4096, 2000, 0, 555, 16, 3000]  # written over 8 captured lengths before the replay
+
+
+def replay_with_new_lengths(run, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Decode kernels under CUDA graphs: compile `run()` eagerly, capture it with seq_lens [8] int32 as
+    they are, write NEW_LENGTHS into seq_lens in place and replay; returns the graph's output."""
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    seq_lens.copy_(torch.tensor(NEW_LENGTHS, dtype=torch.int32))
+    graph.replay()
+    return out

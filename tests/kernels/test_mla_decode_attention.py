@@ -17,6 +17,7 @@ from deepserve.kernels.mla_cache_write import mla_cache_write_ref
 from deepserve.layers import fused
 from tests.kernels.interpret import device, load_kernel_module
 from tests.kernels.mla_cases import V2_LITE_DIMS, V3_DIMS, layer_outputs, make_latent_case, mla_layer
+from tests.kernels.paged_cases import replay_with_new_lengths
 
 mla = load_kernel_module("mla_decode_attention")
 
@@ -241,13 +242,8 @@ def test_gpu_cuda_graph_replay_with_new_lengths():
     cache, tables, _ = make_latent_case([4096] * 8, 512, 64, 16, torch.bfloat16, "cuda")
     q = torch.randn(8, 16, 576, device="cuda").to(torch.bfloat16)
     seq_lens = torch.full((8,), 100, dtype=torch.int32, device="cuda")
-    run = lambda: mla.mla_decode_attention(q[..., :512], q[..., 512:], cache, tables, seq_lens, 0.1, num_splits=8)
-    run()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    seq_lens.copy_(torch.tensor([1, 17, 4096, 2000, 0, 555, 16, 3000], dtype=torch.int32))
-    graph.replay()
+    out = replay_with_new_lengths(
+        lambda: mla.mla_decode_attention(q[..., :512], q[..., 512:], cache, tables, seq_lens, 0.1, num_splits=8),
+        seq_lens)
     ref = mla.mla_decode_attention_ref(q[..., :512], q[..., 512:], cache, tables, seq_lens, 0.1)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

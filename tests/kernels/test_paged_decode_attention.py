@@ -12,7 +12,7 @@ import torch
 
 from tests.kernels.interpret import device, load_kernel_module
 from tests.kernels.kv_quant_cases import QUANT_DTYPES, attention_bound, quantized_case
-from tests.kernels.paged_cases import make_case
+from tests.kernels.paged_cases import make_case, replay_with_new_lengths
 
 dec = load_kernel_module("paged_decode_attention")
 
@@ -84,21 +84,16 @@ def test_gpu_splits_agree_bf16(num_splits):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay_with_new_lengths():
-    """Captured once with fixed num_splits, replayed after seq_lens / block tables change in place."""
+@pytest.mark.parametrize("kv_dtype", [None, *QUANT_DTYPES])
+def test_gpu_cuda_graph_replay_with_new_lengths(kv_dtype):
+    """Captured once with fixed num_splits, replayed after seq_lens change in place (bf16 or 8-bit cache)."""
     case = make_case([4096] * 8, kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
+    data, scales = (case.kv_cache, None) if kv_dtype is None else quantized_case(case, kv_dtype)
     q = torch.randn(8, 28, 128, device="cuda").to(torch.bfloat16)
     seq_lens = torch.full((8,), 100, dtype=torch.int32, device="cuda")
-    run = lambda: dec.paged_decode_attention(q, case.kv_cache, case.block_tables, seq_lens, 128 ** -0.5,
-                                             num_splits=8)
-    run()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    seq_lens.copy_(torch.tensor([1, 17, 4096, 2000, 0, 555, 16, 3000], dtype=torch.int32))
-    graph.replay()
-    ref = dec.paged_decode_attention_ref(q, case.kv_cache, case.block_tables, seq_lens, 128 ** -0.5)
+    out = replay_with_new_lengths(lambda: dec.paged_decode_attention(
+        q, data, case.block_tables, seq_lens, 128 ** -0.5, num_splits=8, kv_scales=scales), seq_lens)
+    ref = dec.paged_decode_attention_ref(q, data, case.block_tables, seq_lens, 128 ** -0.5, kv_scales=scales)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -159,23 +154,3 @@ def test_gpu_qwen7b_shapes_quantized_bf16(kv_dtype, batch):
     out, ref, exact, bound = _run_quantized(case, 28, torch.bfloat16, kv_dtype)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     assert ((out.float() - exact.float()).abs().cpu() <= bound + 2e-2).all()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
-def test_gpu_cuda_graph_replay_quantized(kv_dtype):
-    case = make_case([4096] * 8, kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
-    data, scales = quantized_case(case, kv_dtype)
-    q = torch.randn(8, 28, 128, device="cuda").to(torch.bfloat16)
-    seq_lens = torch.full((8,), 100, dtype=torch.int32, device="cuda")
-    run = lambda: dec.paged_decode_attention(q, data, case.block_tables, seq_lens, 128 ** -0.5, num_splits=8,
-                                             kv_scales=scales)
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    seq_lens.copy_(torch.tensor([1, 17, 4096, 2000, 0, 555, 16, 3000], dtype=torch.int32))
-    graph.replay()
-    ref = dec.paged_decode_attention_ref(q, data, case.block_tables, seq_lens, 128 ** -0.5, kv_scales=scales)
-    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
