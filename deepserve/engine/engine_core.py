@@ -139,7 +139,7 @@ class EngineCore:
     def _warm_up(self) -> None:
         start = time.perf_counter()
         with oom_guard(self.platform, "warming up the kernels"):
-            self.runner.warm_up(self.config.scheduler.max_num_batched_tokens)
+            self.runner.warm_up(self.config.scheduler.max_num_batched_tokens, self.config.max_model_len)
         self.platform.synchronize()
         logger.info("warmed up the kernels in %.1f s", time.perf_counter() - start)
 

@@ -27,6 +27,11 @@ from deepserve.platforms import upload
 WARM_UP_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # plus the step budget itself
 
 
+def split_sequences(num_tokens: int, max_len: int) -> list[int]:
+    """num_tokens as whole prefills of at most max_len tokens each: [max_len, ..., rest]."""
+    return [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
+
+
 Pending = tuple[list[int], list[int], torch.Tensor]  # (rows of the flat ids, rows of the sampled ids, sampled ids [N])
 
 
@@ -58,14 +63,16 @@ class ModelRunner:
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     @torch.inference_mode()
-    def warm_up(self, max_num_batched_tokens: int) -> None:
+    def warm_up(self, max_num_batched_tokens: int, max_model_len: int) -> None:
         """Run the eager forward once per token count of a ladder up to the step budget, then once
         as a decode-heavy mixed batch, so every kernel variant real batches pick (Triton compiles
         per constexpr combination at first launch; launch configs are chosen by token count) is
-        compiled before the first request. Every token writes into the null block 0, which no
-        sequence owns."""
+        compiled before the first request. A count above max_model_len is split into several
+        sequences of at most max_model_len tokens: positions stay inside the model's rotary table
+        (a budget of 2048 tokens with --max-model-len 256 read past it). Every token writes into the
+        null block 0, which no sequence owns."""
         counts = sorted({n for n in WARM_UP_TOKEN_COUNTS if n < max_num_batched_tokens} | {max_num_batched_tokens})
-        for query_lens in [[n] for n in counts] + [[1] * 7 + [2]]:
+        for query_lens in [split_sequences(n, max_model_len) for n in counts] + [[1] * 7 + [2]]:
             tables = [[0] * -(-n // self.block_size) for n in query_lens]
             ctx = build_forward_context(query_lens, query_lens, tables, self.block_size, self.device)
             input_ids = torch.zeros(sum(query_lens), dtype=torch.int64, device=self.device)

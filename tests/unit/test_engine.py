@@ -105,6 +105,20 @@ def test_stop_string_max_tokens_and_n(folder):
     assert llm.engine.stats().num_running == 0 and llm.engine.stats().kv_cache_usage == 0.0
 
 
+def test_kernel_warm_up_keeps_positions_below_max_model_len(folder):
+    """A step budget larger than --max-model-len: the warm-up splits each token count into sequences
+    of at most max_model_len tokens, so no position reaches past the rotary table (on a GPU that read
+    was an illegal memory access at start-up), and every count is still fed whole."""
+    llm = make_llm(folder, enable_prefix_caching=False)
+    runner, seen = llm.engine.core.runner, []
+    forward = runner.model.forward
+    runner.model.forward = lambda ids, positions: seen.append(positions.clone()) or forward(ids, positions)
+    runner.warm_up(300, 64)
+    assert max(int(p.max()) for p in seen) == 63
+    assert [p.numel() for p in seen][:5] == [1, 16, 64, 256, 300]
+    assert torch.equal(seen[4], torch.cat([torch.arange(64)] * 4 + [torch.arange(44)]))
+
+
 def test_bad_prompt_ids_are_rejected(folder):
     llm = make_llm(folder)
     with pytest.raises(ValueError, match="prompt token ids"):
@@ -124,7 +138,7 @@ def test_kernel_warm_up_writes_only_the_null_block(folder, model):
     before = [out.outputs[0].token_ids for out in llm.generate(prompts(3), params)]
     for cache in runner.kv_caches:
         cache.fill_(7.0)
-    runner.warm_up(300)
+    runner.warm_up(300, llm.engine.config.max_model_len)
     for cache in runner.kv_caches:
         blocks = cache if cache.dim() == 3 else cache.transpose(0, 1)  # [num_blocks, ...]
         assert not torch.equal(blocks[0], torch.full_like(blocks[0], 7.0)), "warm-up wrote nothing"
