@@ -16,6 +16,7 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Conf
 from deepserve.config import ModelConfig
 from deepserve.engine.kv_cache import allocate_kv_caches, bind_kv_cache
 from deepserve.forward_context import build_forward_context, forward_context
+from deepserve.layers.linear_method import process_weights_after_loading
 from deepserve.models import deepseek_v2 as ours
 from tests.paged_harness import PagedRunner
 
@@ -128,6 +129,29 @@ def test_greedy_matches_hf_generate(pair):
     tokens, _ = PagedRunner(build_ours(folder, "auto")).greedy(ids, NEW_TOKENS)
     assert len(expected) == NEW_TOKENS
     assert tokens == expected
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_merged_input_projection_matches_hf(pair, merge):
+    """process_weights_after_loading merges q_proj / q_a_proj and kv_a_proj_with_mqa into one GEMM
+    (the originals emptied); logits still match HF, and greedy decoding matches the unprocessed model."""
+    _, hf, folder = pair
+    model = build_ours(folder, "auto")
+    for layer in model.model.layers:
+        layer.self_attn.merge_input_projections = merge
+    process_weights_after_loading(model)
+    attn = model.model.layers[1].self_attn
+    first = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
+    assert (attn.qkv_a_proj is not None) == merge
+    if merge:  # held once: the originals are emptied (unmerged CPU layers drop theirs for packed copies)
+        assert first.weight.numel() == 0 and attn.kv_a_proj_with_mqa.weight.numel() == 0
+        assert attn.qkv_a_proj.in_features == first.in_features
+    ids = prompt_ids()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    assert rel_err(all_prefill_logits(model, ids), ref) < RTOL
+    tokens, _ = PagedRunner(model).greedy(ids, 8)
+    assert tokens == PagedRunner(build_ours(folder, "auto")).greedy(ids, 8)[0]
 
 
 def test_absorb_and_naive_agree(pair):
