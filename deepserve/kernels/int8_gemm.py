@@ -91,8 +91,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, k_per_split,
                       stride_am, stride_bn, stride_cs, stride_cm,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """c[split] = (a @ b^T over this split's K range) * a_scale * b_scale (+ bias on split 0)."""
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FP8: tl.constexpr = False):
+    """c[split] = (a @ b^T over this split's K range) * a_scale * b_scale (+ bias on split 0).
+    FP8: a, b float8_e4m3fn, accumulated in float32 (`fp8_gemm`); else int8 into int32."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -103,14 +104,14 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
     k_end = tl.minimum(k_start + k_per_split, K)
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_start + offs_k)[None, :]  # [BM, BK]
     b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + (k_start + offs_k)[:, None]  # [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = offs_k < k_end - k0
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
-        # out_dtype must name the int32 accumulator: Triton <= 3.6 defaults it to float32 and asserts
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0 if FP8 else 0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0 if FP8 else 0)
+        # out_dtype must name the accumulator: Triton <= 3.6 defaults it to float32 and asserts
         # acc's dtype equals it (later releases infer it from acc)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        acc = tl.dot(a, b, acc, out_dtype=tl.float32 if FP8 else tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
@@ -124,13 +125,13 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
 
 
 def check_operands(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                   x_dtypes: tuple[torch.dtype, ...], what: str) -> None:
-    """Shared by the int8 GEMMs: x [M, K], w [N, K] int8 (unit stride in K), w_scale [N] f32, bias [N]."""
+                   x_dtypes: tuple[torch.dtype, ...], what: str, w_dtype: torch.dtype = torch.int8) -> None:
+    """Shared by the 8-bit GEMMs: x [M, K], w [N, K] w_dtype (unit stride in K), w_scale [N] f32, bias [N]."""
     if x.dim() != 2 or x.dtype not in x_dtypes or x.stride(1) != 1:
         raise ValueError(f"{what}: x must be [M, K] {x_dtypes} with unit stride in K, got "
                          f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
-    if w.dim() != 2 or w.dtype != torch.int8 or w.stride(1) != 1 or w.shape[1] != x.shape[1]:
-        raise ValueError(f"{what}: weight must be [N, K={x.shape[1]}] int8 with unit stride in K, got "
+    if w.dim() != 2 or w.dtype != w_dtype or w.stride(1) != 1 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{what}: weight must be [N, K={x.shape[1]}] {w_dtype} with unit stride in K, got "
                          f"{tuple(w.shape)} {w.dtype} strides {w.stride()}")
     n = w.shape[0]
     if w_scale.shape != (n,) or w_scale.dtype != torch.float32:
