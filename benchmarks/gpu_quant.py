@@ -20,8 +20,9 @@ are printed at the end.
 down 18944->3584) and each M: bf16 F.linear (cuBLAS), W8A8 with the Triton GEMM and with
 torch._int_mm + epilogue (both including the activation quantisation), W8A16 Triton (symmetric and
 with zero points) and dequantise + cuBLAS, FP8 torch._scaled_mm (including its activation
-quantisation). Median of CUDA-event timings, the L2 cache flushed before each repetition (a decode
-step reads each layer's weights from HBM, not from L2). It prints the W8A8_BACKENDS / W8A16_BACKENDS
+quantisation), and the halves alone (int8-quant / fp8-quant, w8a8-gemm / fp8-gemm). Each time is a
+CUDA-graph replay (no Python launch cost, as in a captured decode step) over enough copies of the
+weights that they come from HBM, not from the L2, as a real layer's do; median of 15 replays. It prints the W8A8_BACKENDS / W8A16_BACKENDS
 tables for deepserve/quant/int8_cuda.py (per M, the backend with the least time summed over the four
 linears). `--tune` also times a few Triton block configurations per M and prints CONFIGS tables
 for kernels/int8_gemm.py and kernels/w8a16_gemm.py.
@@ -47,7 +48,10 @@ from gpu_dense import REPO, RESULTS, Budget, _num, bandwidth, records, run_step 
 sys.path.insert(0, str(REPO))  # deepserve from this checkout
 KERNEL_RESULTS = RESULTS.parent / "gpu_quant_kernels.jsonl"
 SHAPES = {"qkv": (3584, 4608), "gate_up": (3584, 37888), "o": (3584, 3584), "down": (18944, 3584)}
-VARIANTS = ("bf16", "w8a8-triton", "w8a8-int_mm", "w8a16-triton", "w8a16-asym-triton", "w8a16-dequant", "fp8")
+VARIANTS = ("bf16", "w8a8-triton", "w8a8-int_mm", "w8a16-triton", "w8a16-asym-triton", "w8a16-dequant", "fp8",
+            "fp8-triton", "int8-quant", "w8a8-gemm", "fp8-quant", "fp8-gemm")
+# fp8-triton: fp8_quant + kernels/fp8_gemm (the int8 GEMM kernel on e4m3); the last four: the two halves
+# of W8A8 (Triton) and FP8 (_scaled_mm)
 CHOICES = {"W8A8_BACKENDS": {"triton": "w8a8-triton", "int_mm": "w8a8-int_mm"},
            "W8A16_BACKENDS": {"triton": "w8a16-triton", "dequant": "w8a16-dequant"}}
 B1_FAST = ["--num-iters", "3", "--num-iters-warmup", "1", "--max-graph-batch-size", "16"]
@@ -56,20 +60,40 @@ B1_FAST = ["--num-iters", "3", "--num-iters-warmup", "1", "--max-graph-batch-siz
 # ------------------------------------------------------------------------------- (a) kernels
 
 
-def time_ms(fn, flush, reps: int = 15) -> float:
-    """Median of CUDA-event timings of fn(), the L2 flushed (outside the timed region) before each."""
+def time_ms(fns, reps: int = 15) -> float:
+    """ms of one call: `fns` (one callable per copy of the weights, together more bytes than the L2)
+    captured back to back in one CUDA graph, the median of `reps` CUDA-event timed replays divided by
+    len(fns). Graph replay is what a decode step pays (no Python launch cost); the copies make each
+    call read its weights from HBM, as a layer of a real model does."""
     import torch
 
-    for _ in range(3):
-        fn()
+    fns = list(fns)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm outside the capture
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
-        flush.zero_()
         start.record()
-        fn()
+        graph.replay()
         end.record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    return statistics.median(s.elapsed_time(e) for s, e in events) / len(fns)
+
+
+def weight_copies(k: int, n: int, cold_bytes: int = 160 << 20) -> list[dict]:
+    """Enough copies of one layer's weights (all formats) that cycling through them streams at least
+    `cold_bytes` of int8 weights, i.e. more than the L2 (50 MB on an H100 / H200)."""
+    first = make_weights(k, n)
+    copies = max(1, -(-cold_bytes // (k * n)))
+    return [first] + [{name: t.clone() for name, t in first.items()} for _ in range(copies - 1)]
 
 
 def make_weights(k: int, n: int) -> dict:
@@ -87,18 +111,31 @@ def make_weights(k: int, n: int) -> dict:
 
 
 def variant_fns(wt: dict, x) -> dict:
+    import torch
     import torch.nn.functional as F
 
+    from deepserve.kernels.fp8_gemm import fp8_gemm
+    from deepserve.kernels.fp8_quant import fp8_quant
+    from deepserve.kernels.int8_gemm import int8_gemm
+    from deepserve.kernels.int8_quant import int8_quant
     from deepserve.quant.fp8 import fp8_scaled_mm
     from deepserve.quant.int8_cuda import w8a8_linear, w8a16_linear
 
+    xq, xs, _ = int8_quant(x)
+    fq, fs = fp8_quant(x)
     return {"bf16": lambda: F.linear(x, wt["w"]),
             "w8a8-triton": lambda: w8a8_linear(x, wt["q"], wt["s"], None, "triton"),
             "w8a8-int_mm": lambda: w8a8_linear(x, wt["q"], wt["s"], None, "int_mm"),
             "w8a16-triton": lambda: w8a16_linear(x, wt["q"], wt["s"], None, None, "triton"),
             "w8a16-asym-triton": lambda: w8a16_linear(x, wt["qa"], wt["sa"], wt["zp"], None, "triton"),
             "w8a16-dequant": lambda: w8a16_linear(x, wt["q"], wt["s"], None, None, "dequant"),
-            "fp8": lambda: fp8_scaled_mm(x, wt["f8"], wt["f8s"], None)}
+            "fp8": lambda: fp8_scaled_mm(x, wt["f8"], wt["f8s"], None),
+            "fp8-triton": lambda: fp8_gemm(*fp8_quant(x), wt["f8"], wt["f8s"], None, torch.bfloat16),
+            "int8-quant": lambda: int8_quant(x),
+            "w8a8-gemm": lambda: int8_gemm(xq, xs, wt["q"], wt["s"], None, torch.bfloat16),
+            "fp8-quant": lambda: fp8_quant(x),
+            "fp8-gemm": lambda: torch._scaled_mm(fq, wt["f8"].t(), scale_a=fs[:, None], scale_b=wt["f8s"][None, :],
+                                                 out_dtype=torch.bfloat16)}
 
 
 def kernels(ms: list[int], result_file: str, run_id: str) -> None:
@@ -106,31 +143,34 @@ def kernels(ms: list[int], result_file: str, run_id: str) -> None:
 
     from deepserve.bench.offline import append_record, environment_fields
 
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     env = environment_fields(torch.cuda.get_device_name(), run_id)
     for layer, (k, n) in SHAPES.items():
-        wt = make_weights(k, n)
+        copies = weight_copies(k, n)
         for m in ms:
             x = torch.randn(m, k, device="cuda").bfloat16()
-            for variant, fn in variant_fns(wt, x).items():
+            per_copy = [variant_fns(wt, x) for wt in copies]
+            for variant in VARIANTS:
                 record = {**env, "engine": "deepserve", "engine_version": None, "model": "qwen-7b",
                           "dtype": "bfloat16", "quant": variant, "tp": 1, "pp": 1, "ep": 1,
                           "workload": "kernel-linear", "batch": m, "layer": layer, "k": k, "n": n,
-                          "notes": "one linear incl. activation quantisation; median of 15 CUDA-event "
-                                   "timings, L2 flushed before each; weight_gbs = weight bytes / time"}
-                append_record({**record, **timed_figures(fn, flush, m, n, k, variant)}, result_file)
-        del wt
+                          "notes": f"one linear (w8a8-triton / w8a8-int_mm / fp8 incl. the activation "
+                                   f"quantisation; int8-quant / fp8-quant that alone; w8a8-gemm / fp8-gemm "
+                                   f"the GEMM alone); CUDA-graph replay over {len(copies)} weight copies "
+                                   f"(cold L2), median of 15; weight_gbs = weight bytes / time"}
+                fns = [fns_[variant] for fns_ in per_copy]
+                append_record({**record, **timed_figures(fns, m, n, k, variant)}, result_file)
+        del copies
 
 
-def timed_figures(fn, flush, m: int, n: int, k: int, variant: str) -> dict:
+def timed_figures(fns, m: int, n: int, k: int, variant: str) -> dict:
     """ms, TFLOP/s and weight GB/s of one variant; an error is recorded, not raised (the other
     variants still get measured)."""
     try:
-        ms_ = time_ms(fn, flush)
-    except Exception as exc:  # noqa: BLE001 - a compile or launch failure of one variant
+        ms_ = time_ms(fns)
+    except Exception as exc:  # noqa: BLE001 - a compile, launch or capture failure of one variant
         print(f"{variant} M={m} N={n} K={k}: {exc!r}"[:400], file=sys.stderr, flush=True)
         return {"ms": None, "error": repr(exc)[:300]}
-    weight_bytes = n * k * (2 if variant == "bf16" else 1)
+    weight_bytes = 0 if variant.endswith("-quant") else n * k * (2 if variant == "bf16" else 1)
     return {"ms": round(ms_, 5), "tflops": round(2 * m * n * k / ms_ / 1e9, 2),
             "weight_gbs": round(weight_bytes / ms_ / 1e6, 1)}
 
@@ -203,23 +243,24 @@ def tune(ms: list[int], result_file: str, run_id: str) -> None:
     from deepserve.kernels.int8_gemm import config_for, int8_gemm, num_sms
     from deepserve.kernels.w8a16_gemm import w8a16_gemm
 
-    flush, sms = torch.empty(256 << 20, dtype=torch.int8, device="cuda"), num_sms(torch.device("cuda"))
-    weights = {layer: make_weights(k, n) for layer, (k, n) in SHAPES.items()}
+    sms = num_sms(torch.device("cuda"))
+    weights = {layer: weight_copies(k, n) for layer, (k, n) in SHAPES.items()}
     for m in ms:
+        inputs = {k: (torch.randn(m, k, device="cuda").bfloat16(),
+                      torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda"), torch.rand(m, device="cuda"))
+                  for k in {k for k, _ in SHAPES.values()}}
         for kernel in ("int8_gemm", "w8a16_gemm"):
             scores = {}
             for cfg in candidates(m):
                 total = 0.0
                 for layer, (k, n) in SHAPES.items():
-                    wt, table = weights[layer], {m: cfg}
-                    c = config_for(table, m, n, k, sms)  # resolve split_k for this shape
-                    x = torch.randn(m, k, device="cuda").bfloat16()
-                    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
-                    xs = torch.rand(m, device="cuda")
-                    fn = ((lambda: int8_gemm(xq, xs, wt["q"], wt["s"], None, torch.bfloat16, c))
-                          if kernel == "int8_gemm" else (lambda: w8a16_gemm(x, wt["q"], wt["s"], None, None, c)))
+                    c = config_for({m: cfg}, m, n, k, sms)  # resolve split_k for this shape
+                    x, xq, xs = inputs[k]
+                    fns = [(lambda wt=wt: int8_gemm(xq, xs, wt["q"], wt["s"], None, torch.bfloat16, c))
+                           if kernel == "int8_gemm" else (lambda wt=wt: w8a16_gemm(x, wt["q"], wt["s"], None, None, c))
+                           for wt in weights[layer]]
                     try:
-                        total += time_ms(fn, flush, reps=7)
+                        total += time_ms(fns, reps=7)
                     except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip the config
                         print(f"{kernel} {cfg}: {exc!r}"[:300], file=sys.stderr, flush=True)
                         total = float("inf")
@@ -231,7 +272,7 @@ def tune(ms: list[int], result_file: str, run_id: str) -> None:
                            "model": "qwen-7b", "dtype": "bfloat16", "quant": kernel, "workload": "kernel-tune",
                            "batch": m, "config": list(top), "ms": round(scores[top], 5),
                            "worst_ms": None if worst is None else round(worst, 5), "candidates": len(scores),
-                           "notes": "ms summed over qkv, gate_up, o, down; median of 7, L2 flushed"}, result_file)
+                           "notes": "ms summed over qkv, gate_up, o, down; CUDA-graph replays over cold weight copies, median of 7"}, result_file)
 
 
 def print_tuned(path: Path, run_id: str, ms: list[int]) -> None:
