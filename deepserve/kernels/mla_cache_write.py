@@ -51,6 +51,21 @@ def _quantize(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr):
 
 
 @triton.jit
+def row_scale(amax, QMAX: tl.constexpr):
+    """The scale of a cache row whose largest |value| is amax (f32): max(amax, 1e-8) / QMAX."""
+    return tl.div_rn(tl.maximum(amax, 1e-8), QMAX)
+
+
+@triton.jit
+def store_row_part(ptrs, x, mask, scale, QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr):
+    """Part of a cache row at ptrs: x cast to the cache dtype, or (QUANT) x f32 quantised by the row's scale.
+    Shared with the kernels that fuse this write (mla_norm_rope_write)."""
+    if QUANT:
+        x = _quantize(x, scale, QMAX, FP8)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _mla_cache_write_kernel(
     latent_ptr, rope_ptr, cache_ptr, scale_ptr, slot_ptr, stride_lt, stride_rt, stride_cb, stride_co,
     stride_sb, RANK: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
@@ -64,16 +79,14 @@ def _mla_cache_write_kernel(
         e = tl.arange(0, BLOCK_DR)
         lat = tl.load(latent_ptr + token.to(tl.int64) * stride_lt + r, mask=r < RANK)
         rope = tl.load(rope_ptr + token.to(tl.int64) * stride_rt + e, mask=e < ROPE_DIM)
+        scale = 1.0  # unused by a float cache
         if QUANT:  # one scale for the whole row [latent | rope]
             lat = tl.where(r < RANK, lat.to(tl.float32), 0.0)
             rope = tl.where(e < ROPE_DIM, rope.to(tl.float32), 0.0)
-            amax = tl.maximum(tl.max(tl.abs(lat), axis=0), tl.max(tl.abs(rope), axis=0))
-            scale = tl.div_rn(tl.maximum(amax, 1e-8), QMAX)
-            lat = _quantize(lat, scale, QMAX, FP8)
-            rope = _quantize(rope, scale, QMAX, FP8)
+            scale = row_scale(tl.maximum(tl.max(tl.abs(lat), axis=0), tl.max(tl.abs(rope), axis=0)), QMAX)
             tl.store(scale_ptr + (slot // BLOCK_SIZE) * stride_sb + slot % BLOCK_SIZE, scale)
-        tl.store(row + r, lat.to(cache_ptr.dtype.element_ty), mask=r < RANK)
-        tl.store(row + RANK + e, rope.to(cache_ptr.dtype.element_ty), mask=e < ROPE_DIM)
+        store_row_part(row + r, lat, r < RANK, scale, QUANT, QMAX, FP8)
+        store_row_part(row + RANK + e, rope, e < ROPE_DIM, scale, QUANT, QMAX, FP8)
 
 
 def check_latent_scales(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> None:

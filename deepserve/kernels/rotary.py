@@ -26,23 +26,48 @@ class RotaryOutput(NamedTuple):
 
 
 @triton.jit
+def pair_offsets(half, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Pairs [1, BLOCK_HALF]: (pair index, offset of its first dim, offset of its second dim) in a head."""
+    idx = tl.arange(0, BLOCK_HALF)[None, :]
+    if INTERLEAVED:
+        off1, off2 = 2 * idx, 2 * idx + 1
+    else:
+        off1, off2 = idx, idx + half
+    return idx, off1, off2
+
+
+@triton.jit
+def rotate_pair(x1, x2, cos, sin):
+    """The pairs (x1, x2) f32 turned by the angles of (cos, sin) f32 -> (x1 cos - x2 sin, x2 cos + x1 sin) f32.
+    Shared with the kernels that fuse this rotation (mla_norm_rope_write): one expression, one rounding."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def load_cos_sin(pos_ptr, cos_ptr, sin_ptr, cos_stride, token, half, BLOCK_HALF: tl.constexpr):
+    """cos, sin [1, BLOCK_HALF] f32 (0 past half) at the position of `token`."""
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    idx = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cos_ptr + pos * cos_stride + idx, mask=idx < half, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * cos_stride + idx, mask=idx < half, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotate_heads(x_ptr, o_ptr, token, first_head, sx_t, sx_h, so_t, so_h, num_heads, cos, sin, half,
                   head_dim, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
                   INTERLEAVED: tl.constexpr, COPY_REST: tl.constexpr):
     """Rotate heads [first_head, first_head + BLOCK_H) of one token: cos, sin [1, BLOCK_HALF] f32."""
     heads = first_head + tl.arange(0, BLOCK_H)[:, None]
-    idx = tl.arange(0, BLOCK_HALF)[None, :]
+    idx, off1, off2 = pair_offsets(half, BLOCK_HALF, INTERLEAVED)
     mask = (heads < num_heads) & (idx < half)
-    if INTERLEAVED:
-        off1, off2 = 2 * idx, 2 * idx + 1
-    else:
-        off1, off2 = idx, idx + half
     src = x_ptr + token * sx_t + heads * sx_h  # [BLOCK_H, 1] pointers
     dst = o_ptr + token * so_t + heads * so_h
     x1 = tl.load(src + off1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + off2, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst + off1, (x1 * cos - x2 * sin).to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + off2, (x2 * cos + x1 * sin).to(o_ptr.dtype.element_ty), mask=mask)
+    o1, o2 = rotate_pair(x1, x2, cos, sin)
+    tl.store(dst + off1, o1.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + off2, o2.to(o_ptr.dtype.element_ty), mask=mask)
     if COPY_REST:
         rest = 2 * half + tl.arange(0, BLOCK_REST)[None, :]
         rest_mask = (heads < num_heads) & (rest < head_dim)
@@ -59,10 +84,7 @@ def _rotary_kernel(pos_ptr, cos_ptr, sin_ptr, cos_stride,
     """Program (token, q head block): those q heads, and (first block only) all k heads."""
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    idx = tl.arange(0, BLOCK_HALF)[None, :]
-    cos = tl.load(cos_ptr + pos * cos_stride + idx, mask=idx < half, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * cos_stride + idx, mask=idx < half, other=0.0).to(tl.float32)
+    cos, sin = load_cos_sin(pos_ptr, cos_ptr, sin_ptr, cos_stride, token, half, BLOCK_HALF)
     _rotate_heads(q_ptr, qo_ptr, token, head_block * BLOCK_HQ, q_st, q_sh, qo_st, qo_sh, num_q_heads,
                   cos, sin, half, head_dim, BLOCK_HQ, BLOCK_HALF, BLOCK_REST, INTERLEAVED, COPY_REST)
     if HAS_K:

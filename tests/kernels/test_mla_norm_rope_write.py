@@ -1,0 +1,235 @@
+"""The fused MLA norm + rope + cache-write kernel against the three kernels it replaces (bit for bit: q_pe
+rotated, cache bytes, scales) and against the composed PyTorch references (close); slots < 0 leave their rows
+alone; kv and q_pe are strided views of one projection output, as the layer passes them."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from deepserve.layers.kv_quant import is_quantized
+from deepserve.layers.rotary import RotaryEmbedding
+from tests.kernels.interpret import device, load_kernel_module
+
+M = load_kernel_module("mla_norm_rope_write")
+NORM = load_kernel_module("rms_norm")
+ROPE = load_kernel_module("rotary")
+WRITE = load_kernel_module("mla_cache_write")
+EPS = 1e-6
+EIGHT_BIT = (torch.int8, torch.float8_e4m3fn)
+
+
+class Case(NamedTuple):
+    kv: torch.Tensor  # [T, R + Dr] strided view
+    weight: torch.Tensor  # [R]
+    q_pe: torch.Tensor  # [T, h, Dr] strided view
+    positions: torch.Tensor  # [T] int64
+    cos: torch.Tensor  # [P, Dr / 2] f32
+    sin: torch.Tensor
+    interleaved: bool
+    cache: torch.Tensor  # [N, bs, R + Dr]: NaN (float) or random bytes (8-bit) in every slot
+    slots: torch.Tensor  # [T] int64, some -1
+    scales: torch.Tensor | None  # [N, bs] f32, -1 everywhere (8-bit caches)
+
+
+def make_case(tokens, rank, rope_dim, heads, dtype, cache_dtype, interleaved, dev, nope_dim=8, block_size=4,
+              max_pos=64, weight_dtype=None, pad_every=3, seed=0) -> Case:
+    """One projection output [T, 5 + h (Dn + Dr) + R + Dr + 3] holds q [T, h, Dn + Dr] and kv: both strided."""
+    gen = torch.Generator().manual_seed(seed)
+    q_width = heads * (nope_dim + rope_dim)
+    proj = torch.randn(tokens, 5 + q_width + rank + rope_dim + 3, generator=gen)
+    proj[:, 5 + q_width + rank:] *= 4.0  # the rope key's larger range (it sets an 8-bit row's scale)
+    proj = proj.to(dev, dtype)
+    q_pe = proj[:, 5:5 + q_width].view(tokens, heads, nope_dim + rope_dim)[..., nope_dim:]  # [T, h, Dr]
+    kv = proj[:, 5 + q_width:5 + q_width + rank + rope_dim]  # [T, R + Dr]
+    weight = (torch.rand(rank, generator=gen) + 0.5).to(dev, weight_dtype or dtype)
+    rope = RotaryEmbedding(rope_dim, max_pos, 10000.0, interleaved=interleaved)
+    num_blocks = (2 * tokens + block_size - 1) // block_size + 1
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    if pad_every:
+        slots[::pad_every] = -1
+    if is_quantized(cache_dtype):
+        raw = torch.randint(-128, 128, (num_blocks, block_size, rank + rope_dim), generator=gen, dtype=torch.int8)
+        cache, scales = raw.to(dev).view(cache_dtype), torch.full((num_blocks, block_size), -1.0, device=dev)
+    else:
+        cache, scales = torch.full((num_blocks, block_size, rank + rope_dim), float("nan"), device=dev,
+                                   dtype=cache_dtype), None
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen)
+    return Case(kv, weight, q_pe, positions.to(dev), rope.cos.to(dev), rope.sin.to(dev), interleaved, cache,
+                slots.to(dev), scales)
+
+
+def _outputs(case: Case, fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """fn(case with a fresh cache and scales) -> (q_pe rotated, cache after, scales after)."""
+    cache, scales = case.cache.clone(), None if case.scales is None else case.scales.clone()
+    q = fn(case._replace(cache=cache, scales=scales))
+    return q, cache, scales
+
+
+def fused(c: Case) -> torch.Tensor:
+    return M.mla_norm_rope_write(c.kv, c.weight, EPS, c.q_pe, c.positions, c.cos, c.sin, c.interleaved, c.cache,
+                                 c.slots, c.scales)
+
+
+def reference(c: Case) -> torch.Tensor:
+    return M.mla_norm_rope_write_ref(c.kv, c.weight, EPS, c.q_pe, c.positions, c.cos, c.sin, c.interleaved,
+                                     c.cache, c.slots, c.scales)
+
+
+def unfused(c: Case) -> torch.Tensor:
+    """The three launches MLAAttention made before: rms_norm, one rotary over q_pe and k_pe, mla_cache_write."""
+    rank = c.weight.shape[0]
+    latent = NORM.rms_norm(c.kv[:, :rank], None, c.weight, EPS).out
+    q, k = ROPE.rotary_embedding(c.positions, c.q_pe, c.kv[:, rank:].unsqueeze(1), c.cos, c.sin, c.interleaved)
+    scaled = {} if c.scales is None else {"kv_scales": c.scales}
+    WRITE.mla_cache_write(c.cache, latent, k.squeeze(1), c.slots, **scaled)
+    return q
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)  # NaN patterns and fp8 compared bit for bit
+
+
+def _dequantised(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    return cache.float() if scales is None else cache.float() * scales[..., None]
+
+
+def check_case(case: Case) -> None:
+    got_q, got_cache, got_scales = _outputs(case, fused)
+    want_q, want_cache, want_scales = _outputs(case, unfused)
+    assert got_q.is_contiguous() and got_q.dtype == case.q_pe.dtype and got_q.shape == case.q_pe.shape
+    assert torch.equal(_bytes(got_q), _bytes(want_q))
+    assert torch.equal(_bytes(got_cache), _bytes(want_cache))
+    assert (got_scales is None) or torch.equal(got_scales, want_scales)
+    written = torch.zeros(case.cache.shape[:2], dtype=torch.bool, device=case.cache.device).view(-1)
+    written[case.slots[case.slots >= 0]] = True
+    written = written.view(case.cache.shape[:2])  # [N, bs]
+    assert torch.equal(_bytes(got_cache[~written]), _bytes(case.cache[~written]))  # slot < 0 / unowned: untouched
+    assert not _dequantised(got_cache[written], None if got_scales is None else got_scales[written]).isnan().any()
+    check_close_to_reference(case, got_q, got_cache, got_scales, written)
+
+
+def check_close_to_reference(case: Case, got_q, got_cache, got_scales, written) -> None:
+    """The composed PyTorch references: q_pe and float cache rows within rounding; 8-bit rows within one step of
+    their grid (a rounding of the norm may move a value across a grid midpoint)."""
+    ref_q, ref_cache, ref_scales = _outputs(case, reference)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+    atol = tol[case.q_pe.dtype]
+    torch.testing.assert_close(got_q.float(), ref_q.float(), atol=atol, rtol=atol)
+    if got_scales is None:
+        atol = max(atol, tol.get(case.cache.dtype, atol))
+        torch.testing.assert_close(got_cache[written].float(), ref_cache[written].float(), atol=atol, rtol=atol)
+        return
+    torch.testing.assert_close(got_scales[written], ref_scales[written], atol=0.0, rtol=1e-2)
+    ref = _dequantised(ref_cache[written], ref_scales[written])  # [W, R + Dr]
+    step = ref_scales[written][:, None] + ref.abs() * 2.0 ** -3  # int8: one scale; e4m3: 3 mantissa bits
+    assert ((_dequantised(got_cache[written], got_scales[written]) - ref).abs() <= 1.01 * step).all()
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
+@pytest.mark.parametrize("cache_dtype", [None, torch.int8, torch.float8_e4m3fn], ids=["float", "int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_matches_unfused_kernels(dtype, cache_dtype, interleaved):
+    """R = 32, Dr = 16, h = 3; the float cache is in the model dtype (as the runner allocates it)."""
+    check_case(make_case(7, 32, 16, 3, dtype, cache_dtype or dtype, interleaved, device()))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.int8], ids=["float", "int8"])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
+def test_dims_not_powers_of_two(interleaved, cache_dtype):
+    """R = 24, Dr = 12 (6 pairs), h = 5, bf16 inputs: masked tails in the latent, the pairs and the heads."""
+    check_case(make_case(5, 24, 12, 5, torch.bfloat16, cache_dtype, interleaved, device(), nope_dim=6))
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, torch.float16), (torch.float16, torch.float32),
+                                               (torch.float32, torch.bfloat16)])
+def test_cache_dtype_other_than_the_inputs(dtype, cache_dtype):
+    check_case(make_case(6, 32, 16, 3, dtype, cache_dtype, True, device()))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8])
+def test_float32_norm_weight_on_bf16_inputs(cache_dtype):
+    """rms_norm returns promote(bf16, f32) = f32: the latent reaches the cache without a bf16 rounding."""
+    check_case(make_case(5, 32, 16, 3, torch.bfloat16, cache_dtype, True, device(), weight_dtype=torch.float32))
+
+
+def test_several_head_blocks(monkeypatch):
+    """q_pe heads over several programs, the last block partial: 40 heads x 16 pairs (rotary.py's bound), and
+    3 heads with a bound of 2 heads a block."""
+    check_case(make_case(3, 32, 32, 40, torch.float32, torch.float32, True, device(), nope_dim=4))
+    monkeypatch.setattr(M, "_MAX_PAIRS", 16)
+    check_case(make_case(4, 32, 16, 3, torch.bfloat16, torch.int8, False, device()))
+
+
+def test_all_slots_negative_and_no_tokens():
+    case = make_case(4, 16, 8, 2, torch.float32, torch.float32, True, device(), pad_every=1)
+    q, cache, _ = _outputs(case, fused)
+    assert cache.isnan().all()
+    assert torch.equal(q, _outputs(case, unfused)[0])  # q_pe still rotated
+    empty = case._replace(kv=case.kv[:0], q_pe=case.q_pe[:0], positions=case.positions[:0], slots=case.slots[:0])
+    assert fused(empty).shape == (0, 2, 8)
+
+
+def test_int32_positions_and_slots():
+    case = make_case(5, 32, 16, 3, torch.bfloat16, torch.int8, True, device())
+    check_case(case._replace(positions=case.positions.int(), slots=case.slots.int()))
+
+
+def test_rejects_bad_inputs():
+    c = make_case(3, 16, 8, 2, torch.float32, torch.int8, True, device())
+    bad = {
+        "must be \\[3, 16 \\+ 8\\]": c._replace(kv=c.kv[:, :20]),
+        "q_pe's tokens": c._replace(q_pe=c.q_pe[:2]),
+        "whole rope key": c._replace(cos=c.cos[:, :2], sin=c.sin[:, :2]),
+        "needs contiguous float32 kv_scales": c._replace(scales=None),
+        "takes no kv_scales": c._replace(cache=c.cache.float()),
+        "int64 or int32": c._replace(slots=c.slots.float()),
+        "positions must be": c._replace(positions=c.positions.float()),
+        "weight must be": c._replace(weight=c.weight.int()),
+        "unit-stride": c._replace(kv=torch.randn(24, 3, device=device()).t()),
+    }
+    for message, case in bad.items():
+        with pytest.raises(ValueError, match=message):
+            fused(case)
+
+
+# ------------------------------------------------------------------ GPU: DeepSeek shapes, CUDA graphs
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("heads", [16, 128], ids=["v2-lite", "v3"])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_gpu_deepseek_shapes(tokens, heads, cache_dtype):
+    """R = 512, Dr = 64, Dn = 128, bf16 inputs, DeepSeek's interleaved pairs, positions up to 32768."""
+    check_case(make_case(tokens, 512, 64, heads, torch.bfloat16, cache_dtype, True, "cuda", nope_dim=128,
+                         block_size=64, max_pos=32768, pad_every=5 if tokens > 1 else 0, seed=tokens))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("heads", [16, 128], ids=["v2-lite", "v3"])
+def test_gpu_cuda_graph_replay(heads, cache_dtype):
+    """Captured once, replayed over new kv, q_pe, positions and slots written in place into the captured
+    buffers: the replay equals the unfused kernels run eagerly on the new inputs."""
+    first = make_case(8, 512, 64, heads, torch.bfloat16, cache_dtype, True, "cuda", nope_dim=128, block_size=64,
+                      max_pos=32768, seed=1)
+    second = make_case(8, 512, 64, heads, torch.bfloat16, cache_dtype, True, "cuda", nope_dim=128, block_size=64,
+                       max_pos=32768, seed=2)
+    static = first._replace(cache=first.cache.clone(), scales=None if first.scales is None else first.scales.clone())
+    fused(static)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q_out = fused(static)
+    for dst, src in ((static.kv, second.kv), (static.q_pe, second.q_pe), (static.positions, second.positions),
+                     (static.slots, second.slots), (static.cache, second.cache)):
+        dst.copy_(src)
+    if static.scales is not None:
+        static.scales.copy_(second.scales)
+    graph.replay()
+    want_q, want_cache, want_scales = _outputs(second, unfused)
+    assert torch.equal(_bytes(q_out), _bytes(want_q))
+    assert torch.equal(_bytes(static.cache), _bytes(want_cache))
+    assert static.scales is None or torch.equal(static.scales, want_scales)
