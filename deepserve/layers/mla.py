@@ -20,18 +20,18 @@ Routes (`forward`):
     absorbed decode kernel instead (expanding their long contexts would cost memory and a GEMM for one
     row);
   * everything else (CPU prefill, forced "absorb" prefill): the PyTorch loop over sequences here.
-The cache write runs `kernels/mla_cache_write` on CUDA. Triton modules are imported lazily, so CPU
-installs never import Triton.
+On CUDA, kv_a_layernorm, the rotation of q_pe and k_pe and the cache write are ONE kernel,
+`kernels/mla_norm_rope_write`. Triton modules are imported lazily, so CPU installs never import Triton.
 
 A decode step on CUDA launches, per layer: ONE GEMM for q_proj (or q_a_proj) and kv_a_proj together
-(`process_weights_after_loading` merges them; q_a_layernorm and q_b_proj follow for q LoRA), kv_a_layernorm, ONE rotary
-kernel for q_pe and k_pe, the cache writer (latent and k_pe as two tensors), q_nope @ W_UK, the decode
+(`process_weights_after_loading` merges them; q_a_layernorm and q_b_proj follow for q LoRA), ONE kernel for
+kv_a_layernorm + the rotation of q_pe and k_pe + the cache write (three launches before), q_nope @ W_UK, the decode
 kernel (q_latent and q_pe as two strided tensors) and its merge (when split), o_lat @ W_UV written into
 token-major rows, o_proj: no concatenation and no layout copy on the way.
 
 8-bit cache (`--kv-cache-dtype int8|fp8`): the cache is int8 / float8_e4m3fn and `kv_scales [num_blocks,
 block_size]` float32 holds one scale per row [latent | rope] (layers/kv_quant.py; bound by the runner, empty
-otherwise). The writers quantise (Triton: kernels/mla_cache_write; PyTorch: `quantize_kv`), the decode kernel
+otherwise). The writers quantise (Triton: kernels/mla_norm_rope_write; PyTorch: `quantize_kv`), the decode kernel
 dequantises after each tile load, and every PyTorch gather (`_gather`: absorbed decode, the prefill kernel's
 context rows, the per-sequence loop) dequantises the rows it gathered into the queries' dtype.
 
@@ -221,16 +221,26 @@ class MLAAttention(nn.Module):
         torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))  # [h, T, R] @ [h, R, Dv]
         return out
 
+    def _rotate_and_store(self, positions: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> torch.Tensor:
+        """q_pe [T, h, Dr], kv_a_proj(x) [T, R + Dr] -> q_pe rotated [T, h, Dr] (new tensor); writes the cache
+        entries [kv_a_layernorm(latent) | rotated k_pe] at slot_mapping [T] int64 (< 0: skipped). Triton: ONE
+        launch of kernels/mla_norm_rope_write; elsewhere the norm, the rotary module and `_store_latents`."""
+        if not self._on_triton(kv):
+            latent, k_pe = self._latent(kv)
+            q_pe, k_pe = self._rotate(positions, q_pe, k_pe)
+            self._store_latents(cache, latent, k_pe, slot_mapping)
+            return q_pe
+        from deepserve.kernels.mla_norm_rope_write import mla_norm_rope_write  # lazy: Triton on CUDA only
+
+        norm, rope = self.kv_a_layernorm, self.rotary
+        return mla_norm_rope_write(kv, norm.weight, norm.eps, q_pe, positions, rope.cos, rope.sin, rope.interleaved,
+                                   self.kv_cache, slot_mapping, self._scales())
+
     def _store_latents(self, cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
-        """latent [T, R], rotated k_pe [T, Dr] into cache [slots, R + Dr] at slot_mapping [T] int64 (< 0:
-        skipped): the Triton writer takes the two halves as they are, elsewhere `_write_cache` of both."""
-        if self._on_triton(latent):
-            from deepserve.kernels.mla_cache_write import mla_cache_write  # lazy: Triton on CUDA only
-
-            scaled = {} if self._scales() is None else {"kv_scales": self._scales()}  # the float call stays as it was
-            mla_cache_write(self.kv_cache, latent, k_pe, slot_mapping, **scaled)
-            return
+        """PyTorch: latent [T, R], rotated k_pe [T, Dr] into cache [slots, R + Dr] at slot_mapping [T] int64
+        (< 0: skipped), quantised for an 8-bit cache."""
         entries = torch.cat([latent, k_pe], dim=-1)  # [T, R + Dr]
         if self._scales() is None:
             self._write_cache(cache, entries, slot_mapping)
@@ -348,10 +358,8 @@ class MLAAttention(nn.Module):
         ctx = get_forward_context()
         q_in, kv = self._project_input(x)
         q_nope, q_pe = self._query(q_in)
-        latent, k_pe = self._latent(kv)
-        q_pe, k_pe = self._rotate(positions, q_pe, k_pe)
         cache = self.kv_cache.view(-1, self.kv_lora_rank + self.rope_dim)  # [slots, R + Dr]
-        self._store_latents(cache, latent, k_pe, ctx.slot_mapping)
+        q_pe = self._rotate_and_store(positions, q_pe, kv, cache, ctx.slot_mapping)
         if ctx.is_decode_only and self.attention_mode != "naive":
             out = self._decode(q_nope, q_pe, cache, ctx)
         elif self._on_triton(q_nope) and self.attention_mode != "absorb":

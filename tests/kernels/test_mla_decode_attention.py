@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepserve.forward_context import build_forward_context, forward_context
-from deepserve.kernels.mla_cache_write import mla_cache_write_ref
+from deepserve.kernels.mla_norm_rope_write import mla_norm_rope_write_ref
 from deepserve.layers import fused
 from tests.kernels.interpret import device, load_kernel_module
 from tests.kernels.mla_cases import V2_LITE_DIMS, V3_DIMS, layer_outputs, make_latent_case, mla_layer
@@ -137,14 +137,17 @@ class _AtenLog(TorchDispatchMode):
 
 def test_triton_decode_route_has_no_cat_copy_or_second_rotary(monkeypatch):
     """The decode route's launches (issue 5): the kernels (stubbed by their references here) take q_latent /
-    q_pe and latent / k_pe as separate tensors, q_pe and k_pe rotate in one call, and o_lat @ W_UV lands in
-    the rows o_proj reads: no cat, no layout copy between the kernels."""
-    log, rotations = _AtenLog(), []
+    q_pe and the kv_a output / q_pe as they are, kv_a_layernorm + both rotations + the cache write are one call
+    (no separate norm or rotary), and o_lat @ W_UV lands in the rows o_proj reads: no cat, no layout copy."""
+    log, rotations, norms, writes = _AtenLog(), [], [], []
     decode_ref = lambda *args, max_seq_len=None: mla.mla_decode_attention_ref(*args)
     monkeypatch.setattr("deepserve.kernels.mla_decode_attention.mla_decode_attention", log.quiet(decode_ref))
-    monkeypatch.setattr("deepserve.kernels.mla_cache_write.mla_cache_write", log.quiet(mla_cache_write_ref))
-    rotate = log.quiet(fused.apply_rotary)
+    write = log.quiet(mla_norm_rope_write_ref)
+    monkeypatch.setattr("deepserve.kernels.mla_norm_rope_write.mla_norm_rope_write",
+                        lambda *args: writes.append(args) or write(*args))
+    rotate, norm = log.quiet(fused.apply_rotary), log.quiet(fused.rms_norm)
     monkeypatch.setattr(fused, "apply_rotary", lambda *args: rotations.append(args) or rotate(*args))
+    monkeypatch.setattr(fused, "rms_norm", lambda *args: norms.append(args) or norm(*args))
     layer = mla_layer("auto")
     layer._on_triton = lambda t: True
     lengths = [5, 17, 40]
@@ -154,7 +157,7 @@ def test_triton_decode_route_has_no_cat_copy_or_second_rotary(monkeypatch):
     x = torch.randn(3, layer.o_proj.weight.shape[0])
     with forward_context(ctx), torch.no_grad(), log:
         layer(ctx.positions, x)
-    assert len(rotations) == 1 and rotations[0][2] is not None  # q_pe and k_pe together
+    assert len(writes) == 1 and not rotations and not norms  # norm, q_pe and k_pe rotations, cache write: one call
     assert log.ops.count("bmm") == 2 and log.ops.count("mm") == 3  # W_UK, W_UV; q_proj, kv_a_proj, o_proj
     assert not {"cat", "clone", "copy_", "contiguous", "_to_copy"} & set(log.ops), log.ops
 

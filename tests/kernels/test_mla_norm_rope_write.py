@@ -195,6 +195,32 @@ def test_rejects_bad_inputs():
             fused(case)
 
 
+@pytest.mark.parametrize("mode", ["absorb", "auto"])
+def test_layer_triton_route_writes_the_cache_of_the_pytorch_route(mode):
+    """MLAAttention.forward with Triton forced (interpreted): ONE fused call writes the new tokens' rows; the
+    cache and the output match the PyTorch route (kv_a_layernorm, rotary module, indexed write)."""
+    from deepserve.forward_context import build_forward_context, forward_context
+    from tests.kernels.mla_cases import make_latent_case, mla_layer
+
+    layer = mla_layer(mode)
+    lengths, query_lens = [5, 17, 40], ([1, 1, 1] if mode == "absorb" else [5, 1, 33])
+    cache, tables, _ = make_latent_case(lengths, layer.kv_lora_rank, layer.rope_dim, 16, torch.float32, "cpu")
+    ctx = build_forward_context(query_lens, lengths, [[b for b in row if b] for row in tables.tolist()], 16)
+    x = torch.randn(sum(query_lens), layer.o_proj.weight.shape[0])
+    runs = []
+    for on_triton in (True, False):
+        layer.kv_cache, layer._on_triton = cache.clone(), (lambda t, flag=on_triton: flag)
+        with forward_context(ctx), torch.no_grad():
+            runs.append((layer(ctx.positions, x), layer.kv_cache))
+    (triton_out, triton_cache), (torch_out, torch_cache) = runs
+    width = layer.kv_lora_rank + layer.rope_dim
+    new_rows = ctx.slot_mapping  # [T], all >= 0; the rows held random values before
+    assert not torch.isclose(triton_cache.view(-1, width)[new_rows], cache.view(-1, width)[new_rows]).any()
+    assert torch.equal(triton_cache.isnan(), torch_cache.isnan())
+    torch.testing.assert_close(triton_cache.nan_to_num(), torch_cache.nan_to_num(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(triton_out, torch_out, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ GPU: DeepSeek shapes, CUDA graphs
 
 @pytest.mark.gpu

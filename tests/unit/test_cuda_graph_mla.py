@@ -75,7 +75,7 @@ def test_decode_replay_equals_eager_logits(v3, triton_route, monkeypatch):
     from max(seq_lens_cpu) = max_model_len at capture), under the Triton interpreter."""
     _, model = v3
     if triton_route:
-        load_kernel_module("mla_decode_attention"), load_kernel_module("mla_cache_write")
+        load_kernel_module("mla_decode_attention"), load_kernel_module("mla_norm_rope_write")
         monkeypatch.setattr(MLAAttention, "_on_triton", lambda self, t: True)
     replayed, eager = replay_vs_eager(model, "cpu", EagerCapturer())
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
