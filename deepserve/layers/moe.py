@@ -43,6 +43,10 @@ from deepserve.layers.moe_backend import MoEBackend, get_moe_backend, moe_backen
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
+# Router logits by the Triton GEMV (kernels/router_gemv) for at most this many tokens on the Triton
+# route: at decode sizes cuBLAS's GEMV is latency-bound (5.1 us for V2-Lite's gate at T=1, H200).
+SMALL_T = 16
+_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,8 @@ class TopKRouter(nn.Module):
     and bias are kept in float32, so a bf16 model does not cast them on every forward; on CUDA a
     half-precision checkpoint weight is kept too and the logits GEMM takes x as it is (`logits`).
     `num_shared` > 0 (set by the shared-expert fusion): the routing has that many more columns,
-    ids E.. with weight 1. `use_kernel`: None = the kernel on CUDA; True/False force it (tests).
+    ids E.. with weight 1. `use_kernel`: None = the Triton kernels on CUDA (the routing, and the logits
+    GEMV for T <= SMALL_T: `gemv_weight`); True/False force them (tests).
     """
 
     def __init__(self, hidden_size: int, cfg: RouterConfig):
@@ -221,8 +226,27 @@ class TopKRouter(nn.Module):
             if param is not None:
                 param.data = param.data.float()
 
+    def triton_route(self, x: torch.Tensor) -> bool:
+        """Whether the Triton kernels run: on CUDA, unless `use_kernel` forces a choice."""
+        return x.is_cuda if self.use_kernel is None else self.use_kernel
+
+    def gemv_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The [E, H] weight of x's dtype and device for the router GEMV (`kernels/router_gemv`): on the
+        Triton route for T <= SMALL_T, decided from T on the host (a CUDA graph captures one path per
+        batch size). None: the torch GEMM."""
+        if x.shape[0] > SMALL_T or x.dtype not in _GEMV_DTYPES or x.stride(-1) != 1 or not self.triton_route(x):
+            return None
+        return next((w for w in (self.half_weight, self.weight)
+                     if w is not None and w.dtype == x.dtype and w.device == x.device), None)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] -> router logits [T, E] float32."""
+        """x: [T, H] -> router logits [T, E] float32: the Triton GEMV where `gemv_weight` has a weight,
+        else mm(half, half -> f32) with the half weight, else the float32 GEMM."""
+        weight = self.gemv_weight(x)
+        if weight is not None:
+            from deepserve.kernels.router_gemv import router_logits  # lazy: Triton on CUDA only
+
+            return router_logits(x, weight)
         half = self.half_weight
         if half is not None and x.dtype == half.dtype and x.device == half.device:
             return torch.mm(x, half.t(), out_dtype=torch.float32)
@@ -231,7 +255,7 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         """x: [T, H] -> Routing [T, k + num_shared]."""
         logits = self.logits(x)  # [T, E] f32
-        if logits.is_cuda if self.use_kernel is None else self.use_kernel:
+        if self.triton_route(x):
             from deepserve.kernels.moe_router import moe_router  # lazy: Triton on CUDA only
 
             return Routing(*moe_router(logits, self.cfg, self.e_score_correction_bias, self.num_shared))

@@ -228,8 +228,9 @@ def test_router_keeps_no_half_weight_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
 @pytest.mark.parametrize("tokens", [1, 8, 256])
 def test_router_half_weight_logits_match_float32_gpu(tokens):
-    """V2-Lite router (E=64, H=2048): mm(bf16, bf16 -> f32) equals the float32 GEMM of the same
-    values up to summation order, and picks the same experts."""
+    """V2-Lite router (E=64, H=2048): the logits of the bf16 weight (the Triton GEMV for T <= SMALL_T,
+    else mm(bf16, bf16 -> f32)) equal the float32 GEMM of the same values up to summation order, and
+    pick the same experts."""
     from deepserve.layers.moe import TopKRouter
 
     torch.manual_seed(tokens)
