@@ -1,7 +1,8 @@
 """Fused MoE: routed experts as two grouped GEMMs over expert-sorted token assignments.
 
     fused_moe(x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k] f32, topk_ids [T, k],
-              addend [T, H] | None) -> [T, H] in x's dtype
+              addend [T, H] | None, w13_scale [E, 2I] f32 | None, w2_scale [E, H] f32 | None)
+        -> [T, H] in x's dtype
 
 Steps (one host call, no host synchronisation, so it can be captured in a CUDA graph):
   1. `moe_align_block_size_triton` groups the T*k assignments by expert, each expert's segment
@@ -23,6 +24,13 @@ Steps (one host call, no host synchronisation, so it can be captured in a CUDA g
 Shared experts folded into the stack (`DeepseekMoE`) are ordinary experts here: ids E..E+n-1 in
 every token's row of topk_ids, weight 1.0.
 
+W8A16 (`w13_scale`, `w2_scale` given): the stacks are int8 [E, N, K] with one float32 scale per
+expert and output row ([E, N], symmetric, `quantize_rows_int8_ref`), activations stay float. Both
+launches load each B tile as int8 (half the bytes of bf16: decode streams the expert weights) and
+convert it to the activation dtype before tl.dot (|q| <= 127 is exact in f16/bf16/f32); after the K
+loop each accumulator column n is multiplied by scale[e, n] in float32, then rounded as above. The
+constexpr W_INT8 selects this; the float specialisation is the same code as without it.
+
 Rounding mirrors `fused_experts_ref` on the eager path: GEMM results are rounded to the dtype,
 silu is computed in float32 and rounded, then multiplied by up and rounded (the
 `silu_and_mul` kernel's rule); the down result is rounded before the routing weight multiplies it.
@@ -43,14 +51,17 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, used_ptr,
-                      num_m_blocks, N, K, num_valid, row_div,
+                      scale_ptr, num_m_blocks, N, K, num_valid, row_div,
                       stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                       GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      W_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C[ids] = A[ids // row_div] @ B[expert]^T (N columns) for one M-block x one N-block.
 
     GATED: B has 2N rows; C = silu(A @ B[:N]^T) * (A @ B[N:]^T). MUL_WEIGHT: C *= weights[ids].
+    W_INT8: B is int8 with per-row scales at scale_ptr ([E, 2N or N] f32, contiguous): each B tile is
+    converted to A's dtype before the dot (exact: |q| <= 127), and each accumulator column is
+    multiplied by its row's scale after the K loop. Otherwise scale_ptr is None (unused).
     """
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
@@ -76,11 +87,13 @@ def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_i
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         b_mask = k_mask[:, None] & n_mask[None, :]
-        acc = _dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, IEEE)
+        acc = _dot(a, _load_b(b_ptrs, b_mask, a.dtype, W_INT8), acc, IEEE)
         if GATED:
-            acc_up = _dot(a, tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0), acc_up, IEEE)
+            acc_up = _dot(a, _load_b(b_ptrs + N * stride_bn, b_mask, a.dtype, W_INT8), acc_up, IEEE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if W_INT8:
+        acc, acc_up = _scale_columns(acc, acc_up, scale_ptr, expert, offs_n, n_mask, N, GATED)
     out_ty = c_ptr.dtype.element_ty
     res = acc.to(out_ty).to(tl.float32)
     if GATED:
@@ -89,6 +102,29 @@ def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_i
         res = res * tl.load(weights_ptr + ids, mask=valid, other=0.0)[:, None]
     c_ptrs = c_ptr + ids.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, res.to(out_ty), mask=valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _load_b(ptrs, mask, a_dtype: tl.constexpr, W_INT8: tl.constexpr):
+    """A [BK, BN] tile of B, in A's dtype when B is int8 (every int8 value is exact in f16/bf16/f32)."""
+    b = tl.load(ptrs, mask=mask, other=0.0)
+    if W_INT8:
+        b = b.to(a_dtype)
+    return b
+
+
+@triton.jit
+def _scale_columns(acc, acc_up, scale_ptr, expert, offs_n, n_mask, N, GATED: tl.constexpr):
+    """acc[:, n] *= scale[expert, n] and (GATED) acc_up[:, n] *= scale[expert, N + n], in float32;
+    scale is [E, 2N] (GATED: gate rows | up rows) or [E, N], contiguous."""
+    rows_per_expert = N
+    if GATED:
+        rows_per_expert = 2 * N
+    s_ptrs = scale_ptr + expert * rows_per_expert + offs_n  # [BN]
+    acc = acc * tl.load(s_ptrs, mask=n_mask, other=0.0)[None, :]
+    if GATED:
+        acc_up = acc_up * tl.load(s_ptrs + N, mask=n_mask, other=0.0)[None, :]
+    return acc, acc_up
 
 
 @triton.jit
@@ -108,8 +144,9 @@ def _check(x, w13, w2, topk_weights, topk_ids) -> None:
     num_experts, two_inter, hidden = w13.shape
     if x.shape[1] != hidden or two_inter % 2 or w2.shape != (num_experts, hidden, two_inter // 2):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
-    if x.dtype not in _DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype:
-        raise ValueError(f"x, w13, w2 must share one of {_DTYPES}; got {x.dtype}, {w13.dtype}, {w2.dtype}")
+    if x.dtype not in _DTYPES or {w13.dtype, w2.dtype} not in ({x.dtype}, {torch.int8}):
+        raise ValueError(f"x must be one of {_DTYPES} and w13, w2 x's dtype or both int8; got {x.dtype}, "
+                         f"{w13.dtype}, {w2.dtype}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_ids/topk_weights must be [T={x.shape[0]}, k]; got "
                          f"{tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}")
@@ -120,30 +157,53 @@ def _check(x, w13, w2, topk_weights, topk_ids) -> None:
         raise ValueError("all tensors must be on one device")
 
 
-def _launch(a, b, c, weights, align, num_valid, row_div, gated, cfg: MoeConfig) -> None:
-    """c [T*k, N] <- grouped GEMM of a's gathered rows with b [E, N or 2N, K] (see the kernel)."""
+def _check_scales(w13, w2, w13_scale, w2_scale) -> None:
+    """int8 stacks need both per-row scales (float32 [E, 2I] and [E, H], on their device); float stacks none."""
+    if w13.dtype != torch.int8:
+        if w13_scale is not None or w2_scale is not None:
+            raise ValueError(f"weight scales are for int8 stacks; w13 is {w13.dtype}")
+        return
+    for name, scale, weight in (("w13_scale", w13_scale, w13), ("w2_scale", w2_scale, w2)):
+        if scale is None or scale.dtype != torch.float32 or scale.shape != weight.shape[:2] \
+                or scale.device != weight.device:
+            raise ValueError(f"int8 {name[:-6]} {tuple(weight.shape)} needs {name} float32 "
+                             f"{tuple(weight.shape[:2])} on {weight.device}; got "
+                             f"{None if scale is None else (scale.dtype, tuple(scale.shape), str(scale.device))}")
+
+
+def _launch(a, b, c, weights, align, num_valid, row_div, gated, cfg: MoeConfig,
+            scale: torch.Tensor | None = None) -> None:
+    """c [T*k, N] <- grouped GEMM of a's gathered rows with b [E, N or 2N, K] (see the kernel);
+    b int8 with `scale` [E, N or 2N] f32 contiguous (W8A16), or b in a's dtype and no scale."""
     n_cols, k_dim = c.shape[1], a.shape[1]
     num_m_blocks = align.expert_ids.shape[0]
     grid = (num_m_blocks * triton.cdiv(n_cols, cfg.block_n),)
     _fused_moe_kernel[grid](
-        a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_tokens_post_padded,
+        a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_tokens_post_padded, scale,
         num_m_blocks, n_cols, k_dim, num_valid, row_div,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        GATED=gated, MUL_WEIGHT=not gated, IEEE=a.dtype == torch.float32,
+        GATED=gated, MUL_WEIGHT=not gated, IEEE=a.dtype == torch.float32, W_INT8=scale is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: MoeConfig | None = None,
-              addend: torch.Tensor | None = None) -> torch.Tensor:
+              addend: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows | up rows), w2 [E, H, I], all f16/bf16/f32 alike;
     topk_weights [T, k] f32, topk_ids [T, k] int32/int64; addend [T, H] x's dtype or None
     -> [T, H] in x's dtype: round(sum of the k weighted expert outputs) (+ addend, rounded).
 
-    Any strides are accepted. `config` overrides the table in `fused_moe_configs`.
+    W8A16: w13, w2 int8 with w13_scale [E, 2I] and w2_scale [E, H] f32, one scale per expert and
+    output row (w = q * scale, `quantize_rows_int8_ref`); x stays float. The result is that of the
+    float kernel on the weights q * scale, up to float32 rounding (see the kernel).
+
+    Any strides are accepted (the small scale tensors are made contiguous). `config` overrides the
+    table in `fused_moe_configs` (keyed by x's dtype: int8 stacks use the float entries).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
+    _check_scales(w13, w2, w13_scale, w2_scale)
     num_tokens, hidden = x.shape
     num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     if num_tokens == 0 or top_k == 0:
@@ -152,9 +212,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     align = moe_align_block_size_triton(topk_ids, num_experts, cfg.block_m)
     num_valid, weights = num_tokens * top_k, topk_weights.contiguous()
     act = torch.empty(num_valid, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
-    _launch(x, w13, act, weights, align, num_valid, top_k, True, cfg)
+    scales = (None, None) if w13_scale is None else (w13_scale.contiguous(), w2_scale.contiguous())
+    _launch(x, w13, act, weights, align, num_valid, top_k, True, cfg, scales[0])
     per_assignment = torch.empty(num_valid, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
-    _launch(act, w2, per_assignment, weights, align, num_valid, 1, False, cfg)
+    _launch(act, w2, per_assignment, weights, align, num_valid, 1, False, cfg, scales[1])
     return moe_sum(per_assignment.view(num_tokens, top_k, hidden), addend)  # [T, H]
 
 
@@ -165,9 +226,19 @@ def _silu_and_mul_eager(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-PyTorch reference: `deepserve.layers.moe.fused_experts_ref` with SiLU (+ addend)."""
+                  topk_ids: torch.Tensor, addend: torch.Tensor | None = None,
+                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch reference: `deepserve.layers.moe.fused_experts_ref` with SiLU (+ addend).
+
+    int8 stacks (with their scales): the float reference on the dequantised weights q * scale,
+    computed in x's dtype promoted to at least float32 (f16/bf16 x: float32 math, rounded to x's
+    dtype at the end; float64 x: float64 GEMMs, the k-sum in float32 as `fused_experts_ref` does)."""
     from deepserve.layers.moe import Routing, fused_experts_ref
 
+    if w13_scale is not None:
+        math = torch.promote_types(x.dtype, torch.float32)
+        w13, w2 = (w13.to(math) * w13_scale.to(math)[..., None]), (w2.to(math) * w2_scale.to(math)[..., None])
+        out = fused_moe_ref(x.to(math), w13, w2, topk_weights, topk_ids, addend)
+        return out.to(x.dtype)
     out = fused_experts_ref(x, w13, w2, Routing(topk_weights, topk_ids.long()), _silu_and_mul_eager)
     return out if addend is None else out + addend
