@@ -11,11 +11,19 @@ bound by it (H100 SXM: ~3.35 TB/s peak HBM). Routing: top-k of softmax(random lo
     .venv/bin/python benchmarks/kernels_moe.py --tune [--shape v2-lite]   # prints CONFIGS entries
     .venv/bin/python benchmarks/kernels_moe.py --layer [--shape v3] [--json ...]
     .venv/bin/python benchmarks/kernels_moe.py --align [--shape v2-lite] [--tokens 1,256]
+    .venv/bin/python benchmarks/kernels_moe.py --router [--tune] [--shape v3] [--tokens 1,8] [--json ...]
 
 --layer times a whole routed-expert layer at decode sizes (T = 1, 8, 64): router GEMM + routing +
 alignment + fused_moe, the old path (select_experts torch ops, torch-ops alignment, sum + cast)
 against the new one (moe_router kernel, Triton alignment, one sum), eager and as a replayed CUDA
 graph (what decode runs), plus each piece alone and the CUDA kernels one eager call launches.
+
+--router times the router logits GEMM [T, H] x [E, H]^T -> [T, E] f32 in bf16 at T = 1..32: the
+Triton GEMV (`kernels/router_gemv`, which TopKRouter runs for T <= SMALL_T) against
+torch.mm(out_dtype=float32), one call's time from a CUDA graph, with the weight hot in L2 (the same
+weight every call) and cold (a new copy each call, 64 MB of copies: more than an H200's L2, as
+decode sees one layer's gate). err/bound: max |gemv - mm| over twice the float32 accumulation bound
+(<= 1 expected). --tune adds a sweep of block sizes per T (cold times) and prints the best.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from deepserve.kernels.fused_moe import fused_moe, fused_moe_ref
 from deepserve.kernels.fused_moe_configs import MoeConfig, get_config
 from deepserve.kernels.moe_align import moe_align_block_size_torch, moe_align_block_size_triton
 from deepserve.kernels.moe_router import moe_router
-from deepserve.layers.moe import RouterConfig, select_experts
+from deepserve.kernels.router_gemv import GemvConfig, gemv_config, router_logits
+from deepserve.layers.moe import SMALL_T, RouterConfig, select_experts
 
 BF16 = torch.bfloat16
 # E, H, I, top-k. "-shared": the shared experts folded in as always-chosen extra experts (ids E-n..E-1)
@@ -262,6 +271,90 @@ def bench_align(shape: str, tokens_list: list[int]) -> None:
         print(f"  T={tokens:5d} n={tokens * top_k:6d} bm={block_m:3d}: " + " | ".join(cells), flush=True)
 
 
+# --- router logits at decode sizes: the Triton GEMV vs cuBLAS mm(out_dtype=float32) -----------
+
+ROUTER_TOKENS = (1, 2, 4, 8, 16, 32)
+ROUTER_SHAPES = {"v2-lite": (64, 2048), "v3": (256, 7168)}  # the gate: E, H
+GRAPH_CALLS = 20  # calls per CUDA graph at least; a replay's time / calls is one call
+COLD_BYTES = 64 << 20  # weight copies cycled through in a cold graph: more than the L2
+
+
+def graph_us_per_call(calls: list) -> float:
+    """Device time (us) of one of `calls` (zero-argument functions), all captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        calls[0]()  # compile / initialise outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    return 1e3 * triton.testing.do_bench(graph.replay, warmup=5, rep=40, return_mode="median") / len(calls)
+
+
+def hot_and_cold_us(fn, weights: list[torch.Tensor]) -> tuple[float, float]:
+    """fn(w) per call: the same weight GRAPH_CALLS times (L2-hot), then each copy once (cold)."""
+    hot = graph_us_per_call([lambda: fn(weights[0])] * GRAPH_CALLS)
+    return hot, graph_us_per_call([lambda w=w: fn(w) for w in weights])
+
+
+def router_candidates(tokens: int, hidden: int) -> list[GemvConfig]:
+    """Block sizes to sweep: up to next_power_of_2(T) tokens a program, <= 16384 products a chunk,
+    <= 16 chunks."""
+    out = []
+    for bt, be, bh, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8), (512, 1024, 2048, 4096), (4, 8)):
+        if (bt <= triton.next_power_of_2(tokens) and bh <= triton.next_power_of_2(hidden)
+                and bt * be * bh <= 16384 and triton.cdiv(hidden, bh) <= 16):
+            out.append(GemvConfig(bt, be, bh, warps))
+    return out
+
+
+def bench_router(shape: str, tokens_list, out_json: str | None, tune: bool) -> None:
+    experts, hidden = ROUTER_SHAPES[shape.removesuffix("-shared")]
+    w = (torch.randn(experts, hidden, device="cuda") / hidden ** 0.5).to(BF16)
+    weights = [w] + [w.clone() for _ in range(max(GRAPH_CALLS, -(-COLD_BYTES // (w.numel() * 2))) - 1)]
+    print(f"\n{shape} router logits E={experts} H={hidden} bf16 (us per call, CUDA graph; gemv for T <= "
+          f"{SMALL_T} in TopKRouter):\n  {'T':>3s} {'gemv hot':>9s} {'mm hot':>7s} {'gemv cold':>10s} "
+          f"{'mm cold':>8s} {'speedup':>8s} {'GB/s':>6s} {'err/bound':>9s}  config")
+    for tokens in tokens_list:
+        x = torch.randn(tokens, hidden, device="cuda").to(BF16)
+        mm = lambda w_: torch.mm(x, w_.t(), out_dtype=torch.float32)  # noqa: E731
+        bound = 2 * (hidden + 1) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())
+        err = ((router_logits(x, w).double() - mm(w).double()).abs() / bound).max().item()
+        gemv_hot, gemv_cold = hot_and_cold_us(lambda w_: router_logits(x, w_), weights)
+        mm_hot, mm_cold = hot_and_cold_us(mm, weights)
+        row = dict(bench="kernels_moe_router", shape=shape, experts=experts, hidden=hidden, tokens=tokens,
+                   gemv_hot_us=gemv_hot, mm_hot_us=mm_hot, gemv_cold_us=gemv_cold, mm_cold_us=mm_cold,
+                   gemv_cold_gbps=(w.numel() + x.numel()) * 2 / gemv_cold / 1e3, err_over_bound=err,
+                   config=gemv_config(tokens, experts, hidden)._asdict(), device=torch.cuda.get_device_name())
+        print(f"  {tokens:3d} {gemv_hot:9.2f} {mm_hot:7.2f} {gemv_cold:10.2f} {mm_cold:8.2f} "
+              f"{mm_cold / gemv_cold:7.2f}x {row['gemv_cold_gbps']:6.0f} {err:9.2e}  {tuple(row['config'].values())}",
+              flush=True)
+        if tune:
+            row["tune"] = tune_router(x, weights, row["config"])
+        if out_json:
+            with open(out_json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def tune_router(x: torch.Tensor, weights: list[torch.Tensor], default: dict) -> list[dict]:
+    """Cold time of each candidate config; prints the three best and the default's rank."""
+    configs = router_candidates(x.shape[0], x.shape[1])
+    configs += [GemvConfig(**default)] if GemvConfig(**default) not in configs else []
+    times = []
+    for cfg in configs:
+        try:
+            times.append((hot_and_cold_us(lambda w_: router_logits(x, w_, cfg), weights)[1], cfg))
+        except OutOfResources:
+            continue
+    times.sort()
+    rank = next(i for i, (_, cfg) in enumerate(times) if cfg._asdict() == default)
+    best = "  ".join(f"{us:.2f} {tuple(cfg)}" for us, cfg in times[:3])
+    print(f"      tune: {best}  (default ranks {rank + 1} of {len(times)})", flush=True)
+    return [dict(cfg._asdict(), cold_us=us) for us, cfg in times]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes")
@@ -270,6 +363,7 @@ def main() -> None:
     parser.add_argument("--layer", action="store_true",
                         help="router + align + fused_moe at decode sizes, old torch-ops path vs new kernels")
     parser.add_argument("--align", action="store_true", help="time moe_align: one launch vs two, chunk sizes")
+    parser.add_argument("--router", action="store_true", help="router logits: Triton GEMV vs torch.mm, T = 1..32")
     parser.add_argument("--json", default=None, help="append one JSON line per case to this file")
     parser.add_argument("--tokens", default=None, help="comma-separated batch sizes (default: the built-in list)")
     args = parser.parse_args()
@@ -278,7 +372,10 @@ def main() -> None:
         tokens = [int(t) for t in args.tokens.split(",")]
     with torch.inference_mode():
         for shape in args.shape or list(ROUTERS):
-            if args.align:
+            if args.router:
+                bench_router(shape, [int(t) for t in args.tokens.split(",")] if args.tokens else ROUTER_TOKENS,
+                             args.json, args.tune)
+            elif args.align:
                 bench_align(shape, [int(t) for t in args.tokens.split(",")] if args.tokens else ALIGN_TOKENS)
             elif args.layer:
                 bench_layer(shape, args.json)
