@@ -266,22 +266,38 @@ class TopKRouter(nn.Module):
 class RoutedExperts(nn.Module):
     """Stacked expert weights: w13 [E, 2I, H] (gate | up), w2 [E, H, I]; computed by the MoE
     backend of the weights' device (`layers/moe_backend.py`: torch on CPU, triton on CUDA), or the
-    one named by `backend` (tests run triton on CPU under the interpreter)."""
+    one named by `backend` (tests run triton on CPU under the interpreter).
+
+    After `process_weights_after_loading("int8" | "int8-weight-only")` with a backend that takes int8
+    stacks (triton), w13 / w2 are int8 with w13_scale [E, 2I] / w2_scale [E, H] f32, one scale per
+    expert and output row (`deepserve/quant/int8_experts.py`); otherwise the scales are None."""
+
+    quantizable = True  # the loader passes the serving quantization to process_weights_after_loading
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str,
                  backend: str | None = None):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.register_parameter("w13_scale", None)  # [E, 2I] f32 once the stacks are int8
+        self.register_parameter("w2_scale", None)  # [E, H] f32
         self.act = get_act_and_mul(hidden_act)
         self.backend = backend
 
     def moe_backend(self) -> MoEBackend:
         return get_moe_backend(self.backend) if self.backend else moe_backend_for(self.w13.device)
 
+    def process_weights_after_loading(self, quantization: str | None = None) -> None:
+        """Quantise the stacks per row under the int8 modes where the backend computes int8 stacks."""
+        if quantization is not None:
+            from deepserve.quant.int8_experts import quantize_routed_experts_in_place  # lazy: quant is optional
+
+            quantize_routed_experts_in_place(self, quantization)
+
     def forward(self, x: torch.Tensor, routing: Routing, addend: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, H], routing [T, k], addend [T, H] or None -> [T, H] (+ addend, rounded once more)."""
-        return self.moe_backend().apply(x, self.w13, self.w2, routing, self.act, addend)
+        return self.moe_backend().apply(x, self.w13, self.w2, routing, self.act, addend, self.w13_scale,
+                                        self.w2_scale)
 
 
 def split_shared_mlp(mlp: GatedMLP, num_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
