@@ -11,8 +11,10 @@
     get_quant_method("fp8")               -> Fp8Method()           e4m3 weights/channel, activations/token
     get_quant_method("fp8-per-tensor")    -> Fp8Method(per_channel=False)
 
-Only `LinearBase` layers are quantised; the embedding, the LM head, MLA's kv_b_proj (its dense
-matrix is absorbed into q/o) and the stacked MoE experts stay in float in this slice.
+`LinearBase` layers are quantised by the method; the embedding, the LM head and MLA's kv_b_proj (its
+dense matrix is absorbed into q/o) stay in float. The stacked MoE experts become int8 per (expert, row)
+under int8 / int8-weight-only where their MoE backend takes int8 stacks (the fused Triton kernel, i.e.
+CUDA: `int8_experts.py`), and stay in float otherwise.
 This module imports no torch: the CLI lists the names without loading the methods.
 """
 
@@ -34,7 +36,8 @@ _METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
 NO_QUANTIZATION = "none"
 QUANTIZATION_METHODS: tuple[str, ...] = (*_METHODS, NO_QUANTIZATION)
 QUANTIZATION_HELP = (
-    "quantization of the linear layers: int8 (W8A8), int8-weight-only (W8A16; -asym: zero-point weights), fp8 / fp8-per-tensor (W8A8 "
+    "quantization of the linear layers: int8 (W8A8), int8-weight-only (W8A16; -asym: zero-point weights; on CUDA "
+    "int8 and int8-weight-only also store the routed MoE experts as int8, W8A16), fp8 / fp8-per-tensor (W8A8 "
     "FP8 with per-channel / per-tensor weight scales, CUDA 8.9+), block-fp8 (DeepSeek-V3/R1 "
     "FP8 weights with 128x128 block scales, activations FP8 per token per 128 columns; CUDA compute "
     "capability 8.9+), none (float; a quantised checkpoint is dequantised at load). Default: what the "

@@ -26,10 +26,12 @@ layer's `eh_proj` are bf16 / f32.
                     int8-weight-only(-asym) and any other registered float method.
 
 Routed experts (the stacked w13 [E, 2I, H] / w2 [E, H, I], filled expert by expert): dequantised to
-the model dtype in every mode, computed by the MoE backend of the device (the bf16 fused Triton
-kernel on CUDA); in the int8 modes on CPU they are then stored as per-row int8 and dequantised
-expert by expert when used (`block_fp8_experts.py`: W8A16 math, a quarter of float32's memory).
-Not covered: fp8 (or int8) expert weights on GPU, which needs a block-FP8 / int8 fused MoE kernel.
+the model dtype in every mode, computed by the MoE backend of the device (the fused Triton kernel
+on CUDA); in the int8 modes on CPU they are then stored as per-row int8 and dequantised expert by
+expert when used (`block_fp8_experts.py`: W8A16 math, a quarter of float32's memory); under int8 /
+int8-weight-only on CUDA they are quantised per row after loading and run by the fused kernel's
+W8A16 specialisation (`int8_experts.py`). Not covered: fp8 expert weights on GPU, which needs a
+block-FP8 fused MoE kernel.
 A float checkpoint loaded with `--quantization block-fp8` is quantised to 128x128 blocks online.
 """
 

@@ -7,9 +7,9 @@
 Symmetric per-row int8 (`quantize_rows_int8_ref`): each weight is within scale[row] / 2 of the float
 weight it came from. The math is `fused_experts_ref`'s (per-expert loop, float32 accumulation), with
 each used expert's matrices dequantised to x's dtype when it is reached: activations stay in float
-(W8A16), weights take a quarter of float32's memory. On CUDA the experts stay in the model dtype
-for the fused bf16 Triton kernel (an int8 fused MoE kernel is not part of this slice), so
-`quantize_routed_experts_int8` is only called off CUDA.
+(W8A16), weights take a quarter of float32's memory. On CUDA the loader does not call
+`quantize_routed_experts_int8`: the experts arrive in the model dtype and `RoutedExperts` quantises
+them itself for the fused Triton kernel's W8A16 specialisation (`int8_experts.py`).
 """
 
 from __future__ import annotations
