@@ -1,0 +1,212 @@
+"""GEMV for decode: a few activation rows times a dense weight, bound by the weight's bytes.
+
+    gemv(x [M, K] bf16/f16/f32 (unit stride in K, rows may be strided), w [N, K] x's dtype contiguous,
+         bias [N] float | None) -> y [M, N] x.dtype,   1 <= M <= GEMV_MAX_M
+    y[m, n] = round(sum_k f32(x[m, k]) * f32(w[n, k]) + f32(bias[n]))     float32 sums, one rounding
+
+At batch-1 decode every linear layer is a GEMV whose time is the time to stream its weight once;
+cuBLAS reaches ~78% of an H200's HBM bandwidth on the big qwen-7b ones and much less on small ones.
+
+Kernel: program (n-block, k-split) owns BLOCK_N rows of w and all M rows of x (BLOCK_M =
+next_power_of_2(M)). It walks its K range in BLOCK_K chunks; a chunk is one [BLOCK_N, BLOCK_K] weight
+tile (16-byte loads along K; rows clamped to N-1, so no load in the loop is masked) times the
+[BLOCK_M, BLOCK_K] x chunk, in float32. Each thread holds VEC = 16 / itemsize consecutive columns per
+row it loads; their products are summed in registers (`_chunk_sums`, no data leaves the thread) and
+added to a float32 [BLOCK_M, BLOCK_N, BLOCK_K / VEC] accumulator. The cross-thread reduction over K
+runs once, after the loop. Keeping VEC columns per accumulator instead of one cuts the accumulator
+VEC-fold (8x for bf16), so a thread can keep more weight bytes in flight for the same registers. A K
+range that is not a multiple of BLOCK_K ends with one masked chunk. SPLIT_K = 1: the program adds
+the bias and stores x.dtype. SPLIT_K > 1: each split stores its float32 partial (split 0 with the
+bias) into [S, M, N], and a second launch sums the splits in order (deterministic, no atomics) and
+rounds once; the table prefers wider chunks to splits (no second launch), `--sweep` times both.
+
+Bandwidth comes from bytes in flight. Triton 3.6 does not software-pipeline these loads (loads that
+feed no tl.dot: the sm_90 code is the same for every num_stages, so the config has no num_stages), so a
+program has one tile in flight at a time; the grid streams about N * BLOCK_K * SPLIT_K * itemsize
+bytes per memory round trip while it is no larger than what the SMs hold at once, and resident
+programs x tile bytes beyond that. With BLOCK_K = VEC * 32 * num_warps (1024 for bf16 at 4 warps)
+the x chunk's layout equals the weight tile's (no layout conversion in the loop, checked in the
+Triton 3.6 sm_90 IR); other BLOCK_K values pay one small shared-memory exchange of x per chunk.
+
+The table (`gemv_config`, keyed by N and K ranges, chosen on the host from the shapes alone, so a
+captured CUDA graph always replays the same launch) sizes BLOCK_N by N so that small-N GEMVs run in
+one wave of programs and large ones in many. Not yet measured: first estimates for an H200;
+`benchmarks/kernels_gemv.py --sweep` times alternatives. No host synchronisation, no allocation but
+the output (and the split partials): CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+GEMV_MAX_M = 4  # the most rows of x the kernel takes (the accumulator grows with them)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ANY = 1 << 62
+_ACC_ROWS = 32  # BLOCK_M * BLOCK_N cap: float32 accumulators per thread per BLOCK_K / (VEC * threads)
+
+
+class GemvConfig(NamedTuple):
+    block_n: int  # weight rows per program
+    block_k: int  # columns per chunk (a multiple of VEC = 16 / itemsize)
+    split_k: int = 1  # most K splits (fewer when K is short); > 1 adds a float32 sum launch
+    num_warps: int = 4
+
+
+# (largest N, largest K, config for bf16/f16 at M = 1); the first entry covering the shape wins.
+# Not yet measured: first estimates for an H200 (132 SMs); benchmarks/kernels_gemv.py --sweep.
+# At M = 1, 4 warps and BLOCK_K = 1024, BLOCK_N = 4 / 8 take 40 / 72 registers (Triton 3.6, sm_90):
+# 12 / 7 programs per SM, so N <= 4096 (<= 1024 programs) runs in one wave with N * 2 KB in flight,
+# and larger N in several waves of 8 KB tiles. BLOCK_K = 2048 at 8 warps would keep more bytes in
+# flight but holds 6 programs per SM: 896 programs (N = 3584) would need 1.1 waves.
+TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
+    (512, _ANY, GemvConfig(2, 1024, 1, 4)),  # router-sized N (not dispatched here): spread over SMs
+    (4096, _ANY, GemvConfig(4, 1024, 1, 4)),  # qkv / o / down of the models here: one wave
+    (_ANY, _ANY, GemvConfig(8, 1024, 1, 4)),  # qkv of qwen-7b, gate_up, LM head: several waves
+)
+
+
+def gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
+    """The table's entry for (N, K), fitted to the shape: BLOCK_K no wider than K needs (num_warps
+    scaled with it), BLOCK_N cut so that BLOCK_M * BLOCK_N <= 32 accumulators per column group."""
+    cfg = next(c for max_n, max_k, c in TABLE if n <= max_n and k <= max_k)
+    vec = _vec(dtype)
+    block_k = max(min(cfg.block_k, triton.next_power_of_2(max(k, 1))), vec * 32)
+    num_warps = max(1, cfg.num_warps * block_k // cfg.block_k)
+    block_n = max(1, min(cfg.block_n, _ACC_ROWS // _block_m(m)))
+    return cfg._replace(block_n=block_n, block_k=block_k, num_warps=num_warps)
+
+
+def _vec(dtype: torch.dtype) -> int:
+    """Elements in one 16-byte load."""
+    return 16 // dtype.itemsize
+
+
+def _block_m(m: int) -> int:
+    return triton.next_power_of_2(max(m, 1))
+
+
+@triton.jit
+def _chunk_sums(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+    """x [BM, 1, BK] * w [1, BN, BK] in float32, summed over each run of VEC columns -> [BM, BN, BK / VEC]."""
+    prod = x.to(tl.float32) * w.to(tl.float32)
+    return tl.sum(tl.reshape(prod, (BLOCK_M, BLOCK_N, BLOCK_K // VEC, VEC)), axis=3)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_xm,
+                 HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+    """out[split, m, n] = sum over this split's K range of x[m, k] * w[n, k] (+ bias on split 0)."""
+    split = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_offs = tl.minimum(offs_n, N - 1).to(tl.int64) * K  # [BN]; the last block re-reads row N-1, unstored
+    x_offs = tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm  # [BM]
+    if ALIGNED:  # K and stride_xm are multiples of VEC: rows start 16-byte aligned (vector loads)
+        w_offs = tl.multiple_of(w_offs, VEC)
+        x_offs = tl.multiple_of(x_offs, VEC)
+    k_start = split * k_per_split
+    k_end = k_start + tl.minimum(k_per_split, K - k_start)
+    k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K  # whole chunks end here
+    w_rows = w_ptr + w_offs[None, :, None] + offs_k[None, None, :]  # [1, BN, BK] at k = 0
+    x_rows = x_ptr + x_offs[:, None, None] + offs_k[None, None, :]  # [BM, 1, BK]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
+    for k0 in range(k_start, k_full, BLOCK_K):
+        x = tl.load(x_rows + k0)
+        w = tl.load(w_rows + k0)
+        acc += _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
+    if k_full < k_end:
+        tail = k_end - k_full
+        if ALIGNED:
+            tail = tl.multiple_of(tail, VEC)
+        k_ok = (offs_k < tail)[None, None, :]
+        x = tl.load(x_rows + k_full, mask=k_ok, other=0.0)
+        w = tl.load(w_rows + k_full, mask=k_ok, other=0.0)
+        acc += _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
+    y = tl.sum(acc, axis=2)  # [BM, BN] float32
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        y += tl.where(split == 0, bias, 0.0)[None, :]
+    out = out_ptr + (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]  # [BM, BN]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = round(sum_s part[s, i]), the splits added in order (deterministic), one rounding."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    total = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLITS):
+        total += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _sum_splits(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, M, N] float32 -> [M, N] dtype in one launch (torch's sum + cast would be two)."""
+    splits, m, n = part.shape
+    out = torch.empty((m, n), dtype=dtype, device=part.device)
+    block = min(1024, triton.next_power_of_2(m * n))
+    _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLITS=splits, BLOCK=block, num_warps=4)
+    return out
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or x.dtype not in _DTYPES or (x.shape[1] > 1 and x.stride(1) != 1):
+        raise ValueError(f"gemv: x must be [M, K] of {_DTYPES} with unit stride in K, got "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
+    if x.shape[0] > GEMV_MAX_M:
+        raise ValueError(f"gemv: at most {GEMV_MAX_M} rows, got {x.shape[0]}")
+    if w.dim() != 2 or w.dtype != x.dtype or not w.is_contiguous() or w.shape[1] != x.shape[1]:
+        raise ValueError(f"gemv: w must be [N, K={x.shape[1]}] {x.dtype} contiguous, got "
+                         f"{tuple(w.shape)} {w.dtype} strides {w.stride()}")
+    n = w.shape[0]
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point() or bias.stride(0) != 1):
+        raise ValueError(f"gemv: bias must be [{n}] float with unit stride, got {tuple(bias.shape)} {bias.dtype}")
+    if len({t.device for t in (x, w, bias) if t is not None}) != 1:
+        raise ValueError("gemv: x, w and bias must be on one device")
+
+
+def _check_config(cfg: GemvConfig, vec: int) -> None:
+    sizes = (cfg.block_n, cfg.block_k, cfg.num_warps)
+    if any(s < 1 or s & (s - 1) for s in sizes) or cfg.block_k % vec or cfg.split_k < 1:
+        raise ValueError(f"gemv: block sizes and num_warps must be powers of two, block_k a multiple of "
+                         f"{vec}, split_k >= 1; got {cfg}")
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] bf16/f16/f32 (unit stride in K), w [N, K] x.dtype contiguous, bias [N] float or None
+    -> [M, N] x.dtype. `config` overrides the table (benchmarks, tests)."""
+    _check(x, w, bias)
+    (m, k), n = x.shape, w.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        return (out if bias is None else out + bias.float()).to(x.dtype)
+    vec = _vec(x.dtype)
+    cfg = config or gemv_config(m, n, k, x.dtype)
+    _check_config(cfg, vec)
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, k_per_split)
+    out = torch.empty((splits, m, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    aligned = k % vec == 0 and (m == 1 or x.stride(0) % vec == 0)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        x, w, bias if bias is not None else w, out, m, n, k, k_per_split, x.stride(0),
+        HAS_BIAS=bias is not None, ALIGNED=aligned, BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, VEC=vec, num_warps=cfg.num_warps)
+    return out[0] if splits == 1 else _sum_splits(out, x.dtype)
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch reference: the float32 matmul of the float32 casts (+ float32 bias), one rounding
+    to x.dtype. [M, K], [N, K], [N] -> [M, N]."""
+    y = x.float() @ w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,233 @@
+"""gemv (kernels/gemv.py) against the exact sum and its float32 reference; the dense-linear dispatch.
+
+Tolerance, from float32 accumulation and one output rounding. Let s = sum_k x[k] w[k] + b be exact
+(float64: bf16 and f16 products are exact, float64 sums of them err by ~K 2^-53, negligible) and
+B = sum_k |x[k] w[k]| + |b|. Every product reaches the kernel's float32 value a through at most
+    D = VEC (in-thread column group) + chunks (loop) + BLOCK_K / VEC (reduction over the lanes)
+        + splits + 1 (bias)
+float32 roundings (one more for float32 products), whatever the order inside each stage, so
+    |a - s| <= E = gamma_D * B,   gamma_n = n u / (1 - n u),  u = 2^-24.
+The output is a rounded once to the output dtype (precision p): |y - a| <= r 2^(1-p) |a| (+ r 2^-24
+for f16 subnormals), r = 1/2 for round-to-nearest (GPU) and r = 1 on CPU, where the interpreter
+truncates float32 -> bf16. Hence
+    |y - s| <= r 2^(1-p) (|s| + E) + E                                          (`allowed`)
+and `gemv_ref` (a float32 matmul, any order: D = K + 2, r = 1/2) obeys the same bound with its own
+D; the kernel and the reference differ by at most the sum of the two. An indexing error (a chunk,
+row or split lost or read twice) moves outputs by ~|y| ~ B / sqrt(K), far above E at these
+shapes (`test_bound_rejects_wrong_results` checks that the bound sees such errors).
+
+CPU (interpreter): small shapes, N and K not multiples of the blocks, M = 1..4, strided x rows,
+bias / no bias, bf16 / f16 / f32, split-K; the config table. GPU: qwen-7b and V2-Lite decode shapes,
+CUDA-graph capture and replay.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from tests.kernels.interpret import INTERPRET, device, load_kernel_module
+
+G = load_kernel_module("gemv")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+U = 2.0 ** -24
+EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 0.0}  # 2^(1-p); f32: no rounding
+TINY = {torch.float16: 2.0 ** -24}  # f16 subnormal spacing
+
+
+def gamma(n: int) -> float:
+    return n * U / (1 - n * U)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def kernel_depth(cfg, k: int, dtype) -> int:
+    """D of the module docstring for one gemv launch with `cfg` (+1 for float32 products)."""
+    vec = 16 // dtype.itemsize
+    chunks = cdiv(cdiv(k, cfg.split_k), cfg.block_k)  # per split
+    return vec + chunks + cfg.block_k // vec + cfg.split_k + 1 + (dtype == torch.float32)
+
+
+def allowed(exact, mags, depth: int, dtype, rounding: float) -> torch.Tensor:
+    err = gamma(depth) * mags
+    return rounding * EPS[dtype] * (exact.abs() + err) + err + rounding * TINY.get(dtype, 0.0)
+
+
+def exact_and_magnitudes(x, w, bias):
+    """(s, B) of the module docstring, float64 [M, N]."""
+    s = x.double() @ w.double().t()
+    mags = x.double().abs() @ w.double().abs().t()
+    if bias is not None:
+        s, mags = s + bias.double(), mags + bias.double().abs()
+    return s, mags
+
+
+def within(got, x, w, bias, cfg) -> torch.Tensor:
+    """[M, N] bool: the kernel's output within its bound of the exact result."""
+    exact, mags = exact_and_magnitudes(x, w, bias)
+    r = 1.0 if INTERPRET and got.dtype == torch.bfloat16 else 0.5
+    return (got.double() - exact).abs() <= allowed(exact, mags, kernel_depth(cfg, x.shape[1], x.dtype), got.dtype, r)
+
+
+def assert_gemv_close(got, x, w, bias, cfg):
+    assert got.dtype == x.dtype and got.shape == (x.shape[0], w.shape[0])
+    ok = within(got, x, w, bias, cfg)
+    assert bool(ok.all()), f"{int((~ok).sum())} of {ok.numel()} outputs outside the bound"
+    with _no_tf32():
+        ref = G.gemv_ref(x, w, bias)
+    exact, mags = exact_and_magnitudes(x, w, bias)
+    d = kernel_depth(cfg, x.shape[1], x.dtype)
+    r = 1.0 if INTERPRET and got.dtype == torch.bfloat16 else 0.5
+    both = allowed(exact, mags, d, got.dtype, r) + allowed(exact, mags, x.shape[1] + 2, got.dtype, 0.5)
+    assert bool(((got.double() - ref.double()).abs() <= both).all()), "kernel and gemv_ref differ beyond the bound"
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """gemv_ref's bound assumes float32 products: no TF32 in its matmul on a GPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def operands(m, n, k, dtype, row_pad=0, bias=True, dev=None):
+    """x [m, k] (row stride k + row_pad), w [n, k] contiguous, bias [n] or None."""
+    dev = dev or device()
+    x = torch.randn(m, k + row_pad, device=dev).to(dtype)[:, :k]
+    w = (torch.randn(n, k, device=dev) / k ** 0.5).to(dtype)
+    b = torch.randn(n, device=dev).to(dtype) if bias else None
+    return x, w, b
+
+
+# block_n, block_k, split_k, num_warps: one K chunk per split, several chunks, splits, a masked tail
+CONFIGS = [None, G.GemvConfig(4, 32, 1, 1), G.GemvConfig(8, 64, 3, 2), G.GemvConfig(2, 128, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(37, 200), (9, 24), (70, 1000)])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["table", "4x32", "8x64-split3", "2x128-split2"])
+def test_matches_reference(dtype, m, n, k, cfg):
+    x, w, b = operands(m, n, k, dtype, row_pad=8)
+    got = G.gemv(x, w, b, cfg)
+    assert_gemv_close(got, x, w, b, cfg or G.gemv_config(m, n, k, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_bias_odd_k_unaligned_rows(dtype):
+    """K not a multiple of 8 (no vector-load hints), x rows at an odd stride, no bias."""
+    x, w, _ = operands(3, 21, 37, dtype, row_pad=3, bias=False)
+    cfg = G.GemvConfig(8, 16, 2, 1)
+    assert_gemv_close(G.gemv(x, w, None, cfg), x, w, None, cfg)
+
+
+def test_float32_bias_with_half_operands():
+    x, w, _ = operands(2, 19, 48, torch.float16)
+    b = torch.randn(19, device=device())
+    cfg = G.gemv_config(2, 19, 48, torch.float16)
+    assert_gemv_close(G.gemv(x, w, b), x, w, b, cfg)
+
+
+def test_bound_rejects_wrong_results():
+    """The bound is tight enough to see a lost K chunk, a shifted row or a doubled split."""
+    x, w, b = operands(2, 40, 256, torch.float16)
+    cfg = G.GemvConfig(8, 64, 1, 1)
+    good = G.gemv(x, w, b, cfg)
+    assert bool(within(good, x, w, b, cfg).all())
+    lost_chunk = w.clone()
+    lost_chunk[:, -64:] = 0
+    shifted = torch.roll(w, 1, dims=0)
+    for bad in (G.gemv(x, lost_chunk, b, cfg), G.gemv(x, shifted, b, cfg), good + G.gemv(x[:, :8].contiguous(),
+                                                                                        w[:, :8].contiguous())):
+        assert within(bad, x, w, b, cfg).float().mean() < 0.5
+
+
+def test_empty_shapes_and_bad_inputs():
+    dev = device()
+    x, w, b = operands(2, 16, 32, torch.float16)
+    assert G.gemv(x[:0], w, b).shape == (0, 16)
+    assert G.gemv(x, w[:0], b[:0]).shape == (2, 0)
+    assert torch.equal(G.gemv(x[:, :0], w[:, :0], b), b.expand(2, 16))
+    bad = [(x.float(), w, b), (x, w.t().contiguous().t(), b), (x, w[:, :16], b), (x, w, b[:8]),
+           (torch.randn(5, 32, device=dev).half(), w, b), (x.t().contiguous().t()[:, :32], w, b),
+           (x, w, b.view(2, 8))]
+    for args in bad:
+        with pytest.raises(ValueError):
+            G.gemv(*args)
+    with pytest.raises(ValueError):
+        G.gemv(x, w, b, G.GemvConfig(4, 4, 1, 1))  # block_k below one 16-byte vector of f16
+    with pytest.raises(ValueError):
+        G.gemv(x, w, b, G.GemvConfig(3, 64, 1, 1))
+
+
+def test_deterministic():
+    x, w, b = operands(4, 50, 300, torch.bfloat16)
+    cfg = G.GemvConfig(8, 64, 3, 2)
+    assert torch.equal(G.gemv(x, w, b, cfg), G.gemv(x, w, b, cfg))
+
+
+# ---- the config table -----------------------------------------------------------------------------
+
+REAL = [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584), (3584, 152064),  # qwen-7b (K, N)
+        (2048, 3648), (2048, 2048), (2048, 21888), (10944, 2048), (2048, 102400)]  # V2-Lite
+
+
+@pytest.mark.parametrize("k,n", REAL)
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_config_table(k, n, m, dtype):
+    cfg = G.gemv_config(m, n, k, dtype)
+    vec = 16 // dtype.itemsize
+    block_m = 1 << (m - 1).bit_length()
+    assert cfg.block_k % (vec * 32) == 0 and cfg.block_k <= max(vec * 32, 1 << (k - 1).bit_length())
+    assert block_m * cfg.block_n <= 32  # accumulators per thread and column group
+    assert cfg.block_k // (vec * 32 * cfg.num_warps) >= 1  # every thread holds whole 16-byte vectors
+    assert -(-n // cfg.block_n) * cfg.split_k >= 264  # >= 2 programs per SM of an H200
+    assert cfg == G.gemv_config(m, n, k, dtype)  # a function of the shape alone
+
+
+# ---- GPU: real decode shapes ----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", REAL)
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gpu_real_shapes(k, n, m, with_bias):
+    x, w, b = operands(m, n, k, torch.bfloat16, row_pad=64, bias=with_bias, dev="cuda")
+    got = G.gemv(x, w, b)
+    assert_gemv_close(got, x, w, b, G.gemv_config(m, n, k, x.dtype))
+    assert torch.equal(got, G.gemv(x, w, b))  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(3584, 4608), (18944, 3584), (2048, 3648)])
+def test_gpu_split_and_f16(k, n):
+    x, w, b = operands(2, n, k, torch.float16, dev="cuda")
+    cfg = G.GemvConfig(4, 2048, 3, 8)
+    assert_gemv_close(G.gemv(x, w, b, cfg), x, w, b, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(3584, 4608), (18944, 3584), (2048, 3648), (2048, 2048)])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gpu_cuda_graph_replay(k, n, m, split_k):
+    """Captured once, replayed on new inputs: the same bits as eager calls (split partials included)."""
+    x, w, b = operands(m, n, k, torch.bfloat16, dev="cuda")
+    cfg = G.gemv_config(m, n, k, x.dtype)._replace(split_k=split_k)
+    G.gemv(x, w, b, cfg)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = G.gemv(x, w, b, cfg)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, G.gemv(x, w, b, cfg))
+        assert_gemv_close(out, x, w, b, cfg)
