@@ -18,7 +18,8 @@ shapes (`test_bound_rejects_wrong_results` checks that the bound sees such error
 
 CPU (interpreter): small shapes, N and K not multiples of the blocks, M = 1..4, strided x rows,
 bias / no bias, bf16 / f16 / f32, split-K; the config table. GPU: qwen-7b and V2-Lite decode shapes,
-CUDA-graph capture and replay.
+CUDA-graph capture and replay. Last section: DenseLinearMethod's gemv branch (its dispatch rule is
+tested in tests/unit/test_linear_method_gemv.py).
 """
 
 import contextlib
@@ -26,6 +27,8 @@ import contextlib
 import pytest
 import torch
 
+from deepserve.layers import linear_method
+from deepserve.layers.linear_method import DenseLinearMethod, gemv_applies, use_gemv
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
 
 G = load_kernel_module("gemv")
@@ -231,3 +234,45 @@ def test_gpu_cuda_graph_replay(k, n, m, split_k):
         torch.cuda.synchronize()
         assert torch.equal(out, G.gemv(x, w, b, cfg))
         assert_gemv_close(out, x, w, b, cfg)
+
+
+# ---- the dense-linear dispatch (layers/linear_method.py) ----------------------------------------
+
+def test_dispatch_switch_within_kernel_limit():
+    assert 0 <= linear_method.GEMV_MAX_M <= G.GEMV_MAX_M
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.weight = torch.nn.Parameter(w, requires_grad=False)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 64), (2, 2, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dense_method_routes_to_gemv(monkeypatch, shape, with_bias):
+    """DenseLinearMethod.apply's gemv branch (forced on here, CUDA-only in service): leading dims
+    flattened and restored, bias passed, results within the kernel's bound."""
+    dev = device()
+    layer = _Layer((torch.randn(24, 64, device=dev) / 8).half())
+    x = torch.randn(*shape, device=dev).half()
+    bias = torch.randn(24, device=dev).half() if with_bias else None
+    calls = []
+    monkeypatch.setattr(linear_method, "use_gemv", lambda x_, w_: calls.append(x_.shape) or gemv_applies(x_, w_))
+    got = DenseLinearMethod().apply(layer, x, bias)
+    assert calls and got.shape == (*shape[:-1], 24)
+    rows = x.reshape(-1, 64)
+    cfg = G.gemv_config(rows.shape[0], 24, 64, x.dtype)
+    assert_gemv_close(got.reshape(-1, 24), rows, layer.weight, bias, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 3584), (4, 3584), (2, 1, 3584)])
+def test_gpu_dense_method_uses_gemv(shape):
+    """On CUDA, decode-sized inputs of a bf16 layer take the kernel (the same bits as calling it)."""
+    layer = _Layer((torch.randn(4608, 3584, device="cuda") / 60).bfloat16())
+    bias = torch.randn(4608, device="cuda").bfloat16()
+    x = torch.randn(*shape, device="cuda").bfloat16()
+    assert use_gemv(x, layer.weight)
+    got = DenseLinearMethod().apply(layer, x, bias)
+    assert torch.equal(got.reshape(-1, 4608), G.gemv(x.reshape(-1, 3584), layer.weight, bias))
