@@ -66,6 +66,26 @@ def timed_us(make_fn, copies) -> float | None:
         return None
 
 
+def cases(models: list[str], ms: list[int], with_bias: bool = True):
+    """(model, layer, k, n, m, x [m, k] bf16, weight copies) per shape and M, one shape's copies at a time."""
+    import torch
+
+    for model in models:
+        for layer, (k, n, bias) in SHAPES[model].items():
+            copies = copies_of(k, n, bias and with_bias)
+            for m in ms:
+                yield model, layer, k, n, m, torch.randn(m, k, device=DEVICE).bfloat16(), copies
+            del copies
+            torch.cuda.empty_cache()
+
+
+def record(env: dict, workload: str, model: str, layer: str, k: int, n: int, m: int, copies: list) -> dict:
+    """The BENCHMARKS.md fields shared by this script's records."""
+    return {**env, "engine": "deepserve", "engine_version": None, "model": model, "dtype": "bfloat16",
+            "quant": "none", "tp": 1, "pp": 1, "ep": 1, "workload": workload, "batch": m, "layer": layer,
+            "k": k, "n": n, "copies": len(copies)}
+
+
 def rel_err(got, ref) -> float:
     return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
@@ -81,44 +101,33 @@ def bench(models: list[str], ms: list[int], result_file: str, run_id: str, copy_
     step_us: dict[tuple[str, int], list[float]] = {}  # (model, M) -> [gemv, cuBLAS] us per decode step
     print(f"\n{'model':<8} {'layer':<14} {'K':>6} {'N':>7} {'M':>2} {'gemv us':>8} {'cuBLAS us':>9} "
           f"{'gemv GB/s':>9} {'cuBLAS GB/s':>11} {'speedup':>7} {'of copy':>7}  config / rel err")
-    for model in models:
-        for layer, (k, n, has_bias) in SHAPES[model].items():
-            copies = copies_of(k, n, has_bias)
-            for m in ms:
-                x = torch.randn(m, k, device=DEVICE).bfloat16()
-                cfg = gemv_config(m, n, k, x.dtype)
-                try:
-                    err = rel_err(gemv(x, *copies[0]), F.linear(x, *copies[0]))
-                except Exception as exc:  # noqa: BLE001 - reported; cuBLAS is still timed
-                    print(f"    gemv failed: {exc!r}"[:300], file=sys.stderr, flush=True)
-                    err = None
-                ours = timed_us(lambda w, b: (lambda: gemv(x, w, b)), copies)
-                cublas = timed_us(lambda w, b: (lambda: F.linear(x, w, b)), copies)
-                nbytes = 2 * n * k
-                gbs = {name: None if t is None else round(nbytes / t / 1e3, 1) for name, t in
-                       (("gemv", ours), ("cublas", cublas))}
-                speedup = None if ours is None or cublas is None else round(cublas / ours, 3)
-                if speedup is not None:
-                    totals = step_us.setdefault((model, m), [0.0, 0.0])
-                    calls = PER_STEP.get(model, {}).get(layer, 1)
-                    totals[0] += calls * ours
-                    totals[1] += calls * cublas
-                share = None if gbs["gemv"] is None or not copy_gbs else round(gbs["gemv"] / copy_gbs, 3)
-                print(f"{model:<8} {layer:<14} {k:6d} {n:7d} {m:2d} {_f(ours, 8, 2)} {_f(cublas, 9, 2)} "
-                      f"{_f(gbs['gemv'], 9, 0)} {_f(gbs['cublas'], 11, 0)} {_f(speedup, 7, 2)} {_f(share, 7, 2)}  "
-                      f"{tuple(cfg)} / {_f(err, 0, 6)}", flush=True)
-                append_record({**env, "engine": "deepserve", "engine_version": None, "model": model,
-                               "dtype": "bfloat16", "quant": "none", "tp": 1, "pp": 1, "ep": 1,
-                               "workload": "kernel-gemv", "batch": m, "layer": layer, "k": k, "n": n,
-                               "bias": has_bias, "gemv_us": _r(ours), "cublas_us": _r(cublas),
-                               "gemv_gbs": gbs["gemv"], "cublas_gbs": gbs["cublas"], "speedup": speedup,
-                               "gemv_of_copy_bw": share, "config": list(cfg), "max_rel_err": err,
-                               "copies": len(copies),
-                               "notes": f"CUDA-graph replay over {len(copies)} weight copies (> 160 MB, cold L2), "
-                                        f"median of 15; GB/s = weight bytes / time; of_copy_bw: over the "
-                                        f"device-to-device copy bandwidth (read + write) of this run"}, result_file)
-            del copies
-            torch.cuda.empty_cache()
+    for model, layer, k, n, m, x, copies in cases(models, ms):
+        cfg = gemv_config(m, n, k, x.dtype)
+        try:
+            err = rel_err(gemv(x, *copies[0]), F.linear(x, *copies[0]))
+        except Exception as exc:  # noqa: BLE001 - reported; cuBLAS is still timed
+            print(f"    gemv failed: {exc!r}"[:300], file=sys.stderr, flush=True)
+            err = None
+        ours = timed_us(lambda w, b: (lambda: gemv(x, w, b)), copies)
+        cublas = timed_us(lambda w, b: (lambda: F.linear(x, w, b)), copies)
+        gbs = {name: None if t is None else round(2 * n * k / t / 1e3, 1) for name, t in
+               (("gemv", ours), ("cublas", cublas))}
+        speedup = None if ours is None or cublas is None else round(cublas / ours, 3)
+        if speedup is not None:
+            calls = PER_STEP.get(model, {}).get(layer, 1)
+            totals = step_us.setdefault((model, m), [0.0, 0.0])
+            totals[0], totals[1] = totals[0] + calls * ours, totals[1] + calls * cublas
+        share = None if gbs["gemv"] is None or not copy_gbs else round(gbs["gemv"] / copy_gbs, 3)
+        print(f"{model:<8} {layer:<14} {k:6d} {n:7d} {m:2d} {_f(ours, 8, 2)} {_f(cublas, 9, 2)} "
+              f"{_f(gbs['gemv'], 9, 0)} {_f(gbs['cublas'], 11, 0)} {_f(speedup, 7, 2)} {_f(share, 7, 2)}  "
+              f"{tuple(cfg)} / {_f(err, 0, 6)}", flush=True)
+        append_record({**record(env, "kernel-gemv", model, layer, k, n, m, copies),
+                       "bias": copies[0][1] is not None, "gemv_us": _r(ours), "cublas_us": _r(cublas),
+                       "gemv_gbs": gbs["gemv"], "cublas_gbs": gbs["cublas"], "speedup": speedup,
+                       "gemv_of_copy_bw": share, "config": list(cfg), "max_rel_err": err,
+                       "notes": f"CUDA-graph replay over {len(copies)} weight copies (> 160 MB, cold L2), "
+                                f"median of 15; GB/s = weight bytes / time; of_copy_bw: over the "
+                                f"device-to-device copy bandwidth (read + write) of this run"}, result_file)
     for (model, m), (ours, cublas) in step_us.items():
         print(f"{model} M={m}: these linears per decode step (x layers) {ours / 1e3:.3f} ms with gemv, "
               f"{cublas / 1e3:.3f} ms with cuBLAS ({cublas / ours:.3f}x)")
@@ -149,36 +158,27 @@ def sweep(models: list[str], ms: list[int], result_file: str, run_id: str) -> No
     from deepserve.kernels.gemv import gemv, gemv_config
 
     env = environment_fields(torch.cuda.get_device_name(), run_id)
-    for model in models:
-        for layer, (k, n, _) in SHAPES[model].items():
-            copies = copies_of(k, n, False)
-            for m in ms:
-                x = torch.randn(m, k, device=DEVICE).bfloat16()
-                table = gemv_config(m, n, k, x.dtype)
-                times = {}
-                for cfg in [table] + [c for c in candidates(m) if usable(c, k, n) and c != table]:
-                    t = timed_us(lambda w, b, cfg=cfg: (lambda: gemv(x, w, b, cfg)), copies)
-                    if t is not None:
-                        times[cfg] = t
-                if not times:
-                    continue
-                ranked = sorted(times, key=times.get)
-                best = ranked[0]
-                gbs = round(2 * n * k / times[best] / 1e3, 1)
-                top = ", ".join(f"{tuple(c)} {times[c]:.2f}" for c in ranked[:3])
-                table_us = times.get(table)
-                print(f"{model:<8} {layer:<14} K={k:<6d} N={n:<7d} M={m}: best {tuple(best)} {times[best]:.2f} us "
-                      f"{gbs:.0f} GB/s; table {tuple(table)} {_f(table_us, 0, 2)} us | top 3: {top}", flush=True)
-                append_record({**env, "engine": "deepserve", "engine_version": None, "model": model,
-                               "dtype": "bfloat16", "quant": "none", "tp": 1, "pp": 1, "ep": 1,
-                               "workload": "kernel-gemv-sweep", "batch": m, "layer": layer, "k": k, "n": n,
-                               "best_config": list(best), "best_us": _r(times[best]), "best_gbs": gbs,
-                               "table_config": list(table), "table_us": _r(table_us),
-                               "ranked": [[list(c), _r(times[c])] for c in ranked], "copies": len(copies),
-                               "notes": "config = (block_n, block_k, split_k, num_warps); CUDA-graph replays over "
-                                        "cold weight copies, median of 15"}, result_file)
-            del copies
-            torch.cuda.empty_cache()
+    for model, layer, k, n, m, x, copies in cases(models, ms, with_bias=False):
+        table = gemv_config(m, n, k, x.dtype)
+        times = {}
+        for cfg in [table] + [c for c in candidates(m) if usable(c, k, n) and c != table]:
+            t = timed_us(lambda w, b, cfg=cfg: (lambda: gemv(x, w, b, cfg)), copies)
+            if t is not None:
+                times[cfg] = t
+        if not times:
+            continue
+        ranked = sorted(times, key=times.get)
+        best, table_us = ranked[0], times.get(table)
+        gbs = round(2 * n * k / times[best] / 1e3, 1)
+        top = ", ".join(f"{tuple(c)} {times[c]:.2f}" for c in ranked[:3])
+        print(f"{model:<8} {layer:<14} K={k:<6d} N={n:<7d} M={m}: best {tuple(best)} {times[best]:.2f} us "
+              f"{gbs:.0f} GB/s; table {tuple(table)} {_f(table_us, 0, 2)} us | top 3: {top}", flush=True)
+        append_record({**record(env, "kernel-gemv-sweep", model, layer, k, n, m, copies),
+                       "best_config": list(best), "best_us": _r(times[best]), "best_gbs": gbs,
+                       "table_config": list(table), "table_us": _r(table_us),
+                       "ranked": [[list(c), _r(times[c])] for c in ranked],
+                       "notes": "config = (block_n, block_k, split_k, num_warps); CUDA-graph replays over "
+                                "cold weight copies, median of 15"}, result_file)
 
 
 def _r(v: float | None) -> float | None:
