@@ -7,8 +7,10 @@ dequantising epilogue fused; the alternative to `torch._scaled_mm` (cuBLASLt / C
 
 It is `kernels/int8_gemm.py`'s kernel with FP8=True (same tiling, split-K, grouped order, block
 table and epilogue order); only the operand type and the accumulator differ. Hopper's fp8 wgmma takes
-K-major operands, the [N, K] row-major layout of the weights. Accumulation order is the tensor
-cores', so the reference agrees to float32 accumulation error, not bit for bit.
+K-major operands, the [N, K] row-major layout of the weights. The sum is kept in float32
+(max_num_imprecise_acc=0: Hopper's fp8 wgmma otherwise accumulates in reduced precision), which
+Triton 3.6 compiles to mma.sync: measured for comparison in benchmarks/gpu_quant.py, not used by
+the fp8 method (torch._scaled_mm). The reference agrees to float32 accumulation error.
 """
 
 from __future__ import annotations

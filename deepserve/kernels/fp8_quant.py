@@ -6,7 +6,8 @@ Per row t (the math of `deepserve.quant.fp8.quantize_per_token_fp8_ref`, bit for
 
     scale_t = max(max_k |x_tk|, 1e-8) / 448,    q_tk = e4m3(clamp(x_tk / scale_t, -448, 448))
 
-e4m3() rounds to nearest, ties to even, as torch's cast, keeping the sign of zero. The kernel rounds onto the e4m3 grid itself
+e4m3() rounds to nearest, ties to even, as torch's cast, keeping the sign of zero. On the GPU that is the
+hardware conversion (HW_CAST); under the interpreter the kernel rounds onto the e4m3 grid itself
 in float32 (spacing 2^(e-3) for a value in [2^e, 2^(e+1)), 2^-9 below 2^-6, the subnormals) with
 `int8_quant.round_half_even`, then casts a value the format holds exactly; this gives the same bits
 on any backend (the Triton interpreter's own float32 -> fp8 cast rounds ties up and drops carries).
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.int8_quant import round_half_even
+from deepserve.kernels.int8_quant import quant_num_warps, round_half_even
 
 _MAX_HIDDEN = 65536
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,7 +47,8 @@ def _round_to_e4m3_grid(v):
 
 
 @triton.jit
-def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK: tl.constexpr):
+def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK: tl.constexpr,
+                      HW_CAST: tl.constexpr = False):
     """One program per row."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -54,7 +56,11 @@ def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK
     v = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 448.0)
     y = tl.minimum(tl.maximum(tl.div_rn(v, scale), -448.0), 448.0)
-    tl.store(q_ptr + row * q_stride + cols, _round_to_e4m3_grid(y).to(tl.float8e4nv), mask=mask)
+    if HW_CAST:  # the GPU's cvt (round to nearest even, as torch's cast)
+        q = y.to(tl.float8e4nv)
+    else:
+        q = _round_to_e4m3_grid(y).to(tl.float8e4nv)
+    tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -71,8 +77,8 @@ def fp8_quant(x: torch.Tensor) -> Fp8Activations:
     if num_tokens == 0:
         return Fp8Activations(q, scale)
     block = triton.next_power_of_2(hidden)
-    _fp8_quant_kernel[(num_tokens,)](x, q, scale, hidden, x.stride(0), q.stride(0), BLOCK=block,
-                                     num_warps=4 if block <= 1024 else (8 if block <= 4096 else 16))
+    _fp8_quant_kernel[(num_tokens,)](x, q, scale, hidden, x.stride(0), q.stride(0), BLOCK=block, HW_CAST=x.is_cuda,
+                                     num_warps=quant_num_warps(block))
     return Fp8Activations(q, scale)
 
 

@@ -111,7 +111,11 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0 if FP8 else 0)
         # out_dtype must name the accumulator: Triton <= 3.6 defaults it to float32 and asserts
         # acc's dtype equals it (later releases infer it from acc)
-        acc = tl.dot(a, b, acc, out_dtype=tl.float32 if FP8 else tl.int32)
+        # FP8: max_num_imprecise_acc=0 keeps a float32 sum on sm_90 (Triton's default there lets the
+        # tensor cores accumulate in reduced precision: a GPU test at M=256, K=3584 broke the bound);
+        # Triton 3.6 then emits mma.sync rather than wgmma, so this kernel is a correct reference
+        # point, not the fp8 method's path (torch._scaled_mm is)
+        acc = tl.dot(a, b, acc, out_dtype=tl.float32 if FP8 else tl.int32, max_num_imprecise_acc=0 if FP8 else None)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)

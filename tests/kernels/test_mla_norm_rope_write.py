@@ -237,8 +237,9 @@ def test_gpu_deepseek_shapes(tokens, heads, cache_dtype):
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("heads", [16, 128], ids=["v2-lite", "v3"])
 def test_gpu_cuda_graph_replay(heads, cache_dtype):
-    """Captured once, replayed over new kv, q_pe, positions and slots written in place into the captured
-    buffers: the replay equals the unfused kernels run eagerly on the new inputs."""
+    """Captured once, replayed over new kv, q_pe, positions, slots and norm weight written in place into
+    the captured buffers: the replay equals the unfused kernels run eagerly on the new inputs (each case
+    draws its own norm weight: leaving the captured one in place failed on an H200)."""
     first = make_case(8, 512, 64, heads, torch.bfloat16, cache_dtype, True, "cuda", nope_dim=128, block_size=64,
                       max_pos=32768, seed=1)
     second = make_case(8, 512, 64, heads, torch.bfloat16, cache_dtype, True, "cuda", nope_dim=128, block_size=64,
@@ -250,7 +251,7 @@ def test_gpu_cuda_graph_replay(heads, cache_dtype):
     with torch.cuda.graph(graph):
         q_out = fused(static)
     for dst, src in ((static.kv, second.kv), (static.q_pe, second.q_pe), (static.positions, second.positions),
-                     (static.slots, second.slots), (static.cache, second.cache)):
+                     (static.slots, second.slots), (static.cache, second.cache), (static.weight, second.weight)):
         dst.copy_(src)
     if static.scales is not None:
         static.scales.copy_(second.scales)
