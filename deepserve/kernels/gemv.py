@@ -99,8 +99,10 @@ def _chunk_sums(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_xm,
                  HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
-    """out[split, m, n] = sum over this split's K range of x[m, k] * w[n, k] (+ bias on split 0)."""
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                 scale_ptr=None, HAS_SCALE: tl.constexpr = False):
+    """out[split, m, n] = sum over this split's K range of x[m, k] * w[n, k] (* scale[n] for int8 w)
+    (+ bias on split 0)."""
     split = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -130,6 +132,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_x
         acc += _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
     y = tl.sum(acc, axis=2)  # [BM, BN] float32
     n_ok = offs_n < N
+    if HAS_SCALE:  # int8 weights (W8A16): one float32 scale per output row
+        y = y * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         y += tl.where(split == 0, bias, 0.0)[None, :]
@@ -157,20 +161,24 @@ def _sum_splits(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, w_scale: torch.Tensor | None = None) -> None:
     if x.dim() != 2 or x.dtype not in _DTYPES or (x.shape[1] > 1 and x.stride(1) != 1):
         raise ValueError(f"gemv: x must be [M, K] of {_DTYPES} with unit stride in K, got "
                          f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
     if x.shape[0] > GEMV_MAX_M:
         raise ValueError(f"gemv: at most {GEMV_MAX_M} rows, got {x.shape[0]}")
-    if w.dim() != 2 or w.dtype != x.dtype or not w.is_contiguous() or w.shape[1] != x.shape[1]:
-        raise ValueError(f"gemv: w must be [N, K={x.shape[1]}] {x.dtype} contiguous, got "
+    w_dtype = torch.int8 if w_scale is not None else x.dtype
+    if w.dim() != 2 or w.dtype != w_dtype or not w.is_contiguous() or w.shape[1] != x.shape[1]:
+        raise ValueError(f"gemv: w must be [N, K={x.shape[1]}] {w_dtype} contiguous, got "
                          f"{tuple(w.shape)} {w.dtype} strides {w.stride()}")
     n = w.shape[0]
+    if w_scale is not None and (w_scale.shape != (n,) or w_scale.dtype != torch.float32 or w_scale.stride(0) != 1):
+        raise ValueError(f"gemv: w_scale must be [{n}] float32 with unit stride, got "
+                         f"{tuple(w_scale.shape)} {w_scale.dtype}")
     if bias is not None and (bias.shape != (n,) or not bias.is_floating_point() or bias.stride(0) != 1):
         raise ValueError(f"gemv: bias must be [{n}] float with unit stride, got {tuple(bias.shape)} {bias.dtype}")
-    if len({t.device for t in (x, w, bias) if t is not None}) != 1:
-        raise ValueError("gemv: x, w and bias must be on one device")
+    if len({t.device for t in (x, w, bias, w_scale) if t is not None}) != 1:
+        raise ValueError("gemv: x, w, bias and w_scale must be on one device")
 
 
 def _check_config(cfg: GemvConfig, vec: int) -> None:
@@ -181,16 +189,18 @@ def _check_config(cfg: GemvConfig, vec: int) -> None:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] bf16/f16/f32 (unit stride in K), w [N, K] x.dtype contiguous, bias [N] float or None
-    -> [M, N] x.dtype. `config` overrides the table (benchmarks, tests)."""
-    _check(x, w, bias)
+    -> [M, N] x.dtype. With w_scale [N] float32, w is int8 (symmetric W8A16): y = (x @ w^T) * w_scale
+    (+ bias), the int8 values exact in float32, the scale applied to the float32 sum. `config`
+    overrides the table (benchmarks, tests)."""
+    _check(x, w, bias, w_scale)
     (m, k), n = x.shape, w.shape[0]
     if m == 0 or n == 0 or k == 0:
         out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
         return (out if bias is None else out + bias.float()).to(x.dtype)
-    vec = _vec(x.dtype)
-    cfg = config or gemv_config(m, n, k, x.dtype)
+    vec = _vec(w.dtype)  # 16-byte loads of the weight (16 int8, 8 bf16 columns)
+    cfg = config or gemv_config(m, n, k, w.dtype)
     _check_config(cfg, vec)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_per_split)
@@ -199,14 +209,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         x, w, bias if bias is not None else w, out, m, n, k, k_per_split, x.stride(0),
         HAS_BIAS=bias is not None, ALIGNED=aligned, BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, VEC=vec, num_warps=cfg.num_warps)
+        BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None, num_warps=cfg.num_warps)
     return out[0] if splits == 1 else _sum_splits(out, x.dtype)
 
 
-def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-PyTorch reference: the float32 matmul of the float32 casts (+ float32 bias), one rounding
-    to x.dtype. [M, K], [N, K], [N] -> [M, N]."""
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+             w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch reference: the float32 matmul of the float32 casts (* w_scale for int8 w) (+ float32
+    bias), one rounding to x.dtype. [M, K], [N, K], [N] -> [M, N]."""
     y = x.float() @ w.float().t()
+    if w_scale is not None:
+        y = y * w_scale.float()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

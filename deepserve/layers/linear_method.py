@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 # Rows (tokens, after flattening leading dims) up to which DenseLinearMethod calls the Triton GEMV on
-# CUDA; 0 turns it off (cuBLAS for every shape). At most kernels/gemv.py's GEMV_MAX_M.
-GEMV_MAX_M = 4
+# CUDA; 0 turns it off (cuBLAS for every shape). At most kernels/gemv.py's GEMV_MAX_M. Measured on an
+# H200 (benchmarks/results/kernels_gemv.jsonl, run s4c2, CUDA-graph replays over cold weights): the
+# gemv beats cuBLAS at M = 1 on every qwen-7b / V2-Lite shape (1.04-1.30x; qwen-7b's linears per step
+# 3.59 vs 3.95 ms) and at M = 2 (qkv a tie), and loses at M = 4 (0.72-0.97x but V2-Lite's o_proj).
+GEMV_MAX_M = 2
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -7,14 +7,20 @@
                   + kernels/int8_epilogue.py. Both give the same numbers (same float32 epilogue).
     w8a16_linear(x [M, K], w_q [N, K] int8, w_scale [N] f32, w_zero [N] f32 | None, bias) -> [M, N]
         by W8A16_BACKENDS:
+        "gemv"     kernels/gemv.py with int8 weights (decode rows; symmetric weights only: with zero
+                   points the row goes to "triton");
         "triton"   kernels/w8a16_gemm.py, the weight dequantised in registers (read once, as int8);
         "dequant"  kernels/w8a16_dequant.py into a [N, K] temporary, then cuBLAS (F.linear): the
                    weight is rounded to x's dtype first, as a float model's would be.
 
 Weights are [N, K] row-major on CUDA (see `kernels/int8_gemm.py` for why). The tables map the
 largest M of a bucket to a backend; the choice is made on the host from M alone, so each CUDA graph
-(one per batch size) captures one fixed path. The entries are not yet measured: they are first
-estimates, to be replaced by what `benchmarks/gpu_quant.py` prints (its "choice" table).
+(one per batch size) captures one fixed path. Measured on an H200 (run s4c2, benchmarks/results/
+gpu_quant_kernels.jsonl; CUDA-graph replays over cold weights, summed over a qwen-7b layer's four
+linears): W8A8 Triton beats torch._int_mm + epilogue at every M (1.5x at M = 2048); W8A16 Triton beats
+dequantise + cuBLAS up to M = 16 (0.105 vs 0.325 ms), loses from M = 256 (0.426 vs 0.364 ms). The
+"gemv" rows (M <= 2) follow kernels_gemv.jsonl's bf16 figures (the gemv beats cuBLAS at M <= 2, loses
+at M = 4); its int8 time is not yet measured.
 """
 
 from __future__ import annotations
@@ -22,10 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# not yet measured: first estimates (decode bandwidth-bound -> Triton; prefill -> cuBLAS)
-W8A8_BACKENDS: dict[int, str] = {16: "triton", 64: "triton", 256: "triton", 1 << 62: "int_mm"}
-W8A16_BACKENDS: dict[int, str] = {16: "triton", 64: "triton", 256: "triton", 1 << 62: "dequant"}
-BACKENDS = {"w8a8": ("triton", "int_mm"), "w8a16": ("triton", "dequant")}
+W8A8_BACKENDS: dict[int, str] = {1 << 62: "triton"}
+W8A16_BACKENDS: dict[int, str] = {2: "gemv", 64: "triton", 1 << 62: "dequant"}
+BACKENDS = {"w8a8": ("triton", "int_mm"), "w8a16": ("gemv", "triton", "dequant")}
 
 
 def pick_backend(table: dict[int, str], m: int) -> str:
@@ -65,6 +70,12 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_ze
         from deepserve.kernels.w8a16_dequant import w8a16_dequant
 
         return F.linear(x, w8a16_dequant(w_q, w_scale, w_zero, x.dtype), bias)
+    if backend == "gemv" and w_zero is None and x.dtype in (torch.bfloat16, torch.float16) \
+            and x.shape[1] % 16 == 0 and w_q.is_contiguous():
+        from deepserve.kernels.gemv import GEMV_MAX_M, gemv
+
+        if x.shape[0] <= GEMV_MAX_M:
+            return gemv(_rows(x), w_q, bias, w_scale=w_scale)
     from deepserve.kernels.w8a16_gemm import w8a16_gemm
 
     return w8a16_gemm(_rows(x), w_q, w_scale, w_zero, bias)

@@ -276,3 +276,58 @@ def test_gpu_dense_method_uses_gemv(shape):
     assert use_gemv(x, layer.weight)
     got = DenseLinearMethod().apply(layer, x, bias)
     assert torch.equal(got.reshape(-1, 4608), G.gemv(x.reshape(-1, 3584), layer.weight, bias))
+
+
+# ------------------------------------------------------------------------------- int8 weights (W8A16)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (2, 70, 512), (1, 9, 40)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_weights_with_row_scales(m, n, k, dtype, bias):
+    """w int8 [N, K] with w_scale [N]: y = (x @ w^T) * scale + b. Same bound as above with the int8
+    load width (VEC = 16) and one rounding more (the scale multiply); bf16 / f16 x int8 products are
+    exact in float32 (<= 11 + 7 significant bits)."""
+    dev = device()
+    gen = torch.Generator().manual_seed(m * 100 + n + k)
+    x = torch.randn(m, k, generator=gen).to(dev, dtype)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(dev)
+    scale = (torch.rand(n, generator=gen) / 50 + 1e-3).to(dev)
+    b = torch.randn(n, generator=gen).to(dev) if bias else None
+    got = G.gemv(x, w, b, w_scale=scale)
+    assert got.dtype == dtype and got.shape == (m, n)
+    s = (x.double() @ w.double().t()) * scale.double()
+    mags = (x.double().abs() @ w.double().abs().t()) * scale.double()
+    if b is not None:
+        s, mags = s + b.double(), mags + b.double().abs()
+    cfg = G.gemv_config(m, n, k, torch.int8)
+    chunks = cdiv(cdiv(k, cfg.split_k), cfg.block_k)
+    depth = 16 + chunks + cfg.block_k // 16 + cfg.split_k + 2 + (dtype == torch.float32)
+    r = 1.0 if INTERPRET and dtype == torch.bfloat16 else 0.5
+    ok = (got.double() - s).abs() <= allowed(s, mags, depth, dtype, r)
+    assert bool(ok.all()), f"{int((~ok).sum())} of {ok.numel()} outputs outside the bound"
+    wrong = G.gemv(x, w, b, w_scale=scale * 1.01)  # a 1% scale error is far outside the bound
+    assert not bool(((wrong.double() - s).abs() <= allowed(s, mags, depth, dtype, r)).all())
+
+
+def test_int8_weights_need_their_scales():
+    dev = device()
+    x, w = torch.randn(1, 32).to(dev), torch.zeros(4, 32, dtype=torch.int8, device=dev)
+    with pytest.raises(ValueError, match="torch.float32 contiguous|float32"):
+        G.gemv(x, w)
+    with pytest.raises(ValueError, match="w_scale"):
+        G.gemv(x, w, w_scale=torch.ones(3, device=dev))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(3584, 4608), (3584, 37888), (18944, 3584), (2048, 3648)])
+def test_gpu_int8_weights_real_shapes(k, n):
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    scale = torch.rand(n, device="cuda") / 50 + 1e-3
+    got = G.gemv(x, w, None, w_scale=scale)
+    s = (x.double() @ w.double().t()) * scale.double()
+    mags = (x.double().abs() @ w.double().abs().t()) * scale.double()
+    cfg = G.gemv_config(1, n, k, torch.int8)
+    depth = 16 + cdiv(cdiv(k, cfg.split_k), cfg.block_k) + cfg.block_k // 16 + cfg.split_k + 2
+    assert bool(((got.double() - s).abs() <= allowed(s, mags, depth, torch.bfloat16, 0.5)).all())

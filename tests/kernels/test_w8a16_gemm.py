@@ -83,6 +83,26 @@ def test_w8a16_linear_backends(backend, symmetric, m):
     assert (got - torch.nn.functional.linear(x, w, bias)).norm() / got.norm() < 1e-2
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 2])
+def test_w8a16_linear_gemv_backend(symmetric, m, monkeypatch):
+    """The decode rows' "gemv" backend (kernels/gemv with int8 weights) for half x and symmetric weights;
+    zero points fall back to the Triton GEMM. Both within the reference's bound."""
+    from deepserve.kernels import gemv as gemv_module
+    from deepserve.quant.int8_cuda import w8a16_linear
+
+    dev = device()
+    w, x, bias = torch.randn(64, 96, device=dev), torch.randn(m, 96, device=dev).half(), torch.randn(64, device=dev)
+    q, scale, zp = quantize_per_channel_ref(w, symmetric)
+    zp = None if zp is None else zp.float()
+    calls = []
+    real = gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = w8a16_linear(x, q.contiguous(), scale, zp, bias, backend="gemv")
+    assert len(calls) == (1 if symmetric else 0)
+    _assert_close(got, G.w8a16_gemm_ref(x, q, scale, zp, bias), x, dequantize_per_channel_ref(q, scale, zp))
+
+
 def test_bad_inputs():
     dev = device()
     q, scale, zp = _weights(16, 32, False, dev)
@@ -110,7 +130,7 @@ SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): q
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("m", [1, 16, 256, 4096])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("backend", ["triton", "dequant"])
+@pytest.mark.parametrize("backend", ["gemv", "triton", "dequant"])
 def test_gpu_real_shapes(k, n, m, symmetric, backend):
     from deepserve.quant.int8_cuda import w8a16_linear
 
