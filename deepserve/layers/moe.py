@@ -46,6 +46,10 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 # Router logits by the Triton GEMV (kernels/router_gemv) for at most this many tokens on the Triton
 # route: at decode sizes cuBLAS's GEMV is latency-bound (5.1 us for V2-Lite's gate at T=1, H200).
 SMALL_T = 16
+# The GEMV wins for small gates only (H200, kernels_moe.jsonl run s4c2, one call from a CUDA graph, cold
+# weights): V2-Lite's 64 x 2048 at 1.78 vs 5.33 us (T = 1) and 3.2 vs 5.4 us (T = 16); V3's 256 x 7168
+# loses at every T (9.6 vs 7.7 us at T = 1): torch.mm there.
+GEMV_MAX_WEIGHT = 1 << 18  # E * H elements
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -235,6 +239,8 @@ class TopKRouter(nn.Module):
         Triton route for T <= SMALL_T, decided from T on the host (a CUDA graph captures one path per
         batch size). None: the torch GEMM."""
         if x.shape[0] > SMALL_T or x.dtype not in _GEMV_DTYPES or x.stride(-1) != 1 or not self.triton_route(x):
+            return None
+        if self.weight.numel() > GEMV_MAX_WEIGHT:
             return None
         return next((w for w in (self.half_weight, self.weight)
                      if w is not None and w.dtype == x.dtype and w.device == x.device), None)

@@ -85,3 +85,17 @@ def test_forward_through_the_gemv_matches_the_torch_route():
     want = router(x)
     assert torch.equal(got.ids, want.ids)
     torch.testing.assert_close(got.weights, want.weights, rtol=1e-5, atol=1e-6)
+
+
+def test_large_gates_keep_the_torch_gemm(gemv_calls, monkeypatch):
+    """V3's 256 x 7168 gate ran slower through the GEMV than torch.mm on an H200: gates above
+    GEMV_MAX_WEIGHT elements never take it."""
+    from deepserve.layers import moe
+
+    assert moe.GEMV_MAX_WEIGHT >= 64 * 2048 and 256 * 7168 > moe.GEMV_MAX_WEIGHT  # V2-Lite's gate in, V3's out
+    router = loaded_router()
+    router.use_kernel = True
+    x = torch.randn(1, 16)
+    assert router.gemv_weight(x) is router.weight  # 8 x 16: small
+    monkeypatch.setattr(moe, "GEMV_MAX_WEIGHT", 8 * 16 - 1)
+    assert router.gemv_weight(x) is None
