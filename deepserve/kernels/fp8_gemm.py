@@ -16,10 +16,8 @@ the fp8 method (torch._scaled_mm). The reference agrees to float32 accumulation 
 from __future__ import annotations
 
 import torch
-import triton
 
-from deepserve.kernels.int8_gemm import (GemmConfig, _int8_gemm_kernel, check_operands, int8_gemm_config, num_sms,
-                                         reduce_splits, split_k_output)
+from deepserve.kernels.int8_gemm import GemmConfig, check_operands, scaled_gemm
 
 FP8 = torch.float8_e4m3fn
 
@@ -30,23 +28,7 @@ def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scal
     """x_q [M, K] e4m3 (unit stride in K), x_scale [M] f32, w_q [N, K] e4m3 (unit stride in K),
     w_scale [N] f32, bias [N] float or None -> [M, N] out_dtype. `config` overrides the table."""
     check_operands(x_q, w_q, w_scale, bias, (FP8,), "fp8_gemm", w_dtype=FP8)
-    if x_scale.shape != (x_q.shape[0],) or x_scale.dtype != torch.float32 or x_scale.device != x_q.device:
-        raise ValueError(f"fp8_gemm: x_scale must be [{x_q.shape[0]}] float32 on {x_q.device}, got "
-                         f"{tuple(x_scale.shape)} {x_scale.dtype}")
-    (m, k), n = x_q.shape, w_q.shape[0]
-    if m == 0 or n == 0:
-        return torch.zeros((m, n), dtype=out_dtype, device=x_q.device)
-    cfg = config or int8_gemm_config(m, n, k, num_sms(x_q.device))
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    c = split_k_output(m, n, cfg.split_k, out_dtype, x_q.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-    _int8_gemm_kernel[grid](
-        x_q, w_q, c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k, k_per_split,
-        x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, FP8=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False)
-    return reduce_splits(c, out_dtype)
+    return scaled_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, config, fp8=True, what="fp8_gemm")
 
 
 def fp8_gemm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

@@ -162,8 +162,16 @@ def int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     """x_q [M, K] int8 (unit stride in K), x_scale [M] f32, w_q [N, K] int8 (unit stride in K),
     w_scale [N] f32, bias [N] float or None -> [M, N] out_dtype. `config` overrides the table."""
     check_operands(x_q, w_q, w_scale, bias, (torch.int8,), "int8_gemm")
+    return scaled_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, config, fp8=False, what="int8_gemm")
+
+
+def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None, fp8: bool,
+                what: str) -> torch.Tensor:
+    """The launch shared by `int8_gemm` and `kernels/fp8_gemm.fp8_gemm` (operands already checked):
+    the x_scale check, the table's config, split-K partials and their sum."""
     if x_scale.shape != (x_q.shape[0],) or x_scale.dtype != torch.float32 or x_scale.device != x_q.device:
-        raise ValueError(f"int8_gemm: x_scale must be [{x_q.shape[0]}] float32 on {x_q.device}, got "
+        raise ValueError(f"{what}: x_scale must be [{x_q.shape[0]}] float32 on {x_q.device}, got "
                          f"{tuple(x_scale.shape)} {x_scale.dtype}")
     (m, k), n = x_q.shape, w_q.shape[0]
     if m == 0 or n == 0:
@@ -176,7 +184,7 @@ def int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
         x_q, w_q, c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k, k_per_split,
         x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP_M=cfg.group_m, FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False)  # no FMA in the epilogue: the reference rounds the product first
     return reduce_splits(c, out_dtype)
 
