@@ -13,7 +13,7 @@ from deepserve.engine.block_manager import BlockManager, cdiv
 from deepserve.engine.cuda_graph import DecodeGraphs, capture_sizes, supports_graphs
 from deepserve.engine.kv_cache import bytes_per_block, kv_cache_dtype_of
 from deepserve.engine.memory import (KVCachePlan, cpu_num_blocks, gpu_num_blocks, oom_guard,
-                                     profile_memory)
+                                     profile_lengths, profile_memory)
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.outputs import EngineOutput
 from deepserve.engine.scheduler import DraftBudget, PendingToken, ScheduledBatch, Scheduler, SchedulerStats
@@ -139,7 +139,9 @@ class EngineCore:
     def _warm_up(self) -> None:
         start = time.perf_counter()
         with oom_guard(self.platform, "warming up the kernels"):
-            self.runner.warm_up(self.config.scheduler.max_num_batched_tokens, self.config.max_model_len)
+            # the profiled step (memory planning) is the largest the scheduler can form: warm up to it,
+            # not past it (max_num_seqs x max_model_len may be below the token budget)
+            self.runner.warm_up(sum(profile_lengths(self.config)), self.config.max_model_len)
         self.platform.synchronize()
         logger.info("warmed up the kernels in %.1f s", time.perf_counter() - start)
 

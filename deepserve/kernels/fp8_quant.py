@@ -6,8 +6,9 @@ Per row t (the math of `deepserve.quant.fp8.quantize_per_token_fp8_ref`, bit for
 
     scale_t = max(max_k |x_tk|, 1e-8) / 448,    q_tk = e4m3(clamp(x_tk / scale_t, -448, 448))
 
-e4m3() rounds to nearest, ties to even, as torch's cast, keeping the sign of zero. On the GPU that is the
-hardware conversion (HW_CAST); under the interpreter the kernel rounds onto the e4m3 grid itself
+e4m3() rounds to nearest, ties to even, as torch's cast, keeping the sign of zero. On sm_90+ GPUs that is
+the hardware conversion (HW_CAST); below sm_90 and under the interpreter the kernel rounds onto the e4m3
+grid itself
 in float32 (spacing 2^(e-3) for a value in [2^e, 2^(e+1)), 2^-9 below 2^-6, the subnormals) with
 `int8_quant.round_half_even`, then casts a value the format holds exactly; this gives the same bits
 on any backend (the Triton interpreter's own float32 -> fp8 cast rounds ties up and drops carries).
@@ -64,6 +65,14 @@ def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK
     tl.store(scale_ptr + row, scale)
 
 
+def hardware_cast_rounds_like_torch(device: torch.device) -> bool:
+    """Whether Triton's float32 -> e4m3 conversion on `device` is the hardware one that rounds to nearest
+    even like torch's cast: CUDA compute capability 9.0+. Below (sm_89: L4, L40S) Triton converts through
+    float16 with truncation, which moves about 0.4% of values by one e4m3 step, so the kernel rounds
+    itself there (and on the interpreter). Depends on the device only: CUDA-graph safe."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def fp8_quant(x: torch.Tensor) -> Fp8Activations:
     """x [T, K] f16/bf16/f32 (unit stride in K; rows may be strided) -> (q [T, K] e4m3, scale [T] f32)."""
     if x.dim() != 2 or x.dtype not in _FLOATS or x.stride(1) != 1:
@@ -77,7 +86,8 @@ def fp8_quant(x: torch.Tensor) -> Fp8Activations:
     if num_tokens == 0:
         return Fp8Activations(q, scale)
     block = triton.next_power_of_2(hidden)
-    _fp8_quant_kernel[(num_tokens,)](x, q, scale, hidden, x.stride(0), q.stride(0), BLOCK=block, HW_CAST=x.is_cuda,
+    _fp8_quant_kernel[(num_tokens,)](x, q, scale, hidden, x.stride(0), q.stride(0), BLOCK=block,
+                                     HW_CAST=hardware_cast_rounds_like_torch(x.device),
                                      num_warps=quant_num_warps(block))
     return Fp8Activations(q, scale)
 

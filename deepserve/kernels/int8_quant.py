@@ -12,7 +12,8 @@ with IEEE divisions (`tl.div_rn`) and round-half-to-even (`torch.round`): on the
 rint (HW_ROUND); under the Triton interpreter, which has no libdevice, the same rounding written with
 `floor` (`round_half_even` below, exact for |v| < 2^23).
 
-The fused variant first computes, in registers, exactly what `kernels/rms_norm.py` writes:
+The fused variant first computes, in registers, what `kernels/rms_norm.py` writes (exactly, up to
+the order of the row's sum of squares where the two kernels' warp counts differ: rows above 8192):
     s = x + residual (in x's dtype; stored as the new residual),
     v = weight * (s.f32 * rsqrt(mean(s.f32^2) + eps)).to(x.dtype), rounded to promote(x, weight)
 and quantises v; the normalised activations never go to memory. One program per row, the whole row

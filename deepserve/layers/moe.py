@@ -203,7 +203,7 @@ class TopKRouter(nn.Module):
     half-precision checkpoint weight is kept too and the logits GEMM takes x as it is (`logits`).
     `num_shared` > 0 (set by the shared-expert fusion): the routing has that many more columns,
     ids E.. with weight 1. `use_kernel`: None = the Triton kernels on CUDA (the routing, and the logits
-    GEMV for T <= SMALL_T: `gemv_weight`); True/False force them (tests).
+    GEMV for T <= SMALL_T and small gates: `gemv_weight`); True/False force them (tests).
     """
 
     def __init__(self, hidden_size: int, cfg: RouterConfig):
@@ -236,8 +236,9 @@ class TopKRouter(nn.Module):
 
     def gemv_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The [E, H] weight of x's dtype and device for the router GEMV (`kernels/router_gemv`): on the
-        Triton route for T <= SMALL_T, decided from T on the host (a CUDA graph captures one path per
-        batch size). None: the torch GEMM."""
+        Triton route for T <= SMALL_T and gates of at most GEMV_MAX_WEIGHT elements (V2-Lite's, not
+        V3's), decided from shapes on the host (a CUDA graph captures one path per batch size).
+        None: the torch GEMM."""
         if x.shape[0] > SMALL_T or x.dtype not in _GEMV_DTYPES or x.stride(-1) != 1 or not self.triton_route(x):
             return None
         if self.weight.numel() > GEMV_MAX_WEIGHT:

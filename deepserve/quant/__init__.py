@@ -14,7 +14,8 @@
 `LinearBase` layers are quantised by the method; the embedding, the LM head and MLA's kv_b_proj (its
 dense matrix is absorbed into q/o) stay in float. The stacked MoE experts become int8 per (expert, row)
 under int8 / int8-weight-only where their MoE backend takes int8 stacks (the fused Triton kernel, i.e.
-CUDA: `int8_experts.py`), and stay in float otherwise.
+CUDA: `int8_experts.py`), and stay in float otherwise (but for block-FP8 checkpoints served int8 off
+CUDA: `block_fp8_experts.Int8RoutedExperts`).
 This module imports no torch: the CLI lists the names without loading the methods.
 """
 

@@ -144,3 +144,14 @@ def test_kernel_warm_up_writes_only_the_null_block(folder, model):
         assert not torch.equal(blocks[0], torch.full_like(blocks[0], 7.0)), "warm-up wrote nothing"
         assert torch.equal(blocks[1:], torch.full_like(blocks[1:], 7.0)), "warm-up wrote outside block 0"
     assert [out.outputs[0].token_ids for out in llm.generate(prompts(3), params)] == before
+
+
+def test_start_up_warm_up_stops_at_the_profiled_step(folder, monkeypatch):
+    """With max_num_seqs x max_model_len below the token budget, the warm-up (run where kernels compile
+    at first launch) feeds at most what memory planning profiled (2 x 64 tokens here, not 256): a larger
+    warm-up step could run out of the memory the KV cache was given."""
+    llm = make_llm(folder, max_num_seqs=2, max_model_len=64)
+    core, calls = llm.engine.core, []
+    monkeypatch.setattr(core.runner, "warm_up", lambda budget, max_len: calls.append((budget, max_len)))
+    core._warm_up()
+    assert calls == [(128, 64)]
