@@ -302,6 +302,8 @@ def test_tiny_v3_mtp_shares_the_main_models_embedding_and_head():
     assert mtp.embed_tokens.weight is main.model.embed_tokens.weight  # the checkpoint's copies are equal
     assert mtp.shared_head.head.weight is main.lm_head.weight
     assert mtp.layer.self_attn.kv_cache.shape == main.model.layers[0].self_attn.kv_cache.shape
+    # its own layers are post-processed like the main model's (before, never: two input GEMMs per step)
+    assert mtp.layer.self_attn.qkv_a_proj is not None and main.model.layers[0].self_attn.qkv_a_proj is not None
 
 
 def test_tiny_v3_stops_penalties_logprobs_and_sampling_match(plain):

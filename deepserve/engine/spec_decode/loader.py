@@ -35,7 +35,21 @@ def load_mtp(config: EngineConfig, main_model: nn.Module) -> DeepseekMTP:
         files = find_checkpoint_files(Path(resolve_model_path(config.model)))
         _load(mtp, files, main_model, config)
     share_identical_weights(mtp, main_model)
+    process_mtp_weights(mtp, main_model)
     return mtp.eval()
+
+
+def process_mtp_weights(mtp: DeepseekMTP, main_model: nn.Module) -> None:
+    """`process_weights_after_loading` (float: the MTP layer is never quantised) for the MTP's own
+    modules, as the main model's loader did for its layers: the merged q / kv_a projection, on CUDA
+    the folded shared experts and the router's half-precision weight, on CPU packed float32 GEMMs.
+    Modules holding the main model's Parameters (the shared embedding and head) keep what the main
+    model's processing left them."""
+    shared = {id(p) for p in main_model.parameters()}
+    for module in list(mtp.modules()):
+        hook = getattr(module, "process_weights_after_loading", None)
+        if callable(hook) and not any(id(p) in shared for p in module.parameters(recurse=False)):
+            hook()
 
 
 def _load(mtp: DeepseekMTP, files: CheckpointFiles, main_model: nn.Module, config: EngineConfig) -> None:
