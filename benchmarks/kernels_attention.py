@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from typing import Callable, NamedTuple
 
 import torch
 import triton
 import triton.testing
 
+from deepserve.bench.offline import append_record
 from deepserve.kernels.kv_cache_write import kv_cache_write
 from deepserve.kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
 from deepserve.kernels.paged_prefill_attention import paged_prefill_attention
@@ -153,10 +153,8 @@ def main() -> None:
     print(f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  (H={H} H_kv={H_KV} D={D} block={BLOCK})")
     for row in rows:
         print_row(row)
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps({**meta, **row}) + "\n")
+    for row in rows:
+        append_record({**meta, **row}, args.json)  # nothing without --json
 
 
 if __name__ == "__main__":

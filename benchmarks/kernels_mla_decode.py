@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.testing
 
+from deepserve.bench.offline import append_record
 from deepserve.kernels.mla_decode_attention import mla_decode_attention, mla_num_splits
 from deepserve.kernels.split_k import choose_num_splits
 
@@ -132,10 +132,8 @@ def main() -> None:
         for ctx in (128, 512, 2048):
             rows.append(sweep_batch_1(ctx, sms))
             print_row(rows[-1])
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps({**meta, **row}) + "\n")
+    for row in rows:
+        append_record({**meta, **row}, args.json)  # nothing without --json
 
 
 if __name__ == "__main__":
