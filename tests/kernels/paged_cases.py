@@ -77,3 +77,12 @@ def replay_with_new_lengths(run, seq_lens: torch.Tensor) -> torch.Tensor:
     seq_lens.copy_(torch.tensor(NEW_LENGTHS, dtype=torch.int32))
     graph.replay()
     return out
+
+
+def long_context_lens(batch: int, longest: int = 4096) -> list[int]:
+    """GPU-test sequence lengths: `batch` draws in [1, longest] (seeded by the batch size), the first
+    one exactly `longest` so every case reaches the long-context split path."""
+    gen = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, longest + 1, (batch,), generator=gen).tolist()
+    lens[0] = longest
+    return lens

@@ -17,7 +17,7 @@ from deepserve.kernels.mla_norm_rope_write import mla_norm_rope_write_ref
 from deepserve.layers import fused
 from tests.kernels.interpret import device, load_kernel_module
 from tests.kernels.mla_cases import V2_LITE_DIMS, V3_DIMS, layer_outputs, make_latent_case, mla_layer
-from tests.kernels.paged_cases import replay_with_new_lengths
+from tests.kernels.paged_cases import long_context_lens, replay_with_new_lengths
 
 mla = load_kernel_module("mla_decode_attention")
 
@@ -210,9 +210,7 @@ def test_cpu_tensors_keep_pytorch_paths():
 @pytest.mark.parametrize("heads", [16, 128])  # V2-Lite, V3
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_gpu_deepseek_shapes_bf16(heads, batch):
-    gen = torch.Generator().manual_seed(batch)
-    lens = torch.randint(1, 4097, (batch,), generator=gen).tolist()
-    lens[0] = 4096
+    lens = long_context_lens(batch)
     if batch > 2:
         lens[1:3] = [1, 17]
     out, ref = _run(lens, heads=heads, rank=512, rope_dim=64, dtype=torch.bfloat16, dev="cuda", scale=V3_SCALE)

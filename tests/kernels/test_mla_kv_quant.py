@@ -13,14 +13,13 @@ CPU: the Triton interpreter at tiny shapes (fp32 / fp16 queries). GPU: V2-Lite s
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from deepserve.layers.kv_quant import dequantize_kv, quantize_kv
 from tests.kernels.interpret import device, load_kernel_module
 from tests.kernels.mla_cases import make_latent_case
+from tests.kernels.paged_cases import long_context_lens
 
 mla = load_kernel_module("mla_decode_attention")
 
@@ -106,9 +105,7 @@ def test_8bit_cache_rejects_missing_scales():
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_gpu_v2_lite_shapes_8bit(cache_dtype, batch):
-    gen = torch.Generator().manual_seed(batch)
-    lens = torch.randint(1, 4097, (batch,), generator=gen).tolist()
-    lens[0] = 4096
+    lens = long_context_lens(batch)
     cache, q_cache, scales, tables, lens_t = quantized_latent_case(lens, 512, 64, 16, cache_dtype, "cuda")
     q_lat, q_rope = _queries(batch, 16, 512, 64, torch.bfloat16, "cuda")
     scale = 192 ** -0.5

@@ -12,7 +12,7 @@ import torch
 
 from tests.kernels.interpret import device, load_kernel_module
 from tests.kernels.kv_quant_cases import QUANT_DTYPES, attention_bound, quantized_case
-from tests.kernels.paged_cases import make_case, replay_with_new_lengths
+from tests.kernels.paged_cases import long_context_lens, make_case, replay_with_new_lengths
 
 dec = load_kernel_module("paged_decode_attention")
 
@@ -64,9 +64,7 @@ def test_rejects_bad_inputs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 7, 64, 256])
 def test_gpu_qwen7b_shapes_bf16(batch):
-    gen = torch.Generator().manual_seed(batch)
-    lens = torch.randint(1, 4097, (batch,), generator=gen).tolist()
-    lens[0] = 4096
+    lens = long_context_lens(batch)
     if batch > 2:
         lens[1:3] = [1, 17]
     case = make_case(lens, kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
@@ -147,9 +145,7 @@ def test_quantized_cache_needs_its_scales():
 @pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
 @pytest.mark.parametrize("batch", [1, 64, 256])
 def test_gpu_qwen7b_shapes_quantized_bf16(kv_dtype, batch):
-    gen = torch.Generator().manual_seed(batch)
-    lens = torch.randint(1, 4097, (batch,), generator=gen).tolist()
-    lens[0] = 4096
+    lens = long_context_lens(batch)
     case = make_case(lens, kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
     out, ref, exact, bound = _run_quantized(case, 28, torch.bfloat16, kv_dtype)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
