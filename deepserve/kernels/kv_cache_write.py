@@ -55,6 +55,17 @@ def load_kv_scales(k_scale_ptr, v_scale_ptr, page, offset, kv_head, mask, stride
 
 
 @triton.jit
+def tile_scores(q, k, k_scale, scale_log2, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr):
+    """The attention kernels' scores of q [BLOCK_Q, BLOCK_D] against a `load_kv_tile` key tile
+    [BLOCK_N, BLOCK_D]: (q k^T (* k_scale per key column on an 8-bit cache)) * scale_log2, in float32,
+    [BLOCK_Q, BLOCK_N]; masking is the caller's."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if KV_SCALED:  # 8-bit cache: K's per-key scales on the score columns (V came dequantised, f32)
+        s = s * k_scale[None, :]
+    return s * scale_log2
+
+
+@triton.jit
 def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos, p_mask, d, d_mask,
                  stride_cb, stride_co, stride_ch, stride_sb, stride_so, DTYPE: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr):

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile
+from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile, tile_scores
 from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
 
 LOG2E = 1.4426950408889634
@@ -91,10 +91,8 @@ def _decode_split_kernel(
         k, v, k_scale = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos, p_mask,
                                      d, d_mask, stride_cb, stride_co, stride_ch, stride_sb, stride_so, q.dtype,
                                      BLOCK_SIZE, KV_SCALED)  # [BLOCK_N, BLOCK_D] x 2, [BLOCK_N]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
-        if KV_SCALED:  # 8-bit cache: K's per-key scales on the score columns (V came dequantised, f32)
-            s = s * k_scale[None, :]
-        s = tl.where(p_mask[None, :], s * scale_log2, float("-inf"))
+        s = tile_scores(q, k, k_scale, scale_log2, DOT_PRECISION, KV_SCALED)  # [BLOCK_G, BLOCK_N]
+        s = tl.where(p_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile
+from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile, tile_scores
 from deepserve.kernels.varlen_tiles import find_sequence
 
 LOG2E = 1.4426950408889634
@@ -68,10 +68,7 @@ def _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_pt
         k, v, k_scale = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos, p_mask,
                                      d, d_mask, stride_cb, stride_co, stride_ch, stride_sb, stride_so, q.dtype,
                                      BLOCK_SIZE, KV_SCALED)  # [BLOCK_N, BLOCK_D] x 2, [BLOCK_N]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if KV_SCALED:  # 8-bit cache: K's per-key scales on the score columns (V came dequantised, f32)
-            s = s * k_scale[None, :]
-        s = s * scale_log2
+        s = tile_scores(q, k, k_scale, scale_log2, DOT_PRECISION, KV_SCALED)  # [BLOCK_M, BLOCK_N]
         if MASKED:
             s = tl.where(p_mask[None, :] & (pos[None, :] <= row_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
