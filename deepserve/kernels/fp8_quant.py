@@ -17,6 +17,7 @@ One program per row, the whole row in registers (K <= 65536): x is read once.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -70,7 +71,13 @@ def hardware_cast_rounds_like_torch(device: torch.device) -> bool:
     even like torch's cast: CUDA compute capability 9.0+. Below (sm_89: L4, L40S) Triton converts through
     float16 with truncation, which moves about 0.4% of values by one e4m3 step, so the kernel rounds
     itself there (and on the interpreter). Depends on the device only: CUDA-graph safe."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cuda" and _capability(torch.device(device).index or 0) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    """CUDA compute capability of device `index`, asked once (this sits on every fp8 linear's path)."""
+    return torch.cuda.get_device_capability(index)
 
 
 def fp8_quant(x: torch.Tensor) -> Fp8Activations:

@@ -79,3 +79,14 @@ def test_gpu_real_shapes(tokens, hidden):
     _assert_exact((2 * torch.randn(tokens, hidden, device="cuda")).bfloat16())
     if tokens == 1:
         _assert_exact(_grid_cases().cuda()[None, :])
+
+
+def test_hardware_cast_only_from_sm90(monkeypatch):
+    """The GPU's e4m3 conversion rounds like torch's cast only from compute capability 9.0 (Triton
+    converts through float16 with truncation below): sm_89 cards and the interpreter round in software."""
+    from deepserve.kernels import fp8_quant as module
+
+    assert not module.hardware_cast_rounds_like_torch(torch.device("cpu"))
+    for capability, hardware in (((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(module, "_capability", lambda index, c=capability: c)
+        assert module.hardware_cast_rounds_like_torch(torch.device("cuda", 0)) is hardware
