@@ -121,7 +121,19 @@ def timed_run(bench: Bench, prompts: list[list[int]], output_len: int, sync) -> 
     return timeline
 
 
-def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps: int) -> dict[str, str]:
+def kernel_summary(prof) -> str:
+    """Device kernels of one profiled step: how many, their summed time, and the span from the first
+    kernel's start to the last one's end (span - busy = the device idle between kernels: launch gaps)."""
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    if not kernels:
+        return "no device kernels recorded"
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1000
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1000
+    return f"{len(kernels)} kernels, busy {busy:.3f} ms, span {span:.3f} ms, idle {span - busy:.3f} ms"
+
+
+def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps: int,
+                 row_limit: int = 25) -> dict[str, str]:
     """torch.profiler over the first `steps` prefill steps and `steps` decode steps past the middle."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -148,8 +160,9 @@ def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps:
         if prof is not None:
             prof.stop()
             seen[want] += 1
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-            tables[f"{want} step {step} ({len(outputs)} outputs)"] = table
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit,
+                                              max_name_column_width=70)
+            tables[f"{want} step {step} ({len(outputs)} outputs): {kernel_summary(prof)}"] = table
         step += 1
     return tables
 
@@ -159,6 +172,7 @@ def main() -> None:
     add_throughput_args(p)
     p.add_argument("--profile-steps", type=int, default=1)
     p.add_argument("--prefix-len", type=int, default=0, help="tokens of one prefix shared by every prompt")
+    p.add_argument("--row-limit", type=int, default=25, help="rows of each profiler table")
     ns = p.parse_args()
     bench = Bench.load(engine_args(argparse.Namespace(**{**vars(ns), "input_len": ns.prefix_len + ns.input_len})))
     sync = bench.platform.synchronize
@@ -179,7 +193,7 @@ def main() -> None:
         print(timeline.prefill_steps(), flush=True)
     if ns.profile_steps > 0 and bench.platform.device_type == "cuda":
         tables = profiled_run(bench, prompts_of(ns.num_prompts, ns.seed + 9),
-                              ns.output_len, ns.profile_steps)
+                              ns.output_len, ns.profile_steps, ns.row_limit)
         for title, table in tables.items():
             print(f"\n=== {title}\n{table}", flush=True)
 

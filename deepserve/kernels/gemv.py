@@ -29,9 +29,8 @@ the x chunk's layout equals the weight tile's (no layout conversion in the loop,
 Triton 3.6 sm_90 IR); other BLOCK_K values pay one small shared-memory exchange of x per chunk.
 
 The table (`gemv_config`, keyed by N and K ranges, chosen on the host from the shapes alone, so a
-captured CUDA graph always replays the same launch) sizes BLOCK_N by N so that small-N GEMVs run in
-one wave of programs and large ones in many. Not yet measured: first estimates for an H200;
-`benchmarks/kernels_gemv.py --sweep` times alternatives. No host synchronisation, no allocation but
+captured CUDA graph always replays the same launch) holds the configs `benchmarks/kernels_gemv.py
+--sweep` found fastest on an H200 at M = 1. No host synchronisation, no allocation but
 the output (and the split partials): CUDA-graph safe.
 """
 
@@ -57,15 +56,16 @@ class GemvConfig(NamedTuple):
 
 
 # (largest N, largest K, config for bf16/f16 at M = 1); the first entry covering the shape wins.
-# Not yet measured: first estimates for an H200 (132 SMs); benchmarks/kernels_gemv.py --sweep.
-# At M = 1, 4 warps and BLOCK_K = 1024, BLOCK_N = 4 / 8 take 40 / 72 registers (Triton 3.6, sm_90):
-# 12 / 7 programs per SM, so N <= 4096 (<= 1024 programs) runs in one wave with N * 2 KB in flight,
-# and larger N in several waves of 8 KB tiles. BLOCK_K = 2048 at 8 warps would keep more bytes in
-# flight but holds 6 programs per SM: 896 programs (N = 3584) would need 1.1 waves.
+# Measured on an H200 (run s5e1, benchmarks/kernels_gemv.py --sweep at M = 1, qwen-7b shapes, CUDA-graph
+# replays over cold weights; the candidates within ~1% of each other are noise): narrow programs (2 rows)
+# win for N <= 8192 (o 8.59 vs 8.95 us, down 33.58 vs 35.57, qkv 10.41 vs 10.83 for the old 4/8-row
+# entries); the big-N GEMVs (gate_up, LM head) prefer 2048-column chunks at 8 warps (62.55 vs 64.90,
+# 239.7 vs 241.7). A qwen-7b step's linears: 3.46 ms summed, 3.61 ms with the old table.
 TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
     (512, _ANY, GemvConfig(2, 1024, 1, 4)),  # router-sized N (not dispatched here): spread over SMs
-    (4096, _ANY, GemvConfig(4, 1024, 1, 4)),  # qkv / o / down of the models here: one wave
-    (_ANY, _ANY, GemvConfig(8, 1024, 1, 4)),  # qkv of qwen-7b, gate_up, LM head: several waves
+    (4096, _ANY, GemvConfig(2, 1024, 1, 4)),  # o / down of qwen-7b, V2-Lite's q+kv_a / o / dense down
+    (8192, _ANY, GemvConfig(2, 512, 1, 2)),  # qkv of qwen-7b
+    (_ANY, _ANY, GemvConfig(4, 2048, 1, 8)),  # gate_up, LM head: many waves of programs
 )
 
 
