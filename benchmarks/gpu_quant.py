@@ -227,9 +227,12 @@ def candidates(m: int):
     if m <= 16:
         return [GemmConfig(16, bn, bk, split_k=s, group_m=1, num_warps=4, num_stages=4)
                 for bn in (32, 64, 128) for bk in (128, 256) for s in (1, 4)]
-    if m <= 256:
+    if m <= 64:
         return [GemmConfig(bm, bn, bk, split_k=s, group_m=8, num_warps=4, num_stages=4)
                 for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for s in (1, 2)]
+    if m <= 256:  # one warp group per 64 rows (wgmma); split-K while the tiles are under one wave
+        return [GemmConfig(bm, bn, 128, split_k=s, group_m=8, num_warps=bm // 16, num_stages=st)
+                for bm in (64, 128) for bn in (64, 128) for s in (1, 2, 4) for st in (3, 4)]
     return [GemmConfig(128, bn, bk, split_k=1, group_m=8, num_warps=w, num_stages=st)
             for bn in (128, 256) for bk in (64, 128) for w, st in ((8, 3), (8, 4), (4, 4))]
 

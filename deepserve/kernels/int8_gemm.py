@@ -17,8 +17,8 @@ float32 partial (split 0 adds the bias) to a [SPLIT_K, M, N] workspace and the h
 `int8_gemm_ref` and of `Int8W8A8Method` on CPU: (float(acc) * x_scale) * w_scale + bias, each
 rounded to float32; the launch passes `enable_fp_fusion=False` so that the GPU compiler does not
 contract the last multiply and the bias add into one FMA (one rounding fewer than the reference).
-The launch has no host synchronisation (CUDA-graph safe). The table is a first estimate for H100
-(not yet measured); `benchmarks/gpu_quant.py --tune` prints measured alternatives.
+The launch has no host synchronisation (CUDA-graph safe). `benchmarks/gpu_quant.py --tune` prints
+measured alternatives to the table.
 """
 
 from __future__ import annotations
@@ -41,11 +41,14 @@ class GemmConfig(NamedTuple):
 
 
 # max M -> config (split_k here is the most splits allowed; `int8_gemm_config` picks <= it).
-# not yet measured: first estimates for H100, refresh from `benchmarks/gpu_quant.py --tune`.
+# M <= 64 and <= 256: measured on an H200 (`benchmarks/gpu_quant.py --tune`, run s5e1: summed time of
+# qwen-7b's four linears, CUDA-graph replays over cold weights): 0.109 ms at M = 64, 0.169 ms at M = 256
+# (the previous 256 entry, 64 x 128 without split-K: 0.181 ms in run s4c2; bf16 cuBLAS 0.180 ms). The
+# M <= 16 and large-M entries are first estimates.
 CONFIGS: dict[int, GemmConfig] = {
     16: GemmConfig(16, 64, 256, split_k=4, group_m=1, num_warps=4, num_stages=4),
-    64: GemmConfig(64, 64, 128, split_k=2, group_m=4, num_warps=4, num_stages=4),
-    256: GemmConfig(64, 128, 128, split_k=1, group_m=8, num_warps=4, num_stages=4),
+    64: GemmConfig(64, 64, 128, split_k=2, group_m=8, num_warps=4, num_stages=4),
+    256: GemmConfig(128, 64, 128, split_k=2, group_m=8, num_warps=8, num_stages=4),
     1 << 62: GemmConfig(128, 128, 128, split_k=1, group_m=8, num_warps=8, num_stages=3),
 }
 
