@@ -7,6 +7,8 @@ environment with `monkeypatch.setenv` and code that wants one consistent view ta
     DEEPSERVE_CACHE_DIR   converted models and other caches (default ~/.cache/deepserve)
     DEEPSERVE_API_KEY     bearer token the server requires (default: none, no auth)
     DEEPSERVE_LOG_LEVEL   logging level name (default INFO)
+    DEEPSERVE_PDL         0 turns off programmatic dependent launch of the decode kernels on sm_90+
+                          GPUs (default 1: on; kernels/pdl.py)
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def log_level() -> str:
     if value not in _LOG_LEVELS:
         raise ValueError(f"DEEPSERVE_LOG_LEVEL={value!r} is not one of {', '.join(_LOG_LEVELS)}")
     return value
+
+
+def pdl_enabled() -> bool:
+    """DEEPSERVE_PDL: "1" (default) or "0"; anything else raises ValueError naming the variable."""
+    value = os.environ.get("DEEPSERVE_PDL", "1").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"DEEPSERVE_PDL={value!r} must be 0 or 1")
+    return value == "1"
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import triton.language as tl
 from deepserve.kernels.fused_moe_configs import MoeConfig, get_config
 from deepserve.kernels.moe_align import moe_align_block_size_triton
 from deepserve.kernels.moe_sum import moe_sum
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -55,7 +56,7 @@ def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_i
                       stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                       GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
                       W_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
     """C[ids] = A[ids // row_div] @ B[expert]^T (N columns) for one M-block x one N-block.
 
     GATED: B has 2N rows; C = silu(A @ B[:N]^T) * (A @ B[N:]^T). MUL_WEIGHT: C *= weights[ids].
@@ -63,6 +64,7 @@ def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_i
     converted to A's dtype before the dot (exact: |q| <= 127), and each accumulator column is
     multiplied by its row's scale after the K loop. Otherwise scale_ptr is None (unused).
     """
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n_blocks  # grouped order: neighbouring programs share B tiles
@@ -184,7 +186,7 @@ def _launch(a, b, c, weights, align, num_valid, row_div, gated, cfg: MoeConfig,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         GATED=gated, MUL_WEIGHT=not gated, IEEE=a.dtype == torch.float32, W_INT8=scale is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(a.device))
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

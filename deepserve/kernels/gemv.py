@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 GEMV_MAX_M = 4  # the most rows of x the kernel takes (the accumulator grows with them)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ANY = 1 << 62
@@ -105,9 +107,10 @@ def _chunk_sums(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_xm,
                  HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                 scale_ptr=None, HAS_SCALE: tl.constexpr = False):
+                 scale_ptr=None, HAS_SCALE: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[split, m, n] = sum over this split's K range of x[m, k] * w[n, k] (* scale[n] for int8 w)
     (+ bias on split 0)."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     split = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -147,8 +150,9 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_x
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out[i] = round(sum_s part[s, i]), the splits added in order (deterministic), one rounding."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     total = tl.load(part_ptr + offs, mask=ok, other=0.0)
@@ -162,7 +166,8 @@ def _sum_splits(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     splits, m, n = part.shape
     out = torch.empty((m, n), dtype=dtype, device=part.device)
     block = min(1024, triton.next_power_of_2(m * n))
-    _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLITS=splits, BLOCK=block, num_warps=4)
+    _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLITS=splits, BLOCK=block, num_warps=4,
+                                                     **pdl_launch(part.device))
     return out
 
 
@@ -214,7 +219,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         x, w, bias if bias is not None else w, out, m, n, k, k_per_split, x.stride(0),
         HAS_BIAS=bias is not None, ALIGNED=aligned, BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None, num_warps=cfg.num_warps)
+        BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None, num_warps=cfg.num_warps,
+        **pdl_launch(x.device))
     return out[0] if splits == 1 else _sum_splits(out, x.dtype)
 
 

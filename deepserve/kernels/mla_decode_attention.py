@@ -47,6 +47,7 @@ import triton.language as tl
 
 from deepserve.kernels.mla_cache_write import check_latent_scales
 from deepserve.kernels.paged_decode_attention import LOG2E
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
 from deepserve.layers.kv_quant import dequantize_kv, is_quantized
 
@@ -81,7 +82,9 @@ def _mla_split_kernel(
     NUM_HEADS: tl.constexpr, RANK: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     b = tl.program_id(0)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -234,6 +237,7 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
         BLOCK_N=block_n, DIRECT=num_splits == 1,
         DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", KV_SCALED=scaled,
         num_warps=num_warps, num_stages=num_stages,
+    **pdl_launch(q_latent.device),
     )
     if num_splits > 1:
         merge_splits(mid_o, mid_lse, out)

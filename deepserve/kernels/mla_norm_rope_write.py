@@ -31,6 +31,7 @@ import triton.language as tl
 
 from deepserve.kernels.mla_cache_write import _check as check_cache_write
 from deepserve.kernels.mla_cache_write import check_latent_scales, mla_cache_write_ref, row_scale, store_row_part
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_norm_ref, rms_normalize, row_num_warps
 from deepserve.kernels.rotary import _MAX_PAIRS, _rotate_heads, load_cos_sin, pair_offsets, rotary_embedding_ref
 from deepserve.kernels.rotary import _check as check_rotary
@@ -82,8 +83,10 @@ def _mla_norm_rope_write_kernel(
     kv_stride, rank, eps, q_st, q_sh, qo_st, qo_sh, num_heads, half, cos_stride, stride_cb, stride_co, stride_sb,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
     ROUND_NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (token, 0): the token's cache row; program (token, b > 0): q_pe heads [(b - 1) BLOCK_H, b BLOCK_H)."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     cos, sin = load_cos_sin(pos_ptr, cos_ptr, sin_ptr, cos_stride, token, half, BLOCK_HALF)
@@ -148,6 +151,7 @@ def mla_norm_rope_write(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
         ROUND_NORM=torch.promote_types(kv.dtype, norm_weight.dtype) == kv.dtype, BLOCK_SIZE=kv_cache.shape[1],
         QUANT=quant, QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0), FP8=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=row_num_warps(block_r),  # the rms_norm kernel's warps: the same reduction over the latent
+    **pdl_launch(kv.device),
     )
     return q_out
 

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 # Measured on an H200 (benchmarks/kernels_moe.py --align, CUDA-graph replay, V2-Lite): one program
 # takes 8.2 / 12.0 / 25.7 / 91 us at 384 / 768 / 1536 / 3072 assignments; two launches over chunks of
 # 64 take 11.8 / 12.7 / 13.3 / 15.1 us there (chunks of 1024, the old default: 62.5 us at 1536).
@@ -171,11 +173,12 @@ def _align_sorted(ids_ptr, sorted_ptr, expert_ids_ptr, total_ptr, n, num_experts
 def _moe_align_kernel(ids_ptr, ws_ptr, sorted_ptr, expert_ids_ptr, total_ptr,
                       n, num_experts, block_m, length, num_blocks, chunk, num_chunks, per_program,
                       MODE: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """MODE 0: one program, all n <= BLOCK_N assignments (`_align_sorted`).
     MODE 1 (pass 1): program p counts the experts of assignments [p*chunk, (p+1)*chunk) into
     workspace row p. MODE 2 (pass 2): program p sums the workspace, places the same assignments
     and labels M-blocks [p*per_program, (p+1)*per_program)."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     pid = tl.program_id(0)
     lo = pid * chunk
     hi = tl.minimum(lo + chunk, n)
@@ -249,7 +252,8 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     if n <= single_max:
         block_n = max(16, triton.next_power_of_2(n))
         _moe_align_kernel[(1,)](ids, total, sorted_ids, expert_ids, total, *args, n, 1, num_blocks,
-                                MODE=0, BLOCK_N=block_n, num_warps=4 if block_n <= 1024 else 8, **tiles)
+                                MODE=0, BLOCK_N=block_n, num_warps=4 if block_n <= 1024 else 8, **tiles,
+                                **pdl_launch(device))
         return MoeAlignment(sorted_ids, expert_ids, total)
     chunk = max(chunk, -(-triton.cdiv(n, _MAX_PROGRAMS) // tiles["SUB"]) * tiles["SUB"])
     num_chunks = triton.cdiv(n, chunk)
@@ -258,7 +262,7 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     for mode in (1, 2):
         _moe_align_kernel[(num_chunks,)](ids, workspace, sorted_ids, expert_ids, total, *args, chunk,
                                          num_chunks, per_program, MODE=mode, BLOCK_N=16,
-                                         num_warps=warps, **tiles)
+                                         num_warps=warps, **tiles, **pdl_launch(device))
     return MoeAlignment(sorted_ids, expert_ids, total)
 
 

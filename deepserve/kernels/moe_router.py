@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 if TYPE_CHECKING:
     from deepserve.layers.moe import RouterConfig
 
@@ -79,9 +81,10 @@ def _moe_router_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, num
                        SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_LIMIT: tl.constexpr,
                        TOP2: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
                        TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr,
-                       BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """One token: logits row [E] -> weights [k + n] f32, ids [k + n] int64 (n = NUM_SHARED:
     ids E.., weight 1)."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)[:, None]
     s = tl.arange(0, BLOCK_S)[None, :]
@@ -166,7 +169,8 @@ def moe_router(logits: torch.Tensor, cfg: "RouterConfig", correction_bias: torch
         SIGMOID=cfg.scoring_func == "sigmoid", HAS_BIAS=correction_bias is not None,
         GROUP_LIMIT=cfg.group_limited, TOP2=cfg.topk_method == "noaux_tc", TOPK_GROUP=cfg.topk_group,
         NORM=cfg.norm_topk_prob, TOP_K=top_k, NUM_SHARED=num_shared, BLOCK_G=block_g, BLOCK_S=block_s,
-        BLOCK_K=triton.next_power_of_2(width), num_warps=1 if block_g * block_s <= 512 else 4)
+        BLOCK_K=triton.next_power_of_2(width), num_warps=1 if block_g * block_s <= 512 else 4,
+        **pdl_launch(logits.device))
     return TopK(weights, ids)
 
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BLOCK_H = 512
 
@@ -27,8 +29,9 @@ _MAX_BLOCK_H = 512
 @triton.jit
 def _moe_sum_kernel(x_ptr, add_ptr, out_ptr, H, stride_xt, stride_xk, stride_xh, stride_at, stride_ah,
                     stride_ot, stride_oh,
-                    TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
+                    TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     """out[t, cols] = round(sum_j x[t, j, cols]) (+ addend[t, cols], rounded again)."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -66,7 +69,7 @@ def moe_sum(x: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor
     _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         x, add, out, hidden, x.stride(0), x.stride(1), x.stride(2), add.stride(0), add.stride(1),
         out.stride(0), out.stride(1),
-        TOP_K=top_k, HAS_ADD=addend is not None, BLOCK_H=block_h, num_warps=4)
+        TOP_K=top_k, HAS_ADD=addend is not None, BLOCK_H=block_h, num_warps=4, **pdl_launch(x.device))
     return out
 
 

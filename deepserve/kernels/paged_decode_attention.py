@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile, tile_scores
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
 
 LOG2E = 1.4426950408889634
@@ -64,7 +65,9 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_SCALED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -177,6 +180,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT=num_splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_SCALED=kv_scales is not None,
         num_warps=num_warps, num_stages=num_stages,
+    **pdl_launch(q.device),
     )
     if num_splits > 1:
         merge_splits(mid_o, mid_lse, out)

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 _MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
 
@@ -51,8 +53,9 @@ def rms_normalize(x, w_ptr, cols, mask, hidden, eps):
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                      hidden, x_stride, res_stride, out_stride, res_out_stride, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """One program per row: [BLOCK] covers the whole hidden dimension."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -105,7 +108,7 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     _rms_norm_kernel[(num_tokens,)](
         x, res_in, weight, out, res_dst, hidden, x.stride(0), res_in.stride(0), out.stride(0),
         res_dst.stride(0), eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-        num_warps=row_num_warps(block))
+        num_warps=row_num_warps(block), **pdl_launch(x.device))
     return RMSNormOutput(out, res_out)
 
 

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_EXPERT_BLOCKS = 128
 _MAX_BLOCK_T = 4
@@ -58,8 +60,9 @@ class GemvConfig(NamedTuple):
 @triton.jit
 def _router_gemv_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, stride_xt, stride_we,
                         HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
+                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     """out[t, e] for BLOCK_T tokens x BLOCK_E experts; each weight chunk loaded once for all tokens."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
     h = tl.arange(0, BLOCK_H)[None, None, :]  # [1, 1, BH]
@@ -126,7 +129,7 @@ def router_logits(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     _router_gemv_kernel[grid](
         x, w, out, num_tokens, num_experts, x.stride(0), w.stride(0),
         HIDDEN=hidden, BLOCK_T=config.block_t, BLOCK_E=config.block_e, BLOCK_H=config.block_h,
-        num_warps=config.num_warps)
+        num_warps=config.num_warps, **pdl_launch(x.device))
     return out
 
 

@@ -11,12 +11,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter, x_stride, out_stride, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, x_stride, out_stride, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row, chunk): BLOCK columns of one row."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -44,7 +47,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(_BLOCK, triton.next_power_of_2(inter))
     grid = (num_tokens, triton.cdiv(inter, block))
     _silu_and_mul_kernel[grid](x, out, inter, x.stride(0), out.stride(0), BLOCK=block,
-                               num_warps=4 if block >= 512 else 2)
+                               num_warps=4 if block >= 512 else 2, **pdl_launch(x.device))
     return out
 
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 
 _WHOLE_TILE_MAX = 8192  # f32 elements of [S, D] partials one program reads at once
 
@@ -49,9 +51,10 @@ def merge_splits_ref(mid_o: torch.Tensor, mid_lse: torch.Tensor, out_dtype: torc
 @triton.jit(do_not_specialize=["num_splits"])  # chosen per step in eager decode
 def _merge_kernel(mid_o_ptr, mid_lse_ptr, out_ptr,
                   stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
-                  DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                  DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (sequence, head, BLOCK_D columns): the [S, BLOCK_D] partials are read as one tile,
     all splits at once (no serial loop over splits); an empty split's partial is never read."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -86,5 +89,5 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor) 
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), splits,
-        DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4)
+        DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4, **pdl_launch(out.device))
     return out
