@@ -89,27 +89,57 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_h
 
 
 @triton.jit
-def _quantize_rows(x, QMAX: tl.constexpr, FP8: tl.constexpr):
-    """x [BLOCK_H, BLOCK_D] f32 (0 in padding) -> (rows on the int8 / e4m3 grid as f32, scales [BLOCK_H])."""
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8), QMAX)
-    y = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -QMAX), QMAX)
-    if FP8:
-        q = _round_to_e4m3_grid(y)
-    else:
-        q = round_half_even(y)  # |y| <= 127 after the clamp: the clamp commutes with rounding
-    return q, scale
+def slot_rows(slot, heads, stride_b, stride_o, stride_h, BLOCK_SIZE: tl.constexpr):
+    """Offsets of the rows of `heads` (any shape) at cache slot `slot` >= 0: block slot // BLOCK_SIZE, offset
+    slot % BLOCK_SIZE, with the cache's (or its scales') strides of a block, an offset and a head."""
+    return (slot // BLOCK_SIZE) * stride_b + (slot % BLOCK_SIZE) * stride_o + heads * stride_h
 
 
 @triton.jit
-def _store_row(src_ptr, dst_ptr, scale_ptr, src, dst, scale_dst, mask, head_mask,
-               QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr):
-    x = tl.load(src_ptr + src, mask=mask, other=0.0)
+def row_amax(x):
+    """x [BLOCK_H, N] f32 (0 in padding) -> max |x| of each row [BLOCK_H, 1]."""
+    return tl.max(tl.abs(x), axis=1, keep_dims=True)
+
+
+@triton.jit
+def row_scales(amax, QMAX: tl.constexpr):
+    """The scales of cache rows whose largest |value| is amax (f32, [BLOCK_H, 1]): max(amax, 1e-8) / QMAX."""
+    return tl.div_rn(tl.maximum(amax, 1e-8), QMAX)
+
+
+@triton.jit
+def store_rows(ptrs, x, mask, scale, QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr):
+    """Rows x [BLOCK_H, N] (or a part of each: its columns at ptrs) cast to the cache dtype, or (QUANT) x f32
+    divided by its row's scale [BLOCK_H, 1], clamped to +-QMAX and rounded onto the int8 / e4m3 grid.
+    Shared with the kernels that fuse this write (rope_kv_write)."""
     if QUANT:
-        q, scale = _quantize_rows(x.to(tl.float32), QMAX, FP8)
-        tl.store(dst_ptr + dst, q.to(dst_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + scale_dst, scale, mask=head_mask)
-    else:
-        tl.store(dst_ptr + dst, x.to(dst_ptr.dtype.element_ty), mask=mask)
+        y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX)
+        if FP8:
+            x = _round_to_e4m3_grid(y)
+        else:
+            x = round_half_even(y)  # |y| <= 127 after the clamp: the clamp commutes with rounding
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def write_rows(x_ptr, cache_ptr, scale_ptr, token, slot, stride_xt, stride_xh, stride_cb, stride_co, stride_ch,
+               stride_sb, stride_so, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+               FP8: tl.constexpr):
+    """One token's rows x [NUM_HEADS, HEAD_DIM] (its K or its V; token int64) into cache slot `slot` >= 0, and
+    (QUANT) their scales. Shared with the kernels that fuse this write (rope_kv_write)."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < NUM_HEADS) & (dims < HEAD_DIM)
+    x = tl.load(x_ptr + token * stride_xt + heads * stride_xh + dims, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_D]
+    scale = 1.0  # unused by a float cache
+    if QUANT:
+        x = x.to(tl.float32)
+        scale = row_scales(row_amax(x), QMAX)
+        tl.store(scale_ptr + slot_rows(slot, heads, stride_sb, stride_so, 1, BLOCK_SIZE), scale,
+                 mask=heads < NUM_HEADS)
+    store_rows(cache_ptr + slot_rows(slot, heads, stride_cb, stride_co, stride_ch, BLOCK_SIZE) + dims, x, mask,
+               scale, QUANT, QMAX, FP8)
 
 
 @triton.jit
@@ -120,21 +150,13 @@ def _kv_cache_write_kernel(
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:
-        heads = tl.arange(0, BLOCK_H)
-        dims = tl.arange(0, BLOCK_D)
-        head_mask = heads < NUM_HEADS
-        mask = head_mask[:, None] & (dims[None, :] < HEAD_DIM)
-        block = slot // BLOCK_SIZE
-        offset = slot % BLOCK_SIZE
-        dst = block * stride_cb + offset * stride_co + heads[:, None] * stride_ch + dims[None, :]
-        scale_dst = block * stride_sb + offset * stride_so + heads
-        src_k = token.to(tl.int64) * stride_kt + heads[:, None] * stride_kh + dims[None, :]
-        src_v = token.to(tl.int64) * stride_vt + heads[:, None] * stride_vh + dims[None, :]
-        _store_row(k_ptr, k_cache_ptr, k_scale_ptr, src_k, dst, scale_dst, mask, head_mask, QUANT, QMAX, FP8)
-        _store_row(v_ptr, v_cache_ptr, v_scale_ptr, src_v, dst, scale_dst, mask, head_mask, QUANT, QMAX, FP8)
+        write_rows(k_ptr, k_cache_ptr, k_scale_ptr, token, slot, stride_kt, stride_kh, stride_cb, stride_co, stride_ch,
+                   stride_sb, stride_so, NUM_HEADS, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_SIZE, QUANT, QMAX, FP8)
+        write_rows(v_ptr, v_cache_ptr, v_scale_ptr, token, slot, stride_vt, stride_vh, stride_cb, stride_co, stride_ch,
+                   stride_sb, stride_so, NUM_HEADS, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_SIZE, QUANT, QMAX, FP8)
 
 
 def check_cache(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, float_dtype: torch.dtype | None = None) -> None:

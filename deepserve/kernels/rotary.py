@@ -54,24 +54,44 @@ def load_cos_sin(pos_ptr, cos_ptr, sin_ptr, cos_stride, token, half, BLOCK_HALF:
 
 
 @triton.jit
+def rotated_heads(x_ptr, token, heads, sx_t, sx_h, num_heads, cos, sin, half, BLOCK_HALF: tl.constexpr,
+                  INTERLEAVED: tl.constexpr):
+    """Heads [BLOCK_H, 1] of one token (those < num_heads), their pairs turned by cos, sin [1, BLOCK_HALF] f32 ->
+    (first dims, second dims of the pairs [BLOCK_H, BLOCK_HALF] f32, 0 where masked; their offsets in a head
+    [1, BLOCK_HALF]; the mask). Shared with the kernels that fuse this rotation (rope_kv_write)."""
+    idx, off1, off2 = pair_offsets(half, BLOCK_HALF, INTERLEAVED)
+    mask = (heads < num_heads) & (idx < half)
+    src = x_ptr + token * sx_t + heads * sx_h  # [BLOCK_H, 1] pointers
+    x1 = tl.load(src + off1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + off2, mask=mask, other=0.0).to(tl.float32)
+    o1, o2 = rotate_pair(x1, x2, cos, sin)
+    return o1, o2, off1, off2, mask
+
+
+@triton.jit
+def unrotated_dims(x_ptr, token, heads, sx_t, sx_h, num_heads, half, head_dim, BLOCK_REST: tl.constexpr):
+    """Dims [2 half, head_dim) of heads [BLOCK_H, 1] of one token, which a partial rotary leaves alone ->
+    (values [BLOCK_H, BLOCK_REST] in x's dtype, 0 where masked; their offsets in a head [1, BLOCK_REST]; the mask)."""
+    rest = 2 * half + tl.arange(0, BLOCK_REST)[None, :]
+    mask = (heads < num_heads) & (rest < head_dim)
+    return tl.load(x_ptr + token * sx_t + heads * sx_h + rest, mask=mask, other=0.0), rest, mask
+
+
+@triton.jit
 def _rotate_heads(x_ptr, o_ptr, token, first_head, sx_t, sx_h, so_t, so_h, num_heads, cos, sin, half,
                   head_dim, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
                   INTERLEAVED: tl.constexpr, COPY_REST: tl.constexpr):
     """Rotate heads [first_head, first_head + BLOCK_H) of one token: cos, sin [1, BLOCK_HALF] f32."""
     heads = first_head + tl.arange(0, BLOCK_H)[:, None]
-    idx, off1, off2 = pair_offsets(half, BLOCK_HALF, INTERLEAVED)
-    mask = (heads < num_heads) & (idx < half)
-    src = x_ptr + token * sx_t + heads * sx_h  # [BLOCK_H, 1] pointers
-    dst = o_ptr + token * so_t + heads * so_h
-    x1 = tl.load(src + off1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + off2, mask=mask, other=0.0).to(tl.float32)
-    o1, o2 = rotate_pair(x1, x2, cos, sin)
+    o1, o2, off1, off2, mask = rotated_heads(x_ptr, token, heads, sx_t, sx_h, num_heads, cos, sin, half, BLOCK_HALF,
+                                             INTERLEAVED)
+    dst = o_ptr + token * so_t + heads * so_h  # [BLOCK_H, 1] pointers
     tl.store(dst + off1, o1.to(o_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + off2, o2.to(o_ptr.dtype.element_ty), mask=mask)
     if COPY_REST:
-        rest = 2 * half + tl.arange(0, BLOCK_REST)[None, :]
-        rest_mask = (heads < num_heads) & (rest < head_dim)
-        tl.store(dst + rest, tl.load(src + rest, mask=rest_mask, other=0.0), mask=rest_mask)
+        rest, offsets, rest_mask = unrotated_dims(x_ptr, token, heads, sx_t, sx_h, num_heads, half, head_dim,
+                                                  BLOCK_REST)
+        tl.store(dst + offsets, rest, mask=rest_mask)
 
 
 @triton.jit
