@@ -45,7 +45,7 @@ import triton.language as tl
 from deepserve.kernels.fused_moe_configs import MoeConfig, get_config
 from deepserve.kernels.moe_align import moe_align_block_size_triton
 from deepserve.kernels.moe_sum import moe_sum
-from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.pdl import pdl_launch, pdl_wait
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -64,7 +64,7 @@ def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_i
     converted to A's dtype before the dot (exact: |q| <= 127), and each accumulator column is
     multiplied by its row's scale after the K loop. Otherwise scale_ptr is None (unused).
     """
-    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
+    pdl_wait(PDL)  # first: wait for the previous kernel; no early launch of the next (kernels/pdl.py)
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n_blocks  # grouped order: neighbouring programs share B tiles

@@ -11,6 +11,11 @@ Contract of a kernel that takes `PDL: tl.constexpr = False`:
     has completed and its memory is visible, before any load or store of the kernel, so the kernel
     reads and writes exactly what it would without PDL; only then `griddepcontrol.launch_dependents`
     lets the next kernel launch (after the wait, so at most one grid waits behind a running one).
+    A kernel with several waves of heavy CTAs takes `pdl_wait(PDL)` instead (no early launch of the
+    next kernel: its waiting CTAs would hold SM slots the later waves need). Measured on an H200 (run
+    s5e2) with the early trigger in every kernel: qwen-7b decode 3.88 vs 4.01 ms/token without PDL,
+    qwen-1.5b 1.40 vs 1.53, but V2-Lite 2.244 vs 2.238 and its 128-token prefill 39 vs 26 ms; the
+    fused MoE (146 us per prefill call, several waves) is the suspect, so it only waits.
   * its launch passes `**pdl_launch(device)`: {"PDL": True, "launch_pdl": True} on an sm_90+ CUDA
     device unless DEEPSERVE_PDL=0, else {} (PDL stays False: the prologue compiles to nothing and the
     interpreter never meets the instructions).
@@ -38,6 +43,15 @@ def pdl_prologue(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait for the previous grid only: the next kernel launches when this one's CTAs have all exited.
+    For kernels of many heavy CTAs (the fused MoE GEMMs), whose later waves would otherwise share the
+    SMs with the next kernel's early, waiting CTAs. No-op without PDL."""
+    if PDL:
+        gdc_wait()
 
 
 def pdl_launch(device: torch.device) -> dict[str, bool]:
