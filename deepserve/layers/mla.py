@@ -28,7 +28,8 @@ A decode step on CUDA launches, per layer: ONE GEMM for q_proj (or q_a_proj) and
 not post-processed, keep two GEMMs; q_a_layernorm and q_b_proj follow for q LoRA), ONE kernel for
 kv_a_layernorm + the rotation of q_pe and k_pe + the cache write (three launches before), q_nope @ W_UK, the decode
 kernel (q_latent and q_pe as two strided tensors) and its merge (when split), o_lat @ W_UV written into
-token-major rows, o_proj: no concatenation and no layout copy on the way.
+token-major rows, o_proj: no concatenation and no layout copy on the way. The two W_UK / W_UV products are ONE
+`kernels/head_gemv` launch each for up to HEAD_GEMV_MAX_T rows (float weights), cuBLAS's batched GEMM above.
 
 8-bit cache (`--kv-cache-dtype int8|fp8`): the cache is int8 / float8_e4m3fn and `kv_scales [num_blocks,
 block_size]` float32 holds one scale per row [latent | rope] (layers/kv_quant.py; bound by the runner, empty
@@ -203,9 +204,11 @@ class MLAAttention(nn.Module):
         return causal_attention(q_latent, kv, kv[..., :self.kv_lora_rank], self.scale)
 
     def _absorb_latent(self, q_nope: torch.Tensor) -> torch.Tensor:
-        """q_nope [T, h, Dn] -> q_nope @ W_UK [T, h, R] (a head-major bmm result seen token-major: strided)."""
+        """q_nope [T, h, Dn] -> q_nope @ W_UK [T, h, R]: contiguous from the head GEMV (Triton route, few rows),
+        else a head-major bmm result seen token-major (strided)."""
         w_uk, _ = self._kv_b_weights()
-        return torch.einsum("thd,hdr->thr", q_nope, w_uk)
+        q_lat = self._head_gemv(q_nope, w_uk)
+        return torch.einsum("thd,hdr->thr", q_nope, w_uk) if q_lat is None else q_lat
 
     def _absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
         """q_nope [T, h, Dn], q_pe [T, h, Dr] -> q_latent [T, h, R + Dr] (q_nope @ W_UK | q_pe), for the
@@ -213,14 +216,25 @@ class MLAAttention(nn.Module):
         return torch.cat([self._absorb_latent(q_nope), q_pe], dim=-1)
 
     def _absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
-        """o_latent [T, h, R] -> [T, h, Dv] (times W_UV). On the Triton route the bmm writes straight into
-        token-major rows, so o_proj's [T, h * Dv] view of it needs no copy."""
+        """o_latent [T, h, R] -> [T, h, Dv] (times W_UV). On the Triton route the head GEMV (few rows) or the bmm
+        writes straight into token-major rows, so o_proj's [T, h * Dv] view of it needs no copy."""
         _, w_uv = self._kv_b_weights()
         if not self._on_triton(o_lat):
             return torch.einsum("thr,hvr->thv", o_lat, w_uv)
         out = o_lat.new_empty(o_lat.shape[0], self.num_heads, self.v_dim)  # [T, h, Dv] contiguous
-        torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))  # [h, T, R] @ [h, R, Dv]
+        if self._head_gemv(o_lat, w_uv.transpose(1, 2), out) is None:  # [h, R, Dv]: unit stride in R
+            torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))  # [h, T, R] @ [h, R, Dv]
         return out
+
+    def _head_gemv(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """x [T, h, K] @ w [h, K, N] per head by `kernels/head_gemv` (into `out` [T, h, N], else a new contiguous
+        tensor) on the Triton route for decode-sized T (<= its HEAD_GEMV_MAX_T) and float weights of x's dtype:
+        one launch streaming the weights once, where cuBLAS's batched GEMM is latency-bound. None elsewhere."""
+        if not self._on_triton(x):
+            return None
+        from deepserve.kernels.head_gemv import head_gemv, head_gemv_applies  # lazy: Triton on CUDA only
+
+        return head_gemv(x, w, out) if head_gemv_applies(x, w) else None
 
     def _rotate_and_store(self, positions: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""head_gemv (kernels/head_gemv.py) against the exact product, its reference and MLA's torch path.
+"""head_gemv (kernels/head_gemv.py) against the exact product, its reference and MLA's torch path; the
+MLAAttention wiring (layers/mla.py `_absorb_latent` / `_absorb_output`).
 
 Tolerance (as tests/kernels/test_gemv.py argues it): s = sum_k x w exact (float64), B = sum_k |x w|.
 Any float32 summation order of the K products (one more rounding for float32 products) is within
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
+from tests.kernels.mla_cases import V2_LITE_DIMS, V3_DIMS, layer_outputs, mla_layer
 
 HG = load_kernel_module("head_gemv")
 U = 2.0 ** -24
@@ -168,6 +170,57 @@ def test_config_at_mla_shapes(dtype, heads):
         assert -(-n // cfg.block_n) * heads >= 256
 
 
+# ---- the MLAAttention wiring ---------------------------------------------------------------------
+
+def _counting(monkeypatch) -> list:
+    """Records each head_gemv call (x rows, w shape) and calls through."""
+    calls, real = [], HG.head_gemv
+    monkeypatch.setattr(HG, "head_gemv", lambda x, w, out=None: calls.append((x.shape[0], tuple(w.shape)))
+                        or real(x, w, out))
+    return calls
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+@torch.no_grad()
+def test_layer_absorb_products_on_the_triton_route(monkeypatch, rows):
+    """Triton route (interpreted on CPU): up to HEAD_GEMV_MAX_T rows the head GEMV gives q_latent [T, h, R]
+    and o [T, h, Dv] contiguous, equal to the torch path; above, the einsum / bmm as before."""
+    calls = _counting(monkeypatch)
+    layer = mla_layer("auto")
+    q_nope = layer_input(rows, layer.num_heads, layer.nope_dim, torch.float32, "cpu")
+    o_lat = torch.randn(rows, layer.num_heads, layer.kv_lora_rank)
+    on_cpu = layer._absorb_latent(q_nope), layer._absorb_output(o_lat)
+    layer._on_triton = lambda t: True
+    q_lat, out = layer._absorb_latent(q_nope), layer._absorb_output(o_lat)
+    assert len(calls) == (2 if rows <= HG.HEAD_GEMV_MAX_T else 0)
+    assert out.is_contiguous() and (q_lat.is_contiguous() or rows > HG.HEAD_GEMV_MAX_T)
+    torch.testing.assert_close(q_lat, on_cpu[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, on_cpu[1], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_layer_cpu_path_is_the_einsum(monkeypatch):
+    """CPU tensors keep the PyTorch einsums: no kernel call, the same bits."""
+    calls = _counting(monkeypatch)
+    layer = mla_layer("auto")
+    w = layer.kv_b_proj.weight.view(layer.num_heads, -1, layer.kv_lora_rank)
+    q_nope, o_lat = torch.randn(2, layer.num_heads, layer.nope_dim), torch.randn(2, layer.num_heads, layer.kv_lora_rank)
+    assert torch.equal(layer._absorb_latent(q_nope), torch.einsum("thd,hdr->thr", q_nope, w[:, :layer.nope_dim]))
+    assert torch.equal(layer._absorb_output(o_lat), torch.einsum("thr,hvr->thv", o_lat, w[:, layer.nope_dim:]))
+    assert not calls
+
+
+@pytest.mark.parametrize("lengths", [[9], [1, 17, 40], [5, 16, 33, 2]], ids=["1-row", "3-rows", "4-rows"])
+def test_layer_decode_with_head_gemv_matches_pytorch(lengths):
+    """A whole decode step on the Triton route (cache write, head GEMVs, decode kernel: interpreted) equals
+    the batched PyTorch absorb path and the naive loop; q_latent from the head GEMV feeds the decode kernel."""
+    triton_out, torch_out, naive = layer_outputs(mla_layer("absorb"), lengths, [1] * len(lengths),
+                                                 [(True, "absorb"), (False, "auto"), (False, "naive")])
+    assert not triton_out.isnan().any()
+    torch.testing.assert_close(triton_out, torch_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch_out, naive, atol=1e-5, rtol=1e-5)
+
+
 # ---- GPU: real shapes ----------------------------------------------------------------------------
 
 MLA_SHAPES = [(16, 128, 128, 512), (128, 128, 128, 512)]  # (h, Dn, Dv, R): V2-Lite, V3
@@ -222,3 +275,23 @@ def test_gpu_cuda_graph_replay(shape, rows):
         assert torch.equal(q_lat, HG.head_gemv(q_nope, w["w_uk"]))
         assert torch.equal(out, HG.head_gemv(o_lat, w["w_uv"]))
         assert_close_to_exact(q_lat, q_nope, w["w_uk"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [V2_LITE_DIMS, V3_DIMS], ids=["v2-lite", "v3"])
+@torch.no_grad()
+def test_gpu_layer_dispatch(monkeypatch, dims):
+    """On CUDA the layer takes the head GEMV for 1..4 rows and cuBLAS above; both agree with the PyTorch
+    einsums of the same bf16 weights."""
+    calls = _counting(monkeypatch)
+    layer = mla_layer("auto", dims, torch.bfloat16, "cuda")
+    w = layer.kv_b_proj.weight.view(layer.num_heads, -1, layer.kv_lora_rank)
+    for rows in (1, 2, 4, 8):
+        calls.clear()
+        q_nope = layer_input(rows, layer.num_heads, layer.nope_dim, torch.bfloat16, "cuda", pad=64)
+        o_lat = torch.randn(rows, layer.num_heads, layer.kv_lora_rank, device="cuda").bfloat16()
+        q_lat, out = layer._absorb_latent(q_nope), layer._absorb_output(o_lat)
+        assert len(calls) == (2 if rows <= 4 else 0)
+        for got, ref in [(q_lat, torch.einsum("thd,hdr->thr", q_nope, w[:, :layer.nope_dim])),
+                         (out, torch.einsum("thr,hvr->thv", o_lat, w[:, layer.nope_dim:]))]:
+            torch.testing.assert_close(got.float(), ref.float(), atol=2 ** -6 * ref.float().abs().max().item(), rtol=0)

@@ -135,13 +135,27 @@ class _AtenLog(TorchDispatchMode):
         return run
 
 
-def test_triton_decode_route_has_no_cat_copy_or_second_rotary(monkeypatch):
+def _head_gemv_stub(log, calls):
+    """kernels/head_gemv's `head_gemv` as its reference (into `out` when given), not logged."""
+    from deepserve.kernels.head_gemv import head_gemv_ref
+
+    def run(x, w, out=None):
+        calls.append((tuple(x.shape), tuple(w.shape)))
+        y = head_gemv_ref(x, w)
+        return y if out is None else out.copy_(y)
+    return log.quiet(run)
+
+
+@pytest.mark.parametrize("lengths", [[5, 17, 40], [5, 17, 40, 1, 9]], ids=["3-rows-head-gemv", "5-rows-bmm"])
+def test_triton_decode_route_has_no_cat_copy_or_second_rotary(monkeypatch, lengths):
     """The decode route's launches (issue 5): the kernels (stubbed by their references here) take q_latent /
     q_pe and the kv_a output / q_pe as they are, kv_a_layernorm + both rotations + the cache write are one call
-    (no separate norm or rotary), and o_lat @ W_UV lands in the rows o_proj reads: no cat, no layout copy."""
-    log, rotations, norms, writes = _AtenLog(), [], [], []
+    (no separate norm or rotary), and o_lat @ W_UV lands in the rows o_proj reads: no cat, no layout copy.
+    W_UK and W_UV: one head GEMV each up to HEAD_GEMV_MAX_T = 4 rows, one bmm each above."""
+    log, rotations, norms, writes, gemvs = _AtenLog(), [], [], [], []
     decode_ref = lambda *args, max_seq_len=None: mla.mla_decode_attention_ref(*args)
     monkeypatch.setattr("deepserve.kernels.mla_decode_attention.mla_decode_attention", log.quiet(decode_ref))
+    monkeypatch.setattr("deepserve.kernels.head_gemv.head_gemv", _head_gemv_stub(log, gemvs))
     write = log.quiet(mla_norm_rope_write_ref)
     monkeypatch.setattr("deepserve.kernels.mla_norm_rope_write.mla_norm_rope_write",
                         lambda *args: writes.append(args) or write(*args))
@@ -150,15 +164,17 @@ def test_triton_decode_route_has_no_cat_copy_or_second_rotary(monkeypatch):
     monkeypatch.setattr(fused, "rms_norm", lambda *args: norms.append(args) or norm(*args))
     layer = mla_layer("auto")
     layer._on_triton = lambda t: True
-    lengths = [5, 17, 40]
+    rows = len(lengths)
     cache, tables, _ = make_latent_case(lengths, layer.kv_lora_rank, layer.rope_dim, 16, torch.float32, "cpu")
     layer.kv_cache = cache
-    ctx = build_forward_context([1] * 3, lengths, [[b for b in row if b] for row in tables.tolist()], 16)
-    x = torch.randn(3, layer.o_proj.weight.shape[0])
+    ctx = build_forward_context([1] * rows, lengths, [[b for b in row if b] for row in tables.tolist()], 16)
+    x = torch.randn(rows, layer.o_proj.weight.shape[0])
     with forward_context(ctx), torch.no_grad(), log:
         layer(ctx.positions, x)
     assert len(writes) == 1 and not rotations and not norms  # norm, q_pe and k_pe rotations, cache write: one call
-    assert log.ops.count("bmm") == 2 and log.ops.count("mm") == 3  # W_UK, W_UV; q_proj, kv_a_proj, o_proj
+    head_gemvs = 2 if rows <= 4 else 0  # W_UK, W_UV
+    assert len(gemvs) == head_gemvs and log.ops.count("bmm") == 2 - head_gemvs
+    assert log.ops.count("mm") == 3  # q_proj, kv_a_proj, o_proj
     assert not {"cat", "clone", "copy_", "contiguous", "_to_copy"} & set(log.ops), log.ops
 
 
