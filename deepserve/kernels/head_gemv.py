@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 HEAD_GEMV_MAX_T = 4  # most rows of x (the module docstring says why)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TILE_BYTES = 8192  # weight bytes per chunk of a program
@@ -67,10 +69,11 @@ class HeadGemvConfig(NamedTuple):
 def _head_gemv_kernel(x_ptr, w_ptr, y_ptr, T, stride_xt, stride_xh, stride_xk, stride_wh, stride_w,
                       stride_yt, stride_yh, stride_yn, K: tl.constexpr, N: tl.constexpr, K_CONTIG: tl.constexpr,
                       ALIGNED: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """y[t, head, n-block] = x[t, head, :] @ w[head, :, n-block] for the BLOCK_T rows; stride_w is w's
     non-unit stride within a head (of N when K_CONTIG, else of K); EVEN: the blocks divide K and N (no
     masked weight load)."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     head = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
@@ -180,7 +183,7 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
         x, w, out, t, x.stride(0), x.stride(1), x.stride(2), w.stride(0), w.stride(2) if k_contig else w.stride(1),
         out.stride(0), out.stride(1), out.stride(2), K=k, N=n, K_CONTIG=k_contig, ALIGNED=_aligned(w, k_contig, vec),
         EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, VEC=vec, BLOCK_T=triton.next_power_of_2(t),
-        BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+        BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **pdl_launch(x.device))
     return out
 
 
