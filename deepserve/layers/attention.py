@@ -5,6 +5,7 @@ bound by the model runner into `kv_cache`; an 8-bit cache (int8 / float8_e4m3fn)
 `kv_scales [2, num_blocks, block_size, num_kv_heads]` float32, one scale per token and head
 (deepserve/layers/kv_quant.py): rows are quantised when written and dequantised when gathered.
 Each call
+  0. with a rotary module (the dense models hand theirs over), rotates q and k by `positions` first;
   1. writes the new tokens' K/V at `ForwardContext.slot_mapping`;
   2. for each sequence gathers its whole context (cached + new) through its block table and runs
      SDPA with the causal mask shifted so the new tokens sit at the end of the context.
@@ -22,6 +23,7 @@ from torch import nn
 
 from deepserve.forward_context import get_forward_context
 from deepserve.layers.kv_quant import dequantize_kv, is_quantized, quantize_kv, scales_shape
+from deepserve.layers.rotary import RotaryEmbedding
 
 
 def _scaled(kv_scales: torch.Tensor | None) -> bool:
@@ -128,18 +130,40 @@ class Attention(nn.Module):
     Holds no weights; `kv_cache` (and `kv_scales`, for an 8-bit cache) start empty. Without a
     bound cache (e.g. a profiling pass) it attends over the new tokens only, which is correct only
     when no sequence has cached context.
+
+    With a `rotary` module, q and k come un-rotated with their positions [T] int64: the backend
+    rotates them before the cache write (this one with the module, then writes; the Triton backend
+    in the launch that writes the cache). Without one, q and k come rotated (or need no rotation).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None,
+                 rotary: RotaryEmbedding | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale = head_dim ** -0.5 if scale is None else scale
+        self.rotary = rotary  # may be shared by every layer of a model
         self.kv_cache = torch.empty(0)
         self.kv_scales = torch.empty(0)  # [2, num_blocks, block_size, H_kv] f32 with an 8-bit cache
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def check_positions(self, positions: torch.Tensor | None) -> None:
+        """ValueError unless positions are given exactly when there is a rotary module to apply."""
+        if (positions is None) != (self.rotary is None):
+            raise ValueError("positions go with a rotary module: give both or neither "
+                             f"(rotary {'set' if self.rotary is not None else 'None'}, "
+                             f"positions {'None' if positions is None else 'given'})")
+
+    def rotate(self, positions: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k [T, H_kv, D] rotated by the rotary module at positions [T] int64 (new tensors);
+        as given without a rotary module."""
+        self.check_positions(positions)
+        return (q, k) if self.rotary is None else self.rotary(positions, q, k)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        q, k = self.rotate(positions, q, k)
         ctx = get_forward_context()
         cached = self.kv_cache.numel() > 0
         if cached:
@@ -173,6 +197,9 @@ def attention_backend_cls(device_type: str) -> type[nn.Module]:
     return Attention
 
 
-def make_attention(num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None) -> nn.Module:
-    """The backend for the device the model is being built on (`with torch.device(...)`)."""
-    return attention_backend_cls(torch.get_default_device().type)(num_heads, head_dim, num_kv_heads, scale)
+def make_attention(num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None,
+                   rotary: RotaryEmbedding | None = None) -> nn.Module:
+    """The backend for the device the model is being built on (`with torch.device(...)`); with `rotary`,
+    it applies RoPE to q and k itself (forward takes their positions)."""
+    cls = attention_backend_cls(torch.get_default_device().type)
+    return cls(num_heads, head_dim, num_kv_heads, scale, rotary)

@@ -46,8 +46,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
                                           self.num_kv_heads, bias=biases.qkv)
         self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size, bias=biases.o)
-        self.rotary_emb = rotary_emb  # shared by all layers
-        self.attn = make_attention(self.num_heads, self.head_dim, self.num_kv_heads)
+        # RoPE (shared by all layers) is the backend's to apply: with the cache write, in one launch on CUDA
+        self.attn = make_attention(self.num_heads, self.head_dim, self.num_kv_heads, rotary=rotary_emb)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """positions [T] int64, hidden [T, hidden] -> [T, hidden]."""
@@ -56,8 +56,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v).flatten(1))  # [T, H * D] -> [T, hidden]
+        return self.o_proj(self.attn(q, k, v, positions).flatten(1))  # q, k rotated inside; [T, H * D] -> [T, hidden]
 
 
 class LlamaMLP(nn.Module):
