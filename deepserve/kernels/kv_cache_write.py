@@ -21,6 +21,7 @@ import triton.language as tl
 
 from deepserve.kernels.fp8_quant import _round_to_e4m3_grid
 from deepserve.kernels.int8_quant import round_half_even
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.layers.kv_quant import QUANT_MAX, dequantize_kv, is_quantized, quantize_kv, scales_shape
 
 
@@ -149,7 +150,9 @@ def _kv_cache_write_kernel(
     stride_cb, stride_co, stride_ch, stride_sb, stride_so,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:
@@ -218,4 +221,5 @@ def kv_cache_write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
         NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_H=triton.next_power_of_2(heads),
         BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=kv_cache.shape[2], QUANT=quant,
         QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0), FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
+    **pdl_launch(kv_cache.device),
     )

@@ -30,6 +30,7 @@ import triton.language as tl
 from deepserve.kernels.kv_cache_write import _check as check_cache_write
 from deepserve.kernels.kv_cache_write import (kv_cache_write_ref, row_amax, row_scales, slot_rows, store_rows,
                                               write_rows)
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.rotary import _check as check_rotary
 from deepserve.kernels.rotary import (_MAX_PAIRS, _rotate_heads, load_cos_sin, rotary_embedding_ref, rotated_heads,
                                       unrotated_dims)
@@ -78,8 +79,10 @@ def _rope_kv_write_kernel(
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_REST: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (token, 0): the token's K and V rows; program (token, b > 0): q heads [(b - 1) BLOCK_HQ, b BLOCK_HQ)."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     if part > 0:
@@ -141,6 +144,7 @@ def rope_kv_write(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=kv_cache.shape[2], INTERLEAVED=interleaved,
         HAS_REST=rest > 0, QUANT=quant, QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0),
         FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
+    **pdl_launch(q.device),
     )
     return q_out
 

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.layers.fused import rotate_eager
 
 _MAX_PAIRS = 512  # rotated pairs per program (q heads x rot_dim / 2): bounds registers
@@ -100,8 +101,9 @@ def _rotary_kernel(pos_ptr, cos_ptr, sin_ptr, cos_stride,
                    k_ptr, ko_ptr, k_st, k_sh, ko_st, ko_sh, num_k_heads, half, head_dim,
                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
                    BLOCK_REST: tl.constexpr, INTERLEAVED: tl.constexpr, COPY_REST: tl.constexpr,
-                   HAS_K: tl.constexpr):
+                   HAS_K: tl.constexpr, PDL: tl.constexpr = False):
     """Program (token, q head block): those q heads, and (first block only) all k heads."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     cos, sin = load_cos_sin(pos_ptr, cos_ptr, sin_ptr, cos_stride, token, half, BLOCK_HALF)
@@ -156,7 +158,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor |
         kk, ko, kk.stride(0), kk.stride(1), ko.stride(0), ko.stride(1), kk.shape[1], half, head_dim,
         BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(kk.shape[1]), BLOCK_HALF=block_half, BLOCK_REST=triton.next_power_of_2(max(rest, 1)),
         INTERLEAVED=interleaved, COPY_REST=rest > 0 and not inplace, HAS_K=k is not None,
-        num_warps=4)
+        num_warps=4, **pdl_launch(q.device))
     return RotaryOutput(q_out, k_out)
 
 
