@@ -164,6 +164,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from deepserve.server.serve import run_server
 
     log_level = ns.log_level or _guarded(envs.log_level)
+    _guarded(envs.pdl_enabled)  # a bad DEEPSERVE_PDL fails here, not at the first kernel launch
     configure_logging(log_level, ns.log_format)
     server = _guarded(lambda: server_config(ns, log_level.lower(), envs.api_key()))
     config = _guarded(EngineArgs.from_cli_args(ns).create_engine_config)

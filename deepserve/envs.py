@@ -52,13 +52,19 @@ def pdl_enabled() -> bool:
     return value == "1"
 
 
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET (Triton's own variable): whether Triton kernels run in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
 @dataclass(frozen=True)
 class EnvSnapshot:
     cache_dir: Path
     api_key: str | None
     log_level: str
+    pdl: bool
 
 
 def snapshot() -> EnvSnapshot:
     """All DEEPSERVE_* values read now, frozen."""
-    return EnvSnapshot(cache_dir=cache_dir(), api_key=api_key(), log_level=log_level())
+    return EnvSnapshot(cache_dir=cache_dir(), api_key=api_key(), log_level=log_level(), pdl=pdl_enabled())

@@ -64,7 +64,6 @@ class GemvConfig(NamedTuple):
 # entries); the big-N GEMVs (gate_up, LM head) prefer 2048-column chunks at 8 warps (62.55 vs 64.90,
 # 239.7 vs 241.7). A qwen-7b step's linears: 3.46 ms summed, 3.61 ms with the old table.
 TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (512, _ANY, GemvConfig(2, 1024, 1, 4)),  # router-sized N (not dispatched here): spread over SMs
     (4096, _ANY, GemvConfig(2, 1024, 1, 4)),  # o / down of qwen-7b, V2-Lite's q+kv_a / o / dense down
     (8192, _ANY, GemvConfig(2, 512, 1, 2)),  # qkv of qwen-7b
     (_ANY, _ANY, GemvConfig(4, 2048, 1, 8)),  # gate_up, LM head: many waves of programs
@@ -77,9 +76,9 @@ def gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
     cfg = next(c for max_n, max_k, c in TABLE if n <= max_n and k <= max_k)
     vec = _vec(dtype)
     # the table's BLOCK_K counts 2-byte columns: a chunk keeps its bytes (what is in flight) for other
-    # widths, so int8 weights take 2048 columns at the same 4 warps (VEC * 32 * num_warps, no layout
-    # conversion). Not measured on a GPU for int8: the first int8 run used 1024-column chunks (half
-    # the bytes in flight) and W8A16 decode reached 55% of the roofline.
+    # widths, so int8 weights take twice the columns at the same warps (VEC * 32 * num_warps, no layout
+    # conversion). The table was swept for bf16 only; int8 (W8A16) decode reached 55% of its roofline
+    # with the previous table (run s5e1) and the current entries are unmeasured for it.
     wide = cfg.block_k * 2 // dtype.itemsize
     block_k = max(min(wide, triton.next_power_of_2(max(k, 1))), vec * 32)
     num_warps = max(1, cfg.num_warps * block_k // wide)

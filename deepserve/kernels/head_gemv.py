@@ -28,8 +28,11 @@ launch): tiles of _TILE_BYTES = 8 KB (512 16-byte vectors, 4 per thread at 4 war
   * unit stride in K (W_UV): BLOCK_K = all of K up to the tile (512 columns, 1 KB rows), BLOCK_N = the
     rest (8 rows): again 256 / 2048 programs.
 All programs of V2-Lite's grid are resident at once (2 MB / 132 SMs = 16 KB in flight per SM), so the
-kernel should take about one memory round trip after its launch. First choices, not measured on a GPU:
-benchmarks/kernels_head_gemv.py times them against the torch path (--sweep: alternatives). Compiled for
+kernel should take about one memory round trip after its launch. First choices: its GPU tests pass on an
+H200 (run s5final). V2-Lite W-b1 with PDL off: 2.238 ms/token before it (s5e2), 2.237 with it (s5final),
+so alone it saved nothing measurable; with PDL on, 2.062 (its launches, unlike the bmm's, take part in
+PDL; that this is where the gain comes from is a guess). Not timed alone: benchmarks/kernels_head_gemv.py
+times it against the torch path (--sweep: alternatives). Compiled for
 sm_90 with Triton 3.9 (no GPU here; the GPU machines run 3.6): every thread issues its four 16-byte weight
 loads (ld.global.v4) before any arithmetic, 32-46 registers at T <= 2, 64-72 at T = 4, no spills.
 

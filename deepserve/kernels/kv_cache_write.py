@@ -221,5 +221,5 @@ def kv_cache_write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
         NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_H=triton.next_power_of_2(heads),
         BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=kv_cache.shape[2], QUANT=quant,
         QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0), FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
-    **pdl_launch(kv_cache.device),
+        **pdl_launch(kv_cache.device),
     )

@@ -237,7 +237,7 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
         BLOCK_N=block_n, DIRECT=num_splits == 1,
         DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", KV_SCALED=scaled,
         num_warps=num_warps, num_stages=num_stages,
-    **pdl_launch(q_latent.device),
+        **pdl_launch(q_latent.device),
     )
     if num_splits > 1:
         merge_splits(mid_o, mid_lse, out)

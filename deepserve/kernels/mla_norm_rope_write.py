@@ -151,7 +151,7 @@ def mla_norm_rope_write(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
         ROUND_NORM=torch.promote_types(kv.dtype, norm_weight.dtype) == kv.dtype, BLOCK_SIZE=kv_cache.shape[1],
         QUANT=quant, QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0), FP8=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=row_num_warps(block_r),  # the rms_norm kernel's warps: the same reduction over the latent
-    **pdl_launch(kv.device),
+        **pdl_launch(kv.device),
     )
     return q_out
 

@@ -180,7 +180,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT=num_splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_SCALED=kv_scales is not None,
         num_warps=num_warps, num_stages=num_stages,
-    **pdl_launch(q.device),
+        **pdl_launch(q.device),
     )
     if num_splits > 1:
         merge_splits(mid_o, mid_lse, out)

@@ -11,18 +11,23 @@ Contract of a kernel that takes `PDL: tl.constexpr = False`:
     has completed and its memory is visible, before any load or store of the kernel, so the kernel
     reads and writes exactly what it would without PDL; only then `griddepcontrol.launch_dependents`
     lets the next kernel launch (after the wait, so at most one grid waits behind a running one).
-    A kernel with several waves of heavy CTAs takes `pdl_wait(PDL)` instead (no early launch of the
-    next kernel: its waiting CTAs would hold SM slots the later waves need). Measured on an H200 (run
-    s5e2) with the early trigger in every kernel: qwen-7b decode 3.88 vs 4.01 ms/token without PDL,
-    qwen-1.5b 1.40 vs 1.53, but V2-Lite 2.244 vs 2.238 and its 128-token prefill 39 vs 26 ms; the
-    fused MoE (146 us per prefill call, several waves) is the suspect, so it only waits.
-  * its launch passes `**pdl_launch(device)`: {"PDL": True, "launch_pdl": True} on an sm_90+ CUDA
-    device unless DEEPSERVE_PDL=0, else {} (PDL stays False: the prologue compiles to nothing and the
-    interpreter never meets the instructions).
+  * its launch passes `**pdl_launch(device)`: {"PDL": True, "launch_pdl": True} on an sm_90+ NVIDIA
+    device unless DEEPSERVE_PDL=0, else {} (PDL stays False and the prologue compiles to nothing): never
+    under ROCm (torch reports "cuda" devices there too), under TRITON_INTERPRET=1, or with a Triton that
+    lacks the griddepcontrol ops.
+  * the fused MoE kernel takes `pdl_wait(PDL)`: it waits, but the next kernel launches only when all its
+    CTAs have exited. Measured on an H200 with the early trigger in every kernel (run s5e2, one run):
+    qwen-7b decode 3.88 vs 4.01 ms/token without PDL, qwen-1.5b 1.40 vs 1.53, but V2-Lite decode 2.244
+    vs 2.238 and its 128-token prefill 39 vs 26 ms; with the fused MoE only waiting (run s5final):
+    V2-Lite decode 2.062 vs 2.237 without PDL, prefill 25.4 ms. Why the early trigger there hurt was not
+    established (the next kernel's CTAs cannot take slots from the MoE's later waves: it launches only
+    once every CTA, the last wave's included, has triggered); a profile of that prefill would tell.
 Ordering is transitive: a kernel's wait returns after the previous grid completed, and that grid
 completed only after its own wait returned, so every earlier kernel's writes are visible. A kernel
-without PDL (cuBLAS, torch) after or before one with it keeps ordinary stream order. Under CUDA-graph
-capture the launch attribute becomes a programmatic edge of the graph.
+launched without the PDL attribute (cuBLAS, torch) before or after one of ours keeps ordinary stream
+order. A third-party kernel that is itself launched with PDL and reads before its own wait would race
+with our output: none on the decode path does that today (cuBLAS GEMMs, torch elementwise ops). Under
+CUDA-graph capture the launch attribute becomes a programmatic edge of the graph (CUDA 12.3+).
 """
 
 from __future__ import annotations
@@ -32,9 +37,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from deepserve import envs
+
+try:  # the griddepcontrol ops (Triton 3.3+); without them PDL stays off
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -47,15 +56,14 @@ def pdl_prologue(PDL: tl.constexpr):
 
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
-    """Wait for the previous grid only: the next kernel launches when this one's CTAs have all exited.
-    For kernels of many heavy CTAs (the fused MoE GEMMs), whose later waves would otherwise share the
-    SMs with the next kernel's early, waiting CTAs. No-op without PDL."""
+    """Wait for the previous grid only: the next kernel launches when this one's CTAs have all exited
+    (the fused MoE GEMMs: see the module docstring). No-op without PDL."""
     if PDL:
         gdc_wait()
 
 
 def pdl_launch(device: torch.device) -> dict[str, bool]:
-    """Launch keywords of a PDL-aware kernel on `device`: PDL on sm_90+ CUDA devices unless DEEPSERVE_PDL=0."""
+    """Launch keywords of a PDL-aware kernel on `device`: PDL on sm_90+ NVIDIA devices unless DEEPSERVE_PDL=0."""
     if device.type != "cuda":
         return {}
     return {"PDL": True, "launch_pdl": True} if _pdl_on(device.index or 0) else {}
@@ -64,4 +72,6 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
 @functools.lru_cache(maxsize=None)
 def _pdl_on(index: int) -> bool:
     """Asked once per device (this sits on every launch of the instrumented kernels)."""
-    return envs.pdl_enabled() and torch.cuda.get_device_capability(index) >= (9, 0)
+    if not envs.pdl_enabled() or envs.triton_interpret() or gdc_wait is None or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(index) >= (9, 0)

@@ -144,7 +144,7 @@ def rope_kv_write(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=kv_cache.shape[2], INTERLEAVED=interleaved,
         HAS_REST=rest > 0, QUANT=quant, QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0),
         FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
-    **pdl_launch(q.device),
+        **pdl_launch(q.device),
     )
     return q_out
 

@@ -3,6 +3,9 @@ computes exactly what it computes without PDL (eager and replayed from a CUDA gr
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from deepserve import envs
 from tests.kernels.interpret import load_kernel_module
 
 pdl = load_kernel_module("pdl")
+KERNELS = Path(__file__).resolve().parents[2] / "deepserve" / "kernels"
 
 
 @pytest.fixture
@@ -77,3 +81,50 @@ def test_pdl_chain_matches_without_pdl(monkeypatch, fresh_pdl_cache):
         want = expected if i % 2 == 0 else _chain(-x, weights, norm_w)
         torch.cuda.synchronize()
         assert torch.equal(out, want), f"replay {i}"
+
+
+def test_pdl_off_under_interpreter_or_rocm(monkeypatch, fresh_pdl_cache):
+    """The gates before the capability query: interpreter, ROCm, DEEPSERVE_PDL=0 (no GPU needed)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pdl._pdl_on(0) is False
+    pdl._pdl_on.cache_clear()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert pdl._pdl_on(0) is False
+    pdl._pdl_on.cache_clear()
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setenv("DEEPSERVE_PDL", "0")
+    assert pdl._pdl_on(0) is False
+
+
+def _kernels_taking_pdl() -> list[tuple[str, ast.FunctionDef]]:
+    """(file, jit function) for every function in deepserve/kernels with a `PDL` parameter."""
+    found = []
+    for path in sorted(KERNELS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(a.arg == "PDL" for a in node.args.args):
+                found.append((path.name, node))
+    return found
+
+
+def test_every_pdl_kernel_waits_first_and_every_launch_passes_pdl():
+    """A kernel with a PDL parameter starts with pdl_prologue / pdl_wait (after its docstring), and every
+    launch of it (`kernel[grid](...)`) passes **pdl_launch(...): a launch with the attribute and no wait,
+    or a load before the wait, would race with the previous kernel."""
+    kernels = [(f, k) for f, k in _kernels_taking_pdl() if k.name not in ("pdl_prologue", "pdl_wait")]
+    assert len(kernels) >= 17
+    names = {k.name for _, k in kernels}
+    for file, kernel in kernels:
+        body = [s for s in kernel.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        first = body[0]
+        assert isinstance(first, ast.Expr) and isinstance(first.value, ast.Call), (file, kernel.name)
+        assert ast.unparse(first.value) in ("pdl_prologue(PDL)", "pdl_wait(PDL)"), (file, kernel.name)
+    launches = 0
+    for path in sorted(KERNELS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in names):
+                launches += 1
+                passed = [ast.unparse(k.value) for k in node.keywords if k.arg is None]
+                assert any(p.startswith("pdl_launch(") for p in passed), (path.name, node.func.value.id)
+    assert launches >= len(kernels)

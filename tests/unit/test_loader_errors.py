@@ -220,7 +220,8 @@ def test_envs_read_on_call(monkeypatch, tmp_path):
     monkeypatch.setenv("DEEPSERVE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("DEEPSERVE_API_KEY", "k")
     monkeypatch.setenv("DEEPSERVE_LOG_LEVEL", "debug")
-    assert envs.snapshot() == envs.EnvSnapshot(tmp_path, "k", "DEBUG")
+    monkeypatch.setenv("DEEPSERVE_PDL", "0")
+    assert envs.snapshot() == envs.EnvSnapshot(tmp_path, "k", "DEBUG", False)
     monkeypatch.setenv("DEEPSERVE_LOG_LEVEL", "loud")
     with pytest.raises(ValueError, match="DEEPSERVE_LOG_LEVEL='LOUD'"):
         envs.log_level()
