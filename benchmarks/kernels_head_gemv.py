@@ -24,31 +24,30 @@ Not run on a GPU yet: smoke-run on CPU only (interpreter, tiny shapes, timing st
 
 from __future__ import annotations
 
-import argparse
 import sys
-import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_dense, gpu_quant as scripts or imported
-from gpu_dense import REPO, bandwidth, ceilings  # noqa: E402
-from gpu_quant import time_ms  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gemv_bench as a script or imported
+import gemv_bench  # noqa: E402
+from gemv_bench import (DEVICE, REPO, add_step, checked_err, copy_count, fmt, record, rounded,  # noqa: E402
+                        speeds, time_configs, timed_us)
 
-sys.path.insert(0, str(REPO))  # deepserve from this checkout
 RESULTS = REPO / "benchmarks" / "results" / "kernels_head_gemv.jsonl"
-DEVICE = "cuda"
-COLD_BYTES = 160 << 20
-MIN_COPIES = 4
 DN, DV, RANK, ROPE = 128, 128, 512, 64
 HEADS = {"v2-lite": 16, "v3": 128}
 LAYERS = {"v2-lite": 27, "v3": 61}  # MLA layers per decode step
 PRODUCTS = ("w_uk", "w_uv")
+CLI = gemv_bench.Cli(__doc__, RESULTS, models=",".join(HEADS), models_help="comma-separated models of HEADS",
+                     rows="ts", rows_help="decode rows T for the table",
+                     sweep_help="time block candidates per product instead", sweep_rows="1,4",
+                     sweep_rows_help="decode rows T for --sweep")
 
 
 def weight_copies(heads: int) -> list:
     """[kv_b_proj.weight [h * (Dn + Dv), R] bf16] copies, each product's half of them > COLD_BYTES in all."""
     import torch
 
-    count = max(MIN_COPIES, -(-COLD_BYTES // (2 * heads * DN * RANK)))
+    count = copy_count(2 * heads * DN * RANK)
     w = (torch.randn(heads * (DN + DV), RANK, device=DEVICE) / RANK ** 0.5).bfloat16()
     return [w] + [w.clone() for _ in range(count - 1)]
 
@@ -91,15 +90,6 @@ def kernel_fn(product: str, x, w, config=None):
     return lambda: head_gemv(x, w, x.new_empty(x.shape[0], x.shape[1], w.shape[2]), config)
 
 
-def timed_us(make_fn, copies) -> float | None:
-    """us per call of make_fn(w) over the copies; None (and a message) when it fails."""
-    try:
-        return 1e3 * time_ms([make_fn(w) for w in copies])
-    except Exception as exc:  # noqa: BLE001 - a compile, launch or capture failure of one candidate
-        print(f"    failed: {exc!r}"[:300], file=sys.stderr, flush=True)
-        return None
-
-
 def cases(models: list[str], ts: list[int]):
     """(model, heads, product, t, x, [w per copy]) per shape, product and T, one shape's copies at a time."""
     import torch
@@ -115,16 +105,10 @@ def cases(models: list[str], ts: list[int]):
         torch.cuda.empty_cache()
 
 
-def record(env: dict, workload: str, model: str, product: str, t: int, ws: list) -> dict:
+def head_record(env: dict, workload: str, model: str, product: str, t: int, ws: list) -> dict:
     """The BENCHMARKS.md fields shared by this script's records."""
     w = ws[0]
-    return {**env, "engine": "deepserve", "engine_version": None, "model": model, "dtype": "bfloat16",
-            "quant": "none", "tp": 1, "pp": 1, "ep": 1, "workload": workload, "batch": t, "layer": product,
-            "heads": w.shape[0], "k": w.shape[1], "n": w.shape[2], "copies": len(ws)}
-
-
-def rel_err(got, ref) -> float:
-    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+    return record(env, workload, model, product, t, ws, heads=w.shape[0], k=w.shape[1], n=w.shape[2])
 
 
 def bench(models: list[str], ts: list[int], result_file: str, run_id: str, copy_gbs: float | None) -> None:
@@ -140,26 +124,18 @@ def bench(models: list[str], ts: list[int], result_file: str, run_id: str, copy_
     for model, heads, product, t, x, ws in cases(models, ts):
         w, nbytes = ws[0], ws[0].numel() * 2
         cfg = head_gemv_config(w.shape[1], w.shape[2], w.stride(1) == 1, w.dtype)
-        try:
-            err = rel_err(kernel_fn(product, x, w)(), torch_fn(product, x, w)())
-        except Exception as exc:  # noqa: BLE001 - reported; the torch path is still timed
-            print(f"    head_gemv failed: {exc!r}"[:300], file=sys.stderr, flush=True)
-            err = None
+        err = checked_err("head_gemv", lambda: kernel_fn(product, x, w)(), lambda: torch_fn(product, x, w)())
         ours = timed_us(lambda w: kernel_fn(product, x, w), ws)
         ref = timed_us(lambda w: torch_fn(product, x, w), ws)
-        gbs = {name: None if us is None else round(nbytes / us / 1e3, 1)
-               for name, us in (("kernel", ours), ("torch", ref))}
-        speedup = None if ours is None or ref is None else round(ref / ours, 3)
-        if speedup is not None:
-            totals = step_us.setdefault((model, t), [0.0, 0.0])
-            totals[0], totals[1] = totals[0] + LAYERS[model] * ours, totals[1] + LAYERS[model] * ref
-        share = None if gbs["kernel"] is None or not copy_gbs else round(gbs["kernel"] / copy_gbs, 3)
-        print(f"{model:<8} {product:<5} {t:2d} {_f(ours, 9, 2)} {_f(ref, 8, 2)} {_f(gbs['kernel'], 11, 0)} "
-              f"{_f(gbs['torch'], 10, 0)} {_f(speedup, 7, 2)} {_f(share, 7, 2)}  {tuple(cfg)} / {_f(err, 0, 6)}",
+        s = speeds(nbytes, ours, ref, copy_gbs)
+        if s.speedup is not None:
+            add_step(step_us, (model, t), LAYERS[model], ours, ref)
+        print(f"{model:<8} {product:<5} {t:2d} {fmt(ours, 9, 2)} {fmt(ref, 8, 2)} {fmt(s.ours_gbs, 11, 0)} "
+              f"{fmt(s.ref_gbs, 10, 0)} {fmt(s.speedup, 7, 2)} {fmt(s.of_copy, 7, 2)}  {tuple(cfg)} / {fmt(err, 0, 6)}",
               flush=True)
-        append_record({**record(env, "kernel-head-gemv", model, product, t, ws), "kernel_us": _r(ours),
-                       "torch_us": _r(ref), "kernel_gbs": gbs["kernel"], "torch_gbs": gbs["torch"], "speedup": speedup,
-                       "kernel_of_copy_bw": share, "config": list(cfg), "max_rel_err": err,
+        append_record({**head_record(env, "kernel-head-gemv", model, product, t, ws), "kernel_us": rounded(ours),
+                       "torch_us": rounded(ref), "kernel_gbs": s.ours_gbs, "torch_gbs": s.ref_gbs,
+                       "speedup": s.speedup, "kernel_of_copy_bw": s.of_copy, "config": list(cfg), "max_rel_err": err,
                        "notes": f"CUDA-graph replay over {len(ws)} weight copies (> 160 MB, cold L2), median of 15; "
                                 f"torch = layers/mla.py's einsum (w_uk) / bmm into token-major rows (w_uv); GB/s = "
                                 f"weight bytes / time; of_copy_bw: over this run's device-to-device copy bandwidth"},
@@ -191,56 +167,18 @@ def sweep(models: list[str], ts: list[int], result_file: str, run_id: str) -> No
     for model, heads, product, t, x, ws in cases(models, ts):
         w = ws[0]
         table = head_gemv_config(w.shape[1], w.shape[2], w.stride(1) == 1, w.dtype)
-        times = {}
-        for cfg in [table] + [c for c in candidates(product) if c != table]:
-            us = timed_us(lambda w, cfg=cfg: kernel_fn(product, x, w, cfg), ws)
-            if us is not None:
-                times[cfg] = us
-        if not times:
+        timed = time_configs(table, candidates(product),
+                             lambda cfg: timed_us(lambda w: kernel_fn(product, x, w, cfg), ws))
+        if timed is None:
             continue
-        ranked = sorted(times, key=times.get)
-        best, table_us = ranked[0], times.get(table)
-        top = ", ".join(f"{tuple(c)} {times[c]:.2f}" for c in ranked[:3])
-        print(f"{model:<8} {product:<5} T={t}: best {tuple(best)} {times[best]:.2f} us; table {tuple(table)} "
-              f"{_f(table_us, 0, 2)} us | top 3: {top}", flush=True)
-        append_record({**record(env, "kernel-head-gemv-sweep", model, product, t, ws), "best_config": list(best),
-                       "best_us": _r(times[best]), "table_config": list(table), "table_us": _r(table_us),
-                       "ranked": [[list(c), _r(times[c])] for c in ranked],
-                       "notes": "config = (block_n, block_k, num_warps); CUDA-graph replays over cold weight "
-                                "copies, median of 15"}, result_file)
-
-
-def _r(v: float | None) -> float | None:
-    return None if v is None else round(v, 3)
-
-
-def _f(v: float | None, width: int, digits: int) -> str:
-    return f"{'-':>{width}s}" if v is None else f"{v:{width}.{digits}f}"
+        print(f"{model:<8} {product:<5} T={t}: best {tuple(timed.best)} {timed.times[timed.best]:.2f} us; table "
+              f"{tuple(table)} {fmt(timed.table_us, 0, 2)} us | top 3: {timed.top()}", flush=True)
+        append_record({**head_record(env, "kernel-head-gemv-sweep", model, product, t, ws),
+                       **timed.fields("block_n, block_k, num_warps")}, result_file)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(HEADS), help="comma-separated models of HEADS")
-    parser.add_argument("--ts", default="1,2,4", help="decode rows T for the table")
-    parser.add_argument("--sweep", action="store_true", help="time block candidates per product instead")
-    parser.add_argument("--sweep-ts", default="1,4", help="decode rows T for --sweep")
-    parser.add_argument("--json", default=str(RESULTS), help="records are appended here ('' for none)")
-    parser.add_argument("--run-id", default=uuid.uuid4().hex[:12])
-    args = parser.parse_args()
-    import torch
-
-    models = args.shapes.split(",")
-    with torch.inference_mode():
-        if args.sweep:
-            sweep(models, [int(t) for t in args.sweep_ts.split(",")], args.json, args.run_id)
-            return
-        copy_gbs = None
-        if args.json:
-            ceilings(args.json, args.run_id)
-            copy_gbs = bandwidth(Path(args.json), args.run_id)
-            print(f"device-to-device copy: {copy_gbs} GB/s (read + write)")
-        bench(models, [int(t) for t in args.ts.split(",")], args.json, args.run_id, copy_gbs)
-    print(f"\nrun {args.run_id} -> {args.json or '(not recorded)'}")
+    gemv_bench.main(CLI, bench, sweep)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from deepserve.layers.kv_quant import is_quantized
 from deepserve.layers.rotary import RotaryEmbedding
+from tests.kernels.fused_write_cases import (OTHER_CACHE_DTYPES, TOL, check_8bit_rows_close,
+                                             check_all_slots_negative_and_no_tokens, check_rejects, filled_cache,
+                                             graph_replay, int32_indices, outputs, shuffled_slots, written_mask)
 from tests.kernels.interpret import device, load_kernel_module
 
 M = load_kernel_module("mla_norm_rope_write")
@@ -46,26 +48,11 @@ def make_case(tokens, rank, rope_dim, heads, dtype, cache_dtype, interleaved, de
     kv = proj[:, 5 + q_width:5 + q_width + rank + rope_dim]  # [T, R + Dr]
     weight = (torch.rand(rank, generator=gen) + 0.5).to(dev, weight_dtype or dtype)
     rope = RotaryEmbedding(rope_dim, max_pos, 10000.0, interleaved=interleaved)
-    num_blocks = (2 * tokens + block_size - 1) // block_size + 1
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
-    if pad_every:
-        slots[::pad_every] = -1
-    if is_quantized(cache_dtype):
-        raw = torch.randint(-128, 128, (num_blocks, block_size, rank + rope_dim), generator=gen, dtype=torch.int8)
-        cache, scales = raw.to(dev).view(cache_dtype), torch.full((num_blocks, block_size), -1.0, device=dev)
-    else:
-        cache, scales = torch.full((num_blocks, block_size, rank + rope_dim), float("nan"), device=dev,
-                                   dtype=cache_dtype), None
+    num_blocks, slots = shuffled_slots(tokens, block_size, pad_every, gen)
+    cache, scales = filled_cache((num_blocks, block_size, rank + rope_dim), cache_dtype, dev, gen)
     positions = torch.randint(0, max_pos, (tokens,), generator=gen)
     return Case(kv, weight, q_pe, positions.to(dev), rope.cos.to(dev), rope.sin.to(dev), interleaved, cache,
                 slots.to(dev), scales)
-
-
-def _outputs(case: Case, fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """fn(case with a fresh cache and scales) -> (q_pe rotated, cache after, scales after)."""
-    cache, scales = case.cache.clone(), None if case.scales is None else case.scales.clone()
-    q = fn(case._replace(cache=cache, scales=scales))
-    return q, cache, scales
 
 
 def fused(c: Case) -> torch.Tensor:
@@ -97,15 +84,13 @@ def _dequantised(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tens
 
 
 def check_case(case: Case) -> None:
-    got_q, got_cache, got_scales = _outputs(case, fused)
-    want_q, want_cache, want_scales = _outputs(case, unfused)
+    got_q, got_cache, got_scales = outputs(case, fused)
+    want_q, want_cache, want_scales = outputs(case, unfused)
     assert got_q.is_contiguous() and got_q.dtype == case.q_pe.dtype and got_q.shape == case.q_pe.shape
     assert torch.equal(_bytes(got_q), _bytes(want_q))
     assert torch.equal(_bytes(got_cache), _bytes(want_cache))
     assert (got_scales is None) or torch.equal(got_scales, want_scales)
-    written = torch.zeros(case.cache.shape[:2], dtype=torch.bool, device=case.cache.device).view(-1)
-    written[case.slots[case.slots >= 0]] = True
-    written = written.view(case.cache.shape[:2])  # [N, bs]
+    written = written_mask(case.slots, case.cache.shape[:2])  # [N, bs]
     assert torch.equal(_bytes(got_cache[~written]), _bytes(case.cache[~written]))  # slot < 0 / unowned: untouched
     assert not _dequantised(got_cache[written], None if got_scales is None else got_scales[written]).isnan().any()
     check_close_to_reference(case, got_q, got_cache, got_scales, written)
@@ -114,18 +99,15 @@ def check_case(case: Case) -> None:
 def check_close_to_reference(case: Case, got_q, got_cache, got_scales, written) -> None:
     """The composed PyTorch references: q_pe and float cache rows within rounding; 8-bit rows within one step of
     their grid (a rounding of the norm may move a value across a grid midpoint)."""
-    ref_q, ref_cache, ref_scales = _outputs(case, reference)
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-    atol = tol[case.q_pe.dtype]
+    ref_q, ref_cache, ref_scales = outputs(case, reference)
+    atol = TOL[case.q_pe.dtype]
     torch.testing.assert_close(got_q.float(), ref_q.float(), atol=atol, rtol=atol)
     if got_scales is None:
-        atol = max(atol, tol.get(case.cache.dtype, atol))
+        atol = max(atol, TOL.get(case.cache.dtype, atol))
         torch.testing.assert_close(got_cache[written].float(), ref_cache[written].float(), atol=atol, rtol=atol)
         return
-    torch.testing.assert_close(got_scales[written], ref_scales[written], atol=0.0, rtol=1e-2)
-    ref = _dequantised(ref_cache[written], ref_scales[written])  # [W, R + Dr]
-    step = ref_scales[written][:, None] + ref.abs() * 2.0 ** -3  # int8: one scale; e4m3: 3 mantissa bits
-    assert ((_dequantised(got_cache[written], got_scales[written]) - ref).abs() <= 1.01 * step).all()
+    check_8bit_rows_close(got_cache[written], got_scales[written],  # [W, R + Dr], [W]
+                          ref_cache[written], ref_scales[written])
 
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
@@ -143,8 +125,7 @@ def test_dims_not_powers_of_two(interleaved, cache_dtype):
     check_case(make_case(5, 24, 12, 5, torch.bfloat16, cache_dtype, interleaved, device(), nope_dim=6))
 
 
-@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, torch.float16), (torch.float16, torch.float32),
-                                               (torch.float32, torch.bfloat16)])
+@OTHER_CACHE_DTYPES
 def test_cache_dtype_other_than_the_inputs(dtype, cache_dtype):
     check_case(make_case(6, 32, 16, 3, dtype, cache_dtype, True, device()))
 
@@ -165,16 +146,11 @@ def test_several_head_blocks(monkeypatch):
 
 def test_all_slots_negative_and_no_tokens():
     case = make_case(4, 16, 8, 2, torch.float32, torch.float32, True, device(), pad_every=1)
-    q, cache, _ = _outputs(case, fused)
-    assert cache.isnan().all()
-    assert torch.equal(q, _outputs(case, unfused)[0])  # q_pe still rotated
-    empty = case._replace(kv=case.kv[:0], q_pe=case.q_pe[:0], positions=case.positions[:0], slots=case.slots[:0])
-    assert fused(empty).shape == (0, 2, 8)
+    check_all_slots_negative_and_no_tokens(case, fused, unfused, ("kv", "q_pe", "positions", "slots"), (0, 2, 8))
 
 
 def test_int32_positions_and_slots():
-    case = make_case(5, 32, 16, 3, torch.bfloat16, torch.int8, True, device())
-    check_case(case._replace(positions=case.positions.int(), slots=case.slots.int()))
+    check_case(int32_indices(make_case(5, 32, 16, 3, torch.bfloat16, torch.int8, True, device())))
 
 
 def test_rejects_bad_inputs():
@@ -190,9 +166,7 @@ def test_rejects_bad_inputs():
         "weight must be": c._replace(weight=c.weight.int()),
         "unit-stride": c._replace(kv=torch.randn(24, 3, device=device()).t()),
     }
-    for message, case in bad.items():
-        with pytest.raises(ValueError, match=message):
-            fused(case)
+    check_rejects(fused, bad)
 
 
 @pytest.mark.parametrize("mode", ["absorb", "auto"])
@@ -244,19 +218,8 @@ def test_gpu_cuda_graph_replay(heads, cache_dtype):
                       max_pos=32768, seed=1)
     second = make_case(8, 512, 64, heads, torch.bfloat16, cache_dtype, True, "cuda", nope_dim=128, block_size=64,
                        max_pos=32768, seed=2)
-    static = first._replace(cache=first.cache.clone(), scales=None if first.scales is None else first.scales.clone())
-    fused(static)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        q_out = fused(static)
-    for dst, src in ((static.kv, second.kv), (static.q_pe, second.q_pe), (static.positions, second.positions),
-                     (static.slots, second.slots), (static.cache, second.cache), (static.weight, second.weight)):
-        dst.copy_(src)
-    if static.scales is not None:
-        static.scales.copy_(second.scales)
-    graph.replay()
-    want_q, want_cache, want_scales = _outputs(second, unfused)
+    q_out, cache, scales = graph_replay(fused, first, second, ("kv", "q_pe", "positions", "slots", "cache", "weight"))
+    want_q, want_cache, want_scales = outputs(second, unfused)
     assert torch.equal(_bytes(q_out), _bytes(want_q))
-    assert torch.equal(_bytes(static.cache), _bytes(want_cache))
-    assert static.scales is None or torch.equal(static.scales, want_scales)
+    assert torch.equal(_bytes(cache), _bytes(want_cache))
+    assert scales is None or torch.equal(scales, want_scales)

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from deepserve.layers.kv_quant import is_quantized
 from deepserve.layers.rotary import RotaryEmbedding
+from tests.kernels.fused_write_cases import (OTHER_CACHE_DTYPES, TOL, check_8bit_rows_close,
+                                             check_all_slots_negative_and_no_tokens, check_rejects, filled_cache,
+                                             graph_replay, int32_indices, outputs, shuffled_slots, written_mask)
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
 
 ROPE = load_kernel_module("rotary")
@@ -70,16 +72,8 @@ def make_case(tokens, heads, kv_heads, head_dim, dtype, cache_dtype, interleaved
     proj[:, 3 + widths[0]:3 + widths[0] + widths[1]] *= 3.0  # k's larger range than v's
     q, k, v = proj.to(dev, dtype)[:, 3:3 + sum(widths)].split(widths, dim=1)
     rope = RotaryEmbedding(rot_dim or head_dim, max_pos, 10000.0, scaling, interleaved=interleaved)
-    num_blocks = (2 * tokens + block_size - 1) // block_size + 1
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
-    if pad_every:
-        slots[::pad_every] = -1
-    shape = (2, num_blocks, block_size, kv_heads, head_dim)
-    if is_quantized(cache_dtype):
-        raw = torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
-        cache, scales = raw.to(dev).view(cache_dtype), torch.full(shape[:-1], -1.0, device=dev)
-    else:
-        cache, scales = torch.full(shape, float("nan"), device=dev, dtype=cache_dtype), None
+    num_blocks, slots = shuffled_slots(tokens, block_size, pad_every, gen)
+    cache, scales = filled_cache((2, num_blocks, block_size, kv_heads, head_dim), cache_dtype, dev, gen)
     positions = torch.randint(0, rope.cos.shape[0], (tokens,), generator=gen)
     return Case(positions.to(dev), q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim),
                 v.view(tokens, kv_heads, head_dim), rope.cos.to(dev), rope.sin.to(dev), interleaved, cache,
@@ -101,13 +95,6 @@ def unfused(c: Case) -> torch.Tensor:
     return q
 
 
-def _outputs(case: Case, fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """fn(case with a fresh cache and scales) -> (q rotated, cache after, scales after)."""
-    cache, scales = case.cache.clone(), None if case.scales is None else case.scales.clone()
-    q = fn(case._replace(cache=cache, scales=scales))
-    return q, cache, scales
-
-
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)  # NaN patterns and fp8 compared bit for bit
 
@@ -119,23 +106,16 @@ def _same(a: tuple, b: tuple) -> None:
     assert (a[2] is None) == (b[2] is None) and (a[2] is None or torch.equal(_bytes(a[2]), _bytes(b[2])))
 
 
-def written_mask(case: Case) -> torch.Tensor:
-    """[N, bs] bool: the slots some token writes."""
-    written = torch.zeros(case.cache.shape[1:3], dtype=torch.bool, device=case.cache.device).view(-1)
-    written[case.slots[case.slots >= 0]] = True
-    return written.view(case.cache.shape[1:3])
-
-
 def check_case(case: Case) -> None:
-    got = _outputs(case, fused)
+    got = outputs(case, fused)
     assert got[0].is_contiguous() and got[0].dtype == case.q.dtype and got[0].shape == case.q.shape
-    _same(got, _outputs(case, unfused))
-    written = written_mask(case)
+    _same(got, outputs(case, unfused))
+    written = written_mask(case.slots, case.cache.shape[1:3])  # [N, bs]
     assert torch.equal(_bytes(got[1][:, ~written]), _bytes(case.cache[:, ~written]))  # slot < 0 / unowned: untouched
     if got[2] is not None:
         assert torch.equal(got[2][:, ~written], case.scales[:, ~written])
     if INTERPRET:
-        _same(got, _outputs(case, reference))
+        _same(got, outputs(case, reference))
     else:
         check_close_to_reference(case, got, written)
 
@@ -143,19 +123,15 @@ def check_case(case: Case) -> None:
 def check_close_to_reference(case: Case, got: tuple, written: torch.Tensor) -> None:
     """GPU: V rows exact; q and K rows within the contraction of the rotation into an FMA (a rounding of the
     output dtype; an 8-bit K row within one step of its grid)."""
-    ref = _outputs(case, reference)
-    atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[case.q.dtype]
+    ref = outputs(case, reference)
+    atol = TOL[case.q.dtype]
     torch.testing.assert_close(got[0].float(), ref[0].float(), atol=atol, rtol=atol)
     assert torch.equal(_bytes(got[1][1]), _bytes(ref[1][1]))
     if got[2] is None:
         torch.testing.assert_close(got[1][0][written].float(), ref[1][0][written].float(), atol=atol, rtol=atol)
         return
     assert torch.equal(got[2][1], ref[2][1])
-    k_scales, ref_scales = got[2][0][written], ref[2][0][written]  # [W, H_kv]
-    torch.testing.assert_close(k_scales, ref_scales, atol=0.0, rtol=1e-2)
-    k_got = got[1][0][written].float() * k_scales[..., None]
-    k_ref = ref[1][0][written].float() * ref_scales[..., None]
-    assert ((k_got - k_ref).abs() <= 1.01 * (ref_scales[..., None] + k_ref.abs() * 2.0 ** -3)).all()
+    check_8bit_rows_close(got[1][0][written], got[2][0][written], ref[1][0][written], ref[2][0][written])  # [W, H_kv]
 
 
 STYLES = pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
@@ -188,8 +164,7 @@ def test_scaled_tables(scaling, cache_dtype):
     check_case(make_case(9, 4, 2, 16, torch.bfloat16, cache_dtype, False, device(), scaling=scaling, max_pos=128))
 
 
-@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, torch.float16), (torch.float16, torch.float32),
-                                               (torch.float32, torch.bfloat16)])
+@OTHER_CACHE_DTYPES
 def test_cache_dtype_other_than_the_inputs(dtype, cache_dtype):
     """The rotated k is rounded to k's dtype first, then to the cache's, as the two kernels store it."""
     check_case(make_case(6, 4, 2, 16, dtype, cache_dtype, True, device()))
@@ -205,17 +180,11 @@ def test_several_q_head_blocks(monkeypatch):
 
 def test_all_slots_negative_and_no_tokens():
     case = make_case(4, 4, 2, 16, torch.float32, torch.float32, False, device(), pad_every=1)
-    q, cache, _ = _outputs(case, fused)
-    assert cache.isnan().all()
-    assert torch.equal(q, _outputs(case, unfused)[0])  # q still rotated
-    empty = case._replace(q=case.q[:0], k=case.k[:0], v=case.v[:0], positions=case.positions[:0],
-                          slots=case.slots[:0])
-    assert fused(empty).shape == (0, 4, 16)
+    check_all_slots_negative_and_no_tokens(case, fused, unfused, ("q", "k", "v", "positions", "slots"), (0, 4, 16))
 
 
 def test_int32_positions_and_slots():
-    case = make_case(5, 4, 2, 16, torch.bfloat16, torch.int8, False, device())
-    check_case(case._replace(positions=case.positions.int(), slots=case.slots.int()))
+    check_case(int32_indices(make_case(5, 4, 2, 16, torch.bfloat16, torch.int8, False, device())))
 
 
 def test_rejects_bad_inputs():
@@ -230,9 +199,7 @@ def test_rejects_bad_inputs():
         "positions must be": c._replace(positions=c.positions.float()),
         "unit-stride": c._replace(q=torch.randn(16, 4, 3, device=device()).permute(2, 1, 0)),
     }
-    for message, case in bad.items():
-        with pytest.raises(ValueError, match=message):
-            fused(case)
+    check_rejects(fused, bad)
 
 
 # ------------------------------------------------------------------ GPU: Qwen2 / Llama shapes, CUDA graphs
@@ -261,16 +228,5 @@ def test_gpu_cuda_graph_replay(model, cache_dtype):
     heads, kv_heads, scaling = GPU_SHAPES[model]
     first, second = (make_case(8, heads, kv_heads, 128, torch.bfloat16, cache_dtype, False, "cuda", scaling=scaling,
                                block_size=16, max_pos=32768, pad_every=7, seed=seed) for seed in (1, 2))
-    static = first._replace(cache=first.cache.clone(), scales=None if first.scales is None else first.scales.clone())
-    fused(static)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        q_out = fused(static)
-    for dst, src in ((static.q, second.q), (static.k, second.k), (static.v, second.v),
-                     (static.positions, second.positions), (static.slots, second.slots), (static.cache, second.cache)):
-        dst.copy_(src)
-    if static.scales is not None:
-        static.scales.copy_(second.scales)
-    graph.replay()
-    _same((q_out, static.cache, static.scales), _outputs(second, unfused))
+    replayed = graph_replay(fused, first, second, ("q", "k", "v", "positions", "slots", "cache"))
+    _same(replayed, outputs(second, unfused))
