@@ -131,6 +131,7 @@ class Cli(NamedTuple):
     sweep_help: str
     sweep_rows: str  # --sweep-ms's default
     sweep_rows_help: str
+    weights: tuple[str, ...] = ("bf16",)  # --weights choices for --sweep (the first is the default)
 
 
 def main(cli: Cli, bench: Callable, sweep: Callable) -> None:
@@ -143,13 +144,18 @@ def main(cli: Cli, bench: Callable, sweep: Callable) -> None:
     parser.add_argument(f"--sweep-{cli.rows}", default=cli.sweep_rows, help=cli.sweep_rows_help)
     parser.add_argument("--json", default=str(cli.results), help="records are appended here ('' for none)")
     parser.add_argument("--run-id", default=uuid.uuid4().hex[:12])
+    if len(cli.weights) > 1:
+        parser.add_argument("--weights", choices=cli.weights, default=cli.weights[0],
+                            help="weight dtype of the swept kernel (--sweep)")
     args = parser.parse_args()
     import torch
 
     models = args.shapes.split(",")
     with torch.inference_mode():
         if args.sweep:
-            sweep(models, [int(v) for v in getattr(args, f"sweep_{cli.rows}").split(",")], args.json, args.run_id)
+            extra = {"weights": args.weights} if len(cli.weights) > 1 else {}
+            sweep(models, [int(v) for v in getattr(args, f"sweep_{cli.rows}").split(",")], args.json, args.run_id,
+                  **extra)
             return
         copy_gbs = None
         if args.json:

@@ -7,15 +7,16 @@ by the copies. GB/s = weight bytes / time. Records go to benchmarks/results/kern
 one run_id (../shared/BENCHMARKS.md), next to the card's copy bandwidth measured in the same run.
 
     python benchmarks/kernels_gemv.py [--ms 1,2,4] [--shapes qwen-7b,v2-lite] [--json PATH]
-    python benchmarks/kernels_gemv.py --sweep [--sweep-ms 1] [--shapes ...]
+    python benchmarks/kernels_gemv.py --sweep [--sweep-ms 1] [--shapes ...] [--weights bf16|int8]
 
 --sweep times block candidates (GemvConfig: block_n, block_k, split_k, num_warps) per shape and
 prints the best per shape against the table's choice, to refresh kernels/gemv.py's TABLE. A failing
 candidate (compile, launch, capture) is reported and skipped. Compiles are shared by the shapes
 (N, K and strides are runtime arguments): ~22 per M swept, ~250 timings. The table ends with the
-summed time of these linears per decode step (x layers), gemv against cuBLAS.
-
-Not run on a GPU yet: smoke-run on CPU only (interpreter, tiny shapes, timing stubbed).
+summed time of these linears per decode step (x layers), gemv against cuBLAS. `--weights int8` sweeps the
+W8A16 GEMV instead (int8 weights with float32 row scales, bf16 x; GB/s over the int8 bytes): the table
+holds bf16 configs and gemv_config doubles BLOCK_K for int8, which was never swept (W8A16 decode: 55% of
+its roofline in run s5e1).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ PER_STEP = {"qwen-7b": {"qkv": 28, "o": 28, "gate_up": 28, "down": 28, "lm_head"
 CLI = gemv_bench.Cli(__doc__, RESULTS, models=",".join(SHAPES), models_help="comma-separated models of SHAPES",
                      rows="ms", rows_help="rows of x (decode tokens) for the table",
                      sweep_help="time block candidates per shape instead", sweep_rows="1",
-                     sweep_rows_help="rows of x for --sweep")
+                     sweep_rows_help="rows of x for --sweep", weights=("bf16", "int8"))
 
 
 def copies_of(k: int, n: int, bias: bool) -> list[tuple]:
@@ -56,13 +57,24 @@ def copies_of(k: int, n: int, bias: bool) -> list[tuple]:
     return [(w, b)] + [(w.clone(), None if b is None else b.clone()) for _ in range(count - 1)]
 
 
-def cases(models: list[str], ms: list[int], with_bias: bool = True):
-    """(model, layer, k, n, m, x [m, k] bf16, weight copies) per shape and M, one shape's copies at a time."""
+def int8_copies_of(k: int, n: int) -> list[tuple]:
+    """[(w [N, K] int8, w_scale [N] f32)] (W8A16) with more than COLD_BYTES of weights in all."""
+    import torch
+
+    count = copy_count(k * n)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEVICE)
+    s = torch.rand(n, device=DEVICE) / (127 * k ** 0.5)
+    return [(w, s)] + [(w.clone(), s.clone()) for _ in range(count - 1)]
+
+
+def cases(models: list[str], ms: list[int], with_bias: bool = True, weights: str = "bf16"):
+    """(model, layer, k, n, m, x [m, k] bf16, weight copies) per shape and M, one shape's copies at a time;
+    weights "int8": the copies are (int8 w, f32 row scales)."""
     import torch
 
     for model in models:
         for layer, (k, n, bias) in SHAPES[model].items():
-            copies = copies_of(k, n, bias and with_bias)
+            copies = int8_copies_of(k, n) if weights == "int8" else copies_of(k, n, bias and with_bias)
             for m in ms:
                 yield model, layer, k, n, m, torch.randn(m, k, device=DEVICE).bfloat16(), copies
             del copies
@@ -103,17 +115,23 @@ def bench(models: list[str], ms: list[int], result_file: str, run_id: str, copy_
               f"{cublas / 1e3:.3f} ms with cuBLAS ({cublas / ours:.3f}x)")
 
 
-def candidates(m: int) -> list:
-    """GemvConfig candidates: BLOCK_K = 256 * num_warps (x and weight tiles in one layout) at several
-    widths, a few BLOCK_K = 128 * num_warps (one x exchange per chunk), and splits of the wide tiles."""
+def candidates(m: int, weights: str = "bf16") -> list:
+    """GemvConfig candidates: BLOCK_K = VEC * 32 * num_warps (x and weight tiles in one layout: 256 columns
+    a warp for bf16, 512 for int8) at several widths, for bf16 a few at half that (one x exchange per
+    chunk), and splits of the wide tiles. Tiles stay within 64 KB of weight bytes."""
     from deepserve.kernels.gemv import GemvConfig
 
-    natural = [(bn, 256 * w, 1, w) for w in (2, 4, 8, 16) for bn in (1, 2, 4, 8, 16, 32)
-               if 2 <= bn * w <= 64 and bn * 256 * w <= 32768]
-    halved = [(bn, 512, 1, 4) for bn in (8, 16)] + [(bn, 1024, 1, 8) for bn in (4, 8)]
-    split = [(4, 2048, 2, 8), (4, 2048, 4, 8), (8, 1024, 2, 4), (8, 1024, 4, 4)]
+    per_warp, itemsize = (512, 1) if weights == "int8" else (256, 2)
+    warps = (1, 2, 4, 8, 16) if weights == "int8" else (2, 4, 8, 16)
+    natural = [(bn, per_warp * w, 1, w) for w in warps for bn in (1, 2, 4, 8, 16, 32)
+               if 2 <= bn * w <= 64 and bn * per_warp * w * itemsize <= 65536]
+    if weights == "int8":
+        others = [(4, 4096, 2, 8), (8, 2048, 2, 4), (8, 2048, 4, 4)]
+    else:
+        others = ([(bn, 512, 1, 4) for bn in (8, 16)] + [(bn, 1024, 1, 8) for bn in (4, 8)]
+                  + [(4, 2048, 2, 8), (4, 2048, 4, 8), (8, 1024, 2, 4), (8, 1024, 4, 4)])
     block_m = 1 << (m - 1).bit_length()
-    return [GemvConfig(*c) for c in natural + halved + split if block_m * c[0] <= 64]
+    return [GemvConfig(*c) for c in dict.fromkeys(natural + others) if block_m * c[0] <= 64]
 
 
 def usable(cfg, k: int, n: int) -> bool:
@@ -121,26 +139,33 @@ def usable(cfg, k: int, n: int) -> bool:
     return cfg.block_k <= max(256, 1 << (k - 1).bit_length()) and (cfg.split_k == 1 or n <= 4096)
 
 
-def sweep(models: list[str], ms: list[int], result_file: str, run_id: str) -> None:
+def sweep(models: list[str], ms: list[int], result_file: str, run_id: str, weights: str = "bf16") -> None:
     import torch
 
     from deepserve.bench.offline import append_record, environment_fields
     from deepserve.kernels.gemv import gemv, gemv_config
 
     env = environment_fields(torch.cuda.get_device_name(), run_id)
-    for model, layer, k, n, m, x, copies in cases(models, ms, with_bias=False):
-        table = gemv_config(m, n, k, x.dtype)
-        timed = time_configs(table, [c for c in candidates(m) if usable(c, k, n)],
-                             lambda cfg: timed_us(lambda wb: (lambda: gemv(x, *wb, cfg)), copies))
+    int8 = weights == "int8"
+    for model, layer, k, n, m, x, copies in cases(models, ms, with_bias=False, weights=weights):
+        table = gemv_config(m, n, k, torch.int8 if int8 else x.dtype)
+
+        def call(wb, cfg):  # (w, bias) for bf16, (w int8, row scales) for int8
+            return (lambda: gemv(x, wb[0], None, cfg, w_scale=wb[1])) if int8 else (lambda: gemv(x, *wb, cfg))
+
+        timed = time_configs(table, [c for c in candidates(m, weights) if usable(c, k, n)],
+                             lambda cfg: timed_us(lambda wb: call(wb, cfg), copies))
         if timed is None:
             continue
         best_us = timed.times[timed.best]
-        gbs = round(2 * n * k / best_us / 1e3, 1)
+        gbs = round((1 if int8 else 2) * n * k / best_us / 1e3, 1)
         print(f"{model:<8} {layer:<14} K={k:<6d} N={n:<7d} M={m}: best {tuple(timed.best)} {best_us:.2f} us "
               f"{gbs:.0f} GB/s; table {tuple(table)} {fmt(timed.table_us, 0, 2)} us | top 3: {timed.top()}",
               flush=True)
-        append_record({**record(env, "kernel-gemv-sweep", model, layer, m, copies, k=k, n=n),
-                       **timed.fields("block_n, block_k, split_k, num_warps", best_gbs=gbs)}, result_file)
+        fields = record(env, "kernel-gemv-sweep", model, layer, m, copies, k=k, n=n)
+        if int8:
+            fields["quant"] = "int8-weight-only"
+        append_record({**fields, **timed.fields("block_n, block_k, split_k, num_warps", best_gbs=gbs)}, result_file)
 
 
 def main() -> None:
