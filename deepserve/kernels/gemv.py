@@ -68,17 +68,25 @@ TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
     (8192, _ANY, GemvConfig(2, 512, 1, 2)),  # qkv of qwen-7b
     (_ANY, _ANY, GemvConfig(4, 2048, 1, 8)),  # gate_up, LM head: many waves of programs
 )
+# int8 weights (W8A16) keep the entries they were measured with (run s5e1: qwen-7b W-b1 294.95 tok/s,
+# 0.546 of the W8A16 roofline) until `benchmarks/kernels_gemv.py --sweep --weights int8` has been run:
+# the bf16 sweep above says nothing about int8 tiles.
+INT8_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
+    (512, _ANY, GemvConfig(2, 1024, 1, 4)),
+    (4096, _ANY, GemvConfig(4, 1024, 1, 4)),
+    (_ANY, _ANY, GemvConfig(8, 1024, 1, 4)),
+)
 
 
 def gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
     """The table's entry for (N, K), fitted to the shape: BLOCK_K no wider than K needs (num_warps
     scaled with it), BLOCK_N cut so that BLOCK_M * BLOCK_N <= 32 accumulators per column group."""
-    cfg = next(c for max_n, max_k, c in TABLE if n <= max_n and k <= max_k)
+    table = INT8_TABLE if dtype == torch.int8 else TABLE
+    cfg = next(c for max_n, max_k, c in table if n <= max_n and k <= max_k)
     vec = _vec(dtype)
-    # the table's BLOCK_K counts 2-byte columns: a chunk keeps its bytes (what is in flight) for other
+    # the tables' BLOCK_K counts 2-byte columns: a chunk keeps its bytes (what is in flight) for other
     # widths, so int8 weights take twice the columns at the same warps (VEC * 32 * num_warps, no layout
-    # conversion). The table was swept for bf16 only; int8 (W8A16) decode reached 55% of its roofline
-    # with the previous table (run s5e1) and the current entries are unmeasured for it.
+    # conversion).
     wide = cfg.block_k * 2 // dtype.itemsize
     block_k = max(min(wide, triton.next_power_of_2(max(k, 1))), vec * 32)
     num_warps = max(1, cfg.num_warps * block_k // wide)
