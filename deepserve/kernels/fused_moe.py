@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.fused_moe_configs import MoeConfig, get_config
+from deepserve.kernels.int8_quant import int8_quant
 from deepserve.kernels.moe_align import moe_align_block_size_triton
 from deepserve.kernels.moe_sum import moe_sum
 from deepserve.kernels.pdl import pdl_launch, pdl_wait
@@ -52,10 +53,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, used_ptr,
-                      scale_ptr, num_m_blocks, N, K, num_valid, row_div,
+                      scale_ptr, a_scale_ptr, num_m_blocks, N, K, num_valid, row_div,
                       stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                       GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
-                      W_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      W_INT8: tl.constexpr, A_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
     """C[ids] = A[ids // row_div] @ B[expert]^T (N columns) for one M-block x one N-block.
 
@@ -63,6 +64,8 @@ def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_i
     W_INT8: B is int8 with per-row scales at scale_ptr ([E, 2N or N] f32, contiguous): each B tile is
     converted to A's dtype before the dot (exact: |q| <= 127), and each accumulator column is
     multiplied by its row's scale after the K loop. Otherwise scale_ptr is None (unused).
+    A_INT8 (W8A8, with W_INT8): A is int8 with one f32 scale per A row at a_scale_ptr (row = ids // row_div,
+    the gathered row); int8 x int8 dots into int32 accumulators, then (float(acc) * a_scale[row]) * scale[n].
     """
     pdl_wait(PDL)  # first: wait for the previous kernel; no early launch of the next (kernels/pdl.py)
     pid = tl.program_id(0)
@@ -83,17 +86,21 @@ def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_i
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A_INT8 else tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A_INT8 else tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0 if A_INT8 else 0.0)
         b_mask = k_mask[:, None] & n_mask[None, :]
-        acc = _dot(a, _load_b(b_ptrs, b_mask, a.dtype, W_INT8), acc, IEEE)
+        acc = _dot(a, _load_b(b_ptrs, b_mask, a.dtype, W_INT8), acc, IEEE, A_INT8)
         if GATED:
-            acc_up = _dot(a, _load_b(b_ptrs + N * stride_bn, b_mask, a.dtype, W_INT8), acc_up, IEEE)
+            acc_up = _dot(a, _load_b(b_ptrs + N * stride_bn, b_mask, a.dtype, W_INT8), acc_up, IEEE, A_INT8)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if A_INT8:  # the row scale first: int8_epilogue's order, (float(acc) * a_scale) * w_scale
+        a_scale = tl.load(a_scale_ptr + rows, mask=valid, other=0.0)[:, None]  # [BM, 1]
+        acc = acc.to(tl.float32) * a_scale
+        acc_up = acc_up.to(tl.float32) * a_scale
     if W_INT8:
         acc, acc_up = _scale_columns(acc, acc_up, scale_ptr, expert, offs_n, n_mask, N, GATED)
     out_ty = c_ptr.dtype.element_ty
@@ -130,9 +137,12 @@ def _scale_columns(acc, acc_up, scale_ptr, expert, offs_n, n_mask, N, GATED: tl.
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b in float32; IEEE (float32 inputs): exact products instead of TF32."""
-    if IEEE:
+def _dot(a, b, acc, IEEE: tl.constexpr, INT32: tl.constexpr):
+    """acc + a @ b in float32; IEEE (float32 inputs): exact products instead of TF32. INT32: int8
+    operands into an int32 accumulator (exact; out_dtype named: Triton <= 3.6 defaults it to float32)."""
+    if INT32:
+        acc = tl.dot(a, b, acc=acc, out_dtype=tl.int32)
+    elif IEEE:
         acc = tl.dot(a, b, acc=acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc=acc)
@@ -173,26 +183,35 @@ def _check_scales(w13, w2, w13_scale, w2_scale) -> None:
                              f"{None if scale is None else (scale.dtype, tuple(scale.shape), str(scale.device))}")
 
 
+def _a_operand(a: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a, None), or W8A8: (q [rows, K] int8, scale [rows] f32), a quantised per row (`int8_quant`)."""
+    if not int8:
+        return a, None
+    q, scale, _ = int8_quant(a if a.stride(1) == 1 else a.contiguous())
+    return q, scale
+
+
 def _launch(a, b, c, weights, align, num_valid, row_div, gated, cfg: MoeConfig,
-            scale: torch.Tensor | None = None) -> None:
+            scale: torch.Tensor | None = None, a_scale: torch.Tensor | None = None) -> None:
     """c [T*k, N] <- grouped GEMM of a's gathered rows with b [E, N or 2N, K] (see the kernel);
-    b int8 with `scale` [E, N or 2N] f32 contiguous (W8A16), or b in a's dtype and no scale."""
+    b int8 with `scale` [E, N or 2N] f32 contiguous (W8A16; W8A8 when a is int8 with a_scale [rows of a]
+    f32), or b in a's dtype and no scales."""
     n_cols, k_dim = c.shape[1], a.shape[1]
     num_m_blocks = align.expert_ids.shape[0]
     grid = (num_m_blocks * triton.cdiv(n_cols, cfg.block_n),)
     _fused_moe_kernel[grid](
-        a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_tokens_post_padded, scale,
+        a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_tokens_post_padded, scale, a_scale,
         num_m_blocks, n_cols, k_dim, num_valid, row_div,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         GATED=gated, MUL_WEIGHT=not gated, IEEE=a.dtype == torch.float32, W_INT8=scale is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(a.device))
+        A_INT8=a_scale is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(a.device))
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: MoeConfig | None = None,
               addend: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
-              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+              w2_scale: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows | up rows), w2 [E, H, I], all f16/bf16/f32 alike;
     topk_weights [T, k] f32, topk_ids [T, k] int32/int64; addend [T, H] x's dtype or None
     -> [T, H] in x's dtype: round(sum of the k weighted expert outputs) (+ addend, rounded).
@@ -201,11 +220,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     output row (w = q * scale, `quantize_rows_int8_ref`); x stays float. The result is that of the
     float kernel on the weights q * scale, up to float32 rounding (see the kernel).
 
+    W8A8 (`int8_activations`, int8 stacks only): x is quantised per token (`int8_quant`) and the
+    activation act [T*k, I] per assignment row before launch 2; both launches dot int8 x int8 into
+    int32 (see the kernel). The result is `fused_moe_w8a8_ref`'s up to float32 rounding.
+
     Any strides are accepted (the small scale tensors are made contiguous). `config` overrides the
     table in `fused_moe_configs` (keyed by x's dtype: int8 stacks use the float entries).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
     _check_scales(w13, w2, w13_scale, w2_scale)
+    if int8_activations and w13.dtype != torch.int8:
+        raise ValueError(f"int8_activations (W8A8) needs int8 stacks with scales; w13 is {w13.dtype}")
     num_tokens, hidden = x.shape
     num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     if num_tokens == 0 or top_k == 0:
@@ -215,9 +240,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_valid, weights = num_tokens * top_k, topk_weights.contiguous()
     act = torch.empty(num_valid, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     scales = (None, None) if w13_scale is None else (w13_scale.contiguous(), w2_scale.contiguous())
-    _launch(x, w13, act, weights, align, num_valid, top_k, True, cfg, scales[0])
+    a, a_scale = _a_operand(x, int8_activations)  # x, or W8A8: x per token in int8 [T, H] + [T] f32
+    _launch(a, w13, act, weights, align, num_valid, top_k, True, cfg, scales[0], a_scale)
     per_assignment = torch.empty(num_valid, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
-    _launch(act, w2, per_assignment, weights, align, num_valid, 1, False, cfg, scales[1])
+    a, a_scale = _a_operand(act, int8_activations)  # W8A8: act per assignment row [T*k, I] + [T*k]
+    _launch(a, w2, per_assignment, weights, align, num_valid, 1, False, cfg, scales[1], a_scale)
     return moe_sum(per_assignment.view(num_tokens, top_k, hidden), addend)  # [T, H]
 
 
@@ -244,3 +271,37 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         return out.to(x.dtype)
     out = fused_experts_ref(x, w13, w2, Routing(topk_weights, topk_ids.long()), _silu_and_mul_eager)
     return out if addend is None else out + addend
+
+
+def fused_moe_w8a8_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+                       addend: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch reference of `fused_moe(..., int8_activations=True)`, the kernel's arithmetic op for
+    op: x and then act [T*k, I] quantised per row (`quantize_per_token_ref`), exact integer dots (float64),
+    (float32(acc) * a_scale) * w_scale in float32, rounded to x's dtype; silu(g) = g / (1 + exp(-g)) in
+    float32, rounded, times up, rounded; the down result rounded, times the routing weight, rounded;
+    then `moe_sum_ref` (+ addend)."""
+    from deepserve.kernels.moe_sum import moe_sum_ref
+    from deepserve.quant.int8 import quantize_per_token_ref
+
+    (num_tokens, top_k), dt = topk_ids.shape, x.dtype
+    ids = topk_ids.flatten().long()  # [T*k] assignment -> expert
+    xq, xs = quantize_per_token_ref(x)  # [T, H] int8, [T] f32
+    rows = torch.arange(num_tokens * top_k, device=x.device) // top_k  # assignment -> token
+    gate, up = _w8a8_rows(xq[rows], xs[rows], w13, w13_scale, ids).to(dt).float().chunk(2, dim=1)
+    act = ((gate / (1.0 + torch.exp(-gate))).to(dt).float() * up).to(dt)  # [T*k, I]
+    down = _w8a8_rows(*quantize_per_token_ref(act), w2, w2_scale, ids).to(dt).float()  # [T*k, H]
+    out = (down * topk_weights.flatten().float()[:, None]).to(dt)
+    return moe_sum_ref(out.view(num_tokens, top_k, -1), addend)  # [T, H]
+
+
+def _w8a8_rows(aq: torch.Tensor, a_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+               ids: torch.Tensor) -> torch.Tensor:
+    """aq [n, K] int8, a_scale [n] f32, wq [E, N, K] int8, w_scale [E, N] f32, ids [n] -> [n, N] f32:
+    row r = (float32(aq[r] @ wq[ids[r]]^T) * a_scale[r]) * w_scale[ids[r]], the dot exact in float64."""
+    out = torch.empty(aq.shape[0], wq.shape[1], dtype=torch.float32, device=aq.device)
+    for e in ids.unique().tolist():
+        sel = (ids == e).nonzero().squeeze(1)
+        acc = (aq[sel].double() @ wq[e].double().t()).float()  # exact integers, rounded as int32 -> f32
+        out[sel] = acc * a_scale[sel, None] * w_scale[e].float()[None, :]
+    return out
