@@ -10,6 +10,12 @@ entry for T (int8 reuses the bf16 entries).
 
     python benchmarks/kernels_moe_int8.py [--shape v2-lite] [--tokens 1,8,64,256] [--json PATH]
     python benchmarks/kernels_moe_int8.py --tune [--tokens 1,64]   # int8: best candidate per T vs the table
+    python benchmarks/kernels_moe_int8.py --w8a8 --tokens 256,1024,4096,16384   # + W8A8 (prefill sizes)
+
+--w8a8 adds a third column: the same int8 stacks with the activations quantised per row as well
+(`fused_moe(..., int8_activations=True)`, its two `int8_quant` launches included in the time), its
+speedup over W8A16 and its rel err against bf16. The sizes where it beats W8A16 decide
+`deepserve.quant.int8_experts.W8A8_MIN_TOKENS` (None, i.e. W8A8 off, until measured).
 
 Records (--json, default benchmarks/results/kernels_moe_int8.jsonl) carry one run_id per run
 (../shared/BENCHMARKS.md).
@@ -63,20 +69,28 @@ def touched_bytes(ids, w13, w2, scales: bool) -> int:
     return hit * per_expert
 
 
-def calls(x, stacks, routes, int8: bool, cfg=None) -> list:
+def calls(x, stacks, routes, int8: bool, cfg=None, w8a8: bool = False) -> list:
+    """One fused_moe call per copy: bf16 stacks, or int8 (W8A16; w8a8: W8A8)."""
     from deepserve.kernels.fused_moe import fused_moe
 
     out = []
     for ((w13, w2), (q13, s13, q2, s2)), (tw, ti) in zip(stacks, routes):
         if int8:
             out.append(lambda q13=q13, s13=s13, q2=q2, s2=s2, tw=tw, ti=ti:
-                       fused_moe(x, q13, q2, tw, ti, cfg, w13_scale=s13, w2_scale=s2))
+                       fused_moe(x, q13, q2, tw, ti, cfg, w13_scale=s13, w2_scale=s2, int8_activations=w8a8))
         else:
             out.append(lambda w13=w13, w2=w2, tw=tw, ti=ti: fused_moe(x, w13, w2, tw, ti, cfg))
     return out
 
 
-def bench(shape: str, tokens_list: list[int], result_file: str, run_id: str | None) -> None:
+def time_w8a8(x, stacks, routes, bf16_out) -> tuple[float, float]:
+    """(ms, rel err against bf16) of the W8A8 path on the same int8 stacks."""
+    out = calls(x, stacks[:1], routes[:1], True, w8a8=True)[0]()
+    err = float((out.float() - bf16_out.float()).abs().max() / bf16_out.float().abs().max())
+    return time_ms(calls(x, stacks, routes, True, w8a8=True)), err
+
+
+def bench(shape: str, tokens_list: list[int], result_file: str, run_id: str | None, w8a8: bool = False) -> None:
     import torch
 
     from deepserve.bench.offline import append_record, environment_fields
@@ -84,7 +98,8 @@ def bench(shape: str, tokens_list: list[int], result_file: str, run_id: str | No
 
     env = environment_fields(torch.cuda.get_device_name(), run_id)
     print(f"\n{shape} (run {env['run_id']}): {'T':>5s} {'bf16 us':>9s} {'int8 us':>9s} {'speedup':>8s} "
-          f"{'bf16 GB/s':>10s} {'int8 GB/s':>10s} {'rel err':>8s}  config")
+          f"{'bf16 GB/s':>10s} {'int8 GB/s':>10s} {'rel err':>8s}"
+          + (f" {'w8a8 us':>9s} {'vs w8a16':>8s} {'w8a8 err':>8s}" if w8a8 else "") + "  config")
     for tokens in tokens_list:
         x, stacks, routes = make_case(shape, tokens, COPIES[shape])
         (w13, w2), (q13, s13, q2, s2) = stacks[0]
@@ -96,12 +111,17 @@ def bench(shape: str, tokens_list: list[int], result_file: str, run_id: str | No
         gbs_bf16 = touched_bytes(ti, w13, w2, False) / t_bf16 / 1e6
         gbs_int8 = touched_bytes(ti, q13, q2, True) / t_int8 / 1e6
         cfg = get_config(w13.shape[0], w2.shape[2], torch.bfloat16, tokens, ti.shape[1])
+        extra, fields = "", {}
+        if w8a8:
+            t_w8a8, err_w8a8 = time_w8a8(x, stacks, routes, bf16_out)
+            extra = f" {1e3 * t_w8a8:9.1f} {t_int8 / t_w8a8:7.2f}x {err_w8a8:8.1e}"
+            fields = {"w8a8_ms": t_w8a8, "w8a8_speedup_vs_w8a16": t_int8 / t_w8a8, "w8a8_rel_err": err_w8a8}
         print(f"{'':{len(shape) + 1}s} {tokens:5d} {1e3 * t_bf16:9.1f} {1e3 * t_int8:9.1f} {t_bf16 / t_int8:7.2f}x "
-              f"{gbs_bf16:10.0f} {gbs_int8:10.0f} {err:8.1e}  {tuple(cfg)}", flush=True)
+              f"{gbs_bf16:10.0f} {gbs_int8:10.0f} {err:8.1e}{extra}  {tuple(cfg)}", flush=True)
         append_record({**env, "engine": "deepserve", "engine_version": None, "model": shape,
                        "workload": "kernel-fused-moe-int8", "batch": tokens, "bf16_ms": t_bf16,
                        "int8_ms": t_int8, "speedup": t_bf16 / t_int8, "bf16_gbs": gbs_bf16,
-                       "int8_gbs": gbs_int8, "rel_err": err, "config": cfg._asdict()}, result_file)
+                       "int8_gbs": gbs_int8, "rel_err": err, **fields, "config": cfg._asdict()}, result_file)
         del stacks
         torch.cuda.empty_cache()
 
@@ -148,6 +168,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), action="append", help="default: v2-lite")
     parser.add_argument("--tokens", default=None, help=f"comma-separated batch sizes (default {TOKENS})")
     parser.add_argument("--tune", action="store_true", help="int8: time config candidates per T")
+    parser.add_argument("--w8a8", action="store_true",
+                        help="also time W8A8 (int8 activations) on the int8 stacks (decides W8A8_MIN_TOKENS)")
     parser.add_argument("--json", default=str(RESULTS), help="append one JSON line per case ('' for none)")
     parser.add_argument("--run-id", default=None)
     args = parser.parse_args()
@@ -156,7 +178,7 @@ def main() -> None:
 
     with torch.inference_mode():
         for shape in args.shape or ["v2-lite"]:
-            tune(shape, tokens) if args.tune else bench(shape, tokens, args.json, args.run_id)
+            tune(shape, tokens) if args.tune else bench(shape, tokens, args.json, args.run_id, args.w8a8)
 
 
 if __name__ == "__main__":

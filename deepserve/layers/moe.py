@@ -288,6 +288,7 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.register_parameter("w13_scale", None)  # [E, 2I] f32 once the stacks are int8
         self.register_parameter("w2_scale", None)  # [E, H] f32
+        self.w8a8_min_tokens: int | None = None  # W8A8 from this many tokens (None: never; quant/int8_experts.py)
         self.act = get_act_and_mul(hidden_act)
         self.backend = backend
 
@@ -303,8 +304,9 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing, addend: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, H], routing [T, k], addend [T, H] or None -> [T, H] (+ addend, rounded once more)."""
+        w8a8 = self.w8a8_min_tokens is not None and x.shape[0] >= self.w8a8_min_tokens
         return self.moe_backend().apply(x, self.w13, self.w2, routing, self.act, addend, self.w13_scale,
-                                        self.w2_scale)
+                                        self.w2_scale, int8_activations=w8a8)
 
 
 def split_shared_mlp(mlp: GatedMLP, num_shared: int) -> tuple[torch.Tensor, torch.Tensor]:

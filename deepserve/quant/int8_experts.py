@@ -7,10 +7,12 @@ Under `--quantization int8` or `int8-weight-only` (`INT8_EXPERT_QUANTIZATIONS`),
 MoE backend takes int8 stacks (`MoEBackend.int8_weights`: the triton backend, i.e. CUDA),
 `RoutedExperts.process_weights_after_loading` replaces w13 [E, 2I, H] and w2 [E, H, I] by int8 and
 adds w13_scale [E, 2I] / w2_scale [E, H] f32: symmetric per row, `quantize_rows_int8_ref`'s values
-(every weight within scale / 2 of the float one). Activations stay float in both modes (W8A16: the
-kernel converts each int8 tile to the activation dtype; `int8`'s per-token activation quantisation
-applies to the linear layers only). The float stacks are released, so the model's allocated bytes,
-which start-up memory planning measures after loading (engine/memory.py), count int8 experts.
+(every weight within scale / 2 of the float one). Activations stay float (W8A16: the kernel converts
+each int8 tile to the activation dtype), except under `int8` (W8A8_EXPERT_QUANTIZATIONS) for batches
+of at least W8A8_MIN_TOKENS tokens, where the kernel quantises them per row too (W8A8,
+`fused_moe(..., int8_activations=True)`); W8A8_MIN_TOKENS is None, so that is never, for now.
+The float stacks are released, so the model's allocated bytes, which start-up memory planning
+measures after loading (engine/memory.py), count int8 experts.
 
 Not here: `int8-weight-only-asym` and `int8-hadamard` keep float experts (their schemes, zero points
 or rotated inputs, are not per-row symmetric); the torch backend (CPU) keeps float experts, except
@@ -27,6 +29,16 @@ from torch import nn
 from deepserve.quant.block_fp8_ref import quantize_rows_int8_ref
 
 INT8_EXPERT_QUANTIZATIONS = frozenset({"int8", "int8-weight-only"})
+W8A8_EXPERT_QUANTIZATIONS = frozenset({"int8"})  # the modes whose int8 experts may quantise activations
+# Smallest batch (tokens) whose routed experts run W8A8 under W8A8_EXPERT_QUANTIZATIONS; None: never.
+# Unmeasured on a GPU: set after benchmarks/kernels_moe_int8.py compares W8A8 with W8A16 at prefill sizes.
+W8A8_MIN_TOKENS: int | None = None
+
+
+def w8a8_min_tokens(quantization: str | None) -> int | None:
+    """The batch size from which int8 experts served under `quantization` quantise their activations
+    (W8A8), or None: never (int8-weight-only and the other modes, or W8A8_MIN_TOKENS unset)."""
+    return W8A8_MIN_TOKENS if quantization in W8A8_EXPERT_QUANTIZATIONS else None
 
 
 def quantize_experts_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,9 +55,11 @@ def quantize_experts_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_routed_experts_in_place(experts: nn.Module, quantization: str | None) -> bool:
     """A `RoutedExperts`' float w13 / w2 -> int8 + w13_scale / w2_scale Parameters where
     `quantization` is in INT8_EXPERT_QUANTIZATIONS and its backend takes int8 stacks; whether it did.
-    Stacks that are int8 already are left as they are."""
+    Stacks that are int8 already are left as they are. Where it does, it also sets the experts'
+    `w8a8_min_tokens` (`w8a8_min_tokens(quantization)`)."""
     if quantization not in INT8_EXPERT_QUANTIZATIONS or not experts.moe_backend().int8_weights:
         return False
+    experts.w8a8_min_tokens = w8a8_min_tokens(quantization)
     if experts.w13.dtype == torch.int8:
         return True
     with torch.no_grad():
