@@ -205,7 +205,7 @@ def _launch(a, b, c, weights, align, num_valid, row_div, gated, cfg: MoeConfig,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         GATED=gated, MUL_WEIGHT=not gated, IEEE=a.dtype == torch.float32, W_INT8=scale is not None,
         A_INT8=a_scale is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(a.device))
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(a.device))
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
