@@ -54,6 +54,15 @@ def route(tokens, num_experts, top_k, dev, ids=None):
     return probs.gather(1, ids), ids
 
 
+def tiny_case(tokens, dtype):
+    """(x [T, H] dtype, q13, s13, q2, s2, weights, ids): random int8 experts and a top-k routing at this
+    module's tiny shapes (E, TOP_K, H, I)."""
+    x = torch.randn(tokens, H, device=device()).to(dtype)
+    q13, s13, q2, s2 = int8_experts(E, H, I, device())
+    weights, ids = route(tokens, E, TOP_K, device())
+    return x, q13, s13, q2, s2, weights, ids
+
+
 def dequant(q, scale):
     """[E, N, K] int8, [E, N] -> [E, N, K] float64."""
     return q.double() * scale.double()[..., None]
@@ -100,9 +109,7 @@ def assert_within_bound(out, x, q13, s13, q2, s2, weights, ids):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 5, 33])
 def test_matches_dequantised_reference(tokens, dtype):
-    x = torch.randn(tokens, H, device=device()).to(dtype)
-    q13, s13, q2, s2 = int8_experts(E, H, I, device())
-    weights, ids = route(tokens, E, TOP_K, device())
+    x, q13, s13, q2, s2, weights, ids = tiny_case(tokens, dtype)
     out = K.fused_moe(x, q13, q2, weights, ids, TINY, w13_scale=s13, w2_scale=s2)
     worst = assert_within_bound(out, x, q13, s13, q2, s2, weights, ids)
     print(f"T={tokens} {dtype}: max err / bound {worst:.3f}")

@@ -21,14 +21,11 @@ not launch by launch. GPU: V2-Lite shapes, bf16, T up to 4096, and a CUDA-graph 
 import pytest
 import torch
 
-from deepserve.kernels.fused_moe_configs import MoeConfig
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
-from tests.kernels.test_fused_moe_int8 import U32, UNIT, dequant, int8_experts, route
+from tests.kernels.test_fused_moe_int8 import E, H, I, TINY, TOP_K, U32, UNIT, dequant, int8_experts, route, tiny_case
 
 K = load_kernel_module("fused_moe")
 Q = load_kernel_module("int8_quant")
-E, TOP_K, H, I = 8, 2, 40, 24  # H, I: not multiples of the 16-wide blocks below
-TINY = MoeConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=1)
 W8A8 = dict(int8_activations=True)
 
 
@@ -101,9 +98,7 @@ def exact_dtypes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5, 33])
 def test_matches_float_reference_within_quantisation_bound(tokens, dtype):
-    x = torch.randn(tokens, H, device=device()).to(dtype)
-    q13, s13, q2, s2 = int8_experts(E, H, I, device())
-    weights, ids = route(tokens, E, TOP_K, device())
+    x, q13, s13, q2, s2, weights, ids = tiny_case(tokens, dtype)
     out = K.fused_moe(x, q13, q2, weights, ids, TINY, w13_scale=s13, w2_scale=s2, **W8A8)
     worst = assert_within_float_bound(out, x, q13, s13, q2, s2, weights, ids)
     print(f"T={tokens} {dtype}: max err / bound {worst:.3f}")
@@ -112,9 +107,7 @@ def test_matches_float_reference_within_quantisation_bound(tokens, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 5, 33])
 def test_matches_w8a8_reference(tokens, dtype):
-    x = torch.randn(tokens, H, device=device()).to(dtype)
-    q13, s13, q2, s2 = int8_experts(E, H, I, device())
-    weights, ids = route(tokens, E, TOP_K, device())
+    x, q13, s13, q2, s2, weights, ids = tiny_case(tokens, dtype)
     out = K.fused_moe(x, q13, q2, weights, ids, TINY, w13_scale=s13, w2_scale=s2, **W8A8)
     assert_close_to_w8a8_ref(out, x, q13, s13, q2, s2, weights, ids)
 

@@ -14,10 +14,7 @@ import torch
 from deepserve.layers.moe import RoutedExperts, Routing
 from deepserve.layers.moe_backend import get_moe_backend
 from deepserve.quant import int8_experts
-from tests.kernels.interpret import load_kernel_module
-
-FUSED_MOE = load_kernel_module("fused_moe")
-E, TOP_K, H, I = 8, 2, 40, 24
+from tests.unit.test_moe_int8_experts import E, FUSED_MOE, H, I, TOP_K
 
 
 @pytest.fixture(autouse=True)
