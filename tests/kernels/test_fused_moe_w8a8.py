@@ -104,7 +104,7 @@ def test_matches_float_reference_within_quantisation_bound(tokens, dtype):
     print(f"T={tokens} {dtype}: max err / bound {worst:.3f}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", exact_dtypes())
 @pytest.mark.parametrize("tokens", [1, 5, 33])
 def test_matches_w8a8_reference(tokens, dtype):
     x, q13, s13, q2, s2, weights, ids = tiny_case(tokens, dtype)
@@ -112,7 +112,7 @@ def test_matches_w8a8_reference(tokens, dtype):
     assert_close_to_w8a8_ref(out, x, q13, s13, q2, s2, weights, ids)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", exact_dtypes())
 def test_launches_one_by_one_equal_the_reference_arithmetic(dtype):
     """Launch 1 on int8_quant(x), then launch 2 on int8_quant(the kernel's own act): each equals the
     reference's float32 epilogue on the exact integer dots (launch 1 up to SiLU's float32 exp)."""

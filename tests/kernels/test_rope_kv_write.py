@@ -171,8 +171,8 @@ def test_cache_dtype_other_than_the_inputs(dtype, cache_dtype):
 
 
 def test_several_q_head_blocks(monkeypatch):
-    """q heads over several programs, the last block partial: 40 heads x 8 pairs under rotary.py's bound, and 6
-    heads with a bound of 2 heads a block."""
+    """q heads in one partial block (40 heads x 8 pairs under rotary.py's bound: one block of 64 heads), then over
+    several programs with the last block partial (6 heads with a bound of 2 heads a block)."""
     check_case(make_case(3, 40, 2, 16, torch.float32, torch.float32, False, device()))
     monkeypatch.setattr(F, "_MAX_PAIRS", 16)
     check_case(make_case(4, 6, 2, 16, torch.bfloat16, torch.int8, True, device()))
