@@ -68,13 +68,16 @@ TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
     (8192, _ANY, GemvConfig(2, 512, 1, 2)),  # qkv of qwen-7b
     (_ANY, _ANY, GemvConfig(4, 2048, 1, 8)),  # gate_up, LM head: many waves of programs
 )
-# int8 weights (W8A16) keep the entries they were measured with (run s5e1: qwen-7b W-b1 294.95 tok/s,
-# 0.546 of the W8A16 roofline) until `benchmarks/kernels_gemv.py --sweep --weights int8` has been run:
-# the bf16 sweep above says nothing about int8 tiles.
+# int8 weights (W8A16): measured on an H200 (run s6h1, `benchmarks/kernels_gemv.py --sweep --weights int8`,
+# M = 1, qwen-7b shapes, CUDA-graph replays over cold weights; BLOCK_K below in 2-byte columns, so the
+# kernel's int8 chunk is twice it): one-row programs for N <= 8192 (qkv 8.10 vs 9.18 us for the previous
+# 8-row entry, o 6.71 vs 8.15, down 23.57 vs 29.19 with 4096-byte chunks at 8 warps), 2-row programs with
+# 512-byte chunks at one warp for gate_up (42.73 vs 45.37 us). One qwen-7b layer: 81.1 vs 91.9 us.
 INT8_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (512, _ANY, GemvConfig(2, 1024, 1, 4)),
-    (4096, _ANY, GemvConfig(4, 1024, 1, 4)),
-    (_ANY, _ANY, GemvConfig(8, 1024, 1, 4)),
+    (4096, 4096, GemvConfig(1, 1024, 1, 4)),  # o of qwen-7b
+    (4096, _ANY, GemvConfig(1, 2048, 1, 8)),  # down of qwen-7b (K = 18944)
+    (8192, _ANY, GemvConfig(1, 1024, 1, 4)),  # qkv of qwen-7b
+    (_ANY, _ANY, GemvConfig(2, 256, 1, 1)),  # gate_up: many waves of small programs
 )
 
 
