@@ -220,24 +220,36 @@ def print_choices(times: dict, ms: list[int]) -> None:
 
 # ------------------------------------------------------------------------------- --tune
 
+TUNED = ("int8_gemm", "w8a16_gemm")
 
-def candidates(m: int):
+
+def candidates(m: int, kernel: str = "int8_gemm"):
+    """Block configs to time at M = m; the int8 GEMM also tries each with TMA operands (and 256-row
+    tiles, which only its TMA variant has the shared memory for at 4 stages)."""
     from deepserve.kernels.int8_gemm import GemmConfig
 
     if m <= 16:
-        return [GemmConfig(16, bn, bk, split_k=s, group_m=1, num_warps=4, num_stages=4)
-                for bn in (32, 64, 128) for bk in (128, 256) for s in (1, 4)]
-    if m <= 64:
-        return [GemmConfig(bm, bn, bk, split_k=s, group_m=8, num_warps=4, num_stages=4)
-                for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for s in (1, 2)]
-    if m <= 256:  # one warp group per 64 rows (wgmma); split-K while the tiles are under one wave
-        return [GemmConfig(bm, bn, 128, split_k=s, group_m=8, num_warps=bm // 16, num_stages=st)
-                for bm in (64, 128) for bn in (64, 128) for s in (1, 2, 4) for st in (3, 4)]
-    return [GemmConfig(128, bn, bk, split_k=1, group_m=8, num_warps=w, num_stages=st)
-            for bn in (128, 256) for bk in (64, 128) for w, st in ((8, 3), (8, 4), (4, 4))]
+        plain = [GemmConfig(16, bn, bk, split_k=s, group_m=1, num_warps=4, num_stages=4)
+                 for bn in (32, 64, 128) for bk in (128, 256) for s in (1, 4)]
+    elif m <= 64:
+        plain = [GemmConfig(bm, bn, bk, split_k=s, group_m=8, num_warps=4, num_stages=4)
+                 for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for s in (1, 2)]
+    elif m <= 256:  # one warp group per 64 rows (wgmma); split-K while the tiles are under one wave
+        plain = [GemmConfig(bm, bn, 128, split_k=s, group_m=8, num_warps=bm // 16, num_stages=st)
+                 for bm in (64, 128) for bn in (64, 128) for s in (1, 2, 4) for st in (3, 4)]
+    else:
+        plain = [GemmConfig(128, bn, bk, split_k=1, group_m=8, num_warps=w, num_stages=st)
+                 for bn in (128, 256) for bk in (64, 128) for w, st in ((8, 3), (8, 4), (4, 4))] + \
+            [GemmConfig(256, 128, bk, split_k=1, group_m=8, num_warps=8, num_stages=st)
+             for bk in (64, 128) for st in (3, 4)]
+    if kernel != "int8_gemm":
+        return plain
+    wide = [GemmConfig(256, bn, 128, split_k=s, group_m=8, num_warps=8, num_stages=st, tma=True)
+            for bn in (64, 128) for s in (1, 2) for st in (3, 4)] if 64 < m <= 256 else []
+    return plain + [c._replace(tma=True) for c in plain if c.block_k >= 64] + wide
 
 
-def tune(ms: list[int], result_file: str, run_id: str) -> None:
+def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...] = TUNED) -> None:
     """Time the Triton GEMMs with a few configs per M (summed over the four linears); one record per
     (kernel, M) with the best config."""
     import torch
@@ -252,9 +264,9 @@ def tune(ms: list[int], result_file: str, run_id: str) -> None:
         inputs = {k: (torch.randn(m, k, device="cuda").bfloat16(),
                       torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda"), torch.rand(m, device="cuda"))
                   for k in {k for k, _ in SHAPES.values()}}
-        for kernel in ("int8_gemm", "w8a16_gemm"):
+        for kernel in kernels_:
             scores = {}
-            for cfg in candidates(m):
+            for cfg in candidates(m, kernel):
                 total = 0.0
                 for layer, (k, n) in SHAPES.items():
                     c = config_for({m: cfg}, m, n, k, sms)  # resolve split_k for this shape
@@ -270,6 +282,9 @@ def tune(ms: list[int], result_file: str, run_id: str) -> None:
                         break
                 scores[cfg] = total
             top = min(scores, key=scores.get)
+            for tma in (False, True):
+                ranked = sorted((v, c) for c, v in scores.items() if c.tma == tma and v < float("inf"))[:3]
+                print(f"{kernel} M={m} tma={tma}: " + ", ".join(f"{tuple(c)} {v:.4f} ms" for v, c in ranked), flush=True)
             worst = max((v for v in scores.values() if v < float("inf")), default=None)
             append_record({**environment_fields(torch.cuda.get_device_name(), run_id), "engine": "deepserve",
                            "model": "qwen-7b", "dtype": "bfloat16", "quant": kernel, "workload": "kernel-tune",
@@ -376,6 +391,7 @@ def main() -> None:
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--skip-offline", action="store_true", help="W-b1 only in (b)")
     p.add_argument("--tune", action="store_true", help="also time Triton block configs per M (slow: compiles)")
+    p.add_argument("--tune-kernels", default=",".join(TUNED), help=f"which of {TUNED} --tune times")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
@@ -383,7 +399,7 @@ def main() -> None:
         return child(args, ms)
     budget, me = Budget(args.budget_s), [sys.executable, str(Path(__file__).resolve())]
     common = ["--result-file", args.result_file, "--kernel-file", args.kernel_file, "--run-id", args.run_id,
-              "--ms", args.ms]
+              "--ms", args.ms, "--tune-kernels", args.tune_kernels]
     if not args.skip_kernels:
         run_step("kernel microbenchmarks", me + common + ["--child", "kernels"], budget, cap_s=150)
     if args.tune:
@@ -422,7 +438,10 @@ def child(args: argparse.Namespace, ms: list[int]) -> None:
     if kind == "kernels":
         kernels(ms, args.kernel_file, args.run_id)
     elif kind == "tune":
-        tune(ms, args.kernel_file, args.run_id)
+        tuned = tuple(k.strip() for k in args.tune_kernels.split(",") if k.strip())
+        if unknown := set(tuned) - set(TUNED):
+            raise SystemExit(f"--tune-kernels: unknown {sorted(unknown)}; choose from {TUNED}")
+        tune(ms, args.kernel_file, args.run_id, tuned)
     elif kind == "ceilings":
         from gpu_dense import ceilings
 

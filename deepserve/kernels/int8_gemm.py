@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 class GemmConfig(NamedTuple):
@@ -38,6 +39,7 @@ class GemmConfig(NamedTuple):
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False  # int8 only: operands through TMA descriptors (sm_90+; `_int8_gemm_tma_kernel`)
 
 
 # max M -> config (split_k here is the most splits allowed; `int8_gemm_config` picks <= it).
@@ -121,6 +123,15 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
         acc = tl.dot(a, b, acc, out_dtype=tl.float32 if FP8 else tl.int32, max_num_imprecise_acc=0 if FP8 else None)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    scaled_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, stride_cs, stride_cm,
+                 HAS_BIAS)
+
+
+@triton.jit
+def scaled_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, stride_cs, stride_cm,
+                 HAS_BIAS: tl.constexpr):
+    """The epilogue: c[split, m, n] = float(acc) * a_scale[m] * b_scale[n] (+ bias[n] on split 0)."""
+    m_mask, n_mask = offs_m < M, offs_n < N
     a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n, mask=n_mask, other=0.0)
     y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
@@ -129,6 +140,30 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
         y = y + tl.where(split == 0, bias, 0.0)[None, :]
     c_ptrs = c_ptr + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, k_per_split,
+                          stride_cs, stride_cm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """`_int8_gemm_kernel` (int8 only) with both operands loaded by TMA: a_desc over x_q [M, K] in
+    [BLOCK_M, BLOCK_K] boxes, b_desc over w_q [N, K] in [BLOCK_N, BLOCK_K] boxes. The copy engine
+    zero-fills boxes past M, N and K, so the loop has no masks (k_per_split is a multiple of BLOCK_K:
+    only the last split's last box runs past K)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        a = a_desc.load([off_m, k0])  # [BM, BK] int8
+        b = b_desc.load([off_n, k0])  # [BN, BK] int8
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    scaled_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, stride_cs, stride_cm,
+                 HAS_BIAS)
 
 
 def check_operands(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -183,13 +218,28 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     c = split_k_output(m, n, cfg.split_k, out_dtype, x_q.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-    _int8_gemm_kernel[grid](
-        x_q, w_q, c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k, k_per_split,
-        x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False)  # no FMA in the epilogue: the reference rounds the product first
+    bias_arg = bias if bias is not None else w_scale
+    blocks = dict(HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  enable_fp_fusion=False)  # no FMA in the epilogue: the reference rounds the product first
+    if cfg.tma and not fp8 and tma_ok(x_q, w_q):
+        a_desc = TensorDescriptor.from_tensor(x_q, [cfg.block_m, cfg.block_k])
+        b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
+        _int8_gemm_tma_kernel[grid](a_desc, b_desc, c, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
+                                    c.stride(0), c.stride(1), **blocks)
+    else:
+        _int8_gemm_kernel[grid](x_q, w_q, c, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
+                                x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1), FP8=fp8, **blocks)
     return reduce_splits(c, out_dtype)
+
+
+def tma_ok(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """Whether both operands can go through TMA descriptors: a CUDA device of compute capability 9.0+
+    (not ROCm), or the CPU interpreter (tests); 16-byte aligned bases and row strides (int8: K and the
+    row strides multiples of 16). Otherwise the pointer kernel runs the same config."""
+    if x_q.is_cuda and (torch.version.hip is not None or torch.cuda.get_device_capability(x_q.device) < (9, 0)):
+        return False
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x_q, w_q))
 
 
 def int8_gemm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

@@ -55,6 +55,50 @@ def test_triton_gemm_builds_with_triton_3_6_dot(monkeypatch, m):
     _assert_close(G.int8_gemm(*ops, torch.float32, cfg), G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
 
 
+class LaunchSpy:
+    """Stands in for a Triton kernel: counts `kernel[grid](...)` launches, then runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (5, 33, 160), (33, 70, 192)])  # K multiple of 16: TMA rows
+@pytest.mark.parametrize("cfg", TINY, ids=["plain", "split3", "grouped"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_tma_gemm_matches_pointer_kernel_and_reference(monkeypatch, m, n, k, cfg, bias):
+    """The TMA variant takes the same configs and gives the pointer kernel's bits (same int32 sums,
+    same epilogue), also where boxes run past M, N and the last split's K."""
+    ops = _operands(m, n, k, device(), bias)
+    spy = LaunchSpy(G._int8_gemm_tma_kernel)
+    monkeypatch.setattr(G, "_int8_gemm_tma_kernel", spy)
+    got = G.int8_gemm(*ops, torch.float32, cfg._replace(tma=True))
+    assert spy.launches == 1
+    assert torch.equal(got, G.int8_gemm(*ops, torch.float32, cfg))
+    _assert_close(got, G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
+
+
+def test_tma_gemm_falls_back_on_unaligned_rows(monkeypatch):
+    """K = 70 int8 rows are not 16-byte strided: TMA cannot describe them, the pointer kernel runs."""
+    ops = _operands(5, 33, 70, device())
+    spy = LaunchSpy(G._int8_gemm_tma_kernel)
+    monkeypatch.setattr(G, "_int8_gemm_tma_kernel", spy)
+    got = G.int8_gemm(*ops, torch.float32, TINY[0]._replace(tma=True))
+    assert spy.launches == 0
+    assert torch.equal(got, G.int8_gemm_ref(*ops, torch.float32))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="models Triton 3.6 in the interpreter")
+def test_tma_gemm_builds_with_triton_3_6_dot(monkeypatch):
+    triton_3_6_semantics(monkeypatch)
+    ops = _operands(17, 24, 64, device())
+    got = G.int8_gemm(*ops, torch.float32, GemmConfig(16, 16, 32, num_stages=1, tma=True))
+    assert torch.equal(got, G.int8_gemm_ref(*ops, torch.float32))
+
+
 def test_triton_gemm_strided_rows_and_default_config():
     x_q, x_s, w_q, w_s, bias = _operands(5, 48, 64, device())
     wide = torch.zeros(5, 80, dtype=torch.int8, device=device())
@@ -112,6 +156,21 @@ def test_config_table():
 # ---- GPU, qwen-7b linear shapes -------------------------------------------------------------------
 
 SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): qkv, gate_up, o, down
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [256, 8192])
+@pytest.mark.parametrize("cfg", [GemmConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True),
+                                 GemmConfig(128, 64, 128, split_k=4, num_warps=8, num_stages=4, tma=True),
+                                 GemmConfig(256, 128, 128, num_warps=8, num_stages=3, tma=True)],
+                         ids=["128x128", "128x64-split", "256x128"])
+def test_gpu_tma_gemm_real_shapes(k, n, m, cfg):
+    """The TMA kernel at qwen-7b's shapes: bit-equal to the pointer kernel with the same blocks."""
+    x_q, x_s, w_q, w_s, bias = _operands(m, n, k, "cuda")
+    got = G.int8_gemm(x_q, x_s, w_q, w_s, bias, torch.bfloat16, cfg)
+    assert torch.equal(got, G.int8_gemm(x_q, x_s, w_q, w_s, bias, torch.bfloat16, cfg._replace(tma=False)))
+    _assert_close(got, G.int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.bfloat16), cfg.split_k)
 
 
 @pytest.mark.gpu
