@@ -14,7 +14,7 @@ instead of three GEMM launches, an activation and an add; torch: no gain, today'
 `int8_weights`: whether `apply` takes int8 stacks with per-(expert, row) scales (W8A16; triton), so
 that `RoutedExperts` quantises its stacks under the int8 serving modes (`quant/int8_experts.py`);
 `int8_activations` (int8 stacks only) asks for W8A8, the activations quantised per row as well
-(`RoutedExperts` decides it: `int8` mode and a batch of at least `W8A8_MIN_TOKENS`, None by default).
+(`RoutedExperts` decides it: `int8` mode and a batch of at least `W8A8_MIN_TOKENS`, 256).
 
 `get_moe_backend(name)` builds a backend by name (module imported on first use, so importing this
 file never imports Triton); `moe_backend_for(device)` picks the default for a device type: triton on

@@ -1,6 +1,6 @@
 """Which batches of int8 routed experts run W8A8 (`fused_moe(..., int8_activations=True)`): only under
 `--quantization int8` (not int8-weight-only), only from `W8A8_MIN_TOKENS` tokens, and never while
-that constant is None (its default: W8A8 is unmeasured on a GPU).
+that constant is None (its default is 256, measured on an H200: see `quant/int8_experts.py`).
 
 The selection tests record what `RoutedExperts` asks the triton backend for (a stand-in `fused_moe`,
 no kernel runs); one test runs the real kernel under the interpreter through the layer.
@@ -50,14 +50,15 @@ def asked(monkeypatch) -> list[bool]:
     return calls
 
 
-def test_default_never_selects_w8a8(asked):
-    assert int8_experts.W8A8_MIN_TOKENS is None
+def test_default_selects_w8a8_from_256_tokens_under_int8(asked):
+    assert int8_experts.W8A8_MIN_TOKENS == 256
     for quantization in ("int8", "int8-weight-only"):
         experts = quantised_experts(quantization)
-        assert experts.w13.dtype == torch.int8 and experts.w8a8_min_tokens is None
-        for tokens in (1, 33, 4096):
+        assert experts.w13.dtype == torch.int8
+        assert experts.w8a8_min_tokens == (256 if quantization == "int8" else None)
+        for tokens in (1, 255, 256, 4096):
             experts(torch.randn(tokens, H), route(tokens))
-    assert asked == [False] * 6
+    assert asked == [False, False, True, True] + [False] * 4
 
 
 def test_threshold_selects_w8a8_under_int8_only(monkeypatch, asked):
