@@ -43,15 +43,17 @@ class GemmConfig(NamedTuple):
 
 
 # max M -> config (split_k here is the most splits allowed; `int8_gemm_config` picks <= it).
-# M <= 64 and <= 256: measured on an H200 (`benchmarks/gpu_quant.py --tune`, run s5e1: summed time of
-# qwen-7b's four linears, CUDA-graph replays over cold weights): 0.109 ms at M = 64, 0.169 ms at M = 256
-# (the previous 256 entry, 64 x 128 without split-K: 0.181 ms in run s4c2; bf16 cuBLAS 0.180 ms). The
-# M <= 16 and large-M entries are first estimates.
+# Measured on an H200 (`benchmarks/gpu_quant.py --tune`: summed time of qwen-7b's four linears, CUDA-graph
+# replays over cold weights). M <= 64: run s5e1, 0.109 ms. M <= 256, 2048 and above: run s6h3, where the
+# TMA variant won at every M: 0.1575 ms at M = 256 (the best pointer config, 128 x 64 split-K 2, took
+# 0.1685 in s6h2), 0.734 ms at M = 2048, 2.987 ms at M = 8192 (256 x 128 tiles; the best pointer config,
+# 128 x 128, took 3.196 ms in s6h2; bf16 cuBLAS 5.22 ms there). The M <= 16 entry is a first estimate.
 CONFIGS: dict[int, GemmConfig] = {
     16: GemmConfig(16, 64, 256, split_k=4, group_m=1, num_warps=4, num_stages=4),
     64: GemmConfig(64, 64, 128, split_k=2, group_m=8, num_warps=4, num_stages=4),
-    256: GemmConfig(128, 64, 128, split_k=2, group_m=8, num_warps=8, num_stages=4),
-    1 << 62: GemmConfig(128, 128, 128, split_k=1, group_m=8, num_warps=8, num_stages=3),
+    256: GemmConfig(64, 128, 128, split_k=2, group_m=8, num_warps=4, num_stages=4, tma=True),
+    2048: GemmConfig(128, 128, 128, split_k=1, group_m=8, num_warps=8, num_stages=3, tma=True),
+    1 << 62: GemmConfig(256, 128, 128, split_k=1, group_m=8, num_warps=8, num_stages=4, tma=True),
 }
 
 
