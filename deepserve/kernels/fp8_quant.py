@@ -12,7 +12,16 @@ grid itself
 in float32 (spacing 2^(e-3) for a value in [2^e, 2^(e+1)), 2^-9 below 2^-6, the subnormals) with
 `int8_quant.round_half_even`, then casts a value the format holds exactly; this gives the same bits
 on any backend (the Triton interpreter's own float32 -> fp8 cast rounds ties up and drops carries).
-One program per row, the whole row in registers (K <= 65536): x is read once.
+
+One program per row (K <= 65536), tiled as `int8_quant.row_tiling` says, like int8_quant:
+  * up to 8192 columns the whole row in registers (BLOCK = next_power_of_2(K)): x is read once.
+    Measured on an H200 (run s6h2, benchmarks/gpu_quant.py): at K = 18944 this took 0.464 ms for
+    8192 rows (the bytes alone ~0.11 ms) and 15.1 us for 256 rows (~4.5 us at K = 3584), which is
+    why wider rows take the second kernel;
+  * wider rows (`_fp8_quant_wide_kernel`): a loop over chunks of 4096 columns (8 warps), pass 1 for
+    max |x|, pass 2 (last chunk first, the re-reads expected in L2) to quantise and store; the same
+    per-element arithmetic (`_quantize`), so the same bits. Threshold, chunk and warps are first
+    estimates, NOT TIMED YET (see int8_quant's docstring).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.int8_quant import quant_num_warps, round_half_even
+from deepserve.kernels.int8_quant import row_tiling, round_half_even
 
 _MAX_HIDDEN = 65536
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,20 +58,50 @@ def _round_to_e4m3_grid(v):
 
 
 @triton.jit
-def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK: tl.constexpr,
-                      HW_CAST: tl.constexpr = False):
-    """One program per row."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
-    v = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 448.0)
+def _quantize(v, scale, HW_CAST: tl.constexpr):
+    """f32 values [N] of a row whose scale is `scale` -> q [N] e4m3 (both kernels)."""
     y = tl.minimum(tl.maximum(tl.div_rn(v, scale), -448.0), 448.0)
     if HW_CAST:  # the GPU's cvt (round to nearest even, as torch's cast)
         q = y.to(tl.float8e4nv)
     else:
         q = _round_to_e4m3_grid(y).to(tl.float8e4nv)
+    return q
+
+
+@triton.jit
+def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK: tl.constexpr,
+                      HW_CAST: tl.constexpr = False):
+    """One program per row, the whole row [BLOCK] in registers."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    v = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 448.0)
+    q = _quantize(v, scale, HW_CAST)
     tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _fp8_quant_wide_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, CHUNK: tl.constexpr,
+                           HW_CAST: tl.constexpr = False):
+    """One program per row, looping over it in chunks [CHUNK]: the max pass, then the quantise pass
+    last chunk first. The values of `_fp8_quant_kernel`, bit for bit."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, CHUNK)
+    x_row = x_ptr + row * x_stride
+    amax = tl.zeros([CHUNK], dtype=tl.float32)  # lane-wise max over the chunks; 0 is the masked lanes' value
+    for start in range(0, hidden, CHUNK):
+        v = tl.load(x_row + start + cols, mask=start + cols < hidden, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), 448.0)
+    num_chunks = tl.cdiv(hidden, CHUNK)
+    for i in range(0, num_chunks):
+        start = (num_chunks - 1 - i) * CHUNK  # last chunk first: the most recently read
+        mask = start + cols < hidden
+        v = tl.load(x_row + start + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        q = _quantize(v, scale, HW_CAST)
+        tl.store(q_ptr + row * q_stride + start + cols, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -80,22 +119,25 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def fp8_quant(x: torch.Tensor) -> Fp8Activations:
-    """x [T, K] f16/bf16/f32 (unit stride in K; rows may be strided) -> (q [T, K] e4m3, scale [T] f32)."""
+def fp8_quant(x: torch.Tensor, *, whole_row_max: int | None = None, chunk: int | None = None) -> Fp8Activations:
+    """x [T, K] f16/bf16/f32 (unit stride in K; rows may be strided) -> (q [T, K] e4m3, scale [T] f32).
+    whole_row_max / chunk: `int8_quant.row_tiling` (defaults: rows up to 8192 whole, wider in chunks
+    of 4096)."""
     if x.dim() != 2 or x.dtype not in _FLOATS or x.stride(1) != 1:
         raise ValueError(f"x must be [num_tokens, hidden] f16/bf16/f32 with unit stride in hidden, got "
                          f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
     num_tokens, hidden = x.shape
     if hidden > _MAX_HIDDEN:
         raise ValueError(f"hidden {hidden} exceeds {_MAX_HIDDEN}")
+    tiling = row_tiling(hidden, whole_row_max, chunk)
     q = torch.empty((num_tokens, hidden), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return Fp8Activations(q, scale)
-    block = triton.next_power_of_2(hidden)
-    _fp8_quant_kernel[(num_tokens,)](x, q, scale, hidden, x.stride(0), q.stride(0), BLOCK=block,
-                                     HW_CAST=hardware_cast_rounds_like_torch(x.device),
-                                     num_warps=quant_num_warps(block))
+    kernel, block = ((_fp8_quant_wide_kernel, dict(CHUNK=tiling.block)) if tiling.wide
+                     else (_fp8_quant_kernel, dict(BLOCK=tiling.block)))
+    kernel[(num_tokens,)](x, q, scale, hidden, x.stride(0), q.stride(0), **block,
+                          HW_CAST=hardware_cast_rounds_like_torch(x.device), num_warps=tiling.num_warps)
     return Fp8Activations(q, scale)
 
 

@@ -13,11 +13,35 @@ rint (HW_ROUND); under the Triton interpreter, which has no libdevice, the same 
 `floor` (`round_half_even` below, exact for |v| < 2^23).
 
 The fused variant first computes, in registers, what `kernels/rms_norm.py` writes (exactly, up to
-the order of the row's sum of squares where the two kernels' warp counts differ: rows above 8192):
+the order of the row's sum of squares: it differs from rms_norm's where the two kernels' warp counts
+differ, and in the wide-row kernel below, which sums lane-wise over the chunks, then across lanes):
     s = x + residual (in x's dtype; stored as the new residual),
     v = weight * (s.f32 * rsqrt(mean(s.f32^2) + eps)).to(x.dtype), rounded to promote(x, weight)
-and quantises v; the normalised activations never go to memory. One program per row, the whole row
-in registers (K <= 65536), so x is read once.
+and quantises v; the normalised activations never go to memory.
+
+Two kernels, one program per row in both:
+  * K <= whole_row_max (default _WHOLE_ROW_MAX = 8192): the whole row in registers (BLOCK =
+    next_power_of_2(K)), so x is read once. Measured on an H200 (run s6h2, benchmarks/gpu_quant.py):
+    near bandwidth at K = 3584 (0.041 ms for 8192 rows); at K = 18944 (qwen-7b's down-projection
+    input) 0.497 ms for 8192 rows, 4.5x the bytes' time, and 17.6 us for 256 rows: BLOCK 32768
+    leaves 42% of the lanes idle and needs 32 warps with 32 elements per thread.
+  * wider rows (`_int8_quant_wide_kernel`): the program loops over the row in chunks of CHUNK
+    (default _CHUNK = 4096) columns: pass 1 takes max |v| chunk by chunk (the max does not depend on
+    the order, so it equals the whole-row one exactly), pass 2 re-reads the chunks last to first
+    (the most recently read first), quantises them and stores q. The re-reads are expected to hit
+    L2 (a guess: a 18944-column bf16 row is 38 KB; 6 resident rows per SM, see below, x 132 SMs
+    is 30 MB of the 50 MB L2). Same per-element arithmetic (`_quantize`), so the bits are those of the
+    whole-row kernel and of the reference. The fused variant makes one more pass first (residual
+    add, stored once, and the sum of squares) and recomputes s from x and residual in the later
+    passes. x is read from memory once and from cache once or twice.
+    NOT TIMED YET: the threshold 8192, CHUNK 4096 and 8 warps are first estimates, as is the
+    evict_first hint on the re-reads; they await a GPU run. The reasons: 16 elements per thread
+    (two 16-byte loads of bf16 per chunk) is the tile of the whole-row kernel at K = 4096, the one
+    measured near bandwidth; ptxas (sm_90a, compiled here without a GPU through Triton 3.9) gives
+    the bf16 wide kernel 40 registers and no spills, so 6 programs (48 warps, ~48 KB of loads in
+    flight) fit an SM, where the 32768-wide whole-row program (49 registers x 1024 threads) fits
+    one; the per-element work is ~25 instructions (the IEEE division dominates), so idle lanes
+    cost time: 4096-column chunks cover 18944 columns with 20480 lanes, 8192-column ones with 24576.
 """
 
 from __future__ import annotations
@@ -29,9 +53,11 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_normalize, row_num_warps
+from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_normalize
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_WHOLE_ROW_MAX = 8192  # widest row (columns) held whole in registers; wider rows are looped over in chunks
+_CHUNK = 4096  # columns per loop step of the wide-row kernel (a power of two; 8 warps)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -52,11 +78,23 @@ def round_half_even(y):
 
 
 @triton.jit
+def _quantize(v, scale, HW_ROUND: tl.constexpr):
+    """f32 values [N] of a row whose scale is `scale` -> q [N] as f32 in [-127, 127] (both kernels)."""
+    y = tl.div_rn(v, scale)
+    if HW_ROUND:  # one cvt.rni per element on the GPU; the interpreter has no libdevice
+        y = libdevice.rint(y)
+    else:
+        y = round_half_even(y)
+    return tl.minimum(tl.maximum(y, -127.0), 127.0)
+
+
+@triton.jit
 def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hidden,
                        x_stride, res_stride, q_stride, res_out_stride, eps,
                        NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_DTYPE: tl.constexpr,
                        BLOCK: tl.constexpr, HW_ROUND: tl.constexpr = False):
-    """One program per row; NORM: (residual add +) RMSNorm, rounded to NORM_DTYPE, before quantising."""
+    """One program per row, the whole row [BLOCK] in registers; NORM: (residual add +) RMSNorm,
+    rounded to NORM_DTYPE, before quantising."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -66,13 +104,72 @@ def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hid
     if NORM:
         v = rms_normalize(x, w_ptr, cols, mask, hidden, eps).to(NORM_DTYPE).to(tl.float32)
     scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 127.0)
-    y = tl.div_rn(v, scale)
-    if HW_ROUND:  # one cvt.rni per element on the GPU; the interpreter has no libdevice
-        y = libdevice.rint(y)
-    else:
-        y = round_half_even(y)
-    q = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    q = _quantize(v, scale, HW_ROUND)
     tl.store(q_ptr + row * q_stride + cols, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _chunk_values(x_ptr, res_ptr, w_ptr, row, cols, mask, x_stride, res_stride, rstd,
+                  NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_DTYPE: tl.constexpr,
+                  EVICT: tl.constexpr):
+    """Columns `cols` [CHUNK] of row `row` -> the f32 values the whole-row kernel quantises there:
+    x (+ residual, rounded like `load_row_add_residual`), NORM: normalised with the row's rstd
+    (rounded to x's dtype as `rms_normalize` does), times the weight, rounded to NORM_DTYPE."""
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0, eviction_policy=EVICT)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0, eviction_policy=EVICT)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    v = x.to(tl.float32)
+    if NORM:
+        normed = (v * rstd).to(x.dtype).to(tl.float32)
+        v = (normed * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(NORM_DTYPE).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _row_rstd(x_ptr, res_ptr, res_out_ptr, row, hidden, x_stride, res_stride, res_out_stride, eps,
+              HAS_RESIDUAL: tl.constexpr, CHUNK: tl.constexpr):
+    """The fused wide path's first pass over row `row`: s = x (+ residual, stored to res_out) chunk by
+    chunk -> rsqrt(mean(s.f32^2) + eps), the squares summed in a different order than the
+    whole-row kernel's."""
+    cols = tl.arange(0, CHUNK)
+    squares = tl.zeros([CHUNK], dtype=tl.float32)
+    for start in range(0, hidden, CHUNK):
+        mask = start + cols < hidden
+        x = load_row_add_residual(x_ptr + start, res_ptr + start, res_out_ptr + start, row, cols, mask,
+                                  x_stride, res_stride, res_out_stride, HAS_RESIDUAL).to(tl.float32)
+        squares += x * x
+    return tl.rsqrt(tl.sum(squares, axis=0) / hidden + eps)
+
+
+@triton.jit
+def _int8_quant_wide_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hidden,
+                            x_stride, res_stride, q_stride, res_out_stride, eps,
+                            NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_DTYPE: tl.constexpr,
+                            CHUNK: tl.constexpr, HW_ROUND: tl.constexpr = False):
+    """One program per row, looping over it in chunks [CHUNK]: (NORM: the rstd pass,) the max pass,
+    then the quantise pass last chunk first. The values of `_int8_quant_kernel`, bit for bit."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, CHUNK)
+    rstd = 1.0
+    if NORM:
+        rstd = _row_rstd(x_ptr, res_ptr, res_out_ptr, row, hidden, x_stride, res_stride, res_out_stride, eps,
+                         HAS_RESIDUAL, CHUNK)
+    amax = tl.zeros([CHUNK], dtype=tl.float32)  # lane-wise max over the chunks; 0 is the masked lanes' value
+    for start in range(0, hidden, CHUNK):
+        v = _chunk_values(x_ptr + start, res_ptr + start, w_ptr + start, row, cols, start + cols < hidden,
+                          x_stride, res_stride, rstd, NORM, HAS_RESIDUAL, NORM_DTYPE, "")
+        amax = tl.maximum(amax, tl.abs(v))
+    scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), 127.0)
+    num_chunks = tl.cdiv(hidden, CHUNK)
+    for i in range(0, num_chunks):
+        start = (num_chunks - 1 - i) * CHUNK  # last chunk first: the most recently read
+        mask = start + cols < hidden
+        v = _chunk_values(x_ptr + start, res_ptr + start, w_ptr + start, row, cols, mask, x_stride, res_stride,
+                          rstd, NORM, HAS_RESIDUAL, NORM_DTYPE, "evict_first")
+        q = _quantize(v, scale, HW_ROUND)
+        tl.store(q_ptr + row * q_stride + start + cols, q.to(tl.int8), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -91,37 +188,61 @@ def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor 
             raise ValueError(f"{name} must be f16/bf16/f32, got {t.dtype}")
 
 
-def _launch(x, residual, weight, eps: float, norm: bool) -> Int8Activations:
+class RowTiling(NamedTuple):
+    wide: bool  # the row is looped over in chunks (the wide-row kernel), else held whole
+    block: int  # columns a program holds at once: BLOCK = next_power_of_2(K), or CHUNK
+    num_warps: int
+
+
+def row_tiling(hidden: int, whole_row_max: int | None = None, chunk: int | None = None) -> RowTiling:
+    """How a per-row quantisation kernel (int8 here, fp8_quant too) covers a row of `hidden` columns:
+    whole, up to `whole_row_max` (default _WHOLE_ROW_MAX) columns, else in chunks of `chunk`
+    (default _CHUNK, a power of two >= 16) columns at 16 elements per thread (1-16 warps; 8 for 4096).
+    Tests pass small values to take the wide path at small shapes; benchmarks to compare the two."""
+    whole_row_max = _WHOLE_ROW_MAX if whole_row_max is None else whole_row_max
+    if hidden <= whole_row_max:
+        block = triton.next_power_of_2(hidden)
+        return RowTiling(False, block, quant_num_warps(block))
+    chunk = _CHUNK if chunk is None else chunk
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
+    return RowTiling(True, chunk, max(1, min(16, chunk // 512)))
+
+
+def _launch(x, residual, weight, eps: float, norm: bool, tiling: RowTiling) -> Int8Activations:
     num_tokens, hidden = x.shape
     q = torch.empty((num_tokens, hidden), dtype=torch.int8, device=x.device)
     scale = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
     res_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
     if num_tokens == 0:
         return Int8Activations(q, scale, res_out)
-    block = triton.next_power_of_2(hidden)
     res_in = residual if residual is not None else x  # unused pointers when HAS_RESIDUAL is off
     res_dst = res_out if res_out is not None else x
     norm_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
-    _int8_quant_kernel[(num_tokens,)](
+    kernel, block = ((_int8_quant_wide_kernel, dict(CHUNK=tiling.block)) if tiling.wide
+                     else (_int8_quant_kernel, dict(BLOCK=tiling.block)))
+    kernel[(num_tokens,)](
         x, res_in, weight if weight is not None else x, q, scale, res_dst, hidden,
         x.stride(0), res_in.stride(0), q.stride(0), res_dst.stride(0), eps,
-        NORM=norm, HAS_RESIDUAL=residual is not None, NORM_DTYPE=_TL_DTYPES[norm_dtype], BLOCK=block,
-        HW_ROUND=x.is_cuda, num_warps=quant_num_warps(block))
+        NORM=norm, HAS_RESIDUAL=residual is not None, NORM_DTYPE=_TL_DTYPES[norm_dtype], **block,
+        HW_ROUND=x.is_cuda, num_warps=tiling.num_warps)
     return Int8Activations(q, scale, res_out)
 
 
-def int8_quant(x: torch.Tensor) -> Int8Activations:
-    """x [T, K] f16/bf16/f32 (rows may be strided) -> (q [T, K] int8, scale [T] f32, None)."""
+def int8_quant(x: torch.Tensor, *, whole_row_max: int | None = None, chunk: int | None = None) -> Int8Activations:
+    """x [T, K] f16/bf16/f32 (rows may be strided) -> (q [T, K] int8, scale [T] f32, None).
+    whole_row_max / chunk: `row_tiling` (defaults: rows up to 8192 whole, wider in chunks of 4096)."""
     _check(x, None, None)
-    return _launch(x, None, None, 0.0, norm=False)
+    return _launch(x, None, None, 0.0, False, row_tiling(x.shape[1], whole_row_max, chunk))
 
 
-def rms_norm_int8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                        eps: float) -> Int8Activations:
+def rms_norm_int8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                        whole_row_max: int | None = None, chunk: int | None = None) -> Int8Activations:
     """x [T, H], residual like x or None, weight [H] -> (q [T, H] int8 of the normalised rows,
-    scale [T] f32, x + residual [T, H] x.dtype or None). Inputs are not modified."""
+    scale [T] f32, x + residual [T, H] x.dtype or None). Inputs are not modified.
+    whole_row_max / chunk: as `int8_quant`."""
     _check(x, residual, weight)
-    return _launch(x, residual, weight, eps, norm=True)
+    return _launch(x, residual, weight, eps, True, row_tiling(x.shape[1], whole_row_max, chunk))
 
 
 def int8_quant_ref(x: torch.Tensor) -> Int8Activations:

@@ -1,18 +1,24 @@
 """Per-token FP8 (e4m3) activation quantisation against its reference, bit for bit: the kernel
 rounds onto the e4m3 grid itself (ties to even), so it must agree with torch's cast everywhere,
-including the ties, the carries into the next binade and the subnormals tested below."""
+including the ties, the carries into the next binade and the subnormals tested below. Rows wider than
+8192 columns go through the wide-row kernel (4096-column chunks); tests force it at small shapes
+with WIDE and check from the recorded launches that it ran."""
 
 import pytest
 import torch
 
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
+from tests.kernels.launches import record_launches
 from tests.kernels.triton36 import triton_3_6_semantics
 
 K = load_kernel_module("fp8_quant")
+WIDE = dict(whole_row_max=0, chunk=64)  # every row through the wide-row kernel, in 64-column chunks
+KERNELS = ("_fp8_quant_kernel", "_fp8_quant_wide_kernel")
+TILINGS = pytest.mark.parametrize("tiling", [{}, WIDE], ids=["whole", "wide"])
 
 
-def _assert_exact(x):
-    got, want = K.fp8_quant(x), K.fp8_quant_ref(x)
+def _assert_exact(x, **tiling):
+    got, want = K.fp8_quant(x, **tiling), K.fp8_quant_ref(x)
     assert got.q.dtype == torch.float8_e4m3fn and got.scale.dtype == torch.float32
     assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8))  # sign of zero included
     assert torch.equal(got.scale, want.scale)
@@ -39,28 +45,70 @@ def _grid_cases() -> torch.Tensor:
     return torch.cat([around, -around, torch.tensor([-0.0, 448.0])])
 
 
-def test_ties_carries_and_subnormals():
+@TILINGS
+def test_ties_carries_and_subnormals(tiling):
     x = _grid_cases().to(device())[None, :]
-    assert K.fp8_quant(x).scale.item() == 1.0
-    _assert_exact(x)
+    assert K.fp8_quant(x, **tiling).scale.item() == 1.0
+    _assert_exact(x, **tiling)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="models Triton 3.6 in the interpreter")
-def test_sign_of_zero_with_triton_3_6_negation(monkeypatch):
+@TILINGS
+def test_sign_of_zero_with_triton_3_6_negation(monkeypatch, tiling):
     """Triton 3.6 compiles unary minus as 0 - x (so -(+0.0) = +0.0): the kernel must still give -0.0
     for -0.0 and for negatives that round to zero, as torch's cast does (a GPU run caught this)."""
     triton_3_6_semantics(monkeypatch)
     x = _grid_cases().to(device())[None, :]
     tiny = torch.tensor([[-1e-4, -2.0 ** -11, -2.0 ** -10, -0.0, 2.0 ** -11, 0.0, 448.0]], device=device())
-    _assert_exact(x)
-    _assert_exact(tiny)
-    assert K.fp8_quant(tiny).q.view(torch.uint8)[0, :5].tolist() == [128, 128, 128, 128, 0]
+    _assert_exact(x, **tiling)
+    _assert_exact(tiny, **tiling)
+    assert K.fp8_quant(tiny, **tiling).q.view(torch.uint8)[0, :5].tolist() == [128, 128, 128, 128, 0]
 
 
-def test_zero_rows_and_strided_rows():
+@TILINGS
+def test_zero_rows_and_strided_rows(tiling):
     base = torch.randn(3, 160, device=device())
     base[1] = 0.0
-    _assert_exact(base[:, :128])
+    _assert_exact(base[:, :128], **tiling)
+
+
+def _wide_rows(tokens, hidden, dtype):
+    """Columns spanning six decades (so rows reach their scale's subnormals), one row of zeros, one
+    whose max sits in the last (maybe ragged) chunk and one whose max is negative and in the first:
+    a chunk left out of either pass changes q or the scale."""
+    dev = device()
+    x = torch.randn(tokens, hidden, device=dev) * torch.logspace(-4, 2, hidden, device=dev).flip(0)
+    x[1] = 0.0
+    x[2, -1] = 1000.0
+    x[3, 0] = -1000.0
+    return x.to(dtype)
+
+
+# one chunk, one chunk + 1 element, less than a chunk, 4 chunks, a ragged tail of 44
+@pytest.mark.parametrize("hidden", [64, 65, 17, 256, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_wide_rows_match_reference_exactly(monkeypatch, hidden, dtype):
+    """The wide-row kernel (forced: WIDE) gives the reference's bits and the whole-row kernel's."""
+    x = _wide_rows(5, hidden, dtype)
+    recorders = record_launches(monkeypatch, K, *KERNELS)
+    _assert_exact(x, **WIDE)
+    wide = recorders["_fp8_quant_wide_kernel"].launches
+    assert len(wide) == 1 and wide[0][1]["CHUNK"] == 64 and not recorders["_fp8_quant_kernel"].launches
+    assert torch.equal(K.fp8_quant(x, **WIDE).q.view(torch.uint8), K.fp8_quant(x).q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("hidden,wide", [(8192, False), (8193, True)])
+def test_rows_wider_than_8192_take_the_wide_kernel(monkeypatch, hidden, wide):
+    """The default threshold: up to 8192 columns the whole row in registers (BLOCK 8192, 16 warps),
+    beyond it 4096-column chunks at 8 warps; both exact."""
+    recorders = record_launches(monkeypatch, K, *KERNELS)
+    _assert_exact(_wide_rows(4, hidden, torch.float32))
+    name, other = ("_fp8_quant_wide_kernel", "_fp8_quant_kernel") if wide else KERNELS
+    assert not recorders[other].launches and len(recorders[name].launches) == 1
+    grid, kwargs = recorders[name].launches[0]
+    assert grid == (4,)
+    assert (kwargs.get("CHUNK"), kwargs.get("BLOCK"), kwargs["num_warps"]) == ((4096, None, 8) if wide
+                                                                                 else (None, 8192, 16))
 
 
 def test_empty_and_bad_inputs():
@@ -79,6 +127,21 @@ def test_gpu_real_shapes(tokens, hidden):
     _assert_exact((2 * torch.randn(tokens, hidden, device="cuda")).bfloat16())
     if tokens == 1:
         _assert_exact(_grid_cases().cuda()[None, :])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [256, 8192])
+def test_gpu_wide_rows(monkeypatch, tokens):
+    """qwen-7b's down-projection input (K = 18944, 4.625 chunks of 4096) through the wide-row kernel:
+    the reference's bits and the whole-row kernel's (whole_row_max=32768); the e4m3 grid cases too."""
+    x = _wide_rows(tokens, 18944, torch.bfloat16)
+    recorders = record_launches(monkeypatch, K, *KERNELS)
+    _assert_exact(x)
+    assert [kw["CHUNK"] for _, kw in recorders["_fp8_quant_wide_kernel"].launches] == [4096]
+    whole = K.fp8_quant(x, whole_row_max=32768)
+    assert len(recorders["_fp8_quant_kernel"].launches) == 1
+    assert torch.equal(K.fp8_quant(x).q.view(torch.uint8), whole.q.view(torch.uint8))
+    _assert_exact(_grid_cases().cuda()[None, :], **WIDE)
 
 
 def test_hardware_cast_only_from_sm90(monkeypatch):
