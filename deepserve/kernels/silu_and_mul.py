@@ -17,6 +17,15 @@ _BLOCK = 1024
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """gate in x's dtype, up float32 -> silu(gate) * up in float32 (silu rounded to gate's dtype first).
+    Shared with kernels/silu_and_mul_quant.py, whose quantised rows must match this kernel's bit for bit."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+    return act * up
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, inter, x_stride, out_stride, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row, chunk): BLOCK columns of one row."""
     pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
@@ -25,12 +34,10 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, inter, x_stride, out_stride, BLOCK: tl.
     mask = cols < inter
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * out_stride + cols, silu_mul(gate, up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor) -> None:
+def check_gate_up(x: torch.Tensor) -> None:
     if x.dim() != 2 or x.shape[1] % 2 or not x.is_floating_point():
         raise ValueError(f"x must be [num_tokens, 2 * intermediate] float, got {tuple(x.shape)} {x.dtype}")
     if x.stride(1) != 1:
@@ -39,7 +46,7 @@ def _check(x: torch.Tensor) -> None:
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [T, 2I] bf16/f16/f32 (rows may be strided) -> [T, I] same dtype, contiguous."""
-    _check(x)
+    check_gate_up(x)
     num_tokens, inter = x.shape[0], x.shape[1] // 2
     out = torch.empty((num_tokens, inter), dtype=x.dtype, device=x.device)
     if num_tokens == 0 or inter == 0:

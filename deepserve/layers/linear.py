@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from deepserve.layers import fused
 from deepserve.layers.linear_method import DenseLinearMethod, LinearMethod, linear_method_for
 
 
@@ -173,7 +174,18 @@ class RowParallelLinear(LinearBase):
         checked_copy(param.data, loaded.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.method.apply(self, x, None)
-        if self.all_reduce is not None:
-            out = self.all_reduce(out)
+        return self._reduce(self.method.apply(self, x, None))
+
+    def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [..., 2 * in_per_rank] (a merged [gate | up] projection) -> forward(silu(gate) * up);
+        the method may fuse SiLU-and-mul into its activation quantisation (LinearMethod.apply_silu_and_mul).
+        With forward hooks on this layer (calibration records its inputs: quant/smooth.py) the layer is
+        called on silu(gate) * up instead, so that they see its input; the result is the same."""
+        if self._forward_pre_hooks or self._forward_hooks:
+            return self(fused.silu_and_mul(gate_up))
+        return self._reduce(self.method.apply_silu_and_mul(self, gate_up, None))
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product -> the sum over ranks, plus the bias."""
+        out = partial if self.all_reduce is None else self.all_reduce(partial)
         return out if self.bias is None else out + self.bias

@@ -1,7 +1,11 @@
 """How a linear layer computes x W^T: a per-layer method object (vLLM's LinearMethod pattern).
 
 `process_weights_after_loading(layer)` runs once after the checkpoint is loaded; `apply(layer, x)`
-runs every forward. Quantised methods (INT8, FP8) plug in here; without quantisation:
+runs every forward; `apply_silu_and_mul(layer, gate_up)` applies it to SiLU-and-mul of a merged
+[gate | up] input (the dense MLP's down projection): by default `apply(layer, silu_and_mul(gate_up))`,
+fused into the activation quantisation by the W8A8 methods (int8, fp8) on CUDA. The methods subclass
+the `LinearMethod` protocol to inherit that default. Quantised methods (INT8, FP8) plug in here;
+without quantisation:
   * DenseLinearMethod: F.linear on the stored weight (GPU, and any non-float32 CPU weight); on CUDA,
     inputs of at most GEMV_MAX_M rows (decode) go to the Triton GEMV `kernels/gemv` instead
     (`use_gemv`: bf16/f16, 2-D contiguous weight, K % 8 == 0), which streams the weight closer to
@@ -20,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepserve.layers import fused
+
 # Rows (tokens, after flattening leading dims) up to which DenseLinearMethod calls the Triton GEMV on
 # CUDA; 0 turns it off (cuBLAS for every shape). At most kernels/gemv.py's GEMV_MAX_M. Measured on an
 # H200 (benchmarks/results/kernels_gemv.jsonl, run s4c2, CUDA-graph replays over cold weights): the
@@ -33,6 +39,10 @@ class LinearMethod(Protocol):
     def process_weights_after_loading(self, layer: nn.Module) -> None: ...
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """gate_up [..., 2 * in] (a merged [gate | up] projection) -> apply(silu(gate) * up) [..., out]."""
+        return self.apply(layer, fused.silu_and_mul(gate_up), bias)
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor, max_m: int | None = None) -> bool:
@@ -53,7 +63,7 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, max_m: int | None = None) ->
     return x.is_cuda and weight.is_cuda and gemv_applies(x, weight, max_m)
 
 
-class DenseLinearMethod:
+class DenseLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         return None
 
@@ -68,7 +78,7 @@ class DenseLinearMethod:
         return gemv(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-class CpuPackedLinearMethod:
+class CpuPackedLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
         if not getattr(layer, "keep_dense_weight", False):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepserve.config import ModelConfig
-from deepserve.layers.activation import get_act_and_mul
+from deepserve.layers.activation import SiluAndMul, get_act_and_mul
 from deepserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from deepserve.layers.linear_method import DenseLinearMethod
 from deepserve.layers.moe_backend import MoEBackend, get_moe_backend, moe_backend_for
@@ -178,7 +178,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        if isinstance(self.act, SiluAndMul):  # W8A8 methods fuse it into their input quantisation
+            return self.down_proj.forward_silu_and_mul(gate_up)
+        return self.down_proj(self.act(gate_up))
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deepserve.config import ModelConfig
-from deepserve.layers.activation import get_act_and_mul
+from deepserve.layers.activation import SiluAndMul, get_act_and_mul
 from deepserve.layers.attention import make_attention
 from deepserve.layers.decoder import PreNormDecoderLayer
 from deepserve.layers.embedding import LMHead, VocabEmbedding
@@ -68,7 +68,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, hidden]
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        if isinstance(self.act_fn, SiluAndMul):  # W8A8 methods fuse it into their input quantisation
+            return self.down_proj.forward_silu_and_mul(gate_up)  # [T, hidden]
+        return self.down_proj(self.act_fn(gate_up))  # [T, I] -> [T, hidden]
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):

@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from deepserve.layers.linear_method import LinearMethod
 from deepserve.loader.errors import LoadError
 from deepserve.quant.block_fp8_ref import (DEFAULT_BLOCK, FP8_DTYPE, block_fp8_linear_ref,
                                            block_fp8_quantize_weight_ref, scale_shape)
@@ -97,7 +98,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-class BlockFp8LinearMethod:
+class BlockFp8LinearMethod(LinearMethod):
     """fp8 weight [N, K] + weight_scale_inv [Nb, Kb] f32; y = block-FP8 GEMM of the per-token-group
     quantised input. CUDA: the Triton kernels. Elsewhere: `block_fp8_linear_ref` (emulation)."""
 

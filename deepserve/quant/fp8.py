@@ -11,7 +11,9 @@ scale_t = max|x_t| / 448 (`kernels/fp8_quant.py` on CUDA).
 CUDA (compute capability 8.9+: Ada, Hopper): y = torch._scaled_mm(x_q, w_q.t(), scale_a [M, 1],
 scale_b [1, N], bias, out_dtype=bfloat16), cuBLASLt's (or CUTLASS's) row-wise scaled FP8 GEMM with
 float32 accumulation (use_fast_accum off). It needs K and N multiples of 16; other layers, and CPU,
-run the emulation below. Older GPUs are refused when the weights are processed.
+run the emulation below. Older GPUs are refused when the weights are processed. A SiLU-gated input
+(`apply_silu_and_mul`, the MLP's down projection) is quantised by kernels/silu_and_mul_quant.py straight
+from the [gate | up] rows there, with the same bits as fp8_quant(silu_and_mul(x)).
 CPU (and the fallback): the same quantisation, then float32 matmul of the fp8 values:
 y = (x_q @ w_q^T) * x_scale * w_scale + bias. Correct and portable (tests, CI), not fast.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepserve.layers.linear_method import LinearMethod
 from deepserve.quant.int8 import div_rn
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -85,7 +88,7 @@ def scaled_mm_fits(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 # ---- the method ---------------------------------------------------------------------------------
 
 
-class Fp8Method:
+class Fp8Method(LinearMethod):
     """Dynamic FP8 W8A8: e4m3 weights (per channel or per tensor), e4m3 activations per token."""
 
     def __init__(self, per_channel: bool = True):
@@ -113,14 +116,39 @@ class Fp8Method:
             y = fp8_linear_ref(x_q, x_scale, layer.weight, layer.weight_scale, bias, x.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """gate_up [..., 2 * in] -> apply(silu(gate) * up) [..., out], bit for bit; where `_scaled_mm`
+        runs, SiLU-and-mul runs inside the per-token quantisation (`fp8_silu_and_mul_scaled_mm`)."""
+        rows = gate_up.reshape(-1, gate_up.shape[-1])  # [tokens, 2 * in]
+        if not scaled_mm_fits(rows, layer.weight):
+            return super().apply_silu_and_mul(layer, gate_up, bias)
+        y = fp8_silu_and_mul_scaled_mm(rows, layer.weight, layer.weight_scale, bias)
+        return y.view(*gate_up.shape[:-1], y.shape[-1])
+
 
 def fp8_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] f16/bf16/f32 on CUDA, w_q [N, K] e4m3 row-major, w_scale [N] f32 -> [M, N] x.dtype.
-    Row-wise scaled _scaled_mm computes in bfloat16 out (the only output it supports row-wise)."""
+    """x [M, K] f16/bf16/f32 on CUDA, w_q [N, K] e4m3 row-major, w_scale [N] f32 -> [M, N] x.dtype."""
     from deepserve.kernels.fp8_quant import fp8_quant
 
     x_q, x_scale = fp8_quant(x if x.stride(-1) == 1 else x.contiguous())
+    return _rowwise_scaled_mm(x_q, x_scale, w_q, w_scale, bias, x.dtype)
+
+
+def fp8_silu_and_mul_scaled_mm(gate_up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+    """gate_up [M, 2K] f16/bf16/f32 on CUDA -> [M, N] gate_up.dtype: fp8_scaled_mm(silu_and_mul(gate_up)),
+    bit for bit, SiLU-and-mul fused into the quantisation (`kernels/silu_and_mul_quant.py`)."""
+    from deepserve.kernels.silu_and_mul_quant import silu_and_mul_fp8_quant
+
+    x_q, x_scale = silu_and_mul_fp8_quant(gate_up)
+    return _rowwise_scaled_mm(x_q, x_scale, w_q, w_scale, bias, gate_up.dtype)
+
+
+def _rowwise_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """x_q [M, K] e4m3, x_scale [M] f32 -> [M, N] out_dtype. Row-wise scaled _scaled_mm computes in
+    bfloat16 out (the only output it supports row-wise)."""
     y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
                          bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
-    return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+    return y if out_dtype == torch.bfloat16 else y.to(out_dtype)

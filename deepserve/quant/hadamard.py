@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from deepserve.layers.linear_method import LinearMethod
 from deepserve.quant.int8 import Int8W8A8Method
 
 DEFAULT_BLOCK = 64
@@ -60,7 +61,7 @@ def rotate_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)  # [..., K/b, b] -> [..., K]
 
 
-class Int8HadamardW8A8Method:
+class Int8HadamardW8A8Method(LinearMethod):
     """Dynamic W8A8 on block-Hadamard-rotated inputs; the GEMM is Int8W8A8Method's."""
 
     symmetric = True

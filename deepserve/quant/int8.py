@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepserve.layers.linear_method import LinearMethod
 from deepserve.loader.safetensors_loader import StreamWrapper
 
 _EPS = 1e-8
@@ -129,7 +130,7 @@ def _install_quantized(layer: nn.Module, symmetric: bool) -> None:
         layer.weight_zero_point = _frozen(zp.float())
 
 
-class Int8W8A8Method:
+class Int8W8A8Method(LinearMethod):
     """Dynamic W8A8: symmetric int8 weights per channel, activations per token at apply time."""
 
     symmetric = True
@@ -152,8 +153,19 @@ class Int8W8A8Method:
             y = y + bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
+    def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """gate_up [..., 2 * in] -> apply(silu(gate) * up) [..., out], bit for bit; on CUDA SiLU-and-mul
+        runs inside the per-token quantisation (`int8_cuda.w8a8_silu_and_mul_linear`)."""
+        if not gate_up.is_cuda:
+            return super().apply_silu_and_mul(layer, gate_up, bias)
+        from deepserve.quant.int8_cuda import w8a8_silu_and_mul_linear
 
-class Int8WeightOnlyMethod:
+        rows = gate_up.reshape(-1, gate_up.shape[-1])  # [tokens, 2 * in]
+        y = w8a8_silu_and_mul_linear(rows, layer.weight, layer.weight_scale, bias)
+        return y.view(*gate_up.shape[:-1], y.shape[-1])
+
+
+class Int8WeightOnlyMethod(LinearMethod):
     """W8A16: int8 weights per channel (symmetric, or asymmetric with zero points), float activations."""
 
     def __init__(self, symmetric: bool = True):

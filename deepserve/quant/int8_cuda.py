@@ -1,7 +1,11 @@
 """The CUDA paths of the INT8 linear methods: which kernel runs a layer for a batch of M tokens.
 
     w8a8_linear(x [M, K], w_q [N, K] int8, w_scale [N] f32, bias) -> [M, N] x.dtype
-        activations quantised per token (`kernels/int8_quant.py`), then by W8A8_BACKENDS:
+        activations quantised per token (`kernels/int8_quant.py`), then `w8a8_gemm`
+    w8a8_silu_and_mul_linear(gate_up [M, 2K], w_q, w_scale, bias) -> [M, N] gate_up.dtype
+        = w8a8_linear(silu_and_mul(gate_up), ...) bit for bit, SiLU-and-mul fused into the quantisation
+        (`kernels/silu_and_mul_quant.py`), then `w8a8_gemm`
+    w8a8_gemm(x_q [M, K] int8, x_scale [M] f32, w_q, w_scale, bias, out_dtype) -> [M, N], by W8A8_BACKENDS:
         "triton"  kernels/int8_gemm.py, the dequantising epilogue fused;
         "int_mm"  torch._int_mm (cuBLASLt int8, M padded to 17 rows; K and N multiples of 8)
                   + kernels/int8_epilogue.py. Both give the same numbers (same float32 epilogue).
@@ -44,20 +48,36 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 backend: str | None = None) -> torch.Tensor:
     """x [M, K] f16/bf16/f32 on CUDA -> [M, N] x.dtype. `backend` overrides W8A8_BACKENDS."""
-    from deepserve.kernels.int8_gemm import int8_gemm
     from deepserve.kernels.int8_quant import int8_quant
 
     x_q, x_scale, _ = int8_quant(_rows(x))
-    backend = backend or pick_backend(W8A8_BACKENDS, x.shape[0])
+    return w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, x.dtype, backend)
+
+
+def w8a8_silu_and_mul_linear(gate_up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                             bias: torch.Tensor | None, backend: str | None = None) -> torch.Tensor:
+    """gate_up [M, 2K] f16/bf16/f32 on CUDA -> [M, N] gate_up.dtype: w8a8_linear(silu_and_mul(gate_up))."""
+    from deepserve.kernels.silu_and_mul_quant import silu_and_mul_int8_quant
+
+    x_q, x_scale, _ = silu_and_mul_int8_quant(gate_up)
+    return w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, gate_up.dtype, backend)
+
+
+def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype, backend: str | None = None) -> torch.Tensor:
+    """x_q [M, K] int8 and x_scale [M] f32 (activations quantised per token) -> [M, N] out_dtype."""
+    from deepserve.kernels.int8_gemm import int8_gemm
+
+    backend = backend or pick_backend(W8A8_BACKENDS, x_q.shape[0])
     if backend not in BACKENDS["w8a8"]:
         raise ValueError(f"unknown W8A8 backend {backend!r}; use one of {BACKENDS['w8a8']}")
-    k, n = x.shape[1], w_q.shape[0]
+    k, n = x_q.shape[1], w_q.shape[0]
     if backend == "int_mm" and k % 8 == 0 and n % 8 == 0:
         from deepserve.kernels.int8_epilogue import int8_epilogue
         from deepserve.quant.int8 import int8_mm
 
-        return int8_epilogue(int8_mm(x_q, w_q.t()), x_scale, w_scale, bias, x.dtype)
-    return int8_gemm(x_q, x_scale, w_q, w_scale, bias, x.dtype)
+        return int8_epilogue(int8_mm(x_q, w_q.t()), x_scale, w_scale, bias, out_dtype)
+    return int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,

@@ -1,0 +1,132 @@
+"""SiLU-and-mul fused with the per-token activation quantisation of the W8A8 linear after it (the dense
+MLP's down projection under --quantization int8 / fp8):
+
+    silu_and_mul_int8_quant(x [T, 2I]) -> Int8Activations(q [T, I] int8, scale [T] f32, None)
+    silu_and_mul_fp8_quant(x [T, 2I])  -> Fp8Activations(q [T, I] float8_e4m3fn, scale [T] f32)
+
+x is the merged [gate | up] projection, f16/bf16/f32, rows may be strided (unit stride in the last dim).
+The results are bit for bit those of the unfused kernels, `int8_quant(silu_and_mul(x))` and
+`fp8_quant(silu_and_mul(x))`, on the GPU and under the interpreter: each element is
+v = silu_mul(gate, up) (kernels/silu_and_mul.py's own jit function) rounded to x's dtype, as the unfused
+path stores it, then quantised by int8_quant's / fp8_quant's own per-element jit functions (`_quantize`:
+IEEE divisions, ties-to-even rounding, the same hardware-rounding switches). The row's max |v| is exact
+in any order, so chunking does not change the scale. What is saved: the [T, I] activation written by silu_and_mul and read back by
+the quantisation, and one launch (decode steps run a few hundred tokens, where launches count).
+
+One program per row, two passes over it in chunks of BLOCK columns (rows of any width; qwen-7b has
+I = 18944): pass 1 computes v chunk by chunk and keeps the running max |v|; pass 2, last chunk first
+(the most recently read), reloads the row's gate / up chunks with an evict-first hint, recomputes v,
+quantises and stores it. The reloads are expected to hit L2 (a guess: a 2I-wide bf16 row is 76 KB at
+qwen-7b's I; a few resident rows per SM x 132 SMs is 20-40 MB of the H200's 50 MB L2).
+NOT TIMED: _BLOCK = 2048 columns over 8 warps (8 gate + 8 up elements a thread per chunk) and the
+eviction hint are first estimates, written without a GPU; a
+benchmark should compare 1024 / 4096 columns and 4 / 16 warps at T = 256 and 8192, and the fused
+kernel's time with silu_and_mul + int8_quant / fp8_quant.
+Triton 3.9 AOT for sm_90 (no GPU here): every variant (int8 / fp8, HW on / off, PDL on / off) compiles;
+bf16 / f32 at BLOCK 2048, 8 warps: 40 registers, no local memory; v takes the instructions of
+silu_and_mul's kernel (ex2.approx, div.full, the bf16 product as mul.bf16(x2)), so the same bits.
+No host synchronisation: CUDA-graph safe. Launched with PDL where kernels/pdl.py enables it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_like_torch
+from deepserve.kernels.fp8_quant import _quantize as _fp8_quantize
+from deepserve.kernels.int8_quant import Int8Activations
+from deepserve.kernels.int8_quant import _quantize as _int8_quantize
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.silu_and_mul import check_gate_up, silu_mul
+
+_BLOCK = 2048  # columns per chunk (first estimate, untimed)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+@triton.jit
+def _chunk_v(row_ptr, inter, cols, mask, EVICT: tl.constexpr):
+    """The unfused silu_and_mul output at `cols` of one row, as stored (x's dtype), in float32."""
+    gate = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy=EVICT)
+    up = tl.load(row_ptr + inter + cols, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    return silu_mul(gate, up).to(gate.dtype).to(tl.float32)
+
+
+@triton.jit
+def _quantize(v, scale, FP8: tl.constexpr, HW: tl.constexpr):
+    """fp8_quant's (FP8) or int8_quant's element step, their own jit functions; HW: their GPU rounding
+    switch (HW_CAST, HW_ROUND)."""
+    if FP8:
+        q = _fp8_quantize(v, scale, HW)
+    else:
+        q = _int8_quantize(v, scale, HW).to(tl.int8)
+    return q
+
+
+@triton.jit
+def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, inter, x_stride, q_stride, QMAX: tl.constexpr,
+                               FP8: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr,
+                               PDL: tl.constexpr = False):
+    """One program per row: pass 1 the row's max |v|, pass 2 (last chunk first) quantise and store."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = x_ptr + row * x_stride
+    amax = tl.zeros([BLOCK], dtype=tl.float32)  # lane-wise max over the chunks; masked lanes hold v = 0
+    for start in range(0, inter, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(_chunk_v(row_ptr, inter, cols, cols < inter, "")))
+    scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), QMAX)
+    num_chunks = tl.cdiv(inter, BLOCK)
+    for i in range(0, num_chunks):
+        cols = (num_chunks - 1 - i) * BLOCK + tl.arange(0, BLOCK)  # last chunk first: the most recently read
+        mask = cols < inter
+        q = _quantize(_chunk_v(row_ptr, inter, cols, mask, "evict_first"), scale, FP8, HW)
+        tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, 2I] -> (q [T, I] q_dtype, scale [T] f32); `block`: columns per chunk (power of two)."""
+    check_gate_up(x)
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"x must be f16/bf16/f32, got {x.dtype}")
+    num_tokens, inter = x.shape[0], x.shape[1] // 2
+    q = torch.empty((num_tokens, inter), dtype=q_dtype, device=x.device)
+    scale = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return q, scale
+    block = block or min(_BLOCK, triton.next_power_of_2(max(inter, 1)))
+    fp8 = q_dtype == torch.float8_e4m3fn
+    hw = hardware_cast_rounds_like_torch(x.device) if fp8 else x.is_cuda
+    _silu_and_mul_quant_kernel[(num_tokens,)](
+        x, q, scale, inter, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw, BLOCK=block,
+        num_warps=max(1, min(8, block // 256)), **pdl_launch(x.device))
+    return q, scale
+
+
+def silu_and_mul_int8_quant(x: torch.Tensor, block: int | None = None) -> Int8Activations:
+    """x [T, 2I] f16/bf16/f32 -> (q [T, I] int8, scale [T] f32, None), = int8_quant(silu_and_mul(x))."""
+    return Int8Activations(*_launch(x, torch.int8, block), None)
+
+
+def silu_and_mul_fp8_quant(x: torch.Tensor, block: int | None = None) -> Fp8Activations:
+    """x [T, 2I] f16/bf16/f32 -> (q [T, I] e4m3, scale [T] f32), = fp8_quant(silu_and_mul(x))."""
+    return Fp8Activations(*_launch(x, torch.float8_e4m3fn, block))
+
+
+def silu_and_mul_int8_quant_ref(x: torch.Tensor) -> Int8Activations:
+    """Pure-PyTorch reference: `int8_quant_ref(silu_and_mul_ref(x))` (silu_and_mul_ref keeps x's dtype)."""
+    from deepserve.kernels.int8_quant import int8_quant_ref
+    from deepserve.kernels.silu_and_mul import silu_and_mul_ref
+
+    return int8_quant_ref(silu_and_mul_ref(x))
+
+
+def silu_and_mul_fp8_quant_ref(x: torch.Tensor) -> Fp8Activations:
+    """Pure-PyTorch reference: `fp8_quant_ref(silu_and_mul_ref(x))`."""
+    from deepserve.kernels.fp8_quant import fp8_quant_ref
+    from deepserve.kernels.silu_and_mul import silu_and_mul_ref
+
+    return fp8_quant_ref(silu_and_mul_ref(x))
