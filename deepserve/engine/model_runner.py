@@ -27,6 +27,16 @@ from deepserve.platforms import upload
 WARM_UP_TOKEN_COUNTS = (1, 16, 64, 256, 1024, 4096)  # plus the step budget itself
 
 
+def warm_up_counts(budget: int) -> list[int]:
+    """The ladder's counts below the step budget and the budget itself, each also one token less:
+    Triton specialises a kernel on whether each integer argument (the token count among them) is a
+    multiple of 16, so the ladder alone (multiples of 16) left the other variant of every launch to
+    compile inside the first real batches (on an H200 the first qwen-7b int8 W-offline run measured
+    11,915 output tok/s against 15,145 with every variant compiled)."""
+    ladder = {n for n in WARM_UP_TOKEN_COUNTS if n < budget} | {budget}
+    return sorted({c for n in ladder for c in (n, n - 1) if c > 0})
+
+
 def split_sequences(num_tokens: int, max_len: int) -> list[int]:
     """num_tokens as whole prefills of at most max_len tokens each: [max_len, ..., rest]."""
     return [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
@@ -70,8 +80,8 @@ class ModelRunner:
         compiled before the first request. A count above max_model_len is split into several
         sequences of at most max_model_len tokens: positions stay inside the model's rotary table
         (a budget of 2048 tokens with --max-model-len 256 read past it). Every token writes into the
-        null block 0, which no sequence owns."""
-        counts = sorted({n for n in WARM_UP_TOKEN_COUNTS if n < max_num_batched_tokens} | {max_num_batched_tokens})
+        null block 0, which no sequence owns. Counts: `warm_up_counts`."""
+        counts = warm_up_counts(max_num_batched_tokens)
         for query_lens in [split_sequences(n, max_model_len) for n in counts] + [[1] * 7 + [2]]:
             tables = [[0] * -(-n // self.block_size) for n in query_lens]
             ctx = build_forward_context(query_lens, query_lens, tables, self.block_size, self.device)

@@ -115,8 +115,18 @@ def test_kernel_warm_up_keeps_positions_below_max_model_len(folder):
     runner.model.forward = lambda ids, positions: seen.append(positions.clone()) or forward(ids, positions)
     runner.warm_up(300, 64)
     assert max(int(p.max()) for p in seen) == 63
-    assert [p.numel() for p in seen][:5] == [1, 16, 64, 256, 300]
-    assert torch.equal(seen[4], torch.cat([torch.arange(64)] * 4 + [torch.arange(44)]))
+    assert [p.numel() for p in seen][:10] == [1, 15, 16, 63, 64, 255, 256, 299, 300, 9]
+    assert torch.equal(seen[8], torch.cat([torch.arange(64)] * 4 + [torch.arange(44)]))
+
+
+def test_warm_up_counts_cover_both_multiple_of_16_variants():
+    """Triton compiles a kernel per (integer argument % 16 == 0) specialisation: every bucket of the
+    ladder is warmed with a multiple of 16 and a count that is not, and the budget with both."""
+    from deepserve.engine.model_runner import warm_up_counts
+
+    assert warm_up_counts(8192) == [1, 15, 16, 63, 64, 255, 256, 1023, 1024, 4095, 4096, 8191, 8192]
+    assert warm_up_counts(300) == [1, 15, 16, 63, 64, 255, 256, 299, 300]
+    assert warm_up_counts(1) == [1]
 
 
 def test_bad_prompt_ids_are_rejected(folder):
