@@ -66,10 +66,11 @@ def main() -> None:
     p.add_argument("--torch", default="2.11.0+cu130")
     p.add_argument("--triton", default="3.6.0")
     p.add_argument("--result-file", default=str(Path(__file__).parent / "results" / "gpu.jsonl"))
+    p.add_argument("--quant", default="none", help="the --quantization the logs ran with (e.g. fp8)")
     ns = p.parse_args()
     common = {"run_id": ns.run_id, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_sha": None,
               "gpu": ns.gpu, "driver": ns.driver, "torch": ns.torch, "triton": ns.triton, "engine": "vllm",
-              "engine_version": "0.20.0", "dtype": "bfloat16", "quant": "none", "tp": 1, "pp": 1, "ep": 1}
+              "engine_version": "0.20.0", "dtype": "bfloat16", "quant": ns.quant, "tp": 1, "pp": 1, "ep": 1}
     with open(ns.result_file, "a", encoding="utf-8") as f:
         for step in STEPS:
             log = Path(ns.out_dir) / f"{step}.log"
@@ -77,6 +78,8 @@ def main() -> None:
             if data is None:
                 continue
             rec = record(step, data, common)
+            if ns.quant != "none":
+                rec["notes"] += f"; --quantization {ns.quant}"
             f.write(json.dumps(rec) + "\n")
             print(f"{step:<11}{rec['model']:<10}{rec['workload']:<10}{rec['output_tok_s']:>10} out tok/s")
 
