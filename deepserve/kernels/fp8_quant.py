@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.int8_quant import row_tiling, round_half_even
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 
 _MAX_HIDDEN = 65536
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,8 +71,9 @@ def _quantize(v, scale, HW_CAST: tl.constexpr):
 
 @triton.jit
 def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK: tl.constexpr,
-                      HW_CAST: tl.constexpr = False):
+                      HW_CAST: tl.constexpr = False, PDL: tl.constexpr = False):
     """One program per row, the whole row [BLOCK] in registers."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -84,9 +86,10 @@ def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK
 
 @triton.jit
 def _fp8_quant_wide_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, CHUNK: tl.constexpr,
-                           HW_CAST: tl.constexpr = False):
+                           HW_CAST: tl.constexpr = False, PDL: tl.constexpr = False):
     """One program per row, looping over it in chunks [CHUNK]: the max pass, then the quantise pass
     last chunk first. The values of `_fp8_quant_kernel`, bit for bit."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, CHUNK)
     x_row = x_ptr + row * x_stride
@@ -134,10 +137,12 @@ def fp8_quant(x: torch.Tensor, *, whole_row_max: int | None = None, chunk: int |
     scale = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return Fp8Activations(q, scale)
-    kernel, block = ((_fp8_quant_wide_kernel, dict(CHUNK=tiling.block)) if tiling.wide
-                     else (_fp8_quant_kernel, dict(BLOCK=tiling.block)))
-    kernel[(num_tokens,)](x, q, scale, hidden, x.stride(0), q.stride(0), **block,
-                          HW_CAST=hardware_cast_rounds_like_torch(x.device), num_warps=tiling.num_warps)
+    args = (x, q, scale, hidden, x.stride(0), q.stride(0))
+    flags = dict(HW_CAST=hardware_cast_rounds_like_torch(x.device), num_warps=tiling.num_warps)
+    if tiling.wide:
+        _fp8_quant_wide_kernel[(num_tokens,)](*args, CHUNK=tiling.block, **flags, **pdl_launch(x.device))
+    else:
+        _fp8_quant_kernel[(num_tokens,)](*args, BLOCK=tiling.block, **flags, **pdl_launch(x.device))
     return Fp8Activations(q, scale)
 
 

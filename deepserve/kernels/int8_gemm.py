@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from deepserve.kernels.pdl import pdl_launch, pdl_wait
+
 
 class GemmConfig(NamedTuple):
     block_m: int
@@ -98,9 +100,11 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, k_per_split,
                       stride_am, stride_bn, stride_cs, stride_cm,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FP8: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FP8: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
     """c[split] = (a @ b^T over this split's K range) * a_scale * b_scale (+ bias on split 0).
     FP8: a, b float8_e4m3fn, accumulated in float32 (`fp8_gemm`); else int8 into int32."""
+    pdl_wait(PDL)  # first: wait for the previous kernel; no early trigger (kernels/pdl.py)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -147,11 +151,13 @@ def scaled_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n,
 @triton.jit
 def _int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, k_per_split,
                           stride_cs, stride_cm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """`_int8_gemm_kernel` (int8 only) with both operands loaded by TMA: a_desc over x_q [M, K] in
     [BLOCK_M, BLOCK_K] boxes, b_desc over w_q [N, K] in [BLOCK_N, BLOCK_K] boxes. The copy engine
     zero-fills boxes past M, N and K, so the loop has no masks (k_per_split is a multiple of BLOCK_K:
     only the last split's last box runs past K)."""
+    pdl_wait(PDL)  # first: wait for the previous kernel; no early trigger (kernels/pdl.py)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     k_start = split * k_per_split
@@ -228,10 +234,11 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         a_desc = TensorDescriptor.from_tensor(x_q, [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
         _int8_gemm_tma_kernel[grid](a_desc, b_desc, c, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
-                                    c.stride(0), c.stride(1), **blocks)
+                                    c.stride(0), c.stride(1), **blocks, **pdl_launch(x_q.device))
     else:
         _int8_gemm_kernel[grid](x_q, w_q, c, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
-                                x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1), FP8=fp8, **blocks)
+                                x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1), FP8=fp8, **blocks,
+                                **pdl_launch(x_q.device))
     return reduce_splits(c, out_dtype)
 
 

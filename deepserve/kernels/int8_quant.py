@@ -53,6 +53,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+
 from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_normalize
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,9 +94,10 @@ def _quantize(v, scale, HW_ROUND: tl.constexpr):
 def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hidden,
                        x_stride, res_stride, q_stride, res_out_stride, eps,
                        NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_DTYPE: tl.constexpr,
-                       BLOCK: tl.constexpr, HW_ROUND: tl.constexpr = False):
+                       BLOCK: tl.constexpr, HW_ROUND: tl.constexpr = False, PDL: tl.constexpr = False):
     """One program per row, the whole row [BLOCK] in registers; NORM: (residual add +) RMSNorm,
     rounded to NORM_DTYPE, before quantising."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -147,9 +150,10 @@ def _row_rstd(x_ptr, res_ptr, res_out_ptr, row, hidden, x_stride, res_stride, re
 def _int8_quant_wide_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hidden,
                             x_stride, res_stride, q_stride, res_out_stride, eps,
                             NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_DTYPE: tl.constexpr,
-                            CHUNK: tl.constexpr, HW_ROUND: tl.constexpr = False):
+                            CHUNK: tl.constexpr, HW_ROUND: tl.constexpr = False, PDL: tl.constexpr = False):
     """One program per row, looping over it in chunks [CHUNK]: (NORM: the rstd pass,) the max pass,
     then the quantise pass last chunk first. The values of `_int8_quant_kernel`, bit for bit."""
+    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, CHUNK)
     rstd = 1.0
@@ -219,13 +223,14 @@ def _launch(x, residual, weight, eps: float, norm: bool, tiling: RowTiling) -> I
     res_in = residual if residual is not None else x  # unused pointers when HAS_RESIDUAL is off
     res_dst = res_out if res_out is not None else x
     norm_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
-    kernel, block = ((_int8_quant_wide_kernel, dict(CHUNK=tiling.block)) if tiling.wide
-                     else (_int8_quant_kernel, dict(BLOCK=tiling.block)))
-    kernel[(num_tokens,)](
-        x, res_in, weight if weight is not None else x, q, scale, res_dst, hidden,
-        x.stride(0), res_in.stride(0), q.stride(0), res_dst.stride(0), eps,
-        NORM=norm, HAS_RESIDUAL=residual is not None, NORM_DTYPE=_TL_DTYPES[norm_dtype], **block,
-        HW_ROUND=x.is_cuda, num_warps=tiling.num_warps)
+    args = (x, res_in, weight if weight is not None else x, q, scale, res_dst, hidden,
+            x.stride(0), res_in.stride(0), q.stride(0), res_dst.stride(0), eps)
+    flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, NORM_DTYPE=_TL_DTYPES[norm_dtype], HW_ROUND=x.is_cuda,
+                 num_warps=tiling.num_warps)
+    if tiling.wide:
+        _int8_quant_wide_kernel[(num_tokens,)](*args, CHUNK=tiling.block, **flags, **pdl_launch(x.device))
+    else:
+        _int8_quant_kernel[(num_tokens,)](*args, BLOCK=tiling.block, **flags, **pdl_launch(x.device))
     return Int8Activations(q, scale, res_out)
 
 
