@@ -13,11 +13,21 @@ rint (HW_ROUND); under the Triton interpreter, which has no libdevice, the same 
 `floor` (`round_half_even` below, exact for |v| < 2^23).
 
 The fused variant first computes, in registers, what `kernels/rms_norm.py` writes (exactly, up to
-the order of the row's sum of squares: it differs from rms_norm's where the two kernels' warp counts
-differ, and in the wide-row kernel below, which sums lane-wise over the chunks, then across lanes):
+the order of the row's sum of squares, which the wide-row kernel below changes: it sums lane-wise over
+the chunks, then across lanes):
     s = x + residual (in x's dtype; stored as the new residual),
     v = weight * (s.f32 * rsqrt(mean(s.f32^2) + eps)).to(x.dtype), rounded to promote(x, weight)
-and quantises v; the normalised activations never go to memory.
+and quantises v; the normalised activations never go to memory. The whole-row fused kernel sums the
+squares in rms_norm's order: it runs at rms_norm's warps (`row_num_warps`) and stores q at 16 bytes of
+x per thread (a `max_contiguous` hint: 8 int8 for bf16), so the row keeps rms_norm's register layout
+(8 bf16 per thread); without the hint the 16-int8 store vectors made it 16 elements per thread, another
+order of the sum (and the warps differed at 1025-2048 columns: 4 vs 8). Checked by compiling both for
+sm_90a (Triton 3.9, no GPU; hidden, strides and pointers 16-aligned as Triton specialises them for
+served models): the TTGIR up to and including the sum-of-squares reduction is the same, layouts
+included, for bf16 / f16 / f32 at 896-8192 columns, with and without residual, and the PTX float ops
+before the rsqrt are the same multiset; no spills. The 8-byte q stores are untimed. Bit-equality on a
+GPU is asserted by GPU tests (tests/kernels/test_int8_quant.py, tests/unit/test_fused_norm_quant_linear.py),
+not run yet. The plain int8_quant kernel (NORM off) is unchanged.
 
 Two kernels, one program per row in both:
   * K <= whole_row_max (default _WHOLE_ROW_MAX = 8192): the whole row in registers (BLOCK =
@@ -55,7 +65,7 @@ from triton.language.extra import libdevice
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 
-from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_normalize
+from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_normalize, row_num_warps
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _WHOLE_ROW_MAX = 8192  # widest row (columns) held whole in registers; wider rows are looped over in chunks
@@ -108,6 +118,8 @@ def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hid
         v = rms_normalize(x, w_ptr, cols, mask, hidden, eps).to(NORM_DTYPE).to(tl.float32)
     scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 127.0)
     q = _quantize(v, scale, HW_ROUND)
+    if NORM:  # q stored 16 bytes of x per thread (8 int8 for bf16), not 16: the row keeps rms_norm's layout
+        cols = tl.max_contiguous(cols, 128 // x_ptr.dtype.element_ty.primitive_bitwidth)
     tl.store(q_ptr + row * q_stride + cols, q.to(tl.int8), mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -225,8 +237,10 @@ def _launch(x, residual, weight, eps: float, norm: bool, tiling: RowTiling) -> I
     norm_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
     args = (x, res_in, weight if weight is not None else x, q, scale, res_dst, hidden,
             x.stride(0), res_in.stride(0), q.stride(0), res_dst.stride(0), eps)
+    # the fused whole-row kernel at rms_norm's warps (and layout: the kernel), so its sum of squares is rms_norm's
+    num_warps = row_num_warps(tiling.block) if norm and not tiling.wide else tiling.num_warps
     flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, NORM_DTYPE=_TL_DTYPES[norm_dtype], HW_ROUND=x.is_cuda,
-                 num_warps=tiling.num_warps)
+                 num_warps=num_warps)
     if tiling.wide:
         _int8_quant_wide_kernel[(num_tokens,)](*args, CHUNK=tiling.block, **flags, **pdl_launch(x.device))
     else:

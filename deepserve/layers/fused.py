@@ -7,8 +7,13 @@ the same results on both paths up to float rounding (see deepserve/kernels/*).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from deepserve.layers.linear_method import PerTokenInt8
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -33,6 +38,36 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     if residual is None:
         return out.view(shape)
     return out.view(shape), new_res.view(shape)
+
+
+def rms_norm_int8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                        eps: float) -> tuple[PerTokenInt8, torch.Tensor | None]:
+    """RMSNorm (with optional fused residual add) quantised per token to int8, the normalised rows
+    never written out: `(PerTokenInt8 of rms_norm(x, residual, weight, eps)'s normalised output,
+    x + residual or None)`, bit for bit (see kernels/int8_quant.py for the one caveat, the order of the
+    row's sum of squares).
+
+    x [..., H], residual like x or None, weight [H] -> (q [..., H] int8, scale [...] f32,
+    dtype promote(x, weight)), new residual [..., H] x.dtype or None. CUDA: one launch of
+    `kernels/int8_quant.rms_norm_int8_quant`; elsewhere the eager norm, then `quantize_per_token_ref`.
+    """
+    from deepserve.layers.linear_method import PerTokenInt8  # lazy: linear_method imports this module
+
+    shape, dtype = x.shape, torch.promote_types(x.dtype, weight.dtype)
+    x2 = x.reshape(-1, shape[-1])  # [T, H]
+    res2 = None if residual is None else residual.reshape(-1, shape[-1])
+    if _use_triton(x):
+        from deepserve.kernels.int8_quant import rms_norm_int8_quant as kernel
+
+        q, scale, new_res = kernel(x2, res2, weight, eps)
+    else:
+        from deepserve.quant.int8 import quantize_per_token_ref
+
+        out = _rms_norm_eager(x2, res2, weight, eps)
+        out, new_res = (out, None) if residual is None else out
+        q, scale = quantize_per_token_ref(out)
+    new_res = None if new_res is None else new_res.view(shape)
+    return PerTokenInt8(q.view(shape), scale.view(shape[:-1]), dtype), new_res
 
 
 def _rms_norm_eager(x, residual, weight, eps):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deepserve.layers import fused
-from deepserve.layers.linear_method import DenseLinearMethod, LinearMethod, linear_method_for
+from deepserve.layers.linear_method import DenseLinearMethod, LinearMethod, PerTokenInt8, linear_method_for
 
 
 def _check_shape(expected: torch.Size, loaded: torch.Tensor) -> None:
@@ -68,8 +68,19 @@ class LinearBase(nn.Module):
         self.method = linear_method_for(self.weight, None if keep else quantization)
         self.method.process_weights_after_loading(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PerTokenInt8) -> torch.Tensor:
+        """x [..., in_per_rank], or its per-token int8 quantisation (only where `takes_quantized_input`)
+        -> [..., out_per_rank]."""
         return self.method.apply(self, x, self.bias)
+
+    def takes_quantized_input(self, x: torch.Tensor) -> bool:
+        """Whether forward may be given `PerTokenInt8` of x [..., in] (or of a tensor computed from x row
+        by row, such as its RMSNorm) in place of x, with the same result: the method quantizes its input
+        (`LinearMethod.quantizes_input`) and no forward hooks are registered on this layer (calibration
+        records real inputs: quant/smooth.py)."""
+        if self._forward_pre_hooks or self._forward_hooks:
+            return False
+        return self.method.quantizes_input(self, x)
 
 
 class ReplicatedLinear(LinearBase):

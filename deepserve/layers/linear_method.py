@@ -3,8 +3,11 @@
 `process_weights_after_loading(layer)` runs once after the checkpoint is loaded; `apply(layer, x)`
 runs every forward; `apply_silu_and_mul(layer, gate_up)` applies it to SiLU-and-mul of a merged
 [gate | up] input (the dense MLP's down projection): by default `apply(layer, silu_and_mul(gate_up))`,
-fused into the activation quantisation by the W8A8 methods (int8, fp8) on CUDA. The methods subclass
-the `LinearMethod` protocol to inherit that default. Quantised methods (INT8, FP8) plug in here;
+fused into the activation quantisation by the W8A8 methods (int8, fp8) on CUDA;
+`quantizes_input(layer, x)` (default False) says whether `apply` may be given, in place of x, its
+per-token int8 quantisation `PerTokenInt8` computed upstream (the int8 W8A8 method on CUDA: a pre-norm
+decoder layer then fuses the norm with that quantisation, layers/decoder.py). The methods subclass
+the `LinearMethod` protocol to inherit those defaults. Quantised methods (INT8, FP8) plug in here;
 without quantisation:
   * DenseLinearMethod: F.linear on the stored weight (GPU, and any non-float32 CPU weight); on CUDA,
     inputs of at most GEMV_MAX_M rows (decode) go to the Triton GEMV `kernels/gemv` instead
@@ -18,7 +21,7 @@ without quantisation:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,15 @@ GEMV_MAX_M = 2
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
+class PerTokenInt8(NamedTuple):
+    """A linear's input x [..., in] handed over already quantised, per token, symmetric int8, as
+    `kernels/int8_quant.py` (= `quant.int8.quantize_per_token_ref`): x[t] ~ q[t] * scale[t]."""
+
+    q: torch.Tensor  # [..., in] int8
+    scale: torch.Tensor  # [...] f32
+    dtype: torch.dtype  # of the unquantised x: the dtype of the linear's output
+
+
 class LinearMethod(Protocol):
     def process_weights_after_loading(self, layer: nn.Module) -> None: ...
 
@@ -43,6 +55,12 @@ class LinearMethod(Protocol):
     def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """gate_up [..., 2 * in] (a merged [gate | up] projection) -> apply(silu(gate) * up) [..., out]."""
         return self.apply(layer, fused.silu_and_mul(gate_up), bias)
+
+    def quantizes_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether `apply(layer, PerTokenInt8 of x, bias)` is accepted and equals `apply(layer, x, bias)`
+        bit for bit, for x [..., in] (or the tensor x is computed from row by row, on x's device in
+        x's dtype). Default: no; `apply` then only ever gets tensors."""
+        return False
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor, max_m: int | None = None) -> bool:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from deepserve.layers import fused
+
+if TYPE_CHECKING:
+    from deepserve.layers.linear_method import PerTokenInt8
 
 
 class RMSNorm(nn.Module):
@@ -24,3 +29,9 @@ class RMSNorm(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x [num_tokens, hidden] (and residual like x) -> norm(x) or (norm(x + residual), x + residual)."""
         return fused.rms_norm(x, residual, self.weight, self.eps)
+
+    def forward_int8(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                     ) -> tuple[PerTokenInt8, torch.Tensor | None]:
+        """x [num_tokens, hidden] (and residual like x) -> (norm(x (+ residual)) quantised per token to
+        int8 for a W8A8 linear, x + residual or None): `fused.rms_norm_int8_quant`, one launch on CUDA."""
+        return fused.rms_norm_int8_quant(x, residual, self.weight, self.eps)

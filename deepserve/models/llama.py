@@ -17,6 +17,7 @@ from deepserve.layers.decoder import PreNormDecoderLayer
 from deepserve.layers.embedding import LMHead, VocabEmbedding
 from deepserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                      RowParallelLinear, default_weight_loader)
+from deepserve.layers.linear_method import PerTokenInt8
 from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding
 
@@ -49,8 +50,8 @@ class LlamaAttention(nn.Module):
         # RoPE (shared by all layers) is the backend's to apply: with the cache write, in one launch on CUDA
         self.attn = make_attention(self.num_heads, self.head_dim, self.num_kv_heads, rotary=rotary_emb)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """positions [T] int64, hidden [T, hidden] -> [T, hidden]."""
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | PerTokenInt8) -> torch.Tensor:
+        """positions [T] int64, hidden [T, hidden] (or its per-token int8, for qkv_proj only) -> [T, hidden]."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
@@ -67,7 +68,8 @@ class LlamaMLP(nn.Module):
         self.act_fn = get_act_and_mul(config.hidden_act)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PerTokenInt8) -> torch.Tensor:
+        """x [T, hidden] (or its per-token int8, for gate_up_proj only) -> [T, hidden]."""
         gate_up = self.gate_up_proj(x)  # [T, 2I]
         if isinstance(self.act_fn, SiluAndMul):  # W8A8 methods fuse it into their input quantisation
             return self.down_proj.forward_silu_and_mul(gate_up)  # [T, hidden]
@@ -81,6 +83,12 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         self.self_attn = LlamaAttention(config, rotary_emb, biases)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, biases.mlp)
+
+    def attention_input_linear(self) -> QKVParallelLinear:
+        return self.self_attn.qkv_proj
+
+    def mlp_input_linear(self) -> MergedColumnParallelLinear:
+        return self.mlp.gate_up_proj
 
 
 class LlamaModel(nn.Module):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepserve.layers.linear_method import LinearMethod
+from deepserve.layers.linear_method import LinearMethod, PerTokenInt8
 from deepserve.loader.safetensors_loader import StreamWrapper
 
 _EPS = 1e-8
@@ -138,8 +138,10 @@ class Int8W8A8Method(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         _install_quantized(layer, symmetric=True)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [..., in] float -> [..., out] in x's dtype."""
+    def apply(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] float, or its per-token quantisation (`quantizes_input`) -> [..., out] in x's dtype."""
+        if isinstance(x, PerTokenInt8):
+            return self._apply_quantized(layer, x, bias)
         rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
         if rows.is_cuda:
             from deepserve.quant.int8_cuda import w8a8_linear
@@ -147,11 +149,29 @@ class Int8W8A8Method(LinearMethod):
             y = w8a8_linear(rows, layer.weight, layer.weight_scale, bias)
             return y.view(*x.shape[:-1], y.shape[-1])
         x_q, x_scale = quantize_per_token_ref(rows)
-        acc = int8_mm(x_q, layer.weight.t())  # [tokens, out] int32
-        y = acc.float() * x_scale[:, None] * layer.weight_scale[None, :]
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        quantized = PerTokenInt8(x_q.view(x.shape), x_scale.view(x.shape[:-1]), x.dtype)
+        return self._apply_quantized(layer, quantized, bias)
+
+    def quantizes_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """On CUDA, for f16/bf16 x: `w8a8_linear` is int8_quant then `w8a8_gemm`, and the latter (every
+        W8A8 backend) takes the quantised rows as they are."""
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+    @staticmethod
+    def _apply_quantized(layer: nn.Module, x: PerTokenInt8, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: q [..., in] int8, scale [...] f32 -> [..., out] x.dtype; on CUDA `int8_cuda.w8a8_gemm`."""
+        rows, scale = x.q.reshape(-1, x.q.shape[-1]), x.scale.reshape(-1)  # [tokens, in], [tokens]
+        if rows.is_cuda:
+            from deepserve.quant.int8_cuda import w8a8_gemm
+
+            y = w8a8_gemm(rows, scale, layer.weight, layer.weight_scale, bias, x.dtype)
+        else:
+            acc = int8_mm(rows, layer.weight.t())  # [tokens, out] int32
+            y = acc.float() * scale[:, None] * layer.weight_scale[None, :]
+            if bias is not None:
+                y = y + bias.float()
+            y = y.to(x.dtype)
+        return y.view(*x.q.shape[:-1], y.shape[-1])
 
     def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """gate_up [..., 2 * in] -> apply(silu(gate) * up) [..., out], bit for bit; on CUDA SiLU-and-mul

@@ -200,3 +200,36 @@ def test_gpu_wide_rows(monkeypatch, tokens):
     assert torch.equal(K.int8_quant(x).q, K.int8_quant(x, whole_row_max=32768).q)
     assert len(recorders["_int8_quant_kernel"].launches) == 1  # that comparison's whole-row launch
     _assert_fused(x, torch.randn_like(x), (1 + 0.1 * torch.randn(hidden, device="cuda")).bfloat16())
+
+
+def _assert_fused_is_composed(x, res, w, eps=1e-6):
+    """rms_norm_int8_quant == int8_quant(rms_norm(...).out) bit for bit, the residual too."""
+    rms = load_kernel_module("rms_norm")
+    normed, new_res = rms.rms_norm(x, res, w, eps)
+    want, got = K.int8_quant(normed), K.rms_norm_int8_quant(x, res, w, eps)
+    assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
+    assert (got.residual is None) if res is None else torch.equal(got.residual, new_res)
+
+
+@pytest.mark.parametrize("hidden", [64, 100, 1536])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_is_rms_norm_then_int8_quant(hidden, residual, dtype):
+    """The composition the fused path of a decoder layer replaces (layers/decoder.py); under the
+    interpreter both kernels cast alike, so bf16 is compared too."""
+    dev = device()
+    x = torch.randn(5, hidden, device=dev).to(dtype)
+    res = torch.randn(5, hidden, device=dev).to(dtype) if residual else None
+    _assert_fused_is_composed(x, res, (1 + 0.1 * torch.randn(hidden, device=dev)).to(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 256, 4096])
+@pytest.mark.parametrize("hidden", [896, 1536, 2048, 3584, 4096, 5120, 7168, 8192])
+@pytest.mark.parametrize("residual", [True, False])
+def test_gpu_fused_is_rms_norm_then_int8_quant(tokens, hidden, residual):
+    """Served hidden sizes up to 8192 (the whole-row kernel): the same sum-of-squares order as rms_norm
+    (its warps and register layout, see kernels/int8_quant.py), hence the same bits."""
+    x = (2 * torch.randn(tokens, hidden, device="cuda")).bfloat16()
+    res = torch.randn_like(x) if residual else None
+    _assert_fused_is_composed(x, res, (1 + 0.1 * torch.randn(hidden, device="cuda")).bfloat16())

@@ -1,0 +1,342 @@
+"""A pre-norm layer's RMSNorm fused with the per-token int8 quantisation of the W8A8 linear that reads it
+(layers/decoder.py `_pre_norm`, `LinearMethod.quantizes_input`, `PerTokenInt8`, fused.rms_norm_int8_quant).
+
+The fused path must give the unfused one's bits. Its CUDA functions run here on `device()`: the GPU when
+there is one, else CPU tensors through the Triton interpreter (as tests/unit/test_linear_silu_and_mul.py).
+On CPU the int8 method does not quantize its input (the eager norm stays), so the layer-level tests
+monkeypatch that capability on: the norm then runs `fused.rms_norm_int8_quant`'s eager branch and the
+linear its CPU int8 GEMM on the carrier. The GPU tests at the end run the CUDA branch at qwen shapes.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from deepserve.config import ModelConfig
+from deepserve.layers import fused
+from deepserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
+from deepserve.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod, LinearMethod, PerTokenInt8,
+                                            process_weights_after_loading)
+from deepserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from deepserve.models.qwen2 import Qwen2ForCausalLM
+from deepserve.quant import get_quant_method
+from deepserve.quant.int8 import Int8W8A8Method, quantize_per_channel_ref
+from tests.kernels.interpret import device, load_kernel_module
+from tests.paged_harness import PagedRunner
+
+RMS = load_kernel_module("rms_norm")
+QUANT = load_kernel_module("int8_quant")
+OTHERS = ["int8-weight-only", "int8-weight-only-asym", "int8-hadamard", "fp8", "fp8-per-tensor", "block-fp8"]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+# ---- which methods take pre-quantised input ----------------------------------------------------------
+
+
+def test_only_int8_w8a8_quantizes_its_input_and_only_on_cuda_f16_bf16():
+    layer = SimpleNamespace()
+    cuda = {dt: SimpleNamespace(is_cuda=True, dtype=dt) for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    methods = {name: get_quant_method(name) for name in OTHERS}
+    methods.update(dense=DenseLinearMethod(), packed=CpuPackedLinearMethod())
+    for name, method in methods.items():
+        assert type(method).quantizes_input is LinearMethod.quantizes_input, name  # the default
+        assert not any(method.quantizes_input(layer, x) for x in cuda.values()), name
+    int8 = get_quant_method("int8")
+    assert int8.quantizes_input(layer, cuda[torch.bfloat16]) and int8.quantizes_input(layer, cuda[torch.float16])
+    assert not int8.quantizes_input(layer, cuda[torch.float32])
+    assert not int8.quantizes_input(layer, torch.randn(2, 8).bfloat16())  # CPU: the eager path
+
+
+# ---- the CUDA functions: norm + quant, then the GEMM, against norm, then w8a8_linear ---------------------
+
+
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "int_mm"])
+def test_int8_cuda_gemm_of_fused_norm_is_the_unfused_linear(m, residual, dtype, backend):
+    from deepserve.quant.int8_cuda import w8a8_gemm, w8a8_linear
+
+    dev, hidden = device(), 96
+    x = (2 * torch.randn(m, hidden, device=dev)).to(dtype)
+    res = torch.randn(m, hidden, device=dev).to(dtype) if residual else None
+    norm_w = (1 + 0.1 * torch.randn(hidden, device=dev)).to(dtype)
+    w_q, w_s, _ = quantize_per_channel_ref(torch.randn(64, hidden, device=dev))
+    bias = torch.randn(64, device=dev).to(dtype)
+    normed, new_res = RMS.rms_norm(x, res, norm_w, 1e-6)
+    want = w8a8_linear(normed, w_q.contiguous(), w_s, bias, backend=backend)
+    q, scale, got_res = QUANT.rms_norm_int8_quant(x, res, norm_w, 1e-6)
+    got = w8a8_gemm(q, scale, w_q.contiguous(), w_s, bias, dtype, backend)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert (got_res is None) if res is None else torch.equal(got_res, new_res)
+
+
+def test_fused_kernel_runs_at_rms_norms_warps(monkeypatch):
+    """1025-2048 columns: rms_norm runs 8 warps, the plain quantisation 4; the fused kernel takes 8, so
+    the row's sum of squares is rms_norm's on the GPU (kernels/int8_quant.py)."""
+    from tests.kernels.launches import record_launches
+
+    recorders = record_launches(monkeypatch, QUANT, "_int8_quant_kernel")
+    x = torch.randn(2, 1536, device=device())
+    QUANT.rms_norm_int8_quant(x, None, torch.ones(1536, device=device()), 1e-6)
+    QUANT.int8_quant(x)
+    assert [kw["num_warps"] for _, kw in recorders["_int8_quant_kernel"].launches] == [RMS.row_num_warps(2048), 4]
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dispatch_kernel_branch(monkeypatch, residual, dtype):
+    """fused.rms_norm_int8_quant's kernel branch (forced on CPU tensors: interpreter) gives the carrier of
+    fused.rms_norm's kernel output (leading dims kept), and the int8 method maps it to the same output."""
+    monkeypatch.setattr(fused, "_use_triton", lambda x: True)
+    x = torch.randn(2, 3, 64).to(dtype)  # [batch, tokens, H]
+    res = torch.randn(2, 3, 64).to(dtype) if residual else None
+    norm_w = (1 + 0.1 * torch.randn(64)).to(dtype)
+    normed = fused.rms_norm(x, res, norm_w, 1e-6)
+    normed, new_res = normed if residual else (normed, None)
+    carrier, got_res = fused.rms_norm_int8_quant(x, res, norm_w, 1e-6)
+    assert carrier.q.shape == (2, 3, 64) and carrier.scale.shape == (2, 3) and carrier.dtype == dtype
+    assert (got_res is None) if res is None else torch.equal(got_res, new_res)
+    linear = _column(MergedColumnParallelLinear(64, [32, 48], bias=True), dtype)
+    assert torch.equal(linear(carrier), linear(normed))
+
+
+# ---- the linear layers take the carrier ------------------------------------------------------------------
+
+
+def _column(layer: nn.Module, dtype=torch.float32) -> nn.Module:
+    for p in layer.parameters():
+        p.normal_(std=p.shape[-1] ** -0.5)
+    layer.to(dtype).process_weights_after_loading("int8")
+    return layer
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_column_layers_apply_the_carrier_like_the_tensor(tp_rank):
+    """QKV / merged column layers (bias, tensor-parallel shards): forward(carrier) == forward(x)."""
+    layers = [QKVParallelLinear(64, 16, 4, 2, bias=True, tp_size=2, tp_rank=tp_rank),
+              MergedColumnParallelLinear(64, [48, 48], bias=True, tp_size=2, tp_rank=tp_rank)]
+    x = torch.randn(5, 64)
+    for layer in map(_column, layers):
+        carrier, _ = fused.rms_norm_int8_quant(x, None, torch.ones(64), 1e-6)
+        assert torch.equal(layer(carrier), layer(fused.rms_norm(x, None, torch.ones(64), 1e-6)))
+
+
+def test_hooks_turn_the_carrier_off(monkeypatch):
+    monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: True)
+    layer = _column(MergedColumnParallelLinear(64, [48, 48]))
+    x = torch.randn(3, 64)
+    assert layer.takes_quantized_input(x)
+    for register in (layer.register_forward_pre_hook, layer.register_forward_hook):
+        handle = register(lambda *args: None)
+        assert not layer.takes_quantized_input(x)
+        handle.remove()
+    assert layer.takes_quantized_input(x)
+
+
+# ---- the decoder layers: fused norm once per norm, the carrier to the consumer, same output --------------
+
+
+def _llama_config(arch: str = "LlamaForCausalLM", layers: int = 2) -> ModelConfig:
+    return ModelConfig(architecture=arch, vocab_size=256, hidden_size=64, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                       max_position_embeddings=256)
+
+
+def _tiny_model(cls, quantization: str | None, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(3)
+    model = cls(_llama_config("Qwen2ForCausalLM" if cls is Qwen2ForCausalLM else "LlamaForCausalLM")).eval()
+    for p in model.parameters():
+        p.normal_(std=0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model.to(dtype)
+    process_weights_after_loading(model, quantization)
+    return model
+
+
+def _logits(model, dtype=torch.float32) -> list[torch.Tensor]:
+    """Two prompts prefilled together (first layer: residual None), then one decode step for both."""
+    runner = PagedRunner(model, num_blocks=16, dtype=dtype)
+    a, b = runner.new_seq(), runner.new_seq()
+    first = runner.step({a: list(range(3, 14)), b: list(range(40, 45))})
+    second = runner.step({a: [7], b: [9]})
+    return [first[a], first[b], second[a], second[b]]
+
+
+def _prefill(model) -> torch.Tensor:
+    runner = PagedRunner(model, num_blocks=16)
+    return runner.step({runner.new_seq(): list(range(5, 17))})[0]
+
+
+class _Spy:
+    """Records fused.rms_norm_int8_quant's calls and what each int8 linear's apply receives."""
+
+    def __init__(self, monkeypatch):
+        self.norm_calls, self.inputs = 0, []  # inputs: (layer, type of x)
+        real_norm, real_apply = fused.rms_norm_int8_quant, Int8W8A8Method.apply
+
+        def norm(*args):
+            self.norm_calls += 1
+            return real_norm(*args)
+
+        def apply(method, layer, x, bias):
+            self.inputs.append((layer, type(x)))
+            return real_apply(method, layer, x, bias)
+
+        monkeypatch.setattr(fused, "rms_norm_int8_quant", norm)
+        monkeypatch.setattr(Int8W8A8Method, "apply", apply)
+
+    def kinds(self, layer: nn.Module) -> list[type]:
+        return [kind for seen, kind in self.inputs if seen is layer]
+
+
+@pytest.mark.parametrize("cls", [LlamaForCausalLM, Qwen2ForCausalLM])  # Qwen2: q/k/v bias
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_layer_feeds_the_carrier(monkeypatch, cls, dtype):
+    model = _tiny_model(cls, "int8", dtype)
+    want = _logits(model, dtype)  # on CPU the int8 method does not quantize its input: today's path
+    spy = _Spy(monkeypatch)
+    monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: True)
+    got = _logits(model, dtype)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    layers = model.model.layers
+    assert spy.norm_calls == 2 * 2 * len(layers)  # two steps, two norms per layer (not the final norm)
+    for layer in layers:
+        assert isinstance(layer, LlamaDecoderLayer)
+        assert spy.kinds(layer.self_attn.qkv_proj) == [PerTokenInt8] * 2
+        assert spy.kinds(layer.mlp.gate_up_proj) == [PerTokenInt8] * 2
+        assert spy.kinds(layer.self_attn.o_proj) == [torch.Tensor] * 2
+        assert spy.kinds(layer.mlp.down_proj) == [torch.Tensor] * 2  # SiLU-and-mul's quantisation, not the norm's
+
+
+@pytest.mark.parametrize("name", [None, *OTHERS])
+def test_other_methods_keep_the_unfused_norm(monkeypatch, name):
+    model = _tiny_model(LlamaForCausalLM, name)
+    want = _logits(model)
+    spy = _Spy(monkeypatch)
+    monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: True)
+    assert all(torch.equal(g, w) for g, w in zip(_logits(model), want))
+    assert spy.norm_calls == 0
+
+
+def test_hooks_see_real_tensors(monkeypatch):
+    """A pre-hook on qkv_proj (calibration, quant/smooth.py) sees the normalised hidden state, as
+    unfused; the layer's other norm still fuses; a hook on a norm keeps that norm unfused; the output
+    does not change."""
+    model = _tiny_model(LlamaForCausalLM, "int8")
+    layer = model.model.layers[1]
+    seen = []
+    layer.self_attn.qkv_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    want = _logits(model)  # unfused (the CPU default): what the hook sees there
+    spy = _Spy(monkeypatch)
+    monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: True)
+    assert all(torch.equal(g, w) for g, w in zip(_logits(model), want))
+    assert len(seen) == 4 and all(type(t) is torch.Tensor for t in seen)
+    assert torch.equal(seen[2], seen[0]) and torch.equal(seen[3], seen[1])
+    assert spy.kinds(layer.self_attn.qkv_proj) == [torch.Tensor] * 2
+    assert spy.kinds(layer.mlp.gate_up_proj) == [PerTokenInt8] * 2
+    assert spy.norm_calls == 2 * (2 * 2 - 1)
+    layer.post_attention_layernorm.register_forward_pre_hook(lambda *args: None)
+    spy.norm_calls = 0
+    assert all(torch.equal(g, w) for g, w in zip(_logits(model), want))
+    assert spy.norm_calls == 2 * 2  # layer 0's two norms only
+
+
+def test_deepseek_layers_keep_the_unfused_norm(monkeypatch):
+    """MLA / MoE decoder layers name no consumer linear: their norms never fuse (the bundled tiny V3)."""
+    from deepserve.engine.args import EngineArgs
+    from deepserve.loader.model_loader import load_model
+
+    config = EngineArgs(model="tiny-deepseek-v3", quantization="int8", device="cpu").create_engine_config()
+    model = load_model(config, progress=False)
+    assert any(isinstance(m.method, Int8W8A8Method) for m in model.modules() if isinstance(m, LinearBase))
+    want = _prefill(model)
+    spy = _Spy(monkeypatch)
+    monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: True)
+    assert torch.equal(_prefill(model), want)
+    assert spy.norm_calls == 0 and spy.inputs and all(kind is torch.Tensor for _, kind in spy.inputs)
+
+
+# ---- GPU: a Llama-shaped layer with int8 on CUDA ---------------------------------------------------------
+
+GPU_SHAPES = {"qwen-7b": (3584, 28, 4, 18944), "qwen-1.5b": (1536, 12, 2, 8960)}  # hidden, heads, kv heads, I
+
+
+class _ProbeAttention(nn.Module):
+    """Stands in for the paged attention backend (no KV cache or forward context here): a mix of q, k
+    and v in plain torch ops, so the layer's norms and linears are what is under test."""
+
+    def forward(self, q, k, v, positions):
+        kv = (k.float().mean(1, keepdim=True) + v.float().mean(1, keepdim=True)).to(q.dtype)  # [T, 1, D]
+        return q + kv
+
+
+def _gpu_layer(shape: str) -> LlamaDecoderLayer:
+    hidden, heads, kv_heads, inter = GPU_SHAPES[shape]
+    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=256, hidden_size=hidden, num_hidden_layers=1,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=inter,
+                         max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(config)
+    layer = model.model.layers[0]
+    for p in layer.parameters():
+        p.normal_(std=p.shape[-1] ** -0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    layer.to(torch.bfloat16)
+    process_weights_after_loading(layer, "int8")
+    layer.self_attn.attn = _ProbeAttention()
+    return layer
+
+
+def _unfused(monkeypatch):
+    monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+@pytest.mark.parametrize("tokens", [1, 7, 256, 2048])
+@pytest.mark.parametrize("first", [True, False])
+def test_gpu_layer_fused_is_unfused_bit_for_bit(monkeypatch, shape, tokens, first):
+    layer = _gpu_layer(shape)
+    hidden = layer.input_layernorm.weight.shape[0]
+    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
+    residual = None if first else torch.randn_like(x)
+    positions = torch.arange(tokens, device="cuda")
+    calls = []
+    real = fused.rms_norm_int8_quant
+    monkeypatch.setattr(fused, "rms_norm_int8_quant", lambda *a: calls.append(a) or real(*a))
+    out, res = layer(positions, x, residual)
+    assert len(calls) == 2
+    with monkeypatch.context() as m:
+        _unfused(m)
+        want_out, want_res = layer(positions, x, residual)
+    assert len(calls) == 2
+    assert torch.equal(out, want_out) and torch.equal(res, want_res)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_gpu_layer_fused_in_a_cuda_graph(monkeypatch, shape):
+    layer = _gpu_layer(shape)
+    hidden = layer.input_layernorm.weight.shape[0]
+    x, residual = (torch.randn(256, hidden, device="cuda").bfloat16() for _ in range(2))
+    positions = torch.arange(256, device="cuda")
+    layer(positions, x, residual)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, res = layer(positions, x, residual)
+    x.copy_(torch.randn_like(x))
+    residual.copy_(torch.randn_like(residual))
+    graph.replay()
+    torch.cuda.synchronize()
+    _unfused(monkeypatch)
+    want_out, want_res = layer(positions, x, residual)
+    assert torch.equal(out, want_out) and torch.equal(res, want_res)  # Triton launches only: the same bits
