@@ -64,7 +64,6 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
-
 from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_normalize, row_num_warps
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
