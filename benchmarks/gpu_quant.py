@@ -224,8 +224,8 @@ TUNED = ("int8_gemm", "w8a16_gemm")
 
 
 def candidates(m: int, kernel: str = "int8_gemm"):
-    """Block configs to time at M = m; the int8 GEMM also tries each with TMA operands (and 256-row
-    tiles, which only its TMA variant has the shared memory for at 4 stages)."""
+    """Block configs to time at M = m; the int8 GEMM also tries each with TMA operands, and at
+    64 < M <= 256 256-row TMA tiles."""
     from deepserve.kernels.int8_gemm import GemmConfig
 
     if m <= 16:

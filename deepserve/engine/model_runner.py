@@ -31,8 +31,10 @@ def warm_up_counts(budget: int) -> list[int]:
     """The ladder's counts below the step budget and the budget itself, each also one token less:
     Triton specialises a kernel on whether each integer argument (the token count among them) is a
     multiple of 16, so the ladder alone (multiples of 16) left the other variant of every launch to
-    compile inside the first real batches (on an H200 the first qwen-7b int8 W-offline run measured
-    11,915 output tok/s against 15,145 with every variant compiled)."""
+    compile inside the first real batches. Inferred from H200 runs, not isolated: the first qwen-7b int8
+    W-offline run on a fresh machine measured 11,915 output tok/s (run s6h4), the same tree 15,145 in a
+    later process on that machine with the kernels in Triton's cache (s6h5), and the first run on a fresh
+    machine with this ladder (and the fused SiLU-and-mul + quantisation) 15,615 (s6final)."""
     ladder = {n for n in WARM_UP_TOKEN_COUNTS if n < budget} | {budget}
     return sorted({c for n in ladder for c in (n, n - 1) if c > 0})
 

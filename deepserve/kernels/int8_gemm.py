@@ -25,10 +25,15 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+try:  # host-side TMA descriptors (Triton 3.3+); without them the pointer kernel runs every config
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 
 from deepserve.kernels.pdl import pdl_launch, pdl_wait
 
@@ -47,7 +52,7 @@ class GemmConfig(NamedTuple):
 # max M -> config (split_k here is the most splits allowed; `int8_gemm_config` picks <= it).
 # Measured on an H200 (`benchmarks/gpu_quant.py --tune`: summed time of qwen-7b's four linears, CUDA-graph
 # replays over cold weights). M <= 64: run s5e1, 0.109 ms. M <= 256, 2048 and above: run s6h3, where the
-# TMA variant won at every M: 0.1575 ms at M = 256 (the best pointer config, 128 x 64 split-K 2, took
+# TMA variant won at every M: 0.1575 ms at M = 256 (the best pointer config, 128 x 64 split-K 4, took
 # 0.1685 in s6h2), 0.734 ms at M = 2048, 2.987 ms at M = 8192 (256 x 128 tiles; the best pointer config,
 # 128 x 128, took 3.196 ms in s6h2; bf16 cuBLAS 5.22 ms there). The M <= 16 entry is a first estimate.
 CONFIGS: dict[int, GemmConfig] = {
@@ -243,12 +248,20 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
 
 
 def tma_ok(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
-    """Whether both operands can go through TMA descriptors: a CUDA device of compute capability 9.0+
-    (not ROCm), or the CPU interpreter (tests); 16-byte aligned bases and row strides (int8: K and the
-    row strides multiples of 16). Otherwise the pointer kernel runs the same config."""
-    if x_q.is_cuda and (torch.version.hip is not None or torch.cuda.get_device_capability(x_q.device) < (9, 0)):
+    """Whether both operands can go through TMA descriptors: a CUDA device of the sm_90 / sm_100 families
+    (`_tma_device`), or the CPU interpreter (tests); 16-byte aligned bases and row strides (int8: K and
+    the row strides multiples of 16). Otherwise the pointer kernel runs the same config."""
+    if TensorDescriptor is None or (x_q.is_cuda and not _tma_device(x_q.device.index or 0)):
         return False
     return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x_q, w_q))
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device(index: int) -> bool:
+    """NVIDIA compute capability 9.x or 10.x (H100/H200, B200: ~227 KB of shared memory per block, which
+    the 256 x 128 x 128 tiles at 4 stages need, 196,640 B). Not sm_120 (consumer Blackwell: ~99 KB) and
+    not ROCm. Asked once per device (it sits on every launch)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] in (9, 10)
 
 
 def int8_gemm_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

@@ -18,7 +18,8 @@ Contract of a kernel that takes `PDL: tl.constexpr = False`:
   * the fused MoE kernel takes `pdl_wait(PDL)`: it waits, but the next kernel launches only when all its
     CTAs have exited. The W8A8 int8 GEMMs (kernels/int8_gemm.py) do the same, by analogy with the fused
     MoE, not measured against the early trigger; the activation-quantisation kernels before them
-    (int8_quant, fp8_quant, silu_and_mul_quant) trigger early, so the GEMM launches behind them. Measured on an H200 with the early trigger in every kernel (run s5e2, one run):
+    (int8_quant, fp8_quant, silu_and_mul_quant) trigger early, so the GEMM launches behind them.
+    Measured on an H200 with the early trigger in every kernel (run s5e2, one run):
     qwen-7b decode 3.88 vs 4.01 ms/token without PDL, qwen-1.5b 1.40 vs 1.53, but V2-Lite decode 2.244
     vs 2.238 and its 128-token prefill 39 vs 26 ms; with the fused MoE only waiting (run s5final):
     V2-Lite decode 2.062 vs 2.237 without PDL, prefill 25.4 ms. Why the early trigger there hurt was not

@@ -97,6 +97,8 @@ def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None) -> tuple[t
     scale = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return q, scale
+    if block is not None and (block < 1 or block & (block - 1)):
+        raise ValueError(f"block must be a positive power of two, got {block}")
     block = block or min(_BLOCK, triton.next_power_of_2(max(inter, 1)))
     fp8 = q_dtype == torch.float8_e4m3fn
     hw = hardware_cast_rounds_like_torch(x.device) if fp8 else x.is_cuda

@@ -191,8 +191,9 @@ class RowParallelLinear(LinearBase):
         """gate_up [..., 2 * in_per_rank] (a merged [gate | up] projection) -> forward(silu(gate) * up);
         the method may fuse SiLU-and-mul into its activation quantisation (LinearMethod.apply_silu_and_mul).
         With forward hooks on this layer (calibration records its inputs: quant/smooth.py) the layer is
-        called on silu(gate) * up instead, so that they see its input; the result is the same."""
-        if self._forward_pre_hooks or self._forward_hooks:
+        called on silu(gate) * up instead, so that they see its input; the result is the same. So is a
+        method that follows the LinearMethod protocol without subclassing it (no apply_silu_and_mul)."""
+        if self._forward_pre_hooks or self._forward_hooks or not hasattr(self.method, "apply_silu_and_mul"):
             return self(fused.silu_and_mul(gate_up))
         return self._reduce(self.method.apply_silu_and_mul(self, gate_up, None))
 

@@ -71,7 +71,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor | PerTokenInt8) -> torch.Tensor:
         """x [T, hidden] (or its per-token int8, for gate_up_proj only) -> [T, hidden]."""
         gate_up = self.gate_up_proj(x)  # [T, 2I]
-        if isinstance(self.act_fn, SiluAndMul):  # W8A8 methods fuse it into their input quantisation
+        if type(self.act_fn) is SiluAndMul:  # W8A8 methods fuse it into their input quantisation
             return self.down_proj.forward_silu_and_mul(gate_up)  # [T, hidden]
         return self.down_proj(self.act_fn(gate_up))  # [T, I] -> [T, hidden]
 

@@ -13,6 +13,7 @@ import torch
 from deepserve.kernels.int8_gemm import CONFIGS, GemmConfig, int8_gemm_config, pick_split_k
 from deepserve.quant.int8 import quantize_per_channel_ref, quantize_per_token_ref
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
+from tests.kernels.launches import record_launches
 from tests.kernels.triton36 import triton_3_6_semantics
 
 G = load_kernel_module("int8_gemm")
@@ -55,39 +56,51 @@ def test_triton_gemm_builds_with_triton_3_6_dot(monkeypatch, m):
     _assert_close(G.int8_gemm(*ops, torch.float32, cfg), G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
 
 
-class LaunchSpy:
-    """Stands in for a Triton kernel: counts `kernel[grid](...)` launches, then runs the real one."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
-@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (5, 33, 160), (33, 70, 192)])  # K multiple of 16: TMA rows
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (5, 33, 160), (33, 70, 192), (7, 24, 208)])  # K % 16 == 0: TMA
+# rows; 208 with split3's 32-column boxes: splits of 96, 96, 16 columns, the last box 16 past K
 @pytest.mark.parametrize("cfg", TINY, ids=["plain", "split3", "grouped"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_tma_gemm_matches_pointer_kernel_and_reference(monkeypatch, m, n, k, cfg, bias):
     """The TMA variant takes the same configs and gives the pointer kernel's bits (same int32 sums,
     same epilogue), also where boxes run past M, N and the last split's K."""
     ops = _operands(m, n, k, device(), bias)
-    spy = LaunchSpy(G._int8_gemm_tma_kernel)
-    monkeypatch.setattr(G, "_int8_gemm_tma_kernel", spy)
+    spy = record_launches(monkeypatch, G, "_int8_gemm_tma_kernel")["_int8_gemm_tma_kernel"]
     got = G.int8_gemm(*ops, torch.float32, cfg._replace(tma=True))
-    assert spy.launches == 1
+    assert len(spy.launches) == 1
     assert torch.equal(got, G.int8_gemm(*ops, torch.float32, cfg))
     _assert_close(got, G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
+
+
+def test_tma_gemm_strided_rows(monkeypatch):
+    """x_q rows strided (a view into wider rows, stride 96): the descriptor takes the stride."""
+    x_q, x_s, w_q, w_s, bias = _operands(9, 40, 64, device())
+    wide = torch.zeros(9, 96, dtype=torch.int8, device=device())
+    wide[:, :64] = x_q
+    spy = record_launches(monkeypatch, G, "_int8_gemm_tma_kernel")["_int8_gemm_tma_kernel"]
+    got = G.int8_gemm(wide[:, :64], x_s, w_q, w_s, bias, torch.float32, TINY[0]._replace(tma=True))
+    assert len(spy.launches) == 1
+    assert torch.equal(got, G.int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.float32))
+
+
+def test_tma_only_on_sm90_and_sm100_families(monkeypatch):
+    """The shipped TMA tiles need ~192 KB of shared memory: H100/H200 (9.0), B200 (10.0) have it, consumer
+    Blackwell (12.0) and Ampere (8.x) do not, and ROCm has no TMA."""
+    for capability, want in (((9, 0), True), ((10, 0), True), ((12, 0), False), ((8, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        G._tma_device.cache_clear()
+        assert G._tma_device(0) is want, capability
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    G._tma_device.cache_clear()
+    assert G._tma_device(0) is False
+    G._tma_device.cache_clear()
 
 
 def test_tma_gemm_falls_back_on_unaligned_rows(monkeypatch):
     """K = 70 int8 rows are not 16-byte strided: TMA cannot describe them, the pointer kernel runs."""
     ops = _operands(5, 33, 70, device())
-    spy = LaunchSpy(G._int8_gemm_tma_kernel)
-    monkeypatch.setattr(G, "_int8_gemm_tma_kernel", spy)
+    spy = record_launches(monkeypatch, G, "_int8_gemm_tma_kernel")["_int8_gemm_tma_kernel"]
     got = G.int8_gemm(*ops, torch.float32, TINY[0]._replace(tma=True))
-    assert spy.launches == 0
+    assert not spy.launches
     assert torch.equal(got, G.int8_gemm_ref(*ops, torch.float32))
 
 

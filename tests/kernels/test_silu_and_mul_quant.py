@@ -88,6 +88,9 @@ def test_zero_rows_strided_rows_and_empty():
                     torch.randn(2, 8, device=dev).double(), torch.randn(8, device=dev)):
             with pytest.raises(ValueError):
                 fused(bad)
+        for block in (0, 48, -16):  # a chunk must be a positive power of two (0 is not "the default")
+            with pytest.raises(ValueError, match="power of two"):
+                fused(torch.randn(2, 64, device=dev), block=block)
 
 
 @pytest.mark.parametrize("inter", [7, 100, 2049])

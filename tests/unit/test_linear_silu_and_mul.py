@@ -100,6 +100,25 @@ def test_tensor_parallel_reduce_and_bias():
     assert torch.equal(got, layer(_silu_and_mul(gate_up)))
 
 
+def test_protocol_method_without_the_default_takes_the_unfused_path():
+    """A method that follows the LinearMethod protocol without subclassing it (no apply_silu_and_mul, e.g. a
+    plugin's) still serves forward_silu_and_mul: the layer runs on silu(gate) * up."""
+
+    class PlainMethod:  # apply only
+        def process_weights_after_loading(self, layer):
+            return None
+
+        def apply(self, layer, x, bias):
+            return F.linear(x, layer.weight, bias)
+
+    layer = RowParallelLinear(64, 32, bias=True)
+    layer.weight.data.normal_(std=0.125)
+    layer.bias.data.normal_()
+    layer.method = PlainMethod()
+    gate_up = torch.randn(3, 128)
+    assert torch.equal(layer.forward_silu_and_mul(gate_up), layer(_silu_and_mul(gate_up)))
+
+
 # ---- the CUDA paths of the W8A8 methods, against their unfused composition ------------------------
 
 
