@@ -224,8 +224,8 @@ TUNED = ("int8_gemm", "w8a16_gemm")
 
 
 def candidates(m: int, kernel: str = "int8_gemm"):
-    """Block configs to time at M = m; the int8 GEMM also tries each with TMA operands, and at
-    64 < M <= 256 256-row TMA tiles."""
+    """Block configs to time at M = m; the int8 GEMM also tries each with TMA operands, at 64 < M <= 256
+    256-row TMA tiles, and above M = 64 the unsplit TMA configs launched persistent."""
     from deepserve.kernels.int8_gemm import GemmConfig
 
     if m <= 16:
@@ -246,7 +246,9 @@ def candidates(m: int, kernel: str = "int8_gemm"):
         return plain
     wide = [GemmConfig(256, bn, 128, split_k=s, group_m=8, num_warps=8, num_stages=st, tma=True)
             for bn in (64, 128) for s in (1, 2) for st in (3, 4)] if 64 < m <= 256 else []
-    return plain + [c._replace(tma=True) for c in plain if c.block_k >= 64] + wide
+    tma = [c._replace(tma=True) for c in plain if c.block_k >= 64] + wide
+    persistent = [c._replace(persistent=True) for c in tma if c.split_k == 1 and m > 64]
+    return tma + persistent + plain
 
 
 def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...] = TUNED) -> None:
@@ -282,9 +284,11 @@ def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...]
                         break
                 scores[cfg] = total
             top = min(scores, key=scores.get)
-            for tma in (False, True):
-                ranked = sorted((v, c) for c, v in scores.items() if c.tma == tma and v < float("inf"))[:3]
-                print(f"{kernel} M={m} tma={tma}: " + ", ".join(f"{tuple(c)} {v:.4f} ms" for v, c in ranked), flush=True)
+            for kind in ((False, False), (True, False), (True, True)):
+                ranked = sorted((v, c) for c, v in scores.items()
+                                if (c.tma, c.persistent) == kind and v < float("inf"))[:3]
+                print(f"{kernel} M={m} tma={kind[0]} persistent={kind[1]}: "
+                      + ", ".join(f"{tuple(c)} {v:.4f} ms" for v, c in ranked), flush=True)
             worst = max((v for v in scores.values() if v < float("inf")), default=None)
             append_record({**environment_fields(torch.cuda.get_device_name(), run_id), "engine": "deepserve",
                            "model": "qwen-7b", "dtype": "bfloat16", "quant": kernel, "workload": "kernel-tune",

@@ -46,7 +46,8 @@ class GemmConfig(NamedTuple):
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    tma: bool = False  # int8 only: operands through TMA descriptors (sm_90+; `_int8_gemm_tma_kernel`)
+    tma: bool = False  # int8 only: operands through TMA descriptors (sm_90 / sm_100; `_int8_gemm_tma_kernel`)
+    persistent: bool = False  # with tma: at most one program per SM walking the tiles; no split-K
 
 
 # max M -> config (split_k here is the most splits allowed; `int8_gemm_config` picks <= it).
@@ -157,14 +158,29 @@ def scaled_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n,
 def _int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, k_per_split,
                           stride_cs, stride_cm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          PDL: tl.constexpr = False):
+                          PERSISTENT: tl.constexpr = False, PDL: tl.constexpr = False):
     """`_int8_gemm_kernel` (int8 only) with both operands loaded by TMA: a_desc over x_q [M, K] in
     [BLOCK_M, BLOCK_K] boxes, b_desc over w_q [N, K] in [BLOCK_N, BLOCK_K] boxes. The copy engine
     zero-fills boxes past M, N and K, so the loop has no masks (k_per_split is a multiple of BLOCK_K:
-    only the last split's last box runs past K)."""
+    only the last split's last box runs past K). PERSISTENT (one split): the grid is at most one
+    program per SM, each walking the tiles pid, pid + programs, ... (`GemmConfig.persistent`)."""
     pdl_wait(PDL)  # first: wait for the previous kernel; no early trigger (kernels/pdl.py)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    split = tl.program_id(1)
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _tma_tile(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, 0, M, N, K, k_per_split,
+                      stride_cs, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _tma_tile(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tl.program_id(0), tl.program_id(1),
+                  M, N, K, k_per_split, stride_cs, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _tma_tile(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, split, M, N, K, k_per_split,
+              stride_cs, stride_cm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One output tile [BLOCK_M, BLOCK_N] (grouped order) over one split's K range, scaled and stored."""
+    pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
@@ -228,18 +244,24 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=x_q.device)
     cfg = config or int8_gemm_config(m, n, k, num_sms(x_q.device))
+    tma = cfg.tma and not fp8 and tma_ok(x_q, w_q)
+    persistent = tma and cfg.persistent
+    if persistent:
+        cfg = cfg._replace(split_k=1)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     c = split_k_output(m, n, cfg.split_k, out_dtype, x_q.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    grid = (min(tiles, num_sms(x_q.device)), 1) if persistent else (tiles, cfg.split_k)
     bias_arg = bias if bias is not None else w_scale
     blocks = dict(HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   enable_fp_fusion=False)  # no FMA in the epilogue: the reference rounds the product first
-    if cfg.tma and not fp8 and tma_ok(x_q, w_q):
+    if tma:
         a_desc = TensorDescriptor.from_tensor(x_q, [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
         _int8_gemm_tma_kernel[grid](a_desc, b_desc, c, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
-                                    c.stride(0), c.stride(1), **blocks, **pdl_launch(x_q.device))
+                                    c.stride(0), c.stride(1), **blocks, PERSISTENT=persistent,
+                                    **pdl_launch(x_q.device))
     else:
         _int8_gemm_kernel[grid](x_q, w_q, c, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
                                 x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1), FP8=fp8, **blocks,

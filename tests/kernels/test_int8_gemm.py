@@ -71,6 +71,22 @@ def test_tma_gemm_matches_pointer_kernel_and_reference(monkeypatch, m, n, k, cfg
     _assert_close(got, G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (33, 70, 208), (40, 96, 64)])
+@pytest.mark.parametrize("programs", [1, 3, 132])
+def test_persistent_tma_gemm_matches_reference(monkeypatch, m, n, k, programs):
+    """The persistent launch (at most `programs` programs walking the tiles: 1 walks them all, 3 leaves a
+    ragged last round) gives the one-tile-per-program kernel's bits; a split-K config runs unsplit."""
+    monkeypatch.setattr(G, "num_sms", lambda device: programs)
+    ops = _operands(m, n, k, device())
+    rec = record_launches(monkeypatch, G, "_int8_gemm_tma_kernel")["_int8_gemm_tma_kernel"]
+    cfg = GemmConfig(16, 32, 32, split_k=3, group_m=2, num_stages=1, tma=True, persistent=True)
+    got = G.int8_gemm(*ops, torch.float32, cfg)
+    tiles = -(-m // 16) * -(-n // 32)
+    assert [(grid, kw["PERSISTENT"]) for grid, kw in rec.launches] == [((min(tiles, programs), 1), True)]
+    assert torch.equal(got, G.int8_gemm(*ops, torch.float32, cfg._replace(tma=False, persistent=False, split_k=1)))
+    assert torch.equal(got, G.int8_gemm_ref(*ops, torch.float32))
+
+
 def test_tma_gemm_strided_rows(monkeypatch):
     """x_q rows strided (a view into wider rows, stride 96): the descriptor takes the stride."""
     x_q, x_s, w_q, w_s, bias = _operands(9, 40, 64, device())
@@ -176,14 +192,16 @@ SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): q
 @pytest.mark.parametrize("m", [256, 8192])
 @pytest.mark.parametrize("cfg", [GemmConfig(128, 128, 128, num_warps=8, num_stages=4, tma=True),
                                  GemmConfig(128, 64, 128, split_k=4, num_warps=8, num_stages=4, tma=True),
-                                 GemmConfig(256, 128, 128, num_warps=8, num_stages=3, tma=True)],
-                         ids=["128x128", "128x64-split", "256x128"])
+                                 GemmConfig(256, 128, 128, num_warps=8, num_stages=3, tma=True),
+                                 GemmConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True, persistent=True)],
+                         ids=["128x128", "128x64-split", "256x128", "64x128-persistent"])
 def test_gpu_tma_gemm_real_shapes(k, n, m, cfg):
     """The TMA kernel at qwen-7b's shapes: bit-equal to the pointer kernel with the same blocks."""
     x_q, x_s, w_q, w_s, bias = _operands(m, n, k, "cuda")
     got = G.int8_gemm(x_q, x_s, w_q, w_s, bias, torch.bfloat16, cfg)
-    assert torch.equal(got, G.int8_gemm(x_q, x_s, w_q, w_s, bias, torch.bfloat16, cfg._replace(tma=False)))
-    _assert_close(got, G.int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.bfloat16), cfg.split_k)
+    pointer = cfg._replace(tma=False, persistent=False, split_k=1 if cfg.persistent else cfg.split_k)
+    assert torch.equal(got, G.int8_gemm(x_q, x_s, w_q, w_s, bias, torch.bfloat16, pointer))
+    _assert_close(got, G.int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.bfloat16), pointer.split_k)
 
 
 @pytest.mark.gpu
