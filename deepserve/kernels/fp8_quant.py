@@ -20,7 +20,7 @@ One program per row (K <= 65536), tiled as `int8_quant.row_tiling` says, like in
     why wider rows take the second kernel;
   * wider rows (`_fp8_quant_wide_kernel`): a loop over chunks of 4096 columns (8 warps), pass 1 for
     max |x|, pass 2 (last chunk first, the re-reads expected in L2) to quantise and store; the same
-    per-element arithmetic (`_quantize`), so the same bits. H200 (run s6h4, 18944 bf16 columns): 0.179 ms
+    per-element arithmetic (`quantize_fp8_values`), so the same bits. H200 (run s6h4, 18944 bf16 columns): 0.179 ms
     for 8192 rows (whole-row kernel 0.464), 9.7 us for 256 (15.1). Threshold, chunk and warps are first
     estimates, not tuned (see int8_quant's docstring).
 """
@@ -60,7 +60,7 @@ def _round_to_e4m3_grid(v):
 
 
 @triton.jit
-def _quantize(v, scale, HW_CAST: tl.constexpr):
+def quantize_fp8_values(v, scale, HW_CAST: tl.constexpr):
     """f32 values [N] of a row whose scale is `scale` -> q [N] e4m3 (both kernels)."""
     y = tl.minimum(tl.maximum(tl.div_rn(v, scale), -448.0), 448.0)
     if HW_CAST:  # the GPU's cvt (round to nearest even, as torch's cast)
@@ -80,7 +80,7 @@ def _fp8_quant_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, BLOCK
     mask = cols < hidden
     v = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 448.0)
-    q = _quantize(v, scale, HW_CAST)
+    q = quantize_fp8_values(v, scale, HW_CAST)
     tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -104,7 +104,7 @@ def _fp8_quant_wide_kernel(x_ptr, q_ptr, scale_ptr, hidden, x_stride, q_stride, 
         start = (num_chunks - 1 - i) * CHUNK  # last chunk first: the most recently read
         mask = start + cols < hidden
         v = tl.load(x_row + start + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        q = _quantize(v, scale, HW_CAST)
+        q = quantize_fp8_values(v, scale, HW_CAST)
         tl.store(q_ptr + row * q_stride + start + cols, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 

@@ -40,7 +40,7 @@ Two kernels, one program per row in both:
     the order, so it equals the whole-row one exactly), pass 2 re-reads the chunks last to first
     (the most recently read first), quantises them and stores q. The re-reads are expected to hit
     L2 (a guess: a 18944-column bf16 row is 38 KB; 6 resident rows per SM, see below, x 132 SMs
-    is 30 MB of the 50 MB L2). Same per-element arithmetic (`_quantize`), so the bits are those of the
+    is 30 MB of the 50 MB L2). Same per-element arithmetic (`quantize_int8_values`), so the bits are those of the
     whole-row kernel and of the reference. The fused variant makes one more pass first (residual
     add, stored once, and the sum of squares) and recomputes s from x and residual in the later
     passes. x is read from memory once and from cache once or twice.
@@ -91,7 +91,7 @@ def round_half_even(y):
 
 
 @triton.jit
-def _quantize(v, scale, HW_ROUND: tl.constexpr):
+def quantize_int8_values(v, scale, HW_ROUND: tl.constexpr):
     """f32 values [N] of a row whose scale is `scale` -> q [N] as f32 in [-127, 127] (both kernels)."""
     y = tl.div_rn(v, scale)
     if HW_ROUND:  # one cvt.rni per element on the GPU; the interpreter has no libdevice
@@ -118,7 +118,7 @@ def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hid
     if NORM:
         v = rms_normalize(x, w_ptr, cols, mask, hidden, eps).to(NORM_DTYPE).to(tl.float32)
     scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 127.0)
-    q = _quantize(v, scale, HW_ROUND)
+    q = quantize_int8_values(v, scale, HW_ROUND)
     if NORM:  # q stored 16 bytes of x per thread (8 int8 for bf16), not 16: the row keeps rms_norm's layout
         cols = tl.max_contiguous(cols, 128 // x_ptr.dtype.element_ty.primitive_bitwidth)
     tl.store(q_ptr + row * q_stride + cols, q.to(tl.int8), mask=mask)
@@ -187,7 +187,7 @@ def _int8_quant_wide_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr
         mask = start + cols < hidden
         v = _chunk_values(x_ptr + start, res_ptr + start, w_ptr + start, row, cols, mask, x_stride, res_stride,
                           rstd, NORM, HAS_RESIDUAL, NORM_DTYPE, "evict_first")
-        q = _quantize(v, scale, HW_ROUND)
+        q = quantize_int8_values(v, scale, HW_ROUND)
         tl.store(q_ptr + row * q_stride + start + cols, q.to(tl.int8), mask=mask)
     tl.store(scale_ptr + row, scale)
 

@@ -8,10 +8,11 @@ x is the merged [gate | up] projection, f16/bf16/f32, rows may be strided (unit 
 The results are bit for bit those of the unfused kernels, `int8_quant(silu_and_mul(x))` and
 `fp8_quant(silu_and_mul(x))`, on the GPU and under the interpreter: each element is
 v = silu_mul(gate, up) (kernels/silu_and_mul.py's own jit function) rounded to x's dtype, as the unfused
-path stores it, then quantised by int8_quant's / fp8_quant's own per-element jit functions (`_quantize`:
-IEEE divisions, ties-to-even rounding, the same hardware-rounding switches). The row's max |v| is exact
-in any order, so chunking does not change the scale. What is saved: the [T, I] activation written by silu_and_mul and read back by
-the quantisation, and one launch (decode steps run a few hundred tokens, where launches count).
+path stores it, then quantised by int8_quant's / fp8_quant's own per-element jit functions
+(`quantize_int8_values` / `quantize_fp8_values`: IEEE divisions, ties-to-even rounding, the same
+hardware-rounding switches). The row's max |v| is exact in any order, so chunking does not change the
+scale. What is saved: the [T, I] activation written by silu_and_mul and read back by the quantisation,
+and one launch (decode steps run a few hundred tokens, where launches count).
 
 One program per row, two passes over it in chunks of BLOCK columns (rows of any width; qwen-7b has
 I = 18944): pass 1 computes v chunk by chunk and keeps the running max |v|; pass 2, last chunk first
@@ -34,10 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_like_torch
-from deepserve.kernels.fp8_quant import _quantize as _fp8_quantize
-from deepserve.kernels.int8_quant import Int8Activations
-from deepserve.kernels.int8_quant import _quantize as _int8_quantize
+from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_like_torch, quantize_fp8_values
+from deepserve.kernels.int8_quant import Int8Activations, quantize_int8_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.silu_and_mul import check_gate_up, silu_mul
 
@@ -59,9 +58,9 @@ def _quantize(v, scale, FP8: tl.constexpr, HW: tl.constexpr):
     """fp8_quant's (FP8) or int8_quant's element step, their own jit functions; HW: their GPU rounding
     switch (HW_CAST, HW_ROUND)."""
     if FP8:
-        q = _fp8_quantize(v, scale, HW)
+        q = quantize_fp8_values(v, scale, HW)
     else:
-        q = _int8_quantize(v, scale, HW).to(tl.int8)
+        q = quantize_int8_values(v, scale, HW).to(tl.int8)
     return q
 
 
