@@ -20,9 +20,9 @@ One program per row (K <= 65536), tiled as `int8_quant.row_tiling` says, like in
     why wider rows take the second kernel;
   * wider rows (`_fp8_quant_wide_kernel`): a loop over chunks of 4096 columns (8 warps), pass 1 for
     max |x|, pass 2 (last chunk first, the re-reads expected in L2) to quantise and store; the same
-    per-element arithmetic (`quantize_fp8_values`), so the same bits. H200 (run s6h4, 18944 bf16 columns): 0.179 ms
-    for 8192 rows (whole-row kernel 0.464), 9.7 us for 256 (15.1). Threshold, chunk and warps are first
-    estimates, not tuned (see int8_quant's docstring).
+    per-element arithmetic (`quantize_fp8_values`), so the same bits. H200 (run s6h4, 18944 bf16
+    columns): 0.179 ms for 8192 rows, 9.7 us for 256 (the whole-row kernel, run s6h2: 0.464 ms / 15.1 us).
+    Threshold, chunk and warps are first estimates, not tuned (see int8_quant's docstring).
 """
 
 from __future__ import annotations

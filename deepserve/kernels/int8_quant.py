@@ -45,9 +45,9 @@ Two kernels, one program per row in both:
     add, stored once, and the sum of squares) and recomputes s from x and residual in the later
     passes. x is read from memory once and from cache once or twice.
     Measured on an H200 (run s6h4, benchmarks/gpu_quant.py, 18944 columns of bf16): 0.202 ms for 8192
-    rows (the whole-row kernel: 0.497 ms), 11.6 us for 256 rows (17.6 us). The threshold 8192, CHUNK
-    4096 and 8 warps are first estimates, not tuned, as is the evict_first hint on the re-reads. The
-    reasons for them: 16 elements per thread
+    rows, 11.6 us for 256 (the whole-row kernel took 0.497 ms / 17.6 us in run s6h2, another run). The
+    threshold 8192, CHUNK 4096 and 8 warps are first estimates, not tuned, as is the evict_first hint on
+    the re-reads. The reasons for them: 16 elements per thread
     (two 16-byte loads of bf16 per chunk) is the tile of the whole-row kernel at K = 4096, the one
     measured near bandwidth; ptxas (sm_90a, compiled here without a GPU through Triton 3.9) gives
     the bf16 wide kernel 40 registers and no spills, so 6 programs (48 warps, ~48 KB of loads in
