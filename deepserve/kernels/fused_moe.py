@@ -51,7 +51,10 @@ from deepserve.kernels.pdl import pdl_launch, pdl_wait
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
+# num_m_blocks and num_valid follow the batch's token count T (the padded alignment length / BLOCK_M and
+# T * k) with residues mod 16 that the warm-up's token counts do not all reach: specialised, a prefill of a
+# new T compiled two variants inside a timed v2-lite int8 run (run s7a, Triton's JIT cache hook)
+@triton.jit(do_not_specialize=["num_m_blocks", "num_valid"])
 def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, used_ptr,
                       scale_ptr, a_scale_ptr, num_m_blocks, N, K, num_valid, row_div,
                       stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,

@@ -205,3 +205,29 @@ def test_gpu_cuda_graph_capture(gpu_experts):
     graph.replay()
     ref = K.fused_moe_ref(x, w13, w2, weights, ids).float()
     assert (out.float() - ref).abs().max() <= TOL[torch.bfloat16] * ref.abs().max()
+
+
+@pytest.mark.gpu
+def test_gpu_token_counts_share_one_compiled_kernel(monkeypatch):
+    """A prefill of a token count the warm-up never ran reuses the compiled kernel of its config:
+    num_m_blocks and num_valid (T * k) are not specialised on, so T = 1023, 2146, 2147 (other residues
+    mod 16 than T = 1024's) compile nothing new. Specialised, a v2-lite int8 run compiled two variants
+    inside its timed part (run s7a)."""
+    import triton
+
+    num_experts, hidden, inter, top_k = GPU_SHAPES["v2-lite"]
+    torch.manual_seed(0)
+    w13, w2 = make_experts(num_experts, hidden, inter, torch.bfloat16, "cuda")
+    cfg = MoeConfig(64, 128, 64, 8, 8, 3)
+
+    def run(tokens):
+        x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+        return K.fused_moe(x, w13, w2, *route(tokens, num_experts, top_k, "cuda"), cfg)
+
+    run(1024)
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook",
+                        lambda **kw: compiled.append(kw["repr"].split("[")[0]) and None)
+    for tokens in (1023, 2146, 2147):
+        run(tokens)
+    assert "_fused_moe_kernel" not in compiled, compiled
