@@ -12,8 +12,12 @@ Tiling: program (m-block, n-block, k-split) in grouped order (GROUP_M m-blocks s
 Block sizes come from `int8_gemm_config(M, N, K, num_sms)` chosen by M on the host: small M
 (decode) is weight-bandwidth bound and wants many programs (narrow N blocks, split-K); large M
 (prefill) is compute bound and wants 128x128 tiles. With SPLIT_K > 1 each split writes its scaled
-float32 partial (split 0 adds the bias) to a [SPLIT_K, M, N] workspace and the host sums the splits
-(`torch.sum`, deterministic). The epilogue's order of float32 operations is the one of
+float32 partial (split 0 adds the bias) to a [SPLIT_K, M, N] workspace and counts itself in on a
+per-tile counter; the last of a tile's splits to arrive sums the partials in split order (float32,
+deterministic: the same bits whichever split is last), rounds once to out_dtype and stores the tile,
+then sets the counter back to 0 (`serial_store`). No sum or cast kernel follows the GEMM: at M = 256
+those were 2 of the ~400 kernels of a qwen-7b decode step per split linear (run s6h5: 0.52 ms of
+9.8). The counters come zeroed from the launch (`torch.zeros`, a memset in a CUDA graph). The epilogue's order of float32 operations is the one of
 `int8_gemm_ref` and of `Int8W8A8Method` on CPU: (float(acc) * x_scale) * w_scale + bias, each
 rounded to float32; the launch passes `enable_fp_fusion=False` so that the GPU compiler does not
 contract the last multiply and the bias add into one FMA (one rounding fewer than the reference).
@@ -103,13 +107,14 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, k_per_split,
-                      stride_am, stride_bn, stride_cs, stride_cm,
+def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
+                      k_per_split, stride_am, stride_bn, stride_cm, stride_ws, stride_wm,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FP8: tl.constexpr = False,
-                      PDL: tl.constexpr = False):
-    """c[split] = (a @ b^T over this split's K range) * a_scale * b_scale (+ bias on split 0).
-    FP8: a, b float8_e4m3fn, accumulated in float32 (`fp8_gemm`); else int8 into int32."""
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1,
+                      FP8: tl.constexpr = False, PDL: tl.constexpr = False):
+    """c = (a @ b^T) * a_scale * b_scale (+ bias), program (tile, split) over one split's K range
+    (`serial_store` finishes split tiles). FP8: a, b float8_e4m3fn, accumulated in float32 (`fp8_gemm`);
+    else int8 into int32."""
     pdl_wait(PDL)  # first: wait for the previous kernel; no early trigger (kernels/pdl.py)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
@@ -135,14 +140,14 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
         acc = tl.dot(a, b, acc, out_dtype=tl.float32 if FP8 else tl.int32, max_num_imprecise_acc=0 if FP8 else None)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    scaled_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, stride_cs, stride_cm,
-                 HAS_BIAS)
+    y = scaled(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, HAS_BIAS)
+    serial_store(y, c_ptr, ws_ptr, lock_ptr, tl.program_id(0), split, offs_m, offs_n, M, N, stride_cm, stride_ws,
+                 stride_wm, SPLIT_K)
 
 
 @triton.jit
-def scaled_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, stride_cs, stride_cm,
-                 HAS_BIAS: tl.constexpr):
-    """The epilogue: c[split, m, n] = float(acc) * a_scale[m] * b_scale[n] (+ bias[n] on split 0)."""
+def scaled(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, HAS_BIAS: tl.constexpr):
+    """The epilogue's float32 values: float(acc) * a_scale[m] * b_scale[n] (+ bias[n] on split 0)."""
     m_mask, n_mask = offs_m < M, offs_n < N
     a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n, mask=n_mask, other=0.0)
@@ -150,15 +155,40 @@ def scaled_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n,
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         y = y + tl.where(split == 0, bias, 0.0)[None, :]
-    c_ptrs = c_ptr + split * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    return y
 
 
 @triton.jit
-def _int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, k_per_split,
-                          stride_cs, stride_cm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          PERSISTENT: tl.constexpr = False, PDL: tl.constexpr = False):
+def serial_store(y, c_ptr, ws_ptr, lock_ptr, tile, split, offs_m, offs_n, M, N, stride_cm, stride_ws, stride_wm,
+                 SPLIT_K: tl.constexpr):
+    """Store a tile's float32 values y [BLOCK_M, BLOCK_N] into c (c's dtype). SPLIT_K > 1: y is one split's
+    partial; it goes to ws[split], and the last split of the tile to arrive (lock[tile] counts arrivals)
+    stores ws[0] + ws[1] + ... in split order, then resets lock[tile] to 0 for the next launch. The barrier
+    orders every thread's partial before the counter's release; the sums read L2 (.cg), not a stale L1."""
+    m_mask, n_mask = offs_m < M, offs_n < N
+    mask = m_mask[:, None] & n_mask[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    if SPLIT_K == 1:
+        tl.store(c_ptr + rows * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_ptrs = ws_ptr + rows * stride_wm + offs_n[None, :]
+        tl.store(ws_ptrs + split * stride_ws, y, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_K):
+                total += tl.load(ws_ptrs + s * stride_ws, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(c_ptr + rows * stride_cm + offs_n[None, :], total.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
+                          k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, PERSISTENT: tl.constexpr = False,
+                          PDL: tl.constexpr = False):
     """`_int8_gemm_kernel` (int8 only) with both operands loaded by TMA: a_desc over x_q [M, K] in
     [BLOCK_M, BLOCK_K] boxes, b_desc over w_q [N, K] in [BLOCK_N, BLOCK_K] boxes. The copy engine
     zero-fills boxes past M, N and K, so the loop has no masks (k_per_split is a multiple of BLOCK_K:
@@ -168,17 +198,18 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _tma_tile(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, 0, M, N, K, k_per_split,
-                      stride_cs, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+            _tma_tile(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, 0, M, N, K,
+                      k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1)
     else:
-        _tma_tile(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tl.program_id(0), tl.program_id(1),
-                  M, N, K, k_per_split, stride_cs, stride_cm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        _tma_tile(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tl.program_id(0),
+                  tl.program_id(1), M, N, K, k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS, BLOCK_M, BLOCK_N,
+                  BLOCK_K, GROUP_M, SPLIT_K)
 
 
 @triton.jit
-def _tma_tile(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, split, M, N, K, k_per_split,
-              stride_cs, stride_cm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _tma_tile(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, split, M, N, K,
+              k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
     """One output tile [BLOCK_M, BLOCK_N] (grouped order) over one split's K range, scaled and stored."""
     pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_start = split * k_per_split
@@ -191,8 +222,9 @@ def _tma_tile(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, s
         acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
-    scaled_store(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, stride_cs, stride_cm,
-                 HAS_BIAS)
+    y = scaled(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, HAS_BIAS)
+    serial_store(y, c_ptr, ws_ptr, lock_ptr, tile, split, offs_m, offs_n, M, N, stride_cm, stride_ws, stride_wm,
+                 SPLIT_K)
 
 
 def check_operands(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -249,24 +281,34 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     if persistent:
         cfg = cfg._replace(split_k=1)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    c = split_k_output(m, n, cfg.split_k, out_dtype, x_q.device)
+    splits = triton.cdiv(k, k_per_split)  # every split gets K columns (a config may ask more than K allows)
+    c = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    grid = (min(tiles, num_sms(x_q.device)), 1) if persistent else (tiles, cfg.split_k)
+    ws, locks = split_k_workspace(m, n, splits, tiles, c)
+    grid = (min(tiles, num_sms(x_q.device)), 1) if persistent else (tiles, splits)
     bias_arg = bias if bias is not None else w_scale
     blocks = dict(HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  GROUP_M=cfg.group_m, SPLIT_K=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   enable_fp_fusion=False)  # no FMA in the epilogue: the reference rounds the product first
+    strides = (c.stride(0), ws.stride(0), ws.stride(1))
     if tma:
         a_desc = TensorDescriptor.from_tensor(x_q, [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
-        _int8_gemm_tma_kernel[grid](a_desc, b_desc, c, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
-                                    c.stride(0), c.stride(1), **blocks, PERSISTENT=persistent,
-                                    **pdl_launch(x_q.device))
+        _int8_gemm_tma_kernel[grid](a_desc, b_desc, c, ws, locks, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
+                                    *strides, **blocks, PERSISTENT=persistent, **pdl_launch(x_q.device))
     else:
-        _int8_gemm_kernel[grid](x_q, w_q, c, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
-                                x_q.stride(0), w_q.stride(0), c.stride(0), c.stride(1), FP8=fp8, **blocks,
-                                **pdl_launch(x_q.device))
-    return reduce_splits(c, out_dtype)
+        _int8_gemm_kernel[grid](x_q, w_q, c, ws, locks, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
+                                x_q.stride(0), w_q.stride(0), *strides, FP8=fp8, **blocks, **pdl_launch(x_q.device))
+    return c
+
+
+def split_k_workspace(m: int, n: int, splits: int, tiles: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ws [splits, M, N] float32, locks [tiles] int32 zeros) of a split-K launch; unsplit, c stands in for
+    both (the kernel never touches them)."""
+    if splits == 1:
+        return c.view(1, *c.shape), c
+    return (torch.empty((splits, m, n), dtype=torch.float32, device=c.device),
+            torch.zeros(tiles, dtype=torch.int32, device=c.device))
 
 
 def tma_ok(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:

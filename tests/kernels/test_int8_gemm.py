@@ -71,6 +71,43 @@ def test_tma_gemm_matches_pointer_kernel_and_reference(monkeypatch, m, n, k, cfg
     _assert_close(got, G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
 
 
+def _split_partials_sum(ops, cfg, out_dtype):
+    """The split-K result built by hand: each split's K range as its own unsplit float32 GEMM (bias on
+    split 0 only: the kernel's partials, bit for bit), summed in split order in float32, rounded once."""
+    x_q, x_s, w_q, w_s, bias = ops
+    k = x_q.shape[1]
+    step = -(-(-(-k // cfg.split_k)) // cfg.block_k) * cfg.block_k  # the launch's k_per_split
+    one = cfg._replace(split_k=1, persistent=False)
+    total = None
+    for start in range(0, k, step):
+        part = G.int8_gemm(x_q[:, start:start + step], x_s, w_q[:, start:start + step], w_s,
+                           bias if start == 0 else None, torch.float32, one)
+        total = part if total is None else total + part
+    return total.to(out_dtype)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    INTERPRET, reason="the Triton interpreter rounds float32 -> bf16 by truncation, the GPU to nearest"))])
+@pytest.mark.parametrize("m,n,k", [(20, 48, 224), (3, 40, 96)])
+def test_split_k_sums_partials_in_the_kernel(monkeypatch, tma, out_dtype, m, n, k):
+    """Split-K finishes in the GEMM: the last split of each tile stores ws[0] + ws[1] + ... in split
+    order (bits of the hand-built sum), one launch and no sum or cast kernel after it, and every tile's
+    arrival counter is back at 0 after the launch."""
+    ops = _operands(m, n, k, device())
+    cfg = GemmConfig(16, 16, 32, split_k=3, group_m=2, num_stages=1, tma=tma)
+    workspaces = []
+    real = G.split_k_workspace
+    monkeypatch.setattr(G, "split_k_workspace", lambda *a: workspaces.append(real(*a)) or workspaces[-1])
+    kernel = "_int8_gemm_tma_kernel" if tma else "_int8_gemm_kernel"
+    spy = record_launches(monkeypatch, G, kernel)[kernel]
+    got = G.int8_gemm(*ops, out_dtype, cfg)
+    (ws, locks), = workspaces
+    assert len(spy.launches) == 1 and ws.shape[0] == 3 and locks.numel() == -(-n // 16) * -(-m // 16)
+    assert torch.equal(locks, torch.zeros_like(locks))
+    assert got.dtype == out_dtype and torch.equal(got, _split_partials_sum(ops, cfg, out_dtype))
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 40, 96), (33, 70, 208), (40, 96, 64)])
 @pytest.mark.parametrize("programs", [1, 3, 132])
 def test_persistent_tma_gemm_matches_reference(monkeypatch, m, n, k, programs):
@@ -217,3 +254,18 @@ def test_gpu_real_shapes(k, n, m, backend):
     got = w8a8_linear(x, w_q.contiguous(), w_s, bias, backend=backend)
     x_q, x_s = quantize_per_token_ref(x)
     _assert_close(got, G.int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.bfloat16), split=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [CONFIGS[256], GemmConfig(64, 128, 128, split_k=4, num_warps=4, num_stages=4, tma=True),
+                                 GemmConfig(64, 64, 128, split_k=2, num_warps=4, num_stages=4)],
+                         ids=["table-256", "split4-tma", "split2-pointer"])
+def test_gpu_split_k_in_kernel_is_race_free(cfg):
+    """qwen-7b's o and down projections at M = 256 (the decode step's split linears): 30 launches give
+    the same bits, those of the hand-built sum of the splits; a split that read another's partial before
+    it was stored, or a lost arrival, would show as a different or unfinished tile."""
+    for k, n in ((3584, 3584), (18944, 3584)):
+        ops = _operands(256, n, k, "cuda")
+        want = _split_partials_sum(ops, cfg, torch.bfloat16)
+        for _ in range(30):
+            assert torch.equal(G.int8_gemm(*ops, torch.bfloat16, cfg), want)
