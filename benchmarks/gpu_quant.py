@@ -40,6 +40,7 @@ import dataclasses
 import statistics
 import sys
 import uuid
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_dense, run as a script or imported
@@ -267,7 +268,7 @@ def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...]
                       torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda"), torch.rand(m, device="cuda"))
                   for k in {k for k, _ in SHAPES.values()}}
         for kernel in kernels_:
-            scores = {}
+            scores, per_layer = {}, defaultdict(dict)  # cfg -> summed ms; layer -> cfg -> ms
             for cfg in candidates(m, kernel):
                 total = 0.0
                 for layer, (k, n) in SHAPES.items():
@@ -277,7 +278,8 @@ def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...]
                            if kernel == "int8_gemm" else (lambda wt=wt: w8a16_gemm(x, wt["q"], wt["s"], None, None, c))
                            for wt in weights[layer]]
                     try:
-                        total += time_ms(fns, reps=7)
+                        per_layer[layer][cfg] = time_ms(fns, reps=7)
+                        total += per_layer[layer][cfg]
                     except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip the config
                         print(f"{kernel} {cfg}: {exc!r}"[:300], file=sys.stderr, flush=True)
                         total = float("inf")
@@ -289,12 +291,25 @@ def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...]
                                 if (c.tma, c.persistent) == kind and v < float("inf"))[:3]
                 print(f"{kernel} M={m} tma={kind[0]} persistent={kind[1]}: "
                       + ", ".join(f"{tuple(c)} {v:.4f} ms" for v, c in ranked), flush=True)
+            print_per_layer(kernel, m, per_layer, scores[top])
             worst = max((v for v in scores.values() if v < float("inf")), default=None)
             append_record({**environment_fields(torch.cuda.get_device_name(), run_id), "engine": "deepserve",
                            "model": "qwen-7b", "dtype": "bfloat16", "quant": kernel, "workload": "kernel-tune",
                            "batch": m, "config": list(top), "ms": round(scores[top], 5),
                            "worst_ms": None if worst is None else round(worst, 5), "candidates": len(scores),
+                           "per_layer_best": {layer: [list(c), round(v, 5)] for layer, times in per_layer.items()
+                                              for v, c in [min((v, c) for c, v in times.items())]},
                            "notes": "ms summed over qkv, gate_up, o, down; CUDA-graph replays over cold weight copies, median of 7"}, result_file)
+
+
+def print_per_layer(kernel: str, m: int, per_layer: dict, best_total: float) -> None:
+    """Each linear's three best configs, and what choosing per linear would save over the one config per M."""
+    best_sum = 0.0
+    for layer, times in per_layer.items():
+        ranked = sorted((v, c) for c, v in times.items())[:3]
+        best_sum += ranked[0][0]
+        print(f"{kernel} M={m} {layer}: " + ", ".join(f"{tuple(c)} {v:.4f} ms" for v, c in ranked), flush=True)
+    print(f"{kernel} M={m}: per-linear best summed {best_sum:.4f} ms vs one config {best_total:.4f} ms", flush=True)
 
 
 def print_tuned(path: Path, run_id: str, ms: list[int]) -> None:

@@ -133,8 +133,9 @@ def kernel_summary(prof) -> str:
 
 
 def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps: int,
-                 row_limit: int = 25) -> dict[str, str]:
-    """torch.profiler over the first `steps` prefill steps and `steps` decode steps past the middle."""
+                 row_limit: int = 25, cpu_rows: int = 0) -> dict[str, str]:
+    """torch.profiler over the first `steps` prefill steps and `steps` decode steps past the middle; with
+    `cpu_rows`, each table is followed by the ops with the most self host time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -162,6 +163,9 @@ def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps:
             seen[want] += 1
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit,
                                               max_name_column_width=70)
+            if cpu_rows:  # host-bound steps: which ops take the host's time
+                table += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=cpu_rows,
+                                                          max_name_column_width=70)
             tables[f"{want} step {step} ({len(outputs)} outputs): {kernel_summary(prof)}"] = table
         step += 1
     return tables
@@ -173,6 +177,7 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=1)
     p.add_argument("--prefix-len", type=int, default=0, help="tokens of one prefix shared by every prompt")
     p.add_argument("--row-limit", type=int, default=25, help="rows of each profiler table")
+    p.add_argument("--cpu-rows", type=int, default=0, help="also this many rows sorted by self host time")
     ns = p.parse_args()
     bench = Bench.load(engine_args(argparse.Namespace(**{**vars(ns), "input_len": ns.prefix_len + ns.input_len})))
     sync = bench.platform.synchronize
@@ -193,7 +198,7 @@ def main() -> None:
         print(timeline.prefill_steps(), flush=True)
     if ns.profile_steps > 0 and bench.platform.device_type == "cuda":
         tables = profiled_run(bench, prompts_of(ns.num_prompts, ns.seed + 9),
-                              ns.output_len, ns.profile_steps, ns.row_limit)
+                              ns.output_len, ns.profile_steps, ns.row_limit, ns.cpu_rows)
         for title, table in tables.items():
             print(f"\n=== {title}\n{table}", flush=True)
 
