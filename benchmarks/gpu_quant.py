@@ -323,6 +323,10 @@ def print_tuned(path: Path, run_id: str, ms: list[int]) -> None:
                  f"# {best[m]['ms']} ms (worst of {best[m]['candidates']}: {best[m]['worst_ms']})"
                  for m in ms if m in best]
         print(f"\n# kernels/{kernel}.py, measured\nCONFIGS: dict[int, GemmConfig] = {{\n" + "\n".join(lines) + "\n}")
+        shaped = [f"    {SHAPES[layer][::-1]}: {{{m}: GemmConfig{tuple(cfg)}}},  # {layer}: {ms_} ms"
+                  for m in ms if m in best for layer, (cfg, ms_) in best[m].get("per_layer_best", {}).items()]
+        if shaped and kernel == "int8_gemm":  # (N, K) keys, one line per linear and M: merge them by hand
+            print("SHAPE_CONFIGS (each linear's best; (N, K) -> {max M: config}):\n" + "\n".join(shaped))
 
 
 def print_engine_table(path: Path, run_id: str) -> None:

@@ -16,8 +16,9 @@ float32 partial (split 0 adds the bias) to a [SPLIT_K, M, N] workspace and count
 per-tile counter; the last of a tile's splits to arrive sums the partials in split order (float32,
 deterministic: the same bits whichever split is last), rounds once to out_dtype and stores the tile,
 then sets the counter back to 0 (`serial_store`). No sum or cast kernel follows the GEMM: at M = 256
-those were 2 of the ~400 kernels of a qwen-7b decode step per split linear (run s6h5: 0.52 ms of
-9.8). The counters come zeroed from the launch (`torch.zeros`, a memset in a CUDA graph). The epilogue's order of float32 operations is the one of
+those were 2 kernels per split linear, 112 of a qwen-7b decode step's 490 (run s6h5: 0.52 ms of a
+10.4 ms step). The counters come zeroed from the launch (`torch.zeros`, a memset in a CUDA graph).
+The epilogue's order of float32 operations is the one of
 `int8_gemm_ref` and of `Int8W8A8Method` on CPU: (float(acc) * x_scale) * w_scale + bias, each
 rounded to float32; the launch passes `enable_fp_fusion=False` so that the GPU compiler does not
 contract the last multiply and the bias add into one FMA (one rounding fewer than the reference).
@@ -69,6 +70,18 @@ CONFIGS: dict[int, GemmConfig] = {
 }
 
 
+# (N, K) -> {max M: GemmConfig} for linear shapes tuned apart, laid over CONFIGS (`int8_gemm_config`).
+# qwen-7b's four linears at M <= 256 (its decode batches), run s7b (`gpu_quant.py --tune`, each linear's
+# best of 68 configs, CUDA-graph replays over cold weights): 0.1388 ms summed against 0.1520 for
+# CONFIGS[256] on all four, the split-K sum already inside the kernel. qkv and o want 64 x 64 tiles, down
+# (K = 18944) keeps 64 x 128 split-K, gate_up (N = 37888) 128-row tiles.
+SHAPE_CONFIGS: dict[tuple[int, int], dict[int, GemmConfig]] = {
+    (4608, 3584): {256: GemmConfig(64, 64, 128, split_k=4, group_m=8, num_warps=4, num_stages=4, tma=True)},
+    (37888, 3584): {256: GemmConfig(128, 64, 128, split_k=2, group_m=8, num_warps=8, num_stages=3, tma=True)},
+    (3584, 3584): {256: GemmConfig(64, 64, 128, split_k=1, group_m=8, num_warps=4, num_stages=4, tma=True)},
+}
+
+
 def pick_split_k(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int) -> int:
     """Enough programs to cover the SMs: split K only while the tiles are fewer than the SMs, and
     keep at least 4 K-steps per split (shared by the W8A16 kernel)."""
@@ -93,7 +106,8 @@ def num_sms(device: torch.device) -> int:
 
 
 def int8_gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
-    return config_for(CONFIGS, m, n, k, sms)
+    """CONFIGS' entry for M, or the shape's own where SHAPE_CONFIGS has one for M's bucket."""
+    return config_for({**CONFIGS, **SHAPE_CONFIGS.get((n, k), {})}, m, n, k, sms)
 
 
 @triton.jit

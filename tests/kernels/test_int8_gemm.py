@@ -219,6 +219,20 @@ def test_config_table():
     assert 1 < pick_split_k(decode, 1, 3584, 18944, 132) <= decode.split_k  # 56 tiles, long K
 
 
+def test_shape_table_overrides_only_its_shape_and_bucket():
+    """SHAPE_CONFIGS' entry runs its (N, K) in its M bucket; other buckets and shapes keep CONFIGS."""
+    from deepserve.kernels.int8_gemm import SHAPE_CONFIGS
+
+    (n, k), table = next(iter(SHAPE_CONFIGS.items()))
+    bound = min(table)
+    below = max(b for b in CONFIGS if b < bound)
+    assert int8_gemm_config(bound, n, k, 132)[:3] == table[bound][:3]
+    assert int8_gemm_config(below + 1, n, k, 132)[:3] == table[bound][:3]
+    assert int8_gemm_config(below, n, k, 132)[:3] == CONFIGS[below][:3]  # the smaller bucket: the M table
+    assert int8_gemm_config(bound + 1, n, k, 132)[:3] == CONFIGS[min(b for b in CONFIGS if b > bound)][:3]
+    assert int8_gemm_config(bound, n + 16, k, 132)[:3] == CONFIGS[bound][:3]  # another shape
+
+
 # ---- GPU, qwen-7b linear shapes -------------------------------------------------------------------
 
 SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): qkv, gate_up, o, down
