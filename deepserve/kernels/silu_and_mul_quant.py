@@ -14,19 +14,22 @@ hardware-rounding switches). The row's max |v| is exact in any order, so chunkin
 scale. What is saved: the [T, I] activation written by silu_and_mul and read back by the quantisation,
 and one launch (decode steps run a few hundred tokens, where launches count).
 
-Programs walk rows (row = program, + programs, ...), at most 2 per SM, two passes over each row in
-chunks of BLOCK columns (rows of any width; qwen-7b has I = 18944): pass 1 computes v chunk by chunk and
-keeps the running max |v|; pass 2, last chunk first (the most recently read), reloads the row's gate / up
-chunks with an evict-first hint, recomputes v, quantises and stores it. Few resident rows keep the reloads
-in L2 (2 x 132 rows of 76 KB: 20 MB of the H200's 50 MB).
-Measured (run s7c, H200, PDL off, profile of a qwen-7b int8 step) with the first layout, one program per
-row in chunks of 2048 columns over 8 warps: 406.7 us at 8192 rows (1.9 TB/s counting one read of x: up to
-8 rows of 76 KB resident per SM, 80 MB in flight, so pass 2 missed the L2) and 20.2 us at 256 rows
-(ten chunks a pass, each waiting a full memory latency); unfused silu_and_mul + int8_quant took about
-the same (s6h5). Chunks of 8192 columns over 16 warps: three chunks a pass. NOT YET TIMED.
+One program per row, two passes over it in chunks of BLOCK columns (rows of any width; qwen-7b has
+I = 18944): pass 1 computes v chunk by chunk and keeps the running max |v|; pass 2, last chunk first
+(the most recently read), reloads the row's gate / up chunks with an evict-first hint, recomputes v,
+quantises and stores it. The reloads are expected to hit L2 (a guess: a 2I-wide bf16 row is 76 KB at
+qwen-7b's I; a few resident rows per SM x 132 SMs is 20-40 MB of the H200's 50 MB L2).
+Timed (run s7d, H200, CUDA-graph replays, I = 18944, bf16; `scratch` script, figures in
+benchmarks/results/gpu_quant_kernels.jsonl): this launch (2048-column chunks, one program per row, 8 warps)
+17.5 us at 256 rows and 402.2 us at 8192, unfused silu_and_mul + int8_quant 17.8 / 424.9 us: the fusion
+saves a launch and 5% at 8192 rows, not the write and read of the activation it was meant to save (1.5 TB/s
+counting one read of x: pass 2 misses the L2 with 8 rows of 76 KB resident per SM). Programs walking the
+rows at 2 per SM in 8192-column chunks over 16 warps (L2-resident reloads, fewer latency rounds) were
+slower: 27.4 / 578.7 us (99 registers: one 16-warp program per SM). What would help: a row split over
+several programs with the row max combined between them (two launches, or a last-arriving program).
 Triton 3.9 AOT for sm_90 (no GPU here): every variant (int8 / fp8, HW on / off, PDL on / off) compiles;
-v takes the instructions of silu_and_mul's kernel (ex2.approx, div.full, the bf16 product as
-mul.bf16(x2)), so the same bits.
+bf16 / f32 at BLOCK 2048, 8 warps: 40 registers, no local memory; v takes the instructions of
+silu_and_mul's kernel (ex2.approx, div.full, the bf16 product as mul.bf16(x2)), so the same bits.
 No host synchronisation: CUDA-graph safe. Launched with PDL where kernels/pdl.py enables it.
 """
 
@@ -37,13 +40,11 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_like_torch, quantize_fp8_values
-from deepserve.kernels.int8_gemm import num_sms
 from deepserve.kernels.int8_quant import Int8Activations, quantize_int8_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.silu_and_mul import check_gate_up, silu_mul
 
-_BLOCK = 8192  # columns per chunk: three chunks a pass at qwen-7b's I = 18944
-_ROWS_PER_SM = 2  # resident rows per SM (programs = min(rows, 2 x SMs)): pass 2's reloads stay in L2
+_BLOCK = 2048  # columns per chunk (timed against 8192 over 16 warps: see above)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
@@ -67,22 +68,14 @@ def _quantize(v, scale, FP8: tl.constexpr, HW: tl.constexpr):
     return q
 
 
-@triton.jit(do_not_specialize=["num_rows"])  # the token count: one compile for every batch
-def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, num_rows, inter, x_stride, q_stride, QMAX: tl.constexpr,
+@triton.jit
+def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, inter, x_stride, q_stride, QMAX: tl.constexpr,
                                FP8: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr,
                                PDL: tl.constexpr = False):
-    """Rows program, program + programs, ...: pass 1 the row's max |v|, pass 2 (last chunk first) quantise
-    and store."""
+    """One program per row: pass 1 the row's max |v|, pass 2 (last chunk first) quantise and store."""
     pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
-    x_step, q_step = tl.cast(x_stride, tl.int64), tl.cast(q_stride, tl.int64)  # 64-bit row offsets
-    for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-        _quantize_row(x_ptr + row * x_step, q_ptr + row * q_step, scale_ptr + row, inter, QMAX, FP8, HW, BLOCK)
-
-
-@triton.jit
-def _quantize_row(row_ptr, q_row_ptr, scale_ptr, inter, QMAX: tl.constexpr, FP8: tl.constexpr, HW: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    """One row: its scale from max |v| over the chunks, then q chunk by chunk (last chunk first)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = x_ptr + row * x_stride
     amax = tl.zeros([BLOCK], dtype=tl.float32)  # lane-wise max over the chunks; masked lanes hold v = 0
     for start in range(0, inter, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -93,14 +86,12 @@ def _quantize_row(row_ptr, q_row_ptr, scale_ptr, inter, QMAX: tl.constexpr, FP8:
         cols = (num_chunks - 1 - i) * BLOCK + tl.arange(0, BLOCK)  # last chunk first: the most recently read
         mask = cols < inter
         q = _quantize(_chunk_v(row_ptr, inter, cols, mask, "evict_first"), scale, FP8, HW)
-        tl.store(q_row_ptr + cols, q, mask=mask)
-    tl.store(scale_ptr, scale)
+        tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
+    tl.store(scale_ptr + row, scale)
 
 
-def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None,
-            programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, 2I] -> (q [T, I] q_dtype, scale [T] f32); `block`: columns per chunk (power of two);
-    `programs`: how many walk the rows (default min(T, 2 per SM))."""
+def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, 2I] -> (q [T, I] q_dtype, scale [T] f32); `block`: columns per chunk (power of two)."""
     check_gate_up(x)
     if x.dtype not in _FLOATS:
         raise ValueError(f"x must be f16/bf16/f32, got {x.dtype}")
@@ -114,21 +105,20 @@ def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None,
     block = block or min(_BLOCK, triton.next_power_of_2(max(inter, 1)))
     fp8 = q_dtype == torch.float8_e4m3fn
     hw = hardware_cast_rounds_like_torch(x.device) if fp8 else x.is_cuda
-    programs = min(num_tokens, programs or _ROWS_PER_SM * num_sms(x.device))
-    _silu_and_mul_quant_kernel[(programs,)](
-        x, q, scale, num_tokens, inter, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw,
-        BLOCK=block, num_warps=max(1, min(16, block // 512)), **pdl_launch(x.device))
+    _silu_and_mul_quant_kernel[(num_tokens,)](
+        x, q, scale, inter, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw, BLOCK=block,
+        num_warps=max(1, min(8, block // 256)), **pdl_launch(x.device))
     return q, scale
 
 
-def silu_and_mul_int8_quant(x: torch.Tensor, block: int | None = None, programs: int | None = None) -> Int8Activations:
+def silu_and_mul_int8_quant(x: torch.Tensor, block: int | None = None) -> Int8Activations:
     """x [T, 2I] f16/bf16/f32 -> (q [T, I] int8, scale [T] f32, None), = int8_quant(silu_and_mul(x))."""
-    return Int8Activations(*_launch(x, torch.int8, block, programs), None)
+    return Int8Activations(*_launch(x, torch.int8, block), None)
 
 
-def silu_and_mul_fp8_quant(x: torch.Tensor, block: int | None = None, programs: int | None = None) -> Fp8Activations:
+def silu_and_mul_fp8_quant(x: torch.Tensor, block: int | None = None) -> Fp8Activations:
     """x [T, 2I] f16/bf16/f32 -> (q [T, I] e4m3, scale [T] f32), = fp8_quant(silu_and_mul(x))."""
-    return Fp8Activations(*_launch(x, torch.float8_e4m3fn, block, programs))
+    return Fp8Activations(*_launch(x, torch.float8_e4m3fn, block))
 
 
 def silu_and_mul_int8_quant_ref(x: torch.Tensor) -> Int8Activations:
