@@ -268,7 +268,7 @@ def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...]
                       torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda"), torch.rand(m, device="cuda"))
                   for k in {k for k, _ in SHAPES.values()}}
         for kernel in kernels_:
-            scores, per_layer = {}, defaultdict(dict)  # cfg -> summed ms; layer -> cfg -> ms
+            scores, per_layer = {}, defaultdict(dict)  # cfg -> summed ms; layer -> resolved cfg -> ms
             for cfg in candidates(m, kernel):
                 total = 0.0
                 for layer, (k, n) in SHAPES.items():
@@ -278,8 +278,8 @@ def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...]
                            if kernel == "int8_gemm" else (lambda wt=wt: w8a16_gemm(x, wt["q"], wt["s"], None, None, c))
                            for wt in weights[layer]]
                     try:
-                        per_layer[layer][cfg] = time_ms(fns, reps=7)
-                        total += per_layer[layer][cfg]
+                        per_layer[layer][c] = time_ms(fns, reps=7)  # keyed by the config as resolved
+                        total += per_layer[layer][c]
                     except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip the config
                         print(f"{kernel} {cfg}: {exc!r}"[:300], file=sys.stderr, flush=True)
                         total = float("inf")

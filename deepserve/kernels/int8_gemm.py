@@ -15,9 +15,10 @@ Block sizes come from `int8_gemm_config(M, N, K, num_sms)` chosen by M on the ho
 float32 partial (split 0 adds the bias) to a [SPLIT_K, M, N] workspace and counts itself in on a
 per-tile counter; the last of a tile's splits to arrive sums the partials in split order (float32,
 deterministic: the same bits whichever split is last), rounds once to out_dtype and stores the tile,
-then sets the counter back to 0 (`serial_store`). No sum or cast kernel follows the GEMM: at M = 256
-those were 2 kernels per split linear, 112 of a qwen-7b decode step's 490 (run s6h5: 0.52 ms of a
-10.4 ms step). The counters come zeroed from the launch (`torch.zeros`, a memset in a CUDA graph).
+then sets the counter back to 0 (`serial_store`). No sum or cast kernel follows the GEMM (at M = 256
+those were 2 kernels per split linear, 112 of a qwen-7b decode step's 490 and 0.52 ms of a 10.4 ms
+step, run s6h5); the counters come from `torch.zeros` per launch, a fill kernel, so a split linear
+still costs one kernel besides the GEMM (28 fills of 0.8 us in run s7c's decode step).
 The epilogue's order of float32 operations is the one of
 `int8_gemm_ref` and of `Int8W8A8Method` on CPU: (float(acc) * x_scale) * w_scale + bias, each
 rounded to float32; the launch passes `enable_fp_fusion=False` so that the GPU compiler does not
@@ -74,10 +75,11 @@ CONFIGS: dict[int, GemmConfig] = {
 # qwen-7b's four linears at M <= 256 (its decode batches), run s7b (`gpu_quant.py --tune`, each linear's
 # best of 68 configs, CUDA-graph replays over cold weights): 0.1388 ms summed against 0.1520 for
 # CONFIGS[256] on all four, the split-K sum already inside the kernel. qkv and o want 64 x 64 tiles, down
-# (K = 18944) keeps 64 x 128 split-K, gate_up (N = 37888) 128-row tiles.
+# (K = 18944) keeps 64 x 128 split-K, gate_up (N = 37888) 128-row tiles. qkv and gate_up ran unsplit in
+# the tune (144 and more tiles: `pick_split_k` gives 1 on 132 SMs), so their entries say split_k=1.
 SHAPE_CONFIGS: dict[tuple[int, int], dict[int, GemmConfig]] = {
-    (4608, 3584): {256: GemmConfig(64, 64, 128, split_k=4, group_m=8, num_warps=4, num_stages=4, tma=True)},
-    (37888, 3584): {256: GemmConfig(128, 64, 128, split_k=2, group_m=8, num_warps=8, num_stages=3, tma=True)},
+    (4608, 3584): {256: GemmConfig(64, 64, 128, split_k=1, group_m=8, num_warps=4, num_stages=4, tma=True)},
+    (37888, 3584): {256: GemmConfig(128, 64, 128, split_k=1, group_m=8, num_warps=8, num_stages=3, tma=True)},
     (3584, 3584): {256: GemmConfig(64, 64, 128, split_k=1, group_m=8, num_warps=4, num_stages=4, tma=True)},
 }
 
@@ -105,8 +107,10 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)  # on every eager launch; all arguments are ints
 def int8_gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
-    """CONFIGS' entry for M, or the shape's own where SHAPE_CONFIGS has one for M's bucket."""
+    """CONFIGS' entry for M, or the shape's own where SHAPE_CONFIGS has one for M's bucket. Cached: the
+    tables are read once per (M, N, K, SMs), so edit them before the first launch."""
     return config_for({**CONFIGS, **SHAPE_CONFIGS.get((n, k), {})}, m, n, k, sms)
 
 
@@ -122,9 +126,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
-                      k_per_split, stride_am, stride_bn, stride_cm, stride_ws, stride_wm,
+                      k_per_split, num_splits, stride_am, stride_bn, stride_cm, stride_ws, stride_wm,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr = False,
                       FP8: tl.constexpr = False, PDL: tl.constexpr = False):
     """c = (a @ b^T) * a_scale * b_scale (+ bias), program (tile, split) over one split's K range
     (`serial_store` finishes split tiles). FP8: a, b float8_e4m3fn, accumulated in float32 (`fp8_gemm`);
@@ -155,8 +159,8 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scal
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     y = scaled(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, HAS_BIAS)
-    serial_store(y, c_ptr, ws_ptr, lock_ptr, tl.program_id(0), split, offs_m, offs_n, M, N, stride_cm, stride_ws,
-                 stride_wm, SPLIT_K)
+    serial_store(y, c_ptr, ws_ptr, lock_ptr, tl.program_id(0), split, num_splits, offs_m, offs_n, M, N, stride_cm,
+                 stride_ws, stride_wm, SPLIT)
 
 
 @triton.jit
@@ -173,35 +177,40 @@ def scaled(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split,
 
 
 @triton.jit
-def serial_store(y, c_ptr, ws_ptr, lock_ptr, tile, split, offs_m, offs_n, M, N, stride_cm, stride_ws, stride_wm,
-                 SPLIT_K: tl.constexpr):
-    """Store a tile's float32 values y [BLOCK_M, BLOCK_N] into c (c's dtype). SPLIT_K > 1: y is one split's
-    partial; it goes to ws[split], and the last split of the tile to arrive (lock[tile] counts arrivals)
-    stores ws[0] + ws[1] + ... in split order, then resets lock[tile] to 0 for the next launch. The barrier
-    orders every thread's partial before the counter's release; the sums read L2 (.cg), not a stale L1."""
+def serial_store(y, c_ptr, ws_ptr, lock_ptr, tile, split, num_splits, offs_m, offs_n, M, N, stride_cm, stride_ws,
+                 stride_wm, SPLIT: tl.constexpr):
+    """Store a tile's float32 values y [BLOCK_M, BLOCK_N] into c (c's dtype). SPLIT: y is split `split`'s
+    partial of `num_splits`; it goes to ws[split], and the last split of the tile to arrive (lock[tile]
+    counts arrivals) stores ws[0] + ws[1] + ... in split order, then resets lock[tile] to 0. Ordering: a
+    barrier puts every thread's partial store before the counter's release (one thread's acq_rel atomic,
+    gpu scope); a barrier after it puts the other threads' loads after that thread's acquire (Triton's
+    lowering of a scalar atomic also broadcasts the result through shared memory behind a barrier); the
+    acquire makes the other splits' partials visible, the loads (.cg) read them from L2."""
     m_mask, n_mask = offs_m < M, offs_n < N
     mask = m_mask[:, None] & n_mask[None, :]
     rows = offs_m.to(tl.int64)[:, None]
-    if SPLIT_K == 1:
+    if not SPLIT:
         tl.store(c_ptr + rows * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         ws_ptrs = ws_ptr + rows * stride_wm + offs_n[None, :]
-        tl.store(ws_ptrs + split * stride_ws, y, mask=mask)
+        plane = tl.cast(stride_ws, tl.int64)  # splits x M x N may pass 2^31
+        tl.store(ws_ptrs + split * plane, y, mask=mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        tl.debug_barrier()
+        if arrived == num_splits - 1:
             total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLIT_K):
-                total += tl.load(ws_ptrs + s * stride_ws, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, num_splits):
+                total += tl.load(ws_ptrs + s * plane, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(c_ptr + rows * stride_cm + offs_n[None, :], total.to(c_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
-                          k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS: tl.constexpr,
+                          k_per_split, num_splits, stride_cm, stride_ws, stride_wm, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, PERSISTENT: tl.constexpr = False,
+                          GROUP_M: tl.constexpr, SPLIT: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
                           PDL: tl.constexpr = False):
     """`_int8_gemm_kernel` (int8 only) with both operands loaded by TMA: a_desc over x_q [M, K] in
     [BLOCK_M, BLOCK_K] boxes, b_desc over w_q [N, K] in [BLOCK_N, BLOCK_K] boxes. The copy engine
@@ -212,18 +221,19 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, 
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _tma_tile(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, 0, M, N, K,
-                      k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1)
+            _tma_tile(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, 0, 1, M, N,
+                      K, k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                      False)
     else:
         _tma_tile(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tl.program_id(0),
-                  tl.program_id(1), M, N, K, k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS, BLOCK_M, BLOCK_N,
-                  BLOCK_K, GROUP_M, SPLIT_K)
+                  tl.program_id(1), num_splits, M, N, K, k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS,
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT)
 
 
 @triton.jit
-def _tma_tile(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, split, M, N, K,
-              k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+def _tma_tile(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, tile, split, num_splits,
+              M, N, K, k_per_split, stride_cm, stride_ws, stride_wm, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
     """One output tile [BLOCK_M, BLOCK_N] (grouped order) over one split's K range, scaled and stored."""
     pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_start = split * k_per_split
@@ -237,8 +247,8 @@ def _tma_tile(a_desc, b_desc, c_ptr, ws_ptr, lock_ptr, a_scale_ptr, b_scale_ptr,
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
     y = scaled(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, split, HAS_BIAS)
-    serial_store(y, c_ptr, ws_ptr, lock_ptr, tile, split, offs_m, offs_n, M, N, stride_cm, stride_ws, stride_wm,
-                 SPLIT_K)
+    serial_store(y, c_ptr, ws_ptr, lock_ptr, tile, split, num_splits, offs_m, offs_n, M, N, stride_cm, stride_ws,
+                 stride_wm, SPLIT)
 
 
 def check_operands(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -259,16 +269,6 @@ def check_operands(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias
         raise ValueError(f"{what}: all tensors must be on one device")
 
 
-def split_k_output(m: int, n: int, split_k: int, out_dtype: torch.dtype, device) -> torch.Tensor:
-    """Where the kernel writes: [1, M, N] out_dtype, or the [S, M, N] float32 partials."""
-    return torch.empty((split_k, m, n), dtype=out_dtype if split_k == 1 else torch.float32, device=device)
-
-
-def reduce_splits(c: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """[S, M, N] -> [M, N] out_dtype (float32 sum of the splits, then one rounding)."""
-    return c[0] if c.shape[0] == 1 else c.sum(dim=0).to(out_dtype)
-
-
 def int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
               config: GemmConfig | None = None) -> torch.Tensor:
@@ -287,8 +287,9 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         raise ValueError(f"{what}: x_scale must be [{x_q.shape[0]}] float32 on {x_q.device}, got "
                          f"{tuple(x_scale.shape)} {x_scale.dtype}")
     (m, k), n = x_q.shape, w_q.shape[0]
-    if m == 0 or n == 0:
-        return torch.zeros((m, n), dtype=out_dtype, device=x_q.device)
+    if m == 0 or n == 0 or k == 0:  # K = 0: every product is 0, the epilogue leaves the bias
+        y = torch.zeros((m, n), dtype=torch.float32, device=x_q.device)
+        return (y if bias is None else y + bias.float()).to(out_dtype)
     cfg = config or int8_gemm_config(m, n, k, num_sms(x_q.device))
     tma = cfg.tma and not fp8 and tma_ok(x_q, w_q)
     persistent = tma and cfg.persistent
@@ -302,16 +303,16 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     grid = (min(tiles, num_sms(x_q.device)), 1) if persistent else (tiles, splits)
     bias_arg = bias if bias is not None else w_scale
     blocks = dict(HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  GROUP_M=cfg.group_m, SPLIT_K=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  GROUP_M=cfg.group_m, SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   enable_fp_fusion=False)  # no FMA in the epilogue: the reference rounds the product first
     strides = (c.stride(0), ws.stride(0), ws.stride(1))
     if tma:
         a_desc = TensorDescriptor.from_tensor(x_q, [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k])
         _int8_gemm_tma_kernel[grid](a_desc, b_desc, c, ws, locks, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
-                                    *strides, **blocks, PERSISTENT=persistent, **pdl_launch(x_q.device))
+                                    splits, *strides, **blocks, PERSISTENT=persistent, **pdl_launch(x_q.device))
     else:
-        _int8_gemm_kernel[grid](x_q, w_q, c, ws, locks, x_scale, w_scale, bias_arg, m, n, k, k_per_split,
+        _int8_gemm_kernel[grid](x_q, w_q, c, ws, locks, x_scale, w_scale, bias_arg, m, n, k, k_per_split, splits,
                                 x_q.stride(0), w_q.stride(0), *strides, FP8=fp8, **blocks, **pdl_launch(x_q.device))
     return c
 

@@ -19,11 +19,12 @@ I = 18944): pass 1 computes v chunk by chunk and keeps the running max |v|; pass
 (the most recently read), reloads the row's gate / up chunks with an evict-first hint, recomputes v,
 quantises and stores it. The reloads are expected to hit L2 (a guess: a 2I-wide bf16 row is 76 KB at
 qwen-7b's I; a few resident rows per SM x 132 SMs is 20-40 MB of the H200's 50 MB L2).
-Timed (run s7d, H200, CUDA-graph replays, I = 18944, bf16; `scratch` script, figures in
-benchmarks/results/gpu_quant_kernels.jsonl): this launch (2048-column chunks, one program per row, 8 warps)
-17.5 us at 256 rows and 402.2 us at 8192, unfused silu_and_mul + int8_quant 17.8 / 424.9 us: the fusion
-saves a launch and 5% at 8192 rows, not the write and read of the activation it was meant to save (1.5 TB/s
-counting one read of x: pass 2 misses the L2 with 8 rows of 76 KB resident per SM). Programs walking the
+Timed (run s7d, H200, I = 18944, bf16, `triton.testing.do_bench_cudagraph` from a one-off script not
+kept in the repo; the figures are in benchmarks/results/gpu_quant_kernels.jsonl): this launch (2048-column
+chunks, one program per row, 8 warps) 17.5 us at 256 rows and 402.2 us at 8192, unfused silu_and_mul +
+int8_quant 17.8 / 424.9 us: the fusion saves a launch and 5% at 8192 rows, not the write and read of the
+activation it was meant to save (1.5 TB/s counting one read of x; with up to 8 rows of 76 KB resident per
+SM, 80 MB in flight, pass 2's reloads seem to miss the 50 MB L2: inferred, not profiled). Programs walking the
 rows at 2 per SM in 8192-column chunks over 16 warps (L2-resident reloads, fewer latency rounds) were
 slower: 27.4 / 578.7 us (99 registers: one 16-warp program per SM). What would help: a row split over
 several programs with the row max combined between them (two launches, or a last-arriving program).

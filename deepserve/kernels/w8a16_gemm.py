@@ -12,9 +12,9 @@ in the epilogue: y = acc * w_scale (+ bias). Symmetric weights (no zero point) s
 
 Decode (M <= 16) reads the weight once and is bandwidth bound: narrow N blocks and split-K give
 enough programs to keep every SM streaming (`int8_gemm.pick_split_k`); splits write float32 partials
-reduced on the host, as in `int8_gemm`. Larger M uses larger tiles; above some M the Int8WeightOnly
-method may instead dequantise the whole weight (`kernels/w8a16_dequant.py`) and call cuBLAS (see
-`deepserve.quant.int8`).
+that the host sums (`reduce_splits`; `int8_gemm` sums its splits inside the kernel). Larger M uses
+larger tiles; above some M the Int8WeightOnly method may instead dequantise the whole weight
+(`kernels/w8a16_dequant.py`) and call cuBLAS (see `deepserve.quant.int8`).
 The table is a first estimate for H100 (not yet measured); `benchmarks/gpu_quant.py --tune` prints
 measured alternatives. No host synchronisation (CUDA-graph safe).
 """
@@ -25,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.int8_gemm import (GemmConfig, check_operands, config_for, grouped_tile, num_sms,
-                                         reduce_splits, split_k_output)
+from deepserve.kernels.int8_gemm import GemmConfig, check_operands, config_for, grouped_tile, num_sms
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -120,3 +119,13 @@ def w8a16_gemm_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_
     if bias is not None:
         y = y + bias.double()
     return y.to(x.dtype)
+
+
+def split_k_output(m: int, n: int, split_k: int, out_dtype: torch.dtype, device) -> torch.Tensor:
+    """Where the kernel writes: [1, M, N] out_dtype, or the [S, M, N] float32 partials."""
+    return torch.empty((split_k, m, n), dtype=out_dtype if split_k == 1 else torch.float32, device=device)
+
+
+def reduce_splits(c: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """[S, M, N] -> [M, N] out_dtype (float32 sum of the splits, then one rounding)."""
+    return c[0] if c.shape[0] == 1 else c.sum(dim=0).to(out_dtype)

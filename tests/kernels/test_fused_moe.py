@@ -228,6 +228,10 @@ def test_gpu_token_counts_share_one_compiled_kernel(monkeypatch):
     compiled = []
     monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook",
                         lambda **kw: compiled.append(kw["repr"].split("[")[0]) and None)
+    cfg = cfg._replace(num_warps=4, num_stages=2)  # a config no test compiles: the hook must see it
+    run(1024)
+    assert "_fused_moe_kernel" in compiled, compiled
+    compiled.clear()
     for tokens in (1023, 2146, 2147):
         run(tokens)
     assert "_fused_moe_kernel" not in compiled, compiled

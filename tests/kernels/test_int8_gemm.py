@@ -71,6 +71,15 @@ def test_tma_gemm_matches_pointer_kernel_and_reference(monkeypatch, m, n, k, cfg
     _assert_close(got, G.int8_gemm_ref(*ops, torch.float32), cfg.split_k)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_empty_k_gives_the_bias(bias):
+    """K = 0: every product is 0, so the output is the bias (or zeros) in out_dtype, any config."""
+    x_q, x_s, w_q, w_s, b = _operands(3, 5, 0, device(), bias)
+    for cfg in (None, TINY[1]):
+        got = G.int8_gemm(x_q, x_s, w_q, w_s, b, torch.float32, cfg)
+        assert torch.equal(got, (b if bias else torch.zeros(5, device=device())).expand(3, 5))
+
+
 def _split_partials_sum(ops, cfg, out_dtype):
     """The split-K result built by hand: each split's K range as its own unsplit float32 GEMM (bias on
     split 0 only: the kernel's partials, bit for bit), summed in split order in float32, rounded once."""
@@ -89,8 +98,8 @@ def _split_partials_sum(ops, cfg, out_dtype):
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     INTERPRET, reason="the Triton interpreter rounds float32 -> bf16 by truncation, the GPU to nearest"))])
-@pytest.mark.parametrize("m,n,k", [(20, 48, 224), (3, 40, 96)])
-def test_split_k_sums_partials_in_the_kernel(monkeypatch, tma, out_dtype, m, n, k):
+@pytest.mark.parametrize("m,n,k,splits", [(20, 48, 224, 3), (3, 40, 96, 3), (9, 40, 64, 2)])  # 64: 3 asked, 2 fit
+def test_split_k_sums_partials_in_the_kernel(monkeypatch, tma, out_dtype, m, n, k, splits):
     """Split-K finishes in the GEMM: the last split of each tile stores ws[0] + ws[1] + ... in split
     order (bits of the hand-built sum), one launch and no sum or cast kernel after it, and every tile's
     arrival counter is back at 0 after the launch."""
@@ -103,7 +112,7 @@ def test_split_k_sums_partials_in_the_kernel(monkeypatch, tma, out_dtype, m, n, 
     spy = record_launches(monkeypatch, G, kernel)[kernel]
     got = G.int8_gemm(*ops, out_dtype, cfg)
     (ws, locks), = workspaces
-    assert len(spy.launches) == 1 and ws.shape[0] == 3 and locks.numel() == -(-n // 16) * -(-m // 16)
+    assert len(spy.launches) == 1 and ws.shape[0] == splits and locks.numel() == -(-n // 16) * -(-m // 16)
     assert torch.equal(locks, torch.zeros_like(locks))
     assert got.dtype == out_dtype and torch.equal(got, _split_partials_sum(ops, cfg, out_dtype))
 
@@ -274,12 +283,41 @@ def test_gpu_real_shapes(k, n, m, backend):
 @pytest.mark.parametrize("cfg", [CONFIGS[256], GemmConfig(64, 128, 128, split_k=4, num_warps=4, num_stages=4, tma=True),
                                  GemmConfig(64, 64, 128, split_k=2, num_warps=4, num_stages=4)],
                          ids=["table-256", "split4-tma", "split2-pointer"])
-def test_gpu_split_k_in_kernel_is_race_free(cfg):
-    """qwen-7b's o and down projections at M = 256 (the decode step's split linears): 30 launches give
-    the same bits, those of the hand-built sum of the splits; a split that read another's partial before
-    it was stored, or a lost arrival, would show as a different or unfinished tile."""
+def test_gpu_split_k_in_kernel_is_race_free(monkeypatch, cfg):
+    """qwen-7b's o and down projections at M = 256 (the decode step's split linears), 30 launches with new
+    activation scales each time into NaN-filled workspaces and outputs: each gives the bits of the
+    hand-built sum of its splits. A split that summed before another's partial was stored would read
+    NaN (or an old scale's partial), a tile never stored would stay NaN."""
+    real = G.split_k_workspace
+
+    def poisoned(*args):
+        ws, locks = real(*args)
+        return ws.fill_(float("nan")), locks
+
     for k, n in ((3584, 3584), (18944, 3584)):
-        ops = _operands(256, n, k, "cuda")
-        want = _split_partials_sum(ops, cfg, torch.bfloat16)
-        for _ in range(30):
-            assert torch.equal(G.int8_gemm(*ops, torch.bfloat16, cfg), want)
+        x_q, x_s, w_q, w_s, bias = _operands(256, n, k, "cuda")
+        for i in range(30):
+            ops = (x_q, x_s * (1 + i / 64), w_q, w_s, bias)
+            want = _split_partials_sum(ops, cfg, torch.bfloat16)
+            monkeypatch.setattr(G, "split_k_workspace", poisoned)
+            got = G.int8_gemm(*ops, torch.bfloat16, cfg)
+            monkeypatch.setattr(G, "split_k_workspace", real)
+            assert torch.equal(got, want), i
+            got.fill_(float("nan"))  # the next launch's output block, if the allocator hands it back
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_in_a_cuda_graph():
+    """A split launch captured in a CUDA graph (counters zeroed and reset inside it) replays with new
+    inputs to the hand-built sum, twice."""
+    cfg = CONFIGS[256]
+    x_q, x_s, w_q, w_s, bias = _operands(256, 3584, 18944, "cuda")
+    G.int8_gemm(x_q, x_s, w_q, w_s, bias, torch.bfloat16, cfg)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = G.int8_gemm(x_q, x_s, w_q, w_s, bias, torch.bfloat16, cfg)
+    for i in range(2):
+        x_q.copy_(torch.randint(-127, 128, x_q.shape, dtype=torch.int8, device="cuda"))
+        x_s.mul_(1.5)
+        graph.replay()
+        assert torch.equal(out, _split_partials_sum((x_q, x_s, w_q, w_s, bias), cfg, torch.bfloat16)), i
