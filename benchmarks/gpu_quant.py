@@ -25,7 +25,8 @@ CUDA-graph replay (no Python launch cost, as in a captured decode step) over eno
 weights that they come from HBM, not from the L2, as a real layer's do; median of 15 replays. It prints the W8A8_BACKENDS / W8A16_BACKENDS
 tables for deepserve/quant/int8_cuda.py (per M, the backend with the least time summed over the four
 linears). `--tune` also times a few Triton block configurations per M and prints CONFIGS tables
-for kernels/int8_gemm.py and kernels/w8a16_gemm.py.
+for kernels/int8_gemm.py and kernels/w8a16_gemm.py, and each linear's best as SHAPE_CONFIGS lines;
+`--tune-shapes v2-lite` tunes V2-Lite's dense linears instead (q, kv_a, o, kv_b).
 (b) `python -m deepserve.bench.offline latency|throughput --model qwen-7b --load-format dummy
 --quantization X`; W-b1 runs first for every method (the cheaper figures), then W-offline.
 Records of a non-auto KV cache say `kv_cache_dtype=...` in their notes (and num_kv_blocks, as all).
@@ -49,6 +50,10 @@ from gpu_dense import REPO, RESULTS, Budget, _num, bandwidth, records, run_step 
 sys.path.insert(0, str(REPO))  # deepserve from this checkout
 KERNEL_RESULTS = RESULTS.parent / "gpu_quant_kernels.jsonl"
 SHAPES = {"qkv": (3584, 4608), "gate_up": (3584, 37888), "o": (3584, 3584), "down": (18944, 3584)}
+# --tune-shapes: the linears (K, N) whose GEMMs --tune times. v2-lite's dense int8 linears (its shared experts
+# are folded into the fused MoE): q_proj, kv_a_proj_with_mqa, o_proj, and kv_b_proj (prefill's MLA expansion)
+TUNE_SHAPES = {"qwen-7b": SHAPES,
+               "v2-lite": {"q": (2048, 3072), "kv_a": (2048, 576), "o": (2048, 2048), "kv_b": (512, 4096)}}
 VARIANTS = ("bf16", "w8a8-triton", "w8a8-int_mm", "w8a16-triton", "w8a16-asym-triton", "w8a16-dequant", "fp8",
             "fp8-triton", "int8-quant", "w8a8-gemm", "fp8-quant", "fp8-gemm")
 # fp8-triton: fp8_quant + kernels/fp8_gemm (the int8 GEMM kernel on e4m3); the last four: the two halves
@@ -252,9 +257,11 @@ def candidates(m: int, kernel: str = "int8_gemm"):
     return tma + persistent + plain
 
 
-def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...] = TUNED) -> None:
-    """Time the Triton GEMMs with a few configs per M (summed over the four linears); one record per
-    (kernel, M) with the best config."""
+def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...] = TUNED,
+         model: str = "qwen-7b") -> None:
+    """Time the Triton GEMMs with a few configs per M (summed over `model`'s linears, TUNE_SHAPES); one
+    record per (kernel, M) with the best config and each linear's best."""
+    shapes = TUNE_SHAPES[model]
     import torch
 
     from deepserve.bench.offline import append_record, environment_fields
@@ -262,16 +269,16 @@ def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...]
     from deepserve.kernels.w8a16_gemm import w8a16_gemm
 
     sms = num_sms(torch.device("cuda"))
-    weights = {layer: weight_copies(k, n) for layer, (k, n) in SHAPES.items()}
+    weights = {layer: weight_copies(k, n) for layer, (k, n) in shapes.items()}
     for m in ms:
         inputs = {k: (torch.randn(m, k, device="cuda").bfloat16(),
                       torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda"), torch.rand(m, device="cuda"))
-                  for k in {k for k, _ in SHAPES.values()}}
+                  for k in {k for k, _ in shapes.values()}}
         for kernel in kernels_:
             scores, per_layer = {}, defaultdict(dict)  # cfg -> summed ms; layer -> resolved cfg -> ms
             for cfg in candidates(m, kernel):
                 total = 0.0
-                for layer, (k, n) in SHAPES.items():
+                for layer, (k, n) in shapes.items():
                     c = config_for({m: cfg}, m, n, k, sms)  # resolve split_k for this shape
                     x, xq, xs = inputs[k]
                     fns = [(lambda wt=wt: int8_gemm(xq, xs, wt["q"], wt["s"], None, torch.bfloat16, c))
@@ -294,7 +301,7 @@ def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...]
             print_per_layer(kernel, m, per_layer, scores[top])
             worst = max((v for v in scores.values() if v < float("inf")), default=None)
             append_record({**environment_fields(torch.cuda.get_device_name(), run_id), "engine": "deepserve",
-                           "model": "qwen-7b", "dtype": "bfloat16", "quant": kernel, "workload": "kernel-tune",
+                           "model": model, "dtype": "bfloat16", "quant": kernel, "workload": "kernel-tune",
                            "batch": m, "config": list(top), "ms": round(scores[top], 5),
                            "worst_ms": None if worst is None else round(worst, 5), "candidates": len(scores),
                            "per_layer_best": {layer: [list(c), round(v, 5)] for layer, times in per_layer.items()
@@ -323,7 +330,8 @@ def print_tuned(path: Path, run_id: str, ms: list[int]) -> None:
                  f"# {best[m]['ms']} ms (worst of {best[m]['candidates']}: {best[m]['worst_ms']})"
                  for m in ms if m in best]
         print(f"\n# kernels/{kernel}.py, measured\nCONFIGS: dict[int, GemmConfig] = {{\n" + "\n".join(lines) + "\n}")
-        shaped = [f"    {SHAPES[layer][::-1]}: {{{m}: GemmConfig{tuple(cfg)}}},  # {layer}: {ms_} ms"
+        shaped = [f"    {TUNE_SHAPES[best[m]['model']][layer][::-1]}: {{{m}: GemmConfig{tuple(cfg)}}},  "
+                  f"# {best[m]['model']} {layer}: {ms_} ms"
                   for m in ms if m in best for layer, (cfg, ms_) in best[m].get("per_layer_best", {}).items()]
         if shaped and kernel == "int8_gemm":  # (N, K) keys, one line per linear and M: merge them by hand
             print("SHAPE_CONFIGS (each linear's best; (N, K) -> {max M: config}):\n" + "\n".join(shaped))
@@ -415,6 +423,8 @@ def main() -> None:
     p.add_argument("--skip-offline", action="store_true", help="W-b1 only in (b)")
     p.add_argument("--tune", action="store_true", help="also time Triton block configs per M (slow: compiles)")
     p.add_argument("--tune-kernels", default=",".join(TUNED), help=f"which of {TUNED} --tune times")
+    p.add_argument("--tune-shapes", default="qwen-7b", choices=sorted(TUNE_SHAPES),
+                   help="whose linears --tune times (TUNE_SHAPES)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
@@ -422,7 +432,7 @@ def main() -> None:
         return child(args, ms)
     budget, me = Budget(args.budget_s), [sys.executable, str(Path(__file__).resolve())]
     common = ["--result-file", args.result_file, "--kernel-file", args.kernel_file, "--run-id", args.run_id,
-              "--ms", args.ms, "--tune-kernels", args.tune_kernels]
+              "--ms", args.ms, "--tune-kernels", args.tune_kernels, "--tune-shapes", args.tune_shapes]
     if not args.skip_kernels:
         run_step("kernel microbenchmarks", me + common + ["--child", "kernels"], budget, cap_s=150)
     if args.tune:
@@ -464,7 +474,7 @@ def child(args: argparse.Namespace, ms: list[int]) -> None:
         tuned = tuple(k.strip() for k in args.tune_kernels.split(",") if k.strip())
         if unknown := set(tuned) - set(TUNED):
             raise SystemExit(f"--tune-kernels: unknown {sorted(unknown)}; choose from {TUNED}")
-        tune(ms, args.kernel_file, args.run_id, tuned)
+        tune(ms, args.kernel_file, args.run_id, tuned, args.tune_shapes)
     elif kind == "ceilings":
         from gpu_dense import ceilings
 
