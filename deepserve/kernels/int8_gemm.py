@@ -11,8 +11,8 @@ operands of the int8 tensor-core instructions want (Hopper's int8 wgmma takes K-
 Tiling: program (m-block, n-block, k-split) in grouped order (GROUP_M m-blocks share n-blocks in L2).
 Block sizes come from `int8_gemm_config(M, N, K, num_sms)` chosen by M on the host: small M
 (decode) is weight-bandwidth bound and wants many programs (narrow N blocks, split-K); large M
-(prefill) is compute bound and wants 128x128 tiles. With SPLIT_K > 1 each split writes its scaled
-float32 partial (split 0 adds the bias) to a [SPLIT_K, M, N] workspace and counts itself in on a
+(prefill) is compute bound and wants 128x128 tiles. With S > 1 splits of K each split writes its scaled
+float32 partial (split 0 adds the bias) to an [S, M, N] workspace and counts itself in on a
 per-tile counter; the last of a tile's splits to arrive sums the partials in split order (float32,
 deterministic: the same bits whichever split is last), rounds once to out_dtype and stores the tile,
 then sets the counter back to 0 (`serial_store`). No sum or cast kernel follows the GEMM (at M = 256
