@@ -26,7 +26,7 @@ weights that they come from HBM, not from the L2, as a real layer's do; median o
 tables for deepserve/quant/int8_cuda.py (per M, the backend with the least time summed over the four
 linears). `--tune` also times a few Triton block configurations per M and prints CONFIGS tables
 for kernels/int8_gemm.py and kernels/w8a16_gemm.py, and each linear's best as SHAPE_CONFIGS lines;
-`--tune-shapes v2-lite` tunes V2-Lite's dense linears instead (q, kv_a, o, kv_b).
+`--tune-shapes v2-lite` tunes V2-Lite's linears outside the fused MoE instead.
 (b) `python -m deepserve.bench.offline latency|throughput --model qwen-7b --load-format dummy
 --quantization X`; W-b1 runs first for every method (the cheaper figures), then W-offline.
 Records of a non-auto KV cache say `kv_cache_dtype=...` in their notes (and num_kv_blocks, as all).
@@ -50,10 +50,12 @@ from gpu_dense import REPO, RESULTS, Budget, _num, bandwidth, records, run_step 
 sys.path.insert(0, str(REPO))  # deepserve from this checkout
 KERNEL_RESULTS = RESULTS.parent / "gpu_quant_kernels.jsonl"
 SHAPES = {"qkv": (3584, 4608), "gate_up": (3584, 37888), "o": (3584, 3584), "down": (18944, 3584)}
-# --tune-shapes: the linears (K, N) whose GEMMs --tune times. v2-lite's dense int8 linears (its shared experts
-# are folded into the fused MoE): q_proj, kv_a_proj_with_mqa, o_proj, and kv_b_proj (prefill's MLA expansion)
+# --tune-shapes: the linears (K, N) whose GEMMs --tune times. v2-lite's int8 linears outside the fused MoE:
+# q_proj, kv_a_proj_with_mqa, o_proj, kv_b_proj (prefill's MLA expansion) and the 2 shared experts, which
+# stay a separate MLP under int8 (docs/design.md, MoE backend)
 TUNE_SHAPES = {"qwen-7b": SHAPES,
-               "v2-lite": {"q": (2048, 3072), "kv_a": (2048, 576), "o": (2048, 2048), "kv_b": (512, 4096)}}
+               "v2-lite": {"q": (2048, 3072), "kv_a": (2048, 576), "o": (2048, 2048), "kv_b": (512, 4096),
+                           "shared_gate_up": (2048, 5632), "shared_down": (2816, 2048)}}
 VARIANTS = ("bf16", "w8a8-triton", "w8a8-int_mm", "w8a16-triton", "w8a16-asym-triton", "w8a16-dequant", "fp8",
             "fp8-triton", "int8-quant", "w8a8-gemm", "fp8-quant", "fp8-gemm")
 # fp8-triton: fp8_quant + kernels/fp8_gemm (the int8 GEMM kernel on e4m3); the last four: the two halves
