@@ -290,7 +290,8 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     if m == 0 or n == 0 or k == 0:  # K = 0: every product is 0, the epilogue leaves the bias
         y = torch.zeros((m, n), dtype=torch.float32, device=x_q.device)
         return (y if bias is None else y + bias.float()).to(out_dtype)
-    cfg = config or int8_gemm_config(m, n, k, num_sms(x_q.device))
+    sms = num_sms(x_q.device)
+    cfg = config or int8_gemm_config(m, n, k, sms)
     tma = cfg.tma and not fp8 and tma_ok(x_q, w_q)
     persistent = tma and cfg.persistent
     if persistent:
@@ -300,7 +301,7 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     c = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     ws, locks = split_k_workspace(m, n, splits, tiles, c)
-    grid = (min(tiles, num_sms(x_q.device)), 1) if persistent else (tiles, splits)
+    grid = (min(tiles, sms), 1) if persistent else (tiles, splits)
     bias_arg = bias if bias is not None else w_scale
     blocks = dict(HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   GROUP_M=cfg.group_m, SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
