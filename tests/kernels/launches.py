@@ -27,3 +27,16 @@ def record_launches(monkeypatch, module: ModuleType, *names: str) -> dict[str, L
     for name, recorder in recorders.items():
         monkeypatch.setattr(module, name, recorder)
     return recorders
+
+
+def assert_one_launch(recorders: dict[str, LaunchRecorder], name: str, grid=None, **kwargs) -> None:
+    """`name` launched exactly once (on `grid` when given, with these keyword values; None: the keyword
+    was not passed) and no other recorded kernel launched."""
+    others = {n: r.launches for n, r in recorders.items() if n != name and r.launches}
+    assert not others, f"{sorted(others)} launched besides {name}"
+    launches = recorders[name].launches
+    assert len(launches) == 1, f"{name} launched {len(launches)} times"
+    got_grid, got_kwargs = launches[0]
+    if grid is not None:
+        assert got_grid == grid, (got_grid, grid)
+    assert {k: got_kwargs.get(k) for k in kwargs} == kwargs

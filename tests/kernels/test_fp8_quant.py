@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
-from tests.kernels.launches import record_launches
+from tests.kernels.launches import assert_one_launch, record_launches
 from tests.kernels.triton36 import triton_3_6_semantics
 
 K = load_kernel_module("fp8_quant")
@@ -92,8 +92,7 @@ def test_wide_rows_match_reference_exactly(monkeypatch, hidden, dtype):
     x = _wide_rows(5, hidden, dtype)
     recorders = record_launches(monkeypatch, K, *KERNELS)
     _assert_exact(x, **WIDE)
-    wide = recorders["_fp8_quant_wide_kernel"].launches
-    assert len(wide) == 1 and wide[0][1]["CHUNK"] == 64 and not recorders["_fp8_quant_kernel"].launches
+    assert_one_launch(recorders, "_fp8_quant_wide_kernel", CHUNK=64)
     assert torch.equal(K.fp8_quant(x, **WIDE).q.view(torch.uint8), K.fp8_quant(x).q.view(torch.uint8))
 
 
@@ -103,12 +102,8 @@ def test_rows_wider_than_8192_take_the_wide_kernel(monkeypatch, hidden, wide):
     beyond it 4096-column chunks at 8 warps; both exact."""
     recorders = record_launches(monkeypatch, K, *KERNELS)
     _assert_exact(_wide_rows(4, hidden, torch.float32))
-    name, other = ("_fp8_quant_wide_kernel", "_fp8_quant_kernel") if wide else KERNELS
-    assert not recorders[other].launches and len(recorders[name].launches) == 1
-    grid, kwargs = recorders[name].launches[0]
-    assert grid == (4,)
-    assert (kwargs.get("CHUNK"), kwargs.get("BLOCK"), kwargs["num_warps"]) == ((4096, None, 8) if wide
-                                                                                 else (None, 8192, 16))
+    blocks = dict(CHUNK=4096, BLOCK=None, num_warps=8) if wide else dict(CHUNK=None, BLOCK=8192, num_warps=16)
+    assert_one_launch(recorders, "_fp8_quant_wide_kernel" if wide else "_fp8_quant_kernel", (4,), **blocks)
 
 
 def test_empty_and_bad_inputs():
