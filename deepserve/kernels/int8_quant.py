@@ -267,6 +267,13 @@ def rms_norm_int8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     return _launch(x, residual, weight, eps, True, row_tiling(x.shape[1], whole_row_max, chunk))
 
 
+def norm_matches_rms_norm(hidden: int) -> bool:
+    """Whether `rms_norm_int8_quant`'s default launch normalises rows of `hidden` columns with rms_norm's
+    bits: the whole-row kernel does; the wide one (rows over _WHOLE_ROW_MAX) sums the squares lane-wise
+    over chunks, another float32 order."""
+    return not row_tiling(hidden).wide
+
+
 def int8_quant_ref(x: torch.Tensor) -> Int8Activations:
     """Pure-PyTorch reference: `deepserve.quant.int8.quantize_per_token_ref`."""
     from deepserve.quant.int8 import quantize_per_token_ref

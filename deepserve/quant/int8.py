@@ -154,8 +154,13 @@ class Int8W8A8Method(LinearMethod):
 
     def quantizes_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
         """On CUDA, for f16/bf16 x: `w8a8_linear` is int8_quant then `w8a8_gemm`, and the latter (every
-        W8A8 backend) takes the quantised rows as they are."""
-        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        W8A8 backend) takes the quantised rows as they are. Rows wider than the fused RMSNorm kernel keeps
+        whole (8192 columns) are not: its wide variant sums the squares in another order than rms_norm."""
+        if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+            return False
+        from deepserve.kernels.int8_quant import norm_matches_rms_norm
+
+        return norm_matches_rms_norm(x.shape[-1])
 
     @staticmethod
     def _apply_quantized(layer: nn.Module, x: PerTokenInt8, bias: torch.Tensor | None) -> torch.Tensor:

@@ -42,9 +42,10 @@ def _no_grad():
 # ---- which methods take pre-quantised input ----------------------------------------------------------
 
 
-def test_only_int8_w8a8_quantizes_its_input_and_only_on_cuda_f16_bf16():
+def test_only_int8_w8a8_quantizes_its_input_and_only_on_cuda_f16_bf16_rows_it_holds_whole():
     layer = SimpleNamespace()
-    cuda = {dt: SimpleNamespace(is_cuda=True, dtype=dt) for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    cuda = {dt: SimpleNamespace(is_cuda=True, dtype=dt, shape=(2, 8192))
+            for dt in (torch.bfloat16, torch.float16, torch.float32)}
     methods = {name: get_quant_method(name) for name in OTHERS}
     methods.update(dense=DenseLinearMethod(), packed=CpuPackedLinearMethod())
     for name, method in methods.items():
@@ -54,6 +55,8 @@ def test_only_int8_w8a8_quantizes_its_input_and_only_on_cuda_f16_bf16():
     assert int8.quantizes_input(layer, cuda[torch.bfloat16]) and int8.quantizes_input(layer, cuda[torch.float16])
     assert not int8.quantizes_input(layer, cuda[torch.float32])
     assert not int8.quantizes_input(layer, torch.randn(2, 8).bfloat16())  # CPU: the eager path
+    # wider than the fused norm kernel holds whole: its wide variant is not rms_norm's bits, so no fusion
+    assert not int8.quantizes_input(layer, SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(2, 8193)))
 
 
 # ---- the CUDA functions: norm + quant, then the GEMM, against norm, then w8a8_linear ---------------------
