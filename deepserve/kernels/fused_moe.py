@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.fused_moe_configs import MoeConfig, get_config
+from deepserve.kernels.int8_gemm import int8_gemm_ref
 from deepserve.kernels.int8_quant import int8_quant
 from deepserve.kernels.moe_align import moe_align_block_size_triton
 from deepserve.kernels.moe_sum import moe_sum
@@ -305,6 +306,5 @@ def _w8a8_rows(aq: torch.Tensor, a_scale: torch.Tensor, wq: torch.Tensor, w_scal
     out = torch.empty(aq.shape[0], wq.shape[1], dtype=torch.float32, device=aq.device)
     for e in ids.unique().tolist():
         sel = (ids == e).nonzero().squeeze(1)
-        acc = (aq[sel].double() @ wq[e].double().t()).float()  # exact integers, rounded as int32 -> f32
-        out[sel] = acc * a_scale[sel, None] * w_scale[e].float()[None, :]
+        out[sel] = int8_gemm_ref(aq[sel], a_scale[sel], wq[e], w_scale[e], None, torch.float32)
     return out
