@@ -255,10 +255,14 @@ SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): q
                                  GemmConfig(256, 128, 128, num_warps=8, num_stages=3, tma=True),
                                  GemmConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True, persistent=True)],
                          ids=["128x128", "128x64-split", "256x128", "64x128-persistent"])
-def test_gpu_tma_gemm_real_shapes(k, n, m, cfg):
-    """The TMA kernel at qwen-7b's shapes: bit-equal to the pointer kernel with the same blocks."""
+def test_gpu_tma_gemm_real_shapes(monkeypatch, k, n, m, cfg):
+    """The TMA kernel at qwen-7b's shapes (it must be the kernel that ran): bit-equal to the pointer kernel
+    with the same blocks."""
     x_q, x_s, w_q, w_s, bias = _operands(m, n, k, "cuda")
+    spy = record_launches(monkeypatch, G, "_int8_gemm_tma_kernel")["_int8_gemm_tma_kernel"]
     got = G.int8_gemm(x_q, x_s, w_q, w_s, bias, torch.bfloat16, cfg)
+    assert len(spy.launches) == 1
+    monkeypatch.undo()
     pointer = cfg._replace(tma=False, persistent=False, split_k=1 if cfg.persistent else cfg.split_k)
     assert torch.equal(got, G.int8_gemm(x_q, x_s, w_q, w_s, bias, torch.bfloat16, pointer))
     _assert_close(got, G.int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.bfloat16), pointer.split_k)
