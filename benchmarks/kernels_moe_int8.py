@@ -15,7 +15,7 @@ entry for T (int8 reuses the bf16 entries).
 --w8a8 adds a third column: the same int8 stacks with the activations quantised per row as well
 (`fused_moe(..., int8_activations=True)`, its two `int8_quant` launches included in the time), its
 speedup over W8A16 and its rel err against bf16. The sizes where it beats W8A16 decide
-`deepserve.quant.int8_experts.W8A8_MIN_TOKENS` (None, i.e. W8A8 off, until measured).
+`deepserve.quant.int8_experts.W8A8_MIN_TOKENS` (256, from run s6h2's --w8a8 figures).
 
 Records (--json, default benchmarks/results/kernels_moe_int8.jsonl) carry one run_id per run
 (../shared/BENCHMARKS.md).
