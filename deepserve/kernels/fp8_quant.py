@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.int8_quant import row_tiling, round_half_even
+from deepserve.kernels.int8_quant import divide_by_scale, row_tiling, round_half_even
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 
 _MAX_HIDDEN = 65536
@@ -61,8 +61,9 @@ def _round_to_e4m3_grid(v):
 
 @triton.jit
 def quantize_fp8_values(v, scale, HW_CAST: tl.constexpr):
-    """f32 values [N] of a row whose scale is `scale` -> q [N] e4m3 (both kernels)."""
-    y = tl.minimum(tl.maximum(tl.div_rn(v, scale), -448.0), 448.0)
+    """f32 values [N] of a row whose scale is `scale` (a scalar) -> q [N] e4m3 (both kernels). HW_CAST (the
+    GPU) also divides by int8_quant's `divide_by_scale` fast path (the same bits as tl.div_rn)."""
+    y = tl.minimum(tl.maximum(divide_by_scale(v, scale, HW_CAST), -448.0), 448.0)
     if HW_CAST:  # the GPU's cvt (round to nearest even, as torch's cast)
         q = y.to(tl.float8e4nv)
     else:

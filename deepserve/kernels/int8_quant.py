@@ -91,9 +91,31 @@ def round_half_even(y):
 
 
 @triton.jit
+def divide_by_scale(v, scale, FAST: tl.constexpr):
+    """RN(v / scale), the IEEE quotient tl.div_rn gives, for a row's f32 values v and its scalar scale > 0.
+    FAST (the GPU): the reciprocal r = RN(1 / scale) once per row, then per element y = v * r and two
+    corrections y = fma(fma(-y, scale, v), r, y): the first makes y faithful, the second then returns the
+    correctly rounded quotient (Markstein's theorem: r correctly rounded, y faithful, the remainder exact
+    in an FMA; no overflow here, and quotients in float32's subnormal range round to 0 in int8 and e4m3
+    anyway). Four FMAs and a multiply in place of div.rn's sequence, which bounded the quantisation
+    kernels: run s8g on an H200, 8192 x 18944 bf16 rows, 187.9 -> 136.7 us (256 rows 8.8 -> 5.1 us), the
+    same bits on 155M random and 16.7M quotients placed within 3 ulps of k + 1/2 (scratch benchmark; the
+    GPU test tests/kernels/test_int8_quant.py keeps the adversarial case). Off (the interpreter): tl.div_rn."""
+    if FAST:
+        r = tl.div_rn(1.0, scale)
+        y = v * r
+        y = tl.fma(tl.fma(-y, scale, v), r, y)
+        y = tl.fma(tl.fma(-y, scale, v), r, y)
+    else:
+        y = tl.div_rn(v, scale)
+    return y
+
+
+@triton.jit
 def quantize_int8_values(v, scale, HW_ROUND: tl.constexpr):
-    """f32 values [N] of a row whose scale is `scale` -> q [N] as f32 in [-127, 127] (both kernels)."""
-    y = tl.div_rn(v, scale)
+    """f32 values [N] of a row whose scale is `scale` (a scalar) -> q [N] as f32 in [-127, 127] (both
+    kernels). HW_ROUND (the GPU) also divides by `divide_by_scale`'s fast path."""
+    y = divide_by_scale(v, scale, HW_ROUND)
     if HW_ROUND:  # one cvt.rni per element on the GPU; the interpreter has no libdevice
         y = libdevice.rint(y)
     else:

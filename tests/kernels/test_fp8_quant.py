@@ -9,6 +9,7 @@ import torch
 
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
 from tests.kernels.launches import assert_one_launch, record_launches
+from tests.kernels.quant_cases import near_tie_rows
 from tests.kernels.triton36 import triton_3_6_semantics
 
 K = load_kernel_module("fp8_quant")
@@ -148,3 +149,18 @@ def test_hardware_cast_only_from_sm90(monkeypatch):
     for capability, hardware in (((8, 9), False), ((9, 0), True), ((10, 0), True)):
         monkeypatch.setattr(module, "_capability", lambda index, c=capability: c)
         assert module.hardware_cast_rounds_like_torch(torch.device("cuda", 0)) is hardware
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cols", [3584, 18944])  # the whole-row and the wide-row kernel
+def test_gpu_quotients_near_grid_midpoints_divide_exactly(cols):
+    """The GPU divides by the row's reciprocal and two FMA corrections (int8_quant.divide_by_scale), not
+    div.rn: at quotients within ulps of the midpoints between e4m3 neighbours, where a quotient 1 ulp off
+    rounds to the other neighbour, the e4m3 bits of the CPU reference (an IEEE division), every element."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].unique()  # 0 .. 448, sorted
+    x = near_tie_rows(64, cols, 448.0, (grid[1:] + grid[:-1]) / 2)
+    want = K.fp8_quant_ref(x)
+    got = K.fp8_quant(x.cuda())
+    assert torch.equal(got.scale.cpu(), want.scale)
+    assert torch.equal(got.q.cpu().view(torch.uint8), want.q.view(torch.uint8))

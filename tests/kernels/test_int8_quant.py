@@ -14,6 +14,7 @@ import torch
 
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
 from tests.kernels.launches import assert_one_launch, record_launches
+from tests.kernels.quant_cases import near_tie_rows
 
 K = load_kernel_module("int8_quant")
 ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
@@ -228,3 +229,15 @@ def test_gpu_fused_is_rms_norm_then_int8_quant(tokens, hidden, residual):
     x = (2 * torch.randn(tokens, hidden, device="cuda")).bfloat16()
     res = torch.randn_like(x) if residual else None
     _assert_fused_is_composed(x, res, (1 + 0.1 * torch.randn(hidden, device="cuda")).bfloat16())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cols", [3584, 18944])  # the whole-row and the wide-row kernel
+def test_gpu_quotients_near_ties_divide_exactly(cols):
+    """The GPU divides by the row's reciprocal and two FMA corrections (`divide_by_scale`), not div.rn: at
+    quotients within ulps of k + 1/2, where a quotient 1 ulp off rounds to the other integer, the q of the
+    CPU reference (an IEEE division), every element."""
+    x = near_tie_rows(64, cols, 127.0, torch.arange(0, 127) + 0.5)
+    want = K.int8_quant_ref(x)
+    got = K.int8_quant(x.cuda())
+    assert torch.equal(got.scale.cpu(), want.scale) and torch.equal(got.q.cpu(), want.q)
