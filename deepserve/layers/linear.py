@@ -62,6 +62,9 @@ class LinearBase(nn.Module):
     # Quantisation methods may replace this layer's weight; not the layers whose dense matrix is
     # read elsewhere (MLA's kv_b_proj sets keep_dense_weight).
     quantizable = True
+    # A merged [gate | up] layer whose output only ever goes through SiLU-and-mul (`silu_and_mul_mlp`; set
+    # by the dense MLPs): a method may then keep its weight in another row order (int8 W8A8's gated layout).
+    silu_gate_up = False
 
     def process_weights_after_loading(self, quantization: str | None = None) -> None:
         keep = getattr(self, "keep_dense_weight", False)
@@ -201,3 +204,20 @@ class RowParallelLinear(LinearBase):
         """This rank's partial product -> the sum over ranks, plus the bias."""
         out = partial if self.all_reduce is None else self.all_reduce(partial)
         return out if self.bias is None else out + self.bias
+
+
+def silu_and_mul_mlp(gate_up_proj: LinearBase, down_proj: RowParallelLinear,
+                     x: torch.Tensor | PerTokenInt8) -> torch.Tensor:
+    """down_proj(silu(gate) * up) with [gate | up] = gate_up_proj(x) (x [..., H] or its PerTokenInt8, where
+    gate_up_proj takes one) -> [..., H_out], with the fusion the methods offer: gate_up_proj's method may
+    run SiLU-and-mul itself and hand down_proj its input already quantised (`LinearMethod.apply_gated`:
+    int8 W8A8 on CUDA, the gate_up output never written); else down_proj's method may fuse SiLU-and-mul
+    into its input quantisation (`forward_silu_and_mul`). Neither with forward hooks on either layer
+    (calibration records real inputs and outputs)."""
+    hooked = any(layer._forward_pre_hooks or layer._forward_hooks for layer in (gate_up_proj, down_proj))
+    apply_gated = getattr(gate_up_proj.method, "apply_gated", None)
+    if not hooked and apply_gated is not None:
+        h = apply_gated(gate_up_proj, x, down_proj)
+        if h is not None:
+            return down_proj(h)
+    return down_proj.forward_silu_and_mul(gate_up_proj(x))

@@ -3,7 +3,9 @@
 `process_weights_after_loading(layer)` runs once after the checkpoint is loaded; `apply(layer, x)`
 runs every forward; `apply_silu_and_mul(layer, gate_up)` applies it to SiLU-and-mul of a merged
 [gate | up] input (the dense MLP's down projection): by default `apply(layer, silu_and_mul(gate_up))`,
-fused into the activation quantisation by the W8A8 methods (int8, fp8) on CUDA;
+fused into the activation quantisation by the W8A8 methods (int8, fp8) on CUDA; `apply_gated(layer, x,
+consumer)` runs a merged [gate | up] layer and SiLU-and-mul and hands the down projection its input already
+quantised (int8 W8A8 on CUDA: SiLU-and-mul in the GEMM's epilogue; default None, not fused);
 `quantizes_input(layer, x)` (default False) says whether `apply` may be given, in place of x, its
 per-token int8 quantisation `PerTokenInt8` computed upstream (the int8 W8A8 method on CUDA: a pre-norm
 decoder layer then fuses the norm with that quantisation, layers/decoder.py). The methods subclass
@@ -55,6 +57,12 @@ class LinearMethod(Protocol):
     def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """gate_up [..., 2 * in] (a merged [gate | up] projection) -> apply(silu(gate) * up) [..., out]."""
         return self.apply(layer, fused.silu_and_mul(gate_up), bias)
+
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, consumer: nn.Module) -> PerTokenInt8 | None:
+        """For a merged [gate | up] layer: silu(gate) * up of its output on x, handed to `consumer` (the
+        down projection) already quantised, in place of `consumer.method.apply_silu_and_mul(layer(x))`
+        with the same result; None where this method does not (the default: never)."""
+        return None
 
     def quantizes_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
         """Whether `apply(layer, PerTokenInt8 of x, bias)` is accepted and equals `apply(layer, x, bias)`

@@ -37,7 +37,7 @@ from torch import nn
 
 from deepserve.config import ModelConfig
 from deepserve.layers.activation import SiluAndMul, get_act_and_mul
-from deepserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from deepserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear, silu_and_mul_mlp
 from deepserve.layers.linear_method import DenseLinearMethod
 from deepserve.layers.moe_backend import MoEBackend, get_moe_backend, moe_backend_for
 
@@ -175,13 +175,13 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
         self.act = get_act_and_mul(hidden_act)
+        self.gate_up_proj.silu_gate_up = type(self.act) is SiluAndMul  # its method may reorder the rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
-        gate_up = self.gate_up_proj(x)  # [T, 2I]
-        if type(self.act) is SiluAndMul:  # W8A8 methods fuse it into their input quantisation
-            return self.down_proj.forward_silu_and_mul(gate_up)
-        return self.down_proj(self.act(gate_up))
+        if type(self.act) is SiluAndMul:  # W8A8 methods fuse it with their GEMMs / input quantisation
+            return silu_and_mul_mlp(self.gate_up_proj, self.down_proj, x)
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]
 
 
 @functools.lru_cache(maxsize=None)

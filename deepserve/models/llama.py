@@ -16,7 +16,7 @@ from deepserve.layers.attention import make_attention
 from deepserve.layers.decoder import PreNormDecoderLayer
 from deepserve.layers.embedding import LMHead, VocabEmbedding
 from deepserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                     RowParallelLinear, default_weight_loader)
+                                     RowParallelLinear, default_weight_loader, silu_and_mul_mlp)
 from deepserve.layers.linear_method import PerTokenInt8
 from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding
@@ -67,13 +67,13 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
         self.act_fn = get_act_and_mul(config.hidden_act)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
+        self.gate_up_proj.silu_gate_up = type(self.act_fn) is SiluAndMul  # its method may reorder the rows
 
     def forward(self, x: torch.Tensor | PerTokenInt8) -> torch.Tensor:
         """x [T, hidden] (or its per-token int8, for gate_up_proj only) -> [T, hidden]."""
-        gate_up = self.gate_up_proj(x)  # [T, 2I]
-        if type(self.act_fn) is SiluAndMul:  # W8A8 methods fuse it into their input quantisation
-            return self.down_proj.forward_silu_and_mul(gate_up)  # [T, hidden]
-        return self.down_proj(self.act_fn(gate_up))  # [T, I] -> [T, hidden]
+        if type(self.act_fn) is SiluAndMul:  # W8A8 methods fuse it with their GEMMs / input quantisation
+            return silu_and_mul_mlp(self.gate_up_proj, self.down_proj, x)  # [T, hidden]
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, hidden]
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):

@@ -63,6 +63,18 @@ def w8a8_silu_and_mul_linear(gate_up: torch.Tensor, w_q: torch.Tensor, w_scale: 
     return w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, gate_up.dtype, backend)
 
 
+def w8a8_gate_up_silu_quant(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, w_scale_g: torch.Tensor,
+                            inter: int, out_dtype: torch.dtype):
+    """x_q [M, K] int8, x_scale [M] f32 (gate_up's input per token), w_g / w_scale_g: the [gate | up] weight
+    [2I, K] int8 and scales [2I] in the gated layout (kernels/int8_gemm_silu.py `to_gated_layout`) ->
+    Int8Activations(q [M, I] int8, scale [M] f32, None) of h = silu(gate) * up in out_dtype. Bit for bit
+    int8_quant(silu_and_mul(w8a8_gemm(...))) of the weight as loaded where that GEMM runs unsplit
+    (gate_up's many n-blocks: every served shape); a split-K GEMM rounds its float32 partials once more."""
+    from deepserve.kernels.int8_gemm_silu import int8_gemm_silu, int8_quant_amax
+
+    return int8_quant_amax(*int8_gemm_silu(x_q, x_scale, w_g, w_scale_g, inter, out_dtype))
+
+
 def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype, backend: str | None = None) -> torch.Tensor:
     """x_q [M, K] int8 and x_scale [M] f32 (activations quantised per token) -> [M, N] out_dtype."""
