@@ -106,6 +106,7 @@ def divide_by_scale(v, scale, FAST: tl.constexpr):
         y = v * r
         y = tl.fma(tl.fma(-y, scale, v), r, y)
         y = tl.fma(tl.fma(-y, scale, v), r, y)
+        y = tl.where(v == 0.0, v, y)  # the corrections turn -0.0 into +0.0 (-0 + +0); e4m3 keeps the sign
     else:
         y = tl.div_rn(v, scale)
     return y
