@@ -1,6 +1,6 @@
 """SiLU-and-mul fused with the W8A8 activation quantisation (the dense MLP's down-projection input) on one
-GPU: the chunked launch (the default), the whole-row launch (`whole_row=True`) and the unfused pair
-(silu_and_mul, then int8_quant / fp8_quant), each checked bit-equal to the unfused pair first.
+GPU: the fused launch ("chunked") and the unfused pair (silu_and_mul, then int8_quant / fp8_quant), the
+fused one checked bit-equal to the unfused pair first.
 
     python benchmarks/kernels_silu_quant.py [--tokens 1,16,256,2048,8192] [--inters 18944,14336,8960]
         [--run-id R] [--result-file benchmarks/results/gpu_quant_kernels.jsonl]
@@ -32,7 +32,7 @@ def variants(quant: str):
 
     fused, alone = ((silu_and_mul_int8_quant, int8_quant) if quant == "int8"
                     else (silu_and_mul_fp8_quant, fp8_quant))
-    return {"chunked": lambda x: fused(x, whole_row=False), "whole-row": lambda x: fused(x, whole_row=True),
+    return {"chunked": fused,
             "unfused": lambda x: alone(silu_and_mul(x))}
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     from deepserve.bench.offline import append_record, environment_fields
 
     env = environment_fields(torch.cuda.get_device_name(), args.run_id)
-    print(f"{'quant':<6}{'T':>6}{'I':>7}  " + "".join(f"{v:>22}" for v in ("chunked", "whole-row", "unfused")))
+    print(f"{'quant':<6}{'T':>6}{'I':>7}  " + "".join(f"{v:>22}" for v in ("chunked", "unfused")))
     for quant in args.quants.split(","):
         fns = variants(quant)
         for inter in (int(i) for i in args.inters.split(",")):

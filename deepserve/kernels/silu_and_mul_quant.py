@@ -29,11 +29,11 @@ rows at 2 per SM in 8192-column chunks over 16 warps (L2-resident reloads, fewer
 slower: 27.4 / 578.7 us (99 registers: one 16-warp program per SM). What would help: a row split over
 several programs with the row max combined between them (two launches, or a last-arriving program).
 
-`whole_row=True` (rows up to _WHOLE_ROW_MAX = 32768 columns): one program per row holding the whole row
-in registers, x read once: BLOCK = next_pow2(I) lanes over BLOCK / 1024 warps (4 to 32); Triton 3.6 sm_90
-ptxas: BLOCK 32768 over 32 warps 64 registers, 16384 / 16 warps 101, 8192 / 8 warps 100, no spills (one
-program per SM at I = 18944). NOT TIMED: off by default (`_WHOLE_ROW`) until
-`benchmarks/kernels_silu_quant.py` has compared it with this launch on a GPU.
+A whole-row layout (one program per row holding it in registers, x read once; 32 warps at I = 18944) was
+slower than this launch: 669.5 vs 402.2 us at 8192 rows, 21.9 vs 16.5 us at 256 (run s8a,
+benchmarks/results/gpu_quant_kernels.jsonl); removed. Under --quantization int8 the dense MLPs with wide
+enough rows now take kernels/int8_gemm_silu.py instead (SiLU-and-mul in the gate_up GEMM); this kernel
+serves fp8, narrower int8 rows and the fallbacks.
 Triton 3.9 AOT for sm_90 (no GPU here): every variant (int8 / fp8, HW on / off, PDL on / off) compiles;
 bf16 / f32 at BLOCK 2048, 8 warps: 40 registers, no local memory; v takes the instructions of
 silu_and_mul's kernel (ex2.approx, div.full, the bf16 product as mul.bf16(x2)), so the same bits.
@@ -52,8 +52,6 @@ from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.silu_and_mul import check_gate_up, silu_mul
 
 _BLOCK = 2048  # columns per chunk (timed against 8192 over 16 warps: see above)
-_WHOLE_ROW = False  # the default layout (see the docstring): flip once timed
-_WHOLE_ROW_MAX = 32768  # widest row held whole (32 warps x 32 threads x 32 values; wider rows run chunked)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
@@ -99,25 +97,8 @@ def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, inter, x_stride, q_strid
     tl.store(scale_ptr + row, scale)
 
 
-@triton.jit
-def _silu_and_mul_quant_row_kernel(x_ptr, q_ptr, scale_ptr, inter, x_stride, q_stride, QMAX: tl.constexpr,
-                                   FP8: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr,
-                                   PDL: tl.constexpr = False):
-    """One program per row, the whole row (BLOCK >= inter lanes) in registers: v, its max |v|, q."""
-    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < inter
-    v = _chunk_v(x_ptr + row * x_stride, inter, cols, mask, "evict_first")  # masked lanes hold v = 0
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), QMAX)
-    tl.store(q_ptr + row * q_stride + cols, _quantize(v, scale, FP8, HW), mask=mask)
-    tl.store(scale_ptr + row, scale)
-
-
-def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None,
-            whole_row: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, 2I] -> (q [T, I] q_dtype, scale [T] f32); `block`: columns per chunk (power of two);
-    `whole_row`: one program holds each row (rows up to _WHOLE_ROW_MAX columns; None: _WHOLE_ROW)."""
+def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, 2I] -> (q [T, I] q_dtype, scale [T] f32); `block`: columns per chunk (power of two)."""
     check_gate_up(x)
     if x.dtype not in _FLOATS:
         raise ValueError(f"x must be f16/bf16/f32, got {x.dtype}")
@@ -130,12 +111,6 @@ def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None,
         raise ValueError(f"block must be a positive power of two, got {block}")
     fp8 = q_dtype == torch.float8_e4m3fn
     hw = hardware_cast_rounds_like_torch(x.device) if fp8 else x.is_cuda
-    if (_WHOLE_ROW if whole_row is None else whole_row) and block is None and inter <= _WHOLE_ROW_MAX:
-        width = triton.next_power_of_2(max(inter, 1))
-        _silu_and_mul_quant_row_kernel[(num_tokens,)](
-            x, q, scale, inter, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw, BLOCK=width,
-            num_warps=max(4, min(32, width // 1024)), **pdl_launch(x.device))
-        return q, scale
     block = block or min(_BLOCK, triton.next_power_of_2(max(inter, 1)))
     _silu_and_mul_quant_kernel[(num_tokens,)](
         x, q, scale, inter, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw, BLOCK=block,
@@ -143,16 +118,14 @@ def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None,
     return q, scale
 
 
-def silu_and_mul_int8_quant(x: torch.Tensor, block: int | None = None,
-                            whole_row: bool | None = None) -> Int8Activations:
+def silu_and_mul_int8_quant(x: torch.Tensor, block: int | None = None) -> Int8Activations:
     """x [T, 2I] f16/bf16/f32 -> (q [T, I] int8, scale [T] f32, None), = int8_quant(silu_and_mul(x))."""
-    return Int8Activations(*_launch(x, torch.int8, block, whole_row), None)
+    return Int8Activations(*_launch(x, torch.int8, block), None)
 
 
-def silu_and_mul_fp8_quant(x: torch.Tensor, block: int | None = None,
-                           whole_row: bool | None = None) -> Fp8Activations:
+def silu_and_mul_fp8_quant(x: torch.Tensor, block: int | None = None) -> Fp8Activations:
     """x [T, 2I] f16/bf16/f32 -> (q [T, I] e4m3, scale [T] f32), = fp8_quant(silu_and_mul(x))."""
-    return Fp8Activations(*_launch(x, torch.float8_e4m3fn, block, whole_row))
+    return Fp8Activations(*_launch(x, torch.float8_e4m3fn, block))
 
 
 def silu_and_mul_int8_quant_ref(x: torch.Tensor) -> Int8Activations:

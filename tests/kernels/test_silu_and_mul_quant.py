@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
-from tests.kernels.launches import record_launches
 
 S = load_kernel_module("silu_and_mul")
 I8 = load_kernel_module("int8_quant")
@@ -94,23 +93,6 @@ def test_zero_rows_strided_rows_and_empty():
                 fused(torch.randn(2, 64, device=dev), block=block)
 
 
-@pytest.mark.parametrize("inter", [1, 7, 100, 2049, 3000, 8193])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_whole_row_layout_matches_unfused_kernels(monkeypatch, inter, dtype):
-    """whole_row=True: one program holds each row (BLOCK = next_pow2(I) lanes); the same bits as the
-    unfused kernels and as the chunked launch; rows wider than _WHOLE_ROW_MAX run chunked."""
-    x = _gate_up(3, inter, dtype)
-    spy = record_launches(monkeypatch, K, "_silu_and_mul_quant_row_kernel", "_silu_and_mul_quant_kernel")
-    act = S.silu_and_mul(x)
-    _assert_same(K.silu_and_mul_int8_quant(x, whole_row=True), I8.int8_quant(act))
-    _assert_same(K.silu_and_mul_fp8_quant(x, whole_row=True), F8.fp8_quant(act))
-    (grid, kwargs), _ = spy["_silu_and_mul_quant_row_kernel"].launches
-    assert grid == (3,) and kwargs["BLOCK"] >= inter and not spy["_silu_and_mul_quant_kernel"].launches
-    monkeypatch.setattr(K, "_WHOLE_ROW_MAX", inter - 1)
-    _assert_same(K.silu_and_mul_int8_quant(x, whole_row=True), I8.int8_quant(act))
-    assert len(spy["_silu_and_mul_quant_kernel"].launches) == 1  # too wide for one program: chunked
-
-
 @pytest.mark.parametrize("inter", [7, 100, 2049])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16]))
 def test_near_references(inter, dtype):
@@ -135,16 +117,6 @@ def test_gpu_qwen7b_matches_unfused_kernels(tokens):
     x = _gate_up(tokens, 18944, torch.bfloat16, "cuda")
     _assert_unfused(x)
     _assert_unfused(_gate_up(tokens, 2816, torch.bfloat16, "cuda"))  # V2-Lite's 2 shared experts: ragged chunk
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 256, 8192])
-@pytest.mark.parametrize("inter", [18944, 14336, 8960, 2816])  # qwen-7b, llama-8b, qwen-1.5b, V2-Lite shared
-def test_gpu_whole_row_layout_matches_unfused_kernels(tokens, inter):
-    x = _gate_up(tokens, inter, torch.bfloat16, "cuda")
-    act = S.silu_and_mul(x)
-    _assert_same(K.silu_and_mul_int8_quant(x, whole_row=True), I8.int8_quant(act))
-    _assert_same(K.silu_and_mul_fp8_quant(x, whole_row=True), F8.fp8_quant(act))
 
 
 @pytest.mark.gpu
