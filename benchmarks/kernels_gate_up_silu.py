@@ -1,5 +1,6 @@
 """The dense MLP's middle under --quantization int8 on one GPU: the gate_up GEMM with SiLU-and-mul in its
-epilogue (weight in the gated layout) plus the quantisation with the row max given (`kernels/int8_gemm_silu.py`, the "gated" path), against
+epilogue (weight in the gated layout) plus the quantisation with the row max given (`kernels/int8_gemm_silu.py`,
+the "gated" path), against
 the path it replaces (int8_gemm of gate_up, then silu_and_mul_int8_quant: "unfused"), each checked bit-equal
 to the unfused one first; `--sweep` also times a few block configs of the gated GEMM per M.
 
@@ -32,7 +33,8 @@ def sweep_configs(m: int):
     if m <= 256:
         return [SiluGemmConfig(bm, bk, num_warps=w, num_stages=st)
                 for bm, w in ((64, 4), (128, 8)) for bk in (64, 128) for st in (3, 4, 5)]
-    return [SiluGemmConfig(bm, bk, num_warps=8, num_stages=st) for bm in (128, 256) for bk in (64, 128) for st in (3, 4)]
+    return [SiluGemmConfig(bm, bk, num_warps=8, num_stages=st)
+            for bm in (128, 256) for bk in (64, 128) for st in (3, 4)]
 
 
 def main() -> None:

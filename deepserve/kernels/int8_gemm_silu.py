@@ -59,6 +59,8 @@ GATED_BLOCK = 64  # h columns per block of the gated weight layout (`to_gated_la
 
 
 class SiluGemmConfig(NamedTuple):
+    """Blocks of one int8_gemm_silu launch (the n width is fixed by the layout: 2 * GATED_BLOCK rows of w_g)."""
+
     block_m: int
     block_k: int
     group_m: int = 8
@@ -79,6 +81,7 @@ CONFIGS: dict[int, SiluGemmConfig] = {
 
 
 def silu_gemm_config(m: int) -> SiluGemmConfig:
+    """CONFIGS' entry for M rows: the smallest max-M >= m."""
     return CONFIGS[min(bound for bound in CONFIGS if bound >= m)]
 
 
@@ -158,13 +161,15 @@ def int8_gemm_silu(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, 
                    tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x_q [M, K] int8 (unit stride in K), x_scale [M] f32, w_g [2 I_pad, K] int8 and w_scale_g [2 I_pad] f32
     in the gated layout (`to_gated_layout` of the [gate | up] weight and scales, I_pad = I rounded up to
-    GATED_BLOCK) -> (h [M, I] out_dtype, part_max [M, I_pad / GATED_BLOCK] f32). `config` overrides the table; `tma=False` forces
-    the pointer loads (tests)."""
+    GATED_BLOCK, at most MAX_PARTS blocks) -> (h [M, I] out_dtype, part_max [M, max(1, I_pad / GATED_BLOCK)]
+    f32). `config` overrides the table; `tma=False` forces the pointer loads (tests)."""
     check_operands(x_q, w_g, w_scale_g, None, (torch.int8,), "int8_gemm_silu")
     blocks = -(-inter // GATED_BLOCK)
     if inter < 0 or w_g.shape[0] != 2 * GATED_BLOCK * blocks:
         raise ValueError(f"int8_gemm_silu: a gated-layout weight of I = {inter} has {2 * GATED_BLOCK * blocks} "
                          f"rows (to_gated_layout), got {w_g.shape[0]}")
+    if blocks > MAX_PARTS:
+        raise ValueError(f"int8_gemm_silu: I = {inter} is wider than {GATED_BLOCK * MAX_PARTS} (MAX_PARTS blocks)")
     if x_scale.shape != (x_q.shape[0],) or x_scale.dtype != torch.float32 or x_scale.device != x_q.device:
         raise ValueError(f"int8_gemm_silu: x_scale must be [{x_q.shape[0]}] float32 on {x_q.device}, got "
                          f"{tuple(x_scale.shape)} {x_scale.dtype}")
@@ -172,9 +177,9 @@ def int8_gemm_silu(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, 
         raise ValueError(f"int8_gemm_silu: out_dtype must be f16/bf16/f32, got {out_dtype}")
     m, k = x_q.shape
     h = torch.empty((m, inter), dtype=out_dtype, device=x_q.device)
-    part_max = torch.empty((m, blocks), dtype=torch.float32, device=x_q.device)
+    part_max = torch.empty((m, max(blocks, 1)), dtype=torch.float32, device=x_q.device)
     if m == 0 or inter == 0:
-        return h, part_max
+        return h, part_max.zero_()
     if k == 0:  # every product is 0: gate = up = 0, silu(0) * 0 = 0
         return h.zero_(), part_max.zero_()
     cfg = config or silu_gemm_config(m)

@@ -92,21 +92,21 @@ def round_half_even(y):
 
 @triton.jit
 def divide_by_scale(v, scale, FAST: tl.constexpr):
-    """RN(v / scale), the IEEE quotient tl.div_rn gives, for a row's f32 values v and its scalar scale > 0.
-    FAST (the GPU): the reciprocal r = RN(1 / scale) once per row, then per element y = v * r and two
-    corrections y = fma(fma(-y, scale, v), r, y): the first makes y faithful, the second then returns the
-    correctly rounded quotient (Markstein's theorem: r correctly rounded, y faithful, the remainder exact
-    in an FMA; no overflow here, and quotients in float32's subnormal range round to 0 in int8 and e4m3
-    anyway). Four FMAs and a multiply in place of div.rn's sequence, which bounded the quantisation
-    kernels: run s8g on an H200, 8192 x 18944 bf16 rows, 187.9 -> 136.7 us (256 rows 8.8 -> 5.1 us), the
-    same bits on 155M random and 16.7M quotients placed within 3 ulps of k + 1/2 (scratch benchmark; the
-    GPU test tests/kernels/test_int8_quant.py keeps the adversarial case). Off (the interpreter): tl.div_rn."""
+    """RN(v / scale), the IEEE quotient tl.div_rn gives, for a row's f32 values v and its scalar scale > 0
+    (finite or +inf). FAST (the GPU): the reciprocal r = RN(1 / scale) once per row, then per element y = v * r
+    and two corrections y = fma(fma(-y, scale, v), r, y): the first makes y faithful, the second returns the
+    correctly rounded quotient (Markstein's theorem: r correctly rounded, y faithful, the remainder exact in
+    an FMA). Quotients here are at most 127 or 448 in size (no overflow); those in float32's subnormal range
+    may be off, and round to 0 in int8 and e4m3 anyway. Where v * r is 0 (v = +-0, whose sign the corrections
+    lose: -0 + +0; scale = +inf, r = 0, where they would give NaN) it is the result, exact there. Four FMAs
+    and a multiply in place of div.rn's sequence, which bounded the quantisation kernels (run s8g,
+    benchmarks/kernels_quant_division.py). Off (the interpreter's default here): tl.div_rn."""
     if FAST:
         r = tl.div_rn(1.0, scale)
-        y = v * r
+        y0 = v * r
+        y = tl.fma(tl.fma(-y0, scale, v), r, y0)
         y = tl.fma(tl.fma(-y, scale, v), r, y)
-        y = tl.fma(tl.fma(-y, scale, v), r, y)
-        y = tl.where(v == 0.0, v, y)  # the corrections turn -0.0 into +0.0 (-0 + +0); e4m3 keeps the sign
+        y = tl.where(y0 == 0.0, y0, y)
     else:
         y = tl.div_rn(v, scale)
     return y

@@ -65,6 +65,9 @@ class LinearBase(nn.Module):
     # A merged [gate | up] layer whose output only ever goes through SiLU-and-mul (`silu_and_mul_mlp`; set
     # by the dense MLPs): a method may then keep its weight in another row order (int8 W8A8's gated layout).
     silu_gate_up = False
+    # Set (to I) when the method keeps the weight rows in that other order: `weight` / `weight_scale` are then
+    # not [gate | up] (int8 W8A8: kernels/int8_gemm_silu.py `to_gated_layout`); None: rows as loaded.
+    gated_inter: int | None = None
 
     def process_weights_after_loading(self, quantization: str | None = None) -> None:
         keep = getattr(self, "keep_dense_weight", False)

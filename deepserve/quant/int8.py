@@ -139,25 +139,30 @@ class Int8W8A8Method(LinearMethod):
         """Quantise the weight; a merged [gate | up] layer that feeds SiLU-and-mul (`silu_gate_up`, set by the
         dense MLPs) on CUDA, unbiased and served by this method itself (not wrapped: the Hadamard method's
         inner one), gets its weight and scales in the gated layout that `apply_gated` reads
-        (kernels/int8_gemm_silu.py `to_gated_layout`); `layer.gated_inter` then holds I."""
+        (kernels/int8_gemm_silu.py `to_gated_layout`); `layer.gated_inter` then holds I. The model-wide
+        method makes the down projection int8 W8A8 too, which `apply_gated` needs (else `apply` un-permutes)."""
         _install_quantized(layer, symmetric=True)
         if self.takes_gated_layout(layer):
-            to_gated_layout(layer)
+            put_in_gated_layout(layer)
 
     def takes_gated_layout(self, layer: nn.Module) -> bool:
-        """A merged [gate | up] layer feeding SiLU-and-mul, its int8 weight on CUDA, no bias, served by this
-        method itself (`layer.method is self`), not already in the layout, and wide enough that the gated
-        GEMM's grid covers the GPU at any M: I / GATED_BLOCK blocks >= the SMs (I >= 8448 on an H200:
-        qwen-7b's 18944, llama-8b's 14336), and at most MAX_PARTS blocks (I <= 32768). Narrower, the unfused GEMM splits K over idle SMs and wins at
-        decode sizes (run s8d, V2-Lite's shared experts, I = 2816, 256 rows: 15.4 us unfused, 18.7 us gated
-        at its best config)."""
-        if not (getattr(layer, "silu_gate_up", False) and layer.weight.is_cuda and layer.bias is None
-                and getattr(layer, "method", None) is self and getattr(layer, "gated_inter", None) is None):
+        """A merged [gate | up] layer (two equal halves) feeding SiLU-and-mul, its int8 weight on an sm_90 /
+        sm_100 GPU (where the gated kernel was measured, with TMA loads), no bias, served by this method
+        itself (`layer.method is self`), not already in the layout, and wide enough that the gated GEMM's
+        grid covers the GPU at any M: I / GATED_BLOCK blocks >= the SMs (I >= 8448 on an H200: qwen-7b's
+        18944, llama-8b's 14336), and at most MAX_PARTS blocks (I <= 32768). Narrower, the unfused GEMM
+        splits K over idle SMs and wins at decode sizes (run s8d, V2-Lite's shared experts, I = 2816, 256
+        rows: 15.4 us unfused, 18.7 us gated at its best config)."""
+        halves = getattr(layer, "output_sizes", ())
+        if not (getattr(layer, "silu_gate_up", False) and len(halves) == 2 and halves[0] == halves[1]
+                and layer.weight.is_cuda and layer.bias is None and getattr(layer, "method", None) is self
+                and getattr(layer, "gated_inter", None) is None):
             return False
-        from deepserve.kernels.int8_gemm import num_sms
+        from deepserve.kernels.int8_gemm import _tma_device, num_sms
         from deepserve.kernels.int8_gemm_silu import GATED_BLOCK, MAX_PARTS
 
-        return GATED_BLOCK * num_sms(layer.weight.device) <= layer.weight.shape[0] // 2 <= GATED_BLOCK * MAX_PARTS
+        inter, device = layer.weight.shape[0] // 2, layer.weight.device
+        return _tma_device(device.index or 0) and GATED_BLOCK * num_sms(device) <= inter <= GATED_BLOCK * MAX_PARTS
 
     def apply(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., in] float, or its per-token quantisation (`quantizes_input`) -> [..., out] in x's dtype.
@@ -252,7 +257,7 @@ class Int8W8A8Method(LinearMethod):
         return PerTokenInt8(h.q.view(*lead, h.q.shape[-1]), h.scale.view(lead), dtype)
 
 
-def to_gated_layout(layer: nn.Module) -> None:
+def put_in_gated_layout(layer: nn.Module) -> None:
     """layer.weight [2I, K] int8 and weight_scale [2I] ([gate | up]) -> the gated layout of
     kernels/int8_gemm_silu.py; layer.gated_inter = I."""
     from deepserve.kernels import int8_gemm_silu

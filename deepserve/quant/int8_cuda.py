@@ -29,8 +29,13 @@ at M = 4); its int8 time is not yet measured.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from deepserve.kernels.int8_quant import Int8Activations
 
 W8A8_BACKENDS: dict[int, str] = {1 << 62: "triton"}
 W8A16_BACKENDS: dict[int, str] = {2: "gemv", 64: "triton", 1 << 62: "dequant"}
@@ -64,7 +69,7 @@ def w8a8_silu_and_mul_linear(gate_up: torch.Tensor, w_q: torch.Tensor, w_scale: 
 
 
 def w8a8_gate_up_silu_quant(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, w_scale_g: torch.Tensor,
-                            inter: int, out_dtype: torch.dtype):
+                            inter: int, out_dtype: torch.dtype) -> Int8Activations:
     """x_q [M, K] int8, x_scale [M] f32 (gate_up's input per token), w_g / w_scale_g: the [gate | up] weight
     [2I, K] int8 and scales [2I] in the gated layout (kernels/int8_gemm_silu.py `to_gated_layout`) ->
     Int8Activations(q [M, I] int8, scale [M] f32, None) of h = silu(gate) * up in out_dtype. Bit for bit

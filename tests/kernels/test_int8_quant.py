@@ -11,6 +11,8 @@ launches, that it is the kernel that ran.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
 from tests.kernels.launches import assert_one_launch, record_launches
@@ -241,3 +243,38 @@ def test_gpu_quotients_near_ties_divide_exactly(cols):
     want = K.int8_quant_ref(x)
     got = K.int8_quant(x.cuda())
     assert torch.equal(got.scale.cpu(), want.scale) and torch.equal(got.q.cpu(), want.q)
+
+
+@triton.jit
+def _divide_rows(x_ptr, scale_ptr, out_ptr, N, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    """out[row] = divide_by_scale(x[row], scale[row], FAST)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    v = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * N + cols, K.divide_by_scale(v, tl.load(scale_ptr + row), FAST), mask=mask)
+
+
+def _divided(x, scale, fast):
+    out = torch.empty_like(x)
+    _divide_rows[(x.shape[0],)](x, scale, out, x.shape[1], FAST=fast, BLOCK=triton.next_power_of_2(x.shape[1]))
+    return out
+
+
+def test_fast_division_is_the_ieee_quotient():
+    """divide_by_scale's GPU path (reciprocal + two FMA corrections) against tl.div_rn, bit for bit, on the
+    device at hand (the interpreter's float32 FMA on CPU): quotients within ulps of k + 1/2 and of the e4m3
+    midpoints, scales over 2^-20..2^20, +-0.0 (sign kept), and a row whose scale is +inf (a row holding an
+    inf: its max is inf), which gives +-0 as div.rn does, not NaN."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].unique()
+    x = torch.cat([near_tie_rows(16, 96, 127.0, torch.arange(0, 127) + 0.5),
+                   near_tie_rows(16, 96, 448.0, (grid[1:] + grid[:-1]) / 2, seed=1)])
+    x = x * torch.logspace(-6, 6, 32, base=10.0)[:, None]  # scales 1e-6 .. 1e6 times the built ones
+    x[:, 1], x[:, 2] = 0.0, -0.0
+    scale = (x.double().abs().amax(dim=1) / 127.0).float()
+    x, scale = x.to(device()), scale.to(device())
+    scale[3] = float("inf")
+    fast, exact = _divided(x, scale, True), _divided(x, scale, False)
+    assert torch.equal(fast.view(torch.int32), exact.view(torch.int32))  # bits: the sign of zero included
+    assert not fast.isnan().any() and (fast[3] == 0).all() and torch.signbit(fast[:, 2]).all()

@@ -11,10 +11,6 @@ in the GPU tests at the end.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,13 +18,13 @@ from torch import nn
 
 from deepserve.config import ModelConfig
 from deepserve.layers import fused
-from deepserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-from deepserve.layers.linear_method import CpuPackedLinearMethod, DenseLinearMethod, LinearMethod, PerTokenInt8
+from deepserve.layers.linear import RowParallelLinear
+from deepserve.layers.linear_method import CpuPackedLinearMethod, DenseLinearMethod, LinearMethod
 from deepserve.layers.moe import GatedMLP
 from deepserve.models.llama import LlamaMLP
 from deepserve.quant import get_quant_method
 from deepserve.quant.fp8 import quantize_weight_fp8_ref
-from deepserve.quant.int8 import Int8W8A8Method, quantize_per_channel_ref, quantize_per_token_ref
+from deepserve.quant.int8 import Int8W8A8Method, quantize_per_channel_ref
 from tests.kernels.interpret import device, load_kernel_module
 
 SILU = load_kernel_module("silu_and_mul")
@@ -208,130 +204,6 @@ def test_mlp_calls_the_fused_entry_for_silu_only(monkeypatch, kind):
     assert torch.equal(mlp(x), mlp.down_proj(act(gate_up))) and len(calls) == 1
 
 
-# ---- the gate_up side: LinearMethod.apply_gated (int8 W8A8 on CUDA), linear.silu_and_mul_mlp -------------
-
-
-def test_only_int8_w8a8_gates():
-    """Only int8 W8A8 overrides apply_gated; the default declines (None)."""
-    methods = {name: get_quant_method(name) for name in [*FUSED, *DEFAULT]}
-    methods.update(dense=DenseLinearMethod(), packed=CpuPackedLinearMethod())
-    for name, method in methods.items():
-        overrides = type(method).apply_gated is not LinearMethod.apply_gated
-        assert overrides == (name == "int8"), name
-        if not overrides:
-            assert method.apply_gated(None, torch.randn(2, 8), None) is None
-
-
-def _gate_up(name, hidden=64, inter=96, bias=False, dev="cpu", dtype=torch.float32) -> MergedColumnParallelLinear:
-    with torch.device(dev):
-        layer = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias)
-    layer.silu_gate_up = True
-    layer.weight.normal_(std=hidden ** -0.5)
-    if bias:
-        layer.bias.normal_()
-    layer.to(dtype).process_weights_after_loading(name)
-    return layer
-
-
-def _gated_layer(plain: MergedColumnParallelLinear | None = None) -> MergedColumnParallelLinear:
-    """A copy of an int8 gate_up (default: a new one) put in the gated layout by hand
-    (process_weights_after_loading does it on CUDA only)."""
-    from deepserve.quant.int8 import to_gated_layout
-
-    layer = copy.deepcopy(plain if plain is not None else _gate_up("int8"))
-    to_gated_layout(layer)
-    return layer
-
-
-def test_gated_layout_only_for_plain_int8_silu_gate_ups_on_cuda(monkeypatch):
-    """takes_gated_layout: the MLP's flag, a CUDA weight, no bias, the layer's own method, not yet in it, and
-    at least one GATED_BLOCK of h columns per SM."""
-    from deepserve.kernels import int8_gemm
-
-    int8 = Int8W8A8Method()
-    monkeypatch.setattr(int8_gemm, "num_sms", lambda device: 132)
-
-    def weight(inter, cuda=True):
-        return SimpleNamespace(is_cuda=cuda, shape=(2 * inter, 64), device=None)
-
-    layer = SimpleNamespace(silu_gate_up=True, weight=weight(8448), bias=None, method=int8)  # 132 blocks of 64
-    assert int8.takes_gated_layout(layer)
-    for change in (dict(silu_gate_up=False), dict(weight=weight(8448, cuda=False)), dict(bias=torch.ones(2)),
-                   dict(method=Int8W8A8Method()), dict(gated_inter=96), dict(weight=weight(8447))):
-        assert not int8.takes_gated_layout(SimpleNamespace(**{**vars(layer), **change})), change
-    assert not hasattr(_gate_up("int8"), "gated_inter")  # CPU: kept as loaded
-    for mlp in _mlps().values():  # the MLPs flag a SiLU gate_up (SiLU is the only gated activation served)
-        assert mlp.gate_up_proj.silu_gate_up and not mlp.down_proj.silu_gate_up
-
-
-@pytest.mark.parametrize("quantized", [False, True])
-def test_gated_layout_layer_applies_in_gate_up_order(quantized):
-    """The path apply_gated does not take (hooks, CPU): apply of a gated-layout layer is the plain layer's,
-    [gate | up] columns, from a tensor or a PerTokenInt8."""
-    plain = _gate_up("int8", inter=70)
-    gated = _gated_layer(plain)  # I = 70: padded to 128
-    assert gated.weight.shape == (256, 64) and gated.gated_inter == 70
-    x = torch.randn(5, 64)
-    if quantized:
-        x = PerTokenInt8(*quantize_per_token_ref(x), torch.float32)
-    assert torch.equal(gated(x), plain(x))
-
-
-def test_int8_apply_gated_declines_what_it_cannot_fuse():
-    """Without the layout (CPU processing, a bias); CPU input; a consumer whose method is not plain int8 W8A8
-    (the Hadamard method rotates its input first, fp8 / dense take tensors)."""
-    int8 = Int8W8A8Method()
-    cuda_like = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(3, 64))
-    down = _down("int8")
-    assert int8.apply_gated(_gate_up("int8"), cuda_like, down) is None  # not in the layout
-    assert int8.apply_gated(_gate_up("int8", bias=True), cuda_like, down) is None
-    gated = _gated_layer()
-    assert int8.apply_gated(gated, torch.randn(3, 64), down) is None  # CPU rows
-    for other in ("int8-hadamard", "fp8", None):
-        assert int8.apply_gated(gated, cuda_like, _down(other)) is None, other
-
-
-@pytest.mark.parametrize("m", [1, 5, 33])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_cuda_gated_path_is_the_unfused_one(m, dtype):
-    """int8_cuda.w8a8_gate_up_silu_quant on the gated layout: the quantised input the down projection would
-    have made of silu_and_mul(gate_up's output), bit for bit (on CPU through the interpreter)."""
-    from deepserve.kernels.int8_gemm_silu import to_gated_layout
-    from deepserve.kernels.int8_quant import int8_quant
-    from deepserve.quant.int8_cuda import w8a8_gate_up_silu_quant, w8a8_linear
-
-    dev = device()
-    x = (2 * torch.randn(m, 64, device=dev)).to(dtype)
-    w_q, w_s, _ = quantize_per_channel_ref(torch.randn(2 * 96, 64, device=dev) / 8)
-    x_q, x_s, _ = int8_quant(x)
-    got = w8a8_gate_up_silu_quant(x_q, x_s, to_gated_layout(w_q), to_gated_layout(w_s), 96, dtype)
-    want = int8_quant(SILU.silu_and_mul(w8a8_linear(x, w_q.contiguous(), w_s, None)))
-    assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
-
-
-@pytest.mark.parametrize("kind", ["llama", "gated"])
-def test_mlp_hands_down_what_apply_gated_gives(monkeypatch, kind):
-    """Where gate_up's method gates, the MLP is down_proj(apply_gated(...)) and gate_up never runs alone;
-    a forward hook on either layer (calibration) takes the unfused path."""
-    mlp = _mlps()[kind]
-    for module in mlp.modules():
-        if hasattr(module, "quantizable"):
-            module.process_weights_after_loading("int8")
-    x = torch.randn(5, 64)
-    gate_up = mlp.gate_up_proj(x)
-    handed = PerTokenInt8(*quantize_per_token_ref(fused.silu_and_mul(gate_up)), torch.float32)
-    calls = []
-    monkeypatch.setattr(Int8W8A8Method, "apply_gated",
-                        lambda self, layer, x_, consumer: calls.append((layer, x_, consumer)) or handed)
-    assert torch.equal(mlp(x), mlp.down_proj(handed))
-    assert [(c[0], c[2]) for c in calls] == [(mlp.gate_up_proj, mlp.down_proj)] and calls[0][1] is x
-    unfused = mlp.down_proj(fused.silu_and_mul(gate_up))
-    for layer in (mlp.gate_up_proj, mlp.down_proj):
-        hook = layer.register_forward_hook(lambda *_: None)
-        assert torch.equal(mlp(x), unfused) and len(calls) == 1
-        hook.remove()
-
-
 # ---- GPU: the methods' fused branch at qwen-7b's down projection (I = 18944, hidden 3584) ----------
 
 
@@ -369,33 +241,3 @@ def test_gpu_fused_branch_in_a_cuda_graph(name):
         assert torch.equal(out, want)
     else:  # cuBLASLt may pick another algorithm under capture: one bf16 ulp (tests/unit/test_quant_gpu.py)
         torch.testing.assert_close(out, want, rtol=2.0 ** -7, atol=1e-6 * want.abs().max().item())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 256, 8192])
-@pytest.mark.parametrize("quantized_input", [False, True])
-def test_gpu_mlp_gated_path_is_the_unfused_one(monkeypatch, m, quantized_input):
-    """A qwen-7b MLP (hidden 3584, I = 18944) under int8 on CUDA: the gated path (the gate_up GEMM with
-    SiLU-and-mul in its epilogue: it must be what ran) gives the unfused path's bits, from a tensor and
-    from the norm-fused PerTokenInt8 input."""
-    import deepserve.kernels.int8_gemm_silu as gated
-    from deepserve.kernels.int8_quant import int8_quant
-
-    with torch.device("cuda"):
-        mlp = LlamaMLP(dataclasses.replace(_config(), hidden_size=3584, intermediate_size=18944), bias=False)
-    for p in mlp.parameters():
-        p.normal_(std=p.shape[-1] ** -0.5)
-    mlp.bfloat16()
-    for module in mlp.modules():
-        if hasattr(module, "quantizable"):
-            module.process_weights_after_loading("int8")
-    x = torch.randn(m, 3584, device="cuda").bfloat16()
-    if quantized_input:
-        x = PerTokenInt8(*int8_quant(x)[:2], torch.bfloat16)
-    launched = []
-    real = gated.int8_gemm_silu
-    monkeypatch.setattr(gated, "int8_gemm_silu", lambda *a, **k: launched.append(a) or real(*a, **k))
-    got = mlp(x)
-    assert len(launched) == 1
-    monkeypatch.setattr(Int8W8A8Method, "apply_gated", lambda *a: None)
-    assert torch.equal(got, mlp(x))
