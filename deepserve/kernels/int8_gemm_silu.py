@@ -32,9 +32,10 @@ falls back to the unfused path for a biased gate_up). TMA operand loads on sm_90
 interpreter (`int8_gemm.tma_ok`), pointer loads elsewhere. No host synchronisation: CUDA-graph safe.
 PDL as int8_gemm (wait first, no early trigger); int8_quant_amax waits then triggers the down projection's
 GEMM. int8_quant_amax: one program per (row, 4096 columns), 8 warps (16 elements per thread), each reducing
-its row's partial maxima (at most 512 per row: I <= 32768; a few KB of L2 reads per row of h). A first
-version (programs of 4 rows x 1024 columns, 4 warps) took 186 us at 8192 x 18944 in the engine (run s8e,
-2.5 TB/s) and 12.2 us at 256 rows.
+its row's partial maxima (at most 512 per row: I <= 32768; a few KB of L2 reads per row of h). In the
+engine's profiles (PDL off, 8192 x 18944) this layout took 206 us (run s8f) and a first one (4 rows x 1024
+columns, 4 warps) 186 us (run s8e): both bound by the division, since replaced by int8_quant's
+`divide_by_scale` (a kernel of the same shape: 187.9 -> 136.8 us, run s8g).
 """
 
 from __future__ import annotations
