@@ -22,8 +22,11 @@ each phase costs, not the overlap of host and device that async scheduling gets 
 "as benchmarked", runs the engine as it is configured).
 
 Then torch.profiler records `--profile-steps` steps of each kind in a second run and prints the
-kernels with the largest device time. Prints tables only; records nothing to results/ (these are
-diagnostics, not benchmark figures).
+kernels with the largest device time. `--host-profile N` then runs cProfile over the first N prefill
+steps and the first N decode steps past the middle of a third run (the host's Python: where a
+host-bound step spends its time; cProfile's own overhead inflates every call, so read the ranking, not
+the absolute times). Prints tables only; records nothing to results/ (these are diagnostics, not
+benchmark figures).
 """
 
 from __future__ import annotations
@@ -171,6 +174,45 @@ def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps:
     return tables
 
 
+def host_profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps: int, sync,
+                      rows: int = 30) -> dict[str, str]:
+    """cProfile over `core.step()` (device synchronised after it) of the first `steps` prefill steps and
+    `steps` decode steps past the middle: the functions with the most own (tottime) host time."""
+    import cProfile
+    import io
+    import pstats
+
+    from deepserve.sampling_params import SamplingParams
+
+    core = bench.core
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        core.add_request(f"h-{i}", prompt, params)
+    profilers = {"prefill": cProfile.Profile(), "decode": cProfile.Profile()}
+    seen: dict[str, int] = defaultdict(int)
+    wall: dict[str, float] = defaultdict(float)
+    step = 0
+    while core.has_unfinished():
+        want = ("prefill" if seen["prefill"] < steps and step < 2 * steps
+                else "decode" if step >= output_len // 2 and seen["decode"] < steps else None)
+        t = time.perf_counter()
+        if want:
+            profilers[want].enable()
+        core.step()
+        sync()
+        if want:
+            profilers[want].disable()
+            seen[want] += 1
+            wall[want] += time.perf_counter() - t
+        step += 1
+    tables = {}
+    for kind, prof in profilers.items():
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(rows)
+        tables[f"host profile, {seen[kind]} {kind} step(s), {1000 * wall[kind]:.1f} ms under cProfile"] = out.getvalue()
+    return tables
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_throughput_args(p)
@@ -178,6 +220,7 @@ def main() -> None:
     p.add_argument("--prefix-len", type=int, default=0, help="tokens of one prefix shared by every prompt")
     p.add_argument("--row-limit", type=int, default=25, help="rows of each profiler table")
     p.add_argument("--cpu-rows", type=int, default=0, help="also this many rows sorted by self host time")
+    p.add_argument("--host-profile", type=int, default=0, help="cProfile this many steps of each kind (host Python)")
     ns = p.parse_args()
     bench = Bench.load(engine_args(argparse.Namespace(**{**vars(ns), "input_len": ns.prefix_len + ns.input_len})))
     sync = bench.platform.synchronize
@@ -199,6 +242,11 @@ def main() -> None:
     if ns.profile_steps > 0 and bench.platform.device_type == "cuda":
         tables = profiled_run(bench, prompts_of(ns.num_prompts, ns.seed + 9),
                               ns.output_len, ns.profile_steps, ns.row_limit, ns.cpu_rows)
+        for title, table in tables.items():
+            print(f"\n=== {title}\n{table}", flush=True)
+    if ns.host_profile > 0:
+        tables = host_profiled_run(bench, prompts_of(ns.num_prompts, ns.seed + 11), ns.output_len, ns.host_profile,
+                                   sync, ns.row_limit)
         for title, table in tables.items():
             print(f"\n=== {title}\n{table}", flush=True)
 
