@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.sizes import cdiv
+
 from deepserve.quant.block_fp8_ref import DEFAULT_BLOCK, FP8_DTYPE, block_fp8_dequant_ref, scale_shape
 
 __all__ = ["block_fp8_dequant", "block_fp8_dequant_ref"]
@@ -62,7 +64,7 @@ def block_fp8_dequant(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int
     if out.numel() == 0:
         return out.view(*lead, n, k)
     bn, bk = block
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk), w3.shape[0])
+    grid = (cdiv(n, bn), cdiv(k, bk), w3.shape[0])
     _block_fp8_dequant_kernel[grid](w3, s3, out, n, k, w3.stride(0), w3.stride(1), s3.stride(0), s3.stride(1),
                                     out.stride(0), out.stride(1), BLOCK_N=bn, BLOCK_K=bk,
                                     num_warps=8 if bn * bk >= 8192 else 4)

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.sizes import cdiv
+
 from deepserve.quant.block_fp8_ref import DEFAULT_BLOCK, FP8_DTYPE, block_fp8_gemm_ref, scale_shape
 
 __all__ = ["GemmConfig", "block_fp8_gemm", "block_fp8_gemm_ref", "gemm_config"]
@@ -105,7 +107,7 @@ def _check(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale:
     if bk < 16 or bk & (bk - 1) or bn < 1:
         raise ValueError(f"block {block}: bk must be a power of two >= 16")
     m, k = a_q.shape
-    expected_a = (m, triton.cdiv(k, bk))
+    expected_a = (m, cdiv(k, bk))
     if tuple(a_scale.shape) != expected_a or tuple(w_scale.shape) != scale_shape(w_q.shape, block):
         raise ValueError(f"scales a {tuple(a_scale.shape)} / w {tuple(w_scale.shape)} do not fit a "
                          f"{tuple(a_q.shape)} / w {tuple(w_q.shape)} with {bn}x{bk} blocks (expected "
@@ -129,7 +131,7 @@ def block_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, 
     if k == 0:
         return out.zero_()
     cfg = config or gemm_config(m, n)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
     _block_fp8_gemm_kernel[grid](
         a_q, a_scale, w_q, w_scale, out, m, n, k,
         a_q.stride(0), a_scale.stride(0), a_scale.stride(1), w_q.stride(0), w_scale.stride(0),

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.sizes import cdiv, next_power_of_2
+
 from deepserve.quant.block_fp8_ref import AMAX_EPS, FP8_DTYPE, FP8_MAX, block_fp8_quant_ref
 
 __all__ = ["GroupQuant", "block_fp8_quant", "block_fp8_quant_ref"]
@@ -93,13 +95,13 @@ def block_fp8_quant(x: torch.Tensor, group_size: int = 128) -> GroupQuant:
     """x [M, K] f16/bf16/f32 (rows may be strided) -> GroupQuant(q [M, K] e4m3, scale [M, G] f32)."""
     _check(x, group_size)
     m, k = x.shape
-    num_groups = triton.cdiv(k, group_size)
+    num_groups = cdiv(k, group_size)
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m, num_groups), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return GroupQuant(q, scale)
-    per_program = min(triton.next_power_of_2(num_groups), max(1, _TILE_ELEMENTS // group_size))
-    grid = (m, triton.cdiv(num_groups, per_program))
+    per_program = min(next_power_of_2(num_groups), max(1, _TILE_ELEMENTS // group_size))
+    grid = (m, cdiv(num_groups, per_program))
     _block_fp8_quant_kernel[grid](x, q, scale, k, num_groups, x.stride(0), q.stride(0), scale.stride(0),
                                   GROUP=group_size, GROUPS=per_program, EPS=AMAX_EPS, FP8_MAX=FP8_MAX,
                                   num_warps=4)

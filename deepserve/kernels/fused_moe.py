@@ -48,6 +48,7 @@ from deepserve.kernels.int8_quant import int8_quant
 from deepserve.kernels.moe_align import moe_align_block_size_triton
 from deepserve.kernels.moe_sum import moe_sum
 from deepserve.kernels.pdl import pdl_launch, pdl_wait
+from deepserve.kernels.sizes import cdiv
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -202,7 +203,7 @@ def _launch(a, b, c, weights, align, num_valid, row_div, gated, cfg: MoeConfig,
     f32), or b in a's dtype and no scales."""
     n_cols, k_dim = c.shape[1], a.shape[1]
     num_m_blocks = align.expert_ids.shape[0]
-    grid = (num_m_blocks * triton.cdiv(n_cols, cfg.block_n),)
+    grid = (num_m_blocks * cdiv(n_cols, cfg.block_n),)
     _fused_moe_kernel[grid](
         a, b, c, weights, align.sorted_ids, align.expert_ids, align.num_tokens_post_padded, scale, a_scale,
         num_m_blocks, n_cols, k_dim, num_valid, row_div,

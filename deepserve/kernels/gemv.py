@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 GEMV_MAX_M = 4  # the most rows of x the kernel takes (the accumulator grows with them)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -91,7 +92,7 @@ def gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
     # widths, so int8 weights take twice the columns at the same warps (VEC * 32 * num_warps, no layout
     # conversion).
     wide = cfg.block_k * 2 // dtype.itemsize
-    block_k = max(min(wide, triton.next_power_of_2(max(k, 1))), vec * 32)
+    block_k = max(min(wide, next_power_of_2(max(k, 1))), vec * 32)
     num_warps = max(1, cfg.num_warps * block_k // wide)
     block_n = max(1, min(cfg.block_n, _ACC_ROWS // _block_m(m)))
     return cfg._replace(block_n=block_n, block_k=block_k, num_warps=num_warps)
@@ -103,7 +104,7 @@ def _vec(dtype: torch.dtype) -> int:
 
 
 def _block_m(m: int) -> int:
-    return triton.next_power_of_2(max(m, 1))
+    return next_power_of_2(max(m, 1))
 
 
 @triton.jit
@@ -175,8 +176,8 @@ def _sum_splits(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[S, M, N] float32 -> [M, N] dtype in one launch (torch's sum + cast would be two)."""
     splits, m, n = part.shape
     out = torch.empty((m, n), dtype=dtype, device=part.device)
-    block = min(1024, triton.next_power_of_2(m * n))
-    _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLITS=splits, BLOCK=block, num_warps=4,
+    block = min(1024, next_power_of_2(m * n))
+    _sum_splits_kernel[(cdiv(m * n, block),)](part, out, m * n, SPLITS=splits, BLOCK=block, num_warps=4,
                                                      **pdl_launch(part.device))
     return out
 
@@ -222,11 +223,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     vec = _vec(w.dtype)  # 16-byte loads of the weight (16 int8, 8 bf16 columns)
     cfg = config or gemv_config(m, n, k, w.dtype)
     _check_config(cfg, vec)
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(k, k_per_split)
+    k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    splits = cdiv(k, k_per_split)
     out = torch.empty((splits, m, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     aligned = k % vec == 0 and (m == 1 or x.stride(0) % vec == 0)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+    _gemv_kernel[(cdiv(n, cfg.block_n), splits)](
         x, w, bias if bias is not None else w, out, m, n, k, k_per_split, x.stride(0),
         HAS_BIAS=bias is not None, ALIGNED=aligned, BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None, num_warps=cfg.num_warps,

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 HEAD_GEMV_MAX_T = 4  # most rows of x (the module docstring says why)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -116,14 +117,14 @@ def _head_gemv_kernel(x_ptr, w_ptr, y_ptr, T, stride_xt, stride_xh, stride_xk, s
 def head_gemv_config(k: int, n: int, k_contig: bool, dtype: torch.dtype) -> HeadGemvConfig:
     """Block sizes for x [T, h, K] @ w [h, K, N], the same for every T (the module docstring says why)."""
     tile = _TILE_BYTES // dtype.itemsize  # elements
-    k2, n2 = triton.next_power_of_2(max(k, 1)), triton.next_power_of_2(max(n, 1))
+    k2, n2 = next_power_of_2(max(k, 1)), next_power_of_2(max(n, 1))
     if k_contig:
         block_k = min(k2, tile)
         block_n = min(n2, max(1, tile // block_k))
     else:
         block_n = min(n2, max(_ROW_BYTES // dtype.itemsize, tile // k2))
         block_k = min(k2, max(1, tile // block_n))
-    block_k = max(block_k, triton.next_power_of_2(triton.cdiv(k, _MAX_CHUNKS)))
+    block_k = max(block_k, next_power_of_2(cdiv(k, _MAX_CHUNKS)))
     return HeadGemvConfig(block_n, block_k)
 
 
@@ -182,10 +183,10 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
     cfg = config or head_gemv_config(k, n, k_contig, w.dtype)
     _check_config(cfg)
     vec = 16 // w.dtype.itemsize
-    _head_gemv_kernel[(triton.cdiv(n, cfg.block_n), heads)](
+    _head_gemv_kernel[(cdiv(n, cfg.block_n), heads)](
         x, w, out, t, x.stride(0), x.stride(1), x.stride(2), w.stride(0), w.stride(2) if k_contig else w.stride(1),
         out.stride(0), out.stride(1), out.stride(2), K=k, N=n, K_CONTIG=k_contig, ALIGNED=_aligned(w, k_contig, vec),
-        EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, VEC=vec, BLOCK_T=triton.next_power_of_2(t),
+        EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, VEC=vec, BLOCK_T=next_power_of_2(t),
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **pdl_launch(x.device))
     return out
 

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.sizes import cdiv
+
 _BLOCK_M, _BLOCK_N = 16, 256
 
 
@@ -52,7 +54,7 @@ def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tenso
     out = torch.empty((m, n), dtype=out_dtype, device=acc.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
+    grid = (cdiv(m, _BLOCK_M), cdiv(n, _BLOCK_N))
     _int8_epilogue_kernel[grid](acc, x_scale, w_scale, bias if bias is not None else w_scale, out, m, n,
                                 acc.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                                 BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=4, enable_fp_fusion=False)

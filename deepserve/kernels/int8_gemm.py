@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 from deepserve.kernels.pdl import pdl_launch, pdl_wait
+from deepserve.kernels.sizes import cdiv
 
 
 class GemmConfig(NamedTuple):
@@ -87,11 +88,11 @@ SHAPE_CONFIGS: dict[tuple[int, int], dict[int, GemmConfig]] = {
 def pick_split_k(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int) -> int:
     """Enough programs to cover the SMs: split K only while the tiles are fewer than the SMs, and
     keep at least 4 K-steps per split (shared by the W8A16 kernel)."""
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     if cfg.split_k <= 1 or tiles >= num_sms:
         return 1
     most = max(1, k // (4 * cfg.block_k))
-    return max(1, min(cfg.split_k, triton.cdiv(num_sms, tiles), most))
+    return max(1, min(cfg.split_k, cdiv(num_sms, tiles), most))
 
 
 def config_for(table: dict[int, GemmConfig], m: int, n: int, k: int, num_sms: int) -> GemmConfig:
@@ -296,10 +297,10 @@ def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     persistent = tma and cfg.persistent
     if persistent:
         cfg = cfg._replace(split_k=1)
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(k, k_per_split)  # every split gets K columns (a config may ask more than K allows)
+    k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    splits = cdiv(k, k_per_split)  # every split gets K columns (a config may ask more than K allows)
     c = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     ws, locks = split_k_workspace(m, n, splits, tiles, c)
     grid = (min(tiles, sms), 1) if persistent else (tiles, splits)
     bias_arg = bias if bias is not None else w_scale

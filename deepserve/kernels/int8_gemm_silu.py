@@ -50,6 +50,7 @@ from deepserve.kernels.int8_gemm import TensorDescriptor, check_operands, groupe
 from deepserve.kernels.int8_quant import Int8Activations, quantize_int8_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue, pdl_wait
 from deepserve.kernels.silu_and_mul import silu_mul
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _QUANT_BLOCK = 4096  # columns per int8_quant_amax program (8 warps, 16 per thread)
@@ -189,7 +190,7 @@ def int8_gemm_silu(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, 
     if use_tma:
         a_desc = TensorDescriptor.from_tensor(x_q, [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor.from_tensor(w_g, [2 * GATED_BLOCK, cfg.block_k])
-    grid = (triton.cdiv(m, cfg.block_m) * blocks,)
+    grid = (cdiv(m, cfg.block_m) * blocks,)
     _int8_gemm_silu_kernel[grid](x_q, w_g, a_desc, b_desc, h, part_max, x_scale, w_scale_g, m, inter, k, x_q.stride(0),
                                  w_g.stride(0), h.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=GATED_BLOCK,
                                  BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, TMA=use_tma, num_warps=cfg.num_warps,
@@ -232,10 +233,10 @@ def int8_quant_amax(h: torch.Tensor, part_max: torch.Tensor) -> Int8Activations:
     scale = torch.empty(m, dtype=torch.float32, device=h.device)
     if m == 0:
         return Int8Activations(q, scale, None)
-    block_n = min(_QUANT_BLOCK, triton.next_power_of_2(max(n, 1)))
-    grid = (m, max(1, triton.cdiv(n, block_n)))
+    block_n = min(_QUANT_BLOCK, next_power_of_2(max(n, 1)))
+    grid = (m, max(1, cdiv(n, block_n)))
     _int8_quant_amax_kernel[grid](h, part_max, q, scale, n, part_max.shape[1], h.stride(0), q.stride(0),
-                                  part_max.stride(0), BLOCK_N=block_n, PARTS=triton.next_power_of_2(part_max.shape[1]),
+                                  part_max.stride(0), BLOCK_N=block_n, PARTS=next_power_of_2(part_max.shape[1]),
                                   HW_ROUND=h.is_cuda, num_warps=max(1, min(8, block_n // 512)),
                                   **pdl_launch(h.device))
     return Int8Activations(q, scale, None)

@@ -67,6 +67,7 @@ from triton.language.extra import libdevice
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_normalize, row_num_warps
+from deepserve.kernels.sizes import next_power_of_2
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _WHOLE_ROW_MAX = 8192  # widest row (columns) held whole in registers; wider rows are looped over in chunks
@@ -243,7 +244,7 @@ def row_tiling(hidden: int, whole_row_max: int | None = None, chunk: int | None 
     Tests pass small values to take the wide path at small shapes; benchmarks to compare the two."""
     whole_row_max = _WHOLE_ROW_MAX if whole_row_max is None else whole_row_max
     if hidden <= whole_row_max:
-        block = triton.next_power_of_2(hidden)
+        block = next_power_of_2(hidden)
         return RowTiling(False, block, quant_num_warps(block))
     chunk = _CHUNK if chunk is None else chunk
     if chunk < 16 or chunk & (chunk - 1):

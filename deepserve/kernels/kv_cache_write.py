@@ -22,6 +22,7 @@ import triton.language as tl
 from deepserve.kernels.fp8_quant import _round_to_e4m3_grid
 from deepserve.kernels.int8_quant import round_half_even
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import next_power_of_2
 from deepserve.layers.kv_quant import QUANT_MAX, dequantize_kv, is_quantized, quantize_kv, scales_shape
 
 
@@ -218,8 +219,8 @@ def kv_cache_write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
         k, v, k_cache, v_cache, k_scales, v_scales, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scales.stride(0), k_scales.stride(1),
-        NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_H=triton.next_power_of_2(heads),
-        BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=kv_cache.shape[2], QUANT=quant,
+        NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_H=next_power_of_2(heads),
+        BLOCK_D=next_power_of_2(dim), BLOCK_SIZE=kv_cache.shape[2], QUANT=quant,
         QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0), FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
         **pdl_launch(kv_cache.device),
     )

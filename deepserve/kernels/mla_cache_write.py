@@ -25,6 +25,7 @@ import triton.language as tl
 
 from deepserve.kernels.fp8_quant import _round_to_e4m3_grid
 from deepserve.kernels.int8_quant import round_half_even
+from deepserve.kernels.sizes import next_power_of_2
 from deepserve.layers.kv_quant import QUANT_MAX, is_quantized, quantize_kv, scales_shape
 
 
@@ -135,7 +136,7 @@ def mla_cache_write(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Te
     _mla_cache_write_kernel[(latent.shape[0],)](
         latent, rope, kv_cache, kv_scales if quant else kv_cache, slot_mapping, latent.stride(0), rope.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_scales.stride(0) if quant else 0,
-        RANK=rank, ROPE_DIM=rope_dim, BLOCK_R=triton.next_power_of_2(rank),
-        BLOCK_DR=triton.next_power_of_2(rope_dim), BLOCK_SIZE=kv_cache.shape[1], QUANT=quant,
+        RANK=rank, ROPE_DIM=rope_dim, BLOCK_R=next_power_of_2(rank),
+        BLOCK_DR=next_power_of_2(rope_dim), BLOCK_SIZE=kv_cache.shape[1], QUANT=quant,
         QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0), FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
     )

@@ -48,6 +48,7 @@ import triton.language as tl
 from deepserve.kernels.mla_cache_write import check_latent_scales
 from deepserve.kernels.paged_decode_attention import LOG2E
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
 from deepserve.layers.kv_quant import dequantize_kv, is_quantized
 
@@ -216,7 +217,7 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     out = torch.empty_like(q_latent, memory_format=torch.contiguous_format)
     if batch == 0:
         return out
-    head_tiles = triton.cdiv(heads, block_h)
+    head_tiles = cdiv(heads, block_h)
     if num_splits is None:
         longest = block_tables.shape[1] * kv_cache.shape[1] if max_seq_len is None else max_seq_len
         num_splits = mla_num_splits(batch, head_tiles, longest, num_sms(q_latent.device), block_n)
@@ -224,7 +225,7 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     if num_splits > 1:
         mid_o = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=q_latent.device)
         mid_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q_latent.device)
-    block_r = triton.next_power_of_2(rank)
+    block_r = next_power_of_2(rank)
     scaled = kv_scales is not None
     _mla_split_kernel[(batch, head_tiles, num_splits)](
         q_latent, q_rope, kv_cache, kv_scales if scaled else kv_cache, block_tables, seq_lens, mid_o, mid_lse, out,
@@ -233,7 +234,7 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), num_splits,
         NUM_HEADS=heads, RANK=rank, ROPE_DIM=q_rope.shape[2], BLOCK_H=block_h, BLOCK_R=block_r,
-        BLOCK_DR=max(16, triton.next_power_of_2(q_rope.shape[2])), BLOCK_SIZE=kv_cache.shape[1],
+        BLOCK_DR=max(16, next_power_of_2(q_rope.shape[2])), BLOCK_SIZE=kv_cache.shape[1],
         BLOCK_N=block_n, DIRECT=num_splits == 1,
         DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", KV_SCALED=scaled,
         num_warps=num_warps, num_stages=num_stages,

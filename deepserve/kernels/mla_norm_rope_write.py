@@ -36,6 +36,7 @@ from deepserve.kernels.rms_norm import check_rows, load_row_add_residual, rms_no
 from deepserve.kernels.rotary import _MAX_PAIRS, _rotate_heads, load_cos_sin, pair_offsets, rotary_embedding_ref
 from deepserve.kernels.rotary import _check as check_rotary
 from deepserve.kernels.rotary import rotate_pair
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 from deepserve.layers.kv_quant import QUANT_MAX
 
 
@@ -140,10 +141,10 @@ def mla_norm_rope_write(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     if num_tokens == 0:
         return q_out
     rank, half = norm_weight.shape[0], cos.shape[1]
-    block_r, block_half = triton.next_power_of_2(rank), triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(num_heads), max(1, _MAX_PAIRS // block_half))
+    block_r, block_half = next_power_of_2(rank), next_power_of_2(half)
+    block_h = min(next_power_of_2(num_heads), max(1, _MAX_PAIRS // block_half))
     quant = kv_scales is not None
-    _mla_norm_rope_write_kernel[(num_tokens, 1 + triton.cdiv(num_heads, block_h))](
+    _mla_norm_rope_write_kernel[(num_tokens, 1 + cdiv(num_heads, block_h))](
         kv, norm_weight, q_pe, q_out, positions, cos, sin, kv_cache, kv_scales if quant else kv_cache, slot_mapping,
         kv.stride(0), rank, eps, q_pe.stride(0), q_pe.stride(1), q_out.stride(0), q_out.stride(1), num_heads, half,
         cos.stride(0), kv_cache.stride(0), kv_cache.stride(1), kv_scales.stride(0) if quant else 0,

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.varlen_tiles import find_sequence
-
 from deepserve.kernels.paged_prefill_attention import LOG2E
+from deepserve.kernels.sizes import next_power_of_2
+from deepserve.kernels.varlen_tiles import find_sequence
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -187,7 +187,7 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torc
         num_warps = 8 if block_m >= 128 else 4
     if block_m < 16 or block_n < 16 or block_m & (block_m - 1) or block_n & (block_n - 1):
         raise ValueError(f"block_m {block_m} and block_n {block_n} must be powers of two >= 16")
-    pad = lambda d: max(16, triton.next_power_of_2(d))
+    pad = lambda d: max(16, next_power_of_2(d))
     _mla_prefill_kernel[(num_tokens // block_m + batch, heads)](
         q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, out, scale * LOG2E, batch,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), k_nope.stride(0), k_nope.stride(1),

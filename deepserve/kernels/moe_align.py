@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 # Measured on an H200 (benchmarks/kernels_moe.py --align, CUDA-graph replay, V2-Lite): one program
 # takes 8.2 / 12.0 / 25.7 / 91 us at 384 / 768 / 1536 / 3072 assignments; two launches over chunks of
@@ -222,7 +223,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
 
 def _tiles(num_experts: int, block_m: int) -> dict[str, int]:
     """Tile sizes: [SUB, BLOCK_E], [SUB, SUB], [BLOCK_B, BLOCK_E] and [BLOCK_B, BLOCK_M] stay <= 4K."""
-    block_e, bm = triton.next_power_of_2(num_experts), triton.next_power_of_2(block_m)
+    block_e, bm = next_power_of_2(num_experts), next_power_of_2(block_m)
     return dict(SUB=max(16, min(64, 4096 // block_e)), BLOCK_E=block_e,
                 BLOCK_B=max(1, min(64, 4096 // max(block_e, bm))), BLOCK_M=bm)
 
@@ -236,7 +237,7 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     _check(topk_ids, num_experts, block_m)
     single_max = _SINGLE_MAX if single_max is None else single_max
     if chunk is None:  # wider expert rows make pass 2's workspace sum dearer: fewer, longer chunks
-        chunk = _CHUNK * max(1, triton.next_power_of_2(num_experts) // 64)
+        chunk = _CHUNK * max(1, next_power_of_2(num_experts) // 64)
     ids = topk_ids.reshape(-1)  # [N] (a view when contiguous)
     n, device = ids.numel(), ids.device
     length = max_padded_length(n, num_experts, block_m)
@@ -250,15 +251,15 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     warps = 4 if tiles["BLOCK_E"] <= 256 else 8
     args = (n, num_experts, block_m, length, num_blocks)
     if n <= single_max:
-        block_n = max(16, triton.next_power_of_2(n))
+        block_n = max(16, next_power_of_2(n))
         _moe_align_kernel[(1,)](ids, total, sorted_ids, expert_ids, total, *args, n, 1, num_blocks,
                                 MODE=0, BLOCK_N=block_n, num_warps=4 if block_n <= 1024 else 8, **tiles,
                                 **pdl_launch(device))
         return MoeAlignment(sorted_ids, expert_ids, total)
-    chunk = max(chunk, -(-triton.cdiv(n, _MAX_PROGRAMS) // tiles["SUB"]) * tiles["SUB"])
-    num_chunks = triton.cdiv(n, chunk)
+    chunk = max(chunk, -(-cdiv(n, _MAX_PROGRAMS) // tiles["SUB"]) * tiles["SUB"])
+    num_chunks = cdiv(n, chunk)
     workspace = torch.empty(num_chunks, tiles["BLOCK_E"], dtype=torch.int32, device=device)
-    per_program = triton.cdiv(num_blocks, num_chunks)
+    per_program = cdiv(num_blocks, num_chunks)
     for mode in (1, 2):
         _moe_align_kernel[(num_chunks,)](ids, workspace, sorted_ids, expert_ids, total, *args, chunk,
                                          num_chunks, per_program, MODE=mode, BLOCK_N=16,

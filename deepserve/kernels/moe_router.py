@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import next_power_of_2
 
 if TYPE_CHECKING:
     from deepserve.layers.moe import RouterConfig
@@ -157,7 +158,7 @@ def moe_router(logits: torch.Tensor, cfg: "RouterConfig", correction_bias: torch
     weights = torch.empty(num_tokens, width, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, width, dtype=torch.int64, device=logits.device)
     groups, group_size = _tile(cfg)
-    block_g, block_s = triton.next_power_of_2(groups), triton.next_power_of_2(group_size)
+    block_g, block_s = next_power_of_2(groups), next_power_of_2(group_size)
     if block_g * block_s > _MAX_TILE:
         raise ValueError(f"{cfg.num_experts} experts in {groups} groups exceed one program's tile")
     if num_tokens == 0:
@@ -169,7 +170,7 @@ def moe_router(logits: torch.Tensor, cfg: "RouterConfig", correction_bias: torch
         SIGMOID=cfg.scoring_func == "sigmoid", HAS_BIAS=correction_bias is not None,
         GROUP_LIMIT=cfg.group_limited, TOP2=cfg.topk_method == "noaux_tc", TOPK_GROUP=cfg.topk_group,
         NORM=cfg.norm_topk_prob, TOP_K=top_k, NUM_SHARED=num_shared, BLOCK_G=block_g, BLOCK_S=block_s,
-        BLOCK_K=triton.next_power_of_2(width), num_warps=1 if block_g * block_s <= 512 else 4,
+        BLOCK_K=next_power_of_2(width), num_warps=1 if block_g * block_s <= 512 else 4,
         **pdl_launch(logits.device))
     return TopK(weights, ids)
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BLOCK_H = 512
@@ -64,9 +65,9 @@ def moe_sum(x: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     if num_tokens == 0 or hidden == 0:
         return out
-    block_h = min(_MAX_BLOCK_H, triton.next_power_of_2(hidden))
+    block_h = min(_MAX_BLOCK_H, next_power_of_2(hidden))
     add = addend if addend is not None else out  # unused pointer without an addend
-    _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+    _moe_sum_kernel[(num_tokens, cdiv(hidden, block_h))](
         x, add, out, hidden, x.stride(0), x.stride(1), x.stride(2), add.stride(0), add.stride(1),
         out.stride(0), out.stride(1),
         TOP_K=top_k, HAS_ADD=addend is not None, BLOCK_H=block_h, num_warps=4, **pdl_launch(x.device))

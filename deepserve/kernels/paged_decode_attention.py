@@ -32,6 +32,7 @@ import triton.language as tl
 
 from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile, tile_scores
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import next_power_of_2
 from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
 
 LOG2E = 1.4426950408889634
@@ -169,14 +170,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     group = heads // kv_heads
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_scales, v_scales = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (k_cache, v_cache)  # unused unless 8-bit
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_power_of_2(dim)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, mid_o, mid_lse, out, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         k_scales.stride(0), k_scales.stride(1), block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), num_splits,
-        GROUP=group, HEAD_DIM=dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        GROUP=group, HEAD_DIM=dim, BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT=num_splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_SCALED=kv_scales is not None,
         num_warps=num_warps, num_stages=num_stages,

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile, tile_scores
+from deepserve.kernels.sizes import next_power_of_2
 from deepserve.kernels.varlen_tiles import find_sequence
 
 LOG2E = 1.4426950408889634
@@ -179,7 +180,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         block_m = 128 if num_tokens >= 32 * batch else 64
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
-    block_m = max(block_m, triton.next_power_of_2(group), 16)
+    block_m = max(block_m, next_power_of_2(group), 16)
     block_q = block_m // group
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_scales, v_scales = (kv_scales[0], kv_scales[1]) if kv_scales is not None else (k_cache, v_cache)  # unused unless 8-bit
@@ -189,7 +190,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scales.stride(0), k_scales.stride(1),
         block_tables.stride(0),
-        GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(dim),
+        GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=next_power_of_2(dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_SCALED=kv_scales is not None, num_warps=num_warps, num_stages=num_stages,
     )

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import next_power_of_2
 
 _MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
@@ -102,7 +103,7 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     res_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
     if num_tokens == 0:
         return RMSNormOutput(out, res_out)
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     res_in = residual if residual is not None else x  # unused pointers when HAS_RESIDUAL is off
     res_dst = res_out if res_out is not None else out
     _rms_norm_kernel[(num_tokens,)](

@@ -34,6 +34,7 @@ from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.rotary import _check as check_rotary
 from deepserve.kernels.rotary import (_MAX_PAIRS, _rotate_heads, load_cos_sin, rotary_embedding_ref, rotated_heads,
                                       unrotated_dims)
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 from deepserve.layers.kv_quant import QUANT_MAX
 
 
@@ -128,20 +129,20 @@ def rope_kv_write(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return q_out
     half, kv_heads = cos.shape[1], k.shape[1]
     rest = head_dim - 2 * half
-    block_half = triton.next_power_of_2(half)
-    block_hq = min(triton.next_power_of_2(num_heads), max(1, _MAX_PAIRS // block_half))  # rotary.py's q blocks
+    block_half = next_power_of_2(half)
+    block_hq = min(next_power_of_2(num_heads), max(1, _MAX_PAIRS // block_half))  # rotary.py's q blocks
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     quant = kv_scales is not None
     k_scales, v_scales = (kv_scales[0], kv_scales[1]) if quant else (k_cache, v_cache)  # unused unless quant
-    _rope_kv_write_kernel[(num_tokens, 1 + triton.cdiv(num_heads, block_hq))](
+    _rope_kv_write_kernel[(num_tokens, 1 + cdiv(num_heads, block_hq))](
         positions, cos, sin, cos.stride(0),
         q, q_out, q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), num_heads,
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache, v_cache, k_scales, v_scales, slot_mapping,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scales.stride(0), k_scales.stride(1), half,
-        NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(kv_heads),
-        BLOCK_HALF=block_half, BLOCK_REST=triton.next_power_of_2(max(rest, 1)),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=kv_cache.shape[2], INTERLEAVED=interleaved,
+        NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_HQ=block_hq, BLOCK_HK=next_power_of_2(kv_heads),
+        BLOCK_HALF=block_half, BLOCK_REST=next_power_of_2(max(rest, 1)),
+        BLOCK_D=next_power_of_2(head_dim), BLOCK_SIZE=kv_cache.shape[2], INTERLEAVED=interleaved,
         HAS_REST=rest > 0, QUANT=quant, QMAX=QUANT_MAX.get(kv_cache.dtype, 0.0),
         FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4,
         **pdl_launch(q.device),

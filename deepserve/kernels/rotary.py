@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 from deepserve.layers.fused import rotate_eager
 
 _MAX_PAIRS = 512  # rotated pairs per program (q heads x rot_dim / 2): bounds registers
@@ -150,13 +151,13 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor |
         return RotaryOutput(q_out, k_out)
     kk, ko = (k, k_out) if k is not None else (q, q_out)  # placeholders when HAS_K is off
     rest = head_dim - 2 * half
-    block_half = triton.next_power_of_2(half)
-    block_hq = min(triton.next_power_of_2(q.shape[1]), max(1, _MAX_PAIRS // block_half))
-    _rotary_kernel[(num_tokens, triton.cdiv(q.shape[1], block_hq))](
+    block_half = next_power_of_2(half)
+    block_hq = min(next_power_of_2(q.shape[1]), max(1, _MAX_PAIRS // block_half))
+    _rotary_kernel[(num_tokens, cdiv(q.shape[1], block_hq))](
         positions, cos, sin, cos.stride(0),
         q, q_out, q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), q.shape[1],
         kk, ko, kk.stride(0), kk.stride(1), ko.stride(0), ko.stride(1), kk.shape[1], half, head_dim,
-        BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(kk.shape[1]), BLOCK_HALF=block_half, BLOCK_REST=triton.next_power_of_2(max(rest, 1)),
+        BLOCK_HQ=block_hq, BLOCK_HK=next_power_of_2(kk.shape[1]), BLOCK_HALF=block_half, BLOCK_REST=next_power_of_2(max(rest, 1)),
         INTERLEAVED=interleaved, COPY_REST=rest > 0 and not inplace, HAS_K=k is not None,
         num_warps=4, **pdl_launch(q.device))
     return RotaryOutput(q_out, k_out)

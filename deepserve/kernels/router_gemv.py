@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_EXPERT_BLOCKS = 128
@@ -87,10 +88,10 @@ def _pow2_floor(n: int) -> int:
 
 def gemv_config(num_tokens: int, num_experts: int, hidden: int) -> GemvConfig:
     """Block sizes for a [T, H] x [E, H]^T router GEMV (the module docstring says why)."""
-    block_e = triton.next_power_of_2(triton.cdiv(max(num_experts, 1), _MAX_EXPERT_BLOCKS))
-    block_t = min(triton.next_power_of_2(max(num_tokens, 1)), _MAX_BLOCK_T)
-    block_h = min(triton.next_power_of_2(max(hidden, 1)), _pow2_floor(_TILE // (block_t * block_e)))
-    block_h = max(block_h, triton.next_power_of_2(triton.cdiv(hidden, _MAX_CHUNKS)))
+    block_e = next_power_of_2(cdiv(max(num_experts, 1), _MAX_EXPERT_BLOCKS))
+    block_t = min(next_power_of_2(max(num_tokens, 1)), _MAX_BLOCK_T)
+    block_h = min(next_power_of_2(max(hidden, 1)), _pow2_floor(_TILE // (block_t * block_e)))
+    block_h = max(block_h, next_power_of_2(cdiv(hidden, _MAX_CHUNKS)))
     return GemvConfig(block_t, block_e, block_h)
 
 
@@ -125,7 +126,7 @@ def router_logits(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
         return out
     if hidden == 0:
         return out.zero_()
-    grid = (triton.cdiv(num_experts, config.block_e), triton.cdiv(num_tokens, config.block_t))
+    grid = (cdiv(num_experts, config.block_e), cdiv(num_tokens, config.block_t))
     _router_gemv_kernel[grid](
         x, w, out, num_tokens, num_experts, x.stride(0), w.stride(0),
         HIDDEN=hidden, BLOCK_T=config.block_t, BLOCK_E=config.block_e, BLOCK_H=config.block_h,

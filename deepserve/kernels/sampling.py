@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.sizes import cdiv
+
 _BLOCK = 1024
 _TARGET_PROGRAMS = 512  # the sampler splits rows over the vocabulary until about this many programs
 
@@ -241,10 +243,10 @@ def exponential_race_sample(logits: torch.Tensor, seeds: torch.Tensor,
     rows, vocab = logits.shape
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
-    chunks = triton.cdiv(vocab, _BLOCK)
-    splits = max(1, min(chunks, triton.cdiv(_TARGET_PROGRAMS, rows)))  # fill the GPU at small N
-    split_len = triton.cdiv(chunks, splits) * _BLOCK
-    splits = triton.cdiv(vocab, split_len)
+    chunks = cdiv(vocab, _BLOCK)
+    splits = max(1, min(chunks, cdiv(_TARGET_PROGRAMS, rows)))  # fill the GPU at small N
+    split_len = cdiv(chunks, splits) * _BLOCK
+    splits = cdiv(vocab, split_len)
     best = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     idx = torch.empty(rows, splits, dtype=torch.int64, device=logits.device)
     temp = None if temperature is None else temperature.float()

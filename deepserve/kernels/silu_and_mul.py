@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 _BLOCK = 1024
 
@@ -51,8 +52,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((num_tokens, inter), dtype=x.dtype, device=x.device)
     if num_tokens == 0 or inter == 0:
         return out
-    block = min(_BLOCK, triton.next_power_of_2(inter))
-    grid = (num_tokens, triton.cdiv(inter, block))
+    block = min(_BLOCK, next_power_of_2(inter))
+    grid = (num_tokens, cdiv(inter, block))
     _silu_and_mul_kernel[grid](x, out, inter, x.stride(0), out.stride(0), BLOCK=block,
                                num_warps=4 if block >= 512 else 2, **pdl_launch(x.device))
     return out

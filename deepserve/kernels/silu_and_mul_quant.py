@@ -50,6 +50,7 @@ from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_lik
 from deepserve.kernels.int8_quant import Int8Activations, quantize_int8_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.silu_and_mul import check_gate_up, silu_mul
+from deepserve.kernels.sizes import next_power_of_2
 
 _BLOCK = 2048  # columns per chunk (timed against 8192 over 16 warps: see above)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -111,7 +112,7 @@ def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None) -> tuple[t
         raise ValueError(f"block must be a positive power of two, got {block}")
     fp8 = q_dtype == torch.float8_e4m3fn
     hw = hardware_cast_rounds_like_torch(x.device) if fp8 else x.is_cuda
-    block = block or min(_BLOCK, triton.next_power_of_2(max(inter, 1)))
+    block = block or min(_BLOCK, next_power_of_2(max(inter, 1)))
     _silu_and_mul_quant_kernel[(num_tokens,)](
         x, q, scale, inter, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw, BLOCK=block,
         num_warps=max(1, min(8, block // 256)), **pdl_launch(x.device))

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 
 _WHOLE_TILE_MAX = 8192  # f32 elements of [S, D] partials one program reads at once
@@ -33,7 +34,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: 
     """Splits per sequence so that batch * H_kv * splits programs fill ~4 waves of `num_sms`,
     each split keeping at least `min_keys_per_split` keys of the longest sequence."""
     programs = batch * num_kv_heads
-    wanted = triton.cdiv(4 * num_sms, programs)
+    wanted = cdiv(4 * num_sms, programs)
     by_length = max(1, max_seq_len // min_keys_per_split)
     return max(1, min(wanted, by_length, max_splits))
 
@@ -73,8 +74,8 @@ def _merge_kernel(mid_o_ptr, mid_lse_ptr, out_ptr,
 def merge_tiles(splits: int, dim: int) -> tuple[int, int]:
     """(BLOCK_S, BLOCK_D) of the merge: every split at once, D cut so a [BLOCK_S, BLOCK_D] f32 tile stays
     within _WHOLE_TILE_MAX elements (head dims <= 128 with <= 64 splits: the whole row, one program)."""
-    block_s = triton.next_power_of_2(splits)
-    return block_s, min(triton.next_power_of_2(dim), max(16, _WHOLE_TILE_MAX // block_s))
+    block_s = next_power_of_2(splits)
+    return block_s, min(next_power_of_2(dim), max(16, _WHOLE_TILE_MAX // block_s))
 
 
 def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor) 
         raise ValueError(f"mid_o {tuple(mid_o.shape)}, mid_lse {tuple(mid_lse.shape)} and out "
                          f"{tuple(out.shape)} do not fit [B, H, S, D] / [B, H, S] / [B, H, D]")
     block_s, block_d = merge_tiles(splits, dim)
-    _merge_kernel[(batch, heads, triton.cdiv(dim, block_d))](
+    _merge_kernel[(batch, heads, cdiv(dim, block_d))](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), splits,

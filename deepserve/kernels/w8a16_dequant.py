@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.sizes import cdiv
+
 _BLOCK_N, _BLOCK_K = 16, 256
 
 
@@ -46,7 +48,7 @@ def w8a16_dequant(w_q: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor
     out = torch.empty((n, k), dtype=dtype, device=w_q.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(n, _BLOCK_N), triton.cdiv(k, _BLOCK_K))
+    grid = (cdiv(n, _BLOCK_N), cdiv(k, _BLOCK_K))
     _w8a16_dequant_kernel[grid](w_q, w_scale, w_zero if w_zero is not None else w_scale, out, n, k,
                                 w_q.stride(0), out.stride(0), HAS_ZERO=w_zero is not None,
                                 BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=4)

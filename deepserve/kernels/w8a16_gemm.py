@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.int8_gemm import GemmConfig, check_operands, config_for, grouped_tile, num_sms
+from deepserve.kernels.sizes import cdiv
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -99,9 +100,9 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zero
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=x.dtype, device=x.device)
     cfg = config or w8a16_gemm_config(m, n, k, num_sms(x.device))
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     c = split_k_output(m, n, cfg.split_k, x.dtype, x.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), cfg.split_k)
     _w8a16_gemm_kernel[grid](
         x, w_q, c, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale,
         m, n, k, k_per_split, x.stride(0), w_q.stride(0), c.stride(0), c.stride(1),

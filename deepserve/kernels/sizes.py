@@ -1,0 +1,20 @@
+"""Host-side integer helpers for kernel launches: grid sizes and power-of-two block widths.
+
+    cdiv(x, y)          -> ceil(x / y) for y > 0, as triton.cdiv
+    next_power_of_2(n)  -> the smallest power of two >= n (0 for n = 0), as triton.next_power_of_2
+
+Triton's own are `ConstexprFunction`s (usable inside kernels too), and a call from host Python pays for
+their constexpr unwrapping: about 2-3.4 us each on the development machine (Triton 3.6 and 3.9) against
+0.03 us for the integer expression. A launch wrapper calls them a few times, and an eager prefill step of
+V2-Lite runs about 700 launches; these are plain functions with the same results on ints.
+"""
+
+from __future__ import annotations
+
+
+def cdiv(x: int, y: int) -> int:
+    return (x + y - 1) // y
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
