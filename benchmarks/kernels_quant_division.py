@@ -88,7 +88,8 @@ def main() -> None:
             us = 1000 * do_bench_cudagraph(lambda mode=mode: run(h, amax, mode), rep=50)
             cells.append(f"{us:9.1f} us {diff:>9} diff")
             append_record({**env, "engine": "deepserve", "model": f"I={args.cols}", "dtype": "bfloat16",
-                           "quant": "int8", "workload": "kernel", "kernel": "quant_division", "variant": name, "batch": m,
+                           "quant": "int8", "workload": "kernel", "kernel": "quant_division", "variant": name,
+                           "batch": m,
                            "cols": args.cols, "us": round(us, 2), "elements_differing_from_div_rn": diff,
                            "notes": "benchmarks/kernels_quant_division.py: rows quantised with the row max given; "
                                     "do_bench_cudagraph (rep 50) of the bf16 rows; differing elements counted over "

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.int8_gemm import TensorDescriptor, check_operands, grouped_tile, tma_ok
+from deepserve.kernels.int8_gemm import TensorDescriptor, check_operands, grouped_tile, scaled, tma_ok
 from deepserve.kernels.int8_quant import Int8Activations, quantize_int8_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue, pdl_wait
 from deepserve.kernels.silu_and_mul import silu_mul
@@ -94,7 +94,7 @@ def to_gated_layout(w: torch.Tensor, block: int = GATED_BLOCK) -> torch.Tensor:
     if w.shape[0] % 2:
         raise ValueError(f"a [gate | up] tensor has an even number of rows, got {w.shape[0]}")
     inter = w.shape[0] // 2
-    blocks = -(-inter // block)
+    blocks = cdiv(inter, block)
     halves = w.new_zeros((2, blocks * block, *w.shape[1:]))
     halves[:, :inter] = w.view(2, inter, *w.shape[1:])
     return halves.view(2, blocks, block, *w.shape[1:]).transpose(0, 1).reshape(2 * blocks * block, *w.shape[1:])
@@ -116,9 +116,8 @@ def _silu_epilogue(acc, h_ptr, part_ptr, a_scale_ptr, b_scale_ptr, pid_n, offs_m
     and up, SiLU-and-mul as silu_and_mul stores it; h stored, the tile's row max |h| to part_max[:, pid_n]."""
     out_ty = h_ptr.dtype.element_ty
     m_mask = offs_m < M
-    a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
-    b_scale = tl.load(b_scale_ptr + pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N))  # padded rows: 0
-    y = (acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]).to(out_ty)  # [BM, 2 BN]
+    y = scaled(acc, a_scale_ptr, b_scale_ptr + pid_n * 2 * BLOCK_N, b_scale_ptr, offs_m, tl.arange(0, 2 * BLOCK_N),
+               M, 2 * BLOCK_N, 0, False).to(out_ty)  # [BM, 2 BN]; the block's scale rows all exist (padding: 0)
     gate, up = tl.split(tl.permute(tl.reshape(y, (y.shape[0], 2, BLOCK_N)), (0, 2, 1)))  # [BM, BN] each
     h = silu_mul(gate, up.to(tl.float32)).to(out_ty)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,7 +165,7 @@ def int8_gemm_silu(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, 
     GATED_BLOCK, at most MAX_PARTS blocks) -> (h [M, I] out_dtype, part_max [M, max(1, I_pad / GATED_BLOCK)]
     f32). `config` overrides the table; `tma=False` forces the pointer loads (tests)."""
     check_operands(x_q, w_g, w_scale_g, None, (torch.int8,), "int8_gemm_silu")
-    blocks = -(-inter // GATED_BLOCK)
+    blocks = cdiv(inter, GATED_BLOCK)
     if inter < 0 or w_g.shape[0] != 2 * GATED_BLOCK * blocks:
         raise ValueError(f"int8_gemm_silu: a gated-layout weight of I = {inter} has {2 * GATED_BLOCK * blocks} "
                          f"rows (to_gated_layout), got {w_g.shape[0]}")

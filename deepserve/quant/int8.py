@@ -226,7 +226,6 @@ class Int8W8A8Method(LinearMethod):
         y = w8a8_silu_and_mul_linear(rows, layer.weight, layer.weight_scale, bias)
         return y.view(*gate_up.shape[:-1], y.shape[-1])
 
-
     def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, consumer: nn.Module) -> PerTokenInt8 | None:
         """x [..., in] (or its PerTokenInt8) through this merged [gate | up] layer, then SiLU-and-mul, as the
         per-token quantisation `consumer` (the down projection, also plain int8 W8A8) makes of its input
@@ -238,23 +237,22 @@ class Int8W8A8Method(LinearMethod):
         inter = getattr(layer, "gated_inter", None)
         if inter is None or type(getattr(consumer, "method", None)) is not Int8W8A8Method:
             return None
-        if isinstance(x, PerTokenInt8):
-            if not x.q.is_cuda:
-                return None
-            lead, dtype = x.q.shape[:-1], x.dtype
-            x_q, x_scale = x.q.reshape(-1, x.q.shape[-1]), x.scale.reshape(-1)  # [T, in], [T]
-        else:
+        if not isinstance(x, PerTokenInt8):
             if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
                 return None
             from deepserve.kernels.int8_quant import int8_quant
 
-            lead, dtype = x.shape[:-1], x.dtype
-            rows = x.reshape(-1, x.shape[-1])
-            x_q, x_scale, _ = int8_quant(rows if rows.stride(-1) == 1 else rows.contiguous())
+            rows = x.reshape(-1, x.shape[-1])  # [T, in]
+            q, scale, _ = int8_quant(rows if rows.stride(-1) == 1 else rows.contiguous())
+            x = PerTokenInt8(q.view(x.shape), scale.view(x.shape[:-1]), x.dtype)
+        if not x.q.is_cuda:
+            return None
         from deepserve.quant.int8_cuda import w8a8_gate_up_silu_quant
 
-        h = w8a8_gate_up_silu_quant(x_q, x_scale, layer.weight, layer.weight_scale, inter, dtype)
-        return PerTokenInt8(h.q.view(*lead, h.q.shape[-1]), h.scale.view(lead), dtype)
+        lead = x.q.shape[:-1]
+        h = w8a8_gate_up_silu_quant(x.q.reshape(-1, x.q.shape[-1]), x.scale.reshape(-1), layer.weight,
+                                    layer.weight_scale, inter, x.dtype)
+        return PerTokenInt8(h.q.view(*lead, h.q.shape[-1]), h.scale.view(lead), x.dtype)
 
 
 def put_in_gated_layout(layer: nn.Module) -> None:
