@@ -4,9 +4,11 @@
     next_power_of_2(n)  -> the smallest power of two >= n (0 for n = 0), as triton.next_power_of_2
 
 Triton's own are `ConstexprFunction`s (usable inside kernels too), and a call from host Python pays for
-their constexpr unwrapping: about 2-3.4 us each on the development machine (Triton 3.6 and 3.9) against
-0.03 us for the integer expression. A launch wrapper calls them a few times, and an eager prefill step of
-V2-Lite runs about 700 launches; these are plain functions with the same results on ints.
+their constexpr unwrapping: 1.90 us against 0.088 us for this cdiv on the 2-core development machine
+(Triton 3.9; run s8host, benchmarks/host_launch.py, results/cpu.jsonl), where the int8 GEMM's wrapper with
+a no-op launch took 41.13 us with Triton's cdiv and 29.92 us with this one. A launch wrapper calls them a
+few times, and an eager prefill step of V2-Lite runs about 700 launches; these are plain functions with the
+same results on ints (tests/kernels/test_sizes.py).
 """
 
 from __future__ import annotations
