@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve import envs
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.sizes import cdiv, next_power_of_2
 
@@ -65,9 +66,10 @@ class GemvConfig(NamedTuple):
 # entries); the big-N GEMVs (gate_up, LM head) prefer 2048-column chunks at 8 warps (62.55 vs 64.90,
 # 239.7 vs 241.7). A qwen-7b step's linears: 3.46 ms summed, 3.61 ms with the old table.
 TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (4096, _ANY, GemvConfig(2, 1024, 1, 4)),  # o / down of qwen-7b, V2-Lite's q+kv_a / o / dense down
-    (8192, _ANY, GemvConfig(2, 512, 1, 2)),  # qkv of qwen-7b
-    (_ANY, _ANY, GemvConfig(4, 2048, 1, 8)),  # gate_up, LM head: many waves of programs
+    (4096, 4096, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/o, v2-lite/q_kv_a, v2-lite/o
+    (4096, _ANY, GemvConfig(2, 2048, 1, 8)),  # qwen-7b/down, v2-lite/dense_down
+    (8192, _ANY, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/qkv
+    (_ANY, _ANY, GemvConfig(8, 2048, 1, 8)),  # qwen-7b/gate_up, qwen-7b/lm_head, v2-lite/dense_gate_up, v2-lite/lm_head
 )
 # int8 weights (W8A16): measured on an H200 (run s6h1, `benchmarks/kernels_gemv.py --sweep --weights int8`,
 # M = 1, qwen-7b shapes, CUDA-graph replays over cold weights; BLOCK_K below in 2-byte columns, so the
@@ -75,10 +77,10 @@ TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
 # 8-row entry, o 6.71 vs 8.15, down 23.57 vs 29.19 with 4096-byte chunks at 8 warps), 2-row programs with
 # 512-byte chunks at one warp for gate_up (42.73 vs 45.37 us). One qwen-7b layer: 81.1 vs 91.9 us.
 INT8_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (4096, 4096, GemvConfig(1, 1024, 1, 4)),  # o of qwen-7b
-    (4096, _ANY, GemvConfig(1, 2048, 1, 8)),  # down of qwen-7b (K = 18944)
-    (8192, _ANY, GemvConfig(1, 1024, 1, 4)),  # qkv of qwen-7b
-    (_ANY, _ANY, GemvConfig(2, 256, 1, 1)),  # gate_up: many waves of small programs
+    (4096, 4096, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/o, v2-lite/q_kv_a, v2-lite/o
+    (4096, _ANY, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/down, v2-lite/dense_down
+    (8192, _ANY, GemvConfig(8, 1024, 1, 4)),  # qwen-7b/qkv
+    (_ANY, _ANY, GemvConfig(4, 256, 1, 1)),  # qwen-7b/gate_up, v2-lite/dense_gate_up
 )
 
 
@@ -108,9 +110,42 @@ def _block_m(m: int) -> int:
 
 
 @triton.jit
-def _chunk_sums(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+def _int8_to_f32(w, PTX: tl.constexpr):
+    """int8 -> float32 exactly, without I2F (a quarter-rate conversion on sm_90 that bounded the W8A16
+    GEMV, run s9b): the bits 0x4B000000 | (w + 128) are the float 2^23 + 128 + w (w + 128 in [0, 255]
+    fills the low byte), and subtracting 2^23 + 128 is exact.
+    PTX (CUDA): per 4 packed bytes one xor with 0x80808080 (w + 128 as a byte), then per byte one prmt
+    placing it under 0x4B and one float subtract. Otherwise (interpreter, the PTX form's reference): the
+    sign-extended w + 0x4B000080 (no carry leaves the low byte), the same bits."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, t, m, 0x7440;
+            prmt.b32 $1, t, m, 0x7441;
+            prmt.b32 $2, t, m, 0x7442;
+            prmt.b32 $3, t, m, 0x7443;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+    bits = w.to(tl.int32) + 0x4B000080
+    return bits.to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _chunk_sums(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                PTX: tl.constexpr):
     """x [BM, 1, BK] * w [1, BN, BK] in float32, summed over each run of VEC columns -> [BM, BN, BK / VEC]."""
-    prod = x.to(tl.float32) * w.to(tl.float32)
+    if w.dtype == tl.int8:
+        wf = _int8_to_f32(w, PTX)
+    else:
+        wf = w.to(tl.float32)
+    prod = x.to(tl.float32) * wf
     return tl.sum(tl.reshape(prod, (BLOCK_M, BLOCK_N, BLOCK_K // VEC, VEC)), axis=3)
 
 
@@ -118,10 +153,10 @@ def _chunk_sums(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_xm,
                  HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                 scale_ptr=None, HAS_SCALE: tl.constexpr = False, PDL: tl.constexpr = False):
+                 scale_ptr=None, HAS_SCALE: tl.constexpr = False, PTX: tl.constexpr = False,
+                 PDL: tl.constexpr = False):
     """out[split, m, n] = sum over this split's K range of x[m, k] * w[n, k] (* scale[n] for int8 w)
-    (+ bias on split 0)."""
-    pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
+    (+ bias on split 0). The first weight chunk is loaded before the PDL wait (see the module docstring)."""
     split = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -133,22 +168,30 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_x
         x_offs = tl.multiple_of(x_offs, VEC)
     k_start = split * k_per_split
     k_end = k_start + tl.minimum(k_per_split, K - k_start)
-    k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K  # whole chunks end here
     w_rows = w_ptr + w_offs[None, :, None] + offs_k[None, None, :]  # [1, BN, BK] at k = 0
     x_rows = x_ptr + x_offs[:, None, None] + offs_k[None, None, :]  # [BM, 1, BK]
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
-    for k0 in range(k_start, k_full, BLOCK_K):
+    # chunk 0 (full, or the whole range when it is shorter): its weights are requested before the wait
+    first = tl.minimum(k_end - k_start, BLOCK_K)
+    if ALIGNED:
+        first = tl.multiple_of(first, VEC)
+    first_ok = (offs_k < first)[None, None, :]
+    w = tl.load(w_rows + k_start, mask=first_ok, other=0.0)
+    pdl_prologue(PDL)  # x (and out) only after the previous kernel (kernels/pdl.py)
+    x = tl.load(x_rows + k_start, mask=first_ok, other=0.0)
+    acc = _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC, PTX)
+    k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K  # whole chunks end here
+    for k0 in range(k_start + BLOCK_K, k_full, BLOCK_K):
         x = tl.load(x_rows + k0)
         w = tl.load(w_rows + k0)
-        acc += _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
-    if k_full < k_end:
+        acc += _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC, PTX)
+    if k_full < k_end and k_full > k_start:  # a partial last chunk that is not chunk 0
         tail = k_end - k_full
         if ALIGNED:
             tail = tl.multiple_of(tail, VEC)
         k_ok = (offs_k < tail)[None, None, :]
         x = tl.load(x_rows + k_full, mask=k_ok, other=0.0)
         w = tl.load(w_rows + k_full, mask=k_ok, other=0.0)
-        acc += _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC)
+        acc += _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC, PTX)
     y = tl.sum(acc, axis=2)  # [BM, BN] float32
     n_ok = offs_n < N
     if HAS_SCALE:  # int8 weights (W8A16): one float32 scale per output row
@@ -230,9 +273,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     _gemv_kernel[(cdiv(n, cfg.block_n), splits)](
         x, w, bias if bias is not None else w, out, m, n, k, k_per_split, x.stride(0),
         HAS_BIAS=bias is not None, ALIGNED=aligned, BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None, num_warps=cfg.num_warps,
+        BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None,
+        PTX=w_scale is not None and _nvidia_ptx(x.device), num_warps=cfg.num_warps,
         **pdl_launch(x.device))
     return out[0] if splits == 1 else _sum_splits(out, x.dtype)
+
+
+def _nvidia_ptx(device: torch.device) -> bool:
+    """Whether the kernel may carry inline PTX: compiled for an NVIDIA GPU (not the interpreter, not ROCm)."""
+    return device.type == "cuda" and torch.version.hip is None and not envs.triton_interpret()
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,

@@ -311,6 +311,27 @@ def test_int8_weights_with_row_scales(m, n, k, dtype, bias):
     assert not bool(((wrong.double() - s).abs() <= allowed(s, mags, depth, dtype, r)).all())
 
 
+@pytest.mark.parametrize("k", [16, 300, 512])
+def test_int8_weights_every_value_exact(k):
+    """Every int8 value, -128 included, reaches the float32 sum exactly, at its own column (the kernel
+    converts with integer arithmetic, not a conversion instruction). Row i holds i - 128 in every column
+    (x = 1); then rows hold all 256 values in shuffled orders against integer x. Products and sums are
+    integers below 2^24 and scale = 1, so the float32 outputs are exact: one value off by one, or read
+    from another column, changes its row."""
+    dev = device()
+    values = torch.arange(-128, 128, dtype=torch.int32)
+    w = values[:, None].expand(256, k).to(torch.int8).contiguous()
+    got = G.gemv(torch.ones(1, k, device=dev), w.to(dev), None, w_scale=torch.ones(256, device=dev))
+    assert torch.equal(got.cpu(), (values * k).float()[None, :])
+    gen = torch.Generator().manual_seed(k)
+    shuffled = torch.stack([(values[torch.randperm(256, generator=gen)]).repeat(-(-k // 256))[:k]
+                            for _ in range(64)]).to(torch.int8)  # [64, K]
+    x = (torch.randint(-3, 4, (2, k), generator=gen)).float()
+    want = x.double() @ shuffled.double().t()
+    got = G.gemv(x.to(dev), shuffled.to(dev), None, w_scale=torch.ones(64, device=dev))
+    assert torch.equal(got.cpu().double(), want)
+
+
 def test_int8_weights_need_their_scales():
     dev = device()
     x, w = torch.randn(1, 32).to(dev), torch.zeros(4, 32, dtype=torch.int8, device=dev)
