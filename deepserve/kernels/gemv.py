@@ -27,6 +27,21 @@ bytes per memory round trip while it is no larger than what the SMs hold at once
 programs x tile bytes beyond that. With BLOCK_K = VEC * 32 * num_warps (1024 for bf16 at 4 warps)
 the x chunk's layout equals the weight tile's (no layout conversion in the loop, checked in the
 Triton 3.6 sm_90 IR); other BLOCK_K values pay one small shared-memory exchange of x per chunk.
+Double-buffering the loop by hand (chunk k+1's loads issued before chunk k's sums, carried in
+registers) lost: int8 weights ran at about half speed (run s9d), bf16 within noise.
+
+PDL (kernels/pdl.py): a program requests its first weight chunk BEFORE the wait for the previous
+kernel, so with programmatic dependent launch the resident programs stream weights while the kernel
+before them (a norm, the attention) finishes. Only x, the output and the split partials depend on
+earlier kernels. So `w` (and scale, bias) must not be written by a kernel of the same stream that has
+not completed: true of weights, which are written at load time. Run s9c, H200, M = 1: qwen-7b
+int8 qkv 6.14 us and o 5.59 us with this prefetch, at the configs that gave 7.35 / 6.19 us without it in run
+s9b (two runs, not one A/B).
+
+int8 weights (W8A16, `w_scale` given): a weight is converted to float32 exactly without I2F, which runs at
+a quarter of the FMA rate on sm_90 and bounded this kernel (`_int8_to_f32`). Run s9b (H200, same run,
+table configs, cold weights): a qwen-7b decode step's four linears 2.262 ms with I2F, 2.201 ms with the
+integer-add form, 2.084 ms with the PTX form. gate_up went from 3.19 to 3.82 TB/s at the best configs.
 
 The table (`gemv_config`, keyed by N and K ranges, chosen on the host from the shapes alone, so a
 captured CUDA graph always replays the same launch) holds the configs `benchmarks/kernels_gemv.py
@@ -59,23 +74,20 @@ class GemvConfig(NamedTuple):
     num_warps: int = 4
 
 
-# (largest N, largest K, config for bf16/f16 at M = 1); the first entry covering the shape wins.
-# Measured on an H200 (run s5e1, benchmarks/kernels_gemv.py --sweep at M = 1, qwen-7b shapes, CUDA-graph
-# replays over cold weights; the candidates within ~1% of each other are noise): narrow programs (2 rows)
-# win for N <= 8192 (o 8.59 vs 8.95 us, down 33.58 vs 35.57, qkv 10.41 vs 10.83 for the old 4/8-row
-# entries); the big-N GEMVs (gate_up, LM head) prefer 2048-column chunks at 8 warps (62.55 vs 64.90,
-# 239.7 vs 241.7). A qwen-7b step's linears: 3.46 ms summed, 3.61 ms with the old table.
+# (largest N, largest K, config at M = 1); the first entry covering the shape wins. Picked from the M = 1
+# sweeps of run s9c (H200, `benchmarks/kernels_gemv.py --sweep [--weights int8]`, qwen-7b and V2-Lite decode
+# shapes, CUDA-graph replays over cold weights, run_ids fdd7cbcad7a5 bf16 and 21104ced4144 int8): per entry,
+# the candidate whose fitted config (gemv_config) has the least time summed over the entry's shapes x their
+# calls per decode step, keeping >= 2 programs per SM. A step's linears, these tables against the previous
+# ones in the same sweep: qwen-7b bf16 3.360 vs 3.490 ms (LM head included), V2-Lite 0.344 vs 0.361 ms.
 TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
     (4096, 4096, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/o, v2-lite/q_kv_a, v2-lite/o
     (4096, _ANY, GemvConfig(2, 2048, 1, 8)),  # qwen-7b/down, v2-lite/dense_down
     (8192, _ANY, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/qkv
     (_ANY, _ANY, GemvConfig(8, 2048, 1, 8)),  # qwen-7b/gate_up, qwen-7b/lm_head, v2-lite/dense_gate_up, v2-lite/lm_head
 )
-# int8 weights (W8A16): measured on an H200 (run s6h1, `benchmarks/kernels_gemv.py --sweep --weights int8`,
-# M = 1, qwen-7b shapes, CUDA-graph replays over cold weights; BLOCK_K below in 2-byte columns, so the
-# kernel's int8 chunk is twice it): one-row programs for N <= 8192 (qkv 8.10 vs 9.18 us for the previous
-# 8-row entry, o 6.71 vs 8.15, down 23.57 vs 29.19 with 4096-byte chunks at 8 warps), 2-row programs with
-# 512-byte chunks at one warp for gate_up (42.73 vs 45.37 us). One qwen-7b layer: 81.1 vs 91.9 us.
+# int8 weights (W8A16; BLOCK_K in 2-byte columns, so the kernel's int8 chunk is twice it), same method and
+# run: a step's linears (LM head in bf16, not here) qwen-7b 1.894 vs 2.072 ms, V2-Lite 0.206 vs 0.244 ms.
 INT8_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
     (4096, 4096, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/o, v2-lite/q_kv_a, v2-lite/o
     (4096, _ANY, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/down, v2-lite/dense_down
