@@ -3,7 +3,8 @@
 For each qwen-7b and V2-Lite linear shape and M in (1, 2, 4), both are timed as CUDA-graph replays
 over enough copies of the weight that one replay streams more than 160 MB (at least 4 copies), so the
 weights come from HBM and not from the 50 MB L2, as in a decode step; median of 15 replays, divided
-by the copies. GB/s = weight bytes / time. Records go to benchmarks/results/kernels_gemv.jsonl with
+by the copies. The GEMV is called as the linear methods call it (static_weight=True: the weights are
+built before the graph). GB/s = weight bytes / time. Records go to benchmarks/results/kernels_gemv.jsonl with
 one run_id (../shared/BENCHMARKS.md), next to the card's copy bandwidth measured in the same run.
 
     python benchmarks/kernels_gemv.py [--ms 1,2,4] [--shapes qwen-7b,v2-lite] [--json PATH]
@@ -95,7 +96,7 @@ def bench(models: list[str], ms: list[int], result_file: str, run_id: str, copy_
     for model, layer, k, n, m, x, copies in cases(models, ms):
         cfg = gemv_config(m, n, k, x.dtype)
         err = checked_err("gemv", lambda: gemv(x, *copies[0]), lambda: F.linear(x, *copies[0]))
-        ours = timed_us(lambda wb: (lambda: gemv(x, *wb)), copies)
+        ours = timed_us(lambda wb: (lambda: gemv(x, *wb, static_weight=True)), copies)
         cublas = timed_us(lambda wb: (lambda: F.linear(x, *wb)), copies)
         s = speeds(2 * n * k, ours, cublas, copy_gbs)
         if s.speedup is not None:
@@ -151,7 +152,8 @@ def sweep(models: list[str], ms: list[int], result_file: str, run_id: str, weigh
         table = gemv_config(m, n, k, torch.int8 if int8 else x.dtype)
 
         def call(wb, cfg):  # (w, bias) for bf16, (w int8, row scales) for int8
-            return (lambda: gemv(x, wb[0], None, cfg, w_scale=wb[1])) if int8 else (lambda: gemv(x, *wb, cfg))
+            return ((lambda: gemv(x, wb[0], None, cfg, w_scale=wb[1], static_weight=True)) if int8
+                    else (lambda: gemv(x, *wb, cfg, static_weight=True)))
 
         timed = time_configs(table, [c for c in candidates(m, weights) if usable(c, k, n)],
                              lambda cfg: timed_us(lambda wb: call(wb, cfg), copies))

@@ -30,16 +30,19 @@ Triton 3.6 sm_90 IR); other BLOCK_K values pay one small shared-memory exchange 
 Double-buffering the loop by hand (chunk k+1's loads issued before chunk k's sums, carried in
 registers) lost: int8 weights ran at about half speed (run s9d), bf16 within noise.
 
-PDL (kernels/pdl.py): a program requests its first weight chunk BEFORE the wait for the previous
-kernel, so with programmatic dependent launch the resident programs stream weights while the kernel
-before them (a norm, the attention) finishes. Only x, the output and the split partials depend on
-earlier kernels. So `w` (and scale, bias) must not be written by a kernel of the same stream that has
-not completed: true of weights, which are written at load time. Run s9c, H200, M = 1: qwen-7b
-int8 qkv 6.14 us and o 5.59 us with this prefetch, at the configs that gave 7.35 / 6.19 us without it in run
-s9b (two runs, not one A/B).
+PDL (kernels/pdl.py): with `static_weight=True` (the linear methods: a layer's weight) a program
+requests its first weight chunk BEFORE the wait for the previous kernel, so with programmatic dependent
+launch the resident programs stream weights while the kernel before them (a norm, the attention)
+finishes. Everything else (x, scale, bias, the output, the split partials) is touched after the wait.
+The only kernel that can still be running then is the one launched just before (it lets this one launch
+after its own wait, so every earlier kernel has completed): that kernel must not write w. Weights are
+written at load time; a caller that builds w just before the call keeps the default (False). Runs s9b /
+s9c (H200, M = 1, two runs, not one A/B): qwen-7b int8 qkv 7.35 -> 6.14 us and o 6.19 -> 5.59 us at the
+same configs with this prefetch.
 
-int8 weights (W8A16, `w_scale` given): a weight is converted to float32 exactly without I2F, which runs at
-a quarter of the FMA rate on sm_90 and bounded this kernel (`_int8_to_f32`). Run s9b (H200, same run,
+int8 weights (W8A16, `w_scale` given): a weight is converted to float32 exactly without I2F, a
+low-throughput conversion (the CUDA guide's table: 16 per clock per SM on compute capability 9.0, against
+128 float32 FMAs) that bounded this kernel (`_int8_to_f32`). Run s9b (H200, same run,
 table configs, cold weights): a qwen-7b decode step's four linears 2.262 ms with I2F, 2.201 ms with the
 integer-add form, 2.084 ms with the PTX form. gate_up went from 3.19 to 3.82 TB/s at the best configs.
 
@@ -51,6 +54,7 @@ the output (and the split partials): CUDA-graph safe.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -128,7 +132,7 @@ def _int8_to_f32(w, PTX: tl.constexpr):
     fills the low byte), and subtracting 2^23 + 128 is exact.
     PTX (CUDA): per 4 packed bytes one xor with 0x80808080 (w + 128 as a byte), then per byte one prmt
     placing it under 0x4B and one float subtract. Otherwise (interpreter, the PTX form's reference): the
-    sign-extended w + 0x4B000080 (no carry leaves the low byte), the same bits."""
+    sign-extended w + 0x4B000080 (no carry leaves the low byte), the same bits. ROCm compiles this form too."""
     if PTX:
         return tl.inline_asm_elementwise(
             asm="""{
@@ -166,9 +170,9 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_x
                  HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
                  scale_ptr=None, HAS_SCALE: tl.constexpr = False, PTX: tl.constexpr = False,
-                 PDL: tl.constexpr = False):
+                 PREFETCH_W: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[split, m, n] = sum over this split's K range of x[m, k] * w[n, k] (* scale[n] for int8 w)
-    (+ bias on split 0). The first weight chunk is loaded before the PDL wait (see the module docstring)."""
+    (+ bias on split 0). PREFETCH_W: the first weight chunk is loaded before the PDL wait (module docstring)."""
     split = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -187,8 +191,11 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_x
     if ALIGNED:
         first = tl.multiple_of(first, VEC)
     first_ok = (offs_k < first)[None, None, :]
-    w = tl.load(w_rows + k_start, mask=first_ok, other=0.0)
-    pdl_prologue(PDL)  # x (and out) only after the previous kernel (kernels/pdl.py)
+    if PREFETCH_W:  # a static weight: nothing on the stream writes it (module docstring)
+        w = tl.load(w_rows + k_start, mask=first_ok, other=0.0)
+    pdl_prologue(PDL)  # everything else only after the previous kernel (kernels/pdl.py)
+    if not PREFETCH_W:
+        w = tl.load(w_rows + k_start, mask=first_ok, other=0.0)
     x = tl.load(x_rows + k_start, mask=first_ok, other=0.0)
     acc = _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC, PTX)
     k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K  # whole chunks end here
@@ -265,11 +272,14 @@ def _check_config(cfg: GemvConfig, vec: int) -> None:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, w_scale: torch.Tensor | None = None,
+         static_weight: bool = False) -> torch.Tensor:
     """x [M, K] bf16/f16/f32 (unit stride in K), w [N, K] x.dtype contiguous, bias [N] float or None
     -> [M, N] x.dtype. With w_scale [N] float32, w is int8 (symmetric W8A16): y = (x @ w^T) * w_scale
     (+ bias), the int8 values exact in float32, the scale applied to the float32 sum. `config`
-    overrides the table (benchmarks, tests)."""
+    overrides the table (benchmarks, tests). static_weight=True promises that the kernel launched just
+    before this one on the stream does not write w (a layer's weight: written at load time), so under
+    PDL its first chunk is read before the wait; a w computed by the previous kernel needs False."""
     _check(x, w, bias, w_scale)
     (m, k), n = x.shape, w.shape[0]
     if m == 0 or n == 0 or k == 0:
@@ -286,14 +296,20 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
         x, w, bias if bias is not None else w, out, m, n, k, k_per_split, x.stride(0),
         HAS_BIAS=bias is not None, ALIGNED=aligned, BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None,
-        PTX=w_scale is not None and _nvidia_ptx(x.device), num_warps=cfg.num_warps,
+        PTX=w_scale is not None and _nvidia_ptx(x.device), PREFETCH_W=static_weight, num_warps=cfg.num_warps,
         **pdl_launch(x.device))
     return out[0] if splits == 1 else _sum_splits(out, x.dtype)
 
 
 def _nvidia_ptx(device: torch.device) -> bool:
     """Whether the kernel may carry inline PTX: compiled for an NVIDIA GPU (not the interpreter, not ROCm)."""
-    return device.type == "cuda" and torch.version.hip is None and not envs.triton_interpret()
+    return device.type == "cuda" and _nvidia_backend()
+
+
+@functools.lru_cache(maxsize=None)
+def _nvidia_backend() -> bool:
+    """Asked once (Triton fixes the interpreter mode at import)."""
+    return torch.version.hip is None and not envs.triton_interpret()
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,

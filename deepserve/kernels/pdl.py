@@ -11,9 +11,9 @@ Contract of a kernel that takes `PDL: tl.constexpr = False`:
     has completed and its memory is visible, before any load or store of the kernel, so the kernel
     reads and writes exactly what it would without PDL; only then `griddepcontrol.launch_dependents`
     lets the next kernel launch (after the wait, so at most one grid waits behind a running one).
-    One exception: the decode GEMV (kernels/gemv.py) loads its first weight chunk before the wait.
-    Weights are written at load time, never by a kernel on the serving stream, so what it reads is
-    the same with and without PDL.
+    One exception: the decode GEMV (kernels/gemv.py) called with `static_weight=True` loads its first
+    weight chunk before the wait (`if PREFETCH_W:` ahead of the prologue). The only kernel that can
+    still run then is the one launched just before it, and that one never writes a layer's weight.
   * its launch passes `**pdl_launch(device)`: {"PDL": True, "launch_pdl": True} on an sm_90+ NVIDIA
     device unless DEEPSERVE_PDL=0, else {} (PDL stays False and the prologue compiles to nothing): never
     under ROCm (torch reports "cuda" devices there too), under TRITON_INTERPRET=1, or with a Triton that

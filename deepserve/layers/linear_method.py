@@ -101,7 +101,7 @@ class DenseLinearMethod(LinearMethod):
         from deepserve.kernels.gemv import gemv  # lazy: Triton on CUDA only
 
         rows = x.reshape(-1, x.shape[-1])  # [M, in]
-        return gemv(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return gemv(rows, weight, bias, static_weight=True).view(*x.shape[:-1], weight.shape[0])
 
 
 class CpuPackedLinearMethod(LinearMethod):

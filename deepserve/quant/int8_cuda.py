@@ -112,7 +112,7 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_ze
         from deepserve.kernels.gemv import GEMV_MAX_M, gemv
 
         if x.shape[0] <= GEMV_MAX_M:
-            return gemv(_rows(x), w_q, bias, w_scale=w_scale)
+            return gemv(_rows(x), w_q, bias, w_scale=w_scale, static_weight=True)  # a layer's weight
     from deepserve.kernels.w8a16_gemm import w8a16_gemm
 
     return w8a16_gemm(_rows(x), w_q, w_scale, w_zero, bias)

@@ -145,8 +145,8 @@ def test_bound_rejects_wrong_results():
     lost_chunk = w.clone()
     lost_chunk[:, -64:] = 0
     shifted = torch.roll(w, 1, dims=0)
-    for bad in (G.gemv(x, lost_chunk, b, cfg), G.gemv(x, shifted, b, cfg), good + G.gemv(x[:, :8].contiguous(),
-                                                                                        w[:, :8].contiguous())):
+    x8, w8 = x[:, :8].contiguous(), w[:, :8].contiguous()
+    for bad in (G.gemv(x, lost_chunk, b, cfg), G.gemv(x, shifted, b, cfg), good + G.gemv(x8, w8)):
         assert within(bad, x, w, b, cfg).float().mean() < 0.5
 
 
@@ -236,6 +236,30 @@ def test_gpu_cuda_graph_replay(k, n, m, split_k):
         assert_gemv_close(out, x, w, b, cfg)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(3584, 4608), (3584, 37888), (18944, 3584), (2048, 2048)])
+@pytest.mark.parametrize("int8", [False, True])
+def test_gpu_static_weight_prefetch_same_bits(k, n, int8):
+    """static_weight=True (the first weight chunk read before the PDL wait) gives the bits of the default,
+    eager and replayed in a CUDA graph behind a kernel that writes x (the weights are built first)."""
+    w = (torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda") if int8
+         else (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16())
+    scale = torch.rand(n, device="cuda") / 50 + 1e-3 if int8 else None
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    want = G.gemv(x, w, None, w_scale=scale)
+    assert torch.equal(G.gemv(x, w, None, w_scale=scale, static_weight=True), want)
+    src = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.copy_(src * 1.0)  # the kernel just before writes x, which the GEMV reads after its wait
+        out = G.gemv(x, w, None, w_scale=scale, static_weight=True)
+    for sign in (1.0, -1.0, 1.0):
+        src.copy_(sign * x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, G.gemv(src, w, None, w_scale=scale))
+
+
 # ---- the dense-linear dispatch (layers/linear_method.py) ----------------------------------------
 
 def test_dispatch_switch_within_kernel_limit():
@@ -312,23 +336,25 @@ def test_int8_weights_with_row_scales(m, n, k, dtype, bias):
 
 
 @pytest.mark.parametrize("k", [16, 300, 512])
-def test_int8_weights_every_value_exact(k):
+@pytest.mark.parametrize("cfg", [None, G.GemvConfig(2, 64, 1, 1), G.GemvConfig(4, 32, 3, 1)],
+                         ids=["table", "2x64", "4x32-split3"])
+def test_int8_weights_every_value_exact(k, cfg):
     """Every int8 value, -128 included, reaches the float32 sum exactly, at its own column (the kernel
     converts with integer arithmetic, not a conversion instruction). Row i holds i - 128 in every column
     (x = 1); then rows hold all 256 values in shuffled orders against integer x. Products and sums are
     integers below 2^24 and scale = 1, so the float32 outputs are exact: one value off by one, or read
-    from another column, changes its row."""
+    from another column, changes its row. The small configs walk the K loop, a masked tail and splits."""
     dev = device()
     values = torch.arange(-128, 128, dtype=torch.int32)
     w = values[:, None].expand(256, k).to(torch.int8).contiguous()
-    got = G.gemv(torch.ones(1, k, device=dev), w.to(dev), None, w_scale=torch.ones(256, device=dev))
+    got = G.gemv(torch.ones(1, k, device=dev), w.to(dev), None, cfg, w_scale=torch.ones(256, device=dev))
     assert torch.equal(got.cpu(), (values * k).float()[None, :])
     gen = torch.Generator().manual_seed(k)
     shuffled = torch.stack([(values[torch.randperm(256, generator=gen)]).repeat(-(-k // 256))[:k]
                             for _ in range(64)]).to(torch.int8)  # [64, K]
     x = (torch.randint(-3, 4, (2, k), generator=gen)).float()
     want = x.double() @ shuffled.double().t()
-    got = G.gemv(x.to(dev), shuffled.to(dev), None, w_scale=torch.ones(64, device=dev))
+    got = G.gemv(x.to(dev), shuffled.to(dev), None, cfg, w_scale=torch.ones(64, device=dev))
     assert torch.equal(got.cpu().double(), want)
 
 

@@ -107,18 +107,51 @@ def _kernels_taking_pdl() -> list[tuple[str, ast.FunctionDef]]:
     return found
 
 
+# kernel -> (constexpr flag, pointer block name): kernels that may load a static weight before the wait
+EARLY_WEIGHT_LOADS = {"_gemv_kernel": ("PREFETCH_W", "w_rows")}
+
+
+def _check_only_static_weight_loads(before_wait: list[ast.stmt], allowed: tuple[str, str]) -> None:
+    """Before the wait: index arithmetic, and loads of the weight only, under the constexpr flag. No store,
+    atomic or load of anything else (x, scales, bias, output)."""
+    flag, weight = allowed
+    for stmt in before_wait:
+        calls = [c for c in ast.walk(stmt) if isinstance(c, ast.Call)]
+        names = {ast.unparse(c.func) for c in calls}
+        assert not any(n.startswith(("tl.store", "tl.atomic")) for n in names), ast.unparse(stmt)
+        loads = [c for c in calls if ast.unparse(c.func) == "tl.load"]
+        if not loads:
+            continue
+        assert isinstance(stmt, ast.If) and ast.unparse(stmt.test) == flag, ast.unparse(stmt)
+        assert all(ast.unparse(c.args[0]).startswith(weight) for c in loads), ast.unparse(stmt)
+
+
+def test_early_weight_load_check_rejects_other_loads():
+    """The check above fails on a load of x before the wait, and on a weight load outside the flag."""
+    ok = ast.parse("if PREFETCH_W:\n    w = tl.load(w_rows + k, mask=m)").body
+    _check_only_static_weight_loads(ok, EARLY_WEIGHT_LOADS["_gemv_kernel"])
+    for bad in ("x = tl.load(x_rows + k)", "w = tl.load(w_rows + k)",
+                "if PREFETCH_W:\n    x = tl.load(x_rows + k)", "if PREFETCH_W:\n    tl.store(out, y)"):
+        with pytest.raises(AssertionError):
+            _check_only_static_weight_loads(ast.parse(bad).body, EARLY_WEIGHT_LOADS["_gemv_kernel"])
+
+
 def test_every_pdl_kernel_waits_first_and_every_launch_passes_pdl():
-    """A kernel with a PDL parameter starts with pdl_prologue / pdl_wait (after its docstring), and every
-    launch of it (`kernel[grid](...)`) passes **pdl_launch(...): a launch with the attribute and no wait,
+    """A kernel with a PDL parameter starts with pdl_prologue / pdl_wait (after its docstring; the kernels
+    in EARLY_WEIGHT_LOADS may first load a static weight under their flag), and every launch of it (`kernel[grid](...)`) passes **pdl_launch(...): a launch with the attribute and no wait,
     or a load before the wait, would race with the previous kernel."""
     kernels = [(f, k) for f, k in _kernels_taking_pdl() if k.name not in ("pdl_prologue", "pdl_wait")]
     assert len(kernels) >= 17
     names = {k.name for _, k in kernels}
     for file, kernel in kernels:
         body = [s for s in kernel.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-        first = body[0]
-        assert isinstance(first, ast.Expr) and isinstance(first.value, ast.Call), (file, kernel.name)
-        assert ast.unparse(first.value) in ("pdl_prologue(PDL)", "pdl_wait(PDL)"), (file, kernel.name)
+        waits = [i for i, s in enumerate(body) if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)
+                 and ast.unparse(s.value) in ("pdl_prologue(PDL)", "pdl_wait(PDL)")]
+        assert waits, (file, kernel.name)
+        if kernel.name in EARLY_WEIGHT_LOADS:
+            _check_only_static_weight_loads(body[:waits[0]], EARLY_WEIGHT_LOADS[kernel.name])
+        else:
+            assert waits[0] == 0, (file, kernel.name)
     launched = set()
     for path in sorted(KERNELS.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
