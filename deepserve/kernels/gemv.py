@@ -14,8 +14,9 @@ tile (16-byte loads along K; rows clamped to N-1, so no load in the loop is mask
 row it loads; their products are summed in registers (`_chunk_sums`, no data leaves the thread) and
 added to a float32 [BLOCK_M, BLOCK_N, BLOCK_K / VEC] accumulator. The cross-thread reduction over K
 runs once, after the loop. Keeping VEC columns per accumulator instead of one cuts the accumulator
-VEC-fold (8x for bf16), so a thread can keep more weight bytes in flight for the same registers. A K
-range that is not a multiple of BLOCK_K ends with one masked chunk. SPLIT_K = 1: the program adds
+VEC-fold (8x for bf16), so a thread can keep more weight bytes in flight for the same registers. Chunk 0
+is peeled off the loop and loaded masked (all columns when K's range holds a whole chunk; a shorter range
+is chunk 0 alone); a K range that is not a multiple of BLOCK_K ends with one masked chunk. SPLIT_K = 1: the program adds
 the bias and stores x.dtype. SPLIT_K > 1: each split stores its float32 partial (split 0 with the
 bias) into [S, M, N], and a second launch sums the splits in order (deterministic, no atomics) and
 rounds once; the table prefers wider chunks to splits (no second launch), `--sweep` times both.
@@ -36,9 +37,10 @@ launch the resident programs stream weights while the kernel before them (a norm
 finishes. Everything else (x, scale, bias, the output, the split partials) is touched after the wait.
 The only kernel that can still be running then is the one launched just before (it lets this one launch
 after its own wait, so every earlier kernel has completed): that kernel must not write w. Weights are
-written at load time; a caller that builds w just before the call keeps the default (False). Runs s9b /
-s9c (H200, M = 1, two runs, not one A/B): qwen-7b int8 qkv 7.35 -> 6.14 us and o 6.19 -> 5.59 us at the
-same configs with this prefetch.
+written at load time; a caller that builds w just before the call keeps the default (False). Run s9h
+(H200, same run, W-b1 qwen-7b W8A16, two pairs): 2.5012 / 2.4981 ms per token with the prefetch, 2.5163 /
+2.5162 without. Kernel level (runs s9b / s9c, two runs, not one A/B): int8 qkv 7.35 -> 6.14 us and o
+6.19 -> 5.59 us at the same configs.
 
 int8 weights (W8A16, `w_scale` given): a weight is converted to float32 exactly without I2F, a
 low-throughput conversion (the CUDA guide's table: 16 per clock per SM on compute capability 9.0, against
@@ -88,7 +90,7 @@ TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
     (4096, 4096, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/o, v2-lite/q_kv_a, v2-lite/o
     (4096, _ANY, GemvConfig(2, 2048, 1, 8)),  # qwen-7b/down, v2-lite/dense_down
     (8192, _ANY, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/qkv
-    (_ANY, _ANY, GemvConfig(8, 2048, 1, 8)),  # qwen-7b/gate_up, qwen-7b/lm_head, v2-lite/dense_gate_up, v2-lite/lm_head
+    (_ANY, _ANY, GemvConfig(8, 2048, 1, 8)),  # gate_up and lm_head of qwen-7b, V2-Lite's dense_gate_up, lm_head
 )
 # int8 weights (W8A16; BLOCK_K in 2-byte columns, so the kernel's int8 chunk is twice it), same method and
 # run: a step's linears (LM head in bf16, not here) qwen-7b 1.894 vs 2.072 ms, V2-Lite 0.206 vs 0.244 ms.
