@@ -138,8 +138,9 @@ def test_early_weight_load_check_rejects_other_loads():
 
 def test_every_pdl_kernel_waits_first_and_every_launch_passes_pdl():
     """A kernel with a PDL parameter starts with pdl_prologue / pdl_wait (after its docstring; the kernels
-    in EARLY_WEIGHT_LOADS may first load a static weight under their flag), and every launch of it (`kernel[grid](...)`) passes **pdl_launch(...): a launch with the attribute and no wait,
-    or a load before the wait, would race with the previous kernel."""
+    in EARLY_WEIGHT_LOADS may first load a static weight under their flag), and every launch of it
+    (`kernel[grid](...)`) passes **pdl_launch(...): a launch with the attribute and no wait, or a load
+    before the wait, would race with the previous kernel."""
     kernels = [(f, k) for f, k in _kernels_taking_pdl() if k.name not in ("pdl_prologue", "pdl_wait")]
     assert len(kernels) >= 17
     names = {k.name for _, k in kernels}
