@@ -82,15 +82,16 @@ class GemvConfig(NamedTuple):
 
 # (largest N, largest K, config at M = 1); the first entry covering the shape wins. Picked from the M = 1
 # sweeps of run s9c (H200, `benchmarks/kernels_gemv.py --sweep [--weights int8]`, qwen-7b and V2-Lite decode
-# shapes, CUDA-graph replays over cold weights, run_ids fdd7cbcad7a5 bf16 and 21104ced4144 int8): per entry,
-# the candidate whose fitted config (gemv_config) has the least time summed over the entry's shapes x their
-# calls per decode step, keeping >= 2 programs per SM. A step's linears, these tables against the previous
-# ones in the same sweep: qwen-7b bf16 3.360 vs 3.490 ms (LM head included), V2-Lite 0.344 vs 0.361 ms.
+# shapes, CUDA-graph replays over cold weights, run_ids fdd7cbcad7a5 bf16 and 21104ced4144 int8) by
+# `benchmarks/gemv_table.py`: per entry, the candidate whose fitted config (`fit_config`) has the least time
+# summed over the entry's shapes x their calls per decode step, keeping >= 2 programs per SM. A step's
+# linears, these tables against the previous ones in the same sweep: qwen-7b bf16 3.360 vs 3.490 ms (LM
+# head included), V2-Lite 0.344 vs 0.361 ms.
 TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
     (4096, 4096, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/o, v2-lite/q_kv_a, v2-lite/o
     (4096, _ANY, GemvConfig(2, 2048, 1, 8)),  # qwen-7b/down, v2-lite/dense_down
     (8192, _ANY, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/qkv
-    (_ANY, _ANY, GemvConfig(8, 2048, 1, 8)),  # gate_up and lm_head of qwen-7b, V2-Lite's dense_gate_up, lm_head
+    (_ANY, _ANY, GemvConfig(8, 2048, 1, 8)),  # qwen-7b/gate_up, qwen-7b/lm_head, v2-lite/dense_gate_up, v2-lite/lm_head
 )
 # int8 weights (W8A16; BLOCK_K in 2-byte columns, so the kernel's int8 chunk is twice it), same method and
 # run: a step's linears (LM head in bf16, not here) qwen-7b 1.894 vs 2.072 ms, V2-Lite 0.206 vs 0.244 ms.
@@ -103,10 +104,14 @@ INT8_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
 
 
 def gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
-    """The table's entry for (N, K), fitted to the shape: BLOCK_K no wider than K needs (num_warps
-    scaled with it), BLOCK_N cut so that BLOCK_M * BLOCK_N <= 32 accumulators per column group."""
+    """The table's entry for (N, K), fitted to the shape (`fit_config`)."""
     table = INT8_TABLE if dtype == torch.int8 else TABLE
-    cfg = next(c for max_n, max_k, c in table if n <= max_n and k <= max_k)
+    return fit_config(next(c for max_n, max_k, c in table if n <= max_n and k <= max_k), m, k, dtype)
+
+
+def fit_config(cfg: GemvConfig, m: int, k: int, dtype: torch.dtype) -> GemvConfig:
+    """A table entry fitted to the shape: BLOCK_K no wider than K needs (num_warps scaled with it),
+    BLOCK_N cut so that BLOCK_M * BLOCK_N <= 32 accumulators per column group."""
     vec = _vec(dtype)
     # the tables' BLOCK_K counts 2-byte columns: a chunk keeps its bytes (what is in flight) for other
     # widths, so int8 weights take twice the columns at the same warps (VEC * 32 * num_warps, no layout
