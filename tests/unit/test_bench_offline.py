@@ -78,6 +78,31 @@ def test_throughput_end_to_end(tiny_folder, tmp_path):
         assert key in record
 
 
+@pytest.mark.parametrize("warmup_len", [None, 2])
+def test_throughput_warms_up_at_full_size_with_other_prompts(tiny_folder, tmp_path, monkeypatch, warmup_len):
+    """The untimed warm-up has the timed run's request count and input length (so every prefill chunk
+    and decode batch is compiled before timing), other prompts, and --warmup-output-len tokens (default:
+    the timed --output-len)."""
+    calls = []
+    real_run = offline.Bench.run
+
+    def recording_run(self, prompts, output_len):
+        calls.append(([list(p) for p in prompts], output_len))
+        return real_run(self, prompts, output_len)
+
+    monkeypatch.setattr(offline.Bench, "run", recording_run)
+    argv = ["throughput", "--model", str(tiny_folder), "--load-format", "dummy", "--num-prompts", "6",
+            "--input-len", "8", "--output-len", "4", "--result-file", str(tmp_path / "cpu.jsonl")]
+    offline.run_throughput(build_parser().parse_args(argv + ([] if warmup_len is None else
+                                                             ["--warmup-output-len", str(warmup_len)])))
+    (warm, warm_out), (timed, timed_out) = calls
+    assert len(warm) == len(timed) == 6 and {len(p) for p in warm + timed} == {8}
+    assert warm_out == (warmup_len or 4) and timed_out == 4
+    assert not {tuple(p) for p in warm} & {tuple(p) for p in timed}
+    with pytest.raises(ValueError, match="warmup-output-len"):
+        offline.run_throughput(build_parser().parse_args(argv + ["--warmup-output-len", "0"]))
+
+
 def test_latency_end_to_end_with_roofline(tiny_folder, tmp_path):
     results = tmp_path / "cpu.jsonl"
     ns = build_parser().parse_args(["latency", "--model", str(tiny_folder), "--load-format", "dummy",
