@@ -3,6 +3,7 @@
     gemv(x [M, K] bf16/f16/f32 (unit stride in K, rows may be strided), w [N, K] x's dtype contiguous,
          bias [N] float | None) -> y [M, N] x.dtype,   1 <= M <= GEMV_MAX_M
     y[m, n] = round(sum_k f32(x[m, k]) * f32(w[n, k]) + f32(bias[n]))     float32 sums, one rounding
+    gemv(x, w [2I, K] = [gate | up], bias, gated=True) -> h [M, I] = silu_and_mul(y), bit for bit
 
 At batch-1 decode every linear layer is a GEMV whose time is the time to stream its weight once;
 cuBLAS reaches ~78% of an H200's HBM bandwidth on the big qwen-7b ones and much less on small ones.
@@ -48,6 +49,14 @@ low-throughput conversion (the CUDA guide's table: 16 per clock per SM on comput
 table configs, cold weights): a qwen-7b decode step's four linears 2.262 ms with I2F, 2.201 ms with the
 integer-add form, 2.084 ms with the PTX form. gate_up went from 3.19 to 3.82 TB/s at the best configs.
 
+Gated (`gated=True`, the dense MLP's gate_up at decode: `LinearMethod.apply_gated`): program j owns output
+columns jH..jH+H-1 (H = BLOCK_N / 2), i.e. gate rows jH.. and up rows I+jH.. of the weight, so its
+epilogue holds both halves of each column: it rounds them to x's dtype (gemv's output), then applies
+`silu_and_mul`'s `silu_mul` and stores h [M, I]. The [M, 2I] product never goes to memory and the
+SiLU-and-mul launch is gone; one K split only (the epilogue needs whole sums). Timed only together with the
+decode attention's changes of the same session (run s10g, H200, W-b1 qwen-7b against be6adbd in one call):
+bf16 3.658 vs 3.755 ms per token, W8A16 2.500 / 2.502 vs 2.515 / 2.516.
+
 The table (`gemv_config`, keyed by N and K ranges, chosen on the host from the shapes alone, so a
 captured CUDA graph always replays the same launch) holds the configs `benchmarks/kernels_gemv.py
 --sweep` found fastest on an H200 at M = 1. No host synchronisation, no allocation but
@@ -65,6 +74,7 @@ import triton.language as tl
 
 from deepserve import envs
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.silu_and_mul import silu_mul
 from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 GEMV_MAX_M = 4  # the most rows of x the kernel takes (the accumulator grows with them)
@@ -173,18 +183,33 @@ def _chunk_sums(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
+def _program_rows(N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """The weight rows of program_id(0) [BLOCK_N] (clamped to N - 1: the last block re-reads a row, unstored)
+    and which of them are real. GATED (w = [gate | up], N = 2I): the program's H = BLOCK_N / 2 output columns
+    jH..jH+H-1, i.e. gate rows jH..jH+H-1, then the up rows I+jH..I+jH+H-1."""
+    r = tl.arange(0, BLOCK_N)
+    if GATED:
+        inter = N // 2
+        col = tl.program_id(0) * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+        return tl.minimum(col, inter - 1) + (r // (BLOCK_N // 2)) * inter, col < inter
+    rows = tl.program_id(0) * BLOCK_N + r
+    return tl.minimum(rows, N - 1), rows < N
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_xm,
                  HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
                  scale_ptr=None, HAS_SCALE: tl.constexpr = False, PTX: tl.constexpr = False,
-                 PREFETCH_W: tl.constexpr = False, PDL: tl.constexpr = False):
+                 PREFETCH_W: tl.constexpr = False, GATED: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[split, m, n] = sum over this split's K range of x[m, k] * w[n, k] (* scale[n] for int8 w)
-    (+ bias on split 0). PREFETCH_W: the first weight chunk is loaded before the PDL wait (module docstring)."""
+    (+ bias on split 0). PREFETCH_W: the first weight chunk is loaded before the PDL wait (module docstring).
+    GATED (one split): out [M, N / 2] = silu_and_mul of that output rounded to out's dtype (`_gated_store`)."""
     split = tl.program_id(1)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, n_ok = _program_rows(N, BLOCK_N, GATED)  # [BN]
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
-    w_offs = tl.minimum(offs_n, N - 1).to(tl.int64) * K  # [BN]; the last block re-reads row N-1, unstored
+    w_offs = rows.to(tl.int64) * K  # [BN]
     x_offs = tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm  # [BM]
     if ALIGNED:  # K and stride_xm are multiples of VEC: rows start 16-byte aligned (vector loads)
         w_offs = tl.multiple_of(w_offs, VEC)
@@ -219,14 +244,27 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_x
         w = tl.load(w_rows + k_full, mask=k_ok, other=0.0)
         acc += _chunk_sums(x, w, BLOCK_M, BLOCK_N, BLOCK_K, VEC, PTX)
     y = tl.sum(acc, axis=2)  # [BM, BN] float32
-    n_ok = offs_n < N
     if HAS_SCALE:  # int8 weights (W8A16): one float32 scale per output row
-        y = y * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        y = y * tl.load(scale_ptr + rows, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
         y += tl.where(split == 0, bias, 0.0)[None, :]
-    out = out_ptr + (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]  # [BM, BN]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+    if GATED:
+        _gated_store(y.to(out_ptr.dtype.element_ty), out_ptr, offs_m, M, N // 2, BLOCK_N // 2)
+    else:
+        out = out_ptr + (split * M + offs_m[:, None]).to(tl.int64) * N + rows[None, :]  # [BM, BN]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gated_store(y, out_ptr, offs_m, M, inter, HALF: tl.constexpr):
+    """y [BM, 2 HALF] in out's dtype: this program's gate columns, then its up columns (`_program_rows`).
+    out[m, jH + i] = silu_and_mul's value for them (kernels/silu_and_mul.py `silu_mul`, same roundings)."""
+    gate, up = tl.split(tl.permute(tl.reshape(y, (y.shape[0], 2, HALF)), (0, 2, 1)))  # [BM, H] each
+    h = silu_mul(gate, up.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * inter + cols[None, :]
+    tl.store(out, h, mask=(offs_m < M)[:, None] & (cols < inter)[None, :])
 
 
 @triton.jit
@@ -280,32 +318,48 @@ def _check_config(cfg: GemvConfig, vec: int) -> None:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, w_scale: torch.Tensor | None = None,
-         static_weight: bool = False) -> torch.Tensor:
+         static_weight: bool = False, gated: bool = False) -> torch.Tensor:
     """x [M, K] bf16/f16/f32 (unit stride in K), w [N, K] x.dtype contiguous, bias [N] float or None
     -> [M, N] x.dtype. With w_scale [N] float32, w is int8 (symmetric W8A16): y = (x @ w^T) * w_scale
     (+ bias), the int8 values exact in float32, the scale applied to the float32 sum. `config`
     overrides the table (benchmarks, tests). static_weight=True promises that the kernel launched just
     before this one on the stream does not write w (a layer's weight: written at load time), so under
-    PDL its first chunk is read before the wait; a w computed by the previous kernel needs False."""
+    PDL its first chunk is read before the wait; a w computed by the previous kernel needs False.
+    gated=True (w a merged [gate | up] weight, N = 2I even) -> [M, I]: silu_and_mul (kernels/silu_and_mul.py)
+    of that output, bit for bit, in the same launch (one K split; the gate_up output is never stored)."""
     _check(x, w, bias, w_scale)
     (m, k), n = x.shape, w.shape[0]
+    if gated and n % 2:
+        raise ValueError(f"gemv: a gated weight [gate | up] has an even number of rows, got {n}")
     if m == 0 or n == 0 or k == 0:
         out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-        return (out if bias is None else out + bias.float()).to(x.dtype)
+        out = (out if bias is None else out + bias.float()).to(x.dtype)
+        return _silu_and_mul_rows(out) if gated else out
     vec = _vec(w.dtype)  # 16-byte loads of the weight (16 int8, 8 bf16 columns)
     cfg = config or gemv_config(m, n, k, w.dtype)
     _check_config(cfg, vec)
+    if gated:  # the gate and up rows of a column in one program, one split (the epilogue needs the whole sum)
+        cfg = cfg._replace(block_n=max(2, cfg.block_n), split_k=1)
     k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = cdiv(k, k_per_split)
-    out = torch.empty((splits, m, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    shape = (m, n // 2) if gated else (splits, m, n)
+    out = torch.empty(shape, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     aligned = k % vec == 0 and (m == 1 or x.stride(0) % vec == 0)
     _gemv_kernel[(cdiv(n, cfg.block_n), splits)](
         x, w, bias if bias is not None else w, out, m, n, k, k_per_split, x.stride(0),
         HAS_BIAS=bias is not None, ALIGNED=aligned, BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None,
-        PTX=w_scale is not None and _nvidia_ptx(x.device), PREFETCH_W=static_weight, num_warps=cfg.num_warps,
-        **pdl_launch(x.device))
+        PTX=w_scale is not None and _nvidia_ptx(x.device), PREFETCH_W=static_weight, GATED=gated,
+        num_warps=cfg.num_warps, **pdl_launch(x.device))
+    if gated:
+        return out
     return out[0] if splits == 1 else _sum_splits(out, x.dtype)
+
+
+def _silu_and_mul_rows(y: torch.Tensor) -> torch.Tensor:
+    """y [M, 2I] -> silu(gate) * up [M, I] in eager torch (empty shapes only: no launch for nothing)."""
+    gate, up = y.chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate.float()).to(y.dtype).float() * up.float()).to(y.dtype)
 
 
 def _nvidia_ptx(device: torch.device) -> bool:

@@ -4,8 +4,9 @@
 runs every forward; `apply_silu_and_mul(layer, gate_up)` applies it to SiLU-and-mul of a merged
 [gate | up] input (the dense MLP's down projection): by default `apply(layer, silu_and_mul(gate_up))`,
 fused into the activation quantisation by the W8A8 methods (int8, fp8) on CUDA; `apply_gated(layer, x,
-consumer)` runs a merged [gate | up] layer and SiLU-and-mul and hands the down projection its input already
-quantised (int8 W8A8 on CUDA: SiLU-and-mul in the GEMM's epilogue; default None, not fused);
+consumer)` runs a merged [gate | up] layer and SiLU-and-mul and hands the down projection its input (int8
+W8A8 on CUDA: SiLU-and-mul in the GEMM's epilogue, the result quantised; the decode GEMV of the float and
+W8A16 methods: SiLU-and-mul in its epilogue; default None, not fused);
 `quantizes_input(layer, x)` (default False) says whether `apply` may be given, in place of x, its
 per-token int8 quantisation `PerTokenInt8` computed upstream (the int8 W8A8 method on CUDA: a pre-norm
 decoder layer then fuses the norm with that quantisation, layers/decoder.py). The methods subclass
@@ -58,10 +59,12 @@ class LinearMethod(Protocol):
         """gate_up [..., 2 * in] (a merged [gate | up] projection) -> apply(silu(gate) * up) [..., out]."""
         return self.apply(layer, fused.silu_and_mul(gate_up), bias)
 
-    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, consumer: nn.Module) -> PerTokenInt8 | None:
-        """For a merged [gate | up] layer: silu(gate) * up of its output on x, handed to `consumer` (the
-        down projection) already quantised, in place of `consumer.method.apply_silu_and_mul(layer(x))`
-        with the same result; None where this method does not (the default: never)."""
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8,
+                    consumer: nn.Module) -> torch.Tensor | PerTokenInt8 | None:
+        """For a merged [gate | up] layer: silu(gate) * up of its output on x, for `consumer` (the down
+        projection), in place of `consumer.method.apply_silu_and_mul(layer(x))` with the same result:
+        already quantised (PerTokenInt8, int8 W8A8) or a tensor [..., I] (the decode GEMV's fused epilogue);
+        None where this method does not (the default: never)."""
         return None
 
     def quantizes_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
@@ -102,6 +105,18 @@ class DenseLinearMethod(LinearMethod):
 
         rows = x.reshape(-1, x.shape[-1])  # [M, in]
         return gemv(rows, weight, bias, static_weight=True).view(*x.shape[:-1], weight.shape[0])
+
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, consumer: nn.Module) -> torch.Tensor | None:
+        """Decode rows (`use_gemv`): silu(gate) * up [..., I] of the merged [gate | up] layer in one GEMV
+        launch (kernels/gemv.py `gated`: the [..., 2I] output is never stored, no separate SiLU-and-mul
+        launch), the same bits as `consumer.method.apply_silu_and_mul(layer(x))`; None otherwise."""
+        weight = layer.weight
+        if isinstance(x, PerTokenInt8) or not use_gemv(x, weight) or weight.shape[0] % 2:
+            return None
+        from deepserve.kernels.gemv import gemv  # lazy: Triton on CUDA only
+
+        rows = x.reshape(-1, x.shape[-1])  # [M, in]
+        return gemv(rows, weight, layer.bias, static_weight=True, gated=True).view(*x.shape[:-1], -1)
 
 
 class CpuPackedLinearMethod(LinearMethod):

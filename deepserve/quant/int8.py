@@ -291,6 +291,18 @@ class Int8WeightOnlyMethod(LinearMethod):
             y = y + bias
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, consumer: nn.Module) -> torch.Tensor | None:
+        """Decode rows on CUDA (the "gemv" backend of `int8_cuda.W8A16_BACKENDS`, symmetric weights):
+        silu(gate) * up [..., I] of this merged [gate | up] layer in one GEMV launch, the same bits as
+        `consumer.method.apply_silu_and_mul(layer(x))` (`LinearMethod.apply_gated`); None otherwise."""
+        if isinstance(x, PerTokenInt8) or not x.is_cuda or getattr(layer, "weight_zero_point", None) is not None:
+            return None
+        from deepserve.quant.int8_cuda import w8a16_gated_gemv
+
+        rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        h = w8a16_gated_gemv(rows, layer.weight, layer.weight_scale, layer.bias)
+        return None if h is None else h.view(*x.shape[:-1], h.shape[-1])
+
 
 # ---- quantised checkpoints ------------------------------------------------------------------------
 

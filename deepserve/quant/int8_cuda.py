@@ -16,6 +16,9 @@
         "triton"   kernels/w8a16_gemm.py, the weight dequantised in registers (read once, as int8);
         "dequant"  kernels/w8a16_dequant.py into a [N, K] temporary, then cuBLAS (F.linear): the
                    weight is rounded to x's dtype first, as a float model's would be.
+    w8a16_gated_gemv(x [M, K], w_q [2I, K], w_scale [2I], bias) -> [M, I] | None
+        where the "gemv" backend applies: silu(gate) * up of a merged [gate | up] layer from one GEMV
+        launch (its epilogue), for `Int8WeightOnlyMethod.apply_gated`; None elsewhere.
 
 Weights are [N, K] row-major on CUDA (see `kernels/int8_gemm.py` for why). The tables map the
 largest M of a bucket to a backend; the choice is made on the host from M alone, so each CUDA graph
@@ -116,3 +119,18 @@ def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_ze
     from deepserve.kernels.w8a16_gemm import w8a16_gemm
 
     return w8a16_gemm(_rows(x), w_q, w_scale, w_zero, bias)
+
+
+def w8a16_gated_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [M, K] f16/bf16, w_q [2I, K] int8 (a merged [gate | up] weight, symmetric), w_scale [2I] f32 ->
+    silu(gate) * up [M, I] in x's dtype from one launch of the decode GEMV (`gemv(..., gated=True)`), where
+    w8a16_linear would take the "gemv" backend for M rows; None elsewhere (the caller runs it unfused)."""
+    if pick_backend(W8A16_BACKENDS, x.shape[0]) != "gemv" or x.dtype not in (torch.bfloat16, torch.float16) \
+            or x.shape[1] % 16 or not w_q.is_contiguous() or w_q.shape[0] % 2:
+        return None
+    from deepserve.kernels.gemv import GEMV_MAX_M, gemv
+
+    if not 1 <= x.shape[0] <= GEMV_MAX_M:
+        return None
+    return gemv(_rows(x), w_q, bias, w_scale=w_scale, static_weight=True, gated=True)

@@ -379,3 +379,113 @@ def test_gpu_int8_weights_real_shapes(k, n):
     cfg = G.gemv_config(1, n, k, torch.int8)
     depth = 16 + cdiv(cdiv(k, cfg.split_k), cfg.block_k) + cfg.block_k // 16 + cfg.split_k + 2
     assert bool(((got.double() - s).abs() <= allowed(s, mags, depth, torch.bfloat16, 0.5)).all())
+
+
+# ------------------------------------------------------------------------------- gated: SiLU-and-mul epilogue
+
+S = load_kernel_module("silu_and_mul")
+GATED_CONFIGS = [None, G.GemvConfig(2, 32, 1, 1), G.GemvConfig(8, 64, 3, 2), G.GemvConfig(1, 128, 1, 1)]
+
+
+def _unfused(x, w, b, cfg, scale=None):
+    """gemv (the config gated=True runs: block_n >= 2, one split) then the silu_and_mul kernel."""
+    cfg = (cfg or G.gemv_config(x.shape[0], w.shape[0], x.shape[1], w.dtype))
+    cfg = cfg._replace(block_n=max(2, cfg.block_n), split_k=1)
+    return S.silu_and_mul(G.gemv(x, w, b, cfg, w_scale=scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,inter,k", [(1, 37, 200), (3, 9, 24), (2, 64, 136)])
+@pytest.mark.parametrize("cfg", GATED_CONFIGS, ids=["table", "2x32", "8x64-split3", "1x128"])
+def test_gated_is_gemv_then_silu_and_mul(dtype, m, inter, k, cfg):
+    """gated=True: [M, I] = silu_and_mul(gemv(x, [gate | up])) bit for bit (same sums, same roundings), for I
+    not a multiple of the program's columns (the last program's clamped rows), bias and strided x rows;
+    a split config runs unsplit. A gate row swapped with an up row changes the result."""
+    x, w, b = operands(m, 2 * inter, k, dtype, row_pad=8)
+    got = G.gemv(x, w, b, cfg, gated=True)
+    assert got.shape == (m, inter) and got.dtype == dtype
+    assert torch.equal(got, _unfused(x, w, b, cfg))
+    swapped = torch.cat([w[inter:inter + 1], w[1:inter], w[:1], w[inter + 1:]])  # gate row 0 <-> up row 0
+    assert not torch.equal(G.gemv(x, swapped.contiguous(), b, cfg, gated=True)[:, 0], got[:, 0])
+
+
+@pytest.mark.parametrize("m,inter,k,bias", [(1, 37, 320, True), (2, 70, 512, False)])
+def test_gated_int8_weights(m, inter, k, bias):
+    """int8 weights with row scales (W8A16): the scale of each gate / up row applies before the epilogue."""
+    dev = device()
+    gen = torch.Generator().manual_seed(m + inter + k)
+    x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
+    w = torch.randint(-127, 128, (2 * inter, k), generator=gen, dtype=torch.int8).to(dev)
+    scale = (torch.rand(2 * inter, generator=gen) / 50 + 1e-3).to(dev)
+    b = torch.randn(2 * inter, generator=gen).to(dev, torch.bfloat16) if bias else None
+    got = G.gemv(x, w, b, w_scale=scale, gated=True)
+    assert torch.equal(got, _unfused(x, w, b, None, scale))
+    flipped = torch.cat([scale[inter:], scale[:inter]])  # gate and up scales exchanged
+    assert not torch.equal(G.gemv(x, w, b, w_scale=flipped, gated=True), got)
+
+
+def test_gated_rejects_odd_rows_and_empty_shapes():
+    dev = device()
+    x, w, _ = operands(1, 9, 32, torch.bfloat16, bias=False)
+    with pytest.raises(ValueError, match="even number of rows"):
+        G.gemv(x, w, gated=True)
+    out = G.gemv(x[:0], torch.zeros(8, 32, dtype=torch.bfloat16, device=dev), gated=True)
+    assert out.shape == (0, 4)
+    b = torch.tensor([1.0, -2.0, 3.0, 0.5], device=dev).bfloat16()  # K = 0: y = bias
+    got = G.gemv(x[:, :0], torch.zeros(4, 0, dtype=torch.bfloat16, device=dev), b, gated=True)
+    want = (torch.nn.functional.silu(b[:2].float()).bfloat16().float() * b[2:].float()).bfloat16()
+    assert torch.equal(got, want[None, :])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(3584, 37888), (2048, 21888), (2048, 2816)])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("m", [1, 2])
+def test_gpu_gated_real_shapes(k, n, int8, m):
+    """qwen-7b's and V2-Lite's gate_up shapes at the table configs, in a CUDA graph: the same bits as gemv then
+    silu_and_mul."""
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    if int8:
+        w, scale = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"), torch.rand(n, device="cuda") / 50
+    else:
+        w, scale = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16(), None
+    want = _unfused(x, w, None, None, scale)
+    G.gemv(x, w, None, w_scale=scale, static_weight=True, gated=True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = G.gemv(x, w, None, w_scale=scale, static_weight=True, gated=True)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (2, 1, 64)])
+def test_dense_method_gated_routes_to_gemv(monkeypatch, shape):
+    """DenseLinearMethod.apply_gated's gemv branch (forced on here, CUDA-only in service): [..., I] with the
+    leading dims kept, the gated kernel's bits; declined where the gemv does not apply (3 rows)."""
+    dev = device()
+    layer = _Layer((torch.randn(48, 64, device=dev) / 8).bfloat16())
+    layer.bias = None
+    monkeypatch.setattr(linear_method, "use_gemv", gemv_applies)
+    x = torch.randn(*shape, device=dev).bfloat16()
+    got = DenseLinearMethod().apply_gated(layer, x, None)
+    assert got.shape == (*shape[:-1], 24)
+    assert torch.equal(got.reshape(-1, 24), _unfused(x.reshape(-1, 64), layer.weight, None, None))
+    assert DenseLinearMethod().apply_gated(layer, torch.randn(3, 64, device=dev).bfloat16(), None) is None
+
+
+def test_w8a16_gated_gemv_routes_like_w8a16_linear():
+    """int8_cuda.w8a16_gated_gemv (Int8WeightOnlyMethod.apply_gated's kernel call) takes the rows the "gemv"
+    backend takes: 1-2 rows of bf16 / f16 with K % 16 == 0, the gated kernel's bits; None otherwise."""
+    from deepserve.quant import int8_cuda
+
+    dev = device()
+    w = torch.randint(-127, 128, (48, 64), dtype=torch.int8, device=dev)
+    scale = torch.rand(48, device=dev) / 50 + 1e-3
+    x = torch.randn(2, 64, device=dev).bfloat16()
+    got = int8_cuda.w8a16_gated_gemv(x, w, scale, None)
+    assert torch.equal(got, _unfused(x, w, None, None, scale))
+    assert int8_cuda.w8a16_gated_gemv(torch.randn(3, 64, device=dev).bfloat16(), w, scale, None) is None
+    assert int8_cuda.w8a16_gated_gemv(x.float(), w, scale, None) is None
+    assert int8_cuda.w8a16_gated_gemv(x[:, :40], w[:, :40].contiguous(), scale, None) is None

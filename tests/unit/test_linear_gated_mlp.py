@@ -31,15 +31,28 @@ def _no_grad():
         yield
 
 
-def test_only_int8_w8a8_gates():
-    """Only int8 W8A8 overrides apply_gated; the default declines (None)."""
+def test_which_methods_gate():
+    """int8 W8A8 (its GEMM's epilogue) and the decode-GEMV methods (float, W8A16: the GEMV's epilogue,
+    kernels/gemv.py `gated`) override apply_gated; the others keep the default, which declines (None)."""
     methods = {name: get_quant_method(name) for name in [*FUSED, *DEFAULT]}
     methods.update(dense=DenseLinearMethod(), packed=CpuPackedLinearMethod())
     for name, method in methods.items():
         overrides = type(method).apply_gated is not LinearMethod.apply_gated
-        assert overrides == (name == "int8"), name
+        assert overrides == (name in ("int8", "int8-weight-only", "int8-weight-only-asym", "dense")), name
         if not overrides:
             assert method.apply_gated(None, torch.randn(2, 8), None) is None
+
+
+@pytest.mark.parametrize("name", ["dense", "int8-weight-only"])
+def test_decode_gemv_methods_decline_off_cuda(name):
+    """Off CUDA (and for a PerTokenInt8 input) the GEMV methods decline: silu_and_mul_mlp runs unfused."""
+    layer = MergedColumnParallelLinear(32, [16, 16]).bfloat16()
+    layer.process_weights_after_loading(None if name == "dense" else name)
+    if name == "dense":
+        layer.method = DenseLinearMethod()  # CPU bf16: F.linear (the packed method is float32 only)
+    x = torch.randn(1, 32).bfloat16()
+    assert layer.method.apply_gated(layer, x, None) is None
+    assert layer.method.apply_gated(layer, PerTokenInt8(x.to(torch.int8), torch.ones(1), x.dtype), None) is None
 
 
 def _gate_up(name, hidden=64, inter=96, bias=False, dev="cpu", dtype=torch.float32) -> MergedColumnParallelLinear:
@@ -195,3 +208,32 @@ def test_gpu_mlp_gated_path_is_the_unfused_one(monkeypatch, m, quantized_input):
         assert torch.equal(mlp(x[None]), want[None]) and len(launched) == 2
     monkeypatch.setattr(Int8W8A8Method, "apply_gated", lambda *a: None)
     assert torch.equal(mlp(x), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["none", "int8-weight-only"])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_gpu_decode_gemv_gated_mlp(monkeypatch, name, m):
+    """A qwen-7b MLP in bf16 / W8A16 on CUDA: at 1-2 rows the gate_up GEMV runs SiLU-and-mul in its epilogue
+    (kernels/gemv.py `gated`: it must be what ran) with the bits of the unfused path (forced by a forward
+    hook); at 3 rows (cuBLAS / the W8A16 GEMM) nothing is gated."""
+    import deepserve.kernels.gemv as gemv_module
+
+    with torch.device("cuda"):
+        mlp = LlamaMLP(dataclasses.replace(_config(), hidden_size=3584, intermediate_size=18944), bias=False)
+    for p in mlp.parameters():
+        p.normal_(std=p.shape[-1] ** -0.5)
+    mlp.bfloat16()
+    for module in mlp.modules():
+        if hasattr(module, "quantizable"):
+            module.process_weights_after_loading(None if name == "none" else name)
+    gated_calls = []
+    real = gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: gated_calls.append(k.get("gated")) or real(*a, **k))
+    x = torch.randn(m, 3584, device="cuda").bfloat16()
+    got = mlp(x)
+    assert (True in gated_calls) == (m <= 2)
+    hook = mlp.down_proj.register_forward_hook(lambda *_: None)
+    want = mlp(x)
+    hook.remove()
+    assert torch.equal(got, want)
