@@ -103,6 +103,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="candidate: model folder, .gguf file or bundled name")
     parser.add_argument("--quantization", default=None, help="candidate's quantization, e.g. int8")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="candidate's LM head as int8 W8A16 (as `serve --quantize-lm-head`)")
     parser.add_argument("--reference", default=None, help="reference model (default: --model, unquantized)")
     parser.add_argument("--text", default=None, help="held-out text file (default: the shipped eval text)")
     parser.add_argument("--min-top1", type=float, default=0.97, help="least top-1 agreement that passes")
@@ -115,7 +117,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     """Print the accuracy table; exit 0 when the candidate passes the gate, 1 when it fails."""
     from deepserve.quant.eval import ModelSpec, format_report, gate
 
-    candidate = ModelSpec(ns.model, ns.quantization)
+    candidate = ModelSpec(ns.model, ns.quantization, ns.quantize_lm_head)
     reference = ModelSpec(ns.reference if ns.reference is not None else ns.model)
     report = _guarded(lambda: gate(reference, candidate, text_file=ns.text, min_top1=ns.min_top1,
                                    max_ppl_increase=ns.max_ppl_increase, force=True, window=ns.window,

@@ -212,6 +212,7 @@ class EngineConfig:
     max_graph_batch_size: int = 512  # largest decode batch captured in a CUDA graph
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
     quantization: str | None = None  # deepserve.quant method for LinearBase layers (int8, ...)
+    quantize_lm_head: bool = False  # the LM head as int8 W8A16 (deepserve/quant/lm_head.py)
     # Schedule the next step while the device runs this one (sampled ids stay on the device):
     # "auto" = on where kernels run asynchronously to the host (CUDA), "on", "off".
     async_scheduling: str = "auto"
@@ -232,6 +233,9 @@ class EngineConfig:
             )
         if self.async_scheduling not in ("auto", "on", "off"):
             raise ConfigError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
+        if self.speculative is not None and self.quantize_lm_head:
+            raise ConfigError("--quantize-lm-head with --speculative is not supported: the MTP layer's head "
+                              "shares the main model's float head")
         if self.speculative is not None and self.model_config.num_nextn_predict_layers < 1:
             raise ConfigError(f"{self.model}: --speculative mtp needs a checkpoint with an MTP layer "
                               f"(num_nextn_predict_layers >= 1 in config.json)")

@@ -192,8 +192,8 @@ def latency_figures(runs: list[RunTiming], batch: int, output_len: int) -> dict[
 
 
 def weight_bytes_read(model: Any, batch: int) -> int:
-    """Bytes of parameters one decode step reads: all of them, except an untied input embedding
-    (only `batch` rows are read) and, in MoE layers, the routed experts no token picked (at most
+    """Bytes of parameters one decode step reads: all of them, except an input embedding that is not also
+    an LM head's weight (only `batch` rows are read; a tied head quantised by --quantize-lm-head has its own) and, in MoE layers, the routed experts no token picked (at most
     batch x top_k of n_routed_experts). Shared experts folded into an expert stack (its rows past
     n_routed_experts) are read whole."""
     from deepserve.layers.embedding import LMHead, VocabEmbedding
@@ -202,12 +202,13 @@ def weight_bytes_read(model: Any, batch: int) -> int:
     expert_share = 1.0
     if getattr(cfg, "n_routed_experts", 0):
         expert_share = min(1.0, batch * cfg.num_experts_per_tok / cfg.n_routed_experts)
+    heads = {id(m.weight) for m in model.modules() if isinstance(m, LMHead)}
     embeds = {id(m.weight) for m in model.modules()
-              if isinstance(m, VocabEmbedding) and not isinstance(m, LMHead)}
+              if isinstance(m, VocabEmbedding) and not isinstance(m, LMHead)} - heads
     total = 0.0
     for name, p in model.named_parameters():
         size = p.numel() * p.element_size()
-        if id(p) in embeds and not cfg.tie_word_embeddings:
+        if id(p) in embeds:
             continue
         if ".experts." in f".{name}" and "shared_experts" not in name:
             routed = getattr(cfg, "n_routed_experts", 0) or p.shape[0]
@@ -274,7 +275,7 @@ def base_record(ns: argparse.Namespace, bench: Bench, workload: str, batch: int)
     sched = bench.config.scheduler
     return {**environment_fields(bench.platform.device_name(), ns.run_id), "engine": "deepserve",
             "engine_version": deepserve.__version__, "model": shape, "dtype": dtype,
-            "quant": bench.config.quantization or "none",
+            "quant": (bench.config.quantization or "none") + ("+int8-lm-head" if bench.config.quantize_lm_head else ""),
             "tp": 1, "pp": 1, "ep": 1, "workload": workload, "batch": batch,
             "input_len": ns.input_len, "output_len": ns.output_len, "cuda_graphs": bench.graphs_on,
             "max_num_seqs": sched.max_num_seqs, "max_num_batched_tokens": sched.max_num_batched_tokens,

@@ -34,6 +34,7 @@ class EngineArgs:
     speculative: str | None = None  # "mtp": draft with the checkpoint's MTP layer
     num_speculative_tokens: int = 1
     quantization: str | None = None  # deepserve.quant name (QUANTIZATION_HELP); None: the checkpoint's
+    quantize_lm_head: bool = False  # the LM head as int8 W8A16 (quant/lm_head.py)
     async_scheduling: str = "auto"
 
     @staticmethod
@@ -80,6 +81,11 @@ class EngineArgs:
 
         g.add_argument("--quantization", default=d.quantization, choices=list(QUANTIZATION_METHODS),
                        help=QUANTIZATION_HELP)
+        g.add_argument("--quantize-lm-head", action="store_true", default=d.quantize_lm_head,
+                       help="store the LM head as int8 per output row with float activations (W8A16), any "
+                            "--quantization: half its bytes at batch-1 decode, where the head is streamed once "
+                            "per token; larger batches dequantise it per step (slower). The embedding stays in "
+                            "float. Check the accuracy with `deepserve eval --quantize-lm-head`")
         return parser
 
     @classmethod
@@ -109,7 +115,7 @@ class EngineArgs:
             served_model_name=self.served_model_name or _default_name(self.model, folder),
             enforce_eager=self.enforce_eager, max_graph_batch_size=self.max_graph_batch_size,
             speculative=self._speculative_config(), quantization=self._quantization(model_config),
-            async_scheduling=self.async_scheduling,
+            quantize_lm_head=self.quantize_lm_head, async_scheduling=self.async_scheduling,
         )
         self._check_kv_cache_dtype(config)
         return config.resolve()

@@ -153,6 +153,10 @@ def load_model(engine_config: EngineConfig, progress: bool = True) -> nn.Module:
     else:
         quantization = _load_weights(model, files, engine_config, progress)
     process_weights_after_loading(model, quantization=None if quantization == "none" else quantization)
+    if engine_config.quantize_lm_head:
+        from deepserve.quant.lm_head import quantize_lm_head
+
+        quantize_lm_head(model)
     return model.eval()
 
 

@@ -71,10 +71,12 @@ class ModelSpec:
 
     model: str | None = None
     quantization: str | None = None
+    quantize_lm_head: bool = False  # the head as int8 W8A16 (quant/lm_head.py)
 
     def describe(self) -> str:
         name = self.model if self.model is not None else "default"
-        return f"{name} [{self.quantization}]" if self.quantization else str(name)
+        tags = [t for t in (self.quantization, "int8 LM head" if self.quantize_lm_head else None) if t]
+        return f"{name} [{', '.join(tags)}]" if tags else str(name)
 
 
 @dataclass(frozen=True)
@@ -266,7 +268,8 @@ def as_spec(spec: Any) -> ModelSpec:
         return ModelSpec(None if spec is None else str(spec))
     if hasattr(spec, "model"):
         model = getattr(spec, "model")
-        return ModelSpec(None if model is None else str(model), getattr(spec, "quantization", None))
+        return ModelSpec(None if model is None else str(model), getattr(spec, "quantization", None),
+                         bool(getattr(spec, "quantize_lm_head", False)))
     raise TypeError(f"cannot make a model spec from {type(spec).__name__}")
 
 
@@ -280,6 +283,8 @@ def _engine_config(spec: ModelSpec) -> Any:
             raise ValueError(f"{spec.describe()}: this deepserve has no quantization support; "
                              f"pass a quantized checkpoint folder instead")
         kwargs["quantization"] = spec.quantization
+    if spec.quantize_lm_head:
+        kwargs["quantize_lm_head"] = True
     return EngineArgs(**kwargs).create_engine_config()
 
 

@@ -64,6 +64,23 @@ def test_weight_bytes_skip_untied_embedding(tiny_folder):
     assert weight_bytes_read(model, batch=1) == total - embed.numel() * embed.element_size()
 
 
+def test_weight_bytes_int8_head_of_a_tied_model(tmp_path):
+    """A tied model reads its embedding matrix whole as the head; with --quantize-lm-head the head is its own
+    int8 matrix (+ float32 row scales) and the embedding is read a row per token: the step's bytes count the
+    int8 head and not the float matrix."""
+    from deepserve.engine.args import EngineArgs
+    from deepserve.loader.model_loader import load_model
+    from tests.tiny_checkpoints import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    flt = load_model(EngineArgs(model=str(folder)).create_engine_config(), progress=False)
+    q8 = load_model(EngineArgs(model=str(folder), quantize_lm_head=True).create_engine_config(), progress=False)
+    total = sum(p.numel() * p.element_size() for p in flt.parameters())  # the tied matrix once
+    assert weight_bytes_read(flt, batch=1) == total
+    vocab, hidden = flt.model.embed_tokens.weight.shape
+    assert weight_bytes_read(q8, batch=1) == total - vocab * hidden * 4 + vocab * hidden + vocab * 4
+
+
 def test_throughput_end_to_end(tiny_folder, tmp_path):
     results = tmp_path / "out" / "cpu.jsonl"
     ns = build_parser().parse_args(["throughput", "--model", str(tiny_folder), "--load-format", "dummy",
