@@ -124,11 +124,12 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, config.max_model_len,
                                    drafts=draft_budget(config))
         with oom_guard(self.platform, "allocating the KV cache"):
+            max_seqs = config.scheduler.max_num_seqs  # the largest decode batch (split-K counters)
             proposer = None if mtp is None else MTPProposer(
                 mtp, config.speculative.num_speculative_tokens, num_blocks, config.cache.block_size,
-                config.max_model_len, config.device, kv_cache_dtype=self.kv_plan.dtype)
+                config.max_model_len, config.device, kv_cache_dtype=self.kv_plan.dtype, max_num_seqs=max_seqs)
             self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.device, proposer,
-                                      kv_cache_dtype=self.kv_plan.dtype)
+                                      kv_cache_dtype=self.kv_plan.dtype, max_num_seqs=max_seqs)
         self.async_scheduling = use_async_scheduling(config, self.platform)
         self._in_flight: tuple[HostCopy, list[PendingToken]] | None = None  # launched, not yet resolved
         if self.platform.jit_kernels:

@@ -6,6 +6,11 @@ held in a second tensor per layer, `kv_scales` (deepserve/layers/kv_quant.py). O
 modules that declare `kv_scales` take an 8-bit cache: the dense MHA/GQA backends ([2, N, bs, H_kv, D]
 rows, scales [2, N, bs, H_kv]) and MLA ([N, bs, R + Dr] rows, one scale per token: [N, bs]); the MTP
 draft layer (an MLA layer, spec_decode/proposer.py) takes the main model's cache format.
+
+Attention modules whose decode kernel can fuse its split-K merge (TritonAttention, MLA) declare
+`split_counters`, an empty [0, W] int32 placeholder (W counters per sequence); `bind_split_counters`
+replaces it with zeros [max_num_seqs, W] on the device, kept for the engine's life like the cache, so a
+captured CUDA graph records no memset (kernels/split_k.py: every launch leaves them zero again).
 """
 
 from __future__ import annotations
@@ -81,6 +86,16 @@ def bind_kv_cache(model: nn.Module, caches: list[torch.Tensor], scales: list[tor
         layer.kv_cache = cache
         if hasattr(layer, "kv_scales"):
             layer.kv_scales = scale
+
+
+def bind_split_counters(model: nn.Module, max_num_seqs: int, device: torch.device | str) -> None:
+    """Give each attention layer that declares `split_counters` ([0, W] int32) zeroed counters
+    [max_num_seqs, W] int32 on `device`: decode batches of up to max_num_seqs sequences then merge their
+    split-K partials inside the decode kernel (larger ones, and layers left unbound, take two launches)."""
+    for layer in attention_layers(model):
+        if hasattr(layer, "split_counters"):
+            width = layer.split_counters.shape[1]
+            layer.split_counters = torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device)
 
 
 def bound_kv_caches(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from deepserve.engine.cuda_graph import Capturer, DecodeGraphs
-from deepserve.engine.kv_cache import allocate_kv_caches, allocate_kv_scales, bind_kv_cache
+from deepserve.engine.kv_cache import allocate_kv_caches, allocate_kv_scales, bind_kv_cache, bind_split_counters
 from deepserve.engine.scheduler import ScheduledBatch, ScheduledSeq
 from deepserve.engine.sequence import PLACEHOLDER_TOKEN
 from deepserve.engine.sequence import TokenLogprob
@@ -56,7 +56,9 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device | str,
-                 proposer=None, kv_cache_dtype: torch.dtype | None = None):
+                 proposer=None, kv_cache_dtype: torch.dtype | None = None, max_num_seqs: int = 0):
+        """max_num_seqs: the largest decode batch whose attention layers merge split-K partials inside the
+        decode kernel (kv_cache.bind_split_counters); 0 binds no counters (every merge a second launch)."""
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
@@ -65,6 +67,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, dtype, self.device)
         self.kv_scales = allocate_kv_scales(self.kv_caches)  # empty unless the cache is 8-bit
         bind_kv_cache(model, self.kv_caches, self.kv_scales)
+        if max_num_seqs > 0:
+            bind_split_counters(model, max_num_seqs, self.device)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
         self.graphs: DecodeGraphs | None = None

@@ -11,7 +11,7 @@ Shapes: q_latent [B, H, R] (q_nope @ W_UK); q_rope [B, H, Dr] (rotated); kv_cach
 [num_blocks, block_size, R + Dr]; block_tables [B, W] int32; seq_lens [B] int32 (context length
 including the new token, whose latent is already in the cache) -> o_latent [B, H, R] in q's dtype.
 
-Flash-decoding in two kernels, like `paged_decode_attention`:
+Flash-decoding, like `paged_decode_attention`:
   1. `_mla_split_kernel`, grid (B, cdiv(H, BLOCK_H), num_splits): BLOCK_H query heads form one
      [BLOCK_H, R] tile, so each latent row is read once per head tile (H=16: once; H=128: 8 times,
      mostly from L2). Sequence b's context is cut into `num_splits` chunks (a multiple of BLOCK_N,
@@ -19,9 +19,16 @@ Flash-decoding in two kernels, like `paged_decode_attention`:
      in fp32 and writes its normalised partial [BLOCK_H, R] and log2-sum-exp [BLOCK_H]. A split past
      the end of its sequence is empty: it loads nothing and writes only its LSE (-inf), so a split
      count sized for max_model_len costs little on short sequences.
-  2. `split_k.merge_splits`, grid (B, H, R chunks: 1 up to 16 splits, 4 of 128 at 64): merges the splits
-     with their LSE weights, every split at once, never reading an empty split's partial.
-With one split the first kernel writes `o_latent` directly and the second is skipped.
+  2. the merge of the splits with their LSE weights, every split at once, never reading an empty split's
+     partial, either
+       * fused (`split_counters` given): after its stores each program increments its (sequence, head tile)
+         counter, and the last of the num_splits programs merges the tile's heads and resets the counter
+         (`split_k.merge_if_last`: one launch, the separate merge's `merge_group` with the same tiles, the
+         same values). What it saves or costs on a GPU is unmeasured: one program walks the tile's heads x R
+         columns in [8-16 heads, S, 16-128 columns] tiles (64 of them at 64 splits) where the separate launch
+         spreads them over B x head-chunks x column-chunks programs;
+       * or in a second launch, `split_k.merge_splits` (`split_counters` None).
+With one split the first kernel writes `o_latent` directly and there is no merge.
 
 Split count (`mla_num_splits`, host only): the shared rule (~4 waves of programs, >= 128 keys a split,
 the fp32 partials cost 2 x BLOCK_H x R x 4 bytes a split against (R + Dr) x 2 bytes a key) while the batch
@@ -49,7 +56,8 @@ from deepserve.kernels.mla_cache_write import check_latent_scales
 from deepserve.kernels.paged_decode_attention import LOG2E
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.sizes import cdiv, next_power_of_2
-from deepserve.kernels.split_k import choose_num_splits, merge_splits, num_sms
+from deepserve.kernels.split_k import (check_split_counters, choose_num_splits, fused_merge_args, merge_if_last,
+                                       merge_splits, num_sms)
 from deepserve.layers.kv_quant import dequantize_kv, is_quantized
 
 
@@ -77,13 +85,14 @@ def mla_decode_attention_ref(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_ca
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one compile
 def _mla_split_kernel(
     q_lat_ptr, q_rope_ptr, cache_ptr, kv_scale_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr,
-    out_ptr, scale_log2,
+    out_ptr, counters_ptr, scale_log2,
     stride_qb, stride_qh, stride_rb, stride_rh, stride_cb, stride_co, stride_sb, stride_bt,
-    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, stride_nb, num_splits,
     NUM_HEADS: tl.constexpr, RANK: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
-    PDL: tl.constexpr = False,
+    FUSED_MERGE: tl.constexpr = False, MERGE_G: tl.constexpr = 1, MERGE_D: tl.constexpr = 16,
+    MERGE_S: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     b = tl.program_id(0)
@@ -148,6 +157,12 @@ def _mla_split_kernel(
         tl.store(mid_o_ptr + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + r[None, :],
                  o, mask=live[:, None] & r_mask[None, :])  # the merge never reads an empty split's partial
         tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+        if FUSED_MERGE:  # every split program counts, an empty one too; the last one merges the tile's heads
+            head0 = tl.program_id(1) * BLOCK_H
+            merge_if_last(counters_ptr + b * stride_nb + tl.program_id(1), mid_o_ptr + b * stride_mb,
+                          mid_lse_ptr + b * stride_lb, out_ptr + b * stride_ob, head0,
+                          tl.minimum(BLOCK_H, NUM_HEADS - head0), stride_mh, stride_ms, stride_lh, stride_oh,
+                          num_splits, RANK, MERGE_G, MERGE_S, MERGE_D)
 
 
 def _check(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -201,7 +216,8 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
                          block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                          num_splits: int | None = None, max_seq_len: int | None = None, block_h: int = 16,
                          block_n: int = 32, num_warps: int = 4, num_stages: int = 2,
-                         kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+                         kv_scales: torch.Tensor | None = None,
+                         split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """q_latent [B, H, R], q_rope [B, H, Dr] bf16/f16/f32 (any batch/head strides, unit last stride);
     kv_cache [N, bs, R + Dr] same dtype, or int8 / float8_e4m3fn with kv_scales [N, bs] f32 (contiguous);
     block_tables [B, W] int32; seq_lens [B] int32 -> o_latent [B, H, R] in q's dtype (fp32 accumulation).
@@ -209,6 +225,9 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     num_splits: None picks it (`mla_num_splits`) from B, the head tiles, the SM count and `max_seq_len` (a
     host int; None uses the block-table capacity W * bs, so no device sync). Fix it under CUDA-graph capture.
     block_h / block_n: powers of two >= 16 (tl.dot's minimum), heads per program / keys per step.
+    split_counters: None, or [>= B, >= cdiv(H, block_h)] int32 ZEROS on q's device (contiguous), kept by the
+    caller across calls: with num_splits > 1 the merge is fused into the split kernel (one launch), which leaves
+    them zero again (as `paged_decode_attention`); None: a second launch merges.
     """
     _check(q_latent, q_rope, kv_cache, block_tables, seq_lens, kv_scales)
     if block_h < 16 or block_n < 16 or block_h & (block_h - 1) or block_n & (block_n - 1):
@@ -218,6 +237,8 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     if batch == 0:
         return out
     head_tiles = cdiv(heads, block_h)
+    if split_counters is not None:
+        check_split_counters(split_counters, batch, head_tiles, q_latent.device)
     if num_splits is None:
         longest = block_tables.shape[1] * kv_cache.shape[1] if max_seq_len is None else max_seq_len
         num_splits = mla_num_splits(batch, head_tiles, longest, num_sms(q_latent.device), block_n)
@@ -225,21 +246,22 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
     if num_splits > 1:
         mid_o = torch.empty(batch, heads, num_splits, rank, dtype=torch.float32, device=q_latent.device)
         mid_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q_latent.device)
+    counters, merge = fused_merge_args(split_counters, num_splits, rank, min(block_h, heads), out)
     block_r = next_power_of_2(rank)
     scaled = kv_scales is not None
     _mla_split_kernel[(batch, head_tiles, num_splits)](
         q_latent, q_rope, kv_cache, kv_scales if scaled else kv_cache, block_tables, seq_lens, mid_o, mid_lse, out,
-        scale * LOG2E, q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
+        counters, scale * LOG2E, q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_scales.stride(0) if scaled else 0, block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1), num_splits,
+        out.stride(0), out.stride(1), counters.stride(0), num_splits,
         NUM_HEADS=heads, RANK=rank, ROPE_DIM=q_rope.shape[2], BLOCK_H=block_h, BLOCK_R=block_r,
         BLOCK_DR=max(16, next_power_of_2(q_rope.shape[2])), BLOCK_SIZE=kv_cache.shape[1],
         BLOCK_N=block_n, DIRECT=num_splits == 1,
         DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", KV_SCALED=scaled,
         num_warps=num_warps, num_stages=num_stages,
-        **pdl_launch(q_latent.device),
+        **merge, **pdl_launch(q_latent.device),
     )
-    if num_splits > 1:
-        merge_splits(mid_o, mid_lse, out)
+    if num_splits > 1 and not merge["FUSED_MERGE"]:
+        merge_splits(mid_o, mid_lse, out, min(block_h, heads))
     return out

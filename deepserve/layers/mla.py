@@ -27,9 +27,11 @@ A decode step on CUDA launches, per layer: ONE GEMM for q_proj (or q_a_proj) and
 (`process_weights_after_loading` merges them for float layers; quantised models and the MTP layer, which is
 not post-processed, keep two GEMMs; q_a_layernorm and q_b_proj follow for q LoRA), ONE kernel for
 kv_a_layernorm + the rotation of q_pe and k_pe + the cache write (three launches before), q_nope @ W_UK, the decode
-kernel (q_latent and q_pe as two strided tensors) and its merge (when split), o_lat @ W_UV written into
-token-major rows, o_proj: no concatenation and no layout copy on the way. The two W_UK / W_UV products are ONE
-`kernels/head_gemv` launch each for up to HEAD_GEMV_MAX_T rows (float weights), cuBLAS's batched GEMM above.
+kernel (q_latent and q_pe as two strided tensors) and its merge (when split: inside the decode kernel when the
+runner bound `split_counters` [max_num_seqs, head tiles] and the batch fits them, kernels/split_k.py; else a
+second launch), o_lat @ W_UV written into token-major rows, o_proj: no concatenation and no layout copy on the
+way. The two W_UK / W_UV products are ONE `kernels/head_gemv` launch each for up to HEAD_GEMV_MAX_T rows (float
+weights), cuBLAS's batched GEMM above.
 
 8-bit cache (`--kv-cache-dtype int8|fp8`): the cache is int8 / float8_e4m3fn and `kv_scales [num_blocks,
 block_size]` float32 holds one scale per row [latent | rope] (layers/kv_quant.py; bound by the runner, empty
@@ -50,6 +52,7 @@ from torch import nn
 
 from deepserve.config import ModelConfig
 from deepserve.forward_context import ForwardContext, get_forward_context
+from deepserve.kernels.sizes import cdiv  # plain ints, no Triton
 from deepserve.layers.kv_quant import dequantize_kv, is_quantized, quantize_kv
 from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from deepserve.layers.mla_batch import PrefillSeqs, plan_mla_batch
@@ -57,6 +60,7 @@ from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 
 ATTENTION_MODES = ("auto", "naive", "absorb")
+DECODE_BLOCK_H = 16  # heads per program of the decode kernel: one split counter per sequence and head tile
 LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in DeepSeek's code and HF's
 
 
@@ -114,6 +118,8 @@ class MLAAttention(nn.Module):
         self._build_projections(config)
         self.kv_cache = torch.empty(0)  # [num_blocks, block_size, R + Dr], bound by the runner
         self.kv_scales = torch.empty(0)  # [num_blocks, block_size] f32 for an 8-bit cache, else empty
+        # [max_num_seqs, head tiles] int32 zeros for the decode kernel's fused merge, bound by the runner
+        self.split_counters = torch.zeros(0, cdiv(self.num_heads, DECODE_BLOCK_H), dtype=torch.int32)
 
     def _build_projections(self, config: ModelConfig) -> None:
         hidden, q_out = config.hidden_size, self.num_heads * config.qk_head_dim
@@ -308,7 +314,15 @@ class MLAAttention(nn.Module):
         dtype = self.kv_cache.dtype if scales is None else q_nope.dtype
         scaled = {} if scales is None else {"kv_scales": scales}  # the float call stays as it was
         return mla_decode_attention(self._absorb_latent(q_nope).to(dtype), q_pe.to(dtype), self.kv_cache,
-                                    block_tables, seq_lens, self.scale, max_seq_len=max_seq_len, **scaled)
+                                    block_tables, seq_lens, self.scale, max_seq_len=max_seq_len,
+                                    **scaled, **self._fused_merge(q_nope.shape[0]))
+
+    def _fused_merge(self, batch: int) -> dict[str, object]:
+        """The decode kernel's fused-merge keywords when the bound split counters cover `batch` sequences (with
+        the head tile they were sized for); none otherwise: the split kernel and a second merge launch."""
+        if self.split_counters.shape[0] < batch:
+            return {}
+        return {"split_counters": self.split_counters, "block_h": DECODE_BLOCK_H}
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:

@@ -150,3 +150,63 @@ def test_gpu_qwen7b_shapes_quantized_bf16(kv_dtype, batch):
     out, ref, exact, bound = _run_quantized(case, 28, torch.bfloat16, kv_dtype)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     assert ((out.float() - exact.float()).abs().cpu() <= bound + 2e-2).all()
+
+
+# ---- prefetch_kv: the older keys of each split's first tile read before the PDL wait --------------------------
+
+
+@pytest.mark.parametrize("lens, num_splits", [([0, 1, 40], 3), ([77, 16], 1), ([300, 5], 64), ([64, 65], 2)])
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_prefetch_kv_same_bits(lens, num_splits, quant):
+    """prefetch_kv=True reads the first tile's older keys and the newest key (position seq_len - 1) in two
+    loads and combines them: the same output as one load, for the newest key in the first tile or a later
+    one, empty splits, seq_len 0 and 1, and an 8-bit cache (its scales combined the same way)."""
+    dev = device()
+    case = make_case(lens, kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, device=dev)
+    cache, scales = (case.kv_cache, None) if quant is None else quantized_case(case, getattr(torch, quant))
+    q = torch.randn(len(lens), 8, 16, device=dev)
+
+    def run(prefetch):
+        return dec.paged_decode_attention(q, cache, case.block_tables, case.seq_lens, 0.25, num_splits=num_splits,
+                                          block_n=16, kv_scales=scales, prefetch_kv=prefetch)
+
+    got = run(True)
+    assert torch.equal(got, run(False))
+    ref = dec.paged_decode_attention_ref(q, cache, case.block_tables, case.seq_lens, 0.25, kv_scales=scales)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_gpu_prefetch_kv_sees_the_newest_key(fused_merge):
+    """The decode step's order on a GPU with PDL: the cache write of the newest keys, then the attention with
+    prefetch_kv=True, captured in a CUDA graph (qwen-7b's heads, bf16, 300 keys). Each replay writes new
+    values at the newest position (large, so a stale read of it would move the output): the output equals the
+    reference on the updated cache every time."""
+    from deepserve.kernels.kv_cache_write import kv_cache_write
+
+    lens = [300]
+    case = make_case(lens, kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(1, 28, 128, device="cuda").bfloat16()
+    k_new = torch.zeros(1, 4, 128, device="cuda").bfloat16()
+    v_new = torch.zeros_like(k_new)
+    table = case.block_tables[0].long()
+    slot = (table[299 // 16] * 16 + 299 % 16).view(1)
+    counters = torch.zeros(1, 4, dtype=torch.int32, device="cuda") if fused_merge else None
+
+    def step():
+        kv_cache_write(case.kv_cache, k_new, v_new, slot)
+        return dec.paged_decode_attention(q, case.kv_cache, case.block_tables, case.seq_lens, 0.088,
+                                          num_splits=64, split_counters=counters, prefetch_kv=True)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for i in range(4):
+        k_new.copy_(torch.full_like(k_new, 0.5 * (i + 1)) * q.view(1, 4, 7, 128)[:, :, 0].sign())
+        v_new.copy_(torch.full_like(v_new, 20.0 * (i + 1)))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = dec.paged_decode_attention_ref(q, case.kv_cache, case.block_tables, case.seq_lens, 0.088)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

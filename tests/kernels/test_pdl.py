@@ -126,6 +126,36 @@ def _check_only_static_weight_loads(before_wait: list[ast.stmt], allowed: tuple[
         assert all(ast.unparse(c.args[0]).startswith(weight) for c in loads), ast.unparse(stmt)
 
 
+# kernel -> (constexpr flag, helpers it may call before the wait): the decode attention reads seq_lens, the block
+# table and the older keys of its first tile early (paged_decode_attention.py, `prefetch_kv`)
+EARLY_KV_LOADS = {"_decode_split_kernel": ("PREFETCH_KV", frozenset({"_split_range", "load_kv_tile"}))}
+
+
+def _check_only_prefetch_helpers(before_wait: list[ast.stmt], allowed: tuple[str, frozenset[str]]) -> None:
+    """Before the wait: index arithmetic (tl.* but loads, stores and atomics), and, only under the constexpr
+    flag, calls of the listed reading helpers; no direct tl.load, no other helper."""
+    flag, helpers = allowed
+    for stmt in before_wait:
+        funcs = [c.func for c in ast.walk(stmt) if isinstance(c, ast.Call)]
+        calls = [ast.unparse(f) for f in funcs]
+        assert not any(n.startswith(("tl.store", "tl.atomic", "tl.load")) for n in calls), ast.unparse(stmt)
+        others = {f.id for f in funcs if isinstance(f, ast.Name)}  # helpers (methods such as .to are arithmetic)
+        if not others:
+            continue
+        assert isinstance(stmt, ast.If) and ast.unparse(stmt.test) == flag, ast.unparse(stmt)
+        assert others <= helpers, ast.unparse(stmt)
+
+
+def test_early_kv_load_check_rejects_other_reads():
+    ok = ast.parse("b = tl.program_id(0)\nif PREFETCH_KV:\n    s, a, e = _split_range(p, b)\n"
+                   "    k = load_kv_tile(c, p)").body
+    _check_only_prefetch_helpers(ok, EARLY_KV_LOADS["_decode_split_kernel"])
+    for bad in ("q = tl.load(q_ptr)", "k = load_kv_tile(c, p)", "if PREFETCH_KV:\n    q = tl.load(q_ptr)",
+                "if PREFETCH_KV:\n    merge_if_last(c)", "if PREFETCH_KV:\n    tl.atomic_add(c, 1)"):
+        with pytest.raises(AssertionError):
+            _check_only_prefetch_helpers(ast.parse(bad).body, EARLY_KV_LOADS["_decode_split_kernel"])
+
+
 def test_early_weight_load_check_rejects_other_loads():
     """The check above fails on a load of x before the wait, and on a weight load outside the flag."""
     ok = ast.parse("if PREFETCH_W:\n    w = tl.load(w_rows + k, mask=m)").body
@@ -151,6 +181,8 @@ def test_every_pdl_kernel_waits_first_and_every_launch_passes_pdl():
         assert waits, (file, kernel.name)
         if kernel.name in EARLY_WEIGHT_LOADS:
             _check_only_static_weight_loads(body[:waits[0]], EARLY_WEIGHT_LOADS[kernel.name])
+        elif kernel.name in EARLY_KV_LOADS:
+            _check_only_prefetch_helpers(body[:waits[0]], EARLY_KV_LOADS[kernel.name])
         else:
             assert waits[0] == 0, (file, kernel.name)
     launched = set()

@@ -38,10 +38,12 @@ def test_merge_matches_reference_with_empty_splits(dim, splits):
 
 
 def test_merge_tiles():
-    assert sk.merge_tiles(64, 128) == (64, 128)  # dense head dim: the whole [S, D] row, one program
-    assert sk.merge_tiles(3, 512) == (4, 512)
-    assert sk.merge_tiles(64, 512) == (64, 128)  # MLA latent: four 128-wide chunks
-    assert sk.merge_tiles(300, 40) == (512, 16)
+    # (MERGE_G, MERGE_S, MERGE_D): heads x splits x columns within 8192 f32, D >= 16
+    assert sk.merge_tiles(6, 128, 7) == (8, 8, 128)  # qwen-7b W-b1: a GQA group's 7 heads, 6 splits, one tile
+    assert sk.merge_tiles(64, 128, 1) == (1, 64, 128)  # dense head dim: the whole [S, D] row
+    assert sk.merge_tiles(3, 512, 16) == (16, 4, 128)  # MLA latent: a 16-head tile, four 128-wide chunks
+    assert sk.merge_tiles(64, 512, 16) == (8, 64, 16)
+    assert sk.merge_tiles(300, 40, 7) == (1, 512, 16)
 
 
 def test_merge_rejects_mismatched_shapes():

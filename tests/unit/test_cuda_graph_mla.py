@@ -43,10 +43,11 @@ def test_mla_layers_declare_graph_safety(v3):
     assert not supports_graphs(naive)  # naive decode sizes its gathers from the host lengths
 
 
-def replay_vs_eager(model, device: str, capturer) -> tuple[torch.Tensor, torch.Tensor]:
+def replay_vs_eager(model, device: str, capturer, max_num_seqs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill 5 sequences eagerly, then one decode step: (replayed through the batch-8 graph, eager)
-    logits [5, V], both from the same cache contents."""
-    runner = ModelRunner(model, num_blocks=120, block_size=BLOCK, device=device)
+    logits [5, V], both from the same cache contents. max_num_seqs > 0: the runner binds split-K counters
+    (the decode kernel merges its splits itself); they are zero again afterwards."""
+    runner = ModelRunner(model, num_blocks=120, block_size=BLOCK, device=device, max_num_seqs=max_num_seqs)
     graphs = DecodeGraphs((8,), MAX_LEN // BLOCK, BLOCK, MAX_LEN, device)
     runner.capture_decode_graphs(graphs, capturer)
     gen = torch.Generator().manual_seed(0)
@@ -66,29 +67,37 @@ def replay_vs_eager(model, device: str, capturer) -> tuple[torch.Tensor, torch.T
     with torch.inference_mode():
         replayed = graphs.run(ids, host).cpu()  # padded to 8 rows
     assert replayed.shape == eager.shape == (5, 8192)
+    for layer in attention_layers(model):
+        assert not layer.split_counters.any()
+        assert max_num_seqs == 0 or layer.split_counters.shape[0] == max_num_seqs
     return replayed, eager
 
 
-@pytest.mark.parametrize("triton_route", [False, True], ids=["torch", "triton-interpreted"])
-def test_decode_replay_equals_eager_logits(v3, triton_route, monkeypatch):
+@pytest.mark.parametrize("triton_route, max_num_seqs", [(False, 0), (True, 0), (True, 8)],
+                         ids=["torch", "triton-interpreted", "triton-fused-merge"])
+def test_decode_replay_equals_eager_logits(v3, triton_route, max_num_seqs, monkeypatch):
     """triton_route: the MLA layers take their GPU route (cache-write and decode kernels, the split count
-    from max(seq_lens_cpu) = max_model_len at capture), under the Triton interpreter."""
+    from max(seq_lens_cpu) = max_model_len at capture: 2 splits here), under the Triton interpreter;
+    max_num_seqs 8: with split-K counters bound, so the captured decode merges inside its kernel."""
     _, model = v3
     if triton_route:
         load_kernel_module("mla_decode_attention"), load_kernel_module("mla_norm_rope_write")
         monkeypatch.setattr(MLAAttention, "_on_triton", lambda self, t: True)
-    replayed, eager = replay_vs_eager(model, "cpu", EagerCapturer())
+    for layer in attention_layers(model):  # the model is shared: unbind the counters again afterwards
+        monkeypatch.setattr(layer, "split_counters", layer.split_counters)
+    replayed, eager = replay_vs_eager(model, "cpu", EagerCapturer(), max_num_seqs)
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
     assert torch.equal(replayed.argmax(-1), eager.argmax(-1))
 
 
 @pytest.mark.gpu
-def test_gpu_decode_graph_replay_equals_eager_logits():
+@pytest.mark.parametrize("max_num_seqs", [0, 8], ids=["two-launch-merge", "fused-merge"])
+def test_gpu_decode_graph_replay_equals_eager_logits(max_num_seqs):
     """Real CUDA graphs (MLA decode kernel, fused MoE, rotary, norms) in float32: replay == eager."""
     from deepserve.engine.cuda_graph import CudaGraphCapturer
 
     _, model = tiny_v3(device="cuda")
-    replayed, eager = replay_vs_eager(model, "cuda", CudaGraphCapturer())
+    replayed, eager = replay_vs_eager(model, "cuda", CudaGraphCapturer(), max_num_seqs)
     torch.testing.assert_close(replayed, eager, atol=2e-3, rtol=2e-3)
     assert torch.equal(replayed.argmax(-1), eager.argmax(-1))
 

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence as Seq
 
 import torch
 
-from deepserve.engine.kv_cache import allocate_kv_caches, allocate_kv_scales, bind_kv_cache
+from deepserve.engine.kv_cache import allocate_kv_caches, allocate_kv_scales, bind_kv_cache, bind_split_counters
 from deepserve.engine.scheduler import ScheduledSeq
 from deepserve.forward_context import build_forward_context, forward_context
 from deepserve.models.deepseek_mtp import DeepseekMTP
@@ -37,7 +37,8 @@ class _Chain:
 
 class MTPProposer:
     def __init__(self, mtp: DeepseekMTP, num_speculative_tokens: int, num_blocks: int, block_size: int,
-                 max_model_len: int, device: torch.device | str, kv_cache_dtype: torch.dtype | None = None):
+                 max_model_len: int, device: torch.device | str, kv_cache_dtype: torch.dtype | None = None,
+                 max_num_seqs: int = 0):
         self.mtp = mtp
         self.k = num_speculative_tokens
         self.block_size = block_size
@@ -47,6 +48,8 @@ class MTPProposer:
         self.kv_caches = allocate_kv_caches(mtp, num_blocks, block_size, dtype, self.device)
         self.kv_scales = allocate_kv_scales(self.kv_caches)  # empty unless the cache is 8-bit
         bind_kv_cache(mtp, self.kv_caches, self.kv_scales)
+        if max_num_seqs > 0:  # the fused split-K merge of its decode passes (ModelRunner's max_num_seqs)
+            bind_split_counters(mtp, max_num_seqs, self.device)
 
     @torch.inference_mode()
     def propose(self, scheduled: Seq[ScheduledSeq], hidden: torch.Tensor,
