@@ -135,6 +135,29 @@ def kernel_summary(prof) -> str:
     return f"{len(kernels)} kernels, busy {busy:.3f} ms, span {span:.3f} ms, idle {span - busy:.3f} ms"
 
 
+def exposed_table(prof, rows: int = 20) -> str:
+    """Per kernel name: the device time it alone accounts for. Kernels sorted by start; each adds the part
+    of its interval past the latest end so far (with PDL a kernel starts early and waits, so its own
+    duration overlaps its predecessor's; this counts only what extends the step). Sums to the union of
+    the kernel intervals: where the step's device time goes, launch gaps apart."""
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    if not kernels:
+        return "no device kernels recorded"
+    exposed: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    last_end = kernels[0].time_range.start
+    for e in kernels:
+        exposed[e.name] += max(0, e.time_range.end - max(last_end, e.time_range.start))
+        calls[e.name] += 1
+        last_end = max(last_end, e.time_range.end)
+    total = sum(exposed.values())
+    lines = [f"exposed device time {total / 1000:.3f} ms (union of kernel intervals); per kernel name:"]
+    for name, us in sorted(exposed.items(), key=lambda kv: -kv[1])[:rows]:
+        lines.append(f"  {us / 1000:8.4f} ms  {100 * us / total:5.1f}%  {calls[name]:5d} calls  "
+                     f"{us / calls[name]:7.2f} us/call  {name[:70]}")
+    return "\n".join(lines)
+
+
 def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps: int,
                  row_limit: int = 25, cpu_rows: int = 0) -> dict[str, str]:
     """torch.profiler over the first `steps` prefill steps and `steps` decode steps past the middle; with
@@ -169,7 +192,8 @@ def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps:
             if cpu_rows:  # host-bound steps: which ops take the host's time
                 table += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=cpu_rows,
                                                           max_name_column_width=70)
-            tables[f"{want} step {step} ({len(outputs)} outputs): {kernel_summary(prof)}"] = table
+            tables[f"{want} step {step} ({len(outputs)} outputs): {kernel_summary(prof)}"] = \
+                table + "\n" + exposed_table(prof, row_limit)
         step += 1
     return tables
 
