@@ -6,7 +6,9 @@ the wrong block poisons its output. Block 0 is never handed out (tables are padd
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -86,3 +88,14 @@ def long_context_lens(batch: int, longest: int = 4096) -> list[int]:
     lens = torch.randint(1, longest + 1, (batch,), generator=gen).tolist()
     lens[0] = longest
     return lens
+
+
+def triton_attention_module() -> ModuleType:
+    """deepserve.layers.attention_triton bound to the (possibly interpreted) kernel modules."""
+    from tests.kernels.interpret import load_kernel_module
+
+    kernels = [load_kernel_module(n) for n in ("kv_cache_write", "paged_decode_attention", "paged_prefill_attention")]
+    module = importlib.import_module("deepserve.layers.attention_triton")
+    if module.paged_decode_attention is not kernels[1].paged_decode_attention:
+        module = importlib.reload(module)
+    return module

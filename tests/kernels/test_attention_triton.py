@@ -4,27 +4,16 @@ Step 1: a chunked prefill and a fresh prefill; step 2: the rest of the chunk plu
 (mixed batch -> prefill kernel); steps 3-4: decode-only (-> split-K decode kernel).
 """
 
-import importlib
-
 import pytest
 import torch
 
 from deepserve.forward_context import build_forward_context, forward_context
 from deepserve.layers.attention import Attention
-from tests.kernels.interpret import device, load_kernel_module
-from tests.kernels.paged_cases import shuffled_tables
+from tests.kernels.interpret import device
+from tests.kernels.paged_cases import shuffled_tables, triton_attention_module
 
 
-def _backend_module():
-    """deepserve.layers.attention_triton bound to the (possibly interpreted) kernel modules."""
-    kernels = [load_kernel_module(n) for n in ("kv_cache_write", "paged_decode_attention", "paged_prefill_attention")]
-    module = importlib.import_module("deepserve.layers.attention_triton")
-    if module.paged_decode_attention is not kernels[1].paged_decode_attention:
-        module = importlib.reload(module)
-    return module
-
-
-backend = _backend_module()
+backend = triton_attention_module()
 
 
 def _layers(heads, kv_heads, head_dim, num_blocks, block_size, dtype, dev):

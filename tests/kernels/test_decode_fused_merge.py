@@ -9,8 +9,6 @@ programs run one after another (the last split merges); GPU: real shapes, under 
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from torch import nn
@@ -21,7 +19,7 @@ from tests.kernels.interpret import device, load_kernel_module
 from tests.kernels.kv_quant_cases import QUANT_DTYPES, quantized_case
 from tests.kernels.launches import record_launches
 from tests.kernels.mla_cases import make_latent_case
-from tests.kernels.paged_cases import make_case, shuffled_tables
+from tests.kernels.paged_cases import make_case, shuffled_tables, triton_attention_module
 
 dec = load_kernel_module("paged_decode_attention")
 mla = load_kernel_module("mla_decode_attention")
@@ -165,19 +163,10 @@ def test_mla_fused_quantized_cache():
 # ------------------------------------------------------------------------------- layers
 
 
-def _triton_attention_module():
-    """deepserve.layers.attention_triton bound to the (possibly interpreted) kernel modules."""
-    kernels = [load_kernel_module(n) for n in ("kv_cache_write", "paged_decode_attention", "paged_prefill_attention")]
-    module = importlib.import_module("deepserve.layers.attention_triton")
-    if module.paged_decode_attention is not kernels[1].paged_decode_attention:
-        module = importlib.reload(module)
-    return module
-
-
 def test_triton_attention_binds_and_uses_counters(monkeypatch):
     """bind_split_counters gives the layer [max_num_seqs, H_kv] zeros; a decode batch that fits them runs the
     fused merge (no merge launch), a larger one the two launches; both match the unbound layer."""
-    backend = _triton_attention_module()
+    backend = triton_attention_module()
     sk = load_kernel_module("split_k")
     lens, block_size = [300, 3, 17], 16  # 300: two splits (the CPU stand-in for the SM count is 4)
     tables, num_blocks = shuffled_tables(lens, block_size, torch.Generator().manual_seed(1))
