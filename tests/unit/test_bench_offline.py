@@ -120,6 +120,31 @@ def test_throughput_warms_up_at_full_size_with_other_prompts(tiny_folder, tmp_pa
         offline.run_throughput(build_parser().parse_args(argv + ["--warmup-output-len", "0"]))
 
 
+def test_throughput_num_iters_reports_the_median_run(tiny_folder, tmp_path, monkeypatch):
+    """--num-iters N: one warm-up, then N timed runs on N sets of new prompts; the record's figures are the
+    median run's (by wall time) and runs_output_tok_s lists every run; N < 1 is refused."""
+    walls = iter([9.0, 2.0, 8.0, 4.0])  # warm-up, then three timed runs: the median wall is 4.0
+    real_run = offline.Bench.run
+    seen = []
+
+    def timed_run(self, prompts, output_len):
+        t = real_run(self, prompts, output_len)
+        seen.append(tuple(map(tuple, prompts)))
+        return offline.RunTiming(next(walls), t.output_tokens, t.first_token_s)
+
+    monkeypatch.setattr(offline.Bench, "run", timed_run)
+    results = tmp_path / "cpu.jsonl"
+    argv = ["throughput", "--model", str(tiny_folder), "--load-format", "dummy", "--num-prompts", "3",
+            "--input-len", "8", "--output-len", "4", "--result-file", str(results)]
+    offline.run_throughput(build_parser().parse_args(argv + ["--num-iters", "3"]))
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert len(seen) == 4 and len(set(seen)) == 4  # other prompts every run
+    assert record["wall_s"] == 4.0 and record["output_tok_s"] == 3.0  # 12 tokens / 4 s
+    assert record["runs_output_tok_s"] == [6.0, 1.5, 3.0] and "median of 3" in record["notes"]
+    with pytest.raises(ValueError, match="num-iters"):
+        offline.run_throughput(build_parser().parse_args(argv + ["--num-iters", "0"]))
+
+
 def test_latency_end_to_end_with_roofline(tiny_folder, tmp_path):
     results = tmp_path / "cpu.jsonl"
     ns = build_parser().parse_args(["latency", "--model", str(tiny_folder), "--load-format", "dummy",
