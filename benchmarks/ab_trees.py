@@ -7,8 +7,8 @@ DIR holds the base tree's `deepserve/` package (e.g. `git archive BASE deepserve
 tree is this checkout. Runs alternate new, base, new, base, ... (`--runs` pairs), each a fresh process of
 `python -m deepserve.bench.offline ARGS --result-file R --run-id ID --notes "<tree>"` whose working
 directory is the tree's folder: `python -m` puts the working directory first on sys.path, so PYTHONPATH
-alone would import this checkout for both sides (runs s10a/b/e/f made that mistake). Before each run the
-script asks a process started the same way which `deepserve` it imports and stops if it is not the tree's.
+alone would import this checkout for both sides (runs s10a/b/e/f made that mistake). Before the runs the
+script asks a process started in each folder which `deepserve` it imports and stops if it is not the tree's.
 A `--model` that names a shape under benchmarks/configs is passed as that folder's absolute path (the base
 package would look for it beside itself).
 """

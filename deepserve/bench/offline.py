@@ -197,9 +197,9 @@ def latency_figures(runs: list[RunTiming], batch: int, output_len: int) -> dict[
 
 def weight_bytes_read(model: Any, batch: int) -> int:
     """Bytes of parameters one decode step reads: all of them, except an input embedding that is not also
-    an LM head's weight (only `batch` rows are read; a tied head quantised by --quantize-lm-head has its own) and, in MoE layers, the routed experts no token picked (at most
-    batch x top_k of n_routed_experts). Shared experts folded into an expert stack (its rows past
-    n_routed_experts) are read whole."""
+    an LM head's weight (only `batch` rows are read; a tied head quantised by --quantize-lm-head has its
+    own) and, in MoE layers, the routed experts no token picked (at most batch x top_k of n_routed_experts).
+    Shared experts folded into an expert stack (its rows past n_routed_experts) are read whole."""
     from deepserve.layers.embedding import LMHead, VocabEmbedding
 
     cfg = model.config
@@ -302,13 +302,13 @@ def run_throughput(ns: argparse.Namespace) -> dict[str, Any]:
     warm_len = ns.output_len if ns.warmup_output_len is None else ns.warmup_output_len
     if warm_len < 1:
         raise ValueError(f"--warmup-output-len must be >= 1, got {warm_len}")
+    if ns.num_iters < 1:
+        raise ValueError(f"--num-iters must be >= 1, got {ns.num_iters}")
     bench = Bench.load(engine_args(ns))
     # Warm-up at full size (other prompts: no prefix-cache hits). Triton compiles a kernel per block config
     # and the configs follow the token count, so the old warm-up (4 prompts, 8 tokens) left the big prefill
     # chunks' compiles to the timed run. The first run of a pair on a fresh machine was often the slower
     # one (V2-Lite int8, run s8i: 13,110 then 15,085 tok/s); that this removes it is not measured yet.
-    if ns.num_iters < 1:
-        raise ValueError(f"--num-iters must be >= 1, got {ns.num_iters}")
     bench.run(bench.random_prompts(ns.num_prompts, ns.input_len, seed=ns.seed + 1), warm_len)
     seeds = [ns.seed] + [ns.seed + 1000 + i for i in range(1, ns.num_iters)]  # new prompts every run
     timings = [bench.run(bench.random_prompts(ns.num_prompts, ns.input_len, seed), ns.output_len) for seed in seeds]

@@ -339,7 +339,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     cfg = config or gemv_config(m, n, k, w.dtype)
     _check_config(cfg, vec)
     if gated:  # the gate and up rows of a column in one program, one split (the epilogue needs the whole sum)
-        cfg = cfg._replace(block_n=max(2, cfg.block_n), split_k=1)
+        if cfg.split_k > 1:
+            raise ValueError(f"gemv: gated=True runs one K split (its epilogue needs whole sums), got {cfg}; "
+                             f"run gemv and silu_and_mul instead (`gated_applies`)")
+        cfg = cfg._replace(block_n=max(2, cfg.block_n))
     k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = cdiv(k, k_per_split)
     shape = (m, n // 2) if gated else (splits, m, n)
@@ -354,6 +357,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     if gated:
         return out
     return out[0] if splits == 1 else _sum_splits(out, x.dtype)
+
+
+def gated_applies(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether `gemv(..., gated=True)` runs the table's config for this shape: N even and no K split (a split
+    config would change the sums' order, so gated would no longer equal gemv then silu_and_mul)."""
+    return n % 2 == 0 and gemv_config(m, n, k, dtype).split_k == 1
 
 
 def _silu_and_mul_rows(y: torch.Tensor) -> torch.Tensor:

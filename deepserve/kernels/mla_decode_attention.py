@@ -21,7 +21,8 @@ Flash-decoding, like `paged_decode_attention`:
      count sized for max_model_len costs little on short sequences.
   2. the merge of the splits with their LSE weights, every split at once, never reading an empty split's
      partial, either
-       * fused (`split_counters` given): after its stores each program increments its (sequence, head tile)
+       * fused (`split_counters` given and a merge of at most split_k.MAX_FUSED_MERGE_TILES tiles: with R =
+         512 latent columns, 2 splits at most): after its stores each program increments its (sequence, head tile)
          counter, and the last of the num_splits programs merges the tile's heads and resets the counter
          (`split_k.merge_if_last`: one launch, the separate merge's `merge_group` with the same tiles, the
          same values). What it saves or costs on a GPU is unmeasured: one program walks the tile's heads x R

@@ -18,8 +18,9 @@ Flash-decoding:
      normalised partial output [G, D] and log2-sum-exp [G] in fp32.
   2. the merge of the splits' partials with their LSE weights (`split_k.merge_group`: a group of heads,
      all splits at once), either
-       * fused (`split_counters` given): each program then increments its (sequence, KV head) counter and
-         the last of the num_splits programs to arrive merges the G heads (`split_k.merge_if_last`, which
+       * fused (`split_counters` given and a merge of at most split_k.MAX_FUSED_MERGE_TILES tiles: up to 16
+         splits for a group of 7 heads of 128 columns): each program then increments its (sequence, KV head)
+         counter and the last of the num_splits programs to arrive merges the G heads (`split_k.merge_if_last`, which
          documents the memory ordering) and resets the counter: ONE launch. The separate launch runs the
          same `merge_group` with the same tiles (`merge_tiles` of G heads), so the two paths give the same
          values (tests/kernels/test_decode_fused_merge.py, interpreter and one real shape on the GPU);

@@ -11,9 +11,14 @@ Contract of a kernel that takes `PDL: tl.constexpr = False`:
     has completed and its memory is visible, before any load or store of the kernel, so the kernel
     reads and writes exactly what it would without PDL; only then `griddepcontrol.launch_dependents`
     lets the next kernel launch (after the wait, so at most one grid waits behind a running one).
-    One exception: the decode GEMV (kernels/gemv.py) called with `static_weight=True` loads its first
-    weight chunk before the wait (`if PREFETCH_W:` ahead of the prologue). The only kernel that can
-    still run then is the one launched just before it, and that one never writes a layer's weight.
+    Two exceptions, each behind its caller's promise about the kernel launched just before (the only one
+    that can still run then):
+      - the decode GEMV (kernels/gemv.py) called with `static_weight=True` loads its first weight chunk
+        before the wait (`if PREFETCH_W:` ahead of the prologue): that kernel never writes a layer's weight;
+      - the decode attention (kernels/paged_decode_attention.py) called with `prefetch_kv=True` reads
+        seq_lens, its block-table entries and its first tile's keys but each sequence's newest before the
+        wait (`if PREFETCH_KV:`): that kernel is the cache write of the newest keys only. The newest key
+        is read after the wait. tests/kernels/test_pdl.py checks which reads come before the wait.
   * its launch passes `**pdl_launch(device)`: {"PDL": True, "launch_pdl": True} on an sm_90+ NVIDIA
     device unless DEEPSERVE_PDL=0, else {} (PDL stays False and the prologue compiles to nothing): never
     under ROCm (torch reports "cuda" devices there too), under TRITON_INTERPRET=1, or with a Triton that

@@ -48,6 +48,12 @@ from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 
 _WHOLE_TILE_MAX = 8192  # f32 elements of [S, D] partials one program reads at once
+# The fused merge runs in ONE program, tile after tile, where the separate launch spreads the tiles over
+# programs: it is used only where that program has at most this many tiles to walk. W-b1 qwen-7b (GQA group
+# 7, 6 splits, D 128) is one tile: the shape measured (run s10g, together with the K/V prefetch). With 64
+# splits (a long max_model_len's graphs) the same group is 8 tiles, and MLA's 16 heads x 512 latent columns
+# 8 or more: unmeasured, so they keep the separate launch.
+MAX_FUSED_MERGE_TILES = 2
 
 
 def num_sms(device: torch.device) -> int:
@@ -151,13 +157,19 @@ def merge_tiles(splits: int, dim: int, heads: int) -> tuple[int, int, int]:
 def fused_merge_args(split_counters: torch.Tensor | None, num_splits: int, dim: int, heads: int,
                      placeholder: torch.Tensor) -> tuple[torch.Tensor, dict[str, object]]:
     """A split kernel's counter argument and its FUSED_MERGE / MERGE_G / MERGE_S / MERGE_D constexprs: the merge
-    is fused (`merge_if_last` over groups of `heads` heads, the tiles of `merge_tiles`) when counters are given
-    and num_splits > 1; otherwise `placeholder` (never read) and fixed constexprs, so the unfused kernel
-    compiles once."""
-    if split_counters is None or num_splits == 1:
+    is fused (`merge_if_last` over groups of `heads` heads, the tiles of `merge_tiles`) when counters are given,
+    num_splits > 1 and the last program merges in at most MAX_FUSED_MERGE_TILES tiles; otherwise `placeholder`
+    (never read) and fixed constexprs, so the unfused kernel compiles once."""
+    if split_counters is None or num_splits == 1 or fused_merge_tiles(num_splits, dim, heads) > MAX_FUSED_MERGE_TILES:
         return placeholder, {"FUSED_MERGE": False, "MERGE_G": 1, "MERGE_S": 1, "MERGE_D": 16}
     merge_g, merge_s, merge_d = merge_tiles(num_splits, dim, heads)
     return split_counters, {"FUSED_MERGE": True, "MERGE_G": merge_g, "MERGE_S": merge_s, "MERGE_D": merge_d}
+
+
+def fused_merge_tiles(splits: int, dim: int, heads: int) -> int:
+    """[MERGE_G, MERGE_S, MERGE_D] tiles one program walks to merge `heads` heads (one after another)."""
+    merge_g, _, merge_d = merge_tiles(splits, dim, heads)
+    return cdiv(heads, merge_g) * cdiv(dim, merge_d)
 
 
 def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, group: int | None = None

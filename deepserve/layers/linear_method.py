@@ -111,11 +111,13 @@ class DenseLinearMethod(LinearMethod):
         launch (kernels/gemv.py `gated`: the [..., 2I] output is never stored, no separate SiLU-and-mul
         launch), the same bits as `consumer.method.apply_silu_and_mul(layer(x))`; None otherwise."""
         weight = layer.weight
-        if isinstance(x, PerTokenInt8) or not use_gemv(x, weight) or weight.shape[0] % 2:
+        if isinstance(x, PerTokenInt8) or not use_gemv(x, weight):
             return None
-        from deepserve.kernels.gemv import gemv  # lazy: Triton on CUDA only
+        from deepserve.kernels.gemv import gated_applies, gemv  # lazy: Triton on CUDA only
 
         rows = x.reshape(-1, x.shape[-1])  # [M, in]
+        if not gated_applies(rows.shape[0], weight.shape[0], weight.shape[1], weight.dtype):
+            return None
         return gemv(rows, weight, layer.bias, static_weight=True, gated=True).view(*x.shape[:-1], -1)
 
 

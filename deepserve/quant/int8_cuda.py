@@ -129,8 +129,8 @@ def w8a16_gated_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     if pick_backend(W8A16_BACKENDS, x.shape[0]) != "gemv" or x.dtype not in (torch.bfloat16, torch.float16) \
             or x.shape[1] % 16 or not w_q.is_contiguous() or w_q.shape[0] % 2:
         return None
-    from deepserve.kernels.gemv import GEMV_MAX_M, gemv
+    from deepserve.kernels.gemv import GEMV_MAX_M, gated_applies, gemv
 
-    if not 1 <= x.shape[0] <= GEMV_MAX_M:
+    if not 1 <= x.shape[0] <= GEMV_MAX_M or not gated_applies(x.shape[0], w_q.shape[0], x.shape[1], torch.int8):
         return None
     return gemv(_rows(x), w_q, bias, w_scale=w_scale, static_weight=True, gated=True)

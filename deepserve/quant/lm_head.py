@@ -10,7 +10,8 @@ s10a), 2.380 against 2.487 / 2.484 (run s10b).
 
 Any --quantization (none included): the head gets `Int8WeightOnlyMethod`, so it follows `int8_cuda`'s
 W8A16 backends (the GEMV at 1-2 rows, the Triton W8A16 GEMM up to 64, dequantise + cuBLAS above, which
-costs more than the bf16 head: a batch-serving deployment should leave the head in float). The embedding
+costs more than the bf16 head: a batch-serving deployment should leave the head in float; on CPU the method
+rounds the int8 matrix to float every step, also slower than the float head). The embedding
 keeps its float matrix (a tied head's Parameter stays the embedding's; only the head's attribute is
 replaced). The accuracy it costs is measured by `deepserve eval --quantize-lm-head` (the gate's top-1 and
 KL against the float model), see benchmarks/results/quant_accuracy.md: on the bundled SmolLM2 (tied head,
@@ -20,7 +21,10 @@ KL against the float model), see benchmarks/results/quant_accuracy.md: on the bu
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+ROWS_PER_CHUNK = 8192  # vocabulary rows quantised at a time: float32 temporaries of 8192 x hidden, not V x hidden
 
 
 def lm_heads(model: nn.Module) -> list[nn.Module]:
@@ -39,8 +43,25 @@ def quantize_lm_head(model: nn.Module) -> int:
     if not heads:
         raise ValueError(f"{type(model).__name__} has no LM head to quantise")
     for head in heads:
+        q, scale = quantize_rows(head.weight.detach())
+        # int8 weight + weight_scale: the method keeps them (`_install_quantized`'s layout: contiguous on CUDA, the
+        # transpose contiguous elsewhere). Only head.weight is replaced: a tied embedding keeps its own.
+        head.weight = nn.Parameter(q if q.is_cuda else q.t().contiguous().t(), requires_grad=False)
+        head.weight_scale = nn.Parameter(scale, requires_grad=False)
         method = Int8WeightOnlyMethod()
-        method.process_weights_after_loading(head)  # replaces head.weight only: a tied embedding keeps its own
+        method.process_weights_after_loading(head)
         head.__dict__.pop("packed_weight", None)  # CPU: the float method's oneDNN copy
         head.method = method
     return len(heads)
+
+
+def quantize_rows(w: torch.Tensor, rows: int = ROWS_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [V, H] float -> (q [V, H] int8, scale [V] f32) = `quantize_per_channel_ref(w)` (symmetric), computed
+    `rows` rows at a time, so loading a large vocabulary does not hold a float32 copy of the whole matrix."""
+    from deepserve.quant.int8 import quantize_per_channel_ref
+
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], rows):
+        q[start:start + rows], scale[start:start + rows], _ = quantize_per_channel_ref(w[start:start + rows])
+    return q, scale

@@ -23,6 +23,7 @@ from tests.kernels.paged_cases import make_case, shuffled_tables, triton_attenti
 
 dec = load_kernel_module("paged_decode_attention")
 mla = load_kernel_module("mla_decode_attention")
+sk = load_kernel_module("split_k")
 
 
 def _counters(batch: int, groups: int, dev=None) -> torch.Tensor:
@@ -88,7 +89,6 @@ def test_paged_fused_quantized_cache(kv_dtype):
 
 def test_paged_fused_is_one_launch(monkeypatch):
     """With counters the merge kernel never launches; without, it does (the two-launch path)."""
-    sk = load_kernel_module("split_k")
     case = make_case([20, 7], kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32, device=device())
     q = torch.randn(2, 2, 16, device=device())
     recorders = record_launches(monkeypatch, sk, "_merge_kernel")
@@ -167,7 +167,6 @@ def test_triton_attention_binds_and_uses_counters(monkeypatch):
     """bind_split_counters gives the layer [max_num_seqs, H_kv] zeros; a decode batch that fits them runs the
     fused merge (no merge launch), a larger one the two launches; both match the unbound layer."""
     backend = triton_attention_module()
-    sk = load_kernel_module("split_k")
     lens, block_size = [300, 3, 17], 16  # 300: two splits (the CPU stand-in for the SM count is 4)
     tables, num_blocks = shuffled_tables(lens, block_size, torch.Generator().manual_seed(1))
     cache = torch.randn(2, num_blocks, block_size, 2, 16, device=device())
@@ -214,27 +213,31 @@ def _replays_equal(run, counters: torch.Tensor, inputs: list[torch.Tensor], fill
 
 @pytest.mark.gpu
 def test_gpu_paged_fused_graph_replays_qwen7b():
-    """B=1, H=28, H_kv=4, D=128, seq_len 300, 64 splits (most empty), bf16: captured, 3 replays."""
+    """B=1, H=28, H_kv=4, D=128, seq_len 300, 6 splits (W-b1's graphs: a one-tile merge, so fused), bf16:
+    captured, 3 replays."""
     case = make_case([300], kv_heads=4, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda")
     q = torch.empty(1, 28, 128, dtype=torch.bfloat16, device="cuda")
 
     def run(counters):
         return dec.paged_decode_attention(q, case.kv_cache, case.block_tables, case.seq_lens, 128 ** -0.5,
-                                          num_splits=64, split_counters=counters)
+                                          num_splits=6, split_counters=counters)
 
+    assert sk.fused_merge_args(torch.zeros(1, 4), 6, 128, 7, q)[1]["FUSED_MERGE"]
     inputs = [torch.randn(1, 28, 128, device="cuda").to(torch.bfloat16) for _ in range(3)]
     _replays_equal(run, _counters(1, 4, "cuda"), inputs, q.copy_)
 
 
 @pytest.mark.gpu
 def test_gpu_mla_fused_graph_replays_v2_lite():
-    """B=1, H=16, R=512, Dr=64, seq_len 300, 64 splits, bf16: captured, 3 replays."""
+    """B=1, H=16, R=512, Dr=64, seq_len 300, 2 splits (a two-tile merge: the largest fused one), bf16: captured,
+    3 replays."""
     cache, tables, seq_lens = make_latent_case([300], 512, 64, 16, torch.bfloat16, "cuda")
     q = torch.empty(1, 16, 576, dtype=torch.bfloat16, device="cuda")
 
     def run(counters):
         return mla.mla_decode_attention(q[..., :512], q[..., 512:], cache, tables, seq_lens, 192 ** -0.5,
-                                        num_splits=64, split_counters=counters)
+                                        num_splits=2, split_counters=counters)
 
+    assert sk.fused_merge_args(torch.zeros(1, 1), 2, 512, 16, q)[1]["FUSED_MERGE"]
     inputs = [torch.randn(1, 16, 576, device="cuda").to(torch.bfloat16) for _ in range(3)]
     _replays_equal(run, _counters(1, 1, "cuda"), inputs, q.copy_)

@@ -384,23 +384,23 @@ def test_gpu_int8_weights_real_shapes(k, n):
 # ------------------------------------------------------------------------------- gated: SiLU-and-mul epilogue
 
 S = load_kernel_module("silu_and_mul")
-GATED_CONFIGS = [None, G.GemvConfig(2, 32, 1, 1), G.GemvConfig(8, 64, 3, 2), G.GemvConfig(1, 128, 1, 1)]
+GATED_CONFIGS = [None, G.GemvConfig(2, 32, 1, 1), G.GemvConfig(8, 64, 1, 2), G.GemvConfig(1, 128, 1, 1)]
 
 
 def _unfused(x, w, b, cfg, scale=None):
-    """gemv (the config gated=True runs: block_n >= 2, one split) then the silu_and_mul kernel."""
+    """gemv (at the config gated=True runs: block_n >= 2) then the silu_and_mul kernel."""
     cfg = (cfg or G.gemv_config(x.shape[0], w.shape[0], x.shape[1], w.dtype))
-    cfg = cfg._replace(block_n=max(2, cfg.block_n), split_k=1)
+    cfg = cfg._replace(block_n=max(2, cfg.block_n))
     return S.silu_and_mul(G.gemv(x, w, b, cfg, w_scale=scale))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,inter,k", [(1, 37, 200), (3, 9, 24), (2, 64, 136)])
-@pytest.mark.parametrize("cfg", GATED_CONFIGS, ids=["table", "2x32", "8x64-split3", "1x128"])
+@pytest.mark.parametrize("cfg", GATED_CONFIGS, ids=["table", "2x32", "8x64", "1x128"])
 def test_gated_is_gemv_then_silu_and_mul(dtype, m, inter, k, cfg):
     """gated=True: [M, I] = silu_and_mul(gemv(x, [gate | up])) bit for bit (same sums, same roundings), for I
-    not a multiple of the program's columns (the last program's clamped rows), bias and strided x rows;
-    a split config runs unsplit. A gate row swapped with an up row changes the result."""
+    not a multiple of the program's columns (the last program's clamped rows), bias and strided x rows.
+    A gate row swapped with an up row changes the result."""
     x, w, b = operands(m, 2 * inter, k, dtype, row_pad=8)
     got = G.gemv(x, w, b, cfg, gated=True)
     assert got.shape == (m, inter) and got.dtype == dtype
@@ -424,11 +424,18 @@ def test_gated_int8_weights(m, inter, k, bias):
     assert not torch.equal(G.gemv(x, w, b, w_scale=flipped, gated=True), got)
 
 
-def test_gated_rejects_odd_rows_and_empty_shapes():
+def test_gated_rejects_odd_rows_split_configs_and_empty_shapes(monkeypatch):
+    """Odd N and a K-split config are refused (the callers ask `gated_applies` first: a table entry that splits
+    K makes them run gemv then silu_and_mul); empty shapes give silu_and_mul of the bias."""
     dev = device()
     x, w, _ = operands(1, 9, 32, torch.bfloat16, bias=False)
     with pytest.raises(ValueError, match="even number of rows"):
         G.gemv(x, w, gated=True)
+    with pytest.raises(ValueError, match="one K split"):
+        G.gemv(x, w[:8], None, G.GemvConfig(4, 16, 2, 1), gated=True)
+    assert G.gated_applies(1, 8, 32, torch.bfloat16) and not G.gated_applies(1, 9, 32, torch.bfloat16)
+    monkeypatch.setattr(G, "TABLE", ((1 << 62, 1 << 62, G.GemvConfig(4, 16, 2, 1)),))
+    assert not G.gated_applies(1, 8, 32, torch.bfloat16)
     out = G.gemv(x[:0], torch.zeros(8, 32, dtype=torch.bfloat16, device=dev), gated=True)
     assert out.shape == (0, 4)
     b = torch.tensor([1.0, -2.0, 3.0, 0.5], device=dev).bfloat16()  # K = 0: y = bias

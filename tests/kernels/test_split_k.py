@@ -46,6 +46,22 @@ def test_merge_tiles():
     assert sk.merge_tiles(300, 40, 7) == (1, 512, 16)
 
 
+def test_fused_only_for_merges_of_at_most_two_tiles():
+    """The last program merges alone: fused where that is <= MAX_FUSED_MERGE_TILES tiles (W-b1 qwen-7b: one),
+    the separate launch beyond (64 splits; MLA's 512 latent columns past 2 splits); never without counters
+    or with one split."""
+    counters, out = torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1)
+    fused = lambda splits, dim, heads, c=counters: sk.fused_merge_args(c, splits, dim, heads, out)[1]["FUSED_MERGE"]
+    assert sk.MAX_FUSED_MERGE_TILES == 2
+    assert sk.fused_merge_tiles(6, 128, 7) == 1 and fused(6, 128, 7)
+    assert sk.fused_merge_tiles(64, 128, 7) == 8 and not fused(64, 128, 7)
+    assert sk.fused_merge_tiles(2, 512, 16) == 2 and fused(2, 512, 16)
+    assert sk.fused_merge_tiles(3, 512, 16) == 4 and not fused(3, 512, 16)
+    assert not fused(1, 128, 7) and not fused(6, 128, 7, None)
+    placeholder, flags = sk.fused_merge_args(None, 6, 128, 7, out)
+    assert placeholder is out and flags == {"FUSED_MERGE": False, "MERGE_G": 1, "MERGE_S": 1, "MERGE_D": 16}
+
+
 def test_merge_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not fit"):
         sk.merge_splits(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 4), torch.zeros(1, 2, 16))

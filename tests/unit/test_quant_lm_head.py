@@ -113,3 +113,15 @@ def test_gpu_head_takes_the_int8_gemv(monkeypatch):
     assert torch.equal(got, real(x, head.weight, None, w_scale=head.weight_scale).float())
     want = x.float() @ dense.float().t()
     assert bool(((got - want).abs() <= _int8_bound(x.float(), dense.float()) + want.abs() / 128).all())
+
+
+def test_quantize_rows_in_chunks_equals_the_whole_matrix():
+    """Chunked quantisation (ROWS_PER_CHUNK rows at a time) gives quantize_per_channel_ref's values exactly,
+    for a chunk size that does not divide the rows."""
+    from deepserve.quant.int8 import quantize_per_channel_ref
+    from deepserve.quant.lm_head import quantize_rows
+
+    w = torch.randn(37, 24, generator=torch.Generator().manual_seed(5)).bfloat16()
+    q, scale = quantize_rows(w, rows=8)
+    want_q, want_scale, _ = quantize_per_channel_ref(w)
+    assert torch.equal(q, want_q) and torch.equal(scale, want_scale)
