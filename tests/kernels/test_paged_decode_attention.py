@@ -10,7 +10,7 @@ dequantised cache, and both against attention over the unquantised cache within 
 import pytest
 import torch
 
-from tests.kernels.interpret import device, load_kernel_module
+from tests.kernels.interpret import INTERPRET, device, load_kernel_module
 from tests.kernels.kv_quant_cases import QUANT_DTYPES, attention_bound, quantized_case
 from tests.kernels.paged_cases import long_context_lens, make_case, replay_with_new_lengths
 
@@ -210,3 +210,51 @@ def test_gpu_prefetch_kv_sees_the_newest_key(fused_merge):
         torch.cuda.synchronize()
         ref = dec.paged_decode_attention_ref(q, case.kv_cache, case.block_tables, case.seq_lens, 0.088)
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+def _race_hooks(monkeypatch, cache: torch.Tensor, newest: list[tuple[int, int]]) -> None:
+    """Simulate the cache write still running when a program starts: each program's `_split_range` (its first
+    read) blanks every sequence's newest K/V row to NaN, and its `pdl_prologue` (the PDL wait) writes the real
+    rows back. Programs run one after another in the interpreter, so each sees the race in full."""
+    real = [cache[:, blk, off].clone() for blk, off in newest]
+    split_range = dec._split_range
+
+    def blank(*args, **kwargs):
+        for blk, off in newest:
+            cache[:, blk, off] = float("nan")
+        return split_range.fn(*args, **kwargs)
+
+    def wait(PDL):
+        for (blk, off), row in zip(newest, real):
+            cache[:, blk, off] = row
+
+    monkeypatch.setattr(dec, "_split_range", blank)
+    monkeypatch.setattr(dec, "pdl_prologue", wait)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the race is simulated through the interpreter's Python calls")
+@pytest.mark.parametrize("lens, num_splits", [([1], 3), ([17], 64), ([300, 1, 0, 129], 3), ([65, 16], 1)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_prefetch_kv_reads_the_newest_key_only_after_the_wait(monkeypatch, lens, num_splits, fused):
+    """With the newest key missing (NaN) until each program's PDL wait, prefetch_kv=True still equals the
+    reference: no read of the newest row happens before the wait, whether it sits in a split's first tile or
+    a later one (seq_len 1, 17, 300, 129; block boundaries; empty splits; the fused merge or two launches).
+    Control: without prefetch_kv the first read (`_split_range`) comes after the wait, so the blanking lands
+    after the restore and the kernel reads the blanked rows: its output leaves the reference, so the harness
+    does see a read of the newest key at the wrong time."""
+    case = make_case(lens, kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, device="cpu")
+    newest = [(int(case.block_tables[b, (n - 1) // 16]), (n - 1) % 16) for b, n in enumerate(lens) if n]
+    q = torch.randn(len(lens), 4, 16)
+    ref = dec.paged_decode_attention_ref(q, case.kv_cache, case.block_tables, case.seq_lens, 0.25)
+    counters = torch.zeros(len(lens), 2, dtype=torch.int32) if fused else None
+    _race_hooks(monkeypatch, case.kv_cache, newest)
+
+    def run(prefetch):
+        return dec.paged_decode_attention(q, case.kv_cache, case.block_tables, case.seq_lens, 0.25,
+                                          num_splits=num_splits, block_n=16, prefetch_kv=prefetch,
+                                          split_counters=counters)
+
+    torch.testing.assert_close(run(True), ref, atol=1e-5, rtol=1e-5)
+    if counters is not None:
+        assert torch.equal(counters, torch.zeros_like(counters))
+    assert not torch.allclose(run(False), ref, atol=1e-5, rtol=1e-5)
