@@ -279,12 +279,20 @@ def base_record(ns: argparse.Namespace, bench: Bench, workload: str, batch: int)
     sched = bench.config.scheduler
     return {**environment_fields(bench.platform.device_name(), ns.run_id), "engine": "deepserve",
             "engine_version": deepserve.__version__, "model": shape, "dtype": dtype,
-            "quant": (bench.config.quantization or "none") + ("+int8-lm-head" if bench.config.quantize_lm_head else ""),
+            "quant": quant_label(bench.config), "kv_cache_dtype": bench.config.cache.kv_cache_dtype,
             "tp": 1, "pp": 1, "ep": 1, "workload": workload, "batch": batch,
             "input_len": ns.input_len, "output_len": ns.output_len, "cuda_graphs": bench.graphs_on,
             "max_num_seqs": sched.max_num_seqs, "max_num_batched_tokens": sched.max_num_batched_tokens,
             "num_kv_blocks": bench.core.kv_plan.num_blocks,
             "load_format": bench.config.load_format}
+
+
+def quant_label(config: Any) -> str:
+    """The record's `quant`: the method, "+int8-lm-head" with --quantize-lm-head, "+kv-<dtype>" with an 8-bit KV
+    cache (so a run with the 8-bit cache is never read as the weight method's alone)."""
+    label = (config.quantization or "none") + ("+int8-lm-head" if config.quantize_lm_head else "")
+    kv = config.cache.kv_cache_dtype
+    return label + (f"+kv-{kv}" if kv != "auto" else "")
 
 
 def append_record(record: dict[str, Any], path: str | None) -> None:

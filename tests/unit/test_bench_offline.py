@@ -93,6 +93,22 @@ def test_throughput_end_to_end(tiny_folder, tmp_path):
     assert record["total_tok_s"] == pytest.approx(record["output_tok_s"] * 3, rel=0.01)
     for key in ("date", "git_sha", "gpu", "driver", "torch", "triton", "dtype", "quant", "tp", "notes"):
         assert key in record
+    assert (record["quant"], record["kv_cache_dtype"]) == ("none", "auto")
+
+
+def test_quant_label_names_the_int8_head_and_an_8bit_kv_cache(tiny_folder):
+    """A run with an 8-bit KV cache or the int8 head is labelled so: its figure is never read as the weight
+    method's alone."""
+    from deepserve.engine.args import EngineArgs
+
+    def label(**kw):
+        return offline.quant_label(EngineArgs(model=str(tiny_folder), **kw).create_engine_config())
+
+    assert label() == "none"
+    assert label(quantization="int8") == "int8"
+    assert label(quantization="int8", kv_cache_dtype="int8") == "int8+kv-int8"
+    assert label(kv_cache_dtype="fp8") == "none+kv-fp8"
+    assert label(quantization="int8-weight-only", quantize_lm_head=True) == "int8-weight-only+int8-lm-head"
 
 
 @pytest.mark.parametrize("warmup_len", [None, 2])
