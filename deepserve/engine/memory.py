@@ -141,8 +141,8 @@ def gpu_num_blocks(config: EngineConfig, profile: MemoryProfile, bytes_per_block
 
 def graph_margin(enabled: bool, max_graph_bs: int, vocab_size: int, peak_activation: int,
                  profile_tokens: int) -> int:
-    """Estimated CUDA-graph pool: fp32 logits of the largest graph + that many tokens' share of the
-    profiled activations (the decode step is a subset of the prefill step), with a floor."""
+    """Estimated CUDA-graph pool: the largest graph's logits (counted at 4 bytes, an upper bound) + that many
+    tokens' share of the profiled activations (the decode step is a subset of the prefill step), with a floor."""
     if not enabled or max_graph_bs <= 0:
         return 0
     activations = peak_activation * min(1.0, max_graph_bs / max(1, profile_tokens))

@@ -209,6 +209,35 @@ def test_graph_replay_equals_eager_on_gpu(batch, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_graph_logits_keep_the_model_dtype_on_gpu(monkeypatch):
+    """A bf16 model's decode graph returns bf16 logits (no float32 copy inside the graph, as the eager path),
+    equal to the eager step's within bf16 rounding."""
+    from deepserve.engine.cuda_graph import CudaGraphCapturer
+
+    monkeypatch.setattr(Attention, "supports_cuda_graph", True, raising=False)
+    config, model = tiny(device="cuda", dtype=torch.bfloat16)
+    runner = ModelRunner(model, num_blocks=64, block_size=16, device="cuda")
+    graphs = DecodeGraphs(capture_sizes(8, 512), 4, 16, config.max_model_len, "cuda")
+    runner.capture_decode_graphs(graphs, CudaGraphCapturer())
+    lens = [5, 9, 30]
+    tables = [[1 + 4 * i + j for j in range(4)] for i in range(len(lens))]
+    prefill = build_forward_context(lens, lens, tables, 16, "cuda")  # fill the KV cache
+    with torch.inference_mode(), forward_context(prefill):
+        model(torch.arange(sum(lens), device="cuda") % 256, prefill.positions)
+    ids = torch.arange(len(lens)) * 7 % 256
+    decode_lens = [n + 1 for n in lens]
+    host = build_forward_context([1] * 3, decode_lens, tables, 16, "cpu")
+    dev = build_forward_context([1] * 3, decode_lens, tables, 16, "cuda")
+    with torch.inference_mode():
+        with forward_context(dev):
+            eager = runner._decode_step(ids.cuda(), dev.positions)
+        replayed = graphs.run(ids, host).clone()
+        torch.cuda.synchronize()
+    assert replayed.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(replayed.float(), eager.float(), atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
 def test_engine_captures_graphs_on_gpu(monkeypatch):
     monkeypatch.setattr(Attention, "supports_cuda_graph", True, raising=False)
     prompts = [[(5 * i + j) % 256 for j in range(n)] for i, n in enumerate([3, 17, 30])]
