@@ -45,7 +45,7 @@ written at load time; a caller that builds w just before the call keeps the defa
 
 int8 weights (W8A16, `w_scale` given): a weight is converted to float32 exactly without I2F, a
 low-throughput conversion (the CUDA guide's table: 16 per clock per SM on compute capability 9.0, against
-128 float32 FMAs) that bounded this kernel (`_int8_to_f32`). Run s9b (H200, same run,
+128 float32 FMAs) that bounded this kernel (`kernels/int8_convert.py`). Run s9b (H200, same run,
 table configs, cold weights): a qwen-7b decode step's four linears 2.262 ms with I2F, 2.201 ms with the
 integer-add form, 2.084 ms with the PTX form. gate_up went from 3.19 to 3.82 TB/s at the best configs.
 
@@ -65,14 +65,13 @@ the output (and the split partials): CUDA-graph safe.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from deepserve import envs
+from deepserve.kernels.int8_convert import int8_to_f32, nvidia_ptx
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.silu_and_mul import silu_mul
 from deepserve.kernels.sizes import cdiv, next_power_of_2
@@ -143,39 +142,11 @@ def _block_m(m: int) -> int:
 
 
 @triton.jit
-def _int8_to_f32(w, PTX: tl.constexpr):
-    """int8 -> float32 exactly, without I2F (a quarter-rate conversion on sm_90 that bounded the W8A16
-    GEMV, run s9b): the bits 0x4B000000 | (w + 128) are the float 2^23 + 128 + w (w + 128 in [0, 255]
-    fills the low byte), and subtracting 2^23 + 128 is exact.
-    PTX (CUDA): per 4 packed bytes one xor with 0x80808080 (w + 128 as a byte), then per byte one prmt
-    placing it under 0x4B and one float subtract. Otherwise (interpreter, the PTX form's reference): the
-    sign-extended w + 0x4B000080 (no carry leaves the low byte), the same bits. ROCm compiles this form too."""
-    if PTX:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, m;
-            xor.b32 t, $4, 0x80808080;
-            mov.b32 m, 0x4B000000;
-            prmt.b32 $0, t, m, 0x7440;
-            prmt.b32 $1, t, m, 0x7441;
-            prmt.b32 $2, t, m, 0x7442;
-            prmt.b32 $3, t, m, 0x7443;
-            sub.f32 $0, $0, 0f4B000080;
-            sub.f32 $1, $1, 0f4B000080;
-            sub.f32 $2, $2, 0f4B000080;
-            sub.f32 $3, $3, 0f4B000080;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
-    bits = w.to(tl.int32) + 0x4B000080
-    return bits.to(tl.float32, bitcast=True) - 8388736.0
-
-
-@triton.jit
 def _chunk_sums(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
                 PTX: tl.constexpr):
     """x [BM, 1, BK] * w [1, BN, BK] in float32, summed over each run of VEC columns -> [BM, BN, BK / VEC]."""
     if w.dtype == tl.int8:
-        wf = _int8_to_f32(w, PTX)
+        wf = int8_to_f32(w, PTX)
     else:
         wf = w.to(tl.float32)
     prod = x.to(tl.float32) * wf
@@ -352,7 +323,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
         x, w, bias if bias is not None else w, out, m, n, k, k_per_split, x.stride(0),
         HAS_BIAS=bias is not None, ALIGNED=aligned, BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None,
-        PTX=w_scale is not None and _nvidia_ptx(x.device), PREFETCH_W=static_weight, GATED=gated,
+        PTX=w_scale is not None and nvidia_ptx(x.device), PREFETCH_W=static_weight, GATED=gated,
         num_warps=cfg.num_warps, **pdl_launch(x.device))
     if gated:
         return out
@@ -369,17 +340,6 @@ def _silu_and_mul_rows(y: torch.Tensor) -> torch.Tensor:
     """y [M, 2I] -> silu(gate) * up [M, I] in eager torch (empty shapes only: no launch for nothing)."""
     gate, up = y.chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate.float()).to(y.dtype).float() * up.float()).to(y.dtype)
-
-
-def _nvidia_ptx(device: torch.device) -> bool:
-    """Whether the kernel may carry inline PTX: compiled for an NVIDIA GPU (not the interpreter, not ROCm)."""
-    return device.type == "cuda" and _nvidia_backend()
-
-
-@functools.lru_cache(maxsize=None)
-def _nvidia_backend() -> bool:
-    """Asked once (Triton fixes the interpreter mode at import)."""
-    return torch.version.hip is None and not envs.triton_interpret()
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,

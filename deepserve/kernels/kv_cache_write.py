@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.fp8_quant import _round_to_e4m3_grid
+from deepserve.kernels.int8_convert import int8_to_f32
 from deepserve.kernels.int8_quant import round_half_even
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.sizes import next_power_of_2
@@ -70,18 +71,24 @@ def tile_scores(q, k, k_scale, scale_log2, DOT_PRECISION: tl.constexpr, KV_SCALE
 @triton.jit
 def load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos, p_mask, d, d_mask,
                  stride_cb, stride_co, stride_ch, stride_sb, stride_so, DTYPE: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr, PTX: tl.constexpr = False):
     """The attention kernels' read of BLOCK_N keys: positions pos [BLOCK_N] (valid where p_mask) of
     kv_head, gathered through the block table row `table`, head dim d [BLOCK_D] (valid where d_mask).
     Returns K [BLOCK_N, BLOCK_D] in DTYPE (exact from an 8-bit cache), V [BLOCK_N, BLOCK_D] and K's
     per-key scales [BLOCK_N] f32. KV_SCALED (8-bit cache): V is dequantised in float32 (v * s_v) and
     the caller multiplies the scales into its score columns (q.k * s_k); otherwise V keeps the cache
-    dtype and the scales are a placeholder 1.0. Masked rows are 0."""
+    dtype and the scales are a placeholder 1.0. Masked rows are 0. An int8 cache converts through
+    `int8_convert.int8_to_f32` (PTX: its inline-assembly form), not I2F, the conversion that bounded this read
+    (run s11a: W-offline qwen-7b with --kv-cache-dtype int8 ran slower than with the bf16 cache)."""
     page = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
     rows = page * stride_cb + (pos % BLOCK_SIZE) * stride_co + kv_head * stride_ch  # [BLOCK_N]
     kv_mask = p_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(DTYPE)  # [BLOCK_N, BLOCK_D]
+    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    if k_cache_ptr.dtype.element_ty == tl.int8:
+        k = int8_to_f32(k, PTX)
+        v = int8_to_f32(v, PTX)
+    k = k.to(DTYPE)  # exact: an 8-bit value fits bf16 / f16
     k_scale = 1.0
     if KV_SCALED:
         k_scale, v_scale = load_kv_scales(k_scale_ptr, v_scale_ptr, page, pos % BLOCK_SIZE, kv_head, p_mask,

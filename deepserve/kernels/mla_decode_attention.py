@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.int8_convert import int8_to_f32, nvidia_ptx
 from deepserve.kernels.mla_cache_write import check_latent_scales
 from deepserve.kernels.paged_decode_attention import LOG2E
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
@@ -93,7 +94,7 @@ def _mla_split_kernel(
     BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
     FUSED_MERGE: tl.constexpr = False, MERGE_G: tl.constexpr = 1, MERGE_D: tl.constexpr = 16,
-    MERGE_S: tl.constexpr = 1, PDL: tl.constexpr = False,
+    MERGE_S: tl.constexpr = 1, PTX: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     b = tl.program_id(0)
@@ -131,6 +132,9 @@ def _mla_split_kernel(
         if KV_SCALED:  # 8-bit rows: exact casts for the score dots, one scale per key (column)
             row_scale = tl.load(kv_scale_ptr + page * stride_sb + pos % BLOCK_SIZE, mask=p_mask,
                                 other=0.0)  # [BLOCK_N] f32
+            if cache_ptr.dtype.element_ty == tl.int8:  # exact, without I2F (kernels/int8_convert.py)
+                latent = int8_to_f32(latent, PTX)
+                rope = int8_to_f32(rope, PTX)
             s = tl.dot(q_lat, tl.trans(latent.to(q_lat.dtype)), input_precision=DOT_PRECISION)
             s = tl.dot(q_rope, tl.trans(rope.to(q_rope.dtype)), acc=s, input_precision=DOT_PRECISION)
             s = s * (row_scale * scale_log2)[None, :]  # [BLOCK_H, BLOCK_N]
@@ -260,7 +264,7 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
         BLOCK_DR=max(16, next_power_of_2(q_rope.shape[2])), BLOCK_SIZE=kv_cache.shape[1],
         BLOCK_N=block_n, DIRECT=num_splits == 1,
         DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", KV_SCALED=scaled,
-        num_warps=num_warps, num_stages=num_stages,
+        PTX=nvidia_ptx(q_latent.device), num_warps=num_warps, num_stages=num_stages,
         **merge, **pdl_launch(q_latent.device),
     )
     if num_splits > 1 and not merge["FUSED_MERGE"]:

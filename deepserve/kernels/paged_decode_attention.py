@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.int8_convert import nvidia_ptx
 from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile, tile_scores
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.sizes import next_power_of_2
@@ -114,7 +115,8 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
     FUSED_MERGE: tl.constexpr = False, MERGE_G: tl.constexpr = 1, MERGE_S: tl.constexpr = 1,
-    MERGE_D: tl.constexpr = 16, PREFETCH_KV: tl.constexpr = False, PDL: tl.constexpr = False,
+    MERGE_D: tl.constexpr = 16, PREFETCH_KV: tl.constexpr = False, PTX: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Program (b, kv_head, split). PREFETCH_KV: the first tile's keys but the newest (seq_len - 1) are read
     before the PDL wait, the newest after it (module docstring)."""
@@ -129,13 +131,13 @@ def _decode_split_kernel(
         pos = start + tl.arange(0, BLOCK_N)
         k, v, k_scale = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos,
                                      pos < tl.minimum(end, seq_len - 1), d, d_mask, stride_cb, stride_co, stride_ch,
-                                     stride_sb, stride_so, q_ptr.dtype.element_ty, BLOCK_SIZE, KV_SCALED)
+                                     stride_sb, stride_so, q_ptr.dtype.element_ty, BLOCK_SIZE, KV_SCALED, PTX)
     pdl_prologue(PDL)  # everything else after the previous kernel (kernels/pdl.py)
     if PREFETCH_KV:  # the newest key, written by the kernel just before (the cache write)
         newest = (pos == seq_len - 1) & (pos < end)
         k_new, v_new, k_scale_new = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head,
                                                  pos, newest, d, d_mask, stride_cb, stride_co, stride_ch, stride_sb,
-                                                 stride_so, q_ptr.dtype.element_ty, BLOCK_SIZE, KV_SCALED)
+                                                 stride_so, q_ptr.dtype.element_ty, BLOCK_SIZE, KV_SCALED, PTX)
         k = tl.where(newest[:, None], k_new, k)
         v = tl.where(newest[:, None], v_new, v)
         if KV_SCALED:
@@ -145,7 +147,7 @@ def _decode_split_kernel(
         pos = start + tl.arange(0, BLOCK_N)
         k, v, k_scale = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos,
                                      pos < end, d, d_mask, stride_cb, stride_co, stride_ch, stride_sb, stride_so,
-                                     q_ptr.dtype.element_ty, BLOCK_SIZE, KV_SCALED)
+                                     q_ptr.dtype.element_ty, BLOCK_SIZE, KV_SCALED, PTX)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
     heads = kv_head * GROUP + g
@@ -158,7 +160,7 @@ def _decode_split_kernel(
         pos = n0 + tl.arange(0, BLOCK_N)
         k, v, k_scale = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos,
                                      pos < end, d, d_mask, stride_cb, stride_co, stride_ch, stride_sb, stride_so,
-                                     q.dtype, BLOCK_SIZE, KV_SCALED)  # [BLOCK_N, BLOCK_D] x 2, [BLOCK_N]
+                                     q.dtype, BLOCK_SIZE, KV_SCALED, PTX)  # [BLOCK_N, BLOCK_D] x 2, [BLOCK_N]
         m, l, acc = _softmax_tile(q, k, v, k_scale, pos < end, m, l, acc, scale_log2, DOT_PRECISION, KV_SCALED)
     _finish_split(m, l, acc, b, kv_head, split, heads, g_mask, d, d_mask, out_ptr, mid_o_ptr, mid_lse_ptr,
                   counters_ptr, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh, stride_nb,
@@ -266,7 +268,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         GROUP=group, HEAD_DIM=dim, BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DIRECT=num_splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_SCALED=kv_scales is not None,
-        PREFETCH_KV=prefetch_kv, num_warps=num_warps, num_stages=num_stages,
+        PREFETCH_KV=prefetch_kv, PTX=nvidia_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
         **merge, **pdl_launch(q.device),
     )
     if num_splits > 1 and not merge["FUSED_MERGE"]:

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.int8_convert import nvidia_ptx
 from deepserve.kernels.kv_cache_write import check_cache, dequantized_cache_ref, load_kv_tile, tile_scores
 from deepserve.kernels.sizes import next_power_of_2
 from deepserve.kernels.varlen_tiles import find_sequence
@@ -59,7 +60,7 @@ def _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_pt
                  key_lo, key_hi, scale_log2, stride_cb, stride_co, stride_ch, stride_sb, stride_so,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 KV_SCALED: tl.constexpr):
+                 KV_SCALED: tl.constexpr, PTX: tl.constexpr):
     """Online softmax of q [BLOCK_M, BLOCK_D] over keys key_lo .. key_hi - 1 (BLOCK_N at a time)."""
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
@@ -68,7 +69,7 @@ def _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_pt
         p_mask = pos < key_hi
         k, v, k_scale = load_kv_tile(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head, pos, p_mask,
                                      d, d_mask, stride_cb, stride_co, stride_ch, stride_sb, stride_so, q.dtype,
-                                     BLOCK_SIZE, KV_SCALED)  # [BLOCK_N, BLOCK_D] x 2, [BLOCK_N]
+                                     BLOCK_SIZE, KV_SCALED, PTX)  # [BLOCK_N, BLOCK_D] x 2, [BLOCK_N]
         s = tile_scores(q, k, k_scale, scale_log2, DOT_PRECISION, KV_SCALED)  # [BLOCK_M, BLOCK_N]
         if MASKED:
             s = tl.where(p_mask[None, :] & (pos[None, :] <= row_pos[:, None]), s, float("-inf"))
@@ -88,7 +89,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, stride_sb, stride_so, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_SCALED: tl.constexpr,
+    KV_SCALED: tl.constexpr, PTX: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -120,10 +121,12 @@ def _prefill_kernel(
     key_end = tl.minimum(ctx + tok0 + BLOCK_Q, seq_len)  # one past the tile's last position
     m, l, acc = _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head,
                              row_pos, 0, full_end, scale_log2, stride_cb, stride_co, stride_ch, stride_sb,
-                             stride_so, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_SCALED)
+                             stride_so, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_SCALED,
+                             PTX)
     m, l, acc = _attend_keys(q, m, l, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table, kv_head,
                              row_pos, full_end, key_end, scale_log2, stride_cb, stride_co, stride_ch, stride_sb,
-                             stride_so, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, KV_SCALED)
+                             stride_so, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, KV_SCALED,
+                             PTX)
     l = tl.where(l > 0.0, l, 1.0)
     o = acc / l[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -192,6 +195,6 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=next_power_of_2(dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        KV_SCALED=kv_scales is not None, num_warps=num_warps, num_stages=num_stages,
+        KV_SCALED=kv_scales is not None, PTX=nvidia_ptx(q.device), num_warps=num_warps, num_stages=num_stages,
     )
     return out
