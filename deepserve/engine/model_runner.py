@@ -103,11 +103,11 @@ class ModelRunner:
         self.graphs = graphs
 
     def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[B] int64, [B] int64 -> logits [B, V] in the model's dtype, as the eager path gives them (every row
-        samples in a decode batch). No float32 copy in the graph: greedy rows take the argmax of these values
-        (the same index: the widening is exact and monotonic), and the sampler widens its own rows. At B = 256 and
-        qwen-7b's vocabulary the copy was a 114 us kernel of every decode step (run s11a's profile)."""
-        return self.model.compute_logits(self.model(input_ids, positions))
+        """[B] int64, [B] int64 -> logits [B, V] in the head's dtype (every row samples in a decode batch). No
+        float32 copy in the graph (the eager path's logits are float32): greedy rows take the argmax of these
+        values (the same index: the widening is exact and monotonic), the sampler widens its own rows. At B = 256
+        and qwen-7b's vocabulary the copy was a 114 us kernel of every decode step (run s11a's profile)."""
+        return self.model.compute_logits(self.model(input_ids, positions), float32=False)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:

@@ -31,7 +31,8 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(VocabEmbedding):
-    """hidden [num_tokens, hidden] -> logits [num_tokens, vocab] float32.
+    """hidden [num_tokens, hidden] -> logits [num_tokens, vocab] float32 (`float32=False`: in the product's
+    dtype, no widening copy; the decode CUDA graph's greedy argmax needs no float32).
 
     With `tie_to` the head shares the embedding's weight (one Parameter, loaded once).
     """
@@ -54,5 +55,6 @@ class LMHead(VocabEmbedding):
         self.method = linear_method_for(self.weight)
         self.method.process_weights_after_loading(self)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, hidden, None).float()
+    def forward(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        logits = self.method.apply(self, hidden, None)
+        return logits.float() if float32 else logits

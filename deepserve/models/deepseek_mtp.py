@@ -69,9 +69,9 @@ class DeepseekMTP(nn.Module):
         hidden, _ = self.shared_head.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> logits [N, vocab] float32."""
-        return self.shared_head.head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """hidden: [N, H] -> logits [N, vocab] float32 (float32=False: the head's dtype, `LMHead`)."""
+        return self.shared_head.head(hidden, float32)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int]:
         """The MTP layer's latent cache: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""

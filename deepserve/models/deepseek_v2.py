@@ -136,9 +136,9 @@ class DeepseekV2ForCausalLM(nn.Module):
         """input_ids, positions: [T] int64 -> hidden [T, H]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> logits [N, vocab] float32."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """hidden: [N, H] -> logits [N, vocab] float32 (float32=False: the head's dtype, `LMHead`)."""
+        return self.lm_head(hidden, float32)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int]:
         """One layer's latent cache: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""

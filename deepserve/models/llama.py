@@ -128,9 +128,9 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] int64 -> final-normed hidden [T, hidden]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] float32."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] float32 (float32=False: the head's dtype, `LMHead`)."""
+        return self.lm_head(hidden, float32)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, self.config.num_key_value_heads, self.config.resolved_head_dim)
