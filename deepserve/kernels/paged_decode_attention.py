@@ -47,6 +47,8 @@ Sequences with seq_len 0 (graph padding) produce zeros.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -217,10 +219,27 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, 
         raise ValueError("all inputs must be on one device")
 
 
+class DecodeTiles(NamedTuple):
+    block_n: int  # keys per tile
+    num_stages: int  # tiles in flight (the software pipeline's depth)
+
+
+def decode_tiles(batch: int, kv_heads: int, eight_bit: bool, sms: int) -> DecodeTiles:
+    """The split kernel's tile: 64 keys, 2 stages; over an 8-bit cache with a program per (sequence, KV head) for
+    every SM, 128 keys and 3 stages. An 8-bit tile of 64 keys carries half the bytes of a bf16 one and more
+    arithmetic per byte (conversion, scales). Run s11c (H200, benchmarks/kernels_attention_sweep.py, qwen-7b
+    shapes, 4 warps): B = 256 int8 cache 148.3 -> 119.0 us at context 640 and 429.0 -> 315.9 at 2048, fp8
+    148.4 -> 112.7 and 433.0 -> 301.7 (each within 4% of its grid's best); bf16 kept 64 x 2, its best at
+    B = 256. B = 32 (fewer programs than SMs) was not faster at 128 keys, so it keeps the default."""
+    if eight_bit and batch * kv_heads >= sms:
+        return DecodeTiles(128, 3)
+    return DecodeTiles(64, 2)
+
+
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                           max_seq_len: int | None = None, block_n: int = 64, num_warps: int = 4,
-                           num_stages: int = 2, kv_scales: torch.Tensor | None = None,
+                           max_seq_len: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                           num_stages: int | None = None, kv_scales: torch.Tensor | None = None,
                            split_counters: torch.Tensor | None = None, prefetch_kv: bool = False) -> torch.Tensor:
     """q [B, H, D] bf16/f16/f32; kv_cache [2, N, bs, H_kv, D] in q's dtype, or int8 / float8_e4m3fn
     with kv_scales [2, N, bs, H_kv] f32 (contiguous); block_tables [B, W] int32; seq_lens [B] int32
@@ -245,6 +264,9 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    tiles = decode_tiles(batch, kv_heads, kv_scales is not None, num_sms(q.device))
+    block_n = tiles.block_n if block_n is None else block_n
+    num_stages = tiles.num_stages if num_stages is None else num_stages
     if num_splits is None:
         longest = block_tables.shape[1] * block_size if max_seq_len is None else max_seq_len
         num_splits = choose_num_splits(batch, kv_heads, longest, num_sms(q.device), min_keys_per_split=block_n)

@@ -111,6 +111,27 @@ def _run_quantized(case, heads, dtype, kv_dtype, **kwargs):
     return out, ref, exact, attention_bound(q, rows, case, scales, kv_dtype, scale)
 
 
+def test_decode_tiles_widen_only_for_a_full_8bit_grid():
+    """128-key, 3-stage tiles over an 8-bit cache once a program per (sequence, KV head) covers the SMs;
+    64 x 2 otherwise (bf16 at any batch, 8-bit at small batches)."""
+    assert dec.decode_tiles(256, 4, True, 132) == (128, 3)
+    assert dec.decode_tiles(33, 4, True, 132) == (128, 3)
+    assert dec.decode_tiles(32, 4, True, 132) == (64, 2)
+    assert dec.decode_tiles(256, 4, False, 132) == (64, 2)
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
+def test_quantized_cache_default_tiles_at_a_full_grid_fp32(kv_dtype):
+    """The default tiles at 33 sequences x 4 KV heads (>= 132 programs: `decode_tiles`' 128-key tiles, 3 stages)
+    against the reference over the dequantised cache and within the 8-bit bound of the unquantised one."""
+    lens = [1 + (37 * i) % 300 for i in range(33)]  # 1 .. 300 keys: partial and several 128-key tiles
+    case = make_case(lens, kv_heads=4, head_dim=16, block_size=16, dtype=torch.float32, device=device())
+    out, ref, exact, bound = _run_quantized(case, 8, torch.float32, kv_dtype, num_splits=1)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert ((out - exact).abs().cpu() <= bound + 1e-5).all()
+
+
 @pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_tiny_quantized_cache_fp32(kv_dtype, num_splits):
