@@ -1,6 +1,10 @@
 """Per-token dynamic FP8 (e4m3) quantisation of activations, for the FP8 W8A8 linear method.
 
     fp8_quant(x [T, K] f16/bf16/f32) -> Fp8Activations(q [T, K] float8_e4m3fn, scale [T] f32)
+    rms_norm_fp8_quant(x, residual, weight, eps) -> Fp8NormActivations(q, scale, x + residual or None)
+        RMSNorm (with the residual add) fused with the quantisation, for the FP8 linear reading a pre-norm
+        layer's norm (layers/decoder.py): int8_quant's row kernel with its FP8 flag (int8_quant.py documents
+        the norm's arithmetic); the normalised rows never go to memory
 
 Per row t (the math of `deepserve.quant.fp8.quantize_per_token_fp8_ref`, bit for bit):
 
@@ -34,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.int8_quant import divide_by_scale, row_tiling, round_half_even
+from deepserve.kernels.int8_quant import launch_row_quant, quantize_fp8_values, row_tiling
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 
 _MAX_HIDDEN = 65536
@@ -46,29 +50,10 @@ class Fp8Activations(NamedTuple):
     scale: torch.Tensor  # [T] f32: row t ~ q[t] * scale[t]
 
 
-@triton.jit
-def _round_to_e4m3_grid(v):
-    """float32 |v| <= 448 -> the nearest float8_e4m3fn value (ties to even), as float32."""
-    mag = tl.abs(v)
-    pow2 = (mag.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2|v|)
-    step = tl.maximum(pow2 * 0.125, 0.001953125)  # 3 mantissa bits; subnormal spacing 2^-9
-    r = round_half_even(tl.div_rn(mag, step)) * step  # exact: step is a power of two; r >= +0.0
-    # v's sign bit copied onto r (-0.0 included, as torch's cast keeps it); not `-r`, which Triton
-    # 3.6 compiles as 0 - r, turning -0.0 into +0.0
-    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
-    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def quantize_fp8_values(v, scale, HW_CAST: tl.constexpr):
-    """f32 values [N] of a row whose scale is `scale` (a scalar) -> q [N] e4m3 (both kernels). HW_CAST (the
-    GPU) also divides by int8_quant's `divide_by_scale` fast path (the same bits as tl.div_rn)."""
-    y = tl.minimum(tl.maximum(divide_by_scale(v, scale, HW_CAST), -448.0), 448.0)
-    if HW_CAST:  # the GPU's cvt (round to nearest even, as torch's cast)
-        q = y.to(tl.float8e4nv)
-    else:
-        q = _round_to_e4m3_grid(y).to(tl.float8e4nv)
-    return q
+class Fp8NormActivations(NamedTuple):
+    q: torch.Tensor  # [T, K] float8_e4m3fn of the normalised rows
+    scale: torch.Tensor  # [T] f32
+    residual: torch.Tensor | None  # [T, K] x.dtype: x + residual (with a residual), else None
 
 
 @triton.jit
@@ -146,6 +131,33 @@ def fp8_quant(x: torch.Tensor, *, whole_row_max: int | None = None, chunk: int |
     else:
         _fp8_quant_kernel[(num_tokens,)](*args, BLOCK=tiling.block, **flags, **pdl_launch(x.device))
     return Fp8Activations(q, scale)
+
+
+def rms_norm_fp8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                       whole_row_max: int | None = None, chunk: int | None = None) -> Fp8NormActivations:
+    """x [T, H], residual like x or None, weight [H] -> (q [T, H] e4m3 of the normalised rows, scale [T] f32,
+    x + residual [T, H] x.dtype or None): kernels/rms_norm.py's output quantised as fp8_quant does, in one
+    launch of int8_quant's row kernel with its FP8 flag (the same norm arithmetic as rms_norm_int8_quant,
+    so the same caveat: rows held whole give rms_norm's bits, `int8_quant.norm_matches_rms_norm`).
+    Inputs are not modified. whole_row_max / chunk: as `fp8_quant`."""
+    from deepserve.kernels.int8_quant import _check
+
+    _check(x, residual, weight)
+    if x.shape[1] > _MAX_HIDDEN:
+        raise ValueError(f"hidden {x.shape[1]} exceeds {_MAX_HIDDEN}")
+    return Fp8NormActivations(*launch_row_quant(x, residual, weight, eps, True,
+                                                row_tiling(x.shape[1], whole_row_max, chunk), fp8=True,
+                                                hardware=hardware_cast_rounds_like_torch(x.device)))
+
+
+def rms_norm_fp8_quant_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                           eps: float) -> Fp8NormActivations:
+    """Pure-PyTorch reference: `kernels.rms_norm.rms_norm_ref`, then the per-token e4m3 quantisation."""
+    from deepserve.kernels.rms_norm import rms_norm_ref
+    from deepserve.quant.fp8 import quantize_per_token_fp8_ref
+
+    out, new_residual = rms_norm_ref(x, residual, weight, eps)
+    return Fp8NormActivations(*quantize_per_token_fp8_ref(out), new_residual)
 
 
 def fp8_quant_ref(x: torch.Tensor) -> Fp8Activations:

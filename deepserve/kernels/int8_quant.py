@@ -126,12 +126,59 @@ def quantize_int8_values(v, scale, HW_ROUND: tl.constexpr):
 
 
 @triton.jit
+def round_to_e4m3_grid(v):
+    """float32 |v| <= 448 -> the nearest float8_e4m3fn value (ties to even), as float32."""
+    mag = tl.abs(v)
+    pow2 = (mag.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)  # 2^floor(log2|v|)
+    step = tl.maximum(pow2 * 0.125, 0.001953125)  # 3 mantissa bits; subnormal spacing 2^-9
+    r = round_half_even(tl.div_rn(mag, step)) * step  # exact: step is a power of two; r >= +0.0
+    # v's sign bit copied onto r (-0.0 included, as torch's cast keeps it); not `-r`, which Triton
+    # 3.6 compiles as 0 - r, turning -0.0 into +0.0
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def quantize_fp8_values(v, scale, HW_CAST: tl.constexpr):
+    """f32 values [N] of a row whose scale is `scale` (a scalar) -> q [N] e4m3 (both kernels). HW_CAST (the
+    GPU) also divides by int8_quant's `divide_by_scale` fast path (the same bits as tl.div_rn)."""
+    y = tl.minimum(tl.maximum(divide_by_scale(v, scale, HW_CAST), -448.0), 448.0)
+    if HW_CAST:  # the GPU's cvt (round to nearest even, as torch's cast)
+        q = y.to(tl.float8e4nv)
+    else:
+        q = round_to_e4m3_grid(y).to(tl.float8e4nv)
+    return q
+
+
+@triton.jit
+def quantize_row_values(v, scale, HW: tl.constexpr, FP8: tl.constexpr):
+    """A row's f32 values [N] and its scale -> what the kernels store: int8 (`quantize_int8_values`) or, FP8,
+    e4m3 (`quantize_fp8_values`; HW there means the GPU's cast rounds like torch's: sm_90+)."""
+    if FP8:
+        q = quantize_fp8_values(v, scale, HW)
+    else:
+        q = quantize_int8_values(v, scale, HW).to(tl.int8)
+    return q
+
+
+@triton.jit
+def row_scale(amax, FP8: tl.constexpr):
+    """max(amax, 1e-8) / 127 (int8) or / 448 (FP8: e4m3's largest finite value), an IEEE division."""
+    if FP8:
+        scale = tl.div_rn(tl.maximum(amax, 1e-8), 448.0)
+    else:
+        scale = tl.div_rn(tl.maximum(amax, 1e-8), 127.0)
+    return scale
+
+
+@triton.jit
 def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hidden,
                        x_stride, res_stride, q_stride, res_out_stride, eps,
                        NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_DTYPE: tl.constexpr,
-                       BLOCK: tl.constexpr, HW_ROUND: tl.constexpr = False, PDL: tl.constexpr = False):
+                       BLOCK: tl.constexpr, HW_ROUND: tl.constexpr = False, FP8: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
     """One program per row, the whole row [BLOCK] in registers; NORM: (residual add +) RMSNorm,
-    rounded to NORM_DTYPE, before quantising."""
+    rounded to NORM_DTYPE, before quantising; FP8: to e4m3 (`quantize_row_values`), else int8."""
     pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -141,11 +188,11 @@ def _int8_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hid
     v = x.to(tl.float32)
     if NORM:
         v = rms_normalize(x, w_ptr, cols, mask, hidden, eps).to(NORM_DTYPE).to(tl.float32)
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), 1e-8), 127.0)
-    q = quantize_int8_values(v, scale, HW_ROUND)
+    scale = row_scale(tl.max(tl.abs(v), axis=0), FP8)
+    q = quantize_row_values(v, scale, HW_ROUND, FP8)
     if NORM:  # q stored 16 bytes of x per thread (8 int8 for bf16), not 16: the row keeps rms_norm's layout
         cols = tl.max_contiguous(cols, 128 // x_ptr.dtype.element_ty.primitive_bitwidth)
-    tl.store(q_ptr + row * q_stride + cols, q.to(tl.int8), mask=mask)
+    tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -187,7 +234,8 @@ def _row_rstd(x_ptr, res_ptr, res_out_ptr, row, hidden, x_stride, res_stride, re
 def _int8_quant_wide_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr, hidden,
                             x_stride, res_stride, q_stride, res_out_stride, eps,
                             NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_DTYPE: tl.constexpr,
-                            CHUNK: tl.constexpr, HW_ROUND: tl.constexpr = False, PDL: tl.constexpr = False):
+                            CHUNK: tl.constexpr, HW_ROUND: tl.constexpr = False, FP8: tl.constexpr = False,
+                            PDL: tl.constexpr = False):
     """One program per row, looping over it in chunks [CHUNK]: (NORM: the rstd pass,) the max pass,
     then the quantise pass last chunk first. The values of `_int8_quant_kernel` bit for bit without NORM;
     with NORM the sum of squares runs in another order (lane-wise over the chunks), so rstd may differ
@@ -204,15 +252,15 @@ def _int8_quant_wide_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr
         v = _chunk_values(x_ptr + start, res_ptr + start, w_ptr + start, row, cols, start + cols < hidden,
                           x_stride, res_stride, rstd, NORM, HAS_RESIDUAL, NORM_DTYPE, "")
         amax = tl.maximum(amax, tl.abs(v))
-    scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), 127.0)
+    scale = row_scale(tl.max(amax, axis=0), FP8)
     num_chunks = tl.cdiv(hidden, CHUNK)
     for i in range(0, num_chunks):
         start = (num_chunks - 1 - i) * CHUNK  # last chunk first: the most recently read
         mask = start + cols < hidden
         v = _chunk_values(x_ptr + start, res_ptr + start, w_ptr + start, row, cols, mask, x_stride, res_stride,
                           rstd, NORM, HAS_RESIDUAL, NORM_DTYPE, "evict_first")
-        q = quantize_int8_values(v, scale, HW_ROUND)
-        tl.store(q_ptr + row * q_stride + start + cols, q.to(tl.int8), mask=mask)
+        q = quantize_row_values(v, scale, HW_ROUND, FP8)
+        tl.store(q_ptr + row * q_stride + start + cols, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -252,13 +300,16 @@ def row_tiling(hidden: int, whole_row_max: int | None = None, chunk: int | None 
     return RowTiling(True, chunk, max(1, min(16, chunk // 512)))
 
 
-def _launch(x, residual, weight, eps: float, norm: bool, tiling: RowTiling) -> Int8Activations:
+def launch_row_quant(x, residual, weight, eps: float, norm: bool, tiling: RowTiling, fp8: bool = False,
+                     hardware: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q [T, K] int8, or e4m3 with fp8, scale [T] f32, x + residual or None) of one row-kernel launch (checked
+    inputs). hardware: the kernels' HW flag (default: x on CUDA; fp8_quant passes its sm_90+ rule for e4m3)."""
     num_tokens, hidden = x.shape
-    q = torch.empty((num_tokens, hidden), dtype=torch.int8, device=x.device)
+    q = torch.empty((num_tokens, hidden), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     scale = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
     res_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
     if num_tokens == 0:
-        return Int8Activations(q, scale, res_out)
+        return q, scale, res_out
     res_in = residual if residual is not None else x  # unused pointers when HAS_RESIDUAL is off
     res_dst = res_out if res_out is not None else x
     norm_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype
@@ -266,20 +317,20 @@ def _launch(x, residual, weight, eps: float, norm: bool, tiling: RowTiling) -> I
             x.stride(0), res_in.stride(0), q.stride(0), res_dst.stride(0), eps)
     # the fused whole-row kernel at rms_norm's warps (and layout: the kernel), so its sum of squares is rms_norm's
     num_warps = row_num_warps(tiling.block) if norm and not tiling.wide else tiling.num_warps
-    flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, NORM_DTYPE=_TL_DTYPES[norm_dtype], HW_ROUND=x.is_cuda,
-                 num_warps=num_warps)
+    flags = dict(NORM=norm, HAS_RESIDUAL=residual is not None, NORM_DTYPE=_TL_DTYPES[norm_dtype],
+                 HW_ROUND=x.is_cuda if hardware is None else hardware, FP8=fp8, num_warps=num_warps)
     if tiling.wide:
         _int8_quant_wide_kernel[(num_tokens,)](*args, CHUNK=tiling.block, **flags, **pdl_launch(x.device))
     else:
         _int8_quant_kernel[(num_tokens,)](*args, BLOCK=tiling.block, **flags, **pdl_launch(x.device))
-    return Int8Activations(q, scale, res_out)
+    return q, scale, res_out
 
 
 def int8_quant(x: torch.Tensor, *, whole_row_max: int | None = None, chunk: int | None = None) -> Int8Activations:
     """x [T, K] f16/bf16/f32 (rows may be strided) -> (q [T, K] int8, scale [T] f32, None).
     whole_row_max / chunk: `row_tiling` (defaults: rows up to 8192 whole, wider in chunks of 4096)."""
     _check(x, None, None)
-    return _launch(x, None, None, 0.0, False, row_tiling(x.shape[1], whole_row_max, chunk))
+    return Int8Activations(*launch_row_quant(x, None, None, 0.0, False, row_tiling(x.shape[1], whole_row_max, chunk)))
 
 
 def rms_norm_int8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
@@ -288,7 +339,8 @@ def rms_norm_int8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     scale [T] f32, x + residual [T, H] x.dtype or None). Inputs are not modified.
     whole_row_max / chunk: as `int8_quant`."""
     _check(x, residual, weight)
-    return _launch(x, residual, weight, eps, True, row_tiling(x.shape[1], whole_row_max, chunk))
+    return Int8Activations(*launch_row_quant(x, residual, weight, eps, True,
+                                             row_tiling(x.shape[1], whole_row_max, chunk)))
 
 
 def norm_matches_rms_norm(hidden: int) -> bool:

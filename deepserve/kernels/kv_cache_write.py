@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.fp8_quant import _round_to_e4m3_grid
 from deepserve.kernels.int8_convert import int8_to_f32
-from deepserve.kernels.int8_quant import round_half_even
+from deepserve.kernels.int8_quant import round_half_even, round_to_e4m3_grid
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.sizes import next_power_of_2
 from deepserve.layers.kv_quant import QUANT_MAX, dequantize_kv, is_quantized, quantize_kv, scales_shape
@@ -124,7 +123,7 @@ def store_rows(ptrs, x, mask, scale, QUANT: tl.constexpr, QMAX: tl.constexpr, FP
     if QUANT:
         y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX)
         if FP8:
-            x = _round_to_e4m3_grid(y)
+            x = round_to_e4m3_grid(y)
         else:
             x = round_half_even(y)  # |y| <= 127 after the clamp: the clamp commutes with rounding
     tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)

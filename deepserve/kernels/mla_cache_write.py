@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.fp8_quant import _round_to_e4m3_grid
-from deepserve.kernels.int8_quant import round_half_even
+from deepserve.kernels.int8_quant import round_half_even, round_to_e4m3_grid
 from deepserve.kernels.sizes import next_power_of_2
 from deepserve.layers.kv_quant import QUANT_MAX, is_quantized, quantize_kv, scales_shape
 
@@ -47,7 +46,7 @@ def _quantize(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr):
     """x [BLOCK] f32, scale f32 -> x / scale clamped to +-QMAX, on the int8 / e4m3 grid (f32)."""
     y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX)
     if FP8:
-        return _round_to_e4m3_grid(y)
+        return round_to_e4m3_grid(y)
     return round_half_even(y)  # |y| <= 127 after the clamp: the clamp commutes with rounding
 
 

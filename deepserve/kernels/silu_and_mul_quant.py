@@ -46,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_like_torch, quantize_fp8_values
-from deepserve.kernels.int8_quant import Int8Activations, quantize_int8_values
+from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_like_torch
+from deepserve.kernels.int8_quant import Int8Activations, quantize_fp8_values, quantize_int8_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.silu_and_mul import check_gate_up, silu_mul
 from deepserve.kernels.sizes import next_power_of_2

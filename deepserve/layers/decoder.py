@@ -5,12 +5,12 @@ A subclass builds `input_layernorm`, `self_attn` (positions, hidden -> hidden),
 
 A subclass may also name the linear that alone reads each norm's output (`attention_input_linear`:
 the one `self_attn` hands its input to, `mlp_input_linear`: the one of `mlp`; default None). When
-that linear takes its input pre-quantised (`LinearBase.takes_quantized_input`: the int8 W8A8 method on
-CUDA, no hooks), the norm's `forward_int8` (RMSNorm: `fused.rms_norm_int8_quant`) normalises and
-quantises in one pass and self_attn / mlp receive a `PerTokenInt8` (q [T, H] int8, scale [T] f32,
-dtype) instead of the [T, H] normalised tensor, which then never goes to memory: one [T, H] write and
-read and one launch fewer per norm. Same bits as the unfused path (the caveat: kernels/int8_quant.py).
-The GPU time saved is not measured yet.
+that linear takes its input pre-quantised (`LinearBase.takes_quantized_input`: the int8 and fp8 W8A8 methods
+on CUDA, no hooks), the norm's `forward_quantized` (RMSNorm: `fused.rms_norm_quant`, to the consumer method's
+`quantized_input_dtype`) normalises and quantises in one pass and self_attn / mlp receive a `PerTokenQuant`
+(q [T, H] int8 or e4m3, scale [T] f32, dtype) instead of the [T, H] normalised tensor, which then never goes
+to memory: one [T, H] write and read and one launch fewer per norm. Same bits as the unfused path (the caveat:
+kernels/int8_quant.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from deepserve.layers.linear import LinearBase
-from deepserve.layers.linear_method import PerTokenInt8
+from deepserve.layers.linear_method import PerTokenQuant
 
 
 class PreNormDecoderLayer(nn.Module):
@@ -42,12 +42,12 @@ class PreNormDecoderLayer(nn.Module):
 
 
 def _pre_norm(norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, consumer: LinearBase | None
-              ) -> tuple[torch.Tensor | PerTokenInt8, torch.Tensor]:
-    """hidden [T, H], residual [T, H] or None -> (norm(hidden (+ residual)) [T, H], or its PerTokenInt8
+              ) -> tuple[torch.Tensor | PerTokenQuant, torch.Tensor]:
+    """hidden [T, H], residual [T, H] or None -> (norm(hidden (+ residual)) [T, H], or its PerTokenQuant
     when `consumer` takes quantised input and the norm has no hooks; the residual stream [T, H])."""
     if consumer is not None and not (norm._forward_pre_hooks or norm._forward_hooks) \
             and consumer.takes_quantized_input(hidden):
-        quantized, new_residual = norm.forward_int8(hidden, residual)
+        quantized, new_residual = norm.forward_quantized(hidden, residual, consumer.method.quantized_input_dtype)
         return quantized, hidden if residual is None else new_residual
     if residual is None:
         return norm(hidden), hidden

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from deepserve.layers.linear_method import PerTokenInt8
+    from deepserve.layers.linear_method import PerTokenQuant
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -40,34 +40,42 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     return out.view(shape), new_res.view(shape)
 
 
-def rms_norm_int8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                        eps: float) -> tuple[PerTokenInt8, torch.Tensor | None]:
-    """RMSNorm (with optional fused residual add) quantised per token to int8, the normalised rows
-    never written out: `(PerTokenInt8 of rms_norm(x, residual, weight, eps)'s normalised output,
-    x + residual or None)`, bit for bit (see kernels/int8_quant.py for the one caveat, the order of the
-    row's sum of squares).
+def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                   qdtype: torch.dtype = torch.int8) -> tuple[PerTokenQuant, torch.Tensor | None]:
+    """RMSNorm (with optional fused residual add) quantised per token to int8 (or, qdtype float8_e4m3fn, to
+    e4m3), the normalised rows never written out: `(PerTokenQuant of rms_norm(x, residual, weight, eps)'s
+    normalised output, x + residual or None)`, bit for bit (see kernels/int8_quant.py for the one caveat, the
+    order of the row's sum of squares).
 
-    x [..., H], residual like x or None, weight [H] -> (q [..., H] int8, scale [...] f32,
+    x [..., H], residual like x or None, weight [H] -> (q [..., H] qdtype, scale [...] f32,
     dtype promote(x, weight)), new residual [..., H] x.dtype or None. CUDA: one launch of
-    `kernels/int8_quant.rms_norm_int8_quant`; elsewhere the eager norm, then `quantize_per_token_ref`.
+    `kernels/int8_quant.rms_norm_int8_quant` (`kernels/fp8_quant.rms_norm_fp8_quant`); elsewhere the eager
+    norm, then `quantize_per_token_ref` (`quantize_per_token_fp8_ref`).
     """
-    from deepserve.layers.linear_method import PerTokenInt8  # lazy: linear_method imports this module
+    from deepserve.layers.linear_method import PerTokenQuant  # lazy: linear_method imports this module
 
+    if qdtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"rms_norm_quant quantises to int8 or float8_e4m3fn, got {qdtype}")
+    fp8 = qdtype == torch.float8_e4m3fn
     shape, dtype = x.shape, torch.promote_types(x.dtype, weight.dtype)
     x2 = x.reshape(-1, shape[-1])  # [T, H]
     res2 = None if residual is None else residual.reshape(-1, shape[-1])
     if _use_triton(x):
-        from deepserve.kernels.int8_quant import rms_norm_int8_quant as kernel
+        if fp8:
+            from deepserve.kernels.fp8_quant import rms_norm_fp8_quant as kernel
+        else:
+            from deepserve.kernels.int8_quant import rms_norm_int8_quant as kernel
 
         q, scale, new_res = kernel(x2, res2, weight, eps)
     else:
+        from deepserve.quant.fp8 import quantize_per_token_fp8_ref
         from deepserve.quant.int8 import quantize_per_token_ref
 
         out = _rms_norm_eager(x2, res2, weight, eps)
         out, new_res = (out, None) if residual is None else out
-        q, scale = quantize_per_token_ref(out)
+        q, scale = (quantize_per_token_fp8_ref if fp8 else quantize_per_token_ref)(out)
     new_res = None if new_res is None else new_res.view(shape)
-    return PerTokenInt8(q.view(shape), scale.view(shape[:-1]), dtype), new_res
+    return PerTokenQuant(q.view(shape), scale.view(shape[:-1]), dtype), new_res
 
 
 def _rms_norm_eager(x, residual, weight, eps):

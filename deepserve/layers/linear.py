@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deepserve.layers import fused
-from deepserve.layers.linear_method import DenseLinearMethod, LinearMethod, PerTokenInt8, linear_method_for
+from deepserve.layers.linear_method import DenseLinearMethod, LinearMethod, PerTokenQuant, linear_method_for
 
 
 def _check_shape(expected: torch.Size, loaded: torch.Tensor) -> None:
@@ -74,13 +74,13 @@ class LinearBase(nn.Module):
         self.method = linear_method_for(self.weight, None if keep else quantization)
         self.method.process_weights_after_loading(self)
 
-    def forward(self, x: torch.Tensor | PerTokenInt8) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PerTokenQuant) -> torch.Tensor:
         """x [..., in_per_rank], or its per-token int8 quantisation (only where `takes_quantized_input`)
         -> [..., out_per_rank]."""
         return self.method.apply(self, x, self.bias)
 
     def takes_quantized_input(self, x: torch.Tensor) -> bool:
-        """Whether forward may be given `PerTokenInt8` of x [..., in] (or of a tensor computed from x row
+        """Whether forward may be given `PerTokenQuant` of x [..., in] (or of a tensor computed from x row
         by row, such as its RMSNorm) in place of x, with the same result: the method quantizes its input
         (`LinearMethod.quantizes_input`) and no forward hooks are registered on this layer (calibration
         records real inputs: quant/smooth.py)."""
@@ -210,8 +210,8 @@ class RowParallelLinear(LinearBase):
 
 
 def silu_and_mul_mlp(gate_up_proj: LinearBase, down_proj: RowParallelLinear,
-                     x: torch.Tensor | PerTokenInt8) -> torch.Tensor:
-    """down_proj(silu(gate) * up) with [gate | up] = gate_up_proj(x) (x [..., H] or its PerTokenInt8, where
+                     x: torch.Tensor | PerTokenQuant) -> torch.Tensor:
+    """down_proj(silu(gate) * up) with [gate | up] = gate_up_proj(x) (x [..., H] or its PerTokenQuant, where
     gate_up_proj takes one) -> [..., H_out], with the fusion the methods offer: gate_up_proj's method may
     run SiLU-and-mul itself and hand down_proj its input (`LinearMethod.apply_gated`, the gate_up output never
     written: int8 W8A8 on CUDA hands it quantised, the float and W8A16 methods' decode GEMV as a tensor);

@@ -8,7 +8,7 @@ consumer)` runs a merged [gate | up] layer and SiLU-and-mul and hands the down p
 W8A8 on CUDA: SiLU-and-mul in the GEMM's epilogue, the result quantised; the decode GEMV of the float and
 W8A16 methods: SiLU-and-mul in its epilogue; default None, not fused);
 `quantizes_input(layer, x)` (default False) says whether `apply` may be given, in place of x, its
-per-token int8 quantisation `PerTokenInt8` computed upstream (the int8 W8A8 method on CUDA: a pre-norm
+per-token 8-bit quantisation `PerTokenQuant` computed upstream (the int8 and fp8 W8A8 methods on CUDA: a pre-norm
 decoder layer then fuses the norm with that quantisation, layers/decoder.py). The methods subclass
 the `LinearMethod` protocol to inherit those defaults. Quantised methods (INT8, FP8) plug in here;
 without quantisation:
@@ -41,11 +41,13 @@ GEMV_MAX_M = 2
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
-class PerTokenInt8(NamedTuple):
-    """A linear's input x [..., in] handed over already quantised, per token, symmetric int8, as
-    `kernels/int8_quant.py` (= `quant.int8.quantize_per_token_ref`): x[t] ~ q[t] * scale[t]."""
+class PerTokenQuant(NamedTuple):
+    """A linear's input x [..., in] handed over already quantised, per token, symmetric: int8 as
+    `kernels/int8_quant.py` (= `quant.int8.quantize_per_token_ref`) or e4m3 as `kernels/fp8_quant.py`
+    (= `quant.fp8.quantize_per_token_fp8_ref`): x[t] ~ q[t] * scale[t]. q's dtype is the consumer method's
+    `quantized_input_dtype`."""
 
-    q: torch.Tensor  # [..., in] int8
+    q: torch.Tensor  # [..., in] int8 or float8_e4m3fn
     scale: torch.Tensor  # [...] f32
     dtype: torch.dtype  # of the unquantised x: the dtype of the linear's output
 
@@ -59,18 +61,21 @@ class LinearMethod(Protocol):
         """gate_up [..., 2 * in] (a merged [gate | up] projection) -> apply(silu(gate) * up) [..., out]."""
         return self.apply(layer, fused.silu_and_mul(gate_up), bias)
 
-    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8,
-                    consumer: nn.Module) -> torch.Tensor | PerTokenInt8 | None:
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant,
+                    consumer: nn.Module) -> torch.Tensor | PerTokenQuant | None:
         """For a merged [gate | up] layer: silu(gate) * up of its output on x, for `consumer` (the down
         projection), in place of `consumer.method.apply_silu_and_mul(layer(x))` with the same result:
-        already quantised (PerTokenInt8, int8 W8A8) or a tensor [..., I] (the decode GEMV's fused epilogue);
+        already quantised (PerTokenQuant, int8 W8A8) or a tensor [..., I] (the decode GEMV's fused epilogue);
         None where this method does not (the default: never)."""
         return None
 
+    # the dtype of PerTokenQuant.q that `apply` takes where `quantizes_input` says yes
+    quantized_input_dtype: torch.dtype = torch.int8
+
     def quantizes_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
-        """Whether `apply(layer, PerTokenInt8 of x, bias)` is accepted and equals `apply(layer, x, bias)`
-        bit for bit, for x [..., in] (or the tensor x is computed from row by row, on x's device in
-        x's dtype). Default: no; `apply` then only ever gets tensors."""
+        """Whether `apply(layer, PerTokenQuant of x, bias)` (q in `quantized_input_dtype`) is accepted and equals
+        `apply(layer, x, bias)` bit for bit, for x [..., in] (or the tensor x is computed from row by row, on
+        x's device in x's dtype). Default: no; `apply` then only ever gets tensors."""
         return False
 
 
@@ -106,12 +111,13 @@ class DenseLinearMethod(LinearMethod):
         rows = x.reshape(-1, x.shape[-1])  # [M, in]
         return gemv(rows, weight, bias, static_weight=True).view(*x.shape[:-1], weight.shape[0])
 
-    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, consumer: nn.Module) -> torch.Tensor | None:
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant,
+                    consumer: nn.Module) -> torch.Tensor | None:
         """Decode rows (`use_gemv`): silu(gate) * up [..., I] of the merged [gate | up] layer in one GEMV
         launch (kernels/gemv.py `gated`: the [..., 2I] output is never stored, no separate SiLU-and-mul
         launch), the same bits as `consumer.method.apply_silu_and_mul(layer(x))`; None otherwise."""
         weight = layer.weight
-        if isinstance(x, PerTokenInt8) or not use_gemv(x, weight):
+        if isinstance(x, PerTokenQuant) or not use_gemv(x, weight):
             return None
         from deepserve.kernels.gemv import gated_applies, gemv  # lazy: Triton on CUDA only
 

@@ -10,7 +10,7 @@ from torch import nn
 from deepserve.layers import fused
 
 if TYPE_CHECKING:
-    from deepserve.layers.linear_method import PerTokenInt8
+    from deepserve.layers.linear_method import PerTokenQuant
 
 
 class RMSNorm(nn.Module):
@@ -30,8 +30,9 @@ class RMSNorm(nn.Module):
         """x [num_tokens, hidden] (and residual like x) -> norm(x) or (norm(x + residual), x + residual)."""
         return fused.rms_norm(x, residual, self.weight, self.eps)
 
-    def forward_int8(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                     ) -> tuple[PerTokenInt8, torch.Tensor | None]:
+    def forward_quantized(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                          qdtype: torch.dtype = torch.int8) -> tuple[PerTokenQuant, torch.Tensor | None]:
         """x [num_tokens, hidden] (and residual like x) -> (norm(x (+ residual)) quantised per token to
-        int8 for a W8A8 linear, x + residual or None): `fused.rms_norm_int8_quant`, one launch on CUDA."""
-        return fused.rms_norm_int8_quant(x, residual, self.weight, self.eps)
+        qdtype (int8 / float8_e4m3fn) for a W8A8 linear, x + residual or None): `fused.rms_norm_quant`, one
+        launch on CUDA."""
+        return fused.rms_norm_quant(x, residual, self.weight, self.eps, qdtype)

@@ -17,7 +17,7 @@ from deepserve.layers.decoder import PreNormDecoderLayer
 from deepserve.layers.embedding import LMHead, VocabEmbedding
 from deepserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                      RowParallelLinear, default_weight_loader, silu_and_mul_mlp)
-from deepserve.layers.linear_method import PerTokenInt8
+from deepserve.layers.linear_method import PerTokenQuant
 from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding
 
@@ -50,7 +50,7 @@ class LlamaAttention(nn.Module):
         # RoPE (shared by all layers) is the backend's to apply: with the cache write, in one launch on CUDA
         self.attn = make_attention(self.num_heads, self.head_dim, self.num_kv_heads, rotary=rotary_emb)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | PerTokenInt8) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | PerTokenQuant) -> torch.Tensor:
         """positions [T] int64, hidden [T, hidden] (or its per-token int8, for qkv_proj only) -> [T, hidden]."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
@@ -69,7 +69,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
         self.gate_up_proj.silu_gate_up = type(self.act_fn) is SiluAndMul  # its method may reorder the rows
 
-    def forward(self, x: torch.Tensor | PerTokenInt8) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PerTokenQuant) -> torch.Tensor:
         """x [T, hidden] (or its per-token int8, for gate_up_proj only) -> [T, hidden]."""
         if type(self.act_fn) is SiluAndMul:  # W8A8 methods fuse it with their GEMMs / input quantisation
             return silu_and_mul_mlp(self.gate_up_proj, self.down_proj, x)  # [T, hidden]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepserve.layers.linear_method import LinearMethod
+from deepserve.layers.linear_method import LinearMethod, PerTokenQuant
 from deepserve.quant.int8 import div_rn
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -91,6 +91,8 @@ def scaled_mm_fits(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 class Fp8Method(LinearMethod):
     """Dynamic FP8 W8A8: e4m3 weights (per channel or per tensor), e4m3 activations per token."""
 
+    quantized_input_dtype = FP8_DTYPE
+
     def __init__(self, per_channel: bool = True):
         self.per_channel = per_channel
 
@@ -106,8 +108,15 @@ class Fp8Method(LinearMethod):
         layer.weight = nn.Parameter(q.contiguous(), requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [..., in] float -> [..., out] in x's dtype."""
+    def apply(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] float, or its per-token e4m3 quantisation (`quantizes_input`) -> [..., out] in x's dtype."""
+        if isinstance(x, PerTokenQuant):
+            rows, scale = x.q.reshape(-1, x.q.shape[-1]), x.scale.reshape(-1)  # [tokens, in], [tokens]
+            if scaled_mm_fits(rows, layer.weight):
+                y = _rowwise_scaled_mm(rows, scale, layer.weight, layer.weight_scale, bias, x.dtype)
+            else:  # CPU (tests): the emulation the tensor path takes there
+                y = fp8_linear_ref(rows, scale, layer.weight, layer.weight_scale, bias, x.dtype)
+            return y.view(*x.q.shape[:-1], y.shape[-1])
         rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
         if scaled_mm_fits(rows, layer.weight):
             y = fp8_scaled_mm(rows, layer.weight, layer.weight_scale, bias)
@@ -115,6 +124,17 @@ class Fp8Method(LinearMethod):
             x_q, x_scale = quantize_per_token_fp8_ref(rows)
             y = fp8_linear_ref(x_q, x_scale, layer.weight, layer.weight_scale, bias, x.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def quantizes_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Where `apply` runs `_scaled_mm` on x's rows (CUDA, f16/bf16 x, K and N multiples of 16, the weight in
+        e4m3): that path is fp8_quant then `_rowwise_scaled_mm`, which takes the quantised rows as they are. Rows
+        wider than the fused norm kernel keeps whole are not (kernels/int8_quant.py `norm_matches_rms_norm`)."""
+        if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)) or layer.weight.dtype != FP8_DTYPE:
+            return False
+        from deepserve.kernels.int8_quant import norm_matches_rms_norm
+
+        k, n = layer.weight.shape[1], layer.weight.shape[0]
+        return x.shape[-1] == k and k % 16 == 0 and n % 16 == 0 and norm_matches_rms_norm(k)
 
     def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """gate_up [..., 2 * in] -> apply(silu(gate) * up) [..., out], bit for bit; where `_scaled_mm`

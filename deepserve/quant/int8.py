@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepserve.layers.linear_method import LinearMethod, PerTokenInt8
+from deepserve.layers.linear_method import LinearMethod, PerTokenQuant
 from deepserve.loader.safetensors_loader import StreamWrapper
 
 _EPS = 1e-8
@@ -164,7 +164,7 @@ class Int8W8A8Method(LinearMethod):
         inter, device = layer.weight.shape[0] // 2, layer.weight.device
         return _tma_device(device.index or 0) and GATED_BLOCK * num_sms(device) <= inter <= GATED_BLOCK * MAX_PARTS
 
-    def apply(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., in] float, or its per-token quantisation (`quantizes_input`) -> [..., out] in x's dtype.
         A gated-layout weight (`process_weights_after_loading`) gives its output back in [gate | up] order
         (a copy: the path `apply_gated` does not take, e.g. under calibration hooks)."""
@@ -176,8 +176,8 @@ class Int8W8A8Method(LinearMethod):
 
         return from_gated_layout(y, inter)
 
-    def _apply(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(x, PerTokenInt8):
+    def _apply(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, PerTokenQuant):
             return self._apply_quantized(layer, x, bias)
         rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
         if rows.is_cuda:
@@ -186,7 +186,7 @@ class Int8W8A8Method(LinearMethod):
             y = w8a8_linear(rows, layer.weight, layer.weight_scale, bias)
             return y.view(*x.shape[:-1], y.shape[-1])
         x_q, x_scale = quantize_per_token_ref(rows)
-        quantized = PerTokenInt8(x_q.view(x.shape), x_scale.view(x.shape[:-1]), x.dtype)
+        quantized = PerTokenQuant(x_q.view(x.shape), x_scale.view(x.shape[:-1]), x.dtype)
         return self._apply_quantized(layer, quantized, bias)
 
     def quantizes_input(self, layer: nn.Module, x: torch.Tensor) -> bool:
@@ -200,7 +200,7 @@ class Int8W8A8Method(LinearMethod):
         return norm_matches_rms_norm(x.shape[-1])
 
     @staticmethod
-    def _apply_quantized(layer: nn.Module, x: PerTokenInt8, bias: torch.Tensor | None) -> torch.Tensor:
+    def _apply_quantized(layer: nn.Module, x: PerTokenQuant, bias: torch.Tensor | None) -> torch.Tensor:
         """x: q [..., in] int8, scale [...] f32 -> [..., out] x.dtype; on CUDA `int8_cuda.w8a8_gemm`."""
         rows, scale = x.q.reshape(-1, x.q.shape[-1]), x.scale.reshape(-1)  # [tokens, in], [tokens]
         if rows.is_cuda:
@@ -226,10 +226,10 @@ class Int8W8A8Method(LinearMethod):
         y = w8a8_silu_and_mul_linear(rows, layer.weight, layer.weight_scale, bias)
         return y.view(*gate_up.shape[:-1], y.shape[-1])
 
-    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, consumer: nn.Module) -> PerTokenInt8 | None:
-        """x [..., in] (or its PerTokenInt8) through this merged [gate | up] layer, then SiLU-and-mul, as the
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant, consumer: nn.Module) -> PerTokenQuant | None:
+        """x [..., in] (or its PerTokenQuant) through this merged [gate | up] layer, then SiLU-and-mul, as the
         per-token quantisation `consumer` (the down projection, also plain int8 W8A8) makes of its input
-        on CUDA: PerTokenInt8 of silu(gate) * up [..., out / 2], in x's dtype (`LinearMethod.apply_gated`).
+        on CUDA: PerTokenQuant of silu(gate) * up [..., out / 2], in x's dtype (`LinearMethod.apply_gated`).
         On CUDA, `int8_cuda.w8a8_gate_up_silu_quant` on the gated-layout weight: the gate_up output is never
         written. None (not fused) without that layout (off CUDA, a biased gate_up, a layer that does not
         feed SiLU-and-mul), and for a consumer with another method (one that transforms its input first,
@@ -237,14 +237,14 @@ class Int8W8A8Method(LinearMethod):
         inter = getattr(layer, "gated_inter", None)
         if inter is None or type(getattr(consumer, "method", None)) is not Int8W8A8Method:
             return None
-        if not isinstance(x, PerTokenInt8):
+        if not isinstance(x, PerTokenQuant):
             if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
                 return None
             from deepserve.kernels.int8_quant import int8_quant
 
             rows = x.reshape(-1, x.shape[-1])  # [T, in]
             q, scale, _ = int8_quant(rows if rows.stride(-1) == 1 else rows.contiguous())
-            x = PerTokenInt8(q.view(x.shape), scale.view(x.shape[:-1]), x.dtype)
+            x = PerTokenQuant(q.view(x.shape), scale.view(x.shape[:-1]), x.dtype)
         if not x.q.is_cuda:
             return None
         from deepserve.quant.int8_cuda import w8a8_gate_up_silu_quant
@@ -252,7 +252,7 @@ class Int8W8A8Method(LinearMethod):
         lead = x.q.shape[:-1]
         h = w8a8_gate_up_silu_quant(x.q.reshape(-1, x.q.shape[-1]), x.scale.reshape(-1), layer.weight,
                                     layer.weight_scale, inter, x.dtype)
-        return PerTokenInt8(h.q.view(*lead, h.q.shape[-1]), h.scale.view(lead), x.dtype)
+        return PerTokenQuant(h.q.view(*lead, h.q.shape[-1]), h.scale.view(lead), x.dtype)
 
 
 def put_in_gated_layout(layer: nn.Module) -> None:
@@ -291,11 +291,11 @@ class Int8WeightOnlyMethod(LinearMethod):
             y = y + bias
         return y.view(*x.shape[:-1], y.shape[-1])
 
-    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenInt8, consumer: nn.Module) -> torch.Tensor | None:
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant, consumer: nn.Module) -> torch.Tensor | None:
         """Decode rows on CUDA (the "gemv" backend of `int8_cuda.W8A16_BACKENDS`, symmetric weights):
         silu(gate) * up [..., I] of this merged [gate | up] layer in one GEMV launch, the same bits as
         `consumer.method.apply_silu_and_mul(layer(x))` (`LinearMethod.apply_gated`); None otherwise."""
-        if isinstance(x, PerTokenInt8) or not x.is_cuda or getattr(layer, "weight_zero_point", None) is not None:
+        if isinstance(x, PerTokenQuant) or not x.is_cuda or getattr(layer, "weight_zero_point", None) is not None:
             return None
         from deepserve.quant.int8_cuda import w8a16_gated_gemv
 

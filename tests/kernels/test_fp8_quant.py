@@ -164,3 +164,60 @@ def test_gpu_quotients_near_grid_midpoints_divide_exactly(cols):
     got = K.fp8_quant(x.cuda())
     assert torch.equal(got.scale.cpu(), want.scale)
     assert torch.equal(got.q.cpu().view(torch.uint8), want.q.view(torch.uint8))
+
+
+# ---- RMSNorm fused with the e4m3 quantisation (rms_norm_fp8_quant) ------------------------------------------
+
+Q8 = load_kernel_module("int8_quant")  # its row kernel runs the fused launch (interpreted on CPU)
+
+
+def _assert_fused_fp8_is_composed(x, res, w, eps=1e-6, **tiling):
+    """rms_norm_fp8_quant == fp8_quant(rms_norm(...).out) bit for bit (sign of zero included), the residual too;
+    and the reference composition (rms_norm_ref, then the per-token e4m3 reference) where the norm is rms_norm's."""
+    rms = load_kernel_module("rms_norm")
+    normed, new_res = rms.rms_norm(x, res, w, eps)
+    want, got = K.fp8_quant(normed), K.rms_norm_fp8_quant(x, res, w, eps, **tiling)
+    assert got.q.dtype == torch.float8_e4m3fn
+    assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8)) and torch.equal(got.scale, want.scale)
+    assert (got.residual is None) if res is None else torch.equal(got.residual, new_res)
+
+
+@pytest.mark.parametrize("hidden", [64, 100, 1536])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_norm_is_rms_norm_then_fp8_quant(hidden, residual, dtype):
+    dev = device()
+    x = (torch.randn(5, hidden, device=dev) * torch.logspace(-3, 1, hidden, device=dev)).to(dtype)
+    res = torch.randn(5, hidden, device=dev).to(dtype) if residual else None
+    _assert_fused_fp8_is_composed(x, res, (1 + 0.1 * torch.randn(hidden, device=dev)).to(dtype))
+
+
+def test_fused_norm_reference_and_bad_inputs():
+    """The pure-PyTorch reference agrees with the kernel in float32 (interpreter or GPU), the scale included;
+    a wrong scale would move every q; bad shapes are refused."""
+    dev = device()
+    x, res, w = torch.randn(4, 96, device=dev), torch.randn(4, 96, device=dev), 1 + 0.1 * torch.randn(96, device=dev)
+    got, want = K.rms_norm_fp8_quant(x, res, w, 1e-6), K.rms_norm_fp8_quant_ref(x, res, w, 1e-6)
+    assert torch.equal(got.scale, want.scale) and torch.equal(got.residual, want.residual)
+    assert (got.q.float() != want.q.float()).float().mean() < 0.01  # the sum-of-squares order may move a tie
+    with pytest.raises(ValueError):
+        K.rms_norm_fp8_quant(x, res[:, :8], w, 1e-6)
+
+
+def test_fused_norm_launches_the_row_kernel_with_fp8(monkeypatch):
+    from tests.kernels.launches import record_launches as record
+
+    recorders = record(monkeypatch, Q8, "_int8_quant_kernel")
+    K.rms_norm_fp8_quant(torch.randn(3, 64, device=device()), None, torch.ones(64, device=device()), 1e-6)
+    (_, kw), = recorders["_int8_quant_kernel"].launches
+    assert kw["FP8"] is True and kw["NORM"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 256, 4096])
+@pytest.mark.parametrize("hidden", [2048, 3584, 8192])
+@pytest.mark.parametrize("residual", [True, False])
+def test_gpu_fused_norm_is_rms_norm_then_fp8_quant(tokens, hidden, residual):
+    x = (2 * torch.randn(tokens, hidden, device="cuda")).bfloat16()
+    res = torch.randn_like(x) if residual else None
+    _assert_fused_fp8_is_composed(x, res, (1 + 0.1 * torch.randn(hidden, device="cuda")).bfloat16())

@@ -1,10 +1,10 @@
 """A pre-norm layer's RMSNorm fused with the per-token int8 quantisation of the W8A8 linear that reads it
-(layers/decoder.py `_pre_norm`, `LinearMethod.quantizes_input`, `PerTokenInt8`, fused.rms_norm_int8_quant).
+(layers/decoder.py `_pre_norm`, `LinearMethod.quantizes_input`, `PerTokenQuant`, fused.rms_norm_quant).
 
 The fused path must give the unfused one's bits. Its CUDA functions run here on `device()`: the GPU when
 there is one, else CPU tensors through the Triton interpreter (as tests/unit/test_linear_silu_and_mul.py).
 On CPU the int8 method does not quantize its input (the eager norm stays), so the layer-level tests
-monkeypatch that capability on: the norm then runs `fused.rms_norm_int8_quant`'s eager branch and the
+monkeypatch that capability on: the norm then runs `fused.rms_norm_quant`'s eager branch and the
 linear its CPU int8 GEMM on the carrier. The GPU tests at the end run the CUDA branch at qwen shapes.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 from deepserve.config import ModelConfig
 from deepserve.layers import fused
 from deepserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
-from deepserve.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod, LinearMethod, PerTokenInt8,
+from deepserve.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod, LinearMethod, PerTokenQuant,
                                             process_weights_after_loading)
 from deepserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from deepserve.models.qwen2 import Qwen2ForCausalLM
@@ -31,6 +31,7 @@ from tests.paged_harness import PagedRunner
 RMS = load_kernel_module("rms_norm")
 QUANT = load_kernel_module("int8_quant")
 OTHERS = ["int8-weight-only", "int8-weight-only-asym", "int8-hadamard", "fp8", "fp8-per-tensor", "block-fp8"]
+FP8_METHODS = ("fp8", "fp8-per-tensor")  # quantize their input too (e4m3), where _scaled_mm runs
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +50,8 @@ def test_only_int8_w8a8_quantizes_its_input_and_only_on_cuda_f16_bf16_rows_it_ho
     methods = {name: get_quant_method(name) for name in OTHERS}
     methods.update(dense=DenseLinearMethod(), packed=CpuPackedLinearMethod())
     for name, method in methods.items():
+        if name in FP8_METHODS:
+            continue  # test_fp8_quantizes_its_input_where_scaled_mm_runs
         assert type(method).quantizes_input is LinearMethod.quantizes_input, name  # the default
         assert not any(method.quantizes_input(layer, x) for x in cuda.values()), name
     int8 = get_quant_method("int8")
@@ -57,6 +60,29 @@ def test_only_int8_w8a8_quantizes_its_input_and_only_on_cuda_f16_bf16_rows_it_ho
     assert not int8.quantizes_input(layer, torch.randn(2, 8).bfloat16())  # CPU: the eager path
     # wider than the fused norm kernel holds whole: its wide variant is not rms_norm's bits, so no fusion
     assert not int8.quantizes_input(layer, SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(2, 8193)))
+
+
+@pytest.mark.parametrize("name", FP8_METHODS)
+def test_fp8_quantizes_its_input_where_scaled_mm_runs(name):
+    """CUDA f16/bf16 rows of the e4m3 weight's K (a multiple of 16, N too), held whole by the fused norm kernel."""
+    fp8 = get_quant_method(name)
+    assert fp8.quantized_input_dtype == torch.float8_e4m3fn
+    assert get_quant_method("int8").quantized_input_dtype == torch.int8
+
+    def layer(n, k, dtype=torch.float8_e4m3fn):
+        return SimpleNamespace(weight=torch.empty(n, k, dtype=dtype))
+
+    def rows(k, dtype=torch.bfloat16, cuda=True):
+        return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(2, k))
+
+    assert fp8.quantizes_input(layer(64, 4096), rows(4096))
+    assert fp8.quantizes_input(layer(64, 4096), rows(4096, torch.float16))
+    assert not fp8.quantizes_input(layer(64, 4096), rows(4096, torch.float32))
+    assert not fp8.quantizes_input(layer(64, 4096), rows(4096, cuda=False))
+    assert not fp8.quantizes_input(layer(64, 4104), rows(4104))  # K not a multiple of 16: the emulation
+    assert not fp8.quantizes_input(layer(72 + 4, 4096), rows(4096))  # N neither
+    assert not fp8.quantizes_input(layer(64, 8208), rows(8208))  # wider than the whole-row kernel
+    assert not fp8.quantizes_input(layer(64, 4096, torch.bfloat16), rows(4096))  # not processed into e4m3
 
 
 # ---- the CUDA functions: norm + quant, then the GEMM, against norm, then w8a8_linear ---------------------
@@ -98,7 +124,7 @@ def test_fused_kernel_runs_at_rms_norms_warps(monkeypatch):
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_dispatch_kernel_branch(monkeypatch, residual, dtype):
-    """fused.rms_norm_int8_quant's kernel branch (forced on CPU tensors: interpreter) gives the carrier of
+    """fused.rms_norm_quant's kernel branch (forced on CPU tensors: interpreter) gives the carrier of
     fused.rms_norm's kernel output (leading dims kept), and the int8 method maps it to the same output."""
     monkeypatch.setattr(fused, "_use_triton", lambda x: True)
     x = torch.randn(2, 3, 64).to(dtype)  # [batch, tokens, H]
@@ -106,7 +132,7 @@ def test_fused_dispatch_kernel_branch(monkeypatch, residual, dtype):
     norm_w = (1 + 0.1 * torch.randn(64)).to(dtype)
     normed = fused.rms_norm(x, res, norm_w, 1e-6)
     normed, new_res = normed if residual else (normed, None)
-    carrier, got_res = fused.rms_norm_int8_quant(x, res, norm_w, 1e-6)
+    carrier, got_res = fused.rms_norm_quant(x, res, norm_w, 1e-6)
     assert carrier.q.shape == (2, 3, 64) and carrier.scale.shape == (2, 3) and carrier.dtype == dtype
     assert (got_res is None) if res is None else torch.equal(got_res, new_res)
     linear = _column(MergedColumnParallelLinear(64, [32, 48], bias=True), dtype)
@@ -130,7 +156,7 @@ def test_column_layers_apply_the_carrier_like_the_tensor(tp_rank):
               MergedColumnParallelLinear(64, [48, 48], bias=True, tp_size=2, tp_rank=tp_rank)]
     x = torch.randn(5, 64)
     for layer in map(_column, layers):
-        carrier, _ = fused.rms_norm_int8_quant(x, None, torch.ones(64), 1e-6)
+        carrier, _ = fused.rms_norm_quant(x, None, torch.ones(64), 1e-6)
         assert torch.equal(layer(carrier), layer(fused.rms_norm(x, None, torch.ones(64), 1e-6)))
 
 
@@ -180,22 +206,25 @@ def _prefill(model) -> torch.Tensor:
 
 
 class _Spy:
-    """Records fused.rms_norm_int8_quant's calls and what each int8 linear's apply receives."""
+    """Records fused.rms_norm_quant's calls (and the dtypes they quantise to) and what each linear of `method`
+    (the int8 W8A8 method by default) receives in apply."""
 
-    def __init__(self, monkeypatch):
-        self.norm_calls, self.inputs = 0, []  # inputs: (layer, type of x)
-        real_norm, real_apply = fused.rms_norm_int8_quant, Int8W8A8Method.apply
+    def __init__(self, monkeypatch, method: type = Int8W8A8Method):
+        self.norm_calls, self.inputs, self.qdtypes = 0, [], []  # inputs: (layer, type of x)
+        real_norm, real_apply = fused.rms_norm_quant, method.apply
 
         def norm(*args):
             self.norm_calls += 1
-            return real_norm(*args)
+            carrier, residual = real_norm(*args)
+            self.qdtypes.append(carrier.q.dtype)
+            return carrier, residual
 
         def apply(method, layer, x, bias):
             self.inputs.append((layer, type(x)))
             return real_apply(method, layer, x, bias)
 
-        monkeypatch.setattr(fused, "rms_norm_int8_quant", norm)
-        monkeypatch.setattr(Int8W8A8Method, "apply", apply)
+        monkeypatch.setattr(fused, "rms_norm_quant", norm)
+        monkeypatch.setattr(method, "apply", apply)
 
     def kinds(self, layer: nn.Module) -> list[type]:
         return [kind for seen, kind in self.inputs if seen is layer]
@@ -214,10 +243,29 @@ def test_decoder_layer_feeds_the_carrier(monkeypatch, cls, dtype):
     assert spy.norm_calls == 2 * 2 * len(layers)  # two steps, two norms per layer (not the final norm)
     for layer in layers:
         assert isinstance(layer, LlamaDecoderLayer)
-        assert spy.kinds(layer.self_attn.qkv_proj) == [PerTokenInt8] * 2
-        assert spy.kinds(layer.mlp.gate_up_proj) == [PerTokenInt8] * 2
+        assert spy.kinds(layer.self_attn.qkv_proj) == [PerTokenQuant] * 2
+        assert spy.kinds(layer.mlp.gate_up_proj) == [PerTokenQuant] * 2
         assert spy.kinds(layer.self_attn.o_proj) == [torch.Tensor] * 2
         assert spy.kinds(layer.mlp.down_proj) == [torch.Tensor] * 2  # SiLU-and-mul's quantisation, not the norm's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_layer_feeds_the_fp8_carrier(monkeypatch, dtype):
+    """fp8 W8A8: the norms quantise to e4m3 for qkv and gate_up (the CPU emulation of both paths), same logits."""
+    from deepserve.quant.fp8 import Fp8Method
+
+    model = _tiny_model(Qwen2ForCausalLM, "fp8", dtype)
+    want = _logits(model, dtype)  # on CPU the fp8 method does not quantize its input: the unfused path
+    spy = _Spy(monkeypatch, Fp8Method)
+    monkeypatch.setattr(Fp8Method, "quantizes_input", lambda self, layer, x: True)
+    got = _logits(model, dtype)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    layers = model.model.layers
+    assert spy.norm_calls == 2 * 2 * len(layers) and set(spy.qdtypes) == {torch.float8_e4m3fn}
+    for layer in layers:
+        assert spy.kinds(layer.self_attn.qkv_proj) == [PerTokenQuant] * 2
+        assert spy.kinds(layer.mlp.gate_up_proj) == [PerTokenQuant] * 2
+        assert spy.kinds(layer.self_attn.o_proj) == [torch.Tensor] * 2
 
 
 @pytest.mark.parametrize("name", [None, *OTHERS])
@@ -245,7 +293,7 @@ def test_hooks_see_real_tensors(monkeypatch):
     assert len(seen) == 4 and all(type(t) is torch.Tensor for t in seen)
     assert torch.equal(seen[2], seen[0]) and torch.equal(seen[3], seen[1])
     assert spy.kinds(layer.self_attn.qkv_proj) == [torch.Tensor] * 2
-    assert spy.kinds(layer.mlp.gate_up_proj) == [PerTokenInt8] * 2
+    assert spy.kinds(layer.mlp.gate_up_proj) == [PerTokenQuant] * 2
     assert spy.norm_calls == 2 * (2 * 2 - 1)
     layer.post_attention_layernorm.register_forward_pre_hook(lambda *args: None)
     spy.norm_calls = 0
@@ -282,7 +330,7 @@ class _ProbeAttention(nn.Module):
         return q + kv
 
 
-def _gpu_layer(shape: str) -> LlamaDecoderLayer:
+def _gpu_layer(shape: str, quantization: str = "int8") -> LlamaDecoderLayer:
     hidden, heads, kv_heads, inter = GPU_SHAPES[shape]
     config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=256, hidden_size=hidden, num_hidden_layers=1,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=inter,
@@ -294,28 +342,32 @@ def _gpu_layer(shape: str) -> LlamaDecoderLayer:
     for p in layer.parameters():
         p.normal_(std=p.shape[-1] ** -0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
     layer.to(torch.bfloat16)
-    process_weights_after_loading(layer, "int8")
+    process_weights_after_loading(layer, quantization)
     layer.self_attn.attn = _ProbeAttention()
     return layer
 
 
 def _unfused(monkeypatch):
-    monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: False)
+    from deepserve.quant.fp8 import Fp8Method
+
+    for method in (Int8W8A8Method, Fp8Method):
+        monkeypatch.setattr(method, "quantizes_input", lambda self, layer, x: False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
 @pytest.mark.parametrize("tokens", [1, 7, 256, 2048])
 @pytest.mark.parametrize("first", [True, False])
-def test_gpu_layer_fused_is_unfused_bit_for_bit(monkeypatch, shape, tokens, first):
-    layer = _gpu_layer(shape)
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])
+def test_gpu_layer_fused_is_unfused_bit_for_bit(monkeypatch, shape, tokens, first, quantization):
+    layer = _gpu_layer(shape, quantization)
     hidden = layer.input_layernorm.weight.shape[0]
     x = torch.randn(tokens, hidden, device="cuda").bfloat16()
     residual = None if first else torch.randn_like(x)
     positions = torch.arange(tokens, device="cuda")
     calls = []
-    real = fused.rms_norm_int8_quant
-    monkeypatch.setattr(fused, "rms_norm_int8_quant", lambda *a: calls.append(a) or real(*a))
+    real = fused.rms_norm_quant
+    monkeypatch.setattr(fused, "rms_norm_quant", lambda *a: calls.append(a) or real(*a))
     out, res = layer(positions, x, residual)
     assert len(calls) == 2
     with monkeypatch.context() as m:

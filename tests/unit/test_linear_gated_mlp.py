@@ -17,7 +17,7 @@ import torch
 
 from deepserve.layers import fused
 from deepserve.layers.linear import MergedColumnParallelLinear
-from deepserve.layers.linear_method import CpuPackedLinearMethod, DenseLinearMethod, LinearMethod, PerTokenInt8
+from deepserve.layers.linear_method import CpuPackedLinearMethod, DenseLinearMethod, LinearMethod, PerTokenQuant
 from deepserve.models.llama import LlamaMLP
 from deepserve.quant import get_quant_method
 from deepserve.quant.int8 import Int8W8A8Method, quantize_per_channel_ref, quantize_per_token_ref
@@ -45,14 +45,14 @@ def test_which_methods_gate():
 
 @pytest.mark.parametrize("name", ["dense", "int8-weight-only"])
 def test_decode_gemv_methods_decline_off_cuda(name):
-    """Off CUDA (and for a PerTokenInt8 input) the GEMV methods decline: silu_and_mul_mlp runs unfused."""
+    """Off CUDA (and for a PerTokenQuant input) the GEMV methods decline: silu_and_mul_mlp runs unfused."""
     layer = MergedColumnParallelLinear(32, [16, 16]).bfloat16()
     layer.process_weights_after_loading(None if name == "dense" else name)
     if name == "dense":
         layer.method = DenseLinearMethod()  # CPU bf16: F.linear (the packed method is float32 only)
     x = torch.randn(1, 32).bfloat16()
     assert layer.method.apply_gated(layer, x, None) is None
-    assert layer.method.apply_gated(layer, PerTokenInt8(x.to(torch.int8), torch.ones(1), x.dtype), None) is None
+    assert layer.method.apply_gated(layer, PerTokenQuant(x.to(torch.int8), torch.ones(1), x.dtype), None) is None
 
 
 def _gate_up(name, hidden=64, inter=96, bias=False, dev="cpu", dtype=torch.float32) -> MergedColumnParallelLinear:
@@ -106,13 +106,13 @@ def test_gated_layout_only_for_plain_int8_silu_gate_ups_on_cuda(monkeypatch):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gated_layout_layer_applies_in_gate_up_order(quantized):
     """The path apply_gated does not take (hooks, CPU): apply of a gated-layout layer is the plain layer's,
-    [gate | up] columns, from a tensor or a PerTokenInt8."""
+    [gate | up] columns, from a tensor or a PerTokenQuant."""
     plain = _gate_up("int8", inter=70)
     gated = _gated_layer(plain)  # I = 70: padded to 128
     assert gated.weight.shape == (256, 64) and gated.gated_inter == 70
     x = torch.randn(5, 64)
     if quantized:
-        x = PerTokenInt8(*quantize_per_token_ref(x), torch.float32)
+        x = PerTokenQuant(*quantize_per_token_ref(x), torch.float32)
     assert torch.equal(gated(x), plain(x))
 
 
@@ -158,7 +158,7 @@ def test_mlp_hands_down_what_apply_gated_gives(monkeypatch, kind):
             module.process_weights_after_loading("int8")
     x = torch.randn(5, 64)
     gate_up = mlp.gate_up_proj(x)
-    handed = PerTokenInt8(*quantize_per_token_ref(fused.silu_and_mul(gate_up)), torch.float32)
+    handed = PerTokenQuant(*quantize_per_token_ref(fused.silu_and_mul(gate_up)), torch.float32)
     calls = []
     monkeypatch.setattr(Int8W8A8Method, "apply_gated",
                         lambda self, layer, x_, consumer: calls.append((layer, x_, consumer)) or handed)
@@ -178,7 +178,7 @@ def test_gpu_mlp_gated_path_is_the_unfused_one(monkeypatch, m, quantized_input):
     """A qwen-7b MLP (hidden 3584, I = 18944) under int8 on CUDA: the gated path (the gate_up GEMM with
     SiLU-and-mul in its epilogue: it must be what ran) gives the bits of the same MLP never put in the
     gated layout (and of the gated layer's own fallback), from a tensor and from the norm-fused
-    PerTokenInt8 input."""
+    PerTokenQuant input."""
     import deepserve.kernels.int8_gemm_silu as gated
     from deepserve.kernels.int8_quant import int8_quant
 
@@ -196,7 +196,7 @@ def test_gpu_mlp_gated_path_is_the_unfused_one(monkeypatch, m, quantized_input):
     assert mlp.gate_up_proj.gated_inter == 18944 and plain.gate_up_proj.gated_inter is None
     x = torch.randn(m, 3584, device="cuda").bfloat16()
     if quantized_input:
-        x = PerTokenInt8(*int8_quant(x)[:2], torch.bfloat16)
+        x = PerTokenQuant(*int8_quant(x)[:2], torch.bfloat16)
     launched = []
     real = gated.int8_gemm_silu
     monkeypatch.setattr(gated, "int8_gemm_silu", lambda *a, **k: launched.append(a) or real(*a, **k))
