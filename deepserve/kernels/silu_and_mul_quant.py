@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_like_torch
-from deepserve.kernels.int8_quant import Int8Activations, quantize_fp8_values, quantize_int8_values
+from deepserve.kernels.int8_quant import Int8Activations, quantize_row_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.silu_and_mul import check_gate_up, silu_mul
 from deepserve.kernels.sizes import next_power_of_2
@@ -63,17 +63,6 @@ def _chunk_v(row_ptr, inter, cols, mask, EVICT: tl.constexpr):
     gate = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy=EVICT)
     up = tl.load(row_ptr + inter + cols, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
     return silu_mul(gate, up).to(gate.dtype).to(tl.float32)
-
-
-@triton.jit
-def _quantize(v, scale, FP8: tl.constexpr, HW: tl.constexpr):
-    """fp8_quant's (FP8) or int8_quant's element step, their own jit functions; HW: their GPU rounding
-    switch (HW_CAST, HW_ROUND)."""
-    if FP8:
-        q = quantize_fp8_values(v, scale, HW)
-    else:
-        q = quantize_int8_values(v, scale, HW).to(tl.int8)
-    return q
 
 
 @triton.jit
@@ -93,7 +82,7 @@ def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, inter, x_stride, q_strid
     for i in range(0, num_chunks):
         cols = (num_chunks - 1 - i) * BLOCK + tl.arange(0, BLOCK)  # last chunk first: the most recently read
         mask = cols < inter
-        q = _quantize(_chunk_v(row_ptr, inter, cols, mask, "evict_first"), scale, FP8, HW)
+        q = quantize_row_values(_chunk_v(row_ptr, inter, cols, mask, "evict_first"), scale, HW, FP8)
         tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
     tl.store(scale_ptr + row, scale)
 
