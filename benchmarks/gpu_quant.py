@@ -342,24 +342,27 @@ def print_tuned(path: Path, run_id: str, ms: list[int]) -> None:
 def print_engine_table(path: Path, run_id: str) -> None:
     rows = [r for r in records(path, run_id) if r["workload"] in ("W-b1", "W-offline", "ceiling-copy", "kv-plan")]
     print(f"\nrun {run_id} on {rows[0]['gpu'] if rows else '?'} -> {path}")
-    print(f"{'model':<10}{'workload':<11}{'quant':<18}{'kv cache':<9}{'out tok/s':>11}{'tot tok/s':>11}"
+    print(f"{'model':<10}{'workload':<11}{'quant':<38}{'kv cache':<9}{'out tok/s':>11}{'tot tok/s':>11}"
           f"{'ms/tok':>9}{'roofline':>9}{'ttft ms':>9}{'kv blocks':>10}")
     for r in rows:
         if r["workload"] == "ceiling-copy":
             print(f"copy bandwidth {r['bandwidth_gbs']} GB/s")
             continue
         if r["workload"] == "kv-plan":
-            print(f"{str(r['model']):<10}{'kv-plan':<11}{'':<18}{r['kv_cache_dtype']:<9}{r['num_kv_blocks']:>59}"
+            print(f"{str(r['model']):<10}{'kv-plan':<11}{'':<38}{r['kv_cache_dtype']:<9}{r['num_kv_blocks']:>59}"
                   f"  ({r['bytes_per_block']} B/block, max concurrency {r['max_concurrency']}x at "
                   f"{r['max_model_len']} tokens)")
             continue
-        print(f"{str(r['model']):<10}{r['workload']:<11}{r['quant']:<18}{kv_of(r):<9}{_num(r.get('output_tok_s')):>11}"
+        print(f"{str(r['model']):<10}{r['workload']:<11}{r['quant']:<38}{kv_of(r):<9}{_num(r.get('output_tok_s')):>11}"
               f"{_num(r.get('total_tok_s')):>11}{_num(r.get('ms_per_token')):>9}"
               f"{_num(r.get('roofline_fraction')):>9}{_num(r.get('ttft_ms_p50')):>9}{r.get('num_kv_blocks', ''):>10}")
 
 
 def kv_of(record: dict) -> str:
-    """The --kv-cache-dtype of an engine record (its notes name a non-auto one)."""
+    """The --kv-cache-dtype of an engine record: its `kv_cache_dtype` field (since run s11a), else its notes
+    (older records name a non-auto one there)."""
+    if record.get("kv_cache_dtype"):
+        return record["kv_cache_dtype"]
     notes = record.get("notes") or ""
     return notes.split("kv_cache_dtype=", 1)[1].split()[0] if "kv_cache_dtype=" in notes else "auto"
 

@@ -2,7 +2,8 @@
 
 For each (batch, context) case and each cache dtype (bf16, int8, fp8), times `paged_decode_attention` at every
 (BLOCK_N, warps, stages) of the grid with the split count the kernel picks, and prints the default
-configuration's time next to the best one (median of `triton.testing.do_bench`, L2 flushed between runs).
+configuration's time (`decode_tiles`' tile at 4 warps, as the kernel runs unasked) next to the best one
+(median of `triton.testing.do_bench`, L2 flushed between runs).
 Bandwidth counts the cache bytes read (D bytes + a 4-byte scale per 8-bit row, 2 D bytes per bf16 row).
 `--json PATH` appends one line per case (the best and the default).
 
@@ -24,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepserve from t
 
 from kernels_attention import H, H_KV, D, SCALE, bench, paged_batch, row_bytes  # noqa: E402
 from deepserve.bench.offline import append_record  # noqa: E402
-from deepserve.kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
+from deepserve.kernels.paged_decode_attention import decode_tiles, paged_decode_attention  # noqa: E402
 
 GRID = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))  # BLOCK_N, warps, stages
-DEFAULT = (64, 4, 2)
 
 
 def sweep_case(batch: int, ctx: int, kv: str) -> dict:
@@ -39,11 +39,14 @@ def sweep_case(batch: int, ctx: int, kv: str) -> dict:
                                                                    block_n=bn, num_warps=nw, num_stages=ns,
                                                                    kv_scales=p.kv_scales))
     best = min(times, key=times.get)
+    tiles = decode_tiles(batch, H_KV, kv != "auto", torch.cuda.get_device_properties(0).multi_processor_count)
+    default = (tiles.block_n, 4, tiles.num_stages)  # what paged_decode_attention runs unasked (4 warps)
     kv_bytes = batch * ctx * H_KV * row_bytes(kv) * 2
     return {"kernel": "decode-sweep", "batch": batch, "context": ctx, "kv_cache_dtype": kv,
             "best_config": "BLOCK_N={} warps={} stages={}".format(*best), "best_ms": times[best],
-            "best_gb_s": kv_bytes / times[best] / 1e6, "default_ms": times[DEFAULT],
-            "default_gb_s": kv_bytes / times[DEFAULT] / 1e6,
+            "best_gb_s": kv_bytes / times[best] / 1e6, "default_ms": times[default],
+            "default_gb_s": kv_bytes / times[default] / 1e6,
+            "default_config": "BLOCK_N={} warps={} stages={}".format(*default),
             "top3": [("BLOCK_N={} warps={} stages={}".format(*c), round(times[c] * 1e3, 1))
                      for c in sorted(times, key=times.get)[:3]]}
 

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from deepserve.config import EngineConfig
 from deepserve.engine.args import EngineArgs
 
 SHAPES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
@@ -287,7 +288,7 @@ def base_record(ns: argparse.Namespace, bench: Bench, workload: str, batch: int)
             "load_format": bench.config.load_format}
 
 
-def quant_label(config: Any) -> str:
+def quant_label(config: EngineConfig) -> str:
     """The record's `quant`: the method, "+int8-lm-head" with --quantize-lm-head, "+kv-<dtype>" with an 8-bit KV
     cache (so a run with the 8-bit cache is never read as the weight method's alone)."""
     label = (config.quantization or "none") + ("+int8-lm-head" if config.quantize_lm_head else "")

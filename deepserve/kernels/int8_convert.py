@@ -1,6 +1,6 @@
 """int8 -> float32 exactly without I2F, for kernels that stream int8 data (W8A16 weights, an int8 KV cache).
 
-    int8_to_f32(w int8 [...], PTX) -> float32 [...], equal to w.to(tl.float32)
+    int8_to_f32(w int8 [...], PTX) -> float32 [...], equal to w.to(tl.float32) (`int8_to_f32_ref`)
     nvidia_ptx(device) -> whether a kernel launched for `device` may carry the inline-PTX form
 
 I2F is a low-throughput conversion on sm_90 (the CUDA guide's table: 16 per clock per SM, against 128
@@ -45,6 +45,11 @@ def int8_to_f32(w, PTX: tl.constexpr):
             constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
     bits = w.to(tl.int32) + 0x4B000080
     return bits.to(tl.float32, bitcast=True) - 8388736.0
+
+
+def int8_to_f32_ref(w: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch reference: the plain cast."""
+    return w.to(torch.float32)
 
 
 def nvidia_ptx(device: torch.device) -> bool:

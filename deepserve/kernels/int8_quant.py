@@ -3,6 +3,12 @@ RMSNorm (the pre-norm block's norm feeding a W8A8 linear).
 
     int8_quant(x [T, K])                           -> Int8Activations(q [T, K] int8, scale [T] f32, None)
     rms_norm_int8_quant(x, residual, weight, eps)  -> Int8Activations(q, scale, x + residual or None)
+    launch_row_quant(..., fp8=True)                -> the same row kernels storing e4m3 (scale max / 448,
+                                                      `quantize_fp8_values`): fp8_quant.rms_norm_fp8_quant
+
+The module also holds the element steps every 8-bit activation quantiser shares (`round_half_even`,
+`divide_by_scale`, `quantize_int8_values`, `round_to_e4m3_grid`, `quantize_fp8_values`, `quantize_row_values`):
+fp8_quant.py, silu_and_mul_quant.py, int8_gemm_silu.py and the KV cache writes import them from here.
 
 Per row t (the math of `deepserve.quant.int8.quantize_per_token_ref`, bit for bit):
 
@@ -26,8 +32,10 @@ sm_90a (Triton 3.9, no GPU; hidden, strides and pointers 16-aligned as Triton sp
 served models): the TTGIR up to and including the sum-of-squares reduction is the same, layouts
 included, for bf16 / f16 / f32 at 896-8192 columns, with and without residual, and the PTX float ops
 before the rsqrt are the same multiset; no spills. The 8-byte q stores are untimed. Bit-equality on a
-GPU is asserted by GPU tests (tests/kernels/test_int8_quant.py, tests/unit/test_fused_norm_quant_linear.py),
-not run yet. The plain int8_quant kernel (NORM off) is unchanged.
+GPU is asserted by GPU tests (tests/kernels/test_int8_quant.py, tests/unit/test_fused_norm_quant_linear.py;
+with FP8 also tests/kernels/test_fp8_quant.py), which passed on an H200 (run s11d: the decoder layer fused ==
+unfused for int8 and fp8 at qwen-7b / qwen-1.5b shapes, 1-2048 tokens). The plain int8_quant kernel (NORM off)
+is unchanged.
 
 Two kernels, one program per row in both:
   * K <= whole_row_max (default _WHOLE_ROW_MAX = 8192): the whole row in registers (BLOCK =
@@ -140,8 +148,9 @@ def round_to_e4m3_grid(v):
 
 @triton.jit
 def quantize_fp8_values(v, scale, HW_CAST: tl.constexpr):
-    """f32 values [N] of a row whose scale is `scale` (a scalar) -> q [N] e4m3 (both kernels). HW_CAST (the
-    GPU) also divides by int8_quant's `divide_by_scale` fast path (the same bits as tl.div_rn)."""
+    """f32 values [N] of a row whose scale is `scale` (a scalar) -> q [N] e4m3 (every fp8 row kernel: fp8_quant's,
+    the FP8 row kernels here, silu_and_mul_quant's). HW_CAST (sm_90+) also divides by `divide_by_scale`'s fast
+    path (the same bits as tl.div_rn)."""
     y = tl.minimum(tl.maximum(divide_by_scale(v, scale, HW_CAST), -448.0), 448.0)
     if HW_CAST:  # the GPU's cvt (round to nearest even, as torch's cast)
         q = y.to(tl.float8e4nv)

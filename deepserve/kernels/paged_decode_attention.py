@@ -247,6 +247,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
 
     num_splits: None picks it from B, H_kv, the SM count and `max_seq_len` (a host int; None uses the
     block-table capacity W * bs, so no device sync). Pass a fixed value under CUDA-graph capture.
+    block_n, num_stages: both None take `decode_tiles`' tile; one given, the other defaults to 64 keys / 2 stages.
     split_counters: None, or [>= B, >= H_kv] int32 ZEROS on q's device (contiguous), owned by the caller and
     kept across calls (a layer's buffer: allocated here, it would put a memset into a captured graph). With
     num_splits > 1 the merge is fused into the split kernel (one launch), which leaves the counters zero
@@ -264,12 +265,13 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    tiles = decode_tiles(batch, kv_heads, kv_scales is not None, num_sms(q.device))
-    block_n = tiles.block_n if block_n is None else block_n
-    num_stages = tiles.num_stages if num_stages is None else num_stages
+    sms = num_sms(q.device)
+    if block_n is None and num_stages is None:
+        block_n, num_stages = decode_tiles(batch, kv_heads, kv_scales is not None, sms)
+    block_n, num_stages = block_n or 64, num_stages or 2
     if num_splits is None:
         longest = block_tables.shape[1] * block_size if max_seq_len is None else max_seq_len
-        num_splits = choose_num_splits(batch, kv_heads, longest, num_sms(q.device), min_keys_per_split=block_n)
+        num_splits = choose_num_splits(batch, kv_heads, longest, sms, min_keys_per_split=block_n)
     mid_o = out  # unused when num_splits == 1
     mid_lse = out
     if num_splits > 1:

@@ -10,7 +10,8 @@ on CUDA, no hooks), the norm's `forward_quantized` (RMSNorm: `fused.rms_norm_qua
 `quantized_input_dtype`) normalises and quantises in one pass and self_attn / mlp receive a `PerTokenQuant`
 (q [T, H] int8 or e4m3, scale [T] f32, dtype) instead of the [T, H] normalised tensor, which then never goes
 to memory: one [T, H] write and read and one launch fewer per norm. Same bits as the unfused path (the caveat:
-kernels/int8_quant.py).
+kernels/int8_quant.py). Hooks on the norm or on the consumer linear turn the fusion off; a hook on self_attn or
+mlp themselves (the modules, not their linears) would see the PerTokenQuant: none of ours registers one there.
 """
 
 from __future__ import annotations

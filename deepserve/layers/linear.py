@@ -75,8 +75,8 @@ class LinearBase(nn.Module):
         self.method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor | PerTokenQuant) -> torch.Tensor:
-        """x [..., in_per_rank], or its per-token int8 quantisation (only where `takes_quantized_input`)
-        -> [..., out_per_rank]."""
+        """x [..., in_per_rank], or its per-token 8-bit quantisation (`PerTokenQuant`, int8 or e4m3: only where
+        `takes_quantized_input`) -> [..., out_per_rank]."""
         return self.method.apply(self, x, self.bias)
 
     def takes_quantized_input(self, x: torch.Tensor) -> bool:

@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
         self.attn = make_attention(self.num_heads, self.head_dim, self.num_kv_heads, rotary=rotary_emb)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | PerTokenQuant) -> torch.Tensor:
-        """positions [T] int64, hidden [T, hidden] (or its per-token int8, for qkv_proj only) -> [T, hidden]."""
+        """positions [T] int64, hidden [T, hidden] (or its PerTokenQuant, for qkv_proj only) -> [T, hidden]."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
@@ -70,7 +70,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj.silu_gate_up = type(self.act_fn) is SiluAndMul  # its method may reorder the rows
 
     def forward(self, x: torch.Tensor | PerTokenQuant) -> torch.Tensor:
-        """x [T, hidden] (or its per-token int8, for gate_up_proj only) -> [T, hidden]."""
+        """x [T, hidden] (or its PerTokenQuant, for gate_up_proj only) -> [T, hidden]."""
         if type(self.act_fn) is SiluAndMul:  # W8A8 methods fuse it with their GEMMs / input quantisation
             return silu_and_mul_mlp(self.gate_up_proj, self.down_proj, x)  # [T, hidden]
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, hidden]

@@ -202,6 +202,8 @@ class Int8W8A8Method(LinearMethod):
     @staticmethod
     def _apply_quantized(layer: nn.Module, x: PerTokenQuant, bias: torch.Tensor | None) -> torch.Tensor:
         """x: q [..., in] int8, scale [...] f32 -> [..., out] x.dtype; on CUDA `int8_cuda.w8a8_gemm`."""
+        if x.q.dtype != torch.int8:
+            raise TypeError(f"Int8W8A8Method takes an int8 PerTokenQuant, got q of {x.q.dtype}")
         rows, scale = x.q.reshape(-1, x.q.shape[-1]), x.scale.reshape(-1)  # [tokens, in], [tokens]
         if rows.is_cuda:
             from deepserve.quant.int8_cuda import w8a8_gemm
@@ -226,7 +228,8 @@ class Int8W8A8Method(LinearMethod):
         y = w8a8_silu_and_mul_linear(rows, layer.weight, layer.weight_scale, bias)
         return y.view(*gate_up.shape[:-1], y.shape[-1])
 
-    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant, consumer: nn.Module) -> PerTokenQuant | None:
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant,
+                    consumer: nn.Module) -> PerTokenQuant | None:
         """x [..., in] (or its PerTokenQuant) through this merged [gate | up] layer, then SiLU-and-mul, as the
         per-token quantisation `consumer` (the down projection, also plain int8 W8A8) makes of its input
         on CUDA: PerTokenQuant of silu(gate) * up [..., out / 2], in x's dtype (`LinearMethod.apply_gated`).
@@ -291,7 +294,8 @@ class Int8WeightOnlyMethod(LinearMethod):
             y = y + bias
         return y.view(*x.shape[:-1], y.shape[-1])
 
-    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant, consumer: nn.Module) -> torch.Tensor | None:
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant,
+                    consumer: nn.Module) -> torch.Tensor | None:
         """Decode rows on CUDA (the "gemv" backend of `int8_cuda.W8A16_BACKENDS`, symmetric weights):
         silu(gate) * up [..., I] of this merged [gate | up] layer in one GEMV launch, the same bits as
         `consumer.method.apply_silu_and_mul(layer(x))` (`LinearMethod.apply_gated`); None otherwise."""

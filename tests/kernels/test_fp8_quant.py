@@ -204,13 +204,16 @@ def test_fused_norm_reference_and_bad_inputs():
         K.rms_norm_fp8_quant(x, res[:, :8], w, 1e-6)
 
 
-def test_fused_norm_launches_the_row_kernel_with_fp8(monkeypatch):
-    from tests.kernels.launches import record_launches as record
-
-    recorders = record(monkeypatch, Q8, "_int8_quant_kernel")
+@pytest.mark.parametrize("hardware", [False, True])
+def test_fused_norm_launches_the_row_kernel_with_fp8_and_the_e4m3_cast_rule(monkeypatch, hardware):
+    """FP8 and NORM on, and HW_ROUND = hardware_cast_rounds_like_torch(device) (sm_90+), not `x.is_cuda`: on an
+    sm_89 GPU the hardware cast would round unlike fp8_quant. Recorded, not run (the rule's value is forced)."""
+    launches = []
+    monkeypatch.setattr(Q8, "_int8_quant_kernel", {(3,): lambda *a, **kw: launches.append(kw)})
+    monkeypatch.setattr(K, "hardware_cast_rounds_like_torch", lambda device: hardware)
     K.rms_norm_fp8_quant(torch.randn(3, 64, device=device()), None, torch.ones(64, device=device()), 1e-6)
-    (_, kw), = recorders["_int8_quant_kernel"].launches
-    assert kw["FP8"] is True and kw["NORM"] is True
+    (kw,) = launches
+    assert kw["FP8"] is True and kw["NORM"] is True and kw["HW_ROUND"] is hardware
 
 
 @pytest.mark.gpu

@@ -120,13 +120,31 @@ def test_decode_tiles_widen_only_for_a_full_8bit_grid():
     assert dec.decode_tiles(256, 4, False, 132) == (64, 2)
 
 
+def test_explicit_block_n_keeps_two_stages(monkeypatch):
+    """decode_tiles applies only when neither block_n nor num_stages is given."""
+    from tests.kernels.launches import record_launches
+
+    recorders = record_launches(monkeypatch, dec, "_decode_split_kernel")
+    case = make_case([5, 40], kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, device=device())
+    _run_quantized(case, 4, torch.float32, torch.int8, num_splits=1, block_n=16)
+    (_, kw), = recorders["_decode_split_kernel"].launches
+    assert (kw["BLOCK_N"], kw["num_stages"]) == (16, 2)
+
+
 @pytest.mark.parametrize("kv_dtype", QUANT_DTYPES)
-def test_quantized_cache_default_tiles_at_a_full_grid_fp32(kv_dtype):
-    """The default tiles at 33 sequences x 4 KV heads (>= 132 programs: `decode_tiles`' 128-key tiles, 3 stages)
-    against the reference over the dequantised cache and within the 8-bit bound of the unquantised one."""
+def test_quantized_cache_default_tiles_at_a_full_grid_fp32(monkeypatch, kv_dtype):
+    """The default tiles at 33 sequences x 4 KV heads on a 132-SM count (`decode_tiles`: 128-key tiles, 3
+    stages, checked on the launch) against the reference over the dequantised cache and within the 8-bit bound
+    of the unquantised one."""
+    from tests.kernels.launches import record_launches
+
+    monkeypatch.setattr(dec, "num_sms", lambda device: 132)
+    recorders = record_launches(monkeypatch, dec, "_decode_split_kernel")
     lens = [1 + (37 * i) % 300 for i in range(33)]  # 1 .. 300 keys: partial and several 128-key tiles
     case = make_case(lens, kv_heads=4, head_dim=16, block_size=16, dtype=torch.float32, device=device())
     out, ref, exact, bound = _run_quantized(case, 8, torch.float32, kv_dtype, num_splits=1)
+    (_, kw), = recorders["_decode_split_kernel"].launches
+    assert (kw["BLOCK_N"], kw["num_stages"]) == (128, 3)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert ((out - exact).abs().cpu() <= bound + 1e-5).all()

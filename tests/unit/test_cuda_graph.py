@@ -210,8 +210,8 @@ def test_graph_replay_equals_eager_on_gpu(batch, monkeypatch):
 
 @pytest.mark.gpu
 def test_graph_logits_keep_the_model_dtype_on_gpu(monkeypatch):
-    """A bf16 model's decode graph returns bf16 logits (no float32 copy inside the graph, as the eager path),
-    equal to the eager step's within bf16 rounding."""
+    """A bf16 model's decode graph returns bf16 logits (no float32 copy inside the graph), equal to
+    `_decode_step` run eagerly within bf16 rounding (ModelRunner's eager batches keep float32 logits)."""
     from deepserve.engine.cuda_graph import CudaGraphCapturer
 
     monkeypatch.setattr(Attention, "supports_cuda_graph", True, raising=False)

@@ -1,4 +1,4 @@
-"""A pre-norm layer's RMSNorm fused with the per-token int8 quantisation of the W8A8 linear that reads it
+"""A pre-norm layer's RMSNorm fused with the per-token int8 (or e4m3) quantisation of the W8A8 linear that reads it
 (layers/decoder.py `_pre_norm`, `LinearMethod.quantizes_input`, `PerTokenQuant`, fused.rms_norm_quant).
 
 The fused path must give the unfused one's bits. Its CUDA functions run here on `device()`: the GPU when
@@ -43,7 +43,7 @@ def _no_grad():
 # ---- which methods take pre-quantised input ----------------------------------------------------------
 
 
-def test_only_int8_w8a8_quantizes_its_input_and_only_on_cuda_f16_bf16_rows_it_holds_whole():
+def test_only_w8a8_methods_quantize_their_input_and_only_on_cuda_f16_bf16_rows_held_whole():
     layer = SimpleNamespace()
     cuda = {dt: SimpleNamespace(is_cuda=True, dtype=dt, shape=(2, 8192))
             for dt in (torch.bfloat16, torch.float16, torch.float32)}
@@ -270,6 +270,8 @@ def test_decoder_layer_feeds_the_fp8_carrier(monkeypatch, dtype):
 
 @pytest.mark.parametrize("name", [None, *OTHERS])
 def test_other_methods_keep_the_unfused_norm(monkeypatch, name):
+    """Only the int8 method is forced to quantize its input here: every other method (fp8 included, which
+    declines on CPU) keeps the unfused norm."""
     model = _tiny_model(LlamaForCausalLM, name)
     want = _logits(model)
     spy = _Spy(monkeypatch)
@@ -331,6 +333,8 @@ class _ProbeAttention(nn.Module):
 
 
 def _gpu_layer(shape: str, quantization: str = "int8") -> LlamaDecoderLayer:
+    if quantization == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+ (Ada, Hopper)")
     hidden, heads, kv_heads, inter = GPU_SHAPES[shape]
     config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=256, hidden_size=hidden, num_hidden_layers=1,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=inter,
@@ -379,8 +383,9 @@ def test_gpu_layer_fused_is_unfused_bit_for_bit(monkeypatch, shape, tokens, firs
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
-def test_gpu_layer_fused_in_a_cuda_graph(monkeypatch, shape):
-    layer = _gpu_layer(shape)
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])
+def test_gpu_layer_fused_in_a_cuda_graph(monkeypatch, shape, quantization):
+    layer = _gpu_layer(shape, quantization)
     hidden = layer.input_layernorm.weight.shape[0]
     x, residual = (torch.randn(256, hidden, device="cuda").bfloat16() for _ in range(2))
     positions = torch.arange(256, device="cuda")
