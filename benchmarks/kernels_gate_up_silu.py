@@ -30,9 +30,10 @@ def sweep_configs(m: int):
 
     if m <= 16:
         return [SiluGemmConfig(16, bk, group_m=1, num_warps=4, num_stages=st) for bk in (128, 256) for st in (3, 4)]
-    if m <= 256:
+    if m <= 256:  # 256-row tiles: the whole decode batch per program, each weight tile read once (not yet timed)
         return [SiluGemmConfig(bm, bk, num_warps=w, num_stages=st)
-                for bm, w in ((64, 4), (128, 8)) for bk in (64, 128) for st in (3, 4, 5)]
+                for bm, w in ((64, 4), (128, 8)) for bk in (64, 128) for st in (3, 4, 5)] + \
+            [SiluGemmConfig(256, bk, num_warps=8, num_stages=st) for bk in (64, 128) for st in (3, 4)]
     return [SiluGemmConfig(bm, bk, num_warps=8, num_stages=st)
             for bm in (128, 256) for bk in (64, 128) for st in (3, 4)]
 
