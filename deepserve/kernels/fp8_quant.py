@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.int8_quant import launch_row_quant, quantize_fp8_values, row_tiling
+from deepserve.kernels.int8_quant import check_row_inputs, launch_row_quant, quantize_fp8_values, row_tiling
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 
 _MAX_HIDDEN = 65536
@@ -140,11 +140,7 @@ def rms_norm_fp8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     launch of int8_quant's row kernel with its FP8 flag (the same norm arithmetic as rms_norm_int8_quant,
     so the same caveat: rows held whole give rms_norm's bits, `int8_quant.norm_matches_rms_norm`).
     Inputs are not modified. whole_row_max / chunk: as `fp8_quant`."""
-    from deepserve.kernels.int8_quant import _check
-
-    _check(x, residual, weight)
-    if x.shape[1] > _MAX_HIDDEN:
-        raise ValueError(f"hidden {x.shape[1]} exceeds {_MAX_HIDDEN}")
+    check_row_inputs(x, residual, weight)  # rms_norm's row checks (hidden <= 65536 included)
     return Fp8NormActivations(*launch_row_quant(x, residual, weight, eps, True,
                                                 row_tiling(x.shape[1], whole_row_max, chunk), fp8=True,
                                                 hardware=hardware_cast_rounds_like_torch(x.device)))

@@ -280,7 +280,7 @@ def quant_num_warps(block: int) -> int:
     return max(4, min(32, block // 512))
 
 
-def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None) -> None:
+def check_row_inputs(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None) -> None:
     """rms_norm's row checks, restricted to the dtypes the kernel stores (f16/bf16/f32)."""
     check_rows(x, residual, weight)
     for name, t in (("x", x), ("weight", weight)):
@@ -338,7 +338,7 @@ def launch_row_quant(x, residual, weight, eps: float, norm: bool, tiling: RowTil
 def int8_quant(x: torch.Tensor, *, whole_row_max: int | None = None, chunk: int | None = None) -> Int8Activations:
     """x [T, K] f16/bf16/f32 (rows may be strided) -> (q [T, K] int8, scale [T] f32, None).
     whole_row_max / chunk: `row_tiling` (defaults: rows up to 8192 whole, wider in chunks of 4096)."""
-    _check(x, None, None)
+    check_row_inputs(x, None, None)
     return Int8Activations(*launch_row_quant(x, None, None, 0.0, False, row_tiling(x.shape[1], whole_row_max, chunk)))
 
 
@@ -347,7 +347,7 @@ def rms_norm_int8_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     """x [T, H], residual like x or None, weight [H] -> (q [T, H] int8 of the normalised rows,
     scale [T] f32, x + residual [T, H] x.dtype or None). Inputs are not modified.
     whole_row_max / chunk: as `int8_quant`."""
-    _check(x, residual, weight)
+    check_row_inputs(x, residual, weight)
     return Int8Activations(*launch_row_quant(x, residual, weight, eps, True,
                                              row_tiling(x.shape[1], whole_row_max, chunk)))
 

@@ -139,6 +139,11 @@ def test_fused_dispatch_kernel_branch(monkeypatch, residual, dtype):
     assert torch.equal(linear(carrier), linear(normed))
 
 
+def test_fused_norm_refuses_other_quantised_dtypes():
+    with pytest.raises(ValueError, match="int8 or float8_e4m3fn"):
+        fused.rms_norm_quant(torch.randn(2, 64), None, torch.ones(64), 1e-6, torch.float16)
+
+
 # ---- the linear layers take the carrier ------------------------------------------------------------------
 
 
