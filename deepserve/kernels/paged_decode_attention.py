@@ -228,8 +228,8 @@ def decode_tiles(batch: int, kv_heads: int, eight_bit: bool, sms: int) -> Decode
     """The split kernel's tile: 64 keys, 2 stages; over an 8-bit cache with a program per (sequence, KV head) for
     every SM, 128 keys and 3 stages. An 8-bit tile of 64 keys carries half the bytes of a bf16 one and more
     arithmetic per byte (conversion, scales). Run s11c (H200, benchmarks/kernels_attention_sweep.py, qwen-7b
-    shapes, 4 warps): B = 256 int8 cache 148.3 -> 119.0 us at context 640 and 429.0 -> 315.9 at 2048, fp8
-    148.4 -> 112.7 and 433.0 -> 301.7 (each within 4% of its grid's best); bf16 kept 64 x 2, its best at
+    shapes, 4 warps): B = 256 int8 cache 148.3 -> 118.9 us at context 640 and 429.0 -> 315.9 at 2048, fp8
+    148.4 -> 112.7 and 433.0 -> 301.7 (each within 4.1% of its grid's best); bf16 kept 64 x 2, its best at
     B = 256. B = 32 (fewer programs than SMs) was not faster at 128 keys, so it keeps the default."""
     if eight_bit and batch * kv_heads >= sms:
         return DecodeTiles(128, 3)
