@@ -84,6 +84,8 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip the config
                     print(f"{cfg}: {exc!r}"[:200], file=sys.stderr)
             base = time_ms([lambda wt=wt: unfused(x_q, x_s, wt) for wt in weights])
+            for cfg, (ms, same) in sorted(((c, t) for c, t in times.items() if c is not None), key=lambda i: i[1][0]):
+                print(f"  sweep {shape} T={m} {tuple(cfg)} {1000 * ms:.1f} us{'' if same else ' DIFF'}")
             table_cfg = silu_gemm_config(m)
             best = min((c for c in times if c is not None), key=lambda c: times[c][0], default=None)
             for name, cfg in (("gated", None), ("gated-best", best)):
