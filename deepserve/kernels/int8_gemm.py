@@ -279,18 +279,30 @@ def int8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     return scaled_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, config, fp8=False, what="int8_gemm")
 
 
+def check_x_scale(x_q: torch.Tensor, x_scale: torch.Tensor, what: str) -> None:
+    """x_scale must be [M] float32 on x_q's device (shared by the 8-bit GEMMs' launches)."""
+    if x_scale.shape != (x_q.shape[0],) or x_scale.dtype != torch.float32 or x_scale.device != x_q.device:
+        raise ValueError(f"{what}: x_scale must be [{x_q.shape[0]}] float32 on {x_q.device}, got "
+                         f"{tuple(x_scale.shape)} {x_scale.dtype}")
+
+
+def empty_gemm(m: int, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """[M, N] out_dtype of a GEMM with M, N or K = 0 (no launch): K = 0 makes every product 0, so the
+    epilogue leaves the bias (or zeros)."""
+    y = torch.zeros((m, n), dtype=torch.float32, device=device)
+    return (y if bias is None else y + bias.float()).to(out_dtype)
+
+
 def scaled_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None, out_dtype: torch.dtype, config: GemmConfig | None, fp8: bool,
                 what: str) -> torch.Tensor:
     """The launch shared by `int8_gemm` and `kernels/fp8_gemm.fp8_gemm` (operands already checked):
     the x_scale check, the table's config, split-K partials and their sum."""
-    if x_scale.shape != (x_q.shape[0],) or x_scale.dtype != torch.float32 or x_scale.device != x_q.device:
-        raise ValueError(f"{what}: x_scale must be [{x_q.shape[0]}] float32 on {x_q.device}, got "
-                         f"{tuple(x_scale.shape)} {x_scale.dtype}")
+    check_x_scale(x_q, x_scale, what)
     (m, k), n = x_q.shape, w_q.shape[0]
-    if m == 0 or n == 0 or k == 0:  # K = 0: every product is 0, the epilogue leaves the bias
-        y = torch.zeros((m, n), dtype=torch.float32, device=x_q.device)
-        return (y if bias is None else y + bias.float()).to(out_dtype)
+    if m == 0 or n == 0 or k == 0:
+        return empty_gemm(m, n, bias, out_dtype, x_q.device)
     sms = num_sms(x_q.device)
     cfg = config or int8_gemm_config(m, n, k, sms)
     tma = cfg.tma and not fp8 and tma_ok(x_q, w_q)

@@ -6,7 +6,9 @@
         = w8a8_linear(silu_and_mul(gate_up), ...) bit for bit, SiLU-and-mul fused into the quantisation
         (`kernels/silu_and_mul_quant.py`), then `w8a8_gemm`
     w8a8_gemm(x_q [M, K] int8, x_scale [M] f32, w_q, w_scale, bias, out_dtype) -> [M, N], by W8A8_BACKENDS:
-        "triton"  kernels/int8_gemm.py, the dequantising epilogue fused;
+        "triton"  kernels/int8_gemm.py, the dequantising epilogue fused; on sm_90, the linears and M buckets
+                  of kernels/int8_gemm_ws.py's WS_SHAPE_CONFIGS go to its warp-specialised Gluon GEMM
+                  (the same epilogue; the bits of int8_gemm run unsplit);
         "int_mm"  torch._int_mm (cuBLASLt int8, M padded to 17 rows; K and N multiples of 8)
                   + kernels/int8_epilogue.py. Both give the same numbers (same float32 epilogue).
     w8a16_linear(x [M, K], w_q [N, K] int8, w_scale [N] f32, w_zero [N] f32 | None, bias) -> [M, N]
@@ -97,7 +99,25 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
         from deepserve.quant.int8 import int8_mm
 
         return int8_epilogue(int8_mm(x_q, w_q.t()), x_scale, w_scale, bias, out_dtype)
+    ws = ws_linear_config(x_q, w_q)
+    if ws is not None:
+        from deepserve.kernels.int8_gemm_ws import int8_gemm_ws
+
+        return int8_gemm_ws(x_q, x_scale, w_q, w_scale, bias, out_dtype, ws)
     return int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def ws_linear_config(x_q: torch.Tensor, w_q: torch.Tensor):
+    """The warp-specialised GEMM's config where its shape table takes this linear at this M and the device
+    runs it (`kernels/int8_gemm_ws.py`: sm_90, Gluon, 16-byte aligned rows), else None (int8_gemm)."""
+    from deepserve.kernels.int8_gemm_ws import ws_available, ws_shape_config
+
+    (m, k), n = x_q.shape, w_q.shape[0]
+    cfg = ws_shape_config(m, n, k)
+    if cfg is None or not ws_available(x_q.device):
+        return None
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x_q, w_q))
+    return cfg if aligned else None
 
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,

@@ -1,0 +1,354 @@
+"""W8A8 GEMM, warp-specialised for Hopper (Gluon): int8 x int8 -> int32 on wgmma, the dequantising
+epilogue fused. Same semantics and the same output bits as `int8_gemm` / `int8_gemm_ref`.
+
+    int8_gemm_ws(x_q [M, K] int8, x_scale [M] f32, w_q [N, K] int8, w_scale [N] f32, bias [N] | None,
+                 out_dtype, config) -> y [M, N] out_dtype
+    y = (float(acc) * x_scale[m]) * w_scale[n] (+ bias[n]),   acc = x_q @ w_q^T exact in int32
+
+Each float32 operation of the epilogue is rounded on its own (the launch passes enable_fp_fusion=False:
+no FMA), then one rounding to out_dtype, as in `int8_gemm_ref`.
+
+Design (one CTA = one output tile [BLOCK_M, BLOCK_N] at a time, tiles in `grouped_tile`'s order):
+  * a ring of NUM_STAGES shared-memory stages, each an A box x_q[BLOCK_M, BLOCK_K] and a B box
+    w_q[BLOCK_N, BLOCK_K] (both K-major, NVMMA-swizzled), with a `ready` and an `empty` mbarrier;
+  * the load partition (1 warp, LOAD_REGS registers after setmaxnreg) waits on `empty[s]`, arms
+    `ready[s]` with the two boxes' bytes and issues both TMA loads; boxes past M, N and K are
+    zero-filled by the copy engine, so the K loop has no masks;
+  * the default partition (num_warps = 4 or 8: one or two warpgroups, `acc_layout`) waits on `ready[s]`,
+    issues the async wgmma s8 x s8 -> s32 on A and B^T (a permuted view of the K-major B stage: Hopper's
+    int8 wgmma takes K-major operands only), keeps one wgmma in flight (`warpgroup_mma_wait(1)`), and
+    hands the previous stage back on `empty` once its wgmma has retired (after a barrier of the
+    partition's warps: the arrive is one thread's, and with two warpgroups the other's wgmma must have
+    retired too); then the epilogue from the wgmma registers: scale and bias vectors loaded in the
+    accumulator's slice layouts, stores masked past M and N (`store_layout`).
+  * persistent (config): at most one CTA per SM, walking tiles pid, pid + CTAs, ...; the loads of the
+    next tile then overlap this tile's epilogue. Otherwise one CTA per tile.
+No split-K, no host synchronisation (CUDA-graph safe). Shared memory: the ring, NUM_STAGES *
+((BLOCK_M + BLOCK_N) * BLOCK_K + 16) bytes (`ws_smem_bytes`; sm_90 allows 227 KB per CTA), plus the
+store conversion's scratch with coalesced_store.
+
+sm_90 only (Gluon's warp_specialize, wgmma, TMA; written against Triton 3.6's Gluon): `ws_available`
+says where it runs; elsewhere `int8_gemm` (kernels/int8_gemm.py) is the path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from deepserve.kernels.int8_gemm import check_operands, check_x_scale, empty_gemm, num_sms
+from deepserve.kernels.sizes import cdiv
+
+try:  # Gluon (Triton >= 3.5); CPU-only and older installs import this module without it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    _jit = gluon.jit
+except ImportError:  # pragma: no cover - depends on the Triton install
+    gl = None
+
+    def _jit(fn):
+        return fn
+
+
+class WsConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_stages: int
+    num_warps: int  # the consumer (default) partition: 4 or 8; the TMA producer is 1 more warp
+    group_m: int = 8
+    persistent: bool = False  # at most one CTA per SM walking the tiles
+    coalesced_store: bool = False  # epilogue through a layout conversion (shared-memory scratch): 16-byte stores
+
+
+# max M -> config. First estimates, not yet timed. M <= 256: stages of (128 + 128) x 128 B = 32 KB, 4 of
+# them 128 KB (131,252 B of shared memory in the Triton 3.6 sm_90 compile); above: (128 + 256) x 128 B =
+# 48 KB, 4 of them 192 KB (196,788 B compiled), two warpgroups side by side along N.
+WS_CONFIGS: dict[int, WsConfig] = {
+    256: WsConfig(128, 128, 128, num_stages=4, num_warps=4),
+    1 << 62: WsConfig(128, 256, 128, num_stages=4, num_warps=8),
+}
+
+# (N, K) -> {max M: WsConfig or None}: the linears `quant/int8_cuda.w8a8_gemm` sends here rather than to
+# int8_gemm (None: int8_gemm for that bucket). Measured on an H200 (runs s12b / s12c, benchmarks/
+# kernels_int8_ws.py, CUDA-graph replays over cold weights, int8_gemm's table config beside it in the same
+# process), qwen-7b's shapes, only where the warp-specialised kernel won, only at the M measured:
+#   down (N 3584, K 18944), M = 256: persistent 64 x 128 x 128, 6 stages, 36.7 vs 43.4 us (int8_gemm split-K 2);
+#     M = 2048 / 8192: 128 x 256 x 128, 4 stages, 8 warps, 193.5 vs 205.0 us / 713.2 vs 783.6 us;
+#   o (N 3584, K 3584), M = 256: persistent 128 x 64 x 128, 6 stages, 10.6 vs 12.1 us (at 2048 / 8192
+#     int8_gemm is as fast or faster).
+# qkv and gate_up stay on int8_gemm (qkv 14.9 vs 12.8 us at M = 256; gate_up runs int8_gemm_silu). The M
+# buckets around the measured ones are narrow on purpose: fewer tiles than the SMs (M <= 192 at 64-row
+# tiles of down) were not measured.
+WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig | None]] = {
+    (3584, 18944): {192: None, 256: WsConfig(64, 128, 128, num_stages=6, num_warps=4, persistent=True),
+                    1024: None, 1 << 62: WsConfig(128, 256, 128, num_stages=4, num_warps=8)},
+    (3584, 3584): {192: None, 256: WsConfig(128, 64, 128, num_stages=6, num_warps=4, persistent=True),
+                   1 << 62: None},
+}
+
+LOAD_REGS = 40  # registers per thread of the TMA warp (setmaxnreg); the consumers get the rest
+SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on sm_90 (227 KB)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def ws_config(m: int) -> WsConfig:
+    """WS_CONFIGS' entry for M: the one with the smallest max-M >= m."""
+    return WS_CONFIGS[min(bound for bound in WS_CONFIGS if bound >= m)]
+
+
+def ws_shape_config(m: int, n: int, k: int) -> WsConfig | None:
+    """WS_SHAPE_CONFIGS' config for an [M, K] x [N, K]^T product, or None where int8_gemm runs it."""
+    table = WS_SHAPE_CONFIGS.get((n, k))
+    if table is None:
+        return None
+    return table[min(bound for bound in table if bound >= m)]
+
+
+def ws_smem_bytes(cfg: WsConfig) -> int:
+    """Shared memory of the stage ring and its two mbarriers per stage: the kernel's all but Triton's own ~116 B
+    and, with coalesced_store, the conversion's scratch (`store_layout`)."""
+    return cfg.num_stages * ((cfg.block_m + cfg.block_n) * cfg.block_k + 16)
+
+
+def ws_available(device: torch.device | str) -> bool:
+    """Whether `int8_gemm_ws` runs on `device`: Gluon importable, a CUDA device of compute capability
+    exactly 9.0 (H100 / H200), not ROCm."""
+    device = torch.device(device)
+    if gl is None or device.type != "cuda":
+        return False
+    return _sm90(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    """Asked once per device index (it sits on every launch)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) == (9, 0)
+
+
+@_jit
+def _tile_coords(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """Tile index -> (m-block, n-block), `int8_gemm.grouped_tile`'s order (GROUP_M m-blocks share n-blocks)."""
+    num_m = gl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
+    first_m = (tile // per_group) * GROUP_M
+    group_size = gl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
+
+
+@_jit
+def _load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M: gl.constexpr,
+                    NUM_STAGES: gl.constexpr):
+    """Producer (1 warp): for every K step of every tile of this CTA, wait for the stage to be empty, then
+    TMA-load A [BLOCK_M, BLOCK_K] and B [BLOCK_N, BLOCK_K] into it, completing on `ready`."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    k_steps = gl.cdiv(K, BLOCK_K)
+    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    it = 0  # K steps issued by this CTA: stage it % NUM_STAGES, its (it // NUM_STAGES)-th use
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        for kk in range(k_steps):
+            s = it % NUM_STAGES
+            # a fresh mbarrier counts as having completed the phase before phase 0: the first round passes
+            mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)  # the full boxes' bytes, zero-filled parts included
+            tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, kk * BLOCK_K], ready.index(s), a_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, kk * BLOCK_K], ready.index(s), b_bufs.index(s))
+            it += 1
+
+
+@_jit
+def _release(empty, it, pred, NUM_STAGES: gl.constexpr, TWO_GROUPS: gl.constexpr):
+    """Hand stage `it % NUM_STAGES` back to the producer (its wgmma has retired in this thread's warpgroup).
+    The arrive is one thread's: with two warpgroups, all the partition's warps meet first so that the
+    other warpgroup's wgmma on the stage has retired too."""
+    if TWO_GROUPS:
+        gl.thread_barrier()
+    mbarrier.arrive(empty.index(it % NUM_STAGES), pred=pred)
+
+
+@_jit
+def _mma_partition(a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_cm,
+                   HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr):
+    """Consumer (the default partition, one or two warpgroups): async wgmma over the ring, one in flight,
+    stages released as their wgmma retires; then the epilogue of each tile."""
+    BLOCK_M: gl.constexpr = a_bufs.shape[1]
+    BLOCK_K: gl.constexpr = a_bufs.shape[2]
+    BLOCK_N: gl.constexpr = b_bufs.shape[1]
+    TWO_GROUPS: gl.constexpr = gl.num_warps() > 4
+    k_steps = gl.cdiv(K, BLOCK_K)
+    num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    it = 0  # K steps consumed by this CTA, in the producer's order
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, ACC_LAYOUT)
+        for kk in range(k_steps):
+            s = it % NUM_STAGES
+            mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # step it - 1's wgmma has retired
+            _release(empty, it + NUM_STAGES - 1, kk > 0, NUM_STAGES, TWO_GROUPS)
+            it += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _release(empty, it + NUM_STAGES - 1, True, NUM_STAGES, TWO_GROUPS)
+        _epilogue(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, stride_cm,
+                  HAS_BIAS, ACC_LAYOUT, STORE_LAYOUT)
+
+
+@_jit
+def _epilogue(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, off_m, off_n, M, N, stride_cm,
+              HAS_BIAS: gl.constexpr, ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr):
+    """c[off_m:, off_n:] = (float(acc) * a_scale[m]) * b_scale[n] (+ bias[n]), rounded once to c's dtype;
+    acc [BLOCK_M, BLOCK_N] int32 in the wgmma layout. The rounded tile moves to STORE_LAYOUT (no-op when
+    it is ACC_LAYOUT) and is stored masked past M and N."""
+    BLOCK_M: gl.constexpr = acc.shape[0]
+    BLOCK_N: gl.constexpr = acc.shape[1]
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
+    a_scale = gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_scale = gl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    y = acc.to(gl.float32) * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        y = y + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+    y = gl.convert_layout(y.to(c_ptr.dtype.element_ty), STORE_LAYOUT)
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, STORE_LAYOUT))
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, STORE_LAYOUT))
+    ptrs = c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :]
+    gl.store(ptrs, y, mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@_jit
+def _int8_gemm_ws_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_cm,
+                         HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr, LOAD_WARP_REGS: gl.constexpr):
+    """a_desc over x_q [M, K] in [BLOCK_M, BLOCK_K] boxes, b_desc over w_q [N, K] in [BLOCK_N, BLOCK_K]
+    boxes; c [M, N] (row stride stride_cm). Allocates the ring and its barriers, then forks the partitions."""
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    fence_async_shared()  # the initialised barriers before the copy engine signals them
+    gl.warp_specialize([
+        (_mma_partition, (a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_cm,
+                          HAS_BIAS, GROUP_M, NUM_STAGES, ACC_LAYOUT, STORE_LAYOUT)),
+        (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, NUM_STAGES)),
+    ], [1], [LOAD_WARP_REGS])
+
+
+@functools.lru_cache(maxsize=64)
+def acc_layout(block_m: int, block_n: int, num_warps: int):
+    """The wgmma accumulator layout of a [block_m, block_n] int32 tile (num_warps 4 or 8). Two warpgroups
+    split N when the tile is 256 wide or has fewer than 128 rows, else M: side by side along N each thread
+    holds half the columns, so the epilogue's w_scale and bias vectors (one register per column a thread
+    holds) stay in registers (128 x 256 stacked along M spilled 72-184 B in ptxas, side by side none).
+    The instruction N is the widest Triton 3.6 lowers for int8 (224 down to 16 by 16, then 8; 256 fails
+    in ConvertNVGPUToLLVM) dividing a warpgroup's columns."""
+    warps = [4, 1] if num_warps == 4 else [4, 2] if block_n >= 256 or block_m < 128 else [8, 1]
+    cols = block_n // warps[1]
+    instr_n = next(n for n in [224 - 16 * i for i in range(14)] + [8] if n <= cols and cols % n == 0)
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=warps, instr_shape=[16, instr_n, 32])
+
+
+@functools.lru_cache(maxsize=64)
+def store_layout(cfg: WsConfig, out_bytes: int):
+    """Layout of the rounded tile at the store: with coalesced_store, rows of 16-byte vectors, a warp's
+    threads along N first (the conversion's scratch, offline Triton 3.6 compiles: 8 KB for a 128 x 128
+    bf16 tile, 16 KB for 128 x 256 bf16, 64 KB for 128 x 256 f32, which then no longer fits with 4 stages;
+    ptxas spilled 32-104 B in that epilogue); else the accumulator's own (no conversion, no scratch, no
+    spills; 2-element stores: 4 B per thread and row for bf16)."""
+    if not cfg.coalesced_store:
+        return acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps)
+    vec = 16 // out_bytes
+    lanes_n = min(32, cfg.block_n // vec)
+    return gl.BlockedLayout([1, vec], [32 // lanes_n, lanes_n], [cfg.num_warps, 1], [1, 0])
+
+
+def kernel_constexprs(cfg: WsConfig, out_dtype: torch.dtype, has_bias: bool) -> dict:
+    """The kernel's constexpr arguments and launch options for a config (also used by offline compiles)."""
+    return dict(HAS_BIAS=has_bias, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
+                ACC_LAYOUT=acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps),
+                STORE_LAYOUT=store_layout(cfg, out_dtype.itemsize), LOAD_WARP_REGS=LOAD_REGS)
+
+
+def max_regs(num_warps: int) -> int:
+    """Registers per thread at launch: the register file (64 K) over the consumer warps plus the producer's
+    warpgroup (registers go per warpgroup), a multiple of 8, at most 255 (Triton's setmaxnreg then moves
+    the producer's share to the consumers: 4 warps 248-256, 8 warps 232-240, the producer 40)."""
+    return min(255, 65536 // (32 * (num_warps + 4)) // 8 * 8)
+
+
+def check_ws_operands(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype, cfg: WsConfig | None) -> None:
+    """int8_gemm's checks, plus what TMA and the kernel need: 16-byte aligned bases and row strides
+    (K a multiple of 16 for a contiguous weight), a known out_dtype, a config the kernel takes."""
+    what = "int8_gemm_ws"
+    check_operands(x_q, w_q, w_scale, bias, (torch.int8,), what)
+    check_x_scale(x_q, x_scale, what)
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{what}: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    for name, t in (("x_q", x_q), ("w_q", w_q)):
+        if t.numel() and (t.data_ptr() % 16 or t.stride(0) % 16):
+            raise ValueError(f"{what}: TMA needs {name}'s base address and row stride 16-byte aligned "
+                             f"(K % 16 == 0 for contiguous rows), got K = {t.shape[1]}, stride {t.stride(0)}")
+    if cfg is not None:
+        check_config(cfg)
+
+
+def check_config(cfg: WsConfig) -> None:
+    """Blocks the wgmma layout and the TMA boxes take, an accumulator of at most 128 registers per thread,
+    a ring of at least 2 stages that fits in shared memory."""
+    bad = None
+    if cfg.num_warps not in (4, 8) or cfg.block_m not in (64, 128, 256):
+        bad = "block_m 64, 128 or 256 and num_warps 4 or 8"
+    elif cfg.block_n % 16 or not 16 * cfg.num_warps // 4 <= cfg.block_n <= 256 or cfg.block_k not in (32, 64, 128):
+        bad = "block_n a multiple of 16 up to 256 (16 per warpgroup) and block_k 32, 64 or 128"
+    elif cfg.block_m * cfg.block_n > 128 * 32 * cfg.num_warps:
+        bad = "an int32 accumulator of at most 128 registers per thread (block_m * block_n <= 4096 * num_warps)"
+    elif cfg.num_stages < 2 or ws_smem_bytes(cfg) > SMEM_LIMIT:
+        bad = f"2 or more stages in {SMEM_LIMIT} B of shared memory (these take {ws_smem_bytes(cfg)} B)"
+    if bad:
+        raise ValueError(f"int8_gemm_ws: config needs {bad}, got {cfg}")
+
+
+def int8_gemm_ws(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                 config: WsConfig | None = None) -> torch.Tensor:
+    """x_q [M, K] int8, x_scale [M] f32, w_q [N, K] int8 (unit stride in K, 16-byte aligned rows),
+    w_scale [N] f32, bias [N] float or None -> [M, N] out_dtype, the bits of `int8_gemm_ref`.
+    `config` overrides the table (`ws_config`). Raises ValueError on bad operands (before any launch),
+    RuntimeError where `ws_available` is False."""
+    check_ws_operands(x_q, x_scale, w_q, w_scale, bias, out_dtype, config)
+    (m, k), n = x_q.shape, w_q.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        return empty_gemm(m, n, bias, out_dtype, x_q.device)
+    if not ws_available(x_q.device):
+        raise RuntimeError(f"int8_gemm_ws: needs Gluon and an sm_90 CUDA device, got {x_q.device}; use int8_gemm")
+    cfg = config or ws_config(m)
+    c = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    grid = (min(tiles, num_sms(x_q.device)) if cfg.persistent else tiles,)
+    _int8_gemm_ws_kernel[grid](descriptor(x_q, cfg.block_m, cfg.block_k), descriptor(w_q, cfg.block_n, cfg.block_k),
+                               c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k, c.stride(0),
+                               **kernel_constexprs(cfg, out_dtype, bias is not None), num_warps=cfg.num_warps,
+                               maxnreg=max_regs(cfg.num_warps),
+                               enable_fp_fusion=False)  # no FMA: the reference rounds the product first
+    return c
+
+
+def descriptor(t: torch.Tensor, rows: int, cols: int):
+    """Host TMA descriptor over t [R, K] int8 in [rows, cols] boxes, NVMMA-swizzled (128 B for 128-column
+    boxes), zero fill past the edges."""
+    layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int8)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, cols], layout)
