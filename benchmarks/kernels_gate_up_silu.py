@@ -2,10 +2,11 @@
 epilogue (weight in the gated layout) plus the quantisation with the row max given (`kernels/int8_gemm_silu.py`,
 the "gated" path), against
 the path it replaces (int8_gemm of gate_up, then silu_and_mul_int8_quant: "unfused"), each checked bit-equal
-to the unfused one first; `--sweep` also times a few block configs of the gated GEMM per M.
+to the unfused one first; `--sweep` also times a few block configs of the gated GEMM per M, `--ws` configs of the
+warp-specialised Gluon kernel (`kernels/int8_gemm_ws.int8_gemm_silu_ws`, sm_90).
 
     python benchmarks/kernels_gate_up_silu.py [--tokens 1,16,256,2048,8192] [--shapes qwen-7b,v2-lite-shared]
-        [--sweep] [--run-id R] [--result-file benchmarks/results/gpu_quant_kernels.jsonl]
+        [--sweep] [--ws] [--run-id R] [--result-file benchmarks/results/gpu_quant_kernels.jsonl]
 
 Times are gpu_quant.py's `time_ms`: CUDA-graph replays over cold weight copies (more bytes than the L2),
 the median per call, so they are what a captured decode step pays. One record per (shape, T, variant).
@@ -38,11 +39,20 @@ def sweep_configs(m: int):
             for bm in (128, 256) for bk in (64, 128) for st in (3, 4)]
 
 
+def ws_configs():
+    """Configs of the warp-specialised kernel (kernels/int8_gemm_ws.py): one gated block per tile."""
+    from deepserve.kernels.int8_gemm_ws import WsConfig
+
+    return [WsConfig(bm, 128, 128, st, w, persistent=p) for bm in (64, 128) for st in (4, 5, 6) for w in (4, 8)
+            for p in (True, False) if not (bm == 64 and w == 8)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="1,16,256,2048,8192")
     p.add_argument("--shapes", default="qwen-7b,v2-lite-shared")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--ws", action="store_true", help="also time int8_gemm_silu_ws (Gluon, sm_90) configs")
     p.add_argument("--run-id", default=uuid.uuid4().hex[:12])
     p.add_argument("--result-file", default=str(RESULTS))
     args = p.parse_args()
@@ -51,7 +61,9 @@ def main() -> None:
 
     from deepserve.bench.offline import append_record, environment_fields
     from deepserve.kernels.int8_gemm import int8_gemm
-    from deepserve.kernels.int8_gemm_silu import int8_gemm_silu, int8_quant_amax, silu_gemm_config, to_gated_layout
+    from deepserve.kernels.int8_gemm_silu import (SiluGemmConfig, int8_gemm_silu, int8_quant_amax, silu_gemm_config,
+                                                  to_gated_layout)
+    from deepserve.kernels.int8_gemm_ws import WsConfig, int8_gemm_silu_ws
     from deepserve.kernels.silu_and_mul_quant import silu_and_mul_int8_quant
     from gpu_quant import time_ms, weight_copies
 
@@ -61,8 +73,8 @@ def main() -> None:
         return silu_and_mul_int8_quant(int8_gemm(x_q, x_s, wt["q"], wt["s"], None, torch.bfloat16))
 
     def gated(x_q, x_s, wt, cfg=None):
-        return int8_quant_amax(*int8_gemm_silu(x_q, x_s, wt["g"], wt["gs"], wt["q"].shape[0] // 2, torch.bfloat16,
-                                               cfg))
+        silu = int8_gemm_silu_ws if isinstance(cfg, WsConfig) else int8_gemm_silu
+        return int8_quant_amax(*silu(x_q, x_s, wt["g"], wt["gs"], wt["q"].shape[0] // 2, torch.bfloat16, cfg))
 
     print(f"{'shape':<16}{'T':>6}{'unfused us':>12}{'gated us':>10}{'ratio':>7}  gated config")
     for shape in args.shapes.split(","):
@@ -75,7 +87,7 @@ def main() -> None:
             x_s = torch.rand(m, device="cuda") / 100 + 1e-4
             want = unfused(x_q, x_s, weights[0])
             times = {}
-            cfgs = [None] + (sweep_configs(m) if args.sweep else [])
+            cfgs = [None] + (sweep_configs(m) if args.sweep else []) + (ws_configs() if args.ws else [])
             for cfg in cfgs:
                 try:
                     got = gated(x_q, x_s, weights[0], cfg)
@@ -87,10 +99,11 @@ def main() -> None:
             for cfg, (ms, same) in sorted(((c, t) for c, t in times.items() if c is not None), key=lambda i: i[1][0]):
                 print(f"  sweep {shape} T={m} {tuple(cfg)} {1000 * ms:.1f} us{'' if same else ' DIFF'}")
             table_cfg = silu_gemm_config(m)
-            best = min((c for c in times if c is not None), key=lambda c: times[c][0], default=None)
-            for name, cfg in (("gated", None), ("gated-best", best)):
-                if name == "gated-best" and cfg is None:
-                    continue
+            rows = [("gated", None)]
+            for name, kind in (("gated-best", SiluGemmConfig), ("ws-best", WsConfig)):
+                same_kind = [c for c in times if isinstance(c, kind) and times[c][1]]
+                rows += [(name, min(same_kind, key=lambda c: times[c][0]))] if same_kind else []
+            for name, cfg in rows:
                 ms, same = times[cfg]
                 append_record({**env, "engine": "deepserve", "model": shape, "dtype": "bfloat16", "quant": "int8",
                                "workload": "kernel", "kernel": "gate_up_silu_int8_quant", "variant": name,

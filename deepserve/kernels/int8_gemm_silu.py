@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.kernels.int8_gemm import TensorDescriptor, check_operands, grouped_tile, scaled, tma_ok
+from deepserve.kernels.int8_gemm import (TensorDescriptor, check_operands, check_x_scale, grouped_tile, scaled,
+                                         tma_ok)
 from deepserve.kernels.int8_quant import Int8Activations, quantize_int8_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue, pdl_wait
 from deepserve.kernels.silu_and_mul import silu_mul
@@ -157,6 +158,23 @@ def _int8_gemm_silu_kernel(a_ptr, b_ptr, a_desc, b_desc, h_ptr, part_ptr, a_scal
     _silu_epilogue(acc, h_ptr, part_ptr, a_scale_ptr, b_scale_ptr, pid_n, offs_m, M, inter, stride_hm, BLOCK_N)
 
 
+def check_silu_operands(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, w_scale_g: torch.Tensor,
+                        inter: int, out_dtype: torch.dtype, what: str) -> None:
+    """The operands of a gate_up GEMM with SiLU-and-mul epilogue (`int8_gemm_silu`, and the warp-specialised
+    `kernels/int8_gemm_ws.int8_gemm_silu_ws`): int8 operands, a gated-layout weight of I = inter, at most
+    MAX_PARTS blocks, x_scale [M] f32, a float out_dtype."""
+    check_operands(x_q, w_g, w_scale_g, None, (torch.int8,), what)
+    blocks = cdiv(inter, GATED_BLOCK)
+    if inter < 0 or w_g.shape[0] != 2 * GATED_BLOCK * blocks:
+        raise ValueError(f"{what}: a gated-layout weight of I = {inter} has {2 * GATED_BLOCK * blocks} "
+                         f"rows (to_gated_layout), got {w_g.shape[0]}")
+    if blocks > MAX_PARTS:
+        raise ValueError(f"{what}: I = {inter} is wider than {GATED_BLOCK * MAX_PARTS} (MAX_PARTS blocks)")
+    check_x_scale(x_q, x_scale, what)
+    if out_dtype not in _FLOATS:
+        raise ValueError(f"{what}: out_dtype must be f16/bf16/f32, got {out_dtype}")
+
+
 def int8_gemm_silu(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, w_scale_g: torch.Tensor, inter: int,
                    out_dtype: torch.dtype = torch.bfloat16, config: SiluGemmConfig | None = None,
                    tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,18 +182,8 @@ def int8_gemm_silu(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, 
     in the gated layout (`to_gated_layout` of the [gate | up] weight and scales, I_pad = I rounded up to
     GATED_BLOCK, at most MAX_PARTS blocks) -> (h [M, I] out_dtype, part_max [M, max(1, I_pad / GATED_BLOCK)]
     f32). `config` overrides the table; `tma=False` forces the pointer loads (tests)."""
-    check_operands(x_q, w_g, w_scale_g, None, (torch.int8,), "int8_gemm_silu")
+    check_silu_operands(x_q, x_scale, w_g, w_scale_g, inter, out_dtype, "int8_gemm_silu")
     blocks = cdiv(inter, GATED_BLOCK)
-    if inter < 0 or w_g.shape[0] != 2 * GATED_BLOCK * blocks:
-        raise ValueError(f"int8_gemm_silu: a gated-layout weight of I = {inter} has {2 * GATED_BLOCK * blocks} "
-                         f"rows (to_gated_layout), got {w_g.shape[0]}")
-    if blocks > MAX_PARTS:
-        raise ValueError(f"int8_gemm_silu: I = {inter} is wider than {GATED_BLOCK * MAX_PARTS} (MAX_PARTS blocks)")
-    if x_scale.shape != (x_q.shape[0],) or x_scale.dtype != torch.float32 or x_scale.device != x_q.device:
-        raise ValueError(f"int8_gemm_silu: x_scale must be [{x_q.shape[0]}] float32 on {x_q.device}, got "
-                         f"{tuple(x_scale.shape)} {x_scale.dtype}")
-    if out_dtype not in _FLOATS:
-        raise ValueError(f"int8_gemm_silu: out_dtype must be f16/bf16/f32, got {out_dtype}")
     m, k = x_q.shape
     h = torch.empty((m, inter), dtype=out_dtype, device=x_q.device)
     part_max = torch.empty((m, max(blocks, 1)), dtype=torch.float32, device=x_q.device)

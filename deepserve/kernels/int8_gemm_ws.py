@@ -48,6 +48,7 @@ try:  # Gluon (Triton >= 3.5); CPU-only and older installs import this module wi
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     _jit = gluon.jit
+    SCRATCH = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # the SiLU epilogue's [BLOCK_M, 2 * GATED_BLOCK] tile, plain
 except ImportError:  # pragma: no cover - depends on the Triton install
     gl = None
 
@@ -92,6 +93,19 @@ WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig | None]] = {
                    1 << 62: None},
 }
 
+# int8_gemm_silu_ws's default: one gated block (2 x 64 rows of w_g) per tile; 5 stages leave room for the
+# epilogue's scratch with a float32 h (229,580 B in the Triton 3.6 sm_90 compile; 6 stages need a 16-bit h).
+SILU_WS_CONFIG = WsConfig(128, 128, 128, num_stages=5, num_warps=4, persistent=True)
+# (2 I_pad, K) of a gated-layout gate_up -> {max M: WsConfig or None}: where
+# `quant/int8_cuda.w8a8_gate_up_silu_quant` runs int8_gemm_silu_ws rather than int8_gemm_silu. Measured on an H200
+# (run s12e, benchmarks/kernels_gate_up_silu.py --ws, qwen-7b K = 3584, I = 18944, each time with
+# int8_quant_amax after it, bf16 h): persistent 128 x 128 x 128, 6 stages, 8 warps: 76.2 vs 86.0 us at M = 256,
+# 483.6 vs 507.4 at 2048, 2002.3 vs 2032.8 at 8192. Buckets as WS_SHAPE_CONFIGS' (M <= 192, 257-1024 unmeasured).
+_GATE_UP_WS = WsConfig(128, 128, 128, num_stages=6, num_warps=8, persistent=True)
+SILU_WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig | None]] = {
+    (37888, 3584): {192: None, 256: _GATE_UP_WS, 1024: None, 1 << 62: _GATE_UP_WS},
+}
+
 LOAD_REGS = 40  # registers per thread of the TMA warp (setmaxnreg); the consumers get the rest
 SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on sm_90 (227 KB)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -105,6 +119,14 @@ def ws_config(m: int) -> WsConfig:
 def ws_shape_config(m: int, n: int, k: int) -> WsConfig | None:
     """WS_SHAPE_CONFIGS' config for an [M, K] x [N, K]^T product, or None where int8_gemm runs it."""
     table = WS_SHAPE_CONFIGS.get((n, k))
+    if table is None:
+        return None
+    return table[min(bound for bound in table if bound >= m)]
+
+
+def silu_ws_shape_config(m: int, rows: int, k: int) -> WsConfig | None:
+    """SILU_WS_SHAPE_CONFIGS' config for a gated weight of `rows` rows and K columns at M, or None."""
+    table = SILU_WS_SHAPE_CONFIGS.get((rows, k))
     if table is None:
         return None
     return table[min(bound for bound in table if bound >= m)]
@@ -176,11 +198,12 @@ def _release(empty, it, pred, NUM_STAGES: gl.constexpr, TWO_GROUPS: gl.constexpr
 
 
 @_jit
-def _mma_partition(a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_cm,
-                   HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr):
+def _mma_partition(a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, part_ptr, scratch, M, N, K,
+                   inter, stride_cm, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr, SILU: gl.constexpr):
     """Consumer (the default partition, one or two warpgroups): async wgmma over the ring, one in flight,
-    stages released as their wgmma retires; then the epilogue of each tile."""
+    stages released as their wgmma retires; then the epilogue of each tile: `_epilogue`, or with SILU
+    `_silu_epilogue` (c is h, w the gated layout; part_ptr, scratch and inter are its own)."""
     BLOCK_M: gl.constexpr = a_bufs.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]
     BLOCK_N: gl.constexpr = b_bufs.shape[1]
@@ -200,8 +223,41 @@ def _mma_partition(a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr
             it += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         _release(empty, it + NUM_STAGES - 1, True, NUM_STAGES, TWO_GROUPS)
-        _epilogue(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, stride_cm,
-                  HAS_BIAS, ACC_LAYOUT, STORE_LAYOUT)
+        if SILU:
+            _silu_epilogue(acc, c_ptr, part_ptr, a_scale_ptr, b_scale_ptr, scratch, pid_m * BLOCK_M, pid_n, M, inter,
+                           stride_cm, ACC_LAYOUT, STORE_LAYOUT)
+        else:
+            _epilogue(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
+                      stride_cm, HAS_BIAS, ACC_LAYOUT, STORE_LAYOUT)
+
+
+@_jit
+def _silu_epilogue(acc, h_ptr, part_ptr, a_scale_ptr, b_scale_ptr, scratch, off_m, pid_n, M, inter, stride_hm,
+                   ACC_LAYOUT: gl.constexpr, HALF_LAYOUT: gl.constexpr):
+    """`int8_gemm_silu`'s epilogue in the same float32 operations: acc [BLOCK_M, 2 * GATED_BLOCK] int32 holds
+    gated block pid_n (its gate columns, then its up columns); y = (float(acc) * x_scale) * w_scale rounded
+    to h's dtype goes through the shared-memory scratch [BLOCK_M, 2 * GATED_BLOCK] so that each thread
+    reads a gate element and its up element in HALF_LAYOUT; h = silu(gate) * up as kernels/silu_and_mul.py
+    stores it; h stored masked past M and I, each row's max |h| to part_max[row, pid_n]."""
+    BLOCK_M: gl.constexpr = acc.shape[0]
+    HALF: gl.constexpr = acc.shape[1] // 2
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
+    offs_b = pid_n * 2 * HALF + gl.arange(0, 2 * HALF, layout=gl.SliceLayout(0, ACC_LAYOUT))
+    a_scale = gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_scale = gl.load(b_scale_ptr + offs_b)  # the gated layout's scale rows all exist (padding: 0)
+    scratch.store((acc.to(gl.float32) * a_scale[:, None] * b_scale[None, :]).to(h_ptr.dtype.element_ty))
+    gl.thread_barrier()  # the whole tile in shared memory before any thread reads another's columns
+    gate = scratch.slice(0, HALF, dim=1).load(HALF_LAYOUT)
+    up = scratch.slice(HALF, HALF, dim=1).load(HALF_LAYOUT).to(gl.float32)
+    gl.thread_barrier()  # every thread has read the tile before a next tile's epilogue overwrites it
+    g = gate.to(gl.float32)
+    h = ((g / (1.0 + gl.exp(-g))).to(gate.dtype).to(gl.float32) * up).to(h_ptr.dtype.element_ty)
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, HALF_LAYOUT))
+    cols = pid_n * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, HALF_LAYOUT))
+    mask = (rows < M)[:, None] & (cols < inter)[None, :]
+    gl.store(h_ptr + rows.to(gl.int64)[:, None] * stride_hm + cols[None, :], h, mask=mask)
+    row_max = gl.max(gl.where(mask, gl.abs(h.to(gl.float32)), 0.0), axis=1)
+    gl.store(part_ptr + rows.to(gl.int64) * gl.cdiv(inter, HALF) + pid_n, row_max, mask=rows < M)
 
 
 @_jit
@@ -227,11 +283,8 @@ def _epilogue(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, off_m, off_n, M, N
 
 
 @_jit
-def _int8_gemm_ws_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_cm,
-                         HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
-                         ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr, LOAD_WARP_REGS: gl.constexpr):
-    """a_desc over x_q [M, K] in [BLOCK_M, BLOCK_K] boxes, b_desc over w_q [N, K] in [BLOCK_N, BLOCK_K]
-    boxes; c [M, N] (row stride stride_cm). Allocates the ring and its barriers, then forks the partitions."""
+def _ring(a_desc, b_desc, NUM_STAGES: gl.constexpr):
+    """The stage ring (A and B boxes, NVMMA-swizzled as the descriptors say) and its ready / empty mbarriers."""
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -240,9 +293,36 @@ def _int8_gemm_ws_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_p
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     fence_async_shared()  # the initialised barriers before the copy engine signals them
+    return a_bufs, b_bufs, ready, empty
+
+
+@_jit
+def _int8_gemm_ws_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_cm,
+                         HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr, LOAD_WARP_REGS: gl.constexpr):
+    """a_desc over x_q [M, K] in [BLOCK_M, BLOCK_K] boxes, b_desc over w_q [N, K] in [BLOCK_N, BLOCK_K]
+    boxes; c [M, N] (row stride stride_cm). Allocates the ring and its barriers, then forks the partitions."""
+    a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, NUM_STAGES)
     gl.warp_specialize([
-        (_mma_partition, (a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_cm,
-                          HAS_BIAS, GROUP_M, NUM_STAGES, ACC_LAYOUT, STORE_LAYOUT)),
+        (_mma_partition, (a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, a_bufs,
+                          M, N, K, N, stride_cm, HAS_BIAS, GROUP_M, NUM_STAGES, ACC_LAYOUT, STORE_LAYOUT, False)),
+        (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, NUM_STAGES)),
+    ], [1], [LOAD_WARP_REGS])
+
+
+@_jit
+def _int8_gemm_silu_ws_kernel(a_desc, b_desc, h_ptr, part_ptr, a_scale_ptr, b_scale_ptr, M, N, K, inter, stride_hm,
+                              GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, ACC_LAYOUT: gl.constexpr,
+                              HALF_LAYOUT: gl.constexpr, SCRATCH_LAYOUT: gl.constexpr,
+                              LOAD_WARP_REGS: gl.constexpr):
+    """`_int8_gemm_ws_kernel` over the gated-layout weight w_g [N = 2 I_pad, K] in [2 * GATED_BLOCK, BLOCK_K]
+    boxes with `_silu_epilogue`: h [M, inter] (row stride stride_hm), part_max [M, I_pad / GATED_BLOCK]."""
+    a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, NUM_STAGES)
+    tile: gl.constexpr = [a_desc.block_type.shape[0], b_desc.block_type.shape[0]]  # [BLOCK_M, 2 * GATED_BLOCK]
+    scratch = gl.allocate_shared_memory(h_ptr.dtype.element_ty, tile, SCRATCH_LAYOUT)
+    gl.warp_specialize([
+        (_mma_partition, (a_bufs, b_bufs, ready, empty, h_ptr, a_scale_ptr, b_scale_ptr, b_scale_ptr, part_ptr, scratch,
+                          M, N, K, inter, stride_hm, False, GROUP_M, NUM_STAGES, ACC_LAYOUT, HALF_LAYOUT, True)),
         (_load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, NUM_STAGES)),
     ], [1], [LOAD_WARP_REGS])
 
@@ -298,12 +378,18 @@ def check_ws_operands(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tenso
     check_x_scale(x_q, x_scale, what)
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"{what}: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    for name, t in (("x_q", x_q), ("w_q", w_q)):
+    check_tma_rows(what, x_q=x_q, w_q=w_q)
+    if cfg is not None:
+        check_config(cfg)
+
+
+def check_tma_rows(what: str, **tensors: torch.Tensor) -> None:
+    """TMA needs each operand's base address and row stride 16-byte aligned (K % 16 == 0 for contiguous
+    int8 rows)."""
+    for name, t in tensors.items():
         if t.numel() and (t.data_ptr() % 16 or t.stride(0) % 16):
             raise ValueError(f"{what}: TMA needs {name}'s base address and row stride 16-byte aligned "
                              f"(K % 16 == 0 for contiguous rows), got K = {t.shape[1]}, stride {t.stride(0)}")
-    if cfg is not None:
-        check_config(cfg)
 
 
 def check_config(cfg: WsConfig) -> None:
@@ -345,6 +431,70 @@ def int8_gemm_ws(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_
                                maxnreg=max_regs(cfg.num_warps),
                                enable_fp_fusion=False)  # no FMA: the reference rounds the product first
     return c
+
+
+def silu_smem_bytes(cfg: WsConfig, out_dtype: torch.dtype) -> int:
+    """`int8_gemm_silu_ws`'s shared memory: the ring and the epilogue's [BLOCK_M, 2 * GATED_BLOCK] scratch."""
+    return ws_smem_bytes(cfg) + cfg.block_m * cfg.block_n * out_dtype.itemsize
+
+
+def check_silu_config(cfg: WsConfig, out_dtype: torch.dtype) -> None:
+    """`check_config`, a tile of one gated block (block_n = 2 * GATED_BLOCK), the scratch beside the ring."""
+    from deepserve.kernels.int8_gemm_silu import GATED_BLOCK
+
+    check_config(cfg)
+    if cfg.block_n != 2 * GATED_BLOCK or cfg.coalesced_store:
+        raise ValueError(f"int8_gemm_silu_ws: config needs block_n = {2 * GATED_BLOCK} (one gated block) and no "
+                         f"coalesced_store, got {cfg}")
+    if silu_smem_bytes(cfg, out_dtype) > SMEM_LIMIT:
+        raise ValueError(f"int8_gemm_silu_ws: the ring and the epilogue's scratch take "
+                         f"{silu_smem_bytes(cfg, out_dtype)} B of shared memory, more than {SMEM_LIMIT}: {cfg} with "
+                         f"{out_dtype}")
+
+
+@functools.lru_cache(maxsize=64)
+def half_layout(num_warps: int, out_bytes: int, half: int):
+    """The layout the SiLU epilogue reads each [BLOCK_M, half] half of the scratch in: rows of 16-byte vectors,
+    a warp's threads along the columns first (the gate and the up element of a column in one thread)."""
+    vec = 16 // out_bytes
+    lanes_n = min(32, half // vec)
+    return gl.BlockedLayout([1, vec], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
+
+
+def int8_gemm_silu_ws(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, w_scale_g: torch.Tensor,
+                      inter: int, out_dtype: torch.dtype = torch.bfloat16,
+                      config: WsConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels/int8_gemm_silu.int8_gemm_silu` on the warp-specialised kernel, the same arguments and the same
+    bits: x_q [M, K] int8, x_scale [M] f32, w_g [2 I_pad, K] int8 and w_scale_g [2 I_pad] f32 in the gated
+    layout -> (h [M, I] out_dtype, part_max [M, max(1, I_pad / GATED_BLOCK)] f32). `config` (block_n =
+    2 * GATED_BLOCK) overrides SILU_WS_CONFIG. ValueError on bad operands before any launch, RuntimeError where
+    `ws_available` is False."""
+    from deepserve.kernels.int8_gemm_silu import GATED_BLOCK, check_silu_operands
+
+    what = "int8_gemm_silu_ws"
+    check_silu_operands(x_q, x_scale, w_g, w_scale_g, inter, out_dtype, what)
+    check_tma_rows(what, x_q=x_q, w_g=w_g)
+    cfg = config or SILU_WS_CONFIG
+    check_silu_config(cfg, out_dtype)
+    (m, k), blocks = x_q.shape, cdiv(inter, GATED_BLOCK)
+    h = torch.empty((m, inter), dtype=out_dtype, device=x_q.device)
+    part_max = torch.empty((m, max(blocks, 1)), dtype=torch.float32, device=x_q.device)
+    if m == 0 or inter == 0:
+        return h, part_max.zero_()
+    if k == 0:  # every product is 0: gate = up = 0, silu(0) * 0 = 0
+        return h.zero_(), part_max.zero_()
+    if not ws_available(x_q.device):
+        raise RuntimeError(f"{what}: needs Gluon and an sm_90 CUDA device, got {x_q.device}; use int8_gemm_silu")
+    tiles = cdiv(m, cfg.block_m) * blocks
+    grid = (min(tiles, num_sms(x_q.device)) if cfg.persistent else tiles,)
+    _int8_gemm_silu_ws_kernel[grid](
+        descriptor(x_q, cfg.block_m, cfg.block_k), descriptor(w_g, cfg.block_n, cfg.block_k), h, part_max, x_scale,
+        w_scale_g, m, w_g.shape[0], k, inter, h.stride(0), GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
+        ACC_LAYOUT=acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps),
+        HALF_LAYOUT=half_layout(cfg.num_warps, out_dtype.itemsize, GATED_BLOCK), SCRATCH_LAYOUT=SCRATCH,
+        LOAD_WARP_REGS=LOAD_REGS, num_warps=cfg.num_warps, maxnreg=max_regs(cfg.num_warps),
+        enable_fp_fusion=False)  # no FMA: the reference rounds the product first
+    return h, part_max
 
 
 def descriptor(t: torch.Tensor, rows: int, cols: int):

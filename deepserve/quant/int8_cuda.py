@@ -8,7 +8,8 @@
     w8a8_gemm(x_q [M, K] int8, x_scale [M] f32, w_q, w_scale, bias, out_dtype) -> [M, N], by W8A8_BACKENDS:
         "triton"  kernels/int8_gemm.py, the dequantising epilogue fused; on sm_90, the linears and M buckets
                   of kernels/int8_gemm_ws.py's WS_SHAPE_CONFIGS go to its warp-specialised Gluon GEMM
-                  (the same epilogue; the bits of int8_gemm run unsplit);
+                  (the same epilogue; the bits of int8_gemm run unsplit), and `w8a8_gate_up_silu_quant`'s
+                  gated gate_up to its SiLU variant by SILU_WS_SHAPE_CONFIGS (int8_gemm_silu's bits);
         "int_mm"  torch._int_mm (cuBLASLt int8, M padded to 17 rows; K and N multiples of 8)
                   + kernels/int8_epilogue.py. Both give the same numbers (same float32 epilogue).
     w8a16_linear(x [M, K], w_q [N, K] int8, w_scale [N] f32, w_zero [N] f32 | None, bias) -> [M, N]
@@ -82,7 +83,23 @@ def w8a8_gate_up_silu_quant(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch
     (gate_up's many n-blocks: every served shape); a split-K GEMM rounds its float32 partials once more."""
     from deepserve.kernels.int8_gemm_silu import int8_gemm_silu, int8_quant_amax
 
+    ws = ws_gate_up_config(x_q, w_g, out_dtype)
+    if ws is not None:
+        from deepserve.kernels.int8_gemm_ws import int8_gemm_silu_ws
+
+        return int8_quant_amax(*int8_gemm_silu_ws(x_q, x_scale, w_g, w_scale_g, inter, out_dtype, ws))
     return int8_quant_amax(*int8_gemm_silu(x_q, x_scale, w_g, w_scale_g, inter, out_dtype))
+
+
+def ws_gate_up_config(x_q: torch.Tensor, w_g: torch.Tensor, out_dtype: torch.dtype):
+    """`ws_linear_config` for the gated gate_up (`kernels/int8_gemm_ws.SILU_WS_SHAPE_CONFIGS`): the config where
+    the table takes this weight at this M, the device runs it and the epilogue's scratch for out_dtype fits."""
+    from deepserve.kernels.int8_gemm_ws import SMEM_LIMIT, silu_smem_bytes, silu_ws_shape_config, ws_available
+
+    cfg = silu_ws_shape_config(x_q.shape[0], w_g.shape[0], x_q.shape[1])
+    if cfg is None or silu_smem_bytes(cfg, out_dtype) > SMEM_LIMIT or not ws_available(x_q.device):
+        return None
+    return cfg if _tma_rows(x_q, w_g) else None
 
 
 def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -116,8 +133,12 @@ def ws_linear_config(x_q: torch.Tensor, w_q: torch.Tensor):
     cfg = ws_shape_config(m, n, k)
     if cfg is None or not ws_available(x_q.device):
         return None
-    aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x_q, w_q))
-    return cfg if aligned else None
+    return cfg if _tma_rows(x_q, w_q) else None
+
+
+def _tma_rows(*tensors: torch.Tensor) -> bool:
+    """16-byte aligned bases and row strides (what the TMA descriptors of kernels/int8_gemm_ws.py need)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors)
 
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
