@@ -23,8 +23,7 @@ Design (one CTA = one output tile [BLOCK_M, BLOCK_N] at a time, tiles in `groupe
     accumulator's slice layouts, stores masked past M and N (`store_layout`).
   * persistent (config): at most one CTA per SM, walking tiles pid, pid + CTAs, ...; the loads of the
     next tile then overlap this tile's epilogue. Otherwise one CTA per tile.
-PDL as int8_gemm's (kernels/pdl.py: the kernel's first statement waits for the previous grid; no early
-trigger). No split-K, no host synchronisation (CUDA-graph safe). Shared memory: the ring, NUM_STAGES *
+No split-K, no host synchronisation (CUDA-graph safe). Shared memory: the ring, NUM_STAGES *
 ((BLOCK_M + BLOCK_N) * BLOCK_K + 16) bytes (`ws_smem_bytes`; sm_90 allows 227 KB per CTA), plus the
 store conversion's scratch with coalesced_store.
 
@@ -40,7 +39,6 @@ from typing import NamedTuple
 import torch
 
 from deepserve.kernels.int8_gemm import check_operands, check_x_scale, empty_gemm, num_sms
-from deepserve.kernels.pdl import pdl_launch, pdl_wait
 from deepserve.kernels.sizes import cdiv
 
 try:  # Gluon (Triton >= 3.5); CPU-only and older installs import this module without it
@@ -301,12 +299,9 @@ def _ring(a_desc, b_desc, NUM_STAGES: gl.constexpr):
 @_jit
 def _int8_gemm_ws_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_cm,
                          HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr,
-                         ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr, LOAD_WARP_REGS: gl.constexpr,
-                         PDL: gl.constexpr = False):
+                         ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr, LOAD_WARP_REGS: gl.constexpr):
     """a_desc over x_q [M, K] in [BLOCK_M, BLOCK_K] boxes, b_desc over w_q [N, K] in [BLOCK_N, BLOCK_K]
-    boxes; c [M, N] (row stride stride_cm). Waits for the previous grid first (PDL, no early trigger, as
-    int8_gemm: kernels/pdl.py), allocates the ring and its barriers, then forks the partitions."""
-    pdl_wait(PDL)
+    boxes; c [M, N] (row stride stride_cm). Allocates the ring and its barriers, then forks the partitions."""
     a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, NUM_STAGES)
     gl.warp_specialize([
         (_mma_partition, (a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, a_bufs,
@@ -319,10 +314,9 @@ def _int8_gemm_ws_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_p
 def _int8_gemm_silu_ws_kernel(a_desc, b_desc, h_ptr, part_ptr, a_scale_ptr, b_scale_ptr, M, N, K, inter, stride_hm,
                               GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                               HALF_LAYOUT: gl.constexpr, SCRATCH_LAYOUT: gl.constexpr,
-                              LOAD_WARP_REGS: gl.constexpr, PDL: gl.constexpr = False):
+                              LOAD_WARP_REGS: gl.constexpr):
     """`_int8_gemm_ws_kernel` over the gated-layout weight w_g [N = 2 I_pad, K] in [2 * GATED_BLOCK, BLOCK_K]
     boxes with `_silu_epilogue`: h [M, inter] (row stride stride_hm), part_max [M, I_pad / GATED_BLOCK]."""
-    pdl_wait(PDL)
     a_bufs, b_bufs, ready, empty = _ring(a_desc, b_desc, NUM_STAGES)
     tile: gl.constexpr = [a_desc.block_type.shape[0], b_desc.block_type.shape[0]]  # [BLOCK_M, 2 * GATED_BLOCK]
     scratch = gl.allocate_shared_memory(h_ptr.dtype.element_ty, tile, SCRATCH_LAYOUT)
@@ -434,7 +428,7 @@ def int8_gemm_ws(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_
     _int8_gemm_ws_kernel[grid](descriptor(x_q, cfg.block_m, cfg.block_k), descriptor(w_q, cfg.block_n, cfg.block_k),
                                c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k, c.stride(0),
                                **kernel_constexprs(cfg, out_dtype, bias is not None), num_warps=cfg.num_warps,
-                               maxnreg=max_regs(cfg.num_warps), **pdl_launch(x_q.device),
+                               maxnreg=max_regs(cfg.num_warps),
                                enable_fp_fusion=False)  # no FMA: the reference rounds the product first
     return c
 
@@ -499,7 +493,7 @@ def int8_gemm_silu_ws(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tenso
         ACC_LAYOUT=acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps),
         HALF_LAYOUT=half_layout(cfg.num_warps, out_dtype.itemsize, GATED_BLOCK), SCRATCH_LAYOUT=SCRATCH,
         LOAD_WARP_REGS=LOAD_REGS, num_warps=cfg.num_warps, maxnreg=max_regs(cfg.num_warps),
-        enable_fp_fusion=False, **pdl_launch(x_q.device))  # no FMA: the reference rounds the product first
+        enable_fp_fusion=False)  # no FMA: the reference rounds the product first
     return h, part_max
 
 

@@ -24,8 +24,7 @@ Contract of a kernel that takes `PDL: tl.constexpr = False`:
     under ROCm (torch reports "cuda" devices there too), under TRITON_INTERPRET=1, or with a Triton that
     lacks the griddepcontrol ops.
   * the fused MoE kernel takes `pdl_wait(PDL)`: it waits, but the next kernel launches only when all its
-    CTAs have exited. The W8A8 int8 GEMMs (kernels/int8_gemm.py, and the warp-specialised Gluon ones of
-    kernels/int8_gemm_ws.py, which call this Triton function from Gluon) do the same, by analogy with the fused
+    CTAs have exited. The W8A8 int8 GEMMs (kernels/int8_gemm.py) do the same, by analogy with the fused
     MoE, not measured against the early trigger; the activation-quantisation kernels before them
     (int8_quant, fp8_quant, silu_and_mul_quant) trigger early, so the GEMM launches behind them.
     Measured on an H200 with the early trigger in every kernel (run s5e2, one run):
