@@ -23,7 +23,9 @@ Design (one CTA = one output tile [BLOCK_M, BLOCK_N] at a time, tiles in `groupe
     accumulator's slice layouts, stores masked past M and N (`store_layout`).
   * persistent (config): at most one CTA per SM, walking tiles pid, pid + CTAs, ...; the loads of the
     next tile then overlap this tile's epilogue. Otherwise one CTA per tile.
-No split-K, no host synchronisation (CUDA-graph safe). Shared memory: the ring, NUM_STAGES *
+No split-K, no host synchronisation (CUDA-graph safe). No programmatic dependent launch: launched with it
+(kernels/pdl.py's pdl_wait first) the W-offline qwen-7b int8 run was 2.6% slower (run s12h: 17,159 / 17,154
+vs 17,642 / 17,599 tok/s), for a reason not established. Shared memory: the ring, NUM_STAGES *
 ((BLOCK_M + BLOCK_N) * BLOCK_K + 16) bytes (`ws_smem_bytes`; sm_90 allows 227 KB per CTA), plus the
 store conversion's scratch with coalesced_store.
 
