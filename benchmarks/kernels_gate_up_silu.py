@@ -3,7 +3,7 @@ epilogue (weight in the gated layout) plus the quantisation with the row max giv
 the "gated" path), against
 the path it replaces (int8_gemm of gate_up, then silu_and_mul_int8_quant: "unfused"), each checked bit-equal
 to the unfused one first; `--sweep` also times a few block configs of the gated GEMM per M, `--ws` configs of the
-warp-specialised Gluon kernel (`kernels/int8_gemm_ws.int8_gemm_silu_ws`, sm_90).
+warp-specialised Gluon kernel (`kernels/int8_gemm_silu_ws.int8_gemm_silu_ws`, sm_90).
 
     python benchmarks/kernels_gate_up_silu.py [--tokens 1,16,256,2048,8192] [--shapes qwen-7b,v2-lite-shared]
         [--sweep] [--ws] [--run-id R] [--result-file benchmarks/results/gpu_quant_kernels.jsonl]
@@ -47,6 +47,34 @@ def ws_configs():
             for p in (True, False) if not (bm == 64 and w == 8)]
 
 
+def time_configs(run, weights: list, cfgs: list, want) -> dict:
+    """{config: (ms, bits equal to want)} of `run(weights, config)` for each config that launches (one that
+    fails, e.g. out of shared memory, is reported and skipped); gpu_quant.time_ms over the weight copies."""
+    import torch
+
+    from gpu_quant import time_ms
+
+    times = {}
+    for cfg in cfgs:
+        try:
+            got = run(weights[0], cfg)
+            same = torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
+            times[cfg] = (time_ms([lambda wt=wt, cfg=cfg: run(wt, cfg) for wt in weights]), same)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip the config
+            print(f"{cfg}: {exc!r}"[:200], file=sys.stderr)
+    return times
+
+
+def best_rows(times: dict, triton_config: type, ws_config: type) -> list:
+    """[("gated", None): the table's, ("gated-best", the fastest bit-equal Triton config), ("ws-best", the
+    fastest bit-equal warp-specialised one)], the last two where such configs were timed."""
+    rows = [("gated", None)]
+    for name, kind in (("gated-best", triton_config), ("ws-best", ws_config)):
+        same_kind = [c for c in times if isinstance(c, kind) and times[c][1]]
+        rows += [(name, min(same_kind, key=lambda c: times[c][0]))] if same_kind else []
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="1,16,256,2048,8192")
@@ -63,7 +91,8 @@ def main() -> None:
     from deepserve.kernels.int8_gemm import int8_gemm
     from deepserve.kernels.int8_gemm_silu import (SiluGemmConfig, int8_gemm_silu, int8_quant_amax, silu_gemm_config,
                                                   to_gated_layout)
-    from deepserve.kernels.int8_gemm_ws import WsConfig, int8_gemm_silu_ws
+    from deepserve.kernels.int8_gemm_silu_ws import int8_gemm_silu_ws
+    from deepserve.kernels.int8_gemm_ws import WsConfig
     from deepserve.kernels.silu_and_mul_quant import silu_and_mul_int8_quant
     from gpu_quant import time_ms, weight_copies
 
@@ -86,24 +115,13 @@ def main() -> None:
             x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
             x_s = torch.rand(m, device="cuda") / 100 + 1e-4
             want = unfused(x_q, x_s, weights[0])
-            times = {}
             cfgs = [None] + (sweep_configs(m) if args.sweep else []) + (ws_configs() if args.ws else [])
-            for cfg in cfgs:
-                try:
-                    got = gated(x_q, x_s, weights[0], cfg)
-                    same = torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
-                    times[cfg] = (time_ms([lambda wt=wt, cfg=cfg: gated(x_q, x_s, wt, cfg) for wt in weights]), same)
-                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: skip the config
-                    print(f"{cfg}: {exc!r}"[:200], file=sys.stderr)
+            times = time_configs(lambda wt, cfg: gated(x_q, x_s, wt, cfg), weights, cfgs, want)
             base = time_ms([lambda wt=wt: unfused(x_q, x_s, wt) for wt in weights])
             for cfg, (ms, same) in sorted(((c, t) for c, t in times.items() if c is not None), key=lambda i: i[1][0]):
                 print(f"  sweep {shape} T={m} {tuple(cfg)} {1000 * ms:.1f} us{'' if same else ' DIFF'}")
             table_cfg = silu_gemm_config(m)
-            rows = [("gated", None)]
-            for name, kind in (("gated-best", SiluGemmConfig), ("ws-best", WsConfig)):
-                same_kind = [c for c in times if isinstance(c, kind) and times[c][1]]
-                rows += [(name, min(same_kind, key=lambda c: times[c][0]))] if same_kind else []
-            for name, cfg in rows:
+            for name, cfg in best_rows(times, SiluGemmConfig, WsConfig):
                 ms, same = times[cfg]
                 append_record({**env, "engine": "deepserve", "model": shape, "dtype": "bfloat16", "quant": "int8",
                                "workload": "kernel", "kernel": "gate_up_silu_int8_quant", "variant": name,

@@ -3,7 +3,8 @@ warp-specialised Gluon GEMM `int8_gemm_ws` (kernels/int8_gemm_ws.py) at its tabl
 a grid of configs; every variant is first checked bit-equal to int8_gemm run unsplit (the reference's bits).
 
     python benchmarks/kernels_int8_ws.py [--tokens 256,2048,8192] [--linears qkv,o,gate_up,down] [--sweep]
-        [--persistent | --persistent-only] [--coalesced] [--run-id R] [--result-file benchmarks/results/gpu_quant_kernels.jsonl]
+        [--persistent | --persistent-only] [--coalesced] [--run-id R]
+        [--result-file benchmarks/results/gpu_quant_kernels.jsonl]
 
 --sweep times block_m 64/128 x block_n 64/128/256 x block_k 64/128 x stages 3-6 x warps 4/8 (configs that
 `check_config` refuses or that fail to compile or launch, e.g. out of shared memory, are skipped);

@@ -346,7 +346,13 @@ def tma_ok(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
     the row strides multiples of 16). Otherwise the pointer kernel runs the same config."""
     if TensorDescriptor is None or (x_q.is_cuda and not _tma_device(x_q.device.index or 0)):
         return False
-    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x_q, w_q))
+    return tma_rows_ok(x_q, w_q)
+
+
+def tma_rows_ok(*tensors: torch.Tensor) -> bool:
+    """TMA's rule for row-major operands: 16-byte aligned bases and row strides (int8: K and the row
+    strides multiples of 16)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors)
 
 
 @functools.lru_cache(maxsize=None)

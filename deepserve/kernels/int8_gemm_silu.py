@@ -31,7 +31,9 @@ No split-K (gate_up has I / GATED_BLOCK n-blocks: hundreds at served sizes) and 
 falls back to the unfused path for a biased gate_up). TMA operand loads on sm_90 / sm_100 and under the
 interpreter (`int8_gemm.tma_ok`), pointer loads elsewhere. No host synchronisation: CUDA-graph safe.
 PDL as int8_gemm (wait first, no early trigger); int8_quant_amax waits then triggers the down projection's
-GEMM. int8_quant_amax: one program per (row, 4096 columns), 8 warps (16 elements per thread), each reducing
+GEMM (a trigger with no effect where that GEMM is kernels/int8_gemm_ws.py's, launched without PDL).
+The warp-specialised variant of this GEMM for sm_90 is kernels/int8_gemm_silu_ws.py (the same bits).
+int8_quant_amax: one program per (row, 4096 columns), 8 warps (16 elements per thread), each reducing
 its row's partial maxima (at most 512 per row: I <= 32768; a few KB of L2 reads per row of h). In the
 engine's profiles (PDL off, 8192 x 18944) this layout took 206 us (run s8f) and a first one (4 rows x 1024
 columns, 4 warps) 186 us (run s8e): both bound by the division, since replaced by int8_quant's
@@ -161,7 +163,7 @@ def _int8_gemm_silu_kernel(a_ptr, b_ptr, a_desc, b_desc, h_ptr, part_ptr, a_scal
 def check_silu_operands(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, w_scale_g: torch.Tensor,
                         inter: int, out_dtype: torch.dtype, what: str) -> None:
     """The operands of a gate_up GEMM with SiLU-and-mul epilogue (`int8_gemm_silu`, and the warp-specialised
-    `kernels/int8_gemm_ws.int8_gemm_silu_ws`): int8 operands, a gated-layout weight of I = inter, at most
+    `kernels/int8_gemm_silu_ws.int8_gemm_silu_ws`): int8 operands, a gated-layout weight of I = inter, at most
     MAX_PARTS blocks, x_scale [M] f32, a float out_dtype."""
     check_operands(x_q, w_g, w_scale_g, None, (torch.int8,), what)
     blocks = cdiv(inter, GATED_BLOCK)
@@ -175,6 +177,18 @@ def check_silu_operands(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Ten
         raise ValueError(f"{what}: out_dtype must be f16/bf16/f32, got {out_dtype}")
 
 
+def silu_outputs(m: int, inter: int, k: int, out_dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(h [M, I] out_dtype, part_max [M, max(1, I_pad / GATED_BLOCK)] f32, done) of a gate_up GEMM with
+    SiLU-and-mul epilogue; done: no launch needed, h and part_max already hold the result (M = 0, I = 0, or
+    K = 0, where every product is 0: gate = up = 0, silu(0) * 0 = 0)."""
+    h = torch.empty((m, inter), dtype=out_dtype, device=device)
+    part_max = torch.empty((m, max(cdiv(inter, GATED_BLOCK), 1)), dtype=torch.float32, device=device)
+    if m == 0 or inter == 0 or k == 0:
+        return h.zero_(), part_max.zero_(), True
+    return h, part_max, False
+
+
 def int8_gemm_silu(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, w_scale_g: torch.Tensor, inter: int,
                    out_dtype: torch.dtype = torch.bfloat16, config: SiluGemmConfig | None = None,
                    tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,12 +199,9 @@ def int8_gemm_silu(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, 
     check_silu_operands(x_q, x_scale, w_g, w_scale_g, inter, out_dtype, "int8_gemm_silu")
     blocks = cdiv(inter, GATED_BLOCK)
     m, k = x_q.shape
-    h = torch.empty((m, inter), dtype=out_dtype, device=x_q.device)
-    part_max = torch.empty((m, max(blocks, 1)), dtype=torch.float32, device=x_q.device)
-    if m == 0 or inter == 0:
-        return h, part_max.zero_()
-    if k == 0:  # every product is 0: gate = up = 0, silu(0) * 0 = 0
-        return h.zero_(), part_max.zero_()
+    h, part_max, done = silu_outputs(m, inter, k, out_dtype, x_q.device)
+    if done:
+        return h, part_max
     cfg = config or silu_gemm_config(m)
     use_tma = tma_ok(x_q, w_g) if tma is None else (tma and tma_ok(x_q, w_g))
     a_desc = b_desc = None

@@ -29,8 +29,12 @@ vs 17,642 / 17,599 tok/s), for a reason not established. Shared memory: the ring
 ((BLOCK_M + BLOCK_N) * BLOCK_K + 16) bytes (`ws_smem_bytes`; sm_90 allows 227 KB per CTA), plus the
 store conversion's scratch with coalesced_store.
 
-sm_90 only (Gluon's warp_specialize, wgmma, TMA; written against Triton 3.6's Gluon): `ws_available`
-says where it runs; elsewhere `int8_gemm` (kernels/int8_gemm.py) is the path.
+The SiLU-and-mul variant's kernel (`_int8_gemm_silu_ws_kernel`, `_silu_epilogue`) lives here too, since it
+shares the partitions; its host side, configs and shape table are kernels/int8_gemm_silu_ws.py.
+
+sm_90 only (Gluon's warp_specialize, wgmma, TMA), and Triton 3.6 only (TESTED_TRITON: the Gluon API it is
+written against; 3.9 renamed thread_barrier and the TMA load): `ws_available` says where it runs; elsewhere
+`int8_gemm` (kernels/int8_gemm.py) is the path.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ import functools
 from typing import NamedTuple
 
 import torch
+import triton
 
-from deepserve.kernels.int8_gemm import check_operands, check_x_scale, empty_gemm, num_sms
-from deepserve.kernels.sizes import cdiv
+from deepserve.kernels.int8_gemm import check_operands, check_x_scale, empty_gemm, num_sms, tma_rows_ok
+from deepserve.kernels.sizes import bucket, cdiv
 
 try:  # Gluon (Triton >= 3.5); CPU-only and older installs import this module without it
     from triton.experimental import gluon
@@ -50,7 +55,6 @@ try:  # Gluon (Triton >= 3.5); CPU-only and older installs import this module wi
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     _jit = gluon.jit
-    SCRATCH = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # the SiLU epilogue's [BLOCK_M, 2 * GATED_BLOCK] tile, plain
 except ImportError:  # pragma: no cover - depends on the Triton install
     gl = None
 
@@ -69,9 +73,11 @@ class WsConfig(NamedTuple):
     coalesced_store: bool = False  # epilogue through a layout conversion (shared-memory scratch): 16-byte stores
 
 
-# max M -> config. First estimates, not yet timed. M <= 256: stages of (128 + 128) x 128 B = 32 KB, 4 of
-# them 128 KB (131,252 B of shared memory in the Triton 3.6 sm_90 compile); above: (128 + 256) x 128 B =
-# 48 KB, 4 of them 192 KB (196,788 B compiled), two warpgroups side by side along N.
+# max M -> config, for calls without one (tests, benchmarks; the engine passes WS_SHAPE_CONFIGS' entries).
+# Timed in run s12b at qwen-7b's four linears: slower than int8_gemm's table in 9 of 12 (linear, M) pairs, faster
+# for down at 2048 / 8192. M <= 256: stages of (128 + 128) x 128 B = 32 KB, 4 of them 128 KB (131,252 B of
+# shared memory in the Triton 3.6 sm_90 compile); above: (128 + 256) x 128 B = 48 KB, 4 of them 192 KB
+# (196,788 B compiled), two warpgroups side by side along N.
 WS_CONFIGS: dict[int, WsConfig] = {
     256: WsConfig(128, 128, 128, num_stages=4, num_warps=4),
     1 << 62: WsConfig(128, 256, 128, num_stages=4, num_warps=8),
@@ -81,8 +87,9 @@ WS_CONFIGS: dict[int, WsConfig] = {
 # int8_gemm (None: int8_gemm for that bucket). Measured on an H200 (runs s12b / s12c, benchmarks/
 # kernels_int8_ws.py, CUDA-graph replays over cold weights, int8_gemm's table config beside it in the same
 # process), qwen-7b's shapes, only where the warp-specialised kernel won, only at the M measured:
-#   down (N 3584, K 18944), M = 256: persistent 64 x 128 x 128, 6 stages, 36.7 vs 43.4 us (int8_gemm split-K 2);
-#     M = 2048 / 8192: 128 x 256 x 128, 4 stages, 8 warps, 193.5 vs 205.0 us / 713.2 vs 783.6 us;
+#   down (N 3584, K 18944), M = 256: persistent 64 x 128 x 128, 6 stages, 36.7 vs 43.4 us (int8_gemm split-K 2;
+#     s12c); M = 2048 / 8192: 128 x 256 x 128, 4 stages, 8 warps, 193.5 vs 205.0 us (s12b) / 713.2 vs 783.6 us
+#     (s12c; 763.2 vs 820.4 in s12b);
 #   o (N 3584, K 3584), M = 256: persistent 128 x 64 x 128, 6 stages, 10.6 vs 12.1 us (at 2048 / 8192
 #     int8_gemm is as fast or faster).
 # qkv and gate_up stay on int8_gemm (qkv 14.9 vs 12.8 us at M = 256; gate_up runs int8_gemm_silu). The M
@@ -95,58 +102,52 @@ WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig | None]] = {
                    1 << 62: None},
 }
 
-# int8_gemm_silu_ws's default: one gated block (2 x 64 rows of w_g) per tile; 5 stages leave room for the
-# epilogue's scratch with a float32 h (229,580 B in the Triton 3.6 sm_90 compile; 6 stages need a 16-bit h).
-SILU_WS_CONFIG = WsConfig(128, 128, 128, num_stages=5, num_warps=4, persistent=True)
-# (2 I_pad, K) of a gated-layout gate_up -> {max M: WsConfig or None}: where
-# `quant/int8_cuda.w8a8_gate_up_silu_quant` runs int8_gemm_silu_ws rather than int8_gemm_silu. Measured on an H200
-# (run s12e, benchmarks/kernels_gate_up_silu.py --ws, qwen-7b K = 3584, I = 18944, each time with
-# int8_quant_amax after it, bf16 h): persistent 128 x 128 x 128, 6 stages, 8 warps: 76.2 vs 86.0 us at M = 256,
-# 483.6 vs 507.4 at 2048, 2002.3 vs 2032.8 at 8192. Buckets as WS_SHAPE_CONFIGS' (M <= 192, 257-1024 unmeasured).
-_GATE_UP_WS = WsConfig(128, 128, 128, num_stages=6, num_warps=8, persistent=True)
-SILU_WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig | None]] = {
-    (37888, 3584): {192: None, 256: _GATE_UP_WS, 1024: None, 1 << 62: _GATE_UP_WS},
-}
-
 LOAD_REGS = 40  # registers per thread of the TMA warp (setmaxnreg); the consumers get the rest
 SMEM_LIMIT = 232448  # bytes of shared memory one CTA may use on sm_90 (227 KB)
+SMEM_SLACK = 128  # Triton's own shared memory beside the kernel's (116-124 B in the 3.6 / 3.9 compiles)
+TESTED_TRITON = (3, 6)  # the Triton (major, minor) whose Gluon these kernels are written against and were run on
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def ws_config(m: int) -> WsConfig:
     """WS_CONFIGS' entry for M: the one with the smallest max-M >= m."""
-    return WS_CONFIGS[min(bound for bound in WS_CONFIGS if bound >= m)]
+    return bucket(WS_CONFIGS, m)
 
 
 def ws_shape_config(m: int, n: int, k: int) -> WsConfig | None:
     """WS_SHAPE_CONFIGS' config for an [M, K] x [N, K]^T product, or None where int8_gemm runs it."""
     table = WS_SHAPE_CONFIGS.get((n, k))
-    if table is None:
-        return None
-    return table[min(bound for bound in table if bound >= m)]
-
-
-def silu_ws_shape_config(m: int, rows: int, k: int) -> WsConfig | None:
-    """SILU_WS_SHAPE_CONFIGS' config for a gated weight of `rows` rows and K columns at M, or None."""
-    table = SILU_WS_SHAPE_CONFIGS.get((rows, k))
-    if table is None:
-        return None
-    return table[min(bound for bound in table if bound >= m)]
+    return None if table is None else bucket(table, m)
 
 
 def ws_smem_bytes(cfg: WsConfig) -> int:
-    """Shared memory of the stage ring and its two mbarriers per stage: the kernel's all but Triton's own ~116 B
-    and, with coalesced_store, the conversion's scratch (`store_layout`)."""
+    """Shared memory of the stage ring and its two mbarriers per stage (the kernel's, without Triton's own
+    SMEM_SLACK and without coalesced_store's conversion scratch: `store_scratch_bytes`)."""
     return cfg.num_stages * ((cfg.block_m + cfg.block_n) * cfg.block_k + 16)
 
 
+def store_scratch_bytes(cfg: WsConfig, out_dtype: torch.dtype) -> int:
+    """The coalesced store's layout-conversion scratch (`store_layout`), as the Triton 3.6 / 3.9 sm_90
+    compiles allocate it: a quarter of the 16-bit tile's bytes, twice the float32 tile's element count."""
+    if not cfg.coalesced_store:
+        return 0
+    tile = cfg.block_m * cfg.block_n
+    return tile // 2 if out_dtype.itemsize == 2 else 2 * tile
+
+
 def ws_available(device: torch.device | str) -> bool:
-    """Whether `int8_gemm_ws` runs on `device`: Gluon importable, a CUDA device of compute capability
-    exactly 9.0 (H100 / H200), not ROCm."""
+    """Whether `int8_gemm_ws` runs on `device`: Gluon importable from the Triton these kernels were written
+    against and run on (TESTED_TRITON: Gluon's API changes between releases; 3.9 renamed two of the calls used
+    here), a CUDA device of compute capability exactly 9.0 (H100 / H200), not ROCm. Elsewhere int8_gemm."""
     device = torch.device(device)
-    if gl is None or device.type != "cuda":
+    if gl is None or device.type != "cuda" or not triton_tested(triton.__version__):
         return False
     return _sm90(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def triton_tested(version: str) -> bool:
+    """Whether a Triton version string ("3.6.0", "3.6.0+git...") is of the TESTED_TRITON release."""
+    return tuple(int(part) for part in version.split(".")[:2]) == TESTED_TRITON
 
 
 @functools.lru_cache(maxsize=None)
@@ -352,9 +353,22 @@ def store_layout(cfg: WsConfig, out_bytes: int):
     spills; 2-element stores: 4 B per thread and row for bf16)."""
     if not cfg.coalesced_store:
         return acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps)
+    return row_vectors(cfg.num_warps, out_bytes, cfg.block_n)
+
+
+@functools.lru_cache(maxsize=64)
+def row_vectors(num_warps: int, out_bytes: int, cols: int):
+    """A [rows, cols] register layout of 16-byte vectors along the row, a warp's threads along the columns
+    first, the warps down the rows (the coalesced store's, and the SiLU epilogue's reads of its scratch)."""
     vec = 16 // out_bytes
-    lanes_n = min(32, cfg.block_n // vec)
-    return gl.BlockedLayout([1, vec], [32 // lanes_n, lanes_n], [cfg.num_warps, 1], [1, 0])
+    lanes_n = min(32, cols // vec)
+    return gl.BlockedLayout([1, vec], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
+
+
+@functools.lru_cache(maxsize=1)
+def scratch_layout():
+    """The SiLU epilogue's [BLOCK_M, 2 * GATED_BLOCK] scratch: unswizzled rows."""
+    return gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
 
 
 def kernel_constexprs(cfg: WsConfig, out_dtype: torch.dtype, has_bias: bool) -> dict:
@@ -366,8 +380,9 @@ def kernel_constexprs(cfg: WsConfig, out_dtype: torch.dtype, has_bias: bool) -> 
 
 def max_regs(num_warps: int) -> int:
     """Registers per thread at launch: the register file (64 K) over the consumer warps plus the producer's
-    warpgroup (registers go per warpgroup), a multiple of 8, at most 255 (Triton's setmaxnreg then moves
-    the producer's share to the consumers: 4 warps 248-256, 8 warps 232-240, the producer 40)."""
+    warpgroup (registers go per warpgroup), rounded down to a multiple of 8, capped at 255 (Triton's
+    setmaxnreg then moves the producer's share to the consumers: 4 warps 248-256, 8 warps 232-240, the
+    producer 40)."""
     return min(255, 65536 // (32 * (num_warps + 4)) // 8 * 8)
 
 
@@ -382,21 +397,22 @@ def check_ws_operands(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tenso
         raise ValueError(f"{what}: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     check_tma_rows(what, x_q=x_q, w_q=w_q)
     if cfg is not None:
-        check_config(cfg)
+        check_config(cfg, out_dtype)
 
 
 def check_tma_rows(what: str, **tensors: torch.Tensor) -> None:
     """TMA needs each operand's base address and row stride 16-byte aligned (K % 16 == 0 for contiguous
-    int8 rows)."""
+    int8 rows: `int8_gemm.tma_rows_ok`)."""
     for name, t in tensors.items():
-        if t.numel() and (t.data_ptr() % 16 or t.stride(0) % 16):
+        if t.numel() and not tma_rows_ok(t):
             raise ValueError(f"{what}: TMA needs {name}'s base address and row stride 16-byte aligned "
                              f"(K % 16 == 0 for contiguous rows), got K = {t.shape[1]}, stride {t.stride(0)}")
 
 
-def check_config(cfg: WsConfig) -> None:
+def check_config(cfg: WsConfig, out_dtype: torch.dtype = torch.bfloat16) -> None:
     """Blocks the wgmma layout and the TMA boxes take, an accumulator of at most 128 registers per thread,
-    a ring of at least 2 stages that fits in shared memory."""
+    a ring of at least 2 stages that fits in shared memory beside the store's scratch for out_dtype."""
+    smem = ws_smem_bytes(cfg) + store_scratch_bytes(cfg, out_dtype) + SMEM_SLACK
     bad = None
     if cfg.num_warps not in (4, 8) or cfg.block_m not in (64, 128, 256):
         bad = "block_m 64, 128 or 256 and num_warps 4 or 8"
@@ -404,8 +420,8 @@ def check_config(cfg: WsConfig) -> None:
         bad = "block_n a multiple of 16 up to 256 (16 per warpgroup) and block_k 32, 64 or 128"
     elif cfg.block_m * cfg.block_n > 128 * 32 * cfg.num_warps:
         bad = "an int32 accumulator of at most 128 registers per thread (block_m * block_n <= 4096 * num_warps)"
-    elif cfg.num_stages < 2 or ws_smem_bytes(cfg) > SMEM_LIMIT:
-        bad = f"2 or more stages in {SMEM_LIMIT} B of shared memory (these take {ws_smem_bytes(cfg)} B)"
+    elif cfg.num_stages < 2 or smem > SMEM_LIMIT:
+        bad = f"2 or more stages in {SMEM_LIMIT} B of shared memory (these take {smem} B with {out_dtype})"
     if bad:
         raise ValueError(f"int8_gemm_ws: config needs {bad}, got {cfg}")
 
@@ -433,70 +449,6 @@ def int8_gemm_ws(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_
                                maxnreg=max_regs(cfg.num_warps),
                                enable_fp_fusion=False)  # no FMA: the reference rounds the product first
     return c
-
-
-def silu_smem_bytes(cfg: WsConfig, out_dtype: torch.dtype) -> int:
-    """`int8_gemm_silu_ws`'s shared memory: the ring and the epilogue's [BLOCK_M, 2 * GATED_BLOCK] scratch."""
-    return ws_smem_bytes(cfg) + cfg.block_m * cfg.block_n * out_dtype.itemsize
-
-
-def check_silu_config(cfg: WsConfig, out_dtype: torch.dtype) -> None:
-    """`check_config`, a tile of one gated block (block_n = 2 * GATED_BLOCK), the scratch beside the ring."""
-    from deepserve.kernels.int8_gemm_silu import GATED_BLOCK
-
-    check_config(cfg)
-    if cfg.block_n != 2 * GATED_BLOCK or cfg.coalesced_store:
-        raise ValueError(f"int8_gemm_silu_ws: config needs block_n = {2 * GATED_BLOCK} (one gated block) and no "
-                         f"coalesced_store, got {cfg}")
-    if silu_smem_bytes(cfg, out_dtype) > SMEM_LIMIT:
-        raise ValueError(f"int8_gemm_silu_ws: the ring and the epilogue's scratch take "
-                         f"{silu_smem_bytes(cfg, out_dtype)} B of shared memory, more than {SMEM_LIMIT}: {cfg} with "
-                         f"{out_dtype}")
-
-
-@functools.lru_cache(maxsize=64)
-def half_layout(num_warps: int, out_bytes: int, half: int):
-    """The layout the SiLU epilogue reads each [BLOCK_M, half] half of the scratch in: rows of 16-byte vectors,
-    a warp's threads along the columns first (the gate and the up element of a column in one thread)."""
-    vec = 16 // out_bytes
-    lanes_n = min(32, half // vec)
-    return gl.BlockedLayout([1, vec], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
-
-
-def int8_gemm_silu_ws(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tensor, w_scale_g: torch.Tensor,
-                      inter: int, out_dtype: torch.dtype = torch.bfloat16,
-                      config: WsConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernels/int8_gemm_silu.int8_gemm_silu` on the warp-specialised kernel, the same arguments and the same
-    bits: x_q [M, K] int8, x_scale [M] f32, w_g [2 I_pad, K] int8 and w_scale_g [2 I_pad] f32 in the gated
-    layout -> (h [M, I] out_dtype, part_max [M, max(1, I_pad / GATED_BLOCK)] f32). `config` (block_n =
-    2 * GATED_BLOCK) overrides SILU_WS_CONFIG. ValueError on bad operands before any launch, RuntimeError where
-    `ws_available` is False."""
-    from deepserve.kernels.int8_gemm_silu import GATED_BLOCK, check_silu_operands
-
-    what = "int8_gemm_silu_ws"
-    check_silu_operands(x_q, x_scale, w_g, w_scale_g, inter, out_dtype, what)
-    check_tma_rows(what, x_q=x_q, w_g=w_g)
-    cfg = config or SILU_WS_CONFIG
-    check_silu_config(cfg, out_dtype)
-    (m, k), blocks = x_q.shape, cdiv(inter, GATED_BLOCK)
-    h = torch.empty((m, inter), dtype=out_dtype, device=x_q.device)
-    part_max = torch.empty((m, max(blocks, 1)), dtype=torch.float32, device=x_q.device)
-    if m == 0 or inter == 0:
-        return h, part_max.zero_()
-    if k == 0:  # every product is 0: gate = up = 0, silu(0) * 0 = 0
-        return h.zero_(), part_max.zero_()
-    if not ws_available(x_q.device):
-        raise RuntimeError(f"{what}: needs Gluon and an sm_90 CUDA device, got {x_q.device}; use int8_gemm_silu")
-    tiles = cdiv(m, cfg.block_m) * blocks
-    grid = (min(tiles, num_sms(x_q.device)) if cfg.persistent else tiles,)
-    _int8_gemm_silu_ws_kernel[grid](
-        descriptor(x_q, cfg.block_m, cfg.block_k), descriptor(w_g, cfg.block_n, cfg.block_k), h, part_max, x_scale,
-        w_scale_g, m, w_g.shape[0], k, inter, h.stride(0), GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
-        ACC_LAYOUT=acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps),
-        HALF_LAYOUT=half_layout(cfg.num_warps, out_dtype.itemsize, GATED_BLOCK), SCRATCH_LAYOUT=SCRATCH,
-        LOAD_WARP_REGS=LOAD_REGS, num_warps=cfg.num_warps, maxnreg=max_regs(cfg.num_warps),
-        enable_fp_fusion=False)  # no FMA: the reference rounds the product first
-    return h, part_max
 
 
 def descriptor(t: torch.Tensor, rows: int, cols: int):

@@ -2,6 +2,7 @@
 
     cdiv(x, y)          -> ceil(x / y) for y > 0, as triton.cdiv
     next_power_of_2(n)  -> the smallest power of two >= n (0 for n = 0), as triton.next_power_of_2
+    bucket(table, m)    -> table[the smallest key >= m]: the entry of a {max M: config} table for M rows
 
 Triton's own are `ConstexprFunction`s (usable inside kernels too), and a call from host Python pays for
 their constexpr unwrapping: 1.90 us against 0.088 us for this cdiv on the 2-core development machine
@@ -20,3 +21,7 @@ def cdiv(x: int, y: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def bucket(table: dict, m: int):
+    return table[min(bound for bound in table if bound >= m)]

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from deepserve.kernels.int8_gemm_ws import WsConfig
     from deepserve.kernels.int8_quant import Int8Activations
 
 W8A8_BACKENDS: dict[int, str] = {1 << 62: "triton"}
@@ -85,21 +86,24 @@ def w8a8_gate_up_silu_quant(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch
 
     ws = ws_gate_up_config(x_q, w_g, out_dtype)
     if ws is not None:
-        from deepserve.kernels.int8_gemm_ws import int8_gemm_silu_ws
+        from deepserve.kernels.int8_gemm_silu_ws import int8_gemm_silu_ws
 
         return int8_quant_amax(*int8_gemm_silu_ws(x_q, x_scale, w_g, w_scale_g, inter, out_dtype, ws))
     return int8_quant_amax(*int8_gemm_silu(x_q, x_scale, w_g, w_scale_g, inter, out_dtype))
 
 
-def ws_gate_up_config(x_q: torch.Tensor, w_g: torch.Tensor, out_dtype: torch.dtype):
-    """`ws_linear_config` for the gated gate_up (`kernels/int8_gemm_ws.SILU_WS_SHAPE_CONFIGS`): the config where
-    the table takes this weight at this M, the device runs it and the epilogue's scratch for out_dtype fits."""
-    from deepserve.kernels.int8_gemm_ws import SMEM_LIMIT, silu_smem_bytes, silu_ws_shape_config, ws_available
+def ws_gate_up_config(x_q: torch.Tensor, w_g: torch.Tensor, out_dtype: torch.dtype) -> WsConfig | None:
+    """`ws_linear_config` for the gated gate_up (`kernels/int8_gemm_silu_ws.SILU_WS_SHAPE_CONFIGS`): the config
+    where the table takes this weight at this M, the device runs it and the epilogue's scratch for out_dtype
+    fits beside its ring."""
+    from deepserve.kernels import int8_gemm_ws
+    from deepserve.kernels.int8_gemm import tma_rows_ok
+    from deepserve.kernels.int8_gemm_silu_ws import silu_config_fits, silu_ws_shape_config
 
     cfg = silu_ws_shape_config(x_q.shape[0], w_g.shape[0], x_q.shape[1])
-    if cfg is None or silu_smem_bytes(cfg, out_dtype) > SMEM_LIMIT or not ws_available(x_q.device):
+    if cfg is None or not silu_config_fits(cfg, out_dtype) or not int8_gemm_ws.ws_available(x_q.device):
         return None
-    return cfg if _tma_rows(x_q, w_g) else None
+    return cfg if tma_rows_ok(x_q, w_g) else None
 
 
 def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
@@ -124,21 +128,17 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     return int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 
-def ws_linear_config(x_q: torch.Tensor, w_q: torch.Tensor):
+def ws_linear_config(x_q: torch.Tensor, w_q: torch.Tensor) -> WsConfig | None:
     """The warp-specialised GEMM's config where its shape table takes this linear at this M and the device
     runs it (`kernels/int8_gemm_ws.py`: sm_90, Gluon, 16-byte aligned rows), else None (int8_gemm)."""
-    from deepserve.kernels.int8_gemm_ws import ws_available, ws_shape_config
+    from deepserve.kernels import int8_gemm_ws
+    from deepserve.kernels.int8_gemm import tma_rows_ok
 
     (m, k), n = x_q.shape, w_q.shape[0]
-    cfg = ws_shape_config(m, n, k)
-    if cfg is None or not ws_available(x_q.device):
+    cfg = int8_gemm_ws.ws_shape_config(m, n, k)
+    if cfg is None or not int8_gemm_ws.ws_available(x_q.device):
         return None
-    return cfg if _tma_rows(x_q, w_q) else None
-
-
-def _tma_rows(*tensors: torch.Tensor) -> bool:
-    """16-byte aligned bases and row strides (what the TMA descriptors of kernels/int8_gemm_ws.py need)."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors)
+    return cfg if tma_rows_ok(x_q, w_q) else None
 
 
 def w8a16_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,

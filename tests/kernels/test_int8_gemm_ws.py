@@ -44,7 +44,29 @@ def test_not_available_on_cpu():
     assert ws_available("cpu") is False
 
 
-def test_available_only_on_sm90_cuda(monkeypatch):
+@pytest.fixture
+def fresh_sm90():
+    """`_sm90`'s per-device cache emptied before and after the test (a failed assert leaves no stale entry)."""
+    cached = WS._sm90  # the lru_cache itself, whatever a test patches in its place
+    cached.cache_clear()
+    yield
+    cached.cache_clear()
+
+
+def test_triton_version_gate(monkeypatch, fresh_sm90):
+    """Only the Triton release the Gluon kernels are written against (3.6) runs them: 3.9 renamed two of its
+    calls, older releases had another warp_specialize signature; elsewhere int8_gemm."""
+    assert [WS.triton_tested(v) for v in ("3.6.0", "3.6.1+git0123abc", "3.9.0", "3.5.1", "4.6.0")] == \
+        [True, True, False, False, False]
+    if WS.gl is None:
+        pytest.skip("this Triton has no Gluon: ws_available is False before the version matters")
+    monkeypatch.setattr(WS, "_sm90", lambda index: True)
+    for version, want in (("3.6.0", True), ("3.9.0", False)):
+        monkeypatch.setattr(WS.triton, "__version__", version)
+        assert ws_available("cuda:0") is want, version
+
+
+def test_available_only_on_sm90_cuda(monkeypatch, fresh_sm90):
     """Compute capability exactly 9.0 (H100 / H200): not 9.x others, not Blackwell, not Ampere, not ROCm."""
     for capability, want in (((9, 0), True), ((10, 0), False), ((12, 0), False), ((8, 0), False), ((8, 9), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
@@ -54,7 +76,6 @@ def test_available_only_on_sm90_cuda(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2")
     WS._sm90.cache_clear()
     assert WS._sm90(0) is False
-    WS._sm90.cache_clear()
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -99,6 +120,20 @@ def test_bad_out_dtype_raises():
 def test_bad_configs_raise(cfg, match):
     with pytest.raises(ValueError, match=match):
         int8_gemm_ws(*_operands(3, 32, 64, "cpu"), torch.bfloat16, cfg)
+
+
+def test_coalesced_store_scratch_counted():
+    """The coalesced store's conversion scratch counts against shared memory: a 128 x 256 tile with 4 stages
+    fits with a bf16 output (16 KB of scratch) and not with a float32 one (64 KB): ValueError, not a failed
+    launch."""
+    cfg = WsConfig(128, 256, 128, 4, num_warps=8, coalesced_store=True)
+    WS.check_config(cfg, torch.bfloat16)
+    assert WS.store_scratch_bytes(cfg, torch.bfloat16) == 16384 and WS.store_scratch_bytes(cfg, torch.float32) == 65536
+    assert WS.store_scratch_bytes(cfg._replace(coalesced_store=False), torch.float32) == 0
+    with pytest.raises(ValueError, match="shared memory"):
+        WS.check_config(cfg, torch.float32)
+    with pytest.raises(ValueError, match="shared memory"):
+        int8_gemm_ws(*_operands(3, 32, 64, "cpu"), torch.float32, cfg)
 
 
 def test_not_available_raises_runtime_error_after_checks():
@@ -190,19 +225,43 @@ def test_gpu_every_config(monkeypatch, cfg, m, n, k):
 @needs_ws
 @pytest.mark.parametrize("m", [256, 2048])
 def test_gpu_cuda_graph_replay(m):
-    """Captured in a CUDA graph (no host synchronisation in the launch), replayed with new activations and
-    scales: the reference's bits each time."""
-    x_q, x_s, w_q, w_s, bias = _operands(m, 4608, 3584, "cuda")
-    int8_gemm_ws(x_q, x_s, w_q, w_s, bias)  # compile outside the capture
+    """The engine's path (w8a8_gemm at qwen-7b's down, which the table sends here at both M) captured in a
+    CUDA graph (no host synchronisation in the launch), replayed with new activations and scales: the
+    reference's bits each time."""
+    from deepserve.quant.int8_cuda import w8a8_gemm
+
+    x_q, x_s, w_q, w_s, _ = _operands(m, 3584, 18944, "cuda", bias=False)
+    w8a8_gemm(x_q, x_s, w_q, w_s, None, torch.bfloat16)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = int8_gemm_ws(x_q, x_s, w_q, w_s, bias)
+        out = w8a8_gemm(x_q, x_s, w_q, w_s, None, torch.bfloat16)
     for i in range(2):
         x_q.copy_(torch.randint(-127, 128, x_q.shape, dtype=torch.int8, device="cuda"))
         x_s.mul_(1.5)
         out.fill_(float("nan"))
         graph.replay()
-        assert torch.equal(out, int8_gemm_ref(x_q, x_s, w_q, w_s, bias, torch.bfloat16)), i
+        assert torch.equal(out, int8_gemm_ref(x_q, x_s, w_q, w_s, None, torch.bfloat16)), i
+
+
+MULTI_TILE = [*(c for t in WS.WS_SHAPE_CONFIGS.values() for c in t.values() if c is not None),
+              WsConfig(128, 256, 128, 4, num_warps=8, persistent=True),
+              WsConfig(128, 128, 128, 4, num_warps=4, persistent=True, coalesced_store=True)]
+
+
+@pytest.mark.gpu
+@needs_ws
+@pytest.mark.parametrize("cfg", MULTI_TILE, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("m, n, k", [(300, 3584, 3584), (300, 1000, 144), (70, 500, 64)])
+def test_gpu_persistent_walks_several_tiles(monkeypatch, cfg, m, n, k):
+    """With 7 SMs a persistent CTA walks many tiles, carrying the ring's barrier phases from tile to tile
+    (an H20 has 78 SMs, fewer than the 112 tiles of the table's down config at M = 256); K = 64 is one
+    K step, fewer than the stages. The reference's bits, 7 CTAs at most."""
+    monkeypatch.setattr(WS, "num_sms", lambda device: 7)
+    rec = record_launches(monkeypatch, WS, "_int8_gemm_ws_kernel")["_int8_gemm_ws_kernel"]
+    ops = _operands(m, n, k, "cuda", bias=False)
+    _assert_bits(ops, cfg, (torch.bfloat16,))
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    assert {grid for grid, _ in rec.launches} == {(min(tiles, 7) if cfg.persistent else tiles,)}
 
 
 @pytest.mark.gpu
@@ -232,6 +291,22 @@ def test_shape_table_buckets():
             WS.check_config(cfg)
 
 
+def test_w8a8_gemm_dispatch_decisions(monkeypatch):
+    """With the device taken as able (ws_available forced), ws_linear_config follows the table at its bucket
+    edges, and falls back to int8_gemm (None) for shapes it lacks and for operands TMA cannot take."""
+    from deepserve.quant.int8_cuda import ws_linear_config
+
+    monkeypatch.setattr(WS, "ws_available", lambda device: True)
+    down = WS.WS_SHAPE_CONFIGS[(3584, 18944)]
+    w_q = torch.zeros(3584, 18944, dtype=torch.int8)
+    got = [ws_linear_config(torch.zeros(m, 18944, dtype=torch.int8), w_q) for m in (192, 193, 256, 257, 1024, 1025)]
+    assert got == [None, down[256], down[256], None, None, down[1 << 62]]
+    assert ws_linear_config(torch.zeros(256, 3584, dtype=torch.int8), torch.zeros(4608, 3584, dtype=torch.int8)) \
+        is None
+    unaligned = torch.zeros(256 * 18944 + 1, dtype=torch.int8)[1:].view(256, 18944)  # base address off by 1 B
+    assert ws_linear_config(unaligned, w_q) is None
+
+
 def test_w8a8_gemm_keeps_int8_gemm_off_sm90():
     """Where the warp-specialised kernel cannot run (here: a CPU tensor), a table shape stays on int8_gemm."""
     from deepserve.quant.int8_cuda import ws_linear_config
@@ -247,7 +322,8 @@ def test_w8a8_gemm_keeps_int8_gemm_off_sm90():
                                          (256, 4608, 3584, False)])
 def test_gpu_w8a8_gemm_dispatch(monkeypatch, m, n, k, ws):
     """w8a8_gemm launches the warp-specialised kernel exactly for the table's (shape, M) and gives the
-    reference's bits there (int8_gemm's own bits elsewhere: split-K may round partials once more)."""
+    reference's bits there. Elsewhere only the launch count is the point (the output is compared with the
+    same int8_gemm call: split-K may round partials once more than the reference)."""
     from deepserve.kernels import int8_gemm as G
     from deepserve.quant.int8_cuda import w8a8_gemm
 
@@ -259,114 +335,59 @@ def test_gpu_w8a8_gemm_dispatch(monkeypatch, m, n, k, ws):
     assert torch.equal(got, want)
 
 
-# ---- int8_gemm_silu_ws: the gate_up GEMM with SiLU-and-mul epilogue ------------------------------------
+# ---- offline sm_90 compiles of the table configs (no GPU needed) --------------------------------------
 
-def _gated(m, inter, k, dev):
-    """Operands of a gated-layout gate_up: x_q [M, K], x_scale, w_g [2 I_pad, K], w_scale_g [2 I_pad]."""
-    from deepserve.kernels.int8_gemm_silu import to_gated_layout
+def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int):
+    """Compile a Gluon kernel for sm_90 without a device (Triton's own ptxas), with int8_gemm_ws's launch
+    options; the pointer and integer arguments 16-divisible, as the JIT specialises aligned ones."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
 
-    x_q, x_s, w_q, w_s, _ = _operands(m, 2 * inter, k, dev, bias=False)
-    return x_q, x_s, to_gated_layout(w_q), to_gated_layout(w_s)
-
-
-def test_silu_config_checks():
-    """One gated block per tile (block_n 128), no coalesced store, the scratch beside the ring in 227 KB:
-    6 stages of 128 x 128 fit with a bf16 h (229,472 B) and not with a float32 one (262,240 B)."""
-    WS.check_silu_config(WS.SILU_WS_CONFIG, torch.float32)
-    six = WS.SILU_WS_CONFIG._replace(num_stages=6)
-    WS.check_silu_config(six, torch.bfloat16)
-    assert WS.silu_smem_bytes(six, torch.bfloat16) == 6 * (256 * 128 + 16) + 128 * 128 * 2
-    with pytest.raises(ValueError, match="more than"):
-        WS.check_silu_config(six, torch.float32)
-    wide = WS.SILU_WS_CONFIG._replace(block_n=256, num_warps=8, num_stages=3)
-    for bad in (wide, WS.SILU_WS_CONFIG._replace(coalesced_store=True)):
-        with pytest.raises(ValueError, match="one gated block"):
-            WS.check_silu_config(bad, torch.bfloat16)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind != "constexpr"
+               and not kind.startswith("tensordesc")}
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64),
+                          options=dict(num_warps=num_warps, maxnreg=WS.max_regs(num_warps), enable_fp_fusion=False))
 
 
-def test_silu_ws_checks_and_cpu():
-    """Bad operands raise ValueError before any launch (int8_gemm_silu's checks); a CPU device RuntimeError;
-    empty shapes need no launch."""
-    x_q, x_s, w_g, w_sg = _gated(3, 64, 64, "cpu")
-    with pytest.raises(ValueError, match="gated-layout weight"):
-        WS.int8_gemm_silu_ws(x_q, x_s, w_g, w_sg, 65)
-    with pytest.raises(ValueError, match="out_dtype"):
-        WS.int8_gemm_silu_ws(x_q, x_s, w_g, w_sg, 64, torch.int32)
-    with pytest.raises(RuntimeError, match="sm_90"):
-        WS.int8_gemm_silu_ws(x_q, x_s, w_g, w_sg, 64)
-    h, part = WS.int8_gemm_silu_ws(x_q[:0], x_s[:0], w_g, w_sg, 64)
-    assert h.shape == (0, 64) and part.shape == (0, 1)
-    h, part = WS.int8_gemm_silu_ws(x_q[:, :0], x_s, w_g[:, :0], w_sg, 64)
-    assert not h.any() and not part.any()
+def descriptor_types(cfg: WsConfig) -> dict:
+    from triton.runtime.jit import mangle_type
+
+    x = torch.zeros(256, 256, dtype=torch.int8)
+    return {"a_desc": mangle_type(WS.descriptor(x, cfg.block_m, cfg.block_k)),
+            "b_desc": mangle_type(WS.descriptor(x, cfg.block_n, cfg.block_k))}
 
 
-@pytest.mark.gpu
-@needs_ws
-@pytest.mark.parametrize("m", [1, 17, 256, 300])
-@pytest.mark.parametrize("inter, k", [(64, 144), (200, 2048), (2816, 2048)])
-@pytest.mark.parametrize("cfg", [WS.SILU_WS_CONFIG, WsConfig(64, 128, 128, 6, 4, persistent=True),
-                                 WsConfig(128, 128, 128, 4, 8)], ids=lambda c: "-".join(map(str, c)))
-def test_gpu_silu_ws_bits_equal_int8_gemm_silu(m, inter, k, cfg):
-    """h and part_max bit for bit those of int8_gemm_silu (the Triton kernel), each out_dtype that fits."""
-    from deepserve.kernels.int8_gemm_silu import int8_gemm_silu
+def _tested_triton() -> bool:
+    import triton
 
-    ops = _gated(m, inter, k, "cuda")
-    for dtype in OUT_DTYPES:
-        if WS.silu_smem_bytes(cfg, dtype) > WS.SMEM_LIMIT:
-            continue
-        want_h, want_part = int8_gemm_silu(*ops, inter, dtype)
-        got_h, got_part = WS.int8_gemm_silu_ws(*ops, inter, dtype, cfg)
-        assert torch.equal(got_h, want_h), dtype
-        assert torch.equal(got_part, want_part), dtype
+    from deepserve import envs
+
+    return WS.gl is not None and WS.triton_tested(triton.__version__) and not envs.triton_interpret()
 
 
-@pytest.mark.gpu
-@needs_ws
-def test_gpu_silu_ws_cuda_graph_replay():
-    """Captured and replayed with new activations: int8_gemm_silu's bits each time (the persistent default)."""
-    from deepserve.kernels.int8_gemm_silu import int8_gemm_silu
-
-    x_q, x_s, w_g, w_sg = _gated(256, 2816, 2048, "cuda")
-    WS.int8_gemm_silu_ws(x_q, x_s, w_g, w_sg, 2816)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        h, part = WS.int8_gemm_silu_ws(x_q, x_s, w_g, w_sg, 2816)
-    for i in range(2):
-        x_q.copy_(torch.randint(-127, 128, x_q.shape, dtype=torch.int8, device="cuda"))
-        h.fill_(float("nan"))
-        graph.replay()
-        want_h, want_part = int8_gemm_silu(x_q, x_s, w_g, w_sg, 2816)
-        assert torch.equal(h, want_h) and torch.equal(part, want_part), i
+needs_tested_triton = pytest.mark.skipif(not _tested_triton(), reason="the offline sm_90 compile runs with the "
+                                         "Triton release the Gluon kernels are written against (TESTED_TRITON) "
+                                         "and outside its interpreter (which replaces the jit functions Gluon calls)")
 
 
-def test_silu_shape_table_and_cpu_dispatch():
-    """qwen-7b's gated gate_up (2 I_pad = 37888, K = 3584) takes int8_gemm_silu_ws in the measured buckets only;
-    off sm_90 (a CPU tensor) and where a float32 h's scratch would not fit, int8_gemm_silu stays."""
-    from deepserve.quant.int8_cuda import ws_gate_up_config
-
-    table = WS.SILU_WS_SHAPE_CONFIGS[(37888, 3584)]
-    assert [WS.silu_ws_shape_config(m, 37888, 3584) for m in (192, 193, 256, 257, 1024, 1025, 8192)] == \
-        [None, table[256], table[256], None, None, table[1 << 62], table[1 << 62]]
-    assert WS.silu_ws_shape_config(256, 5632, 2048) is None
-    for cfg in filter(None, table.values()):
-        WS.check_silu_config(cfg, torch.bfloat16)
-    x_q = torch.zeros(256, 3584, dtype=torch.int8)
-    assert ws_gate_up_config(x_q, torch.zeros(37888, 3584, dtype=torch.int8), torch.bfloat16) is None
-
-
-@pytest.mark.gpu
-@needs_ws
-@pytest.mark.parametrize("m, ws", [(256, True), (2048, True), (128, False)])
-def test_gpu_gate_up_dispatch(monkeypatch, m, ws):
-    """w8a8_gate_up_silu_quant at qwen-7b's gate_up launches the warp-specialised SiLU kernel exactly in the
-    table's buckets (a float32 h never: its scratch does not fit beside 6 stages), with int8_gemm_silu's bits."""
-    from deepserve.kernels.int8_gemm_silu import int8_gemm_silu, int8_quant_amax
-    from deepserve.quant.int8_cuda import w8a8_gate_up_silu_quant
-
-    ops = _gated(m, 18944, 3584, "cuda")
-    for dtype, launched in ((torch.bfloat16, ws), (torch.float32, False)):
-        rec = record_launches(monkeypatch, WS, "_int8_gemm_silu_ws_kernel")["_int8_gemm_silu_ws_kernel"]
-        got = w8a8_gate_up_silu_quant(*ops, 18944, dtype)
-        assert len(rec.launches) == int(launched), dtype
-        want = int8_quant_amax(*int8_gemm_silu(*ops, 18944, dtype))
-        assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale), dtype
+@needs_tested_triton
+@pytest.mark.parametrize("cfg", sorted({c for t in WS.WS_SHAPE_CONFIGS.values() for c in t.values() if c}
+                                       | set(WS_CONFIGS.values())), ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("out", ["bf16", "fp32"])
+def test_table_configs_compile_for_sm90(cfg, out):
+    """Every config the engine or the defaults launch compiles for sm_90 (wgmma on s8 operands, warp
+    specialisation's setmaxnreg, TMA loads, no FMA in the epilogue) and its shared memory is what
+    `check_config` counts, within Triton's slack."""
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[out]
+    consts = WS.kernel_constexprs(cfg, dtype, True)
+    sig = {**descriptor_types(cfg), "c_ptr": "*" + out, "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+           "bias_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_cm": "i32",
+           **{name: "constexpr" for name in consts}}
+    kernel = compile_sm90(WS._int8_gemm_ws_kernel, sig, consts, cfg.num_warps)
+    ptx = kernel.asm["ptx"]
+    assert ".s32.s8.s8" in ptx and "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
+    assert "fma.rn.f32" not in ptx
+    counted = WS.ws_smem_bytes(cfg) + WS.store_scratch_bytes(cfg, dtype)
+    assert counted <= kernel.metadata.shared <= counted + WS.SMEM_SLACK <= WS.SMEM_LIMIT
