@@ -176,10 +176,11 @@ def test_mlp_hands_down_what_apply_gated_gives(monkeypatch, kind):
 @pytest.mark.parametrize("quantized_input", [False, True])
 def test_gpu_mlp_gated_path_is_the_unfused_one(monkeypatch, m, quantized_input):
     """A qwen-7b MLP (hidden 3584, I = 18944) under int8 on CUDA: the gated path (the gate_up GEMM with
-    SiLU-and-mul in its epilogue: it must be what ran) gives the bits of the same MLP never put in the
-    gated layout (and of the gated layer's own fallback), from a tensor and from the norm-fused
-    PerTokenQuant input."""
+    SiLU-and-mul in its epilogue, Triton's or the warp-specialised one: one of them must be what ran) gives
+    the bits of the same MLP never put in the gated layout (and of the gated layer's own fallback), from a
+    tensor and from the norm-fused PerTokenQuant input."""
     import deepserve.kernels.int8_gemm_silu as gated
+    import deepserve.kernels.int8_gemm_silu_ws as gated_ws
     from deepserve.kernels.int8_quant import int8_quant
 
     with torch.device("cuda"):
@@ -197,9 +198,10 @@ def test_gpu_mlp_gated_path_is_the_unfused_one(monkeypatch, m, quantized_input):
     x = torch.randn(m, 3584, device="cuda").bfloat16()
     if quantized_input:
         x = PerTokenQuant(*int8_quant(x)[:2], torch.bfloat16)
-    launched = []
-    real = gated.int8_gemm_silu
-    monkeypatch.setattr(gated, "int8_gemm_silu", lambda *a, **k: launched.append(a) or real(*a, **k))
+    launched = []  # either gated kernel: the Triton one, or on sm_90 the warp-specialised one at its table's M
+    for module, name in ((gated, "int8_gemm_silu"), (gated_ws, "int8_gemm_silu_ws")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, **k: launched.append(a) or real(*a, **k))
     got = mlp(x)
     assert len(launched) == 1
     want = plain(x)
