@@ -26,6 +26,7 @@ from deepserve.kernels import int8_gemm_ws as ws
 from deepserve.kernels.int8_gemm_silu import GATED_BLOCK, check_silu_operands, silu_outputs
 from deepserve.kernels.int8_gemm_ws import WsConfig
 from deepserve.kernels.sizes import bucket, cdiv
+from deepserve.kernels.ws_pipeline import gl, jit, load_partition, mma_partition, ring
 
 # int8_gemm_silu_ws's default: one gated block (2 x 64 rows of w_g) per tile; 5 stages leave room for the
 # epilogue's scratch with a float32 h (229,580 B in the Triton 3.6 sm_90 compile; 6 stages need a 16-bit h).
@@ -40,6 +41,23 @@ _GATE_UP_WS = WsConfig(128, 128, 128, num_stages=6, num_warps=8, persistent=True
 SILU_WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig | None]] = {
     (37888, 3584): {192: None, 256: _GATE_UP_WS, 1024: None, 1 << 62: _GATE_UP_WS},
 }
+
+
+@jit
+def _int8_gemm_silu_ws_kernel(a_desc, b_desc, h_ptr, part_ptr, a_scale_ptr, b_scale_ptr, M, N, K, inter, stride_hm,
+                              GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, ACC_LAYOUT: gl.constexpr,
+                              HALF_LAYOUT: gl.constexpr, SCRATCH_LAYOUT: gl.constexpr,
+                              LOAD_WARP_REGS: gl.constexpr):
+    """`_int8_gemm_ws_kernel` over the gated-layout weight w_g [N = 2 I_pad, K] in [2 * GATED_BLOCK, BLOCK_K]
+    boxes with `_silu_epilogue`: h [M, inter] (row stride stride_hm), part_max [M, I_pad / GATED_BLOCK]."""
+    a_bufs, b_bufs, ready, empty = ring(a_desc, b_desc, NUM_STAGES)
+    tile: gl.constexpr = [a_desc.block_type.shape[0], b_desc.block_type.shape[0]]  # [BLOCK_M, 2 * GATED_BLOCK]
+    scratch = gl.allocate_shared_memory(h_ptr.dtype.element_ty, tile, SCRATCH_LAYOUT)
+    gl.warp_specialize([
+        (mma_partition, (a_bufs, b_bufs, ready, empty, h_ptr, a_scale_ptr, b_scale_ptr, b_scale_ptr, part_ptr, scratch,
+                          M, N, K, inter, stride_hm, False, GROUP_M, NUM_STAGES, ACC_LAYOUT, HALF_LAYOUT, True)),
+        (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, NUM_STAGES)),
+    ], [1], [LOAD_WARP_REGS])
 
 
 def silu_ws_shape_config(m: int, rows: int, k: int) -> WsConfig | None:
@@ -90,7 +108,7 @@ def int8_gemm_silu_ws(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tenso
         raise RuntimeError(f"{what}: needs Gluon and an sm_90 CUDA device, got {x_q.device}; use int8_gemm_silu")
     tiles = cdiv(m, cfg.block_m) * cdiv(inter, GATED_BLOCK)
     grid = (min(tiles, ws.num_sms(x_q.device)) if cfg.persistent else tiles,)
-    ws._int8_gemm_silu_ws_kernel[grid](
+    _int8_gemm_silu_ws_kernel[grid](
         ws.descriptor(x_q, cfg.block_m, cfg.block_k), ws.descriptor(w_g, cfg.block_n, cfg.block_k), h, part_max,
         x_scale, w_scale_g, m, w_g.shape[0], k, inter, h.stride(0), GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
         ACC_LAYOUT=ws.acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps),

@@ -121,7 +121,7 @@ def test_gpu_gate_up_dispatch(monkeypatch, m, ws):
 
     ops = _gated(m, 18944, 3584, "cuda")
     for dtype, launched in ((torch.bfloat16, ws), (torch.float32, False)):
-        rec = record_launches(monkeypatch, WS, "_int8_gemm_silu_ws_kernel")["_int8_gemm_silu_ws_kernel"]
+        rec = record_launches(monkeypatch, SW, "_int8_gemm_silu_ws_kernel")["_int8_gemm_silu_ws_kernel"]
         got = w8a8_gate_up_silu_quant(*ops, 18944, dtype)
         assert len(rec.launches) == int(launched), dtype
         want = int8_quant_amax(*int8_gemm_silu(*ops, 18944, dtype))
@@ -153,7 +153,7 @@ def test_gpu_silu_ws_persistent_walks_several_tiles(monkeypatch, m, inter, k):
     from deepserve.kernels.int8_gemm_silu import int8_gemm_silu
 
     monkeypatch.setattr(WS, "num_sms", lambda device: 7)
-    rec = record_launches(monkeypatch, WS, "_int8_gemm_silu_ws_kernel")["_int8_gemm_silu_ws_kernel"]
+    rec = record_launches(monkeypatch, SW, "_int8_gemm_silu_ws_kernel")["_int8_gemm_silu_ws_kernel"]
     ops = _gated(m, inter, k, "cuda")
     for cfg in (SW.SILU_WS_SHAPE_CONFIGS[(37888, 3584)][256], SW.SILU_WS_CONFIG):
         got_h, got_part = SW.int8_gemm_silu_ws(*ops, inter, torch.bfloat16, cfg)
@@ -175,7 +175,7 @@ def test_table_configs_compile_for_sm90(cfg):
     sig = {**descriptor_types(cfg), "h_ptr": "*bf16", "part_ptr": "*fp32", "a_scale_ptr": "*fp32",
            "b_scale_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "inter": "i32", "stride_hm": "i32",
            **{name: "constexpr" for name in consts}}
-    ptx = (kernel := compile_sm90(WS._int8_gemm_silu_ws_kernel, sig, consts, cfg.num_warps)).asm["ptx"]
+    ptx = (kernel := compile_sm90(SW._int8_gemm_silu_ws_kernel, sig, consts, cfg.num_warps)).asm["ptx"]
     assert ".s32.s8.s8" in ptx and "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx and "st.global.v4" in ptx
     assert "fma.rn.f32" not in ptx
     assert SW.silu_smem_bytes(cfg, torch.bfloat16) - WS.SMEM_SLACK <= kernel.metadata.shared \
