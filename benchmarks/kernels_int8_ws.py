@@ -1,9 +1,9 @@
-"""Qwen-7b's four W8A8 linears on one H200: the Triton GEMM `int8_gemm` (its table config) against the
-warp-specialised Gluon GEMM `int8_gemm_ws` (kernels/int8_gemm_ws.py) at its table config and, with `--sweep`,
-a grid of configs; every variant is first checked bit-equal to int8_gemm run unsplit (the reference's bits).
+"""A model's W8A8 linears (qwen-7b's four, or V2-Lite's dense ones) on one H200: the Triton GEMM `int8_gemm`
+(its table config) against the warp-specialised Gluon GEMM `int8_gemm_ws` (kernels/int8_gemm_ws.py) at its
+table config and, with `--sweep`, a grid of configs; every variant is first checked bit-equal to int8_gemm run unsplit (the reference's bits).
 
-    python benchmarks/kernels_int8_ws.py [--tokens 256,2048,8192] [--linears qkv,o,gate_up,down] [--sweep]
-        [--persistent | --persistent-only] [--coalesced] [--run-id R]
+    python benchmarks/kernels_int8_ws.py [--model qwen-7b | v2-lite] [--tokens 256,2048,8192] [--linears qkv,o]
+        [--sweep] [--persistent | --persistent-only] [--coalesced] [--run-id R]
         [--result-file benchmarks/results/gpu_quant_kernels.jsonl]
 
 --sweep times block_m 64/128 x block_n 64/128/256 x block_k 64/128 x stages 3-6 x warps 4/8 (configs that
@@ -25,8 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepserve from t
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_quant
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_quant_kernels.jsonl"
-LINEARS = {"qkv": (4608, 3584, True), "o": (3584, 3584, False), "gate_up": (37888, 3584, False),
-           "down": (3584, 18944, False)}  # name -> (N, K, bias)
+# model -> {linear: (N, K, bias)}. V2-Lite under int8: q_proj and kv_a_proj_with_mqa stay apart (the merge is
+# for float weights), kv_b_proj is the prefill path's, layer 0 is a dense MLP, the others' shared experts.
+MODELS = {
+    "qwen-7b": {"qkv": (4608, 3584, True), "o": (3584, 3584, False), "gate_up": (37888, 3584, False),
+                "down": (3584, 18944, False)},
+    "v2-lite": {"q": (3072, 2048, False), "kv_a": (576, 2048, False), "kv_b": (4096, 512, False),
+                "o": (2048, 2048, False), "dense_gate_up": (21888, 2048, False), "dense_down": (2048, 10944, False),
+                "shared_gate_up": (5632, 2048, False), "shared_down": (2048, 2816, False)},
+}
 
 
 def sweep_configs(persistent: bool, coalesced: bool, persistent_only: bool = False) -> list:
@@ -81,7 +88,7 @@ def report(args, env: dict, name: str, m: int, base: float, base_same: bool, tim
     from deepserve.kernels.int8_gemm import int8_gemm_config
     from deepserve.kernels.int8_gemm_ws import ws_config
 
-    n, k, has_bias = LINEARS[name]
+    n, k, has_bias = MODELS[args.model][name]
     ranked = sorted(((c, t) for c, t in times.items() if c is not None), key=lambda i: i[1][0])
     for cfg, (ms, same) in ranked[:12]:
         print(f"  sweep {name} M={m} {tuple(cfg)} {1000 * ms:.1f} us {tops(m, n, k, ms):.0f} TOPS"
@@ -91,7 +98,7 @@ def report(args, env: dict, name: str, m: int, base: float, base_same: bool, tim
     rows += [("ws", ws_config(m), *times[None])] if None in times else []
     rows += [("ws-best", best, *times[best])] if best is not None else []
     for variant, cfg, ms, same in rows:
-        append_record({**env, "engine": "deepserve", "model": "qwen-7b", "dtype": "bfloat16", "quant": "int8",
+        append_record({**env, "engine": "deepserve", "model": args.model, "dtype": "bfloat16", "quant": "int8",
                        "workload": "kernel", "kernel": "int8_gemm_ws", "variant": variant, "linear": name, "batch": m,
                        "n": n, "k": k, "bias": has_bias, "us": round(1000 * ms, 2), "tops": round(tops(m, n, k, ms), 1),
                        "int8_gemm_us": round(1000 * base, 2), "speedup": round(base / ms, 4), "config": list(cfg),
@@ -107,7 +114,8 @@ def report(args, env: dict, name: str, m: int, base: float, base_same: bool, tim
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="256,2048,8192")
-    p.add_argument("--linears", default=",".join(LINEARS))
+    p.add_argument("--model", default="qwen-7b", choices=sorted(MODELS))
+    p.add_argument("--linears", default=None, help="comma-separated names of --model's linears (default: all)")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--persistent", action="store_true")
     p.add_argument("--persistent-only", action="store_true", help="sweep the persistent launch only")
@@ -130,8 +138,8 @@ def main() -> None:
     sweep = sweep_configs(args.persistent, args.coalesced, args.persistent_only) if args.sweep else []
     print(f"{len(sweep)} sweep configs", flush=True)
     print(f"{'linear':<9}{'M':>6}{'int8_gemm us':>14}{'TOPS':>7}{'ws us':>9}{'TOPS':>7}{'ratio':>7}  variant config")
-    for name in args.linears.split(","):
-        n, k, has_bias = LINEARS[name]
+    for name in (args.linears or ",".join(MODELS[args.model])).split(","):
+        n, k, has_bias = MODELS[args.model][name]
         weights = weight_copies(k, n)
         bias = torch.randn(n, device="cuda").bfloat16() if has_bias else None
         for m in (int(t) for t in args.tokens.split(",")):
