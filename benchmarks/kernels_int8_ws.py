@@ -1,6 +1,7 @@
 """A model's W8A8 linears (qwen-7b's four, or V2-Lite's dense ones) on one H200: the Triton GEMM `int8_gemm`
 (its table config) against the warp-specialised Gluon GEMM `int8_gemm_ws` (kernels/int8_gemm_ws.py) at its
-table config and, with `--sweep`, a grid of configs; every variant is first checked bit-equal to int8_gemm run unsplit (the reference's bits).
+table config and, with `--sweep`, a grid of configs; every variant is first checked bit-equal to int8_gemm run
+unsplit (the reference's bits).
 
     python benchmarks/kernels_int8_ws.py [--model qwen-7b | v2-lite] [--tokens 256,2048,8192] [--linears qkv,o]
         [--sweep] [--persistent | --persistent-only] [--coalesced] [--run-id R]
