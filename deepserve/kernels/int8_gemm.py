@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 from deepserve.kernels.pdl import pdl_launch, pdl_wait
-from deepserve.kernels.sizes import cdiv
+from deepserve.kernels.sizes import bucket, cdiv
 
 
 class GemmConfig(NamedTuple):
@@ -97,7 +97,7 @@ def pick_split_k(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int) -> int:
 
 def config_for(table: dict[int, GemmConfig], m: int, n: int, k: int, num_sms: int) -> GemmConfig:
     """The entry with the smallest max-M >= m, its split_k resolved for this shape."""
-    cfg = table[min(bound for bound in table if bound >= m)]
+    cfg = bucket(table, m)
     return cfg._replace(split_k=pick_split_k(cfg, m, n, k, num_sms))
 
 

@@ -53,7 +53,7 @@ from deepserve.kernels.int8_gemm import (TensorDescriptor, check_operands, check
 from deepserve.kernels.int8_quant import Int8Activations, quantize_int8_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue, pdl_wait
 from deepserve.kernels.silu_and_mul import silu_mul
-from deepserve.kernels.sizes import cdiv, next_power_of_2
+from deepserve.kernels.sizes import bucket, cdiv, next_power_of_2
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _QUANT_BLOCK = 4096  # columns per int8_quant_amax program (8 warps, 16 per thread)
@@ -87,7 +87,7 @@ CONFIGS: dict[int, SiluGemmConfig] = {
 
 def silu_gemm_config(m: int) -> SiluGemmConfig:
     """CONFIGS' entry for M rows: the smallest max-M >= m."""
-    return CONFIGS[min(bound for bound in CONFIGS if bound >= m)]
+    return bucket(CONFIGS, m)
 
 
 def to_gated_layout(w: torch.Tensor, block: int = GATED_BLOCK) -> torch.Tensor:

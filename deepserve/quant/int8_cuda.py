@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from deepserve.kernels.sizes import bucket
+
 if TYPE_CHECKING:
     from deepserve.kernels.int8_gemm_ws import WsConfig
     from deepserve.kernels.int8_quant import Int8Activations
@@ -50,7 +52,7 @@ BACKENDS = {"w8a8": ("triton", "int_mm"), "w8a16": ("gemv", "triton", "dequant")
 
 
 def pick_backend(table: dict[int, str], m: int) -> str:
-    return table[min(bound for bound in table if bound >= m)]
+    return bucket(table, m)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
