@@ -15,6 +15,9 @@ the functions as they are, never launched (`int8_gemm_ws.ws_available` is False)
 
 from __future__ import annotations
 
+from deepserve.kernels.int8_gemm import scaled
+from deepserve.kernels.silu_and_mul import silu_mul
+
 __all__ = ["TensorDescriptor", "gl", "jit", "load_partition", "mma_partition", "ring"]
 
 try:  # Gluon (Triton >= 3.5); CPU-only and older installs import this module without it
@@ -112,24 +115,23 @@ def mma_partition(a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr,
 @jit
 def _silu_epilogue(acc, h_ptr, part_ptr, a_scale_ptr, b_scale_ptr, scratch, off_m, pid_n, M, inter, stride_hm,
                    ACC_LAYOUT: gl.constexpr, HALF_LAYOUT: gl.constexpr):
-    """`int8_gemm_silu`'s epilogue in the same float32 operations: acc [BLOCK_M, 2 * GATED_BLOCK] int32 holds
-    gated block pid_n (its gate columns, then its up columns); y = (float(acc) * x_scale) * w_scale rounded
-    to h's dtype goes through the shared-memory scratch [BLOCK_M, 2 * GATED_BLOCK] so that each thread
-    reads a gate element and its up element in HALF_LAYOUT; h = silu(gate) * up as kernels/silu_and_mul.py
-    stores it; h stored masked past M and I, each row's max |h| to part_max[row, pid_n]."""
+    """`int8_gemm_silu`'s epilogue through the same Triton functions (int8_gemm's `scaled`, silu_and_mul's
+    `silu_mul`, called from Gluon): acc [BLOCK_M, 2 * GATED_BLOCK] int32 holds gated block pid_n (its gate
+    columns, then its up columns); y = (float(acc) * x_scale) * w_scale rounded to h's dtype goes through
+    the shared-memory scratch [BLOCK_M, 2 * GATED_BLOCK] so that each thread reads a gate element and its up
+    element in HALF_LAYOUT; h = silu(gate) * up as kernels/silu_and_mul.py stores it; h stored masked past M
+    and I, each row's max |h| to part_max[row, pid_n]."""
     BLOCK_M: gl.constexpr = acc.shape[0]
     HALF: gl.constexpr = acc.shape[1] // 2
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
-    offs_b = pid_n * 2 * HALF + gl.arange(0, 2 * HALF, layout=gl.SliceLayout(0, ACC_LAYOUT))
-    a_scale = gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-    b_scale = gl.load(b_scale_ptr + offs_b)  # the gated layout's scale rows all exist (padding: 0)
-    scratch.store((acc.to(gl.float32) * a_scale[:, None] * b_scale[None, :]).to(h_ptr.dtype.element_ty))
+    offs_b = gl.arange(0, 2 * HALF, layout=gl.SliceLayout(0, ACC_LAYOUT))  # the block's scale rows all exist
+    y = scaled(acc, a_scale_ptr, b_scale_ptr + pid_n * 2 * HALF, b_scale_ptr, offs_m, offs_b, M, 2 * HALF, 0, False)
+    scratch.store(y.to(h_ptr.dtype.element_ty))
     gl.thread_barrier()  # the whole tile in shared memory before any thread reads another's columns
     gate = scratch.slice(0, HALF, dim=1).load(HALF_LAYOUT)
     up = scratch.slice(HALF, HALF, dim=1).load(HALF_LAYOUT).to(gl.float32)
     gl.thread_barrier()  # every thread has read the tile before a next tile's epilogue overwrites it
-    g = gate.to(gl.float32)
-    h = ((g / (1.0 + gl.exp(-g))).to(gate.dtype).to(gl.float32) * up).to(h_ptr.dtype.element_ty)
+    h = silu_mul(gate, up).to(h_ptr.dtype.element_ty)  # kernels/silu_and_mul.py's own (Triton) function
     rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, HALF_LAYOUT))
     cols = pid_n * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, HALF_LAYOUT))
     mask = (rows < M)[:, None] & (cols < inter)[None, :]
@@ -141,18 +143,14 @@ def _silu_epilogue(acc, h_ptr, part_ptr, a_scale_ptr, b_scale_ptr, scratch, off_
 @jit
 def _epilogue(acc, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, off_m, off_n, M, N, stride_cm,
               HAS_BIAS: gl.constexpr, ACC_LAYOUT: gl.constexpr, STORE_LAYOUT: gl.constexpr):
-    """c[off_m:, off_n:] = (float(acc) * a_scale[m]) * b_scale[n] (+ bias[n]), rounded once to c's dtype;
-    acc [BLOCK_M, BLOCK_N] int32 in the wgmma layout. The rounded tile moves to STORE_LAYOUT (no-op when
-    it is ACC_LAYOUT) and is stored masked past M and N."""
+    """c[off_m:, off_n:] = (float(acc) * a_scale[m]) * b_scale[n] (+ bias[n]) (int8_gemm's `scaled`), rounded
+    once to c's dtype; acc [BLOCK_M, BLOCK_N] int32 in the wgmma layout. The rounded tile moves to
+    STORE_LAYOUT (no-op when it is ACC_LAYOUT) and is stored masked past M and N."""
     BLOCK_M: gl.constexpr = acc.shape[0]
     BLOCK_N: gl.constexpr = acc.shape[1]
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
-    a_scale = gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-    b_scale = gl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-    y = acc.to(gl.float32) * a_scale[:, None] * b_scale[None, :]
-    if HAS_BIAS:
-        y = y + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+    y = scaled(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, 0, HAS_BIAS)  # int8_gemm's own
     y = gl.convert_layout(y.to(c_ptr.dtype.element_ty), STORE_LAYOUT)
     rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, STORE_LAYOUT))
     cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, STORE_LAYOUT))
