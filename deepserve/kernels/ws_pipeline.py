@@ -7,7 +7,7 @@ kernels/int8_gemm_silu_ws.py hold the two kernels and their host sides; this fil
                     flight, stages released once their wgmma retired; then per tile `_epilogue` (scaled,
                     rounded, stored) or with SILU `_silu_epilogue` (int8_gemm_silu's, through a scratch tile)
 
-Both partitions walk the same tiles (pid, pid + CTAs, ...) in `tile_coords`' grouped order and the same K steps,
+Both partitions walk the same tiles (pid, pid + CTAs, ...) in int8_gemm's `grouped_tile` order and the same K steps,
 so the ring's phases carry across tiles. The design and the measurements are in int8_gemm_ws.py's docstring.
 Gluon is imported under a guard: without it (older or CPU-only Triton installs) `gl` is None and `jit` leaves
 the functions as they are, never launched (`int8_gemm_ws.ws_available` is False).
@@ -15,7 +15,7 @@ the functions as they are, never launched (`int8_gemm_ws.ws_available` is False)
 
 from __future__ import annotations
 
-from deepserve.kernels.int8_gemm import scaled
+from deepserve.kernels.int8_gemm import grouped_tile, scaled
 from deepserve.kernels.silu_and_mul import silu_mul
 
 __all__ = ["TensorDescriptor", "gl", "jit", "load_partition", "mma_partition", "ring"]
@@ -35,16 +35,6 @@ except ImportError:  # pragma: no cover - depends on the Triton install
 
 
 @jit
-def tile_coords(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """Tile index -> (m-block, n-block), `int8_gemm.grouped_tile`'s order (GROUP_M m-blocks share n-blocks)."""
-    num_m = gl.cdiv(M, BLOCK_M)
-    per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
-    first_m = (tile // per_group) * GROUP_M
-    group_size = gl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
-
-
-@jit
 def load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M: gl.constexpr,
                    NUM_STAGES: gl.constexpr):
     """Producer (1 warp): for every K step of every tile of this CTA, wait for the stage to be empty, then
@@ -57,7 +47,7 @@ def load_partition(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_
     num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
     it = 0  # K steps issued by this CTA: stage it % NUM_STAGES, its (it // NUM_STAGES)-th use
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         for kk in range(k_steps):
             s = it % NUM_STAGES
             # a fresh mbarrier counts as having completed the phase before phase 0: the first round passes
@@ -93,7 +83,7 @@ def mma_partition(a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr,
     num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
     it = 0  # K steps consumed by this CTA, in the producer's order
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        pid_m, pid_n = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, ACC_LAYOUT)
         for kk in range(k_steps):
             s = it % NUM_STAGES
