@@ -55,7 +55,7 @@ def _int8_gemm_silu_ws_kernel(a_desc, b_desc, h_ptr, part_ptr, a_scale_ptr, b_sc
     scratch = gl.allocate_shared_memory(h_ptr.dtype.element_ty, tile, SCRATCH_LAYOUT)
     gl.warp_specialize([
         (mma_partition, (a_bufs, b_bufs, ready, empty, h_ptr, a_scale_ptr, b_scale_ptr, b_scale_ptr, part_ptr, scratch,
-                          M, N, K, inter, stride_hm, False, GROUP_M, NUM_STAGES, ACC_LAYOUT, HALF_LAYOUT, True)),
+                         M, N, K, inter, stride_hm, False, GROUP_M, NUM_STAGES, ACC_LAYOUT, HALF_LAYOUT, True)),
         (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, NUM_STAGES)),
     ], [1], [LOAD_WARP_REGS])
 
@@ -110,9 +110,15 @@ def int8_gemm_silu_ws(x_q: torch.Tensor, x_scale: torch.Tensor, w_g: torch.Tenso
     grid = (min(tiles, ws.num_sms(x_q.device)) if cfg.persistent else tiles,)
     _int8_gemm_silu_ws_kernel[grid](
         ws.descriptor(x_q, cfg.block_m, cfg.block_k), ws.descriptor(w_g, cfg.block_n, cfg.block_k), h, part_max,
-        x_scale, w_scale_g, m, w_g.shape[0], k, inter, h.stride(0), GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
-        ACC_LAYOUT=ws.acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps),
-        HALF_LAYOUT=ws.row_vectors(cfg.num_warps, out_dtype.itemsize, GATED_BLOCK),
-        SCRATCH_LAYOUT=ws.scratch_layout(), LOAD_WARP_REGS=ws.LOAD_REGS, num_warps=cfg.num_warps,
-        maxnreg=ws.max_regs(cfg.num_warps), enable_fp_fusion=False)  # no FMA: the reference rounds the product first
+        x_scale, w_scale_g, m, w_g.shape[0], k, inter, h.stride(0), **silu_kernel_constexprs(cfg, out_dtype),
+        num_warps=cfg.num_warps, maxnreg=ws.max_regs(cfg.num_warps),
+        enable_fp_fusion=False)  # no FMA: the reference rounds the product first
     return h, part_max
+
+
+def silu_kernel_constexprs(cfg: WsConfig, out_dtype: torch.dtype) -> dict:
+    """The SiLU kernel's constexpr arguments for a config and h's dtype (also used by offline compiles)."""
+    return dict(GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
+                ACC_LAYOUT=ws.acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps),
+                HALF_LAYOUT=ws.row_vectors(cfg.num_warps, out_dtype.itemsize, GATED_BLOCK),
+                SCRATCH_LAYOUT=ws.scratch_layout(), LOAD_WARP_REGS=ws.LOAD_REGS)

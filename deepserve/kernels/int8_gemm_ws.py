@@ -49,6 +49,7 @@ from deepserve.kernels.int8_gemm import check_operands, check_x_scale, empty_gem
 from deepserve.kernels.sizes import bucket, cdiv
 from deepserve.kernels.ws_pipeline import TensorDescriptor, gl, jit, load_partition, mma_partition, ring
 
+
 class WsConfig(NamedTuple):
     block_m: int
     block_n: int
@@ -132,6 +133,7 @@ def ws_available(device: torch.device | str) -> bool:
     return _sm90(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=4)  # asked on every dispatch decision
 def triton_tested(version: str) -> bool:
     """Whether a Triton version string ("3.6.0", "3.6.0+git...") is of the TESTED_TRITON release."""
     return tuple(int(part) for part in version.split(".")[:2]) == TESTED_TRITON
@@ -152,7 +154,7 @@ def _int8_gemm_ws_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, bias_p
     a_bufs, b_bufs, ready, empty = ring(a_desc, b_desc, NUM_STAGES)
     gl.warp_specialize([
         (mma_partition, (a_bufs, b_bufs, ready, empty, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, a_bufs,
-                          M, N, K, N, stride_cm, HAS_BIAS, GROUP_M, NUM_STAGES, ACC_LAYOUT, STORE_LAYOUT, False)),
+                         M, N, K, N, stride_cm, HAS_BIAS, GROUP_M, NUM_STAGES, ACC_LAYOUT, STORE_LAYOUT, False)),
         (load_partition, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, NUM_STAGES)),
     ], [1], [LOAD_WARP_REGS])
 

@@ -168,10 +168,7 @@ def test_gpu_silu_ws_persistent_walks_several_tiles(monkeypatch, m, inter, k):
 def test_table_configs_compile_for_sm90(cfg):
     """The configs the engine or the default launch compile for sm_90 (wgmma on s8 operands, setmaxnreg, TMA,
     16-byte stores of h, no FMA) in the shared memory `silu_smem_bytes` counts, for a bf16 h."""
-    consts = dict(GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
-                  ACC_LAYOUT=WS.acc_layout(cfg.block_m, cfg.block_n, cfg.num_warps),
-                  HALF_LAYOUT=WS.row_vectors(cfg.num_warps, 2, cfg.block_n // 2), SCRATCH_LAYOUT=WS.scratch_layout(),
-                  LOAD_WARP_REGS=WS.LOAD_REGS)
+    consts = SW.silu_kernel_constexprs(cfg, torch.bfloat16)
     sig = {**descriptor_types(cfg), "h_ptr": "*bf16", "part_ptr": "*fp32", "a_scale_ptr": "*fp32",
            "b_scale_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "inter": "i32", "stride_hm": "i32",
            **{name: "constexpr" for name in consts}}
