@@ -16,6 +16,16 @@ Shared memory: the ring (`int8_gemm_ws.ws_smem_bytes`) plus the scratch, BLOCK_M
 element size of out_dtype (`silu_smem_bytes`): 6 stages of 128-row tiles fit with a 16-bit h only.
 `quant/int8_cuda.w8a8_gate_up_silu_quant` takes it where SILU_WS_SHAPE_CONFIGS has an entry for the weight
 and M, on a device where `int8_gemm_ws.ws_available`; int8_gemm_silu elsewhere.
+
+An e4m3 variant for --quantization fp8 was built and not kept (run s13c, H200, qwen-7b's gate_up, with an fp8
+quant_amax after it, against cuBLAS's _scaled_mm then silu_and_mul_fp8_quant): each 128-product K step summed
+by a wgmma of its own and added to a float32 accumulator (the promotion that float32 accumulation needs; two
+partial sums taken in turns so that ptxas keeps the wgmma pipeline), bit for bit on integer-valued operands.
+Its best configs took 94.3 vs 81.6 us at M = 256, 630.6 vs 503.4 at 2048 and 2741 vs 1997 at 8192: each K
+step now waits for its wgmma (the int8 kernel keeps one in flight), about 35% over this kernel, while cuBLAS's
+fp8 gate_up alone (1,811 us at 8192, run s13e) is faster than this kernel with its SiLU (2,002 us, s12e).
+Without the promotion (the tensor core's running sum over all of K, as cuBLAS's use_fast_accum) the down
+projection's error grows 3-4x (run s13e, benchmarks/kernels_fp8_accumulation.py).
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ slower than this launch: 669.5 vs 402.2 us at 8192 rows, 21.9 vs 16.5 us at 256 
 benchmarks/results/gpu_quant_kernels.jsonl); removed. Under --quantization int8 the dense MLPs with wide
 enough rows now take kernels/int8_gemm_silu.py instead (SiLU-and-mul in the gate_up GEMM); this kernel
 serves fp8, narrower int8 rows and the fallbacks.
+Also tried and not kept (run s13d, H200, e4m3 at I = 18944, do_bench_cudagraph): each pass's chunk loads
+software-pipelined (`tl.range(num_stages=2..4)`: Triton 3.6 turns them into cp.async once I is 16-divisible)
+and persistent programs (1, 2 or 4 per SM walking the rows, so that pass 2's reloads stay in L2), over
+1024-4096-column chunks and 4 or 8 warps: 96 launch configs, none faster than this launch beyond noise
+(12.8 us at 256 rows, 91.2 vs 94.1 us at 2048 with 4096-column chunks, 327.8 vs 327.2 us at 8192).
 Triton 3.9 AOT for sm_90 (no GPU here): every variant (int8 / fp8, HW on / off, PDL on / off) compiles;
 bf16 / f32 at BLOCK 2048, 8 warps: 40 registers, no local memory; v takes the instructions of
 silu_and_mul's kernel (ex2.approx, div.full, the bf16 product as mul.bf16(x2)), so the same bits.

@@ -18,6 +18,10 @@ reads a pre-norm layer's norm (qkv_proj, gate_up_proj: layers/decoder.py) comes 
 (`fp8_quant.rms_norm_fp8_quant`, `quantizes_input`) as a `PerTokenQuant`, with the same bits as
 fp8_quant(rms_norm(x)); run s11d (H200, W-offline qwen-7b, A/B in one call): 16,157.71 / 16,144.85 output tok/s
 against 15,992.96 / 15,981.83 unfused.
+use_fast_accum stays off on purpose: on (the tensor core's reduced-precision running sum over all of K, what
+vLLM's CUTLASS fp8 kernels run) it is 1.02-1.22x faster at 2048-8192 rows (gate_up 1.13-1.22x, down
+1.02-1.07x), with 1.6-2.8x the max error of the float32-accumulated product, 3-4x for down's K = 18944
+(1.03e-2 vs 3.38e-3 of the largest value at 8192 rows): run s13e, benchmarks/kernels_fp8_accumulation.py, H200.
 CPU (and the fallback): the same quantisation, then float32 matmul of the fp8 values:
 y = (x_q @ w_q^T) * x_scale * w_scale + bias. Correct and portable (tests, CI), not fast.
 """
