@@ -224,11 +224,12 @@ def _refused_while_full(http: httpx.Client, server, limit: str) -> httpx.Respons
         waiting = [_queued(server.url, completion(max_tokens=2)) for _ in range(2)]
     else:  # one waiting prompt of 320 tokens passes --max-waiting-tokens 300
         waiting = [_queued(server.url, completion(prompt=[5] * 320, max_tokens=2))]
-    try:
-        if not _engine_waiting(http, len(waiting), holder):
-            return None
-        # This prompt is over max_model_len: were it tokenised first, the answer would be a 400.
-        resp = http.post(COMPLETIONS, json=completion(prompt="x " * 5000, stream=True))
+    try:  # a client of its own: the holder's thread streams on `http`
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            if not _engine_waiting(client, len(waiting), holder):
+                return None
+            # This prompt is over max_model_len: were it tokenised first, the answer would be a 400.
+            resp = client.post(COMPLETIONS, json=completion(prompt="x " * 5000, stream=True))
         return resp if resp.status_code == 429 or holder.is_alive() else None
     finally:
         stop.set()
