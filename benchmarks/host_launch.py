@@ -1,7 +1,9 @@
 """Host time of a launch wrapper, side by side in one run: the int8 GEMM's wrapper (`kernels/int8_gemm.int8_gemm`:
 checks, config, output, TMA descriptors) with its kernel launch replaced by a no-op, its grid and block sizes
 from `kernels/sizes.py` ("sizes") or from Triton's `cdiv` ("triton", what the wrappers used before), plus one
-host call of each `cdiv` on its own.
+host call of each `cdiv` on its own; and, where Gluon imports, one TMA descriptor of the warp-specialised GEMMs
+(`kernels/int8_gemm_ws.descriptor`, two per launch) with its box layout cached per shape ("ws-descriptor") and
+asked of Gluon on every call ("ws-descriptor-uncached", what the wrapper did before).
 
     python benchmarks/host_launch.py [--calls 2000] [--repeats 7] [--run-id R]
         [--result-file benchmarks/results/cpu.jsonl]
@@ -78,6 +80,34 @@ def main() -> None:
                        "notes": "benchmarks/host_launch.py: the int8_gemm wrapper with a no-op launch on CPU tensors, its "
                                 "sizes from triton.cdiv or kernels/sizes.cdiv; min over repeats of the mean per call"},
                       args.result_file)
+    descriptor_figures(env, x_q, args)
+
+
+def descriptor_figures(env: dict, x_q, args) -> None:
+    """int8_gemm_ws.descriptor of x_q in 128 x 128 boxes: the cached box layout against Gluon's per call."""
+    from deepserve.bench.offline import append_record
+    from deepserve.kernels import int8_gemm_ws as ws
+
+    if ws.gl is None:
+        print("no Gluon in this Triton: ws-descriptor not timed")
+        return
+    cached = ws.box_layout
+
+    def uncached(rows, cols):
+        return cached.__wrapped__(rows, cols)
+
+    figures = {}
+    for variant, layout in (("ws-descriptor-uncached", uncached), ("ws-descriptor", cached)):
+        ws.box_layout = layout
+        figures[variant] = per_call_us(lambda: ws.descriptor(x_q, 128, 128), args.calls, args.repeats)
+    ws.box_layout = cached
+    for variant, us in figures.items():
+        print(f"{variant:<24} {us:7.2f} us")
+        append_record({**env, "engine": "deepserve", "model": "x_q [8192, 2048] int8, 128 x 128 boxes",
+                       "dtype": "int8", "quant": "int8", "workload": "host-launch", "variant": variant, "descriptor_us": round(us, 2),
+                       "notes": "benchmarks/host_launch.py: kernels/int8_gemm_ws.descriptor (two per launch of the "
+                                "warp-specialised GEMMs) with the box layout cached or asked of Gluon each call; "
+                                "min over repeats of the mean per call"}, args.result_file)
 
 
 if __name__ == "__main__":
