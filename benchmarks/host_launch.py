@@ -77,8 +77,9 @@ def main() -> None:
                        "quant": "int8", "workload": "host-launch", "variant": variant,
                        "int8_gemm_wrapper_us": round(us["int8_gemm_wrapper"], 2),
                        "cdiv_call_us": round(us["cdiv_call"], 4),
-                       "notes": "benchmarks/host_launch.py: the int8_gemm wrapper with a no-op launch on CPU tensors, its "
-                                "sizes from triton.cdiv or kernels/sizes.cdiv; min over repeats of the mean per call"},
+                       "notes": "benchmarks/host_launch.py: the int8_gemm wrapper with a no-op launch on CPU tensors, "
+                                "its sizes from triton.cdiv or kernels/sizes.cdiv; min over repeats of the mean "
+                                "per call"},
                       args.result_file)
     descriptor_figures(env, x_q, args)
 
@@ -104,7 +105,8 @@ def descriptor_figures(env: dict, x_q, args) -> None:
     for variant, us in figures.items():
         print(f"{variant:<24} {us:7.2f} us")
         append_record({**env, "engine": "deepserve", "model": "x_q [8192, 2048] int8, 128 x 128 boxes",
-                       "dtype": "int8", "quant": "int8", "workload": "host-launch", "variant": variant, "descriptor_us": round(us, 2),
+                       "dtype": "int8", "quant": "int8", "workload": "host-launch", "variant": variant,
+                       "descriptor_us": round(us, 2),
                        "notes": "benchmarks/host_launch.py: kernels/int8_gemm_ws.descriptor (two per launch of the "
                                 "warp-specialised GEMMs) with the box layout cached or asked of Gluon each call; "
                                 "min over repeats of the mean per call"}, args.result_file)
