@@ -12,6 +12,8 @@ synchronises the device around each phase of a step, so every phase gets its own
 
     schedule   scheduler.schedule() (host)
     forward    input preparation + the model forward (graph replay or eager), device synchronised
+      launch   (inside forward) the host's time to enqueue it (`ModelRunner._forward` returned, not
+               synchronised): launch close to forward means a host-bound step
     sample     sampler (device synchronised) + moving the ids to the host
     update     scheduler.update() (host)
 
@@ -43,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepserve.bench.offline import Bench, add_throughput_args, engine_args  # noqa: E402
 
 
+PHASES = ("schedule", "forward", "sample", "update")  # disjoint: they sum to the step
+
+
 class Timeline:
     """Per-step phase times in ms, keyed by step kind."""
 
@@ -54,18 +59,19 @@ class Timeline:
 
     def report(self) -> str:
         lines = [f"{'kind':<8}{'steps':>6}{'tokens':>9}{'seqs/step':>10}"
-                 f"{'schedule':>10}{'forward':>10}{'sample':>10}{'update':>10}{'total s':>9}  (phase ms: mean per step)"]
+                 f"{'schedule':>10}{'launch':>10}{'forward':>10}{'sample':>10}{'update':>10}{'total s':>9}"
+                 "  (phase ms: mean per step; launch is inside forward)"]
         grand = 0.0
         for kind in ("prefill", "decode"):
             rows = [r for r in self.rows if r[0] == kind]
             if not rows:
                 continue
             mean = {p: statistics.fmean(r[3][p] for r in rows) for p in rows[0][3]}
-            total = sum(sum(r[3].values()) for r in rows) / 1000
+            total = sum(sum(v for p, v in r[3].items() if p in PHASES) for r in rows) / 1000
             grand += total
             lines.append(f"{kind:<8}{len(rows):>6}{sum(r[1] for r in rows):>9}"
                          f"{statistics.fmean(r[2] for r in rows):>10.1f}"
-                         + "".join(f"{mean[p]:>10.2f}" for p in ("schedule", "forward", "sample", "update"))
+                         + "".join(f"{mean[p]:>10.2f}" for p in ("schedule", "launch", *PHASES[1:]))
                          + f"{total:>9.2f}")
         lines.append(f"sum of phases: {grand:.2f} s")
         return "\n".join(lines)
@@ -91,7 +97,13 @@ def timed_run(bench: Bench, prompts: list[list[int]], output_len: int, sync) -> 
         core.add_request(f"p-{i}", prompt, params)
     timeline = Timeline()
     sample_ms = [0.0]
-    real_sampler = runner.sampler
+    launched = [0.0]  # perf_counter when `_forward` returned: the forward enqueued, not synchronised
+    real_sampler, real_forward = runner.sampler, runner._forward
+
+    def timed_forward(batch):
+        out = real_forward(batch)
+        launched[0] = time.perf_counter()
+        return out
 
     def timed_sampler(logits, batch):
         sync()
@@ -101,7 +113,7 @@ def timed_run(bench: Bench, prompts: list[list[int]], output_len: int, sync) -> 
         sample_ms[0] = 1000 * (time.perf_counter() - t)
         return out
 
-    runner.sampler = timed_sampler
+    runner.sampler, runner._forward = timed_sampler, timed_forward
     try:
         while core.has_unfinished():
             t0 = time.perf_counter()
@@ -116,11 +128,12 @@ def timed_run(bench: Bench, prompts: list[list[int]], output_len: int, sync) -> 
             core.scheduler.update(batch, result.sampled, result.logprobs, result.drafts)
             t3 = time.perf_counter()
             forward = 1000 * (t2 - t1) - sample_ms[0]
+            launch = 1000 * (launched[0] - t1)  # host time to enqueue the forward
             timeline.add(step_kind(batch), sum(e.num_new_tokens for e in batch.scheduled), len(batch.scheduled),
-                         {"schedule": 1000 * (t1 - t0), "forward": forward, "sample": sample_ms[0],
+                         {"schedule": 1000 * (t1 - t0), "launch": launch, "forward": forward, "sample": sample_ms[0],
                           "update": 1000 * (t3 - t2)})
     finally:
-        runner.sampler = real_sampler
+        runner.sampler, runner._forward = real_sampler, real_forward
     return timeline
 
 
@@ -155,6 +168,34 @@ def exposed_table(prof, rows: int = 20) -> str:
     for name, us in sorted(exposed.items(), key=lambda kv: -kv[1])[:rows]:
         lines.append(f"  {us / 1000:8.4f} ms  {100 * us / total:5.1f}%  {calls[name]:5d} calls  "
                      f"{us / calls[name]:7.2f} us/call  {name[:70]}")
+    return "\n".join(lines)
+
+
+def gap_table(prof, rows: int = 12) -> str:
+    """The device's idle time between kernels (gaps in the union of their intervals), summed per kernel name
+    that ends the gap (the launch the device waited for), and the `rows` largest single gaps: spread thinly
+    over every launch means launch overhead; concentrated before a few kernels means host work (or a
+    synchronisation) there."""
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    if not kernels:
+        return "no device kernels recorded"
+    idle_before: dict[str, float] = defaultdict(float)
+    gaps: list[tuple[float, str, str]] = []  # (us, the kernel before, the kernel after)
+    last_end, last_name = kernels[0].time_range.start, ""
+    for e in kernels:
+        if e.time_range.start > last_end:
+            gap = e.time_range.start - last_end
+            idle_before[e.name] += gap
+            gaps.append((gap, last_name, e.name))
+        if e.time_range.end >= last_end:
+            last_end, last_name = e.time_range.end, e.name
+    total = sum(g for g, _, _ in gaps)
+    lines = [f"device idle {total / 1000:.3f} ms in {len(gaps)} gaps; per kernel the device waited for:"]
+    for name, us in sorted(idle_before.items(), key=lambda kv: -kv[1])[:rows]:
+        lines.append(f"  {us / 1000:8.4f} ms  {name[:90]}")
+    lines.append("largest gaps:")
+    for gap, before, after in sorted(gaps, reverse=True)[:rows]:
+        lines.append(f"  {gap:9.1f} us  after {before[:50]}  before {after[:50]}")
     return "\n".join(lines)
 
 
@@ -193,7 +234,7 @@ def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps:
                 table += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=cpu_rows,
                                                           max_name_column_width=70)
             tables[f"{want} step {step} ({len(outputs)} outputs): {kernel_summary(prof)}"] = \
-                table + "\n" + exposed_table(prof, row_limit)
+                table + "\n" + exposed_table(prof, row_limit) + "\n" + gap_table(prof, row_limit)
         step += 1
     return tables
 
@@ -201,7 +242,8 @@ def profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps:
 def host_profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, steps: int, sync,
                       rows: int = 30) -> dict[str, str]:
     """cProfile over `core.step()` (device synchronised after it) of the first `steps` prefill steps and
-    `steps` decode steps past the middle: the functions with the most own (tottime) host time."""
+    `steps` decode steps past the middle: the functions with the most own (tottime) host time, then the most
+    cumulative time (their callees included)."""
     import cProfile
     import io
     import pstats
@@ -233,6 +275,7 @@ def host_profiled_run(bench: Bench, prompts: list[list[int]], output_len: int, s
     for kind, prof in profilers.items():
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(rows)
+        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(rows)
         tables[f"host profile, {seen[kind]} {kind} step(s), {1000 * wall[kind]:.1f} ms under cProfile"] = out.getvalue()
     return tables
 
@@ -245,6 +288,7 @@ def main() -> None:
     p.add_argument("--row-limit", type=int, default=25, help="rows of each profiler table")
     p.add_argument("--cpu-rows", type=int, default=0, help="also this many rows sorted by self host time")
     p.add_argument("--host-profile", type=int, default=0, help="cProfile this many steps of each kind (host Python)")
+    p.add_argument("--host-rows", type=int, default=30, help="rows of each cProfile table")
     ns = p.parse_args()
     bench = Bench.load(engine_args(argparse.Namespace(**{**vars(ns), "input_len": ns.prefix_len + ns.input_len})))
     sync = bench.platform.synchronize
@@ -270,7 +314,7 @@ def main() -> None:
             print(f"\n=== {title}\n{table}", flush=True)
     if ns.host_profile > 0:
         tables = host_profiled_run(bench, prompts_of(ns.num_prompts, ns.seed + 11), ns.output_len, ns.host_profile,
-                                   sync, ns.row_limit)
+                                   sync, ns.host_rows)
         for title, table in tables.items():
             print(f"\n=== {title}\n{table}", flush=True)
 

@@ -55,11 +55,16 @@ from deepserve.forward_context import ForwardContext, get_forward_context
 from deepserve.kernels.sizes import cdiv  # plain ints, no Triton
 from deepserve.layers.kv_quant import dequantize_kv, is_quantized, quantize_kv
 from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from deepserve.layers.linear_method import PerTokenQuant
 from deepserve.layers.mla_batch import PrefillSeqs, plan_mla_batch
 from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 
 ATTENTION_MODES = ("auto", "naive", "absorb")
+# Serving quantizations under which the input projections still merge (MLAAttention.process_weights_after_loading):
+# per-output-channel weight scales, so merging keeps every row's quantisation. int8-weight-only and fp8 would
+# qualify by that rule but were not measured merged.
+MERGES_UNDER_QUANTIZATION = frozenset({"int8"})
 DECODE_BLOCK_H = 16  # heads per program of the decode kernel: one split counter per sequence and head tile
 LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in DeepSeek's code and HF's
 
@@ -142,7 +147,8 @@ class MLAAttention(nn.Module):
         self._input_split = (0, 0)
 
     # process_weights_after_loading receives the serving quantization (see linear_method.py): the
-    # merged input projection is built only for float weights; quantised layers keep their own GEMMs.
+    # merged input projection is built from float weights, unquantised or under MERGES_UNDER_QUANTIZATION
+    # (then quantised by its own method); other quantised layers keep their own GEMMs.
     quantizable = True
 
     def process_weights_after_loading(self, quantization: str | None = None) -> None:
@@ -150,22 +156,31 @@ class MLAAttention(nn.Module):
         into one GEMM `qkv_a_proj` over the concatenated weight [q_out + R + Dr, H] (one launch instead
         of two; at batch 1 on an H200 each bf16 GEMV cost ~5.8 us whatever its size), where both are
         plain float layers of one dtype and device without bias (`merge_input_projections`, read here:
-        False keeps them apart). The originals are emptied, so the weights are held once."""
+        False keeps them apart). The originals are emptied, so the weights are held once.
+
+        Under a quantization of MERGES_UNDER_QUANTIZATION (int8 W8A8: weights per output channel, so the
+        merged layer's int8 rows and scales are the two layers' own) the float weights merge too and the
+        merged layer is quantised by its method. The decoder's input norm then feeds it pre-quantised rows
+        (`DeepseekDecoderLayer.attention_input_linear`: norm and quantisation in one launch). In a V2-Lite
+        prefill step that is three launches fewer per layer (two activation quantisations and a GEMM)."""
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         second = self.kv_a_proj_with_mqa
-        if quantization is not None or not self.merge_input_projections or not _mergeable(first, second):
+        if quantization is not None and quantization not in MERGES_UNDER_QUANTIZATION:
+            return
+        if not self.merge_input_projections or not _mergeable(first, second):
             return
         merged = ReplicatedLinear(first.in_features, first.weight.shape[0] + second.weight.shape[0], bias=False)
         merged.weight = nn.Parameter(torch.cat([first.weight.detach(), second.weight.detach()]), requires_grad=False)
-        merged.process_weights_after_loading()  # its own method (packed float32 GEMMs on CPU)
+        merged.process_weights_after_loading(quantization)  # its own method (packed float32 GEMMs on CPU; int8)
         self._input_split = (first.weight.shape[0], second.weight.shape[0])
         for linear in (first, second):
             linear.weight = nn.Parameter(linear.weight.new_empty(0, linear.weight.shape[1]), requires_grad=False)
         self.qkv_a_proj = merged
 
-    def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project_input(self, x: torch.Tensor | PerTokenQuant) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (q_proj(x) [T, h * (Dn + Dr)] or q_a_proj(x) [T, q_lora_rank], kv_a_proj(x)
-        [T, R + Dr]); with the merged projection, two column views of one GEMM's output."""
+        [T, R + Dr]); with the merged projection, two column views of one GEMM's output (x may then be
+        pre-quantised: the merged layer alone reads it)."""
         if self.qkv_a_proj is not None:
             q, kv = self.qkv_a_proj(x).split(self._input_split, dim=-1)
             return q, kv
@@ -382,8 +397,9 @@ class MLAAttention(nn.Module):
                                       self._gather(cache, context_slots(ctx, i), q_nope.dtype))
                           for i in range(ctx.num_seqs)])
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """positions: [T] int64, x: [T, H] -> [T, H]; writes the new tokens' latents to the cache."""
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | PerTokenQuant) -> torch.Tensor:
+        """positions: [T] int64, x: [T, H] (or its PerTokenQuant, for a merged quantised `qkv_a_proj`) -> [T, H];
+        writes the new tokens' latents to the cache."""
         ctx = get_forward_context()
         q_in, kv = self._project_input(x)
         q_nope, q_pe = self._query(q_in)
@@ -395,7 +411,7 @@ class MLAAttention(nn.Module):
             out = self._mixed_kernels(q_nope, q_pe, cache, ctx)
         else:
             out = self._per_sequence(q_nope, q_pe, cache, ctx)
-        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))  # a view on the decode kernel route
+        return self.o_proj(out.reshape(q_nope.shape[0], self.num_heads * self.v_dim))  # a view on the decode route
 
 
 def _mergeable(first: nn.Module, second: nn.Module) -> bool:
@@ -403,8 +419,9 @@ def _mergeable(first: nn.Module, second: nn.Module) -> bool:
     bias, no block-fp8 scales, same dtype, device and input width."""
     from deepserve.layers.linear_method import CpuPackedLinearMethod, DenseLinearMethod
 
-    def plain(linear: nn.Module) -> bool:
-        return (linear.bias is None and not hasattr(linear, "weight_scale_inv") and linear.weight.numel() > 0
+    def plain(linear: nn.Module) -> bool:  # float weights as loaded: no scales (an 8-bit checkpoint), no bias
+        return (linear.bias is None and linear.weight.is_floating_point() and linear.weight.numel() > 0
+                and not any(hasattr(linear, n) for n in ("weight_scale_inv", "weight_scale", "weight_zero_point"))
                 and isinstance(linear.method, (DenseLinearMethod, CpuPackedLinearMethod)))
 
     a, b = first.weight, second.weight

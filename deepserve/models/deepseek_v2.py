@@ -20,7 +20,7 @@ from torch import nn
 from deepserve.config import ModelConfig
 from deepserve.layers.decoder import PreNormDecoderLayer
 from deepserve.layers.embedding import LMHead, VocabEmbedding
-from deepserve.layers.linear import checked_copy
+from deepserve.layers.linear import ReplicatedLinear, checked_copy
 from deepserve.layers.mla import MLAAttention
 from deepserve.layers.moe import DeepseekMoE, GatedMLP, RouterConfig
 from deepserve.layers.norm import RMSNorm
@@ -94,6 +94,12 @@ class DeepseekDecoderLayer(PreNormDecoderLayer):
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def attention_input_linear(self) -> ReplicatedLinear | None:
+        """MLA's merged input projection, once built (`MLAAttention.process_weights_after_loading`): the one
+        linear that reads the normalised input; a quantised one takes it pre-quantised. None while q and kv_a
+        are separate (both read it)."""
+        return self.self_attn.qkv_a_proj
 
 
 class DeepseekModel(nn.Module):

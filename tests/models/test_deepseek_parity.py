@@ -154,6 +154,30 @@ def test_merged_input_projection_matches_hf(pair, merge):
     assert tokens == PagedRunner(build_ours(folder, "auto")).greedy(ids, 8)[0]
 
 
+def test_int8_merges_the_input_projection_into_the_same_rows(pair):
+    """Under int8 the input projections merge too (MERGES_UNDER_QUANTIZATION): the merged layer's int8 rows and
+    scales are the two layers' own (per output channel), the decoder names it as its attention input linear, and
+    on CPU (inputs quantised by the layer itself, exact integer GEMMs) the logits equal the unmerged int8
+    model's bit for bit."""
+    _, _, folder = pair
+    merged, apart = build_ours(folder, "auto"), build_ours(folder, "auto")
+    for layer in apart.model.layers:
+        layer.self_attn.merge_input_projections = False
+    process_weights_after_loading(merged, "int8")
+    process_weights_after_loading(apart, "int8")
+    for got_layer, want_layer in zip(merged.model.layers, apart.model.layers):
+        attn, ref = got_layer.self_attn, want_layer.self_attn
+        assert got_layer.attention_input_linear() is attn.qkv_a_proj is not None
+        assert want_layer.attention_input_linear() is None and ref.qkv_a_proj is None
+        first = ref.q_proj if ref.q_lora_rank is None else ref.q_a_proj
+        assert attn.qkv_a_proj.weight.dtype == torch.int8
+        assert torch.equal(attn.qkv_a_proj.weight, torch.cat([first.weight, ref.kv_a_proj_with_mqa.weight]))
+        assert torch.equal(attn.qkv_a_proj.weight_scale,
+                           torch.cat([first.weight_scale, ref.kv_a_proj_with_mqa.weight_scale]))
+    ids = prompt_ids()
+    assert torch.equal(all_prefill_logits(merged, ids), all_prefill_logits(apart, ids))
+
+
 def test_absorb_and_naive_agree(pair):
     _, _, folder = pair
     ids = prompt_ids()

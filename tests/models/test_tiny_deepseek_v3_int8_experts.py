@@ -69,3 +69,31 @@ def test_gpu_int8_weight_only_runs_int8_experts():
     assert _run(eager)[0] == tokens
     bf16_tokens, _ = _run(LLM("tiny-deepseek-v3", num_kv_blocks=128, device="cuda"))
     assert sum(t[:4] == f[:4] for t, f in zip(tokens, bf16_tokens)) >= 3
+
+
+@pytest.mark.gpu
+def test_gpu_int8_merges_the_input_projection(monkeypatch):
+    """`--quantization int8` on CUDA: every MLA input projection merged (q_a | kv_a, int8, its input quantised
+    by the norm); CUDA-graph decode gives the eager tokens; the greedy tokens and their logprobs match the int8
+    model with the merge switched off (two input GEMMs, each quantising its input) on the first 4 tokens of at
+    least 3 of the 4 prompts, logprobs within MAX_LOGPROB_DIFF."""
+    import deepserve.layers.mla as mla_module
+
+    llm = LLM("tiny-deepseek-v3", num_kv_blocks=128, device="cuda", quantization="int8")
+    layers = llm.engine.core.runner.model.model.layers
+    assert all(layer.attention_input_linear() is layer.self_attn.qkv_a_proj is not None for layer in layers)
+    assert all(layer.self_attn.qkv_a_proj.weight.dtype == torch.int8 for layer in layers)
+    tokens, logprobs = _run(llm)
+    eager = LLM("tiny-deepseek-v3", num_kv_blocks=128, device="cuda", quantization="int8", enforce_eager=True)
+    assert _run(eager)[0] == tokens
+
+    monkeypatch.setattr(mla_module, "MERGES_UNDER_QUANTIZATION", frozenset())
+    apart = LLM("tiny-deepseek-v3", num_kv_blocks=128, device="cuda", quantization="int8")
+    assert all(layer.self_attn.qkv_a_proj is None for layer in apart.engine.core.runner.model.model.layers)
+    want_tokens, want_logprobs = _run(apart)
+    same = [t[:4] == w[:4] for t, w in zip(tokens, want_tokens)]
+    assert sum(same) >= 3, (tokens, want_tokens)
+    worst = max(abs(a - b) for ok, ours, ref in zip(same, logprobs, want_logprobs) if ok
+                for a, b in zip(ours[:4], ref[:4]))
+    print(f"int8 merged vs apart: first 4 tokens equal on {sum(same)}/4 prompts, max |logprob diff| {worst:.3f}")
+    assert worst <= MAX_LOGPROB_DIFF

@@ -308,8 +308,10 @@ def test_hooks_see_real_tensors(monkeypatch):
     assert spy.norm_calls == 2 * 2  # layer 0's two norms only
 
 
-def test_deepseek_layers_keep_the_unfused_norm(monkeypatch):
-    """MLA / MoE decoder layers name no consumer linear: their norms never fuse (the bundled tiny V3)."""
+def test_deepseek_input_norm_feeds_the_merged_projection(monkeypatch):
+    """MLA / MoE decoder layers (the bundled tiny V3) under int8: the input norm feeds MLA's merged q_a | kv_a
+    projection (`attention_input_linear`), pre-quantised, one fused call per layer and step; the MoE layers'
+    norm names no consumer (router and experts read it) and stays unfused; same logits."""
     from deepserve.engine.args import EngineArgs
     from deepserve.loader.model_loader import load_model
 
@@ -320,7 +322,11 @@ def test_deepseek_layers_keep_the_unfused_norm(monkeypatch):
     spy = _Spy(monkeypatch)
     monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: True)
     assert torch.equal(_prefill(model), want)
-    assert spy.norm_calls == 0 and spy.inputs and all(kind is torch.Tensor for _, kind in spy.inputs)
+    layers = model.model.layers
+    assert spy.norm_calls == len(layers)  # one step, the input norm of each layer
+    for layer in layers:
+        assert spy.kinds(layer.self_attn.qkv_a_proj) == [PerTokenQuant]
+        assert spy.kinds(layer.self_attn.o_proj) == [torch.Tensor]
 
 
 # ---- GPU: a Llama-shaped layer with int8 on CUDA ---------------------------------------------------------
