@@ -51,10 +51,12 @@ sys.path.insert(0, str(REPO))  # deepserve from this checkout
 KERNEL_RESULTS = RESULTS.parent / "gpu_quant_kernels.jsonl"
 SHAPES = {"qkv": (3584, 4608), "gate_up": (3584, 37888), "o": (3584, 3584), "down": (18944, 3584)}
 # --tune-shapes: the linears (K, N) whose GEMMs --tune times. v2-lite's int8 linears outside the fused MoE:
-# q_proj, kv_a_proj_with_mqa, o_proj, kv_b_proj (prefill's MLA expansion) and the 2 shared experts, which
-# stay a separate MLP under int8 (docs/design.md, MoE backend)
+# q_proj and kv_a_proj_with_mqa merged (one GEMM under int8 since 02f1c8f; "q" and "kv_a" are the shapes before
+# it), o_proj, kv_b_proj (prefill's MLA expansion) and the 2 shared experts, which stay a separate MLP under int8
+# (docs/design.md, MoE backend)
 TUNE_SHAPES = {"qwen-7b": SHAPES,
-               "v2-lite": {"q": (2048, 3072), "kv_a": (2048, 576), "o": (2048, 2048), "kv_b": (512, 4096),
+               "v2-lite": {"q_kv_a": (2048, 3648), "q": (2048, 3072), "kv_a": (2048, 576), "o": (2048, 2048),
+                           "kv_b": (512, 4096),
                            "shared_gate_up": (2048, 5632), "shared_down": (2816, 2048)}}
 VARIANTS = ("bf16", "w8a8-triton", "w8a8-int_mm", "w8a16-triton", "w8a16-asym-triton", "w8a16-dequant", "fp8",
             "fp8-triton", "int8-quant", "w8a8-gemm", "fp8-quant", "fp8-gemm")

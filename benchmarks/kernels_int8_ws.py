@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepserve from t
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_quant
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_quant_kernels.jsonl"
-# model -> {linear: (N, K, bias)}. V2-Lite under int8: q_proj and kv_a_proj_with_mqa stay apart (the merge is
-# for float weights), kv_b_proj is the prefill path's, layer 0 is a dense MLP, the others' shared experts.
+# model -> {linear: (N, K, bias)}. V2-Lite under int8: q_proj and kv_a_proj_with_mqa were apart when this
+# was measured (since 02f1c8f they merge under int8: one N = 3648 GEMM), kv_b_proj is the prefill path's,
+# layer 0 is a dense MLP, the others' shared experts.
 MODELS = {
     "qwen-7b": {"qkv": (4608, 3584, True), "o": (3584, 3584, False), "gate_up": (37888, 3584, False),
                 "down": (3584, 18944, False)},

@@ -13,7 +13,8 @@ synchronises the device around each phase of a step, so every phase gets its own
     schedule   scheduler.schedule() (host)
     forward    input preparation + the model forward (graph replay or eager), device synchronised
       launch   (inside forward) the host's time to enqueue it (`ModelRunner._forward` returned, not
-               synchronised): launch close to forward means a host-bound step
+               synchronised): launch close to forward means a host-bound step, unless something in the
+               forward blocks (a synchronisation, or more launches pending than the device's queue holds)
     sample     sampler (device synchronised) + moving the ids to the host
     update     scheduler.update() (host)
 
@@ -137,15 +138,26 @@ def timed_run(bench: Bench, prompts: list[list[int]], output_len: int, sync) -> 
     return timeline
 
 
+def device_kernels(prof) -> list:
+    """The profiled step's device events (kernels, copies, memsets), sorted by start."""
+    return sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+
+
 def kernel_summary(prof) -> str:
-    """Device kernels of one profiled step: how many, their summed time, and the span from the first
-    kernel's start to the last one's end (span - busy = the device idle between kernels: launch gaps)."""
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    """Device kernels of one profiled step: how many, their summed time (busy: PDL overlaps counted twice),
+    the span from the first kernel's start to the last one's end, and idle = span - the union of the kernel
+    intervals (the device waiting between kernels: launch gaps; `gap_table` itemises it)."""
+    kernels = device_kernels(prof)
     if not kernels:
         return "no device kernels recorded"
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1000
-    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1000
-    return f"{len(kernels)} kernels, busy {busy:.3f} ms, span {span:.3f} ms, idle {span - busy:.3f} ms"
+    span = max(e.time_range.end for e in kernels) - kernels[0].time_range.start
+    union, last_end = 0, kernels[0].time_range.start
+    for e in kernels:
+        union += max(0, e.time_range.end - max(last_end, e.time_range.start))
+        last_end = max(last_end, e.time_range.end)
+    return (f"{len(kernels)} kernels, busy {busy:.3f} ms, span {span / 1000:.3f} ms, "
+            f"idle {(span - union) / 1000:.3f} ms")
 
 
 def exposed_table(prof, rows: int = 20) -> str:
@@ -153,7 +165,7 @@ def exposed_table(prof, rows: int = 20) -> str:
     of its interval past the latest end so far (with PDL a kernel starts early and waits, so its own
     duration overlaps its predecessor's; this counts only what extends the step). Sums to the union of
     the kernel intervals: where the step's device time goes, launch gaps apart."""
-    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    kernels = device_kernels(prof)
     if not kernels:
         return "no device kernels recorded"
     exposed: dict[str, float] = defaultdict(float)
@@ -176,7 +188,7 @@ def gap_table(prof, rows: int = 12) -> str:
     that ends the gap (the launch the device waited for), and the `rows` largest single gaps: spread thinly
     over every launch means launch overhead; concentrated before a few kernels means host work (or a
     synchronisation) there."""
-    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    kernels = device_kernels(prof)
     if not kernels:
         return "no device kernels recorded"
     idle_before: dict[str, float] = defaultdict(float)

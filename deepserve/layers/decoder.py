@@ -12,6 +12,8 @@ on CUDA, no hooks), the norm's `forward_quantized` (RMSNorm: `fused.rms_norm_qua
 to memory: one [T, H] write and read and one launch fewer per norm. Same bits as the unfused path (the caveat:
 kernels/int8_quant.py). Hooks on the norm or on the consumer linear turn the fusion off; a hook on self_attn or
 mlp themselves (the modules, not their linears) would see the PerTokenQuant: none of ours registers one there.
+The consumer may be a merged layer (DeepSeek's MLA `qkv_a_proj`): hooks on the layers merged into it (emptied)
+never fire and do not turn the fusion off.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ On CUDA, kv_a_layernorm, the rotation of q_pe and k_pe and the cache write are O
 `kernels/mla_norm_rope_write`. Triton modules are imported lazily, so CPU installs never import Triton.
 
 A decode step on CUDA launches, per layer: ONE GEMM for q_proj (or q_a_proj) and kv_a_proj together
-(`process_weights_after_loading` merges them for float layers; quantised models and the MTP layer, which is
-not post-processed, keep two GEMMs; q_a_layernorm and q_b_proj follow for q LoRA), ONE kernel for
+(`process_weights_after_loading` merges them for float layers and under int8, then quantised as one layer
+whose input the decoder's norm quantises; the other quantised models keep two GEMMs; q_a_layernorm and
+q_b_proj follow for q LoRA), ONE kernel for
 kv_a_layernorm + the rotation of q_pe and k_pe + the cache write (three launches before), q_nope @ W_UK, the decode
 kernel (q_latent and q_pe as two strided tensors) and its merge (when split: inside the decode kernel when the
 runner bound `split_counters` [max_num_seqs, head tiles] and the batch fits them, kernels/split_k.py; else a

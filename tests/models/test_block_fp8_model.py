@@ -319,7 +319,8 @@ def test_gpu_dequantising_modes(fp8_dir, fake_quant_dir, mode):
         for name, p in model.named_parameters():
             assert torch.equal(p, exact[name]), name
     else:
-        assert model.model.layers[1].self_attn.q_a_proj.weight.dtype == torch.int8
+        attn = model.model.layers[1].self_attn  # q_a_proj and kv_a_proj_with_mqa merged under int8, then quantised
+        assert attn.qkv_a_proj.weight.dtype == torch.int8 and attn.q_a_proj.weight.numel() == 0
         assert model.model.layers[1].mlp.experts.w13.dtype == torch.int8  # the W8A16 fused MoE kernel
 
 

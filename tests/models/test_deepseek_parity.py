@@ -178,6 +178,18 @@ def test_int8_merges_the_input_projection_into_the_same_rows(pair):
     assert torch.equal(all_prefill_logits(merged, ids), all_prefill_logits(apart, ids))
 
 
+def test_int8_weight_only_keeps_the_input_projections_apart(pair):
+    """Outside MERGES_UNDER_QUANTIZATION (here W8A16) the two input projections keep their own GEMMs."""
+    _, _, folder = pair
+    model = build_ours(folder, "auto")
+    process_weights_after_loading(model, "int8-weight-only")
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        first = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
+        assert attn.qkv_a_proj is None and layer.attention_input_linear() is None
+        assert first.weight.dtype == attn.kv_a_proj_with_mqa.weight.dtype == torch.int8
+
+
 def test_absorb_and_naive_agree(pair):
     _, _, folder = pair
     ids = prompt_ids()

@@ -53,3 +53,20 @@ def test_exposed_table_is_the_union_of_intervals():
 def test_tables_without_kernels_say_so():
     assert po.gap_table(FakeProf([], host=1)) == "no device kernels recorded"
     assert po.exposed_table(FakeProf([])) == "no device kernels recorded"
+
+
+def test_kernel_summary_idle_is_span_minus_the_union():
+    """busy sums durations (c's overlap with b counted twice); idle is what the union leaves of the span."""
+    assert po.kernel_summary(FakeProf(KERNELS, host=1)) == \
+        "5 kernels, busy 0.038 ms, span 0.050 ms, idle 0.017 ms"  # 10 + 15 + 5 + 5 + 3; 50 - 33
+
+
+def test_timeline_total_leaves_launch_out():
+    """launch lies inside forward: the step total sums schedule, forward, sample and update only."""
+    timeline = po.Timeline()
+    for _ in range(2):
+        timeline.add("prefill", 8, 2, {"schedule": 1.0, "launch": 30.0, "forward": 40.0, "sample": 0.0, "update": 2.0})
+    row = timeline.report().splitlines()[1].split()
+    assert row[:4] == ["prefill", "2", "16", "2.0"]
+    assert [float(v) for v in row[4:]] == [1.0, 30.0, 40.0, 0.0, 2.0, 0.09]  # (1 + 40 + 0 + 2) * 2 ms; 0.15 with launch
+    assert timeline.report().splitlines()[-1] == "sum of phases: 0.09 s"
