@@ -188,6 +188,17 @@ def _check_scales(w13, w2, w13_scale, w2_scale) -> None:
                              f"{None if scale is None else (scale.dtype, tuple(scale.shape), str(scale.device))}")
 
 
+def _check_x_quant(x: torch.Tensor, x_quant: tuple[torch.Tensor, torch.Tensor], int8: bool) -> None:
+    """x_quant = (q [T, H] int8, scale [T] f32) on x's device, given only with int8_activations."""
+    if not int8:
+        raise ValueError("x_quant (x quantised per token) is for W8A8 (int8_activations) only")
+    q, scale = x_quant
+    if q.dtype != torch.int8 or q.shape != x.shape or scale.dtype != torch.float32 \
+            or scale.shape != x.shape[:1] or q.device != x.device or scale.device != x.device:
+        raise ValueError(f"x_quant must be (int8 {tuple(x.shape)}, float32 {tuple(x.shape[:1])}) on {x.device}; "
+                         f"got ({q.dtype} {tuple(q.shape)}, {scale.dtype} {tuple(scale.shape)})")
+
+
 def _a_operand(a: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(a, None), or W8A8: (q [rows, K] int8, scale [rows] f32), a quantised per row (`int8_quant`)."""
     if not int8:
@@ -216,7 +227,8 @@ def _launch(a, b, c, weights, align, num_valid, row_div, gated, cfg: MoeConfig,
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: MoeConfig | None = None,
               addend: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
-              w2_scale: torch.Tensor | None = None, int8_activations: bool = False) -> torch.Tensor:
+              w2_scale: torch.Tensor | None = None, int8_activations: bool = False,
+              x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows | up rows), w2 [E, H, I], all f16/bf16/f32 alike;
     topk_weights [T, k] f32, topk_ids [T, k] int32/int64; addend [T, H] x's dtype or None
     -> [T, H] in x's dtype: round(sum of the k weighted expert outputs) (+ addend, rounded).
@@ -228,6 +240,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     W8A8 (`int8_activations`, int8 stacks only): x is quantised per token (`int8_quant`) and the
     activation act [T*k, I] per assignment row before launch 2; both launches dot int8 x int8 into
     int32 (see the kernel). The result is `fused_moe_w8a8_ref`'s up to float32 rounding.
+    x_quant (W8A8 only): (q [T, H] int8, scale [T] f32), x already quantised per token by `int8_quant`
+    (another consumer of x made it: DeepseekMoE's shared MLP); launch 1 takes it instead of quantising x again.
 
     Any strides are accepted (the small scale tensors are made contiguous). `config` overrides the
     table in `fused_moe_configs` (keyed by x's dtype: int8 stacks use the float entries).
@@ -236,6 +250,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     _check_scales(w13, w2, w13_scale, w2_scale)
     if int8_activations and w13.dtype != torch.int8:
         raise ValueError(f"int8_activations (W8A8) needs int8 stacks with scales; w13 is {w13.dtype}")
+    if x_quant is not None:
+        _check_x_quant(x, x_quant, int8_activations)
     num_tokens, hidden = x.shape
     num_experts, inter, top_k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     if num_tokens == 0 or top_k == 0:
@@ -245,7 +261,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_valid, weights = num_tokens * top_k, topk_weights.contiguous()
     act = torch.empty(num_valid, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     scales = (None, None) if w13_scale is None else (w13_scale.contiguous(), w2_scale.contiguous())
-    a, a_scale = _a_operand(x, int8_activations)  # x, or W8A8: x per token in int8 [T, H] + [T] f32
+    # x, or W8A8: x per token in int8 [T, H] + [T] f32 (as given, or quantised here)
+    a, a_scale = x_quant if x_quant is not None else _a_operand(x, int8_activations)
     _launch(a, w13, act, weights, align, num_valid, top_k, True, cfg, scales[0], a_scale)
     per_assignment = torch.empty(num_valid, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
     a, a_scale = _a_operand(act, int8_activations)  # W8A8: act per assignment row [T*k, I] + [T*k]

@@ -43,7 +43,7 @@ from torch import nn
 from deepserve.config import ModelConfig
 from deepserve.layers.activation import SiluAndMul, get_act_and_mul
 from deepserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear, silu_and_mul_mlp
-from deepserve.layers.linear_method import DenseLinearMethod
+from deepserve.layers.linear_method import DenseLinearMethod, PerTokenQuant
 from deepserve.layers.moe_backend import MoEBackend, get_moe_backend, moe_backend_for
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -310,11 +310,20 @@ class RoutedExperts(nn.Module):
 
             quantize_routed_experts_in_place(self, quantization)
 
-    def forward(self, x: torch.Tensor, routing: Routing, addend: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [T, H], routing [T, k], addend [T, H] or None -> [T, H] (+ addend, rounded once more)."""
-        w8a8 = self.w8a8_min_tokens is not None and x.shape[0] >= self.w8a8_min_tokens
+    def quantizes_input(self, x: torch.Tensor) -> bool:
+        """Whether forward(x, ...) runs W8A8 (x quantised per token by `int8_quant`): int8 stacks served from
+        `w8a8_min_tokens` rows (quant/int8_experts.py) and x has at least that many."""
+        return self.w8a8_min_tokens is not None and x.shape[0] >= self.w8a8_min_tokens
+
+    def forward(self, x: torch.Tensor, routing: Routing, addend: torch.Tensor | None = None,
+                x_quant: PerTokenQuant | None = None) -> torch.Tensor:
+        """x: [T, H], routing [T, k], addend [T, H] or None -> [T, H] (+ addend, rounded once more). x_quant:
+        x quantised per token (int8 q [T, H], scale [T]) by `int8_quant`, used where the stacks run W8A8
+        (`quantizes_input`) instead of quantising x again; ignored elsewhere."""
+        w8a8 = self.quantizes_input(x)
+        given = (x_quant.q, x_quant.scale) if w8a8 and x_quant is not None else None
         return self.moe_backend().apply(x, self.w13, self.w2, routing, self.act, addend, self.w13_scale,
-                                        self.w2_scale, int8_activations=w8a8)
+                                        self.w2_scale, int8_activations=w8a8, x_quant=given)
 
 
 def split_shared_mlp(mlp: GatedMLP, num_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,11 +393,34 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
         routing = self.gate(x)
-        shared = None if self.shared_experts is None else self.shared_experts(x)
+        x_quant = self._shared_input_quant(x)
+        shared = None if self.shared_experts is None else self.shared_experts(x if x_quant is None else x_quant)
         if isinstance(self.experts, RoutedExperts):  # the shared add rides in the backend's sum
-            return self.experts(x, routing, shared)
+            return self.experts(x, routing, shared, x_quant)
         out = self.experts(x, routing)  # quantised stand-ins (Int8RoutedExperts) take no addend
         return out if shared is None else out + shared
+
+
+    def _shared_input_quant(self, x: torch.Tensor) -> PerTokenQuant | None:
+        """x [T, H] quantised per token once (`int8_quant`) for both of its int8 consumers, or None: the
+        shared MLP's gate_up (int8 W8A8 method, which takes pre-quantised rows: `takes_quantized_input`)
+        and the routed stacks when they run W8A8 (`RoutedExperts.quantizes_input`, T >= 256 on CUDA). Both
+        would quantise x with that same kernel, so the result is the same; one launch and one [T, H] pass
+        fewer per MoE layer. None where either does not quantise, the shared MLP is not SiLU-gated, or a
+        hook sits on the shared MLP or its linears (calibration records real inputs)."""
+        mlp, experts = self.shared_experts, self.experts
+        if mlp is None or not isinstance(experts, RoutedExperts) or not experts.quantizes_input(x):
+            return None
+        if type(mlp.act) is not SiluAndMul or mlp._forward_pre_hooks or mlp._forward_hooks:
+            return None
+        gate_up = mlp.gate_up_proj
+        if not (gate_up.takes_quantized_input(x) and gate_up.method.quantized_input_dtype == torch.int8) \
+                or mlp.down_proj._forward_pre_hooks or mlp.down_proj._forward_hooks:
+            return None
+        from deepserve.kernels.int8_quant import int8_quant  # lazy: Triton
+
+        q, scale, _ = int8_quant(x if x.stride(-1) == 1 else x.contiguous())
+        return PerTokenQuant(q, scale, x.dtype)
 
 
 def _plain_linear(linear: nn.Module, like: torch.Tensor) -> bool:

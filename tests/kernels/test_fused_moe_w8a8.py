@@ -180,6 +180,34 @@ def test_zero_tokens_and_bad_inputs():
         K.fused_moe(x, dequant(q13, s13).float(), dequant(q2, s2).float(), weights, ids, **W8A8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_given_x_quant_is_the_quantisation_it_would_make(dtype):
+    """x_quant = int8_quant(x) (another consumer's): the same output as quantising x inside; a different
+    quantisation is really used (not ignored)."""
+    x = torch.randn(5, H, device=device()).to(dtype)
+    q13, s13, q2, s2 = int8_experts(E, H, I, device())
+    weights, ids = route(5, E, TOP_K, device())
+    q, scale, _ = Q.int8_quant(x)
+    want = K.fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, **W8A8)
+    got = K.fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, x_quant=(q, scale), **W8A8)
+    assert torch.equal(got, want)
+    halved = K.fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, x_quant=(q, scale / 2), **W8A8)
+    assert not torch.equal(halved, want)
+
+
+def test_x_quant_checks():
+    x = torch.randn(3, H, device=device())
+    q13, s13, q2, s2 = int8_experts(E, H, I, device())
+    weights, ids = route(3, E, TOP_K, device())
+    q, scale, _ = Q.int8_quant(x)
+    run = dict(w13_scale=s13, w2_scale=s2)
+    with pytest.raises(ValueError, match="W8A8"):  # W8A16 quantises no activations
+        K.fused_moe(x, q13, q2, weights, ids, x_quant=(q, scale), **run)
+    for bad in ((q.float(), scale), (q, scale.double()), (q[:2], scale), (q, scale[:2])):
+        with pytest.raises(ValueError, match="x_quant must be"):
+            K.fused_moe(x, q13, q2, weights, ids, x_quant=bad, **run, **W8A8)
+
+
 # --- GPU, DeepSeek-V2-Lite shapes (E=64 + 2 shared ids, H=2048, I=1408, top-6), bf16 -------------------
 
 V2_LITE = (64, 2048, 1408, 6)  # E, H, I, top-k

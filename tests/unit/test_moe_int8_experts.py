@@ -17,7 +17,7 @@ import torch
 
 from deepserve.config import ModelConfig
 from deepserve.layers.activation import SiluAndMul
-from deepserve.layers.linear_method import process_weights_after_loading
+from deepserve.layers.linear_method import PerTokenQuant, process_weights_after_loading
 from deepserve.layers.moe import DeepseekMoE, RoutedExperts, Routing, RouterConfig
 from deepserve.layers.moe_backend import get_moe_backend
 from deepserve.quant.block_fp8_ref import quantize_rows_int8_ref
@@ -160,6 +160,67 @@ def test_moe_layer_under_int8_weight_only_keeps_the_shared_mlp_apart():
     assert torch.equal(moe(x), want)
 
 
+def _int8_moe() -> DeepseekMoE:
+    """The layer under int8, its routed stacks W8A8 from 1 token."""
+    moe = _moe_with_shared_experts()
+    process_weights_after_loading(moe, "int8")
+    moe.experts.w8a8_min_tokens = 1
+    return moe
+
+
+def _spies(monkeypatch, share: bool) -> tuple[list, list]:
+    """(what the int8 W8A8 linears' apply receives: (layer, type of x), the x_quant each fused_moe call
+    receives). share: the method says it takes quantised input (on CUDA it does; on CPU it quantises its
+    own input: the reference path)."""
+    from deepserve.quant.int8 import Int8W8A8Method
+
+    seen_by_linear, seen_by_moe = [], []
+    real_apply, real_moe = Int8W8A8Method.apply, FUSED_MOE.fused_moe
+    monkeypatch.setattr(Int8W8A8Method, "apply", lambda self, layer, x, bias: (
+        seen_by_linear.append((layer, type(x))), real_apply(self, layer, x, bias))[1])
+    monkeypatch.setattr(FUSED_MOE, "fused_moe", lambda *a, **k: (seen_by_moe.append(k.get("x_quant")),
+                                                                  real_moe(*a, **k))[1])
+    if share:
+        monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: True)
+    return seen_by_linear, seen_by_moe
+
+
+def test_int8_moe_quantises_x_once_for_the_shared_mlp_and_the_routed_experts(monkeypatch):
+    """Both int8 consumers of x (the shared MLP's gate_up, the W8A8 routed stacks) take one per-token
+    quantisation: the output equals the layer that quantises x in each consumer, bit for bit."""
+    moe, x = _int8_moe(), torch.randn(6, H)
+    _, unshared = _spies(monkeypatch, share=False)
+    want = moe(x)
+    assert unshared == [None]
+    monkeypatch.undo()
+    seen_by_linear, seen_by_moe = _spies(monkeypatch, share=True)
+    got = moe(x)
+    assert torch.equal(got, want)
+    (q, scale), = seen_by_moe
+    assert q.dtype == torch.int8 and q.shape == x.shape and scale.shape == (6,)
+    gate_up_inputs = [kind for layer, kind in seen_by_linear if layer is moe.shared_experts.gate_up_proj]
+    assert gate_up_inputs == [PerTokenQuant]
+
+
+def test_int8_moe_keeps_x_float_where_a_consumer_does_not_quantise(monkeypatch):
+    """No shared quantisation below the stacks' W8A8 size (they run W8A16), or with a hook on the shared MLP
+    (calibration sees real inputs)."""
+    moe = _int8_moe()
+    _, seen_by_moe = _spies(monkeypatch, share=True)
+    moe.experts.w8a8_min_tokens = 8
+    x = torch.randn(6, H)
+    assert moe._shared_input_quant(x) is None
+    moe(x)
+    assert seen_by_moe == [None]
+    moe.experts.w8a8_min_tokens = 1
+    assert moe._shared_input_quant(x) is not None
+    handle = moe.shared_experts.gate_up_proj.register_forward_pre_hook(lambda *args: None)
+    assert moe._shared_input_quant(x) is None
+    handle.remove()
+    moe.shared_experts.register_forward_hook(lambda *args: None)
+    assert moe._shared_input_quant(x) is None
+
+
 # --- GPU, DeepSeek-V2-Lite shapes (E=64, H=2048, I=1408, top-6) in bf16, CUDA defaults -------------------
 
 V2_LITE = (64, 2048, 1408)
@@ -204,3 +265,45 @@ def test_gpu_v2_lite_int8_layer_near_bf16_and_graph_replay(tokens):
     routing.ids.copy_(new.ids)
     graph.replay()
     assert torch.equal(captured, experts(x, routing))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [256, 2048])
+def test_gpu_v2_lite_moe_shares_the_x_quantisation(monkeypatch, tokens):
+    """V2-Lite's MoE layer under int8 on the CUDA defaults, at W8A8 sizes: x quantised once for the shared
+    MLP and the routed stacks gives the output of quantising it in each, bit for bit, eager and replayed
+    from a CUDA graph."""
+    config = ModelConfig(architecture="DeepseekV2ForCausalLM", vocab_size=16, hidden_size=2048, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, intermediate_size=64,
+                         max_position_embeddings=64, n_routed_experts=64, n_shared_experts=2,
+                         num_experts_per_tok=6, moe_intermediate_size=1408)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        moe = DeepseekMoE(config, RouterConfig(num_experts=64, top_k=6))
+    for name, p in moe.named_parameters():
+        p.copy_(torch.randn(p.shape, device="cuda") / p.shape[-1] ** 0.5 * (3.0 if name.startswith("gate.") else 1.0))
+    moe = moe.bfloat16()
+    process_weights_after_loading(moe, "int8")
+    x = torch.randn(tokens, 2048, device="cuda").bfloat16()
+    assert moe.experts.quantizes_input(x) and moe._shared_input_quant(x) is not None
+    got = moe(x)
+    with monkeypatch.context() as m:
+        m.setattr(DeepseekMoE, "_shared_input_quant", lambda self, x: None)
+        want = moe(x)
+    assert torch.equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe(x)
+    graph.replay()
+    assert torch.equal(captured, got)
+
+
+def test_torch_backend_refuses_int8_inputs():
+    """The torch backend computes float stacks only: W8A8 requests and pre-quantised x are errors."""
+    experts = make_experts(backend=None)
+    x, routing = torch.randn(3, H), route(3)
+    q = torch.zeros(3, H, dtype=torch.int8)
+    backend = get_moe_backend("torch")
+    for extra in (dict(int8_activations=True), dict(x_quant=(q, torch.ones(3)))):
+        with pytest.raises(ValueError, match="float expert stacks"):
+            backend.apply(x, experts.w13, experts.w2, routing, experts.act, **extra)
