@@ -20,7 +20,7 @@ from torch import nn
 from deepserve.config import ModelConfig
 from deepserve.layers.decoder import PreNormDecoderLayer
 from deepserve.layers.embedding import LMHead, VocabEmbedding
-from deepserve.layers.linear import ReplicatedLinear, checked_copy
+from deepserve.layers.linear import LinearBase, ReplicatedLinear, checked_copy
 from deepserve.layers.mla import MLAAttention
 from deepserve.layers.moe import DeepseekMoE, GatedMLP, RouterConfig
 from deepserve.layers.norm import RMSNorm
@@ -100,6 +100,11 @@ class DeepseekDecoderLayer(PreNormDecoderLayer):
         linear that reads the normalised input; a quantised one takes it pre-quantised. None while q and kv_a
         are separate (both read it)."""
         return self.self_attn.qkv_a_proj
+
+    def mlp_input_linear(self) -> LinearBase | None:
+        """A dense layer's (before `first_k_dense_replace`) merged gate_up_proj; None for MoE layers, whose
+        router and experts both read the normalised input."""
+        return self.mlp.gate_up_proj if isinstance(self.mlp, GatedMLP) else None
 
 
 class DeepseekModel(nn.Module):

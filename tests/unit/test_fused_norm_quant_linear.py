@@ -21,6 +21,7 @@ from deepserve.layers import fused
 from deepserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
 from deepserve.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod, LinearMethod, PerTokenQuant,
                                             process_weights_after_loading)
+from deepserve.layers.moe import DeepseekMoE
 from deepserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from deepserve.models.qwen2 import Qwen2ForCausalLM
 from deepserve.quant import get_quant_method
@@ -310,8 +311,9 @@ def test_hooks_see_real_tensors(monkeypatch):
 
 def test_deepseek_input_norm_feeds_the_merged_projection(monkeypatch):
     """MLA / MoE decoder layers (the bundled tiny V3) under int8: the input norm feeds MLA's merged q_a | kv_a
-    projection (`attention_input_linear`), pre-quantised, one fused call per layer and step; the MoE layers'
-    norm names no consumer (router and experts read it) and stays unfused; same logits."""
+    projection (`attention_input_linear`), pre-quantised, one fused call per layer and step; the dense first
+    layer's post-attention norm feeds its gate_up the same way; the MoE layers' post-attention norm names no
+    consumer (router and experts read it) and stays unfused; same logits."""
     from deepserve.engine.args import EngineArgs
     from deepserve.loader.model_loader import load_model
 
@@ -323,10 +325,13 @@ def test_deepseek_input_norm_feeds_the_merged_projection(monkeypatch):
     monkeypatch.setattr(Int8W8A8Method, "quantizes_input", lambda self, layer, x: True)
     assert torch.equal(_prefill(model), want)
     layers = model.model.layers
-    assert spy.norm_calls == len(layers)  # one step, the input norm of each layer
+    dense = [layer for layer in layers if not isinstance(layer.mlp, DeepseekMoE)]
+    assert len(dense) == 1 and layers[0] is dense[0]
+    assert spy.norm_calls == len(layers) + 1  # one step: every input norm, and the dense layer's second norm
     for layer in layers:
         assert spy.kinds(layer.self_attn.qkv_a_proj) == [PerTokenQuant]
         assert spy.kinds(layer.self_attn.o_proj) == [torch.Tensor]
+    assert spy.kinds(dense[0].mlp.gate_up_proj) == [PerTokenQuant]
 
 
 # ---- GPU: a Llama-shaped layer with int8 on CUDA ---------------------------------------------------------
