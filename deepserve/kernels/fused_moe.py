@@ -1,7 +1,8 @@
 """Fused MoE: routed experts as two grouped GEMMs over expert-sorted token assignments.
 
     fused_moe(x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k] f32, topk_ids [T, k],
-              addend [T, H] | None, w13_scale [E, 2I] f32 | None, w2_scale [E, H] f32 | None)
+              addend [T, H] | None, w13_scale [E, 2I] f32 | None, w2_scale [E, H] f32 | None,
+              int8_activations=False, x_quant=(q [T, H] int8, scale [T] f32) | None)
         -> [T, H] in x's dtype
 
 Steps (one host call, no host synchronisation, so it can be captured in a CUDA graph):
@@ -262,7 +263,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     act = torch.empty(num_valid, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     scales = (None, None) if w13_scale is None else (w13_scale.contiguous(), w2_scale.contiguous())
     # x, or W8A8: x per token in int8 [T, H] + [T] f32 (as given, or quantised here)
-    a, a_scale = x_quant if x_quant is not None else _a_operand(x, int8_activations)
+    a, a_scale = (x_quant[0], x_quant[1].contiguous()) if x_quant is not None else _a_operand(x, int8_activations)
     _launch(a, w13, act, weights, align, num_valid, top_k, True, cfg, scales[0], a_scale)
     per_assignment = torch.empty(num_valid, hidden, dtype=x.dtype, device=x.device)  # [T*k, H]
     a, a_scale = _a_operand(act, int8_activations)  # W8A8: act per assignment row [T*k, I] + [T*k]

@@ -400,14 +400,15 @@ class DeepseekMoE(nn.Module):
         out = self.experts(x, routing)  # quantised stand-ins (Int8RoutedExperts) take no addend
         return out if shared is None else out + shared
 
-
     def _shared_input_quant(self, x: torch.Tensor) -> PerTokenQuant | None:
         """x [T, H] quantised per token once (`int8_quant`) for both of its int8 consumers, or None: the
         shared MLP's gate_up (int8 W8A8 method, which takes pre-quantised rows: `takes_quantized_input`)
         and the routed stacks when they run W8A8 (`RoutedExperts.quantizes_input`, T >= 256 on CUDA). Both
         would quantise x with that same kernel, so the result is the same; one launch and one [T, H] pass
         fewer per MoE layer. None where either does not quantise, the shared MLP is not SiLU-gated, or a
-        hook sits on the shared MLP or its linears (calibration records real inputs)."""
+        hook sits on the shared MLP or its linears (calibration records real inputs). The gate is conservative:
+        `takes_quantized_input` also asks for rows the fused RMSNorm keeps whole (H <= 8192) and f16/bf16 x,
+        which plain `int8_quant` would not need; every served DeepSeek width passes it."""
         mlp, experts = self.shared_experts, self.experts
         if mlp is None or not isinstance(experts, RoutedExperts) or not experts.quantizes_input(x):
             return None

@@ -193,6 +193,9 @@ def test_given_x_quant_is_the_quantisation_it_would_make(dtype):
     assert torch.equal(got, want)
     halved = K.fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, x_quant=(q, scale / 2), **W8A8)
     assert not torch.equal(halved, want)
+    strided = torch.stack([scale, torch.zeros_like(scale)], dim=1)[:, 0]  # the values of scale, stride 2
+    got = K.fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, x_quant=(q, strided), **W8A8)
+    assert torch.equal(got, want)
 
 
 def test_x_quant_checks():

@@ -336,7 +336,8 @@ def test_deepseek_input_norm_feeds_the_merged_projection(monkeypatch):
 
 # ---- GPU: a Llama-shaped layer with int8 on CUDA ---------------------------------------------------------
 
-GPU_SHAPES = {"qwen-7b": (3584, 28, 4, 18944), "qwen-1.5b": (1536, 12, 2, 8960)}  # hidden, heads, kv heads, I
+# hidden, heads, kv heads, I; "v2-lite-dense": the widths of V2-Lite's dense layer 0 (its norm feeds gate_up)
+GPU_SHAPES = {"qwen-7b": (3584, 28, 4, 18944), "qwen-1.5b": (1536, 12, 2, 8960), "v2-lite-dense": (2048, 16, 16, 10944)}
 
 
 class _ProbeAttention(nn.Module):

@@ -214,9 +214,19 @@ def test_int8_moe_keeps_x_float_where_a_consumer_does_not_quantise(monkeypatch):
     assert seen_by_moe == [None]
     moe.experts.w8a8_min_tokens = 1
     assert moe._shared_input_quant(x) is not None
-    handle = moe.shared_experts.gate_up_proj.register_forward_pre_hook(lambda *args: None)
+    for linear in (moe.shared_experts.gate_up_proj, moe.shared_experts.down_proj):
+        handle = linear.register_forward_pre_hook(lambda *args: None)
+        assert moe._shared_input_quant(x) is None
+        handle.remove()
+    assert moe._shared_input_quant(x) is not None
+    act = moe.shared_experts.act
+    moe.shared_experts.act = torch.nn.Identity()  # not SiLU-gated
     assert moe._shared_input_quant(x) is None
-    handle.remove()
+    moe.shared_experts.act = act
+    with monkeypatch.context() as m:  # a method taking e4m3 rows: not this int8 quantisation
+        m.setattr(type(moe.shared_experts.gate_up_proj.method), "quantized_input_dtype", torch.float8_e4m3fn)
+        assert moe._shared_input_quant(x) is None
+    assert moe._shared_input_quant(x) is not None
     moe.shared_experts.register_forward_hook(lambda *args: None)
     assert moe._shared_input_quant(x) is None
 
