@@ -143,6 +143,17 @@ def device_kernels(prof) -> list:
     return sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
 
 
+def exposed_us(kernels: list) -> dict[str, float]:
+    """Per kernel name, the microseconds it alone adds to the union of the intervals of `kernels` (sorted by
+    start): each kernel counts the part of its interval past the latest end so far."""
+    exposed: dict[str, float] = defaultdict(float)
+    last_end = kernels[0].time_range.start if kernels else 0
+    for e in kernels:
+        exposed[e.name] += max(0, e.time_range.end - max(last_end, e.time_range.start))
+        last_end = max(last_end, e.time_range.end)
+    return exposed
+
+
 def kernel_summary(prof) -> str:
     """Device kernels of one profiled step: how many, their summed time (busy: PDL overlaps counted twice),
     the span from the first kernel's start to the last one's end, and idle = span - the union of the kernel
@@ -152,10 +163,7 @@ def kernel_summary(prof) -> str:
         return "no device kernels recorded"
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1000
     span = max(e.time_range.end for e in kernels) - kernels[0].time_range.start
-    union, last_end = 0, kernels[0].time_range.start
-    for e in kernels:
-        union += max(0, e.time_range.end - max(last_end, e.time_range.start))
-        last_end = max(last_end, e.time_range.end)
+    union = sum(exposed_us(kernels).values())
     return (f"{len(kernels)} kernels, busy {busy:.3f} ms, span {span / 1000:.3f} ms, "
             f"idle {(span - union) / 1000:.3f} ms")
 
@@ -168,13 +176,10 @@ def exposed_table(prof, rows: int = 20) -> str:
     kernels = device_kernels(prof)
     if not kernels:
         return "no device kernels recorded"
-    exposed: dict[str, float] = defaultdict(float)
+    exposed = exposed_us(kernels)
     calls: dict[str, int] = defaultdict(int)
-    last_end = kernels[0].time_range.start
     for e in kernels:
-        exposed[e.name] += max(0, e.time_range.end - max(last_end, e.time_range.start))
         calls[e.name] += 1
-        last_end = max(last_end, e.time_range.end)
     total = sum(exposed.values())
     lines = [f"exposed device time {total / 1000:.3f} ms (union of kernel intervals); per kernel name:"]
     for name, us in sorted(exposed.items(), key=lambda kv: -kv[1])[:rows]:
