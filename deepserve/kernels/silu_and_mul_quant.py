@@ -10,39 +10,43 @@ The results are bit for bit those of the unfused kernels, `int8_quant(silu_and_m
 v = silu_mul(gate, up) (kernels/silu_and_mul.py's own jit function) rounded to x's dtype, as the unfused
 path stores it, then quantised by int8_quant's / fp8_quant's own per-element jit functions
 (`quantize_int8_values` / `quantize_fp8_values`: IEEE divisions, ties-to-even rounding, the same
-hardware-rounding switches). The row's max |v| is exact in any order, so chunking does not change the
-scale. What is saved: the [T, I] activation written by silu_and_mul and read back by the quantisation,
-and one launch (decode steps run a few hundred tokens, where launches count).
+hardware-rounding switches). The row's max |v| is exact in any order, so splitting the row does not change
+the scale.
 
-One program per row, two passes over it in chunks of BLOCK columns (rows of any width; qwen-7b has
-I = 18944): pass 1 computes v chunk by chunk and keeps the running max |v|; pass 2, last chunk first
-(the most recently read), reloads the row's gate / up chunks with an evict-first hint, recomputes v,
-quantises and stores it. The reloads are expected to hit L2 (a guess: a 2I-wide bf16 row is 76 KB at
-qwen-7b's I; a few resident rows per SM x 132 SMs is 20-40 MB of the H200's 50 MB L2).
-Timed (run s7d, H200, I = 18944, bf16, `triton.testing.do_bench_cudagraph` from a one-off script not
-kept in the repo; the figures are in benchmarks/results/gpu_quant_kernels.jsonl): this launch (2048-column
-chunks, one program per row, 8 warps) 17.5 us at 256 rows and 402.2 us at 8192, unfused silu_and_mul +
-int8_quant 17.8 / 424.9 us: the fusion saves a launch and 5% at 8192 rows, not the write and read of the
-activation it was meant to save (1.5 TB/s counting one read of x; with up to 8 rows of 76 KB resident per
-SM, 80 MB in flight, pass 2's reloads seem to miss the 50 MB L2: inferred, not profiled). Programs walking the
-rows at 2 per SM in 8192-column chunks over 16 warps (L2-resident reloads, fewer latency rounds) were
-slower: 27.4 / 578.7 us (99 registers: one 16-warp program per SM). What would help: a row split over
-several programs with the row max combined between them (two launches, or a last-arriving program).
+Layout: the row is split. Grid (segments, rows), program (s, r) owns columns s*BLOCK .. s*BLOCK+BLOCK-1 of
+row r: it reads its gate / up columns once, computes v and keeps it in registers, and publishes its max |v|
+in the row's slot s of a zeroed [rows, SLOTS] int32 buffer (the float's bits + 1, so 0 means "not yet"; a
+non-negative float orders as its bits; a relaxed atomic max, which lands in L2). On an NVIDIA GPU it then
+polls the row's slots (volatile loads) until every segment has published, takes their max, and quantises
+and stores the v it holds: x is read once, q written once, one launch, no fence and no read-modify-write on
+a shared word. The wait needs the row's other segments to be running or done: the segments of a row are
+consecutive program ids (axis 0 fastest) and the GPU dispatches a grid's programs in order, so when a
+program waits, every program of a lower row has been dispatched, and once the resident ones finish the
+rest of its own row gets their slots (this holds with any number of rows; it would not with fewer slots on
+the GPU than segments in a row: 19 at qwen-7b's I = 18944). Elsewhere (the interpreter runs programs one
+after another; ROCm) the same kernel runs twice: PHASE 1 publishes, PHASE 2 reloads x and quantises.
 
-A whole-row layout (one program per row holding it in registers, x read once; 32 warps at I = 18944) was
-slower than this launch: 669.5 vs 402.2 us at 8192 rows, 21.9 vs 16.5 us at 256 (run s8a,
-benchmarks/results/gpu_quant_kernels.jsonl); removed. Under --quantization int8 the dense MLPs with wide
-enough rows now take kernels/int8_gemm_silu.py instead (SiLU-and-mul in the gate_up GEMM); this kernel
-serves fp8, narrower int8 rows and the fallbacks.
-Also tried and not kept (run s13d, H200, e4m3 at I = 18944, do_bench_cudagraph): each pass's chunk loads
-software-pipelined (`tl.range(num_stages=2..4)`: Triton 3.6 turns them into cp.async once I is 16-divisible)
-and persistent programs (1, 2 or 4 per SM walking the rows, so that pass 2's reloads stay in L2), over
-1024-4096-column chunks and 4 or 8 warps: 96 launch configs, none faster than this launch beyond noise
-(12.8 us at 256 rows, 91.2 vs 94.1 us at 2048 with 4096-column chunks, 327.8 vs 327.2 us at 8192).
-Triton 3.9 AOT for sm_90 (no GPU here): every variant (int8 / fp8, HW on / off, PDL on / off) compiles;
-bf16 / f32 at BLOCK 2048, 8 warps: 40 registers, no local memory; v takes the instructions of
-silu_and_mul's kernel (ex2.approx, div.full, the bf16 product as mul.bf16(x2)), so the same bits.
-No host synchronisation: CUDA-graph safe. Launched with PDL where kernels/pdl.py enables it.
+Timed (run s15b, H200, I = 18944, bf16, `do_bench_cudagraph`, scratch sweep of 14 block / warp configs of
+this kernel and of a form that met at one counter per row with an acq_rel atomic add; every output bit
+equal to the unfused pair at every config; figures in benchmarks/results/gpu_quant_kernels.jsonl), e4m3 /
+int8, against the previous launch (one program per row, two passes over it in 2048-column chunks: pass 2's
+reloads missed L2 at large T):
+
+    T       previous launch    this kernel (1024 columns, 2 warps at T >= 64, 4 below)
+    1       8.3 / 9.0 us       3.6 / 3.5 us
+    256     12.5 / 13.5        10.9 / 11.6
+    2048    93.2 / 101.7       64.1 / 65.3
+    8192    335.6 / 353.4      251.8 / 254.4   (3.1 TB/s counting one read of x and one write of q)
+
+The counter form was slower (271.4 / 298.8 us at 8192), and so was the two-launch form on the GPU from 256
+rows (e4m3: 14.6 vs 10.9 us at 256, 367.2 vs 251.8 at 8192). 16 columns a thread (1024 over 2 warps) was
+the best at T >= 256; 2048- to 8192-column segments and more warps were slower.
+Earlier layouts (runs s7d, s8a, s13d): one program per row holding the whole row in registers was slower
+still (669.5 us at 8192), and pipelined or persistent per-row programs gained nothing.
+Under --quantization int8 the dense MLPs with wide enough rows take kernels/int8_gemm_silu.py instead
+(SiLU-and-mul in the gate_up GEMM); this kernel serves fp8, narrower int8 rows and the fallbacks.
+No host synchronisation (the slot buffer is a memset): CUDA-graph safe. Launched with PDL where
+kernels/pdl.py enables it.
 """
 
 from __future__ import annotations
@@ -52,48 +56,63 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_like_torch
+from deepserve.kernels.int8_convert import nvidia_ptx
 from deepserve.kernels.int8_quant import Int8Activations, quantize_row_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.silu_and_mul import check_gate_up, silu_mul
 from deepserve.kernels.sizes import next_power_of_2
 
-_BLOCK = 2048  # columns per chunk (timed against 8192 over 16 warps: see above)
+_BLOCK = 1024  # columns per segment (run s15b: see above)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
 @triton.jit
-def _chunk_v(row_ptr, inter, cols, mask, EVICT: tl.constexpr):
+def _chunk_v(row_ptr, inter, cols, mask):
     """The unfused silu_and_mul output at `cols` of one row, as stored (x's dtype), in float32."""
-    gate = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy=EVICT)
-    up = tl.load(row_ptr + inter + cols, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    gate = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+    up = tl.load(row_ptr + inter + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     return silu_mul(gate, up).to(gate.dtype).to(tl.float32)
 
 
 @triton.jit
-def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, inter, x_stride, q_stride, QMAX: tl.constexpr,
-                               FP8: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr,
-                               PDL: tl.constexpr = False):
-    """One program per row: pass 1 the row's max |v|, pass 2 (last chunk first) quantise and store."""
+def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, slots_ptr, inter, x_stride, q_stride,
+                               QMAX: tl.constexpr, FP8: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr,
+                               SLOTS: tl.constexpr, PHASE: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (segment, row); PHASE 0: publish the segment's max |v|, wait for the row's, quantise (one
+    launch); PHASE 1: publish only; PHASE 2: reload and quantise (module docstring)."""
     pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = x_ptr + row * x_stride
-    amax = tl.zeros([BLOCK], dtype=tl.float32)  # lane-wise max over the chunks; masked lanes hold v = 0
-    for start in range(0, inter, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(_chunk_v(row_ptr, inter, cols, cols < inter, "")))
-    scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), QMAX)
-    num_chunks = tl.cdiv(inter, BLOCK)
-    for i in range(0, num_chunks):
-        cols = (num_chunks - 1 - i) * BLOCK + tl.arange(0, BLOCK)  # last chunk first: the most recently read
-        mask = cols < inter
-        q = quantize_row_values(_chunk_v(row_ptr, inter, cols, mask, "evict_first"), scale, HW, FP8)
-        tl.store(q_ptr + row * q_stride + cols, q, mask=mask)
-    tl.store(scale_ptr + row, scale)
+    seg = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    cols = seg * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    v = _chunk_v(x_ptr + row * x_stride, inter, cols, mask)  # [BLOCK] f32, 0 where masked
+    row_slots = slots_ptr + row * SLOTS
+    if PHASE != 2:  # bits + 1 >= 1: a published slot is never 0
+        tl.atomic_max(row_slots + seg, tl.max(tl.abs(v), axis=0).to(tl.int32, bitcast=True) + 1, sem="relaxed")
+    if PHASE != 1:
+        lanes = tl.arange(0, SLOTS)
+        live = lanes < tl.num_programs(0)
+        got = tl.load(row_slots + lanes, mask=live, other=1, volatile=True)
+        if PHASE == 0:
+            while tl.min(got, axis=0) == 0:
+                got = tl.load(row_slots + lanes, mask=live, other=1, volatile=True)
+        amax = (tl.max(got, axis=0) - 1).to(tl.float32, bitcast=True)
+        scale = tl.div_rn(tl.maximum(amax, 1e-8), QMAX)
+        tl.store(q_ptr + row * q_stride + cols, quantize_row_values(v, scale, HW, FP8), mask=mask)
+        if seg == 0:
+            tl.store(scale_ptr + row, scale)
 
 
-def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, 2I] -> (q [T, I] q_dtype, scale [T] f32); `block`: columns per chunk (power of two)."""
+def _num_warps(block: int, rows: int) -> int:
+    """16 columns a thread from 64 rows (1024 columns over 2 warps), 8 below (4 warps): run s15b."""
+    return max(1, min(2, block // 512)) if rows >= 64 else max(1, min(4, block // 256))
+
+
+def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None,
+            one_launch: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, 2I] -> (q [T, I] q_dtype, scale [T] f32); `block`: columns per segment (a power of two);
+    `one_launch`: the PHASE 0 form (default: on NVIDIA GPUs, where programs run concurrently)."""
     check_gate_up(x)
     if x.dtype not in _FLOATS:
         raise ValueError(f"x must be f16/bf16/f32, got {x.dtype}")
@@ -104,12 +123,17 @@ def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None) -> tuple[t
         return q, scale
     if block is not None and (block < 1 or block & (block - 1)):
         raise ValueError(f"block must be a positive power of two, got {block}")
+    block = block or min(_BLOCK, next_power_of_2(max(inter, 1)))
+    segments = triton.cdiv(inter, block)
+    slots = torch.zeros((num_tokens, next_power_of_2(segments)), dtype=torch.int32, device=x.device)
     fp8 = q_dtype == torch.float8_e4m3fn
     hw = hardware_cast_rounds_like_torch(x.device) if fp8 else x.is_cuda
-    block = block or min(_BLOCK, next_power_of_2(max(inter, 1)))
-    _silu_and_mul_quant_kernel[(num_tokens,)](
-        x, q, scale, inter, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw, BLOCK=block,
-        num_warps=max(1, min(8, block // 256)), **pdl_launch(x.device))
+    one_launch = nvidia_ptx(x.device) if one_launch is None else one_launch
+    for phase in ((0,) if one_launch else (1, 2)):
+        _silu_and_mul_quant_kernel[(segments, num_tokens)](
+            x, q, scale, slots, inter, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw,
+            BLOCK=block, SLOTS=slots.shape[1], PHASE=phase, num_warps=_num_warps(block, num_tokens),
+            **pdl_launch(x.device))
     return q, scale
 
 

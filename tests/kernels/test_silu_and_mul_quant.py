@@ -2,8 +2,10 @@
 (`int8_quant(silu_and_mul(x))`, `fp8_quant(silu_and_mul(x))`) bit for bit, and against the references.
 
 The unfused composition is the contract (the W8A8 linear methods swap one for the other): equal q bits
-(the sign of an fp8 zero included) and equal scales, at widths below, at and above one chunk, with the
-chunk forced small so that the loop runs many times. The references differ from the kernels where
+(the sign of an fp8 zero included) and equal scales, at widths below, at and above one segment, with the
+segment forced small so that a row is split many ways. On CPU the kernel runs as two launches (publish the
+segments' maxima, then quantise); on the GPU as one (the segments wait for each other), and both forms are
+compared there. The references differ from the kernels where
 silu_and_mul's kernel differs from its eager reference (its exp; under the interpreter also its float32
 -> bf16 cast, which truncates: tests/kernels/test_silu_and_mul.py), so they are compared within one step
 of q and two ulps of the scale, in float32 / float16 on CPU.
@@ -46,25 +48,25 @@ def _assert_unfused(x, block=None):
 @pytest.mark.parametrize("inter", [1, 7, 64, 65, 100, 2048, 2049, 3000])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_unfused_kernels_exactly(inter, dtype):
-    """Default chunk (2048 columns): one chunk, exactly one, one + 1 column, a ragged second chunk."""
+    """Default segment (1024 columns): one segment, exactly one, one + 1 column, ragged segments."""
     _assert_unfused(_gate_up(3, inter, dtype))
 
 
 @pytest.mark.parametrize("inter,block", [(64, 16), (65, 16), (100, 32), (1000, 64)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_small_chunks_loop_over_the_row(inter, block, dtype):
-    """Chunks of 16-64 columns: up to 16 loop steps per pass, ragged last chunks; the row max is the
-    same in any chunk order, so the bits are too."""
+def test_small_segments_split_the_row(inter, block, dtype):
+    """Segments of 16-64 columns: up to 16 programs per row, ragged last segments; the row max is the
+    same in any order, so the bits are too."""
     x = _gate_up(4, inter, dtype)
     _assert_unfused(x, block)
     _assert_same(K.silu_and_mul_int8_quant(x, block), K.silu_and_mul_int8_quant(x))
 
 
-def test_row_max_in_the_last_chunk_and_ties():
+def test_row_max_in_the_last_segment_and_ties():
     """silu(64) = 64 exactly, so v = 64 * up: quotients k + 1/2 (int8 ties go to even) and the row max
-    127 (scale exactly 1) in the ragged last chunk, which pass 1 must see before pass 2 scales the rest."""
+    127 (scale exactly 1) in the ragged last segment, which every other segment of the row must wait for."""
     ties = (torch.arange(-126, 126, dtype=torch.float32) + 0.5) / 64
-    up = torch.cat([ties, torch.tensor([127 / 64])])  # 253 columns: 15 chunks of 16, then 13
+    up = torch.cat([ties, torch.tensor([127 / 64])])  # 253 columns: 15 segments of 16, then 13
     x = torch.cat([torch.full_like(up, 64.0), up])[None].to(device())  # [1, 2 * 253]
     got = K.silu_and_mul_int8_quant(x, block=16)
     assert got.scale.item() == 1.0
@@ -88,7 +90,7 @@ def test_zero_rows_strided_rows_and_empty():
                     torch.randn(2, 8, device=dev).double(), torch.randn(8, device=dev)):
             with pytest.raises(ValueError):
                 fused(bad)
-        for block in (0, 48, -16):  # a chunk must be a positive power of two (0 is not "the default")
+        for block in (0, 48, -16):  # a segment must be a positive power of two (0 is not "the default")
             with pytest.raises(ValueError, match="power of two"):
                 fused(torch.randn(2, 64, device=dev), block=block)
 
@@ -116,7 +118,20 @@ def test_near_references(inter, dtype):
 def test_gpu_qwen7b_matches_unfused_kernels(tokens):
     x = _gate_up(tokens, 18944, torch.bfloat16, "cuda")
     _assert_unfused(x)
-    _assert_unfused(_gate_up(tokens, 2816, torch.bfloat16, "cuda"))  # V2-Lite's 2 shared experts: ragged chunk
+    _assert_unfused(_gate_up(tokens, 2816, torch.bfloat16, "cuda"))  # V2-Lite's 2 shared experts: ragged segment
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,inter,block", [(8192, 18944, None), (300, 18944, 64), (3, 100000, 128)])
+def test_gpu_one_launch_equals_two_launches(tokens, inter, block):
+    """The waiting form (one launch) against the publish-then-quantise form (two launches), bit for bit, at
+    8192 rows of 19 segments, 300 rows of 296 and 3 rows of 782; and the waiting form is the GPU default."""
+    x = _gate_up(tokens, inter, torch.bfloat16, "cuda")
+    for q_dtype in (torch.int8, torch.float8_e4m3fn):
+        one, two = K._launch(x, q_dtype, block, one_launch=True), K._launch(x, q_dtype, block, one_launch=False)
+        assert torch.equal(one[0].view(torch.uint8), two[0].view(torch.uint8)) and torch.equal(one[1], two[1])
+        default = K._launch(x, q_dtype, block)
+        assert torch.equal(default[0].view(torch.uint8), one[0].view(torch.uint8))
 
 
 @pytest.mark.gpu

@@ -22,6 +22,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs
 PROMPTS = ["def fibonacci(n):\n    ", "To be, or not to be", "The :mod:`os` module provides",
            "import sys\nimport os\n\n\ndef main(argv):\n    parser = "]
 MAX_LOGPROB_DIFF = 0.25
+MERGED_MAX_LOGPROB_DIFF = 0.01  # merged vs apart input projections (run s15a, H200: 0.000)
 
 
 def _run(llm: LLM) -> tuple[list[list[int]], list[list[float]]]:
@@ -75,8 +76,8 @@ def test_gpu_int8_weight_only_runs_int8_experts():
 def test_gpu_int8_merges_the_input_projection(monkeypatch):
     """`--quantization int8` on CUDA: every MLA input projection merged (q_a | kv_a, int8, its input quantised
     by the norm); CUDA-graph decode gives the eager tokens; the greedy tokens and their logprobs match the int8
-    model with the merge switched off (two input GEMMs, each quantising its input) on the first 4 tokens of at
-    least 3 of the 4 prompts, logprobs within MAX_LOGPROB_DIFF."""
+    model with the merge switched off (two input GEMMs, each quantising its input) on the first 4 tokens of
+    every prompt, logprobs within MERGED_MAX_LOGPROB_DIFF (run s15a, H200: 4 of 4, max |logprob diff| 0.000)."""
     import deepserve.layers.mla as mla_module
 
     llm = LLM("tiny-deepseek-v3", num_kv_blocks=128, device="cuda", quantization="int8")
@@ -92,8 +93,8 @@ def test_gpu_int8_merges_the_input_projection(monkeypatch):
     assert all(layer.self_attn.qkv_a_proj is None for layer in apart.engine.core.runner.model.model.layers)
     want_tokens, want_logprobs = _run(apart)
     same = [t[:4] == w[:4] for t, w in zip(tokens, want_tokens)]
-    assert sum(same) >= 3, (tokens, want_tokens)
+    assert all(same), (tokens, want_tokens)
     worst = max(abs(a - b) for ok, ours, ref in zip(same, logprobs, want_logprobs) if ok
                 for a, b in zip(ours[:4], ref[:4]))
     print(f"int8 merged vs apart: first 4 tokens equal on {sum(same)}/4 prompts, max |logprob diff| {worst:.3f}")
-    assert worst <= MAX_LOGPROB_DIFF
+    assert worst <= MERGED_MAX_LOGPROB_DIFF
