@@ -10,6 +10,8 @@
     "none": no method: float linear layers (a quantised checkpoint is dequantised at load)
     get_quant_method("fp8")               -> Fp8Method()           e4m3 weights/channel, activations/token
     get_quant_method("fp8-per-tensor")    -> Fp8Method(per_channel=False)
+    get_quant_method("fp8-fast-accum")    -> Fp8Method(fast_accum=True)  as fp8, the GEMM sums in the tensor
+                                             core's precision (faster, less exact: quant/fp8.py)
 
 `LinearBase` layers are quantised by the method; the embedding, the LM head and MLA's kv_b_proj (its
 dense matrix is absorbed into q/o) stay in float. The stacked MoE experts become int8 per (expert, row)
@@ -33,13 +35,15 @@ _METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "block-fp8": ("deepserve.quant.block_fp8", "BlockFp8LinearMethod", {}),
     "fp8": ("deepserve.quant.fp8", "Fp8Method", {}),
     "fp8-per-tensor": ("deepserve.quant.fp8", "Fp8Method", {"per_channel": False}),
+    "fp8-fast-accum": ("deepserve.quant.fp8", "Fp8Method", {"fast_accum": True}),
 }
 NO_QUANTIZATION = "none"
 QUANTIZATION_METHODS: tuple[str, ...] = (*_METHODS, NO_QUANTIZATION)
 QUANTIZATION_HELP = (
     "quantization of the linear layers: int8 (W8A8), int8-weight-only (W8A16; -asym: zero-point weights; on CUDA "
     "int8 and int8-weight-only also store the routed MoE experts as int8, W8A16), fp8 / fp8-per-tensor (W8A8 "
-    "FP8 with per-channel / per-tensor weight scales, CUDA 8.9+), block-fp8 (DeepSeek-V3/R1 "
+    "FP8 with per-channel / per-tensor weight scales, CUDA 8.9+; fp8-fast-accum: fp8 with the GEMM's sums in the "
+    "tensor core's reduced precision, faster, less exact), block-fp8 (DeepSeek-V3/R1 "
     "FP8 weights with 128x128 block scales, activations FP8 per token per 128 columns; CUDA compute "
     "capability 8.9+), none (float; a quantised checkpoint is dequantised at load). Default: what the "
     "checkpoint says; a block-FP8 checkpoint (V3/R1) is served as block-fp8 on FP8 GPUs and dequantised "

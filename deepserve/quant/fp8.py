@@ -1,7 +1,9 @@
 """Dynamic FP8 (float8_e4m3fn) W8A8 linear method.
 
-    Fp8Method(per_channel=True)   "fp8":            weight scale per output channel
-    Fp8Method(per_channel=False)  "fp8-per-tensor": one weight scale per layer
+    Fp8Method(per_channel=True)                   "fp8":            weight scale per output channel
+    Fp8Method(per_channel=False)                  "fp8-per-tensor": one weight scale per layer
+    Fp8Method(per_channel=True, fast_accum=True)  "fp8-fast-accum": as "fp8", the GEMM's sums in the tensor
+                                                                    core's own precision (below)
 
 Weights: q = e4m3(w / scale) with scale = max|w| / 448 per output channel (or over the whole
 matrix), stored [out, in] row-major with weight_scale [out] f32 (a per-tensor scale is stored
@@ -18,10 +20,13 @@ reads a pre-norm layer's norm (qkv_proj, gate_up_proj: layers/decoder.py) comes 
 (`fp8_quant.rms_norm_fp8_quant`, `quantizes_input`) as a `PerTokenQuant`, with the same bits as
 fp8_quant(rms_norm(x)); run s11d (H200, W-offline qwen-7b, A/B in one call): 16,157.71 / 16,144.85 output tok/s
 against 15,992.96 / 15,981.83 unfused.
-use_fast_accum stays off on purpose: on (the tensor core's reduced-precision running sum over all of K, what
-vLLM's CUTLASS fp8 kernels run) it is 1.02-1.22x faster at 2048-8192 rows (gate_up 1.13-1.22x, down
-1.02-1.07x), with 1.6-2.8x the max error of the float32-accumulated product, 3-4x for down's K = 18944
-(1.03e-2 vs 3.38e-3 of the largest value at 8192 rows): run s13e, benchmarks/kernels_fp8_accumulation.py, H200.
+Accumulation: "fp8" and "fp8-per-tensor" run _scaled_mm with use_fast_accum off (float32 sums, promoted
+out of the tensor core). "fp8-fast-accum" turns it on: the tensor core's reduced-precision running sum over
+all of K, what vLLM's CUTLASS fp8 kernels run. Kernels (run s13e, benchmarks/kernels_fp8_accumulation.py,
+H200): 1.02-1.22x faster at 2048-8192 rows (gate_up 1.13-1.22x, down 1.02-1.07x), with 1.6-2.8x the max
+error of the float32-accumulated product, 3-4x for down's K = 18944 (1.03e-2 vs 3.38e-3 of the largest
+value at 8192 rows). W-offline qwen-7b (run s15c, H200, one call, two rounds): 17,656.42 / 17,650.98 output
+tok/s against 16,518.68 / 16,585.57 for "fp8" and 12,091.33 / 12,091.06 for bf16 (1.460x against 1.366x).
 CPU (and the fallback): the same quantisation, then float32 matmul of the fp8 values:
 y = (x_q @ w_q^T) * x_scale * w_scale + bias. Correct and portable (tests, CI), not fast.
 """
@@ -101,8 +106,9 @@ class Fp8Method(LinearMethod):
 
     quantized_input_dtype = FP8_DTYPE
 
-    def __init__(self, per_channel: bool = True):
+    def __init__(self, per_channel: bool = True, fast_accum: bool = False):
         self.per_channel = per_channel
+        self.fast_accum = fast_accum  # _scaled_mm's use_fast_accum (module docstring)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Replace layer.weight (float [out, in]) by e4m3 [out, in] + weight_scale [out] f32, on the
@@ -123,13 +129,13 @@ class Fp8Method(LinearMethod):
                 raise TypeError(f"Fp8Method takes an e4m3 PerTokenQuant, got q of {x.q.dtype}")
             rows, scale = x.q.reshape(-1, x.q.shape[-1]), x.scale.reshape(-1)  # [tokens, in], [tokens]
             if scaled_mm_fits(rows, layer.weight):
-                y = _rowwise_scaled_mm(rows, scale, layer.weight, layer.weight_scale, bias, x.dtype)
+                y = _rowwise_scaled_mm(rows, scale, layer.weight, layer.weight_scale, bias, x.dtype, self.fast_accum)
             else:  # CPU (tests): the emulation the tensor path takes there
                 y = fp8_linear_ref(rows, scale, layer.weight, layer.weight_scale, bias, x.dtype)
             return y.view(*x.q.shape[:-1], y.shape[-1])
         rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
         if scaled_mm_fits(rows, layer.weight):
-            y = fp8_scaled_mm(rows, layer.weight, layer.weight_scale, bias)
+            y = fp8_scaled_mm(rows, layer.weight, layer.weight_scale, bias, self.fast_accum)
         else:
             x_q, x_scale = quantize_per_token_fp8_ref(rows)
             y = fp8_linear_ref(x_q, x_scale, layer.weight, layer.weight_scale, bias, x.dtype)
@@ -152,33 +158,34 @@ class Fp8Method(LinearMethod):
         rows = gate_up.reshape(-1, gate_up.shape[-1])  # [tokens, 2 * in]
         if not scaled_mm_fits(rows, layer.weight):
             return super().apply_silu_and_mul(layer, gate_up, bias)
-        y = fp8_silu_and_mul_scaled_mm(rows, layer.weight, layer.weight_scale, bias)
+        y = fp8_silu_and_mul_scaled_mm(rows, layer.weight, layer.weight_scale, bias, self.fast_accum)
         return y.view(*gate_up.shape[:-1], y.shape[-1])
 
 
 def fp8_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
+                  bias: torch.Tensor | None, fast_accum: bool = False) -> torch.Tensor:
     """x [M, K] f16/bf16/f32 on CUDA, w_q [N, K] e4m3 row-major, w_scale [N] f32 -> [M, N] x.dtype."""
     from deepserve.kernels.fp8_quant import fp8_quant
 
     x_q, x_scale = fp8_quant(x if x.stride(-1) == 1 else x.contiguous())
-    return _rowwise_scaled_mm(x_q, x_scale, w_q, w_scale, bias, x.dtype)
+    return _rowwise_scaled_mm(x_q, x_scale, w_q, w_scale, bias, x.dtype, fast_accum)
 
 
 def fp8_silu_and_mul_scaled_mm(gate_up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                               bias: torch.Tensor | None) -> torch.Tensor:
+                               bias: torch.Tensor | None, fast_accum: bool = False) -> torch.Tensor:
     """gate_up [M, 2K] f16/bf16/f32 on CUDA -> [M, N] gate_up.dtype: fp8_scaled_mm(silu_and_mul(gate_up)),
     bit for bit, SiLU-and-mul fused into the quantisation (`kernels/silu_and_mul_quant.py`)."""
     from deepserve.kernels.silu_and_mul_quant import silu_and_mul_fp8_quant
 
     x_q, x_scale = silu_and_mul_fp8_quant(gate_up)
-    return _rowwise_scaled_mm(x_q, x_scale, w_q, w_scale, bias, gate_up.dtype)
+    return _rowwise_scaled_mm(x_q, x_scale, w_q, w_scale, bias, gate_up.dtype, fast_accum)
 
 
 def _rowwise_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                       bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """x_q [M, K] e4m3, x_scale [M] f32 -> [M, N] out_dtype. Row-wise scaled _scaled_mm computes in
-    bfloat16 out (the only output it supports row-wise)."""
+    bfloat16 out (the only output it supports row-wise); `fast_accum`: its use_fast_accum."""
     y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
-                         bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+                         bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                         use_fast_accum=fast_accum)
     return y if out_dtype == torch.bfloat16 else y.to(out_dtype)

@@ -74,6 +74,34 @@ def test_method_on_a_linear_layer(name):
 def test_registry():
     assert isinstance(get_quant_method("fp8"), Fp8Method) and get_quant_method("fp8").per_channel
     assert get_quant_method("fp8-per-tensor").per_channel is False
+    assert get_quant_method("fp8").fast_accum is False and get_quant_method("fp8-per-tensor").fast_accum is False
+    fast = get_quant_method("fp8-fast-accum")
+    assert isinstance(fast, Fp8Method) and fast.per_channel and fast.fast_accum
+
+
+@pytest.mark.parametrize("name,fast", [("fp8", False), ("fp8-per-tensor", False), ("fp8-fast-accum", True)])
+def test_fast_accum_reaches_scaled_mm(monkeypatch, name, fast):
+    """Where `_scaled_mm` runs (forced here on CPU, with a stand-in), each method passes its use_fast_accum on
+    every entry: a float input, an input the norm quantised, and a SiLU-gated input."""
+    import deepserve.quant.fp8 as fp8
+    from deepserve.layers.linear_method import PerTokenQuant
+
+    seen = []
+
+    def scaled_mm(a, b, scale_a, scale_b, bias, out_dtype, use_fast_accum):
+        seen.append(use_fast_accum)
+        return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
+
+    monkeypatch.setattr(fp8, "scaled_mm_fits", lambda x, w: True)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    layer = _layer()
+    layer.process_weights_after_loading(name)
+    x = torch.randn(4, 96)
+    q, scale = quantize_per_token_fp8_ref(x)
+    assert layer.method.apply(layer, PerTokenQuant(q, scale, torch.float32), None).shape == (4, 64)
+    assert layer.method.apply(layer, x, None).shape == (4, 64)
+    assert layer.method.apply_silu_and_mul(layer, torch.randn(4, 192), None).shape == (4, 64)
+    assert seen == [fast] * 3
 
 
 def test_refuses_gpus_below_sm89(monkeypatch):
