@@ -25,8 +25,14 @@ out of the tensor core). "fp8-fast-accum" turns it on: the tensor core's reduced
 all of K, what vLLM's CUTLASS fp8 kernels run. Kernels (run s13e, benchmarks/kernels_fp8_accumulation.py,
 H200): 1.02-1.22x faster at 2048-8192 rows (gate_up 1.13-1.22x, down 1.02-1.07x), with 1.6-2.8x the max
 error of the float32-accumulated product, 3-4x for down's K = 18944 (1.03e-2 vs 3.38e-3 of the largest
-value at 8192 rows). W-offline qwen-7b (run s15c, H200, one call, two rounds): 17,656.42 / 17,650.98 output
-tok/s against 16,518.68 / 16,585.57 for "fp8" and 12,091.33 / 12,091.06 for bf16 (1.460x against 1.366x).
+value at 8192 rows). A layer with a bias (qwen's qkv_proj) keeps float32 sums: cuBLASLt (torch 2.11, CUDA 13,
+H200) has no row-wise fast-accumulation algorithm with a bias epilogue at M <= 16 for K >= 8192 and raises
+CUBLAS_STATUS_NOT_SUPPORTED (run s15d), and adding the bias in a separate launch would cost more than
+the few qkv FLOPs gain. W-offline qwen-7b (run s15c, H200, one call, two rounds, fast accumulation in every
+layer): 17,656.42 / 17,650.98 output tok/s against 16,518.68 / 16,585.57 for "fp8" and 12,091.33 / 12,091.06
+for bf16 (1.460x against 1.366x). On the default model (run s15d, GPU, bf16 reference: `deepserve eval`)
+fp8 and fp8-fast-accum score alike: top-1 0.9107 / 0.9089, perplexity ratio 1.0288 / 1.0307, mean KL
+0.0253 / 0.0255 (its K is at most 1536).
 CPU (and the fallback): the same quantisation, then float32 matmul of the fp8 values:
 y = (x_q @ w_q^T) * x_scale * w_scale + bias. Correct and portable (tests, CI), not fast.
 """
@@ -184,8 +190,9 @@ def fp8_silu_and_mul_scaled_mm(gate_up: torch.Tensor, w_q: torch.Tensor, w_scale
 def _rowwise_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                        bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """x_q [M, K] e4m3, x_scale [M] f32 -> [M, N] out_dtype. Row-wise scaled _scaled_mm computes in
-    bfloat16 out (the only output it supports row-wise); `fast_accum`: its use_fast_accum."""
+    bfloat16 out (the only output it supports row-wise); `fast_accum`: its use_fast_accum, for a GEMM without a
+    bias only (module docstring)."""
     y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
                          bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
-                         use_fast_accum=fast_accum)
+                         use_fast_accum=fast_accum and bias is None)
     return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
