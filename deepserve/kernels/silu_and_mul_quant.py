@@ -13,18 +13,23 @@ path stores it, then quantised by int8_quant's / fp8_quant's own per-element jit
 hardware-rounding switches). The row's max |v| is exact in any order, so splitting the row does not change
 the scale.
 
-Layout: the row is split. Grid (segments, rows), program (s, r) owns columns s*BLOCK .. s*BLOCK+BLOCK-1 of
-row r: it reads its gate / up columns once, computes v and keeps it in registers, and publishes its max |v|
-in the row's slot s of a zeroed [rows, SLOTS] int32 buffer (the float's bits + 1, so 0 means "not yet"; a
-non-negative float orders as its bits; a relaxed atomic max, which lands in L2). On an NVIDIA GPU it then
-polls the row's slots (volatile loads) until every segment has published, takes their max, and quantises
-and stores the v it holds: x is read once, q written once, one launch, no fence and no read-modify-write on
-a shared word. The wait needs the row's other segments to be running or done: the segments of a row are
-consecutive program ids (axis 0 fastest) and the GPU dispatches a grid's programs in order, so when a
-program waits, every program of a lower row has been dispatched, and once the resident ones finish the
-rest of its own row gets their slots (this holds with any number of rows; it would not with fewer slots on
-the GPU than segments in a row: 19 at qwen-7b's I = 18944). Elsewhere (the interpreter runs programs one
-after another; ROCm) the same kernel runs twice: PHASE 1 publishes, PHASE 2 reloads x and quantises.
+Layout: the row is split. A 1-D grid of rows x segments programs; program r * segments + s owns columns
+s*BLOCK .. s*BLOCK+BLOCK-1 of row r: it reads its gate / up columns once, computes v and keeps it in
+registers, and publishes its max |v| in the row's slot s of a zeroed [rows, SLOTS] int32 buffer (the float's
+bits + 1, so 0 means "not yet": a non-negative finite float or +inf orders as its bits, and a NaN max, which
+only a segment of NaNs gives, is published as 0.0, as the unfused kernels' max skips NaNs; a relaxed atomic
+max, which lands in L2). On an NVIDIA GPU it then polls the row's slots (volatile loads) until every segment
+has published, takes their max, and quantises and stores the v it holds: x is read once, q written once,
+one kernel (after the buffer's memset), no fence and no read-modify-write on a shared word.
+The wait needs the row's other segments to be running or done. The segments of a row are consecutive
+program ids, and the GPU dispatches a grid's programs in id order (observed behaviour that single-pass
+scans rely on, not a documented guarantee), so when a program waits every program of a lower row has been
+dispatched, and as the resident ones finish the rest of its own row gets their places. That needs room
+for one row's segments at once: the one-launch form runs only while segments <= the SMs (each SM holds at
+least one program; 19 segments at qwen-7b's I = 18944, 132 SMs on an H200). If a platform ever dispatched
+out of order, the fix is a ticket (an atomic counter giving each program its id in start order). Elsewhere
+(more segments than SMs, the interpreter, which runs programs one after another, ROCm) the same kernel runs
+twice: PHASE 1 publishes, PHASE 2 reloads x and quantises.
 
 Timed (run s15b, H200, I = 18944, bf16, `do_bench_cudagraph`, scratch sweep of 14 block / warp configs of
 this kernel and of a form that met at one counter per row with an acq_rel atomic add; every output bit
@@ -45,11 +50,13 @@ Earlier layouts (runs s7d, s8a, s13d): one program per row holding the whole row
 still (669.5 us at 8192), and pipelined or persistent per-row programs gained nothing.
 Under --quantization int8 the dense MLPs with wide enough rows take kernels/int8_gemm_silu.py instead
 (SiLU-and-mul in the gate_up GEMM); this kernel serves fp8, narrower int8 rows and the fallbacks.
-No host synchronisation (the slot buffer is a memset): CUDA-graph safe. Launched with PDL where
-kernels/pdl.py enables it.
+Per call: a memset of the slot buffer and one kernel (two in the two-launch form); no host
+synchronisation: CUDA-graph safe. Launched with PDL where kernels/pdl.py enables it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -76,23 +83,26 @@ def _chunk_v(row_ptr, inter, cols, mask):
 
 
 @triton.jit
-def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, slots_ptr, inter, x_stride, q_stride,
+def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, slots_ptr, inter, segments, x_stride, q_stride,
                                QMAX: tl.constexpr, FP8: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr,
                                SLOTS: tl.constexpr, PHASE: tl.constexpr, PDL: tl.constexpr = False):
-    """Program (segment, row); PHASE 0: publish the segment's max |v|, wait for the row's, quantise (one
+    """Program row * segments + seg; PHASE 0: publish the segment's max |v|, wait for the row's, quantise (one
     launch); PHASE 1: publish only; PHASE 2: reload and quantise (module docstring)."""
     pdl_prologue(PDL)  # first: wait for the previous kernel (kernels/pdl.py)
-    seg = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    seg = pid % segments
+    row = (pid // segments).to(tl.int64)
     cols = seg * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     v = _chunk_v(x_ptr + row * x_stride, inter, cols, mask)  # [BLOCK] f32, 0 where masked
     row_slots = slots_ptr + row * SLOTS
-    if PHASE != 2:  # bits + 1 >= 1: a published slot is never 0
-        tl.atomic_max(row_slots + seg, tl.max(tl.abs(v), axis=0).to(tl.int32, bitcast=True) + 1, sem="relaxed")
+    if PHASE != 2:
+        top = tl.max(tl.abs(v), axis=0)  # NaN only if every lane is: then 0.0, so bits + 1 cannot overflow
+        top = tl.where(top == top, top, 0.0)
+        tl.atomic_max(row_slots + seg, top.to(tl.int32, bitcast=True) + 1, sem="relaxed")  # >= 1: never "not yet"
     if PHASE != 1:
         lanes = tl.arange(0, SLOTS)
-        live = lanes < tl.num_programs(0)
+        live = lanes < segments
         got = tl.load(row_slots + lanes, mask=live, other=1, volatile=True)
         if PHASE == 0:
             while tl.min(got, axis=0) == 0:
@@ -104,6 +114,12 @@ def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, slots_ptr, inter, x_stri
             tl.store(scale_ptr + row, scale)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    """The SMs of CUDA device `index` (a MIG slice reports its own), asked once."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_warps(block: int, rows: int) -> int:
     """16 columns a thread from 64 rows (1024 columns over 2 warps), 8 below (4 warps): run s15b."""
     return max(1, min(2, block // 512)) if rows >= 64 else max(1, min(4, block // 256))
@@ -112,7 +128,8 @@ def _num_warps(block: int, rows: int) -> int:
 def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None,
             one_launch: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, 2I] -> (q [T, I] q_dtype, scale [T] f32); `block`: columns per segment (a power of two);
-    `one_launch`: the PHASE 0 form (default: on NVIDIA GPUs, where programs run concurrently)."""
+    `one_launch`: the PHASE 0 form (default: on NVIDIA GPUs while a row has no more segments than the SMs;
+    refused elsewhere, where a waiting program could stop its row's others from ever running)."""
     check_gate_up(x)
     if x.dtype not in _FLOATS:
         raise ValueError(f"x must be f16/bf16/f32, got {x.dtype}")
@@ -128,10 +145,13 @@ def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None,
     slots = torch.zeros((num_tokens, next_power_of_2(segments)), dtype=torch.int32, device=x.device)
     fp8 = q_dtype == torch.float8_e4m3fn
     hw = hardware_cast_rounds_like_torch(x.device) if fp8 else x.is_cuda
-    one_launch = nvidia_ptx(x.device) if one_launch is None else one_launch
+    can_wait = nvidia_ptx(x.device) and segments <= _num_sms(x.device.index or 0)
+    if one_launch and not can_wait:
+        raise ValueError(f"the one-launch form needs an NVIDIA GPU with at least {segments} SMs")
+    one_launch = can_wait if one_launch is None else one_launch
     for phase in ((0,) if one_launch else (1, 2)):
-        _silu_and_mul_quant_kernel[(segments, num_tokens)](
-            x, q, scale, slots, inter, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw,
+        _silu_and_mul_quant_kernel[(segments * num_tokens,)](
+            x, q, scale, slots, inter, segments, x.stride(0), q.stride(0), QMAX=_QMAX[q_dtype], FP8=fp8, HW=hw,
             BLOCK=block, SLOTS=slots.shape[1], PHASE=phase, num_warps=_num_warps(block, num_tokens),
             **pdl_launch(x.device))
     return q, scale

@@ -12,10 +12,12 @@ scale_t = max|x_t| / 448 (`kernels/fp8_quant.py` on CUDA).
 
 CUDA (compute capability 8.9+: Ada, Hopper): y = torch._scaled_mm(x_q, w_q.t(), scale_a [M, 1],
 scale_b [1, N], bias, out_dtype=bfloat16), cuBLASLt's (or CUTLASS's) row-wise scaled FP8 GEMM with
-float32 accumulation (use_fast_accum off). It needs K and N multiples of 16; other layers, and CPU,
-run the emulation below. Older GPUs are refused when the weights are processed. A SiLU-gated input
-(`apply_silu_and_mul`, the MLP's down projection) is quantised by kernels/silu_and_mul_quant.py straight
-from the [gate | up] rows there, with the same bits as fp8_quant(silu_and_mul(x)). The input of a linear that
+float32 accumulation (use_fast_accum off; on for "fp8-fast-accum": see Accumulation below). It needs K and N
+multiples of 16; other layers, and CPU, run the emulation below. Older GPUs are refused when the weights are
+processed. A SiLU-gated input (`apply_silu_and_mul`, the MLP's down projection) is quantised by
+kernels/silu_and_mul_quant.py straight from the [gate | up] rows there, with the same bits as
+fp8_quant(silu_and_mul(x)) (run s15c, H200, W-offline qwen-7b, A/B in one call: its row-split form gave
+16,518.68 / 16,585.57 output tok/s against 16,265.83 / 16,296.53 for the previous launch). The input of a linear that
 reads a pre-norm layer's norm (qkv_proj, gate_up_proj: layers/decoder.py) comes quantised by the norm's kernel
 (`fp8_quant.rms_norm_fp8_quant`, `quantizes_input`) as a `PerTokenQuant`, with the same bits as
 fp8_quant(rms_norm(x)); run s11d (H200, W-offline qwen-7b, A/B in one call): 16,157.71 / 16,144.85 output tok/s

@@ -95,6 +95,25 @@ def test_zero_rows_strided_rows_and_empty():
                 fused(torch.randn(2, 64, device=dev), block=block)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_segments_are_skipped_like_the_unfused_max(dtype):
+    """A segment whose v are all NaN publishes 0.0 (its max's bits + 1 would overflow in float32), one with
+    some NaNs its finite max: the unfused kernels' row max skips NaNs the same way, so the bits agree."""
+    x = _gate_up(3, 100, dtype)
+    x[0, :32] = float("nan")  # row 0: its first 32-column segment all NaN
+    x[1, 40] = float("nan")  # row 1: one NaN
+    x[2, :100] = float("nan")  # row 2: every gate NaN
+    _assert_unfused(x, block=32)
+
+
+def test_one_launch_needs_an_nvidia_gpu():
+    """Off NVIDIA GPUs (here: the interpreter) a waiting program could keep its row's others from running."""
+    if not INTERPRET:
+        pytest.skip("checks the refusal on CPU tensors; the GPU form is compared in test_gpu_one_launch_...")
+    with pytest.raises(ValueError, match="one-launch"):
+        K._launch(_gate_up(2, 64, torch.float32), torch.int8, 32, one_launch=True)
+
+
 @pytest.mark.parametrize("inter", [7, 100, 2049])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16]))
 def test_near_references(inter, dtype):
@@ -122,16 +141,20 @@ def test_gpu_qwen7b_matches_unfused_kernels(tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens,inter,block", [(8192, 18944, None), (300, 18944, 64), (3, 100000, 128)])
+@pytest.mark.parametrize("tokens,inter,block", [(8192, 18944, None), (300, 18944, 256), (70000, 64, 16)])
 def test_gpu_one_launch_equals_two_launches(tokens, inter, block):
     """The waiting form (one launch) against the publish-then-quantise form (two launches), bit for bit, at
-    8192 rows of 19 segments, 300 rows of 296 and 3 rows of 782; and the waiting form is the GPU default."""
+    8192 rows of 19 segments, 300 rows of 74, and 70,000 rows of 4 (more rows than a grid's second axis
+    takes); and the waiting form is the GPU default. More segments than SMs: two launches."""
     x = _gate_up(tokens, inter, torch.bfloat16, "cuda")
     for q_dtype in (torch.int8, torch.float8_e4m3fn):
         one, two = K._launch(x, q_dtype, block, one_launch=True), K._launch(x, q_dtype, block, one_launch=False)
         assert torch.equal(one[0].view(torch.uint8), two[0].view(torch.uint8)) and torch.equal(one[1], two[1])
         default = K._launch(x, q_dtype, block)
-        assert torch.equal(default[0].view(torch.uint8), one[0].view(torch.uint8))
+        assert torch.equal(default[0].view(torch.uint8), one[0].view(torch.uint8)) and torch.equal(default[1], one[1])
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    with pytest.raises(ValueError, match="one-launch"):
+        K._launch(_gate_up(2, 16 * (sms + 1), torch.bfloat16, "cuda"), torch.int8, 16, one_launch=True)
 
 
 @pytest.mark.gpu
