@@ -96,7 +96,8 @@ def check_fp8_device(device: torch.device) -> None:
         return
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < MIN_CAPABILITY:
-        raise ValueError(f"--quantization fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+        raise ValueError(f"the fp8 methods (fp8, fp8-per-tensor, fp8-fast-accum) need a GPU of compute "
+                         f"capability 8.9 or newer (Ada, Hopper); "
                          f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}. "
                          f"Use --quantization int8 or int8-weight-only on this GPU.")
 
