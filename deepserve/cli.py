@@ -312,8 +312,10 @@ def stream_text(engine: Any, prompt: str | list[int], params: Any, out: TextIO) 
 def _add_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="float checkpoint folder or bundled name (default: SmolLM2-135M)")
     parser.add_argument("--out", required=True, help="output folder (HF layout, loadable with --model OUT)")
-    parser.add_argument("--method", default="int8", choices=["int8", "int8-weight-only"],
-                        help="int8: W8A8 (weights per channel, activations per token); int8-weight-only: W8A16")
+    parser.add_argument("--method", default="int8", choices=["int8", "int8-weight-only", "fp8"],
+                        help="int8: W8A8 (weights per channel, activations per token); int8-weight-only: W8A16; "
+                             "fp8: e4m3 W8A8 (weights per channel, rounded to nearest; served on FP8 GPUs, "
+                             "emulated on CPU)")
     sym = parser.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="asymmetric", action="store_false", help="no zero points (default)")
     sym.add_argument("--asymmetric", dest="asymmetric", action="store_true",
@@ -370,7 +372,7 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
         rotation=ns.rotation, smoothing_alpha=None if ns.no_smoothing else ns.smoothing_alpha, rounding=ns.rounding))
     recipe = summary.recipe
     print(f"quantised: {summary.method} (smoothing {recipe.smoothing_alpha}, rounding {recipe.rounding}, "
-          f"calibration {recipe.calibration}), {summary.quantized} int8 tensors, {summary.kept} kept, "
+          f"calibration {recipe.calibration}), {summary.quantized} quantised tensors, {summary.kept} kept, "
           f"{summary.bytes_in / 2**20:.1f} MiB -> {summary.bytes_out / 2**20:.1f} MiB", file=sys.stderr)
     if ns.skip_gate:
         print("accuracy gate NOT run (--skip-gate): the checkpoint is unchecked", file=sys.stderr)

@@ -72,11 +72,14 @@ def hadamard_block_of(name: str) -> int | None:
     return entry[2].get("block") if entry and entry[1] == "Int8HadamardW8A8Method" else None
 
 
+FP8_SCHEME = "w8a8-fp8"  # quantization_config.scheme of an fp8 checkpoint (e4m3 weights per channel)
+
+
 def quantization_config(name: str) -> dict[str, Any]:
     """The `quantization_config` entry written into config.json for a checkpoint quantised by `name`."""
     check_quantization(name)
-    config = {"quant_method": QUANT_METHOD_TAG, "scheme": "w8a8" if name in ("int8", "int8-hadamard") else "w8a16",
-              "symmetric": not name.endswith("-asym")}
+    scheme = FP8_SCHEME if name == "fp8" else "w8a8" if name in ("int8", "int8-hadamard") else "w8a16"
+    config = {"quant_method": QUANT_METHOD_TAG, "scheme": scheme, "symmetric": not name.endswith("-asym")}
     block = hadamard_block_of(name)
     if block is not None:
         config["input_rotation"] = {"type": "block-hadamard", "block_size": block}
@@ -91,6 +94,8 @@ def quantization_from_hf_config(hf_config: Mapping[str, Any]) -> str | None:
         return None
     if qc.get("scheme") == "w8a8":
         return _w8a8_name(qc.get("input_rotation"))
+    if qc.get("scheme") == FP8_SCHEME:
+        return "fp8"
     return "int8-weight-only" if qc.get("symmetric", True) else "int8-weight-only-asym"
 
 

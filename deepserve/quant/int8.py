@@ -316,7 +316,8 @@ SCALE_SUFFIX, ZERO_POINT_SUFFIX = "_scale", "_zero_point"  # <prefix>.weight -> 
 class DequantizingStream(StreamWrapper):
     """Wraps a WeightStream of a `deepserve quantize` checkpoint: each int8 `<p>.weight` is yielded
     as float32 `dequant(q, <p>.weight_scale, <p>.weight_zero_point)` once its companions have been
-    read (in any order, across shards); the scale / zero-point tensors themselves are consumed.
+    read (in any order, across shards); the scale / zero-point tensors themselves are consumed. An e4m3
+    `<p>.weight` (an fp8 checkpoint) is yielded as `q * <p>.weight_scale` per row, exact in float32.
     The layer's method then quantises the float weight again (exactly, for symmetric weights).
     `hadamard_block`: the checkpoint stores W H (quant/hadamard.py); the dequantised weight is
     rotated back to W (H is its own inverse) so that every method sees the original basis."""
@@ -333,6 +334,10 @@ class DequantizingStream(StreamWrapper):
         return cls(inner, asymmetric=method.endswith("-asym"), hadamard_block=hadamard_block_of(method))
 
     def _dequantize(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        if parts["q"].dtype == torch.float8_e4m3fn:
+            from deepserve.quant.fp8 import dequantize_weight_fp8_ref
+
+            return dequantize_weight_fp8_ref(parts["q"], parts[SCALE_SUFFIX])
         w = dequantize_per_channel_ref(parts["q"], parts[SCALE_SUFFIX], parts.get(ZERO_POINT_SUFFIX))
         if self.hadamard_block is None:
             return w
@@ -347,7 +352,7 @@ class DequantizingStream(StreamWrapper):
         pending: dict[str, dict[str, torch.Tensor]] = {}  # weight name -> parts read so far
         for name, tensor in self.inner:
             base, part = _split(name)
-            if part == "q" and tensor.dtype != torch.int8:
+            if part == "q" and tensor.dtype not in (torch.int8, torch.float8_e4m3fn):
                 yield name, tensor  # an unquantised tensor (norms, embeddings, MoE experts)
                 continue
             parts = pending.setdefault(base, {})
@@ -358,7 +363,7 @@ class DequantizingStream(StreamWrapper):
         if pending:
             name, parts = next(iter(pending.items()))
             raise ValueError(f"quantised tensor {name!r} is incomplete: found {sorted(parts)}, "
-                             f"needs {list(self._needs())} (q = the int8 {name})")
+                             f"needs {list(self._needs())} (q = the int8 / e4m3 {name})")
 
 
 def _split(name: str) -> tuple[str, str]:

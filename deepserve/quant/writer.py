@@ -1,8 +1,9 @@
-"""`deepserve quantize`: write an INT8 checkpoint folder in the HF layout.
+"""`deepserve quantize`: write an INT8 or FP8 checkpoint folder in the HF layout.
 
     quantize_checkpoint("in/", "out/", "int8", calibration=DEFAULT_CALIBRATION)
         -> out/model.safetensors   <p>.weight int8 [out, in], <p>.weight_scale f32 [out]
-                                   (<p>.weight_zero_point int8 [out]: asymmetric W8A16)
+                                   (<p>.weight_zero_point int8 [out]: asymmetric W8A16;
+                                   fp8: <p>.weight float8_e4m3fn [out, in], <p>.weight_scale f32 [out])
            out/config.json         + quantization_config (method, input rotation, recipe)
            out/tokenizer* ...      copied
 
@@ -12,6 +13,9 @@ Recipes (`plan`):
                            plain int8), GPTQ rounding. benchmarks/results/quant_accuracy.md has the
                            measurements behind each step.
     int8-weight-only       calibrated: GPTQ rounding (symmetric); asymmetric: round-to-nearest
+    fp8 (W8A8, e4m3)       round-to-nearest per output channel (scale max|w| / 448), the weights
+                           `--quantization fp8` computes at load; no calibration (streamed). Served as
+                           fp8 (or fp8-fast-accum / fp8-per-tensor when asked: the loader dequantises)
     calibration=None       every weight rounded to nearest on its own, tensor by tensor (any
                            architecture, constant memory: the input is streamed)
 The calibrated path holds the whole float32 model and its calibration statistics in memory and
@@ -42,7 +46,7 @@ ROTATIONS = ("hadamard", "none")
 class QuantizeSummary:
     out: Path
     method: str
-    quantized: int  # tensors written as int8
+    quantized: int  # tensors written as int8 / e4m3
     kept: int  # tensors written unchanged
     bytes_in: int
     bytes_out: int
@@ -68,7 +72,7 @@ def plan(method: str, asymmetric: bool = False, calibration: str | Path | None =
         raise ValueError(f"unknown rounding {rounding!r}; use one of {', '.join(ROUNDINGS)}")
     w8a8 = method == "int8"
     name = method_name(method, asymmetric, rotation if w8a8 else "none")
-    if calibration is None:
+    if calibration is None or name == "fp8":
         return Recipe(name, None, "rtn", None)
     digest = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()
     return Recipe(name, smoothing_alpha if w8a8 else None, "rtn" if asymmetric else rounding,
@@ -118,7 +122,7 @@ def quantize_checkpoint(model: str | Path | None, out: str | Path, method: str, 
     if recipe.needs_calibration:
         tensors, num_tokens = _calibrated(config, Path(calibration), recipe, progress)
     else:
-        tensors, num_tokens = _streamed(config, asymmetric, progress, hadamard_block_of(recipe.method)), 0
+        tensors, num_tokens = _streamed(config, recipe.method, progress), 0
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_config(folder, out, recipe, num_tokens)
@@ -130,7 +134,7 @@ def _summary(out: Path, recipe: Recipe, tensors: dict[str, torch.Tensor], config
     from deepserve.loader.safetensors_loader import find_checkpoint_files
 
     bytes_in = sum(p.stat().st_size for p in find_checkpoint_files(config.model).files)
-    quantized = sum(1 for t in tensors.values() if t.dtype == torch.int8 and t.dim() == 2)
+    quantized = sum(1 for t in tensors.values() if t.dtype in (torch.int8, torch.float8_e4m3fn) and t.dim() == 2)
     kept = sum(1 for n in tensors if not n.endswith(("_scale", "_zero_point"))) - quantized
     bytes_out = sum(t.numel() * t.element_size() for t in tensors.values())
     return QuantizeSummary(out, recipe.method, quantized, kept, bytes_in, bytes_out, recipe)
@@ -164,11 +168,10 @@ def _calibrated(config, calibration: Path, recipe: Recipe, progress: bool) -> tu
     return export_tensors(net, WeightStream(find_checkpoint_files(config.model)), rounded), len(token_ids)
 
 
-def _streamed(config, asymmetric: bool, progress: bool, block: int | None) -> dict[str, torch.Tensor]:
-    """Round-to-nearest, one checkpoint tensor at a time (no calibration); `block`: store W H."""
+def _streamed(config, method: str, progress: bool) -> dict[str, torch.Tensor]:
+    """Round-to-nearest, one checkpoint tensor at a time (no calibration), for the registered `method`."""
     from deepserve.loader.model_loader import build_model, model_class
     from deepserve.loader.safetensors_loader import WeightStream, check_all_filled, find_checkpoint_files
-    from deepserve.quant.int8 import quantize_per_channel_ref
 
     net = build_model(model_class(config.model_config), config.model_config, "auto", "cpu", torch.float32)
     files = find_checkpoint_files(config.model)
@@ -181,14 +184,25 @@ def _streamed(config, asymmetric: bool, progress: bool, block: int | None) -> di
             params = net.load_weights([(hf_name, tensor)])
             filled |= set(params)
             if tensor.dim() == 2 and params and all(_quantizable(net, p) for p in params):
-                q, scale, zp = quantize_per_channel_ref(_rotated(tensor.float(), block), symmetric=not asymmetric)
-                tensors[hf_name], tensors[hf_name + "_scale"] = q, scale
-                if zp is not None:
-                    tensors[hf_name + "_zero_point"] = zp
+                tensors.update(_rounded(hf_name, tensor.float(), method))
             else:
                 tensors[hf_name] = tensor.contiguous()
     check_all_filled([n for n, _ in net.named_parameters()], filled, files)
     return tensors
+
+
+def _rounded(name: str, w: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
+    """One float weight [out, in] rounded to nearest for `method`: {name: q, name_scale: scale[, name_zero_point]}."""
+    if method == "fp8":
+        from deepserve.quant.fp8 import quantize_weight_fp8_ref
+
+        q, scale = quantize_weight_fp8_ref(w)
+        return {name: q.contiguous(), name + "_scale": scale}
+    from deepserve.quant.int8 import quantize_per_channel_ref
+
+    rotated = _rotated(w, hadamard_block_of(method))
+    q, scale, zp = quantize_per_channel_ref(rotated, symmetric=not method.endswith("-asym"))
+    return {name: q, name + "_scale": scale, **({} if zp is None else {name + "_zero_point": zp})}
 
 
 def _rotated(w: torch.Tensor, block: int | None) -> torch.Tensor:

@@ -136,3 +136,57 @@ def test_tiny_llama_teacher_forced_agreement(tmp_path: Path):
     report = quant_eval.compare_distributions(ref, quant_eval.next_token_logprobs(cand, ids))
     print(f"tiny llama fp8: top-1 {report.top1_agreement:.3f}, mean KL {report.mean_kl:.4f}")
     assert report.top1_agreement >= 0.65 and report.mean_kl < 0.1
+
+
+def test_quantize_command_writes_an_fp8_folder(tmp_path: Path):
+    """`deepserve quantize --method fp8` writes e4m3 weights with per-row scales (the weights `--quantization fp8`
+    computes at load), a quantization_config naming fp8, and a folder that loads as fp8 with the same layers."""
+    import json
+
+    from safetensors import safe_open
+
+    from deepserve.cli import main
+    from deepserve.engine.args import EngineArgs
+    from deepserve.loader.model_loader import load_model
+    from tests.tiny_checkpoints import make_tiny_llama
+
+    tiny = make_tiny_llama(tmp_path / "tiny")
+    out = tmp_path / "tiny-fp8"
+    assert main(["quantize", "--model", str(tiny), "--out", str(out), "--method", "fp8", "--skip-gate"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "deepserve-int8", "scheme": "w8a8-fp8", "symmetric": True,
+        "recipe": {"smoothing_alpha": None, "rounding": "rtn", "calibration": None, "calibration_sha256": None,
+                   "calibration_tokens": 0, "input_rotation_block": None}}
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        q = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+        assert q.dtype == FP8_DTYPE and f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").shape == (q.shape[0],)
+        assert f.get_tensor("model.embed_tokens.weight").dtype == f.get_tensor("lm_head.weight").dtype == torch.float32
+    loaded = load_model(EngineArgs(model=str(out), device="cpu").create_engine_config(), progress=False)
+    fresh = load_model(EngineArgs(model=str(tiny), device="cpu", quantization="fp8").create_engine_config(),
+                       progress=False)
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m.__dict__.get("method"), Fp8Method)}
+    want = dict(fresh.named_modules())
+    assert len(layers) == 2 * 4  # 2 layers x (qkv, o, gate_up, down): the model merges q/k/v and gate/up
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight.view(torch.uint8), want[name].weight.view(torch.uint8)), name
+        # the scale is found again from the dequantised row max, 448 * s rounded, / 448: within one ulp of s
+        torch.testing.assert_close(layer.weight_scale, want[name].weight_scale, rtol=2.0 ** -23, atol=0)
+    from deepserve.quant.writer import quantize_checkpoint
+
+    with pytest.raises(ValueError, match="asymmetric"):
+        quantize_checkpoint(tiny, tmp_path / "bad", "fp8", asymmetric=True, progress=False)
+
+
+def test_fp8_checkpoint_streams_dequantised():
+    """The loader's stream yields an e4m3 weight as q * scale per row (exact in float32) and consumes the scale."""
+    from deepserve.quant.int8 import DequantizingStream
+
+    w = torch.randn(8, 32)
+    q, scale = quantize_weight_fp8_ref(w)
+    stream = DequantizingStream.for_method([("a.weight_scale", scale), ("a.weight", q), ("b.bias", w[0])], "fp8")
+    got = dict(stream)
+    assert set(got) == {"a.weight", "b.bias"}
+    assert torch.equal(got["a.weight"], dequantize_weight_fp8_ref(q, scale))
+    with pytest.raises(ValueError, match="incomplete"):
+        list(DequantizingStream.for_method([("c.weight", q)], "fp8"))
