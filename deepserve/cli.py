@@ -324,12 +324,12 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", default=None,
                         help="calibration text for smoothing and GPTQ (default: the shipped calibration text; "
                              "'none': round each weight to nearest, no calibration)")
-    parser.add_argument("--rotation", default="hadamard", choices=["hadamard", "none"],
+    parser.add_argument("--rotation", default=None, choices=["hadamard", "none"],
                         help="W8A8: rotate each linear's input by 64-wide Hadamard blocks at run time (default)")
-    parser.add_argument("--smoothing-alpha", type=float, default=0.5,
+    parser.add_argument("--smoothing-alpha", type=float, default=None,
                         help="W8A8: SmoothQuant migration strength folded into the weights (default 0.5)")
     parser.add_argument("--no-smoothing", action="store_true", help="W8A8: no SmoothQuant smoothing")
-    parser.add_argument("--rounding", default="gptq", choices=["gptq", "rtn"],
+    parser.add_argument("--rounding", default=None, choices=["gptq", "rtn"],
                         help="with calibration: GPTQ (default) or round-to-nearest")
     parser.add_argument("--eval-text", default=None, help="accuracy gate's held-out text (default: the shipped one)")
     parser.add_argument("--min-top1", type=float, default=0.97,
@@ -364,12 +364,19 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
     out = Path(ns.out)
     if out.exists():
         return _fail(f"{out} already exists; choose another --out")
-    calibration = _guarded(lambda: _calibration_file(ns))
+    if ns.method == "fp8":
+        given = _recipe_options_given(ns)
+        if given:
+            return _fail(f"--method fp8 rounds each weight to nearest, without calibration: {', '.join(given)} "
+                         f"does not apply")
+    calibration = None if ns.method == "fp8" else _guarded(lambda: _calibration_file(ns))
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    alpha = 0.5 if ns.smoothing_alpha is None else ns.smoothing_alpha
     summary = _guarded(lambda: quantize_checkpoint(
         ns.model, str(partial), ns.method, ns.asymmetric, progress=sys.stderr.isatty(), calibration=calibration,
-        rotation=ns.rotation, smoothing_alpha=None if ns.no_smoothing else ns.smoothing_alpha, rounding=ns.rounding))
+        rotation=ns.rotation or "hadamard", smoothing_alpha=None if ns.no_smoothing else alpha,
+        rounding=ns.rounding or "gptq"))
     recipe = summary.recipe
     print(f"quantised: {summary.method} (smoothing {recipe.smoothing_alpha}, rounding {recipe.rounding}, "
           f"calibration {recipe.calibration}), {summary.quantized} quantised tensors, {summary.kept} kept, "
@@ -384,6 +391,14 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_options_given(ns: argparse.Namespace) -> list[str]:
+    """The calibrated-recipe options set on the command line (fp8 takes none of them)."""
+    given = [("--calibration", ns.calibration is not None and ns.calibration.lower() != "none"),
+             ("--rotation", ns.rotation is not None), ("--smoothing-alpha", ns.smoothing_alpha is not None),
+             ("--no-smoothing", ns.no_smoothing), ("--rounding", ns.rounding is not None)]
+    return [flag for flag, on in given if on]
+
+
 def _passes_gate(ns: argparse.Namespace, candidate: Path) -> bool:
     from deepserve.quant import eval as quant_eval
 
@@ -392,6 +407,10 @@ def _passes_gate(ns: argparse.Namespace, candidate: Path) -> bool:
                                  max_ppl_increase=ns.max_ppl_increase, force=ns.force)
     except quant_eval.AccuracyGateError as exc:
         _fail(f"{exc}; nothing written (--force accepts it anyway)")
+        return False
+    except ValueError as exc:  # the candidate cannot run here (fp8 on a GPU below sm_89, say)
+        _fail(f"the accuracy gate could not run the candidate: {exc}; nothing written (--skip-gate writes it "
+              f"unchecked; CUDA_VISIBLE_DEVICES= gates it on the CPU)")
         return False
     verdict = "passed" if report.passed else "FAILED (kept: --force)"
     print(f"accuracy gate {verdict}: {report.summary()}", file=sys.stderr)

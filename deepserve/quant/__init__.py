@@ -96,6 +96,9 @@ def quantization_from_hf_config(hf_config: Mapping[str, Any]) -> str | None:
         return _w8a8_name(qc.get("input_rotation"))
     if qc.get("scheme") == FP8_SCHEME:
         return "fp8"
+    if qc.get("scheme") != "w8a16":
+        raise ValueError(f"quantization_config.scheme {qc.get('scheme')!r} is not one deepserve writes "
+                         f"(w8a8, w8a16, {FP8_SCHEME})")
     return "int8-weight-only" if qc.get("symmetric", True) else "int8-weight-only-asym"
 
 

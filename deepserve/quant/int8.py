@@ -317,7 +317,8 @@ class DequantizingStream(StreamWrapper):
     """Wraps a WeightStream of a `deepserve quantize` checkpoint: each int8 `<p>.weight` is yielded
     as float32 `dequant(q, <p>.weight_scale, <p>.weight_zero_point)` once its companions have been
     read (in any order, across shards); the scale / zero-point tensors themselves are consumed. An e4m3
-    `<p>.weight` (an fp8 checkpoint) is yielded as `q * <p>.weight_scale` per row, exact in float32.
+    `<p>.weight` (an fp8 checkpoint) is yielded as `q * <p>.weight_scale` per row in float32 (rounded: a 4-bit
+    significand times a 24-bit scale), which fp8 quantises back to the same e4m3 bits.
     The layer's method then quantises the float weight again (exactly, for symmetric weights).
     `hadamard_block`: the checkpoint stores W H (quant/hadamard.py); the dequantised weight is
     rotated back to W (H is its own inverse) so that every method sees the original basis."""

@@ -14,8 +14,9 @@ Recipes (`plan`):
                            measurements behind each step.
     int8-weight-only       calibrated: GPTQ rounding (symmetric); asymmetric: round-to-nearest
     fp8 (W8A8, e4m3)       round-to-nearest per output channel (scale max|w| / 448), the weights
-                           `--quantization fp8` computes at load; no calibration (streamed). Served as
-                           fp8 (or fp8-fast-accum / fp8-per-tensor when asked: the loader dequantises)
+                           `--quantization fp8` computes at load; no calibration, smoothing, rotation or
+                           GPTQ (the CLI refuses those options; `plan` ignores them). Served as fp8 (or
+                           fp8-fast-accum / fp8-per-tensor when asked: the loader dequantises)
     calibration=None       every weight rounded to nearest on its own, tensor by tensor (any
                            architecture, constant memory: the input is streamed)
 The calibrated path holds the whole float32 model and its calibration statistics in memory and
@@ -40,6 +41,7 @@ from deepserve.quant.calibrated import ROUNDINGS, Recipe
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration_text.txt"
 DEFAULT_ALPHA = 0.5
 ROTATIONS = ("hadamard", "none")
+WRITABLE = ("int8", "int8-weight-only", "fp8")  # what `quantize` writes (other names are derived or load-time)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class QuantizeSummary:
 
 def method_name(method: str, asymmetric: bool, rotation: str = "none") -> str:
     """The registered method a checkpoint is written for (ValueError for impossible combinations)."""
+    if method not in WRITABLE:
+        raise ValueError(f"quantize writes {', '.join(WRITABLE)} checkpoints, not {method!r} (fp8-fast-accum and "
+                         f"fp8-per-tensor are serving choices: write fp8 and serve it with --quantization)")
     if asymmetric and method != "int8-weight-only":
         raise ValueError("--asymmetric needs --method int8-weight-only (W8A8 activations are symmetric)")
     if rotation not in ROTATIONS:

@@ -172,14 +172,27 @@ def test_quantize_command_writes_an_fp8_folder(tmp_path: Path):
         assert torch.equal(layer.weight.view(torch.uint8), want[name].weight.view(torch.uint8)), name
         # the scale is found again from the dequantised row max, 448 * s rounded, / 448: within one ulp of s
         torch.testing.assert_close(layer.weight_scale, want[name].weight_scale, rtol=2.0 ** -23, atol=0)
+    for name in ("int8", "none"):  # the loader dequantises first, so any method can serve the folder
+        other = load_model(EngineArgs(model=str(out), device="cpu", quantization=name).create_engine_config(),
+                           progress=False)
+        assert not any(isinstance(m.__dict__.get("method"), Fp8Method) for m in other.modules())
     from deepserve.quant.writer import quantize_checkpoint
 
     with pytest.raises(ValueError, match="asymmetric"):
         quantize_checkpoint(tiny, tmp_path / "bad", "fp8", asymmetric=True, progress=False)
+    for name in ("fp8-fast-accum", "fp8-per-tensor", "none", "block-fp8"):  # serving choices, not checkpoints
+        with pytest.raises(ValueError, match="quantize writes"):
+            quantize_checkpoint(tiny, tmp_path / "bad", name, progress=False)
+    for flags in (["--calibration", str(tiny / "config.json")], ["--rotation", "none"], ["--smoothing-alpha", "0.3"],
+                  ["--no-smoothing"], ["--rounding", "rtn"]):
+        assert main(["quantize", "--model", str(tiny), "--out", str(tmp_path / "refused"), "--method", "fp8",
+                     "--skip-gate", *flags]) != 0, flags
+        assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.partial").exists()
 
 
 def test_fp8_checkpoint_streams_dequantised():
-    """The loader's stream yields an e4m3 weight as q * scale per row (exact in float32) and consumes the scale."""
+    """The loader's stream yields an e4m3 weight as q * scale per row (float32) and consumes the scale; fp8
+    quantises it back to the same bits."""
     from deepserve.quant.int8 import DequantizingStream
 
     w = torch.randn(8, 32)
@@ -188,5 +201,31 @@ def test_fp8_checkpoint_streams_dequantised():
     got = dict(stream)
     assert set(got) == {"a.weight", "b.bias"}
     assert torch.equal(got["a.weight"], dequantize_weight_fp8_ref(q, scale))
+    again, _ = quantize_weight_fp8_ref(got["a.weight"])
+    assert torch.equal(again.view(torch.uint8), q.view(torch.uint8))
     with pytest.raises(ValueError, match="incomplete"):
         list(DequantizingStream.for_method([("c.weight", q)], "fp8"))
+
+
+def test_quantize_reports_a_gate_that_cannot_run(tmp_path: Path, monkeypatch):
+    """An fp8 candidate cannot load on a GPU below sm_89: the gate's error is reported, nothing is written."""
+    from deepserve.cli import main
+    from deepserve.quant import eval as quant_eval
+    from tests.tiny_checkpoints import make_tiny_llama
+
+    def gate(*args, **kwargs):
+        raise ValueError("the fp8 methods need a GPU of compute capability 8.9 or newer")
+
+    monkeypatch.setattr(quant_eval, "gate", gate)
+    tiny = make_tiny_llama(tmp_path / "tiny")
+    assert main(["quantize", "--model", str(tiny), "--out", str(tmp_path / "o"), "--method", "fp8"]) != 0
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_unknown_checkpoint_scheme_is_refused():
+    from deepserve.quant import quantization_from_hf_config
+
+    assert quantization_from_hf_config({"quantization_config": {"quant_method": "deepserve-int8",
+                                                                "scheme": "w8a8-fp8"}}) == "fp8"
+    with pytest.raises(ValueError, match="w4a16"):
+        quantization_from_hf_config({"quantization_config": {"quant_method": "deepserve-int8", "scheme": "w4a16"}})

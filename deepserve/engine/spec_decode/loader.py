@@ -54,7 +54,7 @@ def process_mtp_weights(mtp: DeepseekMTP, main_model: nn.Module) -> None:
 
 def _load(mtp: DeepseekMTP, files: CheckpointFiles, main_model: nn.Module, config: EngineConfig) -> None:
     """Fill from the checkpoint; the shareable copies it lacks are taken from the main model. A
-    quantised checkpoint's weights (block-FP8, deepserve int8) arrive dequantised: the MTP layer
+    quantised checkpoint's weights (block-FP8, deepserve int8 / fp8) arrive dequantised: the MTP layer
     runs in float. (Reads every tensor of the checkpoint: fine for small ones; a name filter is
     left to do.)"""
     main, ours = dict(main_model.named_parameters()), dict(mtp.named_parameters())
