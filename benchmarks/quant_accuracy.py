@@ -10,7 +10,9 @@ plus the default prompts, with the 95% Wilson interval. One JSON line per config
 
 The asymmetric W8A8 rows use a measurement-only method defined here (int8 weights with per-channel
 zero points, per-token symmetric int8 activations; the integer GEMM with its zero-point correction
-computes the same numbers); deepserve ships no asymmetric W8A8 method.
+computes the same numbers); deepserve ships no asymmetric W8A8 method. So do the smoothed / rotated FP8
+rows (e4m3 weights per channel, e4m3 activations per token, as fp8's CPU emulation computes them, on
+smoothed and / or Hadamard-rotated weights): they measure whether a calibrated fp8 recipe would pay.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deepserve.engine.args import EngineArgs  # noqa: E402
+from deepserve.layers.linear_method import LinearMethod  # noqa: E402
 from deepserve.loader.model_loader import load_model  # noqa: E402
 from deepserve.loader.tokenizer import load_tokenizer  # noqa: E402
 from deepserve.quant.calibrated import quantize_in_memory  # noqa: E402
@@ -55,13 +58,18 @@ CONFIGS = {
     "w8a8-asym-rtn": ("W8A8 asymmetric weights (zero points), RTN", "asym", {}),
     "w8a8-had-smooth-asym-rtn": ("W8A8 asymmetric weights + Hadamard-64 + SmoothQuant a=0.5, RTN", "asym",
                                  {"method": "int8", "rounding": "rtn"}),
+    "fp8-rtn": ("FP8 (e4m3 W8A8) plain, RTN", "engine", {"quantization": "fp8"}),
+    "fp8-smooth-rtn": ("FP8 + SmoothQuant a=0.5, RTN", "fp8", {"smoothing_alpha": 0.5}),
+    "fp8-had-rtn": ("FP8 + Hadamard-64, RTN", "fp8", {"rotate": True}),
+    "fp8-had-smooth-rtn": ("FP8 + Hadamard-64 + SmoothQuant a=0.5, RTN", "fp8",
+                           {"smoothing_alpha": 0.5, "rotate": True}),
     "w8a16-rtn": ("W8A16 symmetric, RTN", "engine", {"quantization": "int8-weight-only"}),
     "w8a16-asym-rtn": ("W8A16 asymmetric (zero points), RTN", "engine", {"quantization": "int8-weight-only-asym"}),
     "w8a16-gptq": ("W8A16 symmetric, GPTQ", "recipe", {"method": "int8-weight-only"}),
 }
 
 
-class _AsymW8A8Fake:
+class _AsymW8A8Fake(LinearMethod):
     """Measurement only: dequantised asymmetric int8 weights x per-token symmetric int8 activations."""
 
     def process_weights_after_loading(self, layer) -> None:
@@ -105,6 +113,49 @@ class _RotatedAsym(_AsymW8A8Fake):
         return super().apply(layer, rotate_blocks(x, self.block), bias)
 
 
+class _Fp8Fake(LinearMethod):
+    """Measurement only: e4m3 weights per channel x e4m3 activations per token (fp8's CPU emulation);
+    `block`: the input rotated by Hadamard blocks first (the weights were rotated by the caller)."""
+
+    def __init__(self, block: int | None = None):
+        self.block = block
+
+    def process_weights_after_loading(self, layer) -> None:
+        from deepserve.quant.fp8 import dequantize_weight_fp8_ref, quantize_weight_fp8_ref
+
+        q, scale = quantize_weight_fp8_ref(layer.weight.detach())
+        layer.weight = torch.nn.Parameter(dequantize_weight_fp8_ref(q, scale), requires_grad=False)
+
+    def apply(self, layer, x, bias):
+        from deepserve.quant.fp8 import quantize_per_token_fp8_ref
+        from deepserve.quant.hadamard import rotate_blocks
+
+        rows = (x if self.block is None else rotate_blocks(x, self.block)).reshape(-1, x.shape[-1])
+        q, s = quantize_per_token_fp8_ref(rows)
+        return F.linear(q.float() * s[:, None], layer.weight, bias).view(*x.shape[:-1], -1)
+
+
+def _fp8(config, calibration_ids, kwargs):
+    """FP8 on optionally smoothed (SmoothQuant, `smoothing_alpha`) and rotated (`rotate`) float weights."""
+    from deepserve.layers.linear import LinearBase
+    from deepserve.quant.calibrated import prepare
+    from deepserve.quant.hadamard import block_size_for, rotate_blocks
+
+    net = _float_model(config)
+    if kwargs.get("smoothing_alpha") is not None:
+        prepare(net, calibration_ids, plan("int8", rotation="none", smoothing_alpha=kwargs["smoothing_alpha"],
+                                           rounding="rtn"))
+    for module in net.modules():
+        if isinstance(module, LinearBase):
+            block = block_size_for(module.weight.shape[1]) if kwargs.get("rotate") else None
+            if block:
+                module.weight = torch.nn.Parameter(rotate_blocks(module.weight.detach().double(), block).float(),
+                                                   requires_grad=False)
+            module.method = _Fp8Fake(block)
+            module.method.process_weights_after_loading(module)
+    return net.eval()
+
+
 def build(name: str, config, calibration_ids):
     _, kind, kwargs = CONFIGS[name]
     if kind == "engine":
@@ -112,6 +163,8 @@ def build(name: str, config, calibration_ids):
                                      quantization=kwargs["quantization"]).create_engine_config(), progress=False)
     if kind == "recipe":
         return quantize_in_memory(_float_model(config), calibration_ids, plan(calibration=DEFAULT_CALIBRATION, **kwargs))
+    if kind == "fp8":
+        return _fp8(config, calibration_ids, kwargs)
     return _asym(config, calibration_ids, kwargs)
 
 
