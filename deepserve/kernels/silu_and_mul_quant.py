@@ -56,14 +56,13 @@ synchronisation: CUDA-graph safe. Launched with PDL where kernels/pdl.py enables
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from deepserve.kernels.fp8_quant import Fp8Activations, hardware_cast_rounds_like_torch
 from deepserve.kernels.int8_convert import nvidia_ptx
+from deepserve.kernels.int8_gemm import num_sms
 from deepserve.kernels.int8_quant import Int8Activations, quantize_row_values
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.silu_and_mul import check_gate_up, silu_mul
@@ -114,12 +113,6 @@ def _silu_and_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, slots_ptr, inter, segmen
             tl.store(scale_ptr + row, scale)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    """The SMs of CUDA device `index` (a MIG slice reports its own), asked once."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_warps(block: int, rows: int) -> int:
     """16 columns a thread from 64 rows (1024 columns over 2 warps), 8 below (4 warps): run s15b."""
     return max(1, min(2, block // 512)) if rows >= 64 else max(1, min(4, block // 256))
@@ -145,7 +138,7 @@ def _launch(x: torch.Tensor, q_dtype: torch.dtype, block: int | None,
     slots = torch.zeros((num_tokens, next_power_of_2(segments)), dtype=torch.int32, device=x.device)
     fp8 = q_dtype == torch.float8_e4m3fn
     hw = hardware_cast_rounds_like_torch(x.device) if fp8 else x.is_cuda
-    can_wait = nvidia_ptx(x.device) and segments <= _num_sms(x.device.index or 0)
+    can_wait = nvidia_ptx(x.device) and segments <= num_sms(x.device)  # a MIG slice reports its own SMs
     if one_launch and not can_wait:
         raise ValueError(f"the one-launch form needs an NVIDIA GPU with at least {segments} SMs")
     one_launch = can_wait if one_launch is None else one_launch
