@@ -312,7 +312,9 @@ def stream_text(engine: Any, prompt: str | list[int], params: Any, out: TextIO) 
 def _add_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="float checkpoint folder or bundled name (default: SmolLM2-135M)")
     parser.add_argument("--out", required=True, help="output folder (HF layout, loadable with --model OUT)")
-    parser.add_argument("--method", default="int8", choices=["int8", "int8-weight-only", "fp8"],
+    from deepserve.quant import WRITABLE_METHODS
+
+    parser.add_argument("--method", default="int8", choices=WRITABLE_METHODS,
                         help="int8: W8A8 (weights per channel, activations per token); int8-weight-only: W8A16; "
                              "fp8: e4m3 W8A8 (weights per channel, rounded to nearest; served on FP8 GPUs, "
                              "emulated on CPU)")

@@ -38,6 +38,8 @@ _METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "fp8-fast-accum": ("deepserve.quant.fp8", "Fp8Method", {"fast_accum": True}),
 }
 NO_QUANTIZATION = "none"
+WRITABLE_METHODS = ("int8", "int8-weight-only", "fp8")  # what `deepserve quantize --method` writes (the other
+# names are derived from these and the options, or are serving choices over an fp8 / int8 checkpoint)
 QUANTIZATION_METHODS: tuple[str, ...] = (*_METHODS, NO_QUANTIZATION)
 QUANTIZATION_HELP = (
     "quantization of the linear layers: int8 (W8A8), int8-weight-only (W8A16; -asym: zero-point weights; on CUDA "

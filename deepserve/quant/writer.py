@@ -35,13 +35,13 @@ from pathlib import Path
 
 import torch
 
-from deepserve.quant import check_quantization, hadamard_block_of, quantization_config, quantization_from_hf_config
+from deepserve.quant import (WRITABLE_METHODS, check_quantization, hadamard_block_of, quantization_config,
+                             quantization_from_hf_config)
 from deepserve.quant.calibrated import ROUNDINGS, Recipe
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration_text.txt"
 DEFAULT_ALPHA = 0.5
 ROTATIONS = ("hadamard", "none")
-WRITABLE = ("int8", "int8-weight-only", "fp8")  # what `quantize` writes (other names are derived or load-time)
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,10 @@ class QuantizeSummary:
 
 def method_name(method: str, asymmetric: bool, rotation: str = "none") -> str:
     """The registered method a checkpoint is written for (ValueError for impossible combinations)."""
-    if method not in WRITABLE:
-        raise ValueError(f"quantize writes {', '.join(WRITABLE)} checkpoints, not {method!r} (fp8-fast-accum and "
-                         f"fp8-per-tensor are serving choices: write fp8 and serve it with --quantization)")
+    if method not in WRITABLE_METHODS:
+        raise ValueError(f"quantize writes {', '.join(WRITABLE_METHODS)} checkpoints, not {method!r} "
+                         f"(fp8-fast-accum and fp8-per-tensor are serving choices: write fp8 and serve it with "
+                         f"--quantization)")
     if asymmetric and method != "int8-weight-only":
         raise ValueError("--asymmetric needs --method int8-weight-only (W8A8 activations are symmetric)")
     if rotation not in ROTATIONS:
