@@ -30,11 +30,11 @@ error of the float32-accumulated product, 3-4x for down's K = 18944 (1.03e-2 vs 
 value at 8192 rows). A layer with a bias (qwen's qkv_proj) keeps float32 sums: cuBLASLt (torch 2.11, CUDA 13,
 H200) has no row-wise fast-accumulation algorithm with a bias epilogue at M <= 16 for K >= 8192 and raises
 CUBLAS_STATUS_NOT_SUPPORTED (run s15d), and adding the bias in a separate launch would cost more than
-the few qkv FLOPs gain. W-offline qwen-7b (run s15c, H200, one call, two rounds, fast accumulation in every
-layer): 17,656.42 / 17,650.98 output tok/s against 16,518.68 / 16,585.57 for "fp8" and 12,091.33 / 12,091.06
-for bf16 (1.460x against 1.366x). On the default model (run s15d, GPU, bf16 reference: `deepserve eval`)
-fp8 and fp8-fast-accum score alike: top-1 0.9107 / 0.9089, perplexity ratio 1.0288 / 1.0307, mean KL
-0.0253 / 0.0255 (its K is at most 1536).
+the few qkv FLOPs gain. W-offline qwen-7b (run s15e, H200, one call, alternating, this method as it is):
+17,532.76 / 17,551.86 output tok/s against 12,085.39 / 12,077.99 for bf16 (1.451x / 1.453x) and 16,507.51
+for "fp8" (1.366x); with fast sums in the biased qkv too (run s15c): 1.460x. On the default model (run s15d,
+GPU, bf16 reference: `deepserve eval`) fp8 and fp8-fast-accum score alike: top-1 0.9107 / 0.9089, perplexity
+ratio 1.0288 / 1.0307, mean KL 0.0253 / 0.0255 (its K is at most 1536).
 CPU (and the fallback): the same quantisation, then float32 matmul of the fp8 values:
 y = (x_q @ w_q^T) * x_scale * w_scale + bias. Correct and portable (tests, CI), not fast.
 """
