@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_bench import REPO  # noqa: E402
 from kernels_gemv import PER_STEP, RESULTS  # noqa: E402
 
+from deepserve.kernels.gemv import GemvConfig  # noqa: E402
+
 MIN_PROGRAMS = 264
 GEMV_SOURCE = REPO / "deepserve" / "kernels" / "gemv.py"
 
@@ -32,9 +34,17 @@ GEMV_SOURCE = REPO / "deepserve" / "kernels" / "gemv.py"
 class Entry(NamedTuple):
     max_n: int
     max_k: int
-    config: tuple  # GemvConfig fields, BLOCK_K in the table's 2-byte columns
+    config: tuple  # GemvConfig fields (`trimmed`), BLOCK_K in the table's 2-byte columns
     members: list  # "model/layer" of the bucket's shapes
     step_us: float  # the weighted time of the members
+
+
+def trimmed(config) -> tuple:
+    """A config's fields without the trailing defaults that are None (a 4-field record: no register cap)."""
+    fields = tuple(config)
+    while fields and fields[-1] is None:
+        fields = fields[:-1]
+    return fields
 
 
 def sweeps(records: list[dict], run_ids: set[str], int8: bool) -> list[dict]:
@@ -47,19 +57,19 @@ def sweeps(records: list[dict], run_ids: set[str], int8: bool) -> list[dict]:
 def pick(rows: list[dict], table: list[tuple[int, int, tuple]], int8: bool, fit) -> list[Entry]:
     """One Entry per (max N, max K, config) of the current table: a new config where the bucket holds a
     swept shape, the current one where it holds none. fit(config, k) -> the fitted kernel config (a tuple)."""
-    times = {(r["model"], r["layer"]): {tuple(c): t for c, t in r["ranked"]} for r in rows}
+    times = {(r["model"], r["layer"]): {tuple(GemvConfig(*c)): t for c, t in r["ranked"]} for r in rows}
     shapes = {(r["model"], r["layer"]): (r["n"], r["k"]) for r in rows}
-    candidates = sorted({c for t in times.values() for c in t})
+    candidates = sorted({c for t in times.values() for c in t}, key=lambda c: tuple(-1 if v is None else v for v in c))
     entries, placed = [], set()
     for max_n, max_k, current in table:
         members = [s for s, (n, k) in shapes.items() if n <= max_n and k <= max_k and s not in placed]
         placed.update(members)
         if not members:
-            entries.append(Entry(max_n, max_k, tuple(current), [], 0.0))
+            entries.append(Entry(max_n, max_k, trimmed(current), [], 0.0))
             continue
         best = None
         for c in candidates:
-            entry = (c[0], c[1] // 2 if int8 else c[1], *c[2:])  # kernel columns -> the table's 2-byte columns
+            entry = trimmed((c[0], c[1] // 2 if int8 else c[1], *c[2:]))  # kernel columns -> the table's 2-byte columns
             total = 0.0
             for s in members:
                 n, k = shapes[s]
@@ -81,7 +91,7 @@ def render(name: str, entries: list[Entry], any_: int) -> str:
     bound = lambda v: "_ANY" if v == any_ else str(v)  # noqa: E731
     lines = []
     for e in entries:
-        line = f"    ({bound(e.max_n)}, {bound(e.max_k)}, GemvConfig{tuple(e.config)}),"
+        line = f"    ({bound(e.max_n)}, {bound(e.max_k)}, GemvConfig{trimmed(e.config)}),"
         comment = f"# {', '.join(e.members) or 'no swept shape: kept'}"
         fits = len(line) + 2 + len(comment) <= 120
         lines.append(f"{line}  {comment}\n" if fits else f"    {comment}\n{line}\n")

@@ -119,15 +119,17 @@ def bench(models: list[str], ms: list[int], result_file: str, run_id: str, copy_
 def candidates(m: int, weights: str = "bf16") -> list:
     """GemvConfig candidates: BLOCK_K = VEC * 32 * num_warps (x and weight tiles in one layout: 256 columns
     a warp for bf16, 512 for int8) at several widths, for bf16 a few at half that (one x exchange per
-    chunk), and splits of the wide tiles. Tiles stay within 64 KB of weight bytes."""
+    chunk), splits of the wide tiles, and for int8 register limits (maxnreg 96, 80, 64) of the natural tiles of
+    two or more warps. Tiles stay within 64 KB of weight bytes."""
     from deepserve.kernels.gemv import GemvConfig
 
     per_warp, itemsize = (512, 1) if weights == "int8" else (256, 2)
     warps = (1, 2, 4, 8, 16) if weights == "int8" else (2, 4, 8, 16)
     natural = [(bn, per_warp * w, 1, w) for w in warps for bn in (1, 2, 4, 8, 16, 32)
                if 2 <= bn * w <= 64 and bn * per_warp * w * itemsize <= 65536]
-    if weights == "int8":
+    if weights == "int8":  # and the register limits of run s16c (GemvConfig.maxnreg)
         others = [(4, 4096, 2, 8), (8, 2048, 2, 4), (8, 2048, 4, 4)]
+        natural += [(*c, cap) for c in natural for cap in (96, 80, 64) if c[3] >= 2]
     else:
         others = ([(bn, 512, 1, 4) for bn in (8, 16)] + [(bn, 1024, 1, 8) for bn in (4, 8)]
                   + [(4, 2048, 2, 8), (4, 2048, 4, 8), (8, 1024, 2, 4), (8, 1024, 4, 4)])
@@ -167,7 +169,8 @@ def sweep(models: list[str], ms: list[int], result_file: str, run_id: str, weigh
         fields = record(env, "kernel-gemv-sweep", model, layer, m, copies, k=k, n=n)
         if int8:
             fields["quant"] = "int8-weight-only"
-        append_record({**fields, **timed.fields("block_n, block_k, split_k, num_warps", best_gbs=gbs)}, result_file)
+        config = "block_n, block_k, split_k, num_warps, maxnreg"
+        append_record({**fields, **timed.fields(config, best_gbs=gbs)}, result_file)
 
 
 def main() -> None:

@@ -87,6 +87,7 @@ class GemvConfig(NamedTuple):
     block_k: int  # columns per chunk (a multiple of VEC = 16 / itemsize)
     split_k: int = 1  # most K splits (fewer when K is short); > 1 adds a float32 sum launch
     num_warps: int = 4
+    maxnreg: int | None = None  # registers a thread may take (NVIDIA: ptxas .maxnreg): fewer, more programs an SM
 
 
 # (largest N, largest K, config at M = 1); the first entry covering the shape wins. Picked from the M = 1
@@ -104,11 +105,19 @@ TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
 )
 # int8 weights (W8A16; BLOCK_K in 2-byte columns, so the kernel's int8 chunk is twice it), same method and
 # run: a step's linears (LM head in bf16, not here) qwen-7b 1.894 vs 2.072 ms, V2-Lite 0.206 vs 0.244 ms.
+# Then the register limits (`maxnreg`, ptxas's .maxnreg; M = 1 only: `fit_config`), from run s16c (H200, a
+# sweep of block_n x num_warps x maxnreg at qwen-7b's shapes, gate_up gated as decode runs it; records in
+# kernels_gemv.jsonl): qkv's (8, 1024, 1, 4) took 128 registers a thread, so 4 programs an SM: its 576
+# programs needed 1.09 waves of the 528 that fit; limited to 96 (no spill in Triton 3.6's sm_90 code) 5 fit,
+# one wave: 8.07 -> 6.39 us. down 20.47 -> 19.88 us with a limit of 80 (ptxas then takes 72 registers, 64
+# without the option: within 3%, maybe noise), gate_up 35.92 -> 35.18 us with 8 rows a program (95
+# registers); o kept (5.31 us). The step's four linears: 1.954 -> 1.863 ms. In the engine (run s16d, W-b1
+# qwen-7b W8A16, same call): 2.4204 ms per token against 2.4743 for the previous table (tree 06360d9).
 INT8_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
     (4096, 4096, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/o, v2-lite/q_kv_a, v2-lite/o
-    (4096, _ANY, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/down, v2-lite/dense_down
-    (8192, _ANY, GemvConfig(8, 1024, 1, 4)),  # qwen-7b/qkv
-    (_ANY, _ANY, GemvConfig(4, 256, 1, 1)),  # qwen-7b/gate_up, v2-lite/dense_gate_up
+    (4096, _ANY, GemvConfig(4, 1024, 1, 4, 80)),  # qwen-7b/down, v2-lite/dense_down
+    (8192, _ANY, GemvConfig(8, 1024, 1, 4, 96)),  # qwen-7b/qkv
+    (_ANY, _ANY, GemvConfig(8, 256, 1, 1)),  # qwen-7b/gate_up, v2-lite/dense_gate_up
 )
 
 
@@ -120,7 +129,9 @@ def gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
 
 def fit_config(cfg: GemvConfig, m: int, k: int, dtype: torch.dtype) -> GemvConfig:
     """A table entry fitted to the shape: BLOCK_K no wider than K needs (num_warps scaled with it),
-    BLOCK_N cut so that BLOCK_M * BLOCK_N <= 32 accumulators per column group."""
+    BLOCK_N cut so that BLOCK_M * BLOCK_N <= 32 accumulators per column group, and the register limit only at
+    the M = 1 and full BLOCK_K it was measured at (more rows of x or a narrower tile change the registers a
+    thread needs; a limit below them spills)."""
     vec = _vec(dtype)
     # the tables' BLOCK_K counts 2-byte columns: a chunk keeps its bytes (what is in flight) for other
     # widths, so int8 weights take twice the columns at the same warps (VEC * 32 * num_warps, no layout
@@ -129,7 +140,8 @@ def fit_config(cfg: GemvConfig, m: int, k: int, dtype: torch.dtype) -> GemvConfi
     block_k = max(min(wide, next_power_of_2(max(k, 1))), vec * 32)
     num_warps = max(1, cfg.num_warps * block_k // wide)
     block_n = max(1, min(cfg.block_n, _ACC_ROWS // _block_m(m)))
-    return cfg._replace(block_n=block_n, block_k=block_k, num_warps=num_warps)
+    maxnreg = cfg.maxnreg if _block_m(m) == 1 and block_k == wide else None
+    return cfg._replace(block_n=block_n, block_k=block_k, num_warps=num_warps, maxnreg=maxnreg)
 
 
 def _vec(dtype: torch.dtype) -> int:
@@ -282,9 +294,10 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, w_scale:
 
 def _check_config(cfg: GemvConfig, vec: int) -> None:
     sizes = (cfg.block_n, cfg.block_k, cfg.num_warps)
-    if any(s < 1 or s & (s - 1) for s in sizes) or cfg.block_k % vec or cfg.split_k < 1:
+    if any(s < 1 or s & (s - 1) for s in sizes) or cfg.block_k % vec or cfg.split_k < 1 or not (
+            cfg.maxnreg is None or 24 <= cfg.maxnreg <= 255):
         raise ValueError(f"gemv: block sizes and num_warps must be powers of two, block_k a multiple of "
-                         f"{vec}, split_k >= 1; got {cfg}")
+                         f"{vec}, split_k >= 1, maxnreg None or 24..255; got {cfg}")
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -319,12 +332,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     shape = (m, n // 2) if gated else (splits, m, n)
     out = torch.empty(shape, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     aligned = k % vec == 0 and (m == 1 or x.stride(0) % vec == 0)
+    ptx = nvidia_ptx(x.device)
     _gemv_kernel[(cdiv(n, cfg.block_n), splits)](
         x, w, bias if bias is not None else w, out, m, n, k, k_per_split, x.stride(0),
         HAS_BIAS=bias is not None, ALIGNED=aligned, BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, VEC=vec, scale_ptr=w_scale, HAS_SCALE=w_scale is not None,
-        PTX=w_scale is not None and nvidia_ptx(x.device), PREFETCH_W=static_weight, GATED=gated,
-        num_warps=cfg.num_warps, **pdl_launch(x.device))
+        PTX=w_scale is not None and ptx, PREFETCH_W=static_weight, GATED=gated,
+        num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if ptx and cfg.maxnreg else {}), **pdl_launch(x.device))
     if gated:
         return out
     return out[0] if splits == 1 else _sum_splits(out, x.dtype)

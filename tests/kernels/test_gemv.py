@@ -194,6 +194,27 @@ def test_config_table(k, n, m, dtype):
     assert cfg == G.gemv_config(m, n, k, dtype)  # a function of the shape alone
 
 
+@pytest.mark.parametrize("k,n", REAL)
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_int8_register_limit_only_where_measured(k, n, m):
+    """The int8 table's register limits hold at M = 1 with the entry's full chunk (what run s16c measured); more
+    rows of x or a narrower chunk need more registers a thread, so the fitted config drops the limit."""
+    cfg = G.gemv_config(m, n, k, torch.int8)
+    entry = next(c for max_n, max_k, c in G.INT8_TABLE if n <= max_n and k <= max_k)
+    full = m == 1 and cfg.block_k == 2 * entry.block_k
+    assert cfg.maxnreg == (entry.maxnreg if full else None)
+    assert -(-n // cfg.block_n) * cfg.split_k >= 264  # >= 2 programs per SM of an H200
+    if (k, n) == (3584, 4608) and m == 1:
+        assert cfg.maxnreg == 96  # qwen-7b's qkv: 5 programs an SM instead of 4 (one wave)
+
+
+@pytest.mark.parametrize("maxnreg", [0, 16, 256])
+def test_register_limit_out_of_range_is_refused(maxnreg):
+    x, w = torch.randn(1, 64), torch.randn(8, 64)
+    with pytest.raises(ValueError, match="maxnreg"):
+        G.gemv(x, w, config=G.GemvConfig(2, 64, 1, 1, maxnreg))
+
+
 # ---- GPU: real decode shapes ----------------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -48,7 +48,7 @@ def test_pick_skips_too_few_programs_and_untimed_fits_and_keeps_empty_buckets():
     entries = gemv_table.pick(rows, [(4096, 4096, G.GemvConfig(1, 1024, 1, 4)), (1 << 62, 1 << 62, kept)],
                               False, fit_bf16)
     assert entries[0].config == ok  # 16 rows a program: 3584 / 16 = 224 programs < 264
-    assert entries[1] == gemv_table.Entry(1 << 62, 1 << 62, tuple(kept), [], 0.0)
+    assert entries[1] == gemv_table.Entry(1 << 62, 1 << 62, tuple(kept)[:4], [], 0.0)
     with pytest.raises(SystemExit):
         gemv_table.pick([record("qwen-7b", "o", 3584, 3584, [(few, 1.0)])],
                         [(4096, 4096, G.GemvConfig(1, 1024, 1, 4))], False, fit_bf16)
@@ -61,7 +61,10 @@ def test_int8_candidates_convert_to_the_tables_columns():
     rows = [record("qwen-7b", "o", 3584, 3584, [((4, 2048, 1, 4), 5.6), ((1, 2048, 1, 4), 6.6)], int8=True)]
     entries = gemv_table.pick(rows, [(4096, 4096, G.GemvConfig(1, 1024, 1, 4))], True, fit)
     assert entries[0].config == (4, 1024, 1, 4)
-    assert fit(entries[0].config, 3584) == (4, 2048, 1, 4)
+    capped = [record("qwen-7b", "qkv", 4608, 3584, [((8, 2048, 1, 4, 96), 6.4), ((8, 2048, 1, 4), 8.1)], int8=True)]
+    entry = gemv_table.pick(capped, [(8192, 1 << 62, G.GemvConfig(1, 1024, 1, 4))], True, fit)[0]
+    assert entry.config == (8, 1024, 1, 4, 96) and fit(entry.config, 3584)[4] == 96  # the cap survives
+    assert fit(entries[0].config, 3584) == G.GemvConfig(4, 2048, 1, 4)
 
 
 def test_sweeps_filter_runs_dtype_router_and_int8_lm_head():
@@ -88,7 +91,9 @@ def test_rendered_tables_replace_gemv_py_and_parse_back():
         node = next(n for n in tree.body if isinstance(n, ast.AnnAssign) and n.target.id == name)
         got = [(ast.unparse(e.elts[0]), ast.unparse(e.elts[1]), [ast.literal_eval(a) for a in e.elts[2].args])
                for e in node.value.elts]
-        want = [("_ANY" if n == G._ANY else str(n), "_ANY" if k == G._ANY else str(k), list(c)) for n, k, c in table]
+        want = [("_ANY" if n == G._ANY else str(n), "_ANY" if k == G._ANY else str(k), list(gemv_table.trimmed(c)))
+                for n, k, c in table]
+        assert G.GemvConfig(*got[-1][2]) == table[-1][2]
         assert got == want
     with pytest.raises(ValueError, match="NOPE"):
         gemv_table.replace_table(source, "NOPE", "")
