@@ -4,6 +4,7 @@
          bias [N] float | None) -> y [M, N] x.dtype,   1 <= M <= GEMV_MAX_M
     y[m, n] = round(sum_k f32(x[m, k]) * f32(w[n, k]) + f32(bias[n]))     float32 sums, one rounding
     gemv(x, w [2I, K] = [gate | up], bias, gated=True) -> h [M, I] = silu_and_mul(y), bit for bit
+    gemv(x, w [N, K] int8 or float8_e4m3fn, bias, w_scale=[N] f32) -> y * w_scale before the bias (W8A16)
 
 At batch-1 decode every linear layer is a GEMV whose time is the time to stream its weight once;
 cuBLAS reaches ~78% of an H200's HBM bandwidth on the big qwen-7b ones and much less on small ones.
@@ -48,6 +49,9 @@ low-throughput conversion (the CUDA guide's table: 16 per clock per SM on comput
 128 float32 FMAs) that bounded this kernel (`kernels/int8_convert.py`). Run s9b (H200, same run,
 table configs, cold weights): a qwen-7b decode step's four linears 2.262 ms with I2F, 2.201 ms with the
 integer-add form, 2.084 ms with the PTX form. gate_up went from 3.19 to 3.82 TB/s at the best configs.
+e4m3 weights (the fp8 method's decode rows, quant/fp8.py): Triton's own conversion to float32 (exact), the
+1-byte table (INT8_TABLE) as for int8, its register limits included (Triton 3.6 sm_90 code: no spill at them).
+W-b1 qwen-7b (run s16e, H200): 2.3601 ms per token with e4m3 weights, 2.4425 with int8.
 
 Gated (`gated=True`, the dense MLP's gate_up at decode: `LinearMethod.apply_gated`): program j owns output
 columns jH..jH+H-1 (H = BLOCK_N / 2), i.e. gate rows jH.. and up rows I+jH.. of the weight, so its
@@ -77,6 +81,7 @@ from deepserve.kernels.silu_and_mul import silu_mul
 from deepserve.kernels.sizes import cdiv, next_power_of_2
 
 GEMV_MAX_M = 4  # the most rows of x the kernel takes (the accumulator grows with them)
+SCALED_W_DTYPES = (torch.int8, torch.float8_e4m3fn)  # weights that come with a w_scale per row
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ANY = 1 << 62
 _ACC_ROWS = 32  # BLOCK_M * BLOCK_N cap: float32 accumulators per thread per BLOCK_K / (VEC * threads)
@@ -123,7 +128,7 @@ INT8_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
 
 def gemv_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemvConfig:
     """The table's entry for (N, K), fitted to the shape (`fit_config`)."""
-    table = INT8_TABLE if dtype == torch.int8 else TABLE
+    table = INT8_TABLE if dtype.itemsize == 1 else TABLE  # int8 or e4m3 weights
     return fit_config(next(c for max_n, max_k, c in table if n <= max_n and k <= max_k), m, k, dtype)
 
 
@@ -278,9 +283,9 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, w_scale:
                          f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
     if x.shape[0] > GEMV_MAX_M:
         raise ValueError(f"gemv: at most {GEMV_MAX_M} rows, got {x.shape[0]}")
-    w_dtype = torch.int8 if w_scale is not None else x.dtype
-    if w.dim() != 2 or w.dtype != w_dtype or not w.is_contiguous() or w.shape[1] != x.shape[1]:
-        raise ValueError(f"gemv: w must be [N, K={x.shape[1]}] {w_dtype} contiguous, got "
+    w_dtypes = SCALED_W_DTYPES if w_scale is not None else (x.dtype,)
+    if w.dim() != 2 or w.dtype not in w_dtypes or not w.is_contiguous() or w.shape[1] != x.shape[1]:
+        raise ValueError(f"gemv: w must be [N, K={x.shape[1]}] of {w_dtypes} contiguous, got "
                          f"{tuple(w.shape)} {w.dtype} strides {w.stride()}")
     n = w.shape[0]
     if w_scale is not None and (w_scale.shape != (n,) or w_scale.dtype != torch.float32 or w_scale.stride(0) != 1):
@@ -304,8 +309,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, w_scale: torch.Tensor | None = None,
          static_weight: bool = False, gated: bool = False) -> torch.Tensor:
     """x [M, K] bf16/f16/f32 (unit stride in K), w [N, K] x.dtype contiguous, bias [N] float or None
-    -> [M, N] x.dtype. With w_scale [N] float32, w is int8 (symmetric W8A16): y = (x @ w^T) * w_scale
-    (+ bias), the int8 values exact in float32, the scale applied to the float32 sum. `config`
+    -> [M, N] x.dtype. With w_scale [N] float32, w is int8 (symmetric W8A16) or float8_e4m3fn (the fp8 method's
+    decode rows): y = (x @ w^T) * w_scale (+ bias), the weight values exact in float32, the scale applied to
+    the float32 sum. `config`
     overrides the table (benchmarks, tests). static_weight=True promises that the kernel launched just
     before this one on the stream does not write w (a layer's weight: written at load time), so under
     PDL its first chunk is read before the wait; a w computed by the previous kernel needs False.

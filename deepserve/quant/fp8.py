@@ -35,11 +35,23 @@ the few qkv FLOPs gain. W-offline qwen-7b (run s15e, H200, one call, alternating
 for "fp8" (1.366x); with fast sums in the biased qkv too (run s15c): 1.460x. On the default model (run s15d,
 GPU, bf16 reference: `deepserve eval`) fp8 and fp8-fast-accum score alike: top-1 0.9107 / 0.9089, perplexity
 ratio 1.0288 / 1.0307, mean KL 0.0253 / 0.0255 (its K is at most 1536).
+Decode rows (CUDA, at most GEMV_MAX_M = 4 bf16/f16 rows, K a multiple of 16): the decode GEMV of the unquantised
+rows and the e4m3 weights (kernels/gemv.py, float32 sums, the weight scale applied to the sum; the gate_up
+GEMV's SiLU-and-mul epilogue too): a batch-1 step reads the 1-byte weights once and quantises no activation,
+where _scaled_mm at M = 1 was slower than bf16 (run s16v, H200, W-b1 qwen-7b: 4.1192 ms per token against
+3.5919 for bf16). With the GEMV (run s16e, same card, one call): 2.3601 / 2.3616 ms per token against 3.6508 for
+bf16 (1.55x) and 2.4425 for int8-weight-only (e4m3 converts to float32 in fewer instructions than int8); vLLM
+0.20.0's fp8 ran W-b1 at 3.4606 ms per token on that card (run s16v, prefill included in its figure). These rows
+get fp8 weights with float activations (more accurate than W8A8; the accuracy gate's teacher-forced prefill
+measures the W8A8 path), so the norm before qkv_proj / gate_up_proj does not quantise them (`quantizes_input`).
+Both accumulation variants take it.
 CPU (and the fallback): the same quantisation, then float32 matmul of the fp8 values:
 y = (x_q @ w_q^T) * x_scale * w_scale + bias. Correct and portable (tests, CI), not fast.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -133,6 +145,12 @@ class Fp8Method(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., in] float, or its per-token e4m3 quantisation (`quantizes_input`) -> [..., out] in x's dtype."""
+        if not isinstance(x, PerTokenQuant) and decode_gemv_applies(x, layer.weight):
+            from deepserve.kernels.gemv import gemv
+
+            rows = x.reshape(-1, x.shape[-1])  # [M, in]
+            y = gemv(rows, layer.weight, bias, w_scale=layer.weight_scale, static_weight=True)
+            return y.view(*x.shape[:-1], y.shape[-1])
         if isinstance(x, PerTokenQuant):
             if x.q.dtype != FP8_DTYPE:
                 raise TypeError(f"Fp8Method takes an e4m3 PerTokenQuant, got q of {x.q.dtype}")
@@ -156,6 +174,8 @@ class Fp8Method(LinearMethod):
         wider than the fused norm kernel keeps whole are not (kernels/int8_quant.py `norm_matches_rms_norm`)."""
         if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)) or layer.weight.dtype != FP8_DTYPE:
             return False
+        if decode_gemv_applies(x, layer.weight):  # decode rows: the GEMV takes them unquantised
+            return False
         from deepserve.kernels.int8_quant import norm_matches_rms_norm
 
         k, n = layer.weight.shape[1], layer.weight.shape[0]
@@ -165,10 +185,42 @@ class Fp8Method(LinearMethod):
         """gate_up [..., 2 * in] -> apply(silu(gate) * up) [..., out], bit for bit; where `_scaled_mm`
         runs, SiLU-and-mul runs inside the per-token quantisation (`fp8_silu_and_mul_scaled_mm`)."""
         rows = gate_up.reshape(-1, gate_up.shape[-1])  # [tokens, 2 * in]
-        if not scaled_mm_fits(rows, layer.weight):
+        if not scaled_mm_fits(rows, layer.weight) or _decode_rows(rows, layer.weight):  # decode: SiLU-and-mul, GEMV
             return super().apply_silu_and_mul(layer, gate_up, bias)
         y = fp8_silu_and_mul_scaled_mm(rows, layer.weight, layer.weight_scale, bias, self.fast_accum)
         return y.view(*gate_up.shape[:-1], y.shape[-1])
+
+
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant,
+                    consumer: nn.Module) -> torch.Tensor | None:
+        """Decode rows (`decode_gemv_applies`): silu(gate) * up [..., I] of this merged [gate | up] layer in one GEMV
+        launch, the same bits as `consumer.method.apply_silu_and_mul(layer(x))` (`LinearMethod.apply_gated`) where
+        the consumer is fp8 too; None otherwise."""
+        if isinstance(x, PerTokenQuant) or not decode_gemv_applies(x, layer.weight) \
+                or not isinstance(getattr(consumer, "method", None), Fp8Method):
+            return None
+        from deepserve.kernels.gemv import gated_applies, gemv
+
+        rows = x.reshape(-1, x.shape[-1])  # [M, in]
+        if not gated_applies(rows.shape[0], layer.weight.shape[0], layer.weight.shape[1], layer.weight.dtype):
+            return None
+        h = gemv(rows, layer.weight, layer.bias, w_scale=layer.weight_scale, static_weight=True, gated=True)
+        return h.view(*x.shape[:-1], h.shape[-1])
+
+
+def decode_gemv_applies(x: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """Whether x [..., K] are decode rows the GEMV takes with these weights (module docstring): `_decode_rows`, with
+    unit stride in K."""
+    return len(x.shape) > 0 and x.shape[-1] == w_q.shape[-1] and _decode_rows(x, w_q) and x.stride(-1) == 1
+
+
+def _decode_rows(x: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """x [..., *] CUDA f16/bf16 with 1 to GEMV_MAX_M rows, and w_q e4m3 [N, K] contiguous with K a multiple of 16."""
+    from deepserve.kernels.gemv import GEMV_MAX_M
+
+    rows = math.prod(x.shape[:-1])
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= GEMV_MAX_M
+            and w_q.dtype == FP8_DTYPE and w_q.dim() == 2 and w_q.is_contiguous() and w_q.shape[1] % 16 == 0)
 
 
 def fp8_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

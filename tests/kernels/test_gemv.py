@@ -402,6 +402,67 @@ def test_gpu_int8_weights_real_shapes(k, n):
     assert bool(((got.double() - s).abs() <= allowed(s, mags, depth, torch.bfloat16, 0.5)).all())
 
 
+E4M3 = torch.float8_e4m3fn
+
+
+def _e4m3_values() -> torch.Tensor:
+    """The 254 finite e4m3fn values (the two NaN encodings left out), [254] e4m3."""
+    bits = torch.arange(256, dtype=torch.int32)
+    return bits[(bits & 0x7F) != 0x7F].to(torch.uint8).view(E4M3)
+
+
+@pytest.mark.parametrize("k", [16, 300])
+@pytest.mark.parametrize("cfg", [None, G.GemvConfig(2, 64, 1, 1), G.GemvConfig(4, 32, 3, 1)],
+                         ids=["table", "2x64", "4x32-split3"])
+def test_e4m3_weights_every_value_exact(k, cfg):
+    """Every finite e4m3 value (the fp8 method's decode rows, quant/fp8.py) reaches the float32 sum exactly: row
+    i holds value i in every column, x = 1, so the sum is value * K, exact in float32 (4 significant bits times
+    K < 2^9); then shuffled rows against integer x, within the kernel's float32 bound. A value converted wrong, or
+    read from another column, changes its row."""
+    dev = device()
+    values = _e4m3_values()
+    w = values[:, None].expand(-1, k).contiguous()
+    got = G.gemv(torch.ones(1, k, device=dev), w.to(dev), None, cfg, w_scale=torch.ones(len(values), device=dev))
+    assert torch.equal(got.cpu(), (values.float() * k)[None, :])
+    gen = torch.Generator().manual_seed(k)
+    order = torch.stack([torch.randperm(len(values), generator=gen).repeat(-(-k // len(values)))[:k]
+                         for _ in range(32)])
+    shuffled = values[order]  # [32, K]
+    x = torch.randint(-3, 4, (2, k), generator=gen).float()
+    got = G.gemv(x.to(dev), shuffled.to(dev), None, cfg, w_scale=torch.ones(32, device=dev)).cpu()
+    s, mags = x.double() @ shuffled.double().t(), x.double().abs() @ shuffled.double().abs().t()
+    fitted = cfg or G.gemv_config(2, 32, k, E4M3)
+    depth = 16 + cdiv(cdiv(k, fitted.split_k), fitted.block_k) + fitted.block_k // 16 + fitted.split_k + 2
+    assert bool(((got.double() - s).abs() <= allowed(s, mags, depth, torch.float32, 0.5)).all())
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("gated", [False, True])
+def test_e4m3_weights_scaled_bias_and_gated(m, gated):
+    """bf16 rows times e4m3 weights with row scales and a bias, within the kernel's bound of the exact product;
+    gated: the same bits as gemv then silu_and_mul; a weight dtype other than int8 / e4m3 with a scale is
+    refused."""
+    dev = device()
+    gen = torch.Generator().manual_seed(m)
+    k, n = 96, 48
+    x = torch.randn(m, k, generator=gen).bfloat16().to(dev)
+    w = (torch.randn(n, k, generator=gen) * 64).to(E4M3).to(dev)
+    scale = (torch.rand(n, generator=gen) / 50 + 1e-3).to(dev)
+    b = torch.randn(n, generator=gen).bfloat16().to(dev)
+    if gated:
+        assert torch.equal(G.gemv(x, w, b, w_scale=scale, gated=True), _unfused(x, w, b, None, scale))
+        return
+    got = G.gemv(x, w, b, w_scale=scale)
+    s = (x.double() @ w.double().t()) * scale.double() + b.double()
+    mags = (x.double().abs() @ w.double().abs().t()) * scale.double() + b.double().abs()
+    cfg = G.gemv_config(m, n, k, E4M3)
+    depth = 16 + cdiv(cdiv(k, cfg.split_k), cfg.block_k) + cfg.block_k // 16 + cfg.split_k + 2
+    r = 1.0 if INTERPRET else 0.5
+    assert bool(((got.double() - s).abs() <= allowed(s, mags, depth, torch.bfloat16, r)).all())
+    with pytest.raises(ValueError, match="contiguous"):
+        G.gemv(x, w.to(torch.bfloat16), b, w_scale=scale)
+
+
 # ------------------------------------------------------------------------------- gated: SiLU-and-mul epilogue
 
 S = load_kernel_module("silu_and_mul")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deepserve.config import ModelConfig
+from deepserve.kernels.gemv import GEMV_MAX_M
 from deepserve.layers import fused
 from deepserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
 from deepserve.layers.linear_method import (CpuPackedLinearMethod, DenseLinearMethod, LinearMethod, PerTokenQuant,
@@ -66,7 +67,8 @@ def test_only_w8a8_methods_quantize_their_input_and_only_on_cuda_f16_bf16_rows_h
 
 @pytest.mark.parametrize("name", FP8_METHODS)
 def test_fp8_quantizes_its_input_where_scaled_mm_runs(name):
-    """CUDA f16/bf16 rows of the e4m3 weight's K (a multiple of 16, N too), held whole by the fused norm kernel."""
+    """CUDA f16/bf16 rows of the e4m3 weight's K (a multiple of 16, N too), held whole by the fused norm kernel, more
+    than the decode GEMV takes (quant/fp8.py)."""
     fp8 = get_quant_method(name)
     assert fp8.quantized_input_dtype == torch.float8_e4m3fn
     assert get_quant_method("int8").quantized_input_dtype == torch.int8
@@ -74,8 +76,8 @@ def test_fp8_quantizes_its_input_where_scaled_mm_runs(name):
     def layer(n, k, dtype=torch.float8_e4m3fn):
         return SimpleNamespace(weight=torch.empty(n, k, dtype=dtype))
 
-    def rows(k, dtype=torch.bfloat16, cuda=True):
-        return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(2, k))
+    def rows(k, dtype=torch.bfloat16, cuda=True, m=16):
+        return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(m, k), stride=lambda dim: 1)
 
     assert fp8.quantizes_input(layer(64, 4096), rows(4096))
     assert fp8.quantizes_input(layer(64, 4096), rows(4096, torch.float16))
@@ -85,6 +87,8 @@ def test_fp8_quantizes_its_input_where_scaled_mm_runs(name):
     assert not fp8.quantizes_input(layer(72 + 4, 4096), rows(4096))  # N neither
     assert not fp8.quantizes_input(layer(64, 8208), rows(8208))  # wider than the whole-row kernel
     assert not fp8.quantizes_input(layer(64, 4096, torch.bfloat16), rows(4096))  # not processed into e4m3
+    assert not fp8.quantizes_input(layer(64, 4096), rows(4096, m=4))  # decode rows: the GEMV takes them unquantised
+    assert fp8.quantizes_input(layer(64, 4096), rows(4096, m=5))
 
 
 # ---- the CUDA functions: norm + quant, then the GEMM, against norm, then w8a8_linear ---------------------
@@ -391,11 +395,12 @@ def test_gpu_layer_fused_is_unfused_bit_for_bit(monkeypatch, shape, tokens, firs
     real = fused.rms_norm_quant
     monkeypatch.setattr(fused, "rms_norm_quant", lambda *a: calls.append(a) or real(*a))
     out, res = layer(positions, x, residual)
-    assert len(calls) == 2
+    fused_norms = 0 if quantization == "fp8" and tokens <= GEMV_MAX_M else 2  # fp8 decode rows: the GEMV, unquantised
+    assert len(calls) == fused_norms
     with monkeypatch.context() as m:
         _unfused(m)
         want_out, want_res = layer(positions, x, residual)
-    assert len(calls) == 2
+    assert len(calls) == fused_norms
     assert torch.equal(out, want_out) and torch.equal(res, want_res)
 
 

@@ -107,6 +107,59 @@ def test_fast_accum_reaches_scaled_mm(monkeypatch, name, fast):
     assert seen[3:] == [False]
 
 
+@pytest.mark.parametrize("name", ["fp8", "fp8-fast-accum"])
+def test_decode_rows_take_the_gemv(monkeypatch, name):
+    """Decode rows (1 to GEMV_MAX_M; forced here on CPU, where the GEMV runs in Triton's interpreter) go to the
+    decode GEMV with the e4m3 weights and unquantised rows: `apply` gives the GEMV's bits; `apply_gated` gives
+    gemv then silu_and_mul for an fp8 consumer (None for another); `apply_silu_and_mul` runs SiLU-and-mul, then
+    the GEMV; `_scaled_mm` (a stand-in) is never called. Five rows keep the W8A8 path."""
+    import deepserve.quant.fp8 as fp8
+    from deepserve.kernels.gemv import gemv
+    from deepserve.kernels.silu_and_mul import silu_and_mul as silu_kernel
+    from deepserve.layers import fused
+    from deepserve.layers.linear_method import DenseLinearMethod
+
+    def decode_rows(rows, w):  # `_decode_rows` without its CUDA condition
+        return rows.dtype == torch.bfloat16 and 1 <= rows.shape[0] <= 4 and w.dtype == FP8_DTYPE \
+            and w.is_contiguous() and w.shape[1] % 16 == 0
+
+    monkeypatch.setattr(fp8, "_decode_rows", decode_rows)
+    monkeypatch.setattr(fp8, "scaled_mm_fits", lambda x, w: x.shape[0] > 4)
+    calls = []
+
+    def scaled_mm(a, b, scale_a, scale_b, bias, out_dtype, use_fast_accum):
+        calls.append(a.shape[0])
+        return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    layer, gate_up = _layer(), ReplicatedLinear(96, 128, bias=False)
+    with torch.no_grad():
+        gate_up.weight.normal_()
+    for linear in (layer, gate_up):
+        linear.process_weights_after_loading(name)
+    x = torch.randn(2, 1, 96).bfloat16()
+    want = gemv(x.view(2, 96), layer.weight, layer.bias, w_scale=layer.weight_scale)
+    assert torch.equal(layer(x), want.view(2, 1, 64))
+    h = gate_up.method.apply_gated(gate_up, x, layer)
+    unfused = silu_kernel(gemv(x.view(2, 96), gate_up.weight, None, w_scale=gate_up.weight_scale))  # as on CUDA
+    assert h.shape == (2, 1, 64) and torch.equal(h.view(2, 64), unfused)
+    other = ReplicatedLinear(64, 64, bias=False)
+    other.method = DenseLinearMethod()
+    assert gate_up.method.apply_gated(gate_up, x, other) is None
+    down = ReplicatedLinear(64, 64, bias=False)
+    with torch.no_grad():
+        down.weight.normal_()
+    down.process_weights_after_loading(name)
+    g = torch.randn(2, 128).bfloat16()
+    assert torch.equal(down.method.apply_silu_and_mul(down, g, None),
+                       gemv(fused.silu_and_mul(g), down.weight, None, w_scale=down.weight_scale))
+    assert calls == []
+    five = torch.randn(5, 96).bfloat16()
+    assert not fp8.decode_gemv_applies(five, layer.weight)
+    assert layer(five).shape == (5, 64) and calls == [5]  # W8A8: _scaled_mm (a stand-in here)
+    assert gate_up.method.apply_gated(gate_up, five, layer) is None
+
+
 def test_refuses_gpus_below_sm89(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
