@@ -10,8 +10,9 @@ one run_id (../shared/BENCHMARKS.md), next to the card's copy bandwidth measured
     python benchmarks/kernels_gemv.py [--ms 1,2,4] [--shapes qwen-7b,v2-lite] [--json PATH]
     python benchmarks/kernels_gemv.py --sweep [--sweep-ms 1] [--shapes ...] [--weights bf16|int8]
 
---sweep times block candidates (GemvConfig: block_n, block_k, split_k, num_warps) per shape and
-prints the best per shape against the table's choice, to refresh kernels/gemv.py's TABLE. A failing
+--sweep times block candidates (GemvConfig: block_n, block_k, split_k, num_warps, maxnreg) per shape (the
+gate_up shapes gated, as decode runs them) and prints the best per shape against the table's choice, to refresh
+kernels/gemv.py's TABLE. A failing
 candidate (compile, launch, capture) is reported and skipped. Compiles are shared by the shapes
 (N, K and strides are runtime arguments): ~22 per M swept, ~250 timings. The table ends with the
 summed time of these linears per decode step (x layers), gemv against cuBLAS. `--weights int8` sweeps the
@@ -153,9 +154,11 @@ def sweep(models: list[str], ms: list[int], result_file: str, run_id: str, weigh
     for model, layer, k, n, m, x, copies in cases(models, ms, with_bias=False, weights=weights):
         table = gemv_config(m, n, k, torch.int8 if int8 else x.dtype)
 
+        gated = layer.endswith("gate_up")  # timed as decode runs it (LinearMethod.apply_gated: SiLU-and-mul fused)
+
         def call(wb, cfg):  # (w, bias) for bf16, (w int8, row scales) for int8
-            return ((lambda: gemv(x, wb[0], None, cfg, w_scale=wb[1], static_weight=True)) if int8
-                    else (lambda: gemv(x, *wb, cfg, static_weight=True)))
+            return ((lambda: gemv(x, wb[0], None, cfg, w_scale=wb[1], static_weight=True, gated=gated)) if int8
+                    else (lambda: gemv(x, *wb, cfg, static_weight=True, gated=gated)))
 
         timed = time_configs(table, [c for c in candidates(m, weights) if usable(c, k, n)],
                              lambda cfg: timed_us(lambda wb: call(wb, cfg), copies))

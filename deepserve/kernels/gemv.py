@@ -117,7 +117,9 @@ TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
 # one wave: 8.07 -> 6.39 us. down 20.47 -> 19.88 us with a limit of 80 (ptxas then takes 72 registers, 64
 # without the option: within 3%, maybe noise), gate_up 35.92 -> 35.18 us with 8 rows a program (95
 # registers); o kept (5.31 us). The step's four linears: 1.954 -> 1.863 ms. In the engine (run s16d, W-b1
-# qwen-7b W8A16, same call): 2.4204 ms per token against 2.4743 for the previous table (tree 06360d9).
+# qwen-7b W8A16, same call): 2.4204 ms per token against 2.4743 for the previous table (tree 06360d9). Only the
+# table's own launches take a limit, and only with 2-byte x, ungated (`gemv`); `kernels_gemv.py --sweep --weights
+# int8` times limited candidates, so `gemv_table.py` can pick them again.
 INT8_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
     (4096, 4096, GemvConfig(4, 1024, 1, 4)),  # qwen-7b/o, v2-lite/q_kv_a, v2-lite/o
     (4096, _ANY, GemvConfig(4, 1024, 1, 4, 80)),  # qwen-7b/down, v2-lite/dense_down
@@ -190,7 +192,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_x
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
                  scale_ptr=None, HAS_SCALE: tl.constexpr = False, PTX: tl.constexpr = False,
                  PREFETCH_W: tl.constexpr = False, GATED: tl.constexpr = False, PDL: tl.constexpr = False):
-    """out[split, m, n] = sum over this split's K range of x[m, k] * w[n, k] (* scale[n] for int8 w)
+    """out[split, m, n] = sum over this split's K range of x[m, k] * w[n, k] (* scale[n] for int8 / e4m3 w)
     (+ bias on split 0). PREFETCH_W: the first weight chunk is loaded before the PDL wait (module docstring).
     GATED (one split): out [M, N / 2] = silu_and_mul of that output rounded to out's dtype (`_gated_store`)."""
     split = tl.program_id(1)
@@ -327,6 +329,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
         return _silu_and_mul_rows(out) if gated else out
     vec = _vec(w.dtype)  # 16-byte loads of the weight (16 int8, 8 bf16 columns)
     cfg = config or gemv_config(m, n, k, w.dtype)
+    if config is None and (x.element_size() != 2 or gated):  # the table's register limits hold where measured:
+        cfg = cfg._replace(maxnreg=None)  # 2-byte x, ungated (float32 x needs more registers a thread)
     _check_config(cfg, vec)
     if gated:  # the gate and up rows of a column in one program, one split (the epilogue needs the whole sum)
         if cfg.split_k > 1:
@@ -364,7 +368,7 @@ def _silu_and_mul_rows(y: torch.Tensor) -> torch.Tensor:
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
              w_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-PyTorch reference: the float32 matmul of the float32 casts (* w_scale for int8 w) (+ float32
+    """Pure-PyTorch reference: the float32 matmul of the float32 casts (* w_scale for int8 / e4m3 w) (+ float32
     bias), one rounding to x.dtype. [M, K], [N, K], [N] -> [M, N]."""
     y = x.float() @ w.float().t()
     if w_scale is not None:

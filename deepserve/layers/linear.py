@@ -214,7 +214,7 @@ def silu_and_mul_mlp(gate_up_proj: LinearBase, down_proj: RowParallelLinear,
     """down_proj(silu(gate) * up) with [gate | up] = gate_up_proj(x) (x [..., H] or its PerTokenQuant, where
     gate_up_proj takes one) -> [..., H_out], with the fusion the methods offer: gate_up_proj's method may
     run SiLU-and-mul itself and hand down_proj its input (`LinearMethod.apply_gated`, the gate_up output never
-    written: int8 W8A8 on CUDA hands it quantised, the float and W8A16 methods' decode GEMV as a tensor);
+    written: int8 W8A8 on CUDA hands it quantised, the float, W8A16 and fp8 methods' decode GEMV as a tensor);
     else down_proj's method may fuse SiLU-and-mul into its input quantisation (`forward_silu_and_mul`).
     Neither with forward hooks on either layer (calibration records real inputs and outputs)."""
     hooked = any(layer._forward_pre_hooks or layer._forward_hooks for layer in (gate_up_proj, down_proj))

@@ -5,8 +5,8 @@ runs every forward; `apply_silu_and_mul(layer, gate_up)` applies it to SiLU-and-
 [gate | up] input (the dense MLP's down projection): by default `apply(layer, silu_and_mul(gate_up))`,
 fused into the activation quantisation by the W8A8 methods (int8, fp8) on CUDA; `apply_gated(layer, x,
 consumer)` runs a merged [gate | up] layer and SiLU-and-mul and hands the down projection its input (int8
-W8A8 on CUDA: SiLU-and-mul in the GEMM's epilogue, the result quantised; the decode GEMV of the float and
-W8A16 methods: SiLU-and-mul in its epilogue; default None, not fused);
+W8A8 on CUDA: SiLU-and-mul in the GEMM's epilogue, the result quantised; the decode GEMV of the float, W8A16
+and fp8 methods: SiLU-and-mul in its epilogue; default None, not fused);
 `quantizes_input(layer, x)` (default False) says whether `apply` may be given, in place of x, its
 per-token 8-bit quantisation `PerTokenQuant` computed upstream (the int8 and fp8 W8A8 methods on CUDA: a pre-norm
 decoder layer then fuses the norm with that quantisation, layers/decoder.py). The methods subclass

@@ -9,6 +9,7 @@
                                              scales, activations fp8 per token per 128 columns
     "none": no method: float linear layers (a quantised checkpoint is dequantised at load)
     get_quant_method("fp8")               -> Fp8Method()           e4m3 weights/channel, activations/token
+                                             (decode rows: float activations, quant/fp8.py)
     get_quant_method("fp8-per-tensor")    -> Fp8Method(per_channel=False)
     get_quant_method("fp8-fast-accum")    -> Fp8Method(fast_accum=True)  as fp8, the GEMM sums in the tensor
                                              core's precision (faster, less exact: quant/fp8.py)
@@ -44,7 +45,8 @@ QUANTIZATION_METHODS: tuple[str, ...] = (*_METHODS, NO_QUANTIZATION)
 QUANTIZATION_HELP = (
     "quantization of the linear layers: int8 (W8A8), int8-weight-only (W8A16; -asym: zero-point weights; on CUDA "
     "int8 and int8-weight-only also store the routed MoE experts as int8, W8A16), fp8 / fp8-per-tensor (W8A8 "
-    "FP8 with per-channel / per-tensor weight scales, CUDA 8.9+; fp8-fast-accum: fp8 with the GEMM's sums in the "
+    "FP8 with per-channel / per-tensor weight scales, CUDA 8.9+, decode batches of up to 4 W8A16-style with fp8 "
+    "weights; fp8-fast-accum: fp8 with the GEMM's sums in the "
     "tensor core's reduced precision, faster, less exact), block-fp8 (DeepSeek-V3/R1 "
     "FP8 weights with 128x128 block scales, activations FP8 per token per 128 columns; CUDA compute "
     "capability 8.9+), none (float; a quantised checkpoint is dequantised at load). Default: what the "

@@ -1,4 +1,4 @@
-"""Dynamic FP8 (float8_e4m3fn) W8A8 linear method.
+"""Dynamic FP8 (float8_e4m3fn) linear method: W8A8, and fp8 weights with float activations on decode rows.
 
     Fp8Method(per_channel=True)                   "fp8":            weight scale per output channel
     Fp8Method(per_channel=False)                  "fp8-per-tensor": one weight scale per layer
@@ -35,7 +35,8 @@ the few qkv FLOPs gain. W-offline qwen-7b (run s15e, H200, one call, alternating
 for "fp8" (1.366x); with fast sums in the biased qkv too (run s15c): 1.460x. On the default model (run s15d,
 GPU, bf16 reference: `deepserve eval`) fp8 and fp8-fast-accum score alike: top-1 0.9107 / 0.9089, perplexity
 ratio 1.0288 / 1.0307, mean KL 0.0253 / 0.0255 (its K is at most 1536).
-Decode rows (CUDA, at most GEMV_MAX_M = 4 bf16/f16 rows, K a multiple of 16): the decode GEMV of the unquantised
+Decode rows (CUDA, at most DECODE_GEMV_ROWS = 4 bf16/f16 rows, K a multiple of 16; measured at one row only, the
+rows above it not against _scaled_mm): the decode GEMV of the unquantised
 rows and the e4m3 weights (kernels/gemv.py, float32 sums, the weight scale applied to the sum; the gate_up
 GEMV's SiLU-and-mul epilogue too): a batch-1 step reads the 1-byte weights once and quantises no activation,
 where _scaled_mm at M = 1 was slower than bf16 (run s16v, H200, W-b1 qwen-7b: 4.1192 ms per token against
@@ -62,6 +63,7 @@ from deepserve.quant.int8 import div_rn
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 MIN_CAPABILITY = (8, 9)
+DECODE_GEMV_ROWS = 4  # rows that take the decode GEMV (at most kernels/gemv.py GEMV_MAX_M; module docstring)
 _EPS = 1e-8
 
 
@@ -123,7 +125,8 @@ def scaled_mm_fits(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 class Fp8Method(LinearMethod):
-    """Dynamic FP8 W8A8: e4m3 weights (per channel or per tensor), e4m3 activations per token."""
+    """Dynamic FP8: e4m3 weights (per channel or per tensor), e4m3 activations per token (W8A8); decode rows keep
+    their float activations (module docstring)."""
 
     quantized_input_dtype = FP8_DTYPE
 
@@ -174,8 +177,8 @@ class Fp8Method(LinearMethod):
         wider than the fused norm kernel keeps whole are not (kernels/int8_quant.py `norm_matches_rms_norm`)."""
         if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)) or layer.weight.dtype != FP8_DTYPE:
             return False
-        if decode_gemv_applies(x, layer.weight):  # decode rows: the GEMV takes them unquantised
-            return False
+        if _decode_rows(x, layer.weight):  # decode rows: the GEMV takes them unquantised (the norm's output is
+            return False  # contiguous, so the GEMV's unit-stride condition holds whatever x's strides)
         from deepserve.kernels.int8_quant import norm_matches_rms_norm
 
         k, n = layer.weight.shape[1], layer.weight.shape[0]
@@ -215,12 +218,12 @@ def decode_gemv_applies(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 def _decode_rows(x: torch.Tensor, w_q: torch.Tensor) -> bool:
-    """x [..., *] CUDA f16/bf16 with 1 to GEMV_MAX_M rows, and w_q e4m3 [N, K] contiguous with K a multiple of 16."""
-    from deepserve.kernels.gemv import GEMV_MAX_M
-
-    rows = math.prod(x.shape[:-1])
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= GEMV_MAX_M
-            and w_q.dtype == FP8_DTYPE and w_q.dim() == 2 and w_q.is_contiguous() and w_q.shape[1] % 16 == 0)
+    """x [..., *] CUDA f16/bf16 with 1 to DECODE_GEMV_ROWS rows, and w_q e4m3 [N, K] contiguous with K a multiple
+    of 16 (no Triton import: CPU installs without it call this too)."""
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    return (1 <= math.prod(x.shape[:-1]) <= DECODE_GEMV_ROWS and w_q.dtype == FP8_DTYPE and w_q.dim() == 2
+            and w_q.is_contiguous() and w_q.shape[1] % 16 == 0)
 
 
 def fp8_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

@@ -208,6 +208,32 @@ def test_int8_register_limit_only_where_measured(k, n, m):
         assert cfg.maxnreg == 96  # qwen-7b's qkv: 5 programs an SM instead of 4 (one wave)
 
 
+def test_table_register_limit_only_for_two_byte_rows_ungated(monkeypatch):
+    """The table's limits were measured with bf16 rows and ungated launches: float32 rows or gated=True launch
+    without one (a config passed by the caller keeps its own)."""
+    launched = []
+    real = G._gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs.pop("maxnreg", None))
+                return real[grid](*args, **{**kwargs, "PTX": False})  # the portable int8 conversion here
+            return launch
+
+    dev = device()
+    monkeypatch.setattr(G, "_gemv_kernel", Spy())
+    monkeypatch.setattr(G, "nvidia_ptx", lambda d: True)  # as on an NVIDIA GPU: the limit would be passed
+    monkeypatch.setattr(G, "INT8_TABLE", ((1 << 62, 1 << 62, G.GemvConfig(2, 256, 1, 1, 96)),))  # fits whole
+    w, scale = torch.randint(-127, 128, (8, 64), dtype=torch.int8, device=dev), torch.rand(8, device=dev)
+    x = torch.randn(1, 64, device=dev)
+    G.gemv(x.bfloat16(), w, w_scale=scale)
+    G.gemv(x, w, w_scale=scale)
+    G.gemv(x.bfloat16(), w, w_scale=scale, gated=True)
+    G.gemv(x, w, None, G.GemvConfig(2, 32, 1, 1, 96), w_scale=scale)
+    assert launched == [96, None, None, 96]
+
+
 @pytest.mark.parametrize("maxnreg", [0, 16, 256])
 def test_register_limit_out_of_range_is_refused(maxnreg):
     x, w = torch.randn(1, 64), torch.randn(8, 64)

@@ -77,7 +77,7 @@ def test_fp8_quantizes_its_input_where_scaled_mm_runs(name):
         return SimpleNamespace(weight=torch.empty(n, k, dtype=dtype))
 
     def rows(k, dtype=torch.bfloat16, cuda=True, m=16):
-        return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(m, k), stride=lambda dim: 1)
+        return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(m, k))
 
     assert fp8.quantizes_input(layer(64, 4096), rows(4096))
     assert fp8.quantizes_input(layer(64, 4096), rows(4096, torch.float16))

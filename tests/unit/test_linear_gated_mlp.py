@@ -32,18 +32,19 @@ def _no_grad():
 
 
 def test_which_methods_gate():
-    """int8 W8A8 (its GEMM's epilogue) and the decode-GEMV methods (float, W8A16: the GEMV's epilogue,
+    """int8 W8A8 (its GEMM's epilogue) and the decode-GEMV methods (float, W8A16, fp8: the GEMV's epilogue,
     kernels/gemv.py `gated`) override apply_gated; the others keep the default, which declines (None)."""
     methods = {name: get_quant_method(name) for name in [*FUSED, *DEFAULT]}
     methods.update(dense=DenseLinearMethod(), packed=CpuPackedLinearMethod())
+    gating = ("int8", "int8-weight-only", "int8-weight-only-asym", "dense", "fp8", "fp8-per-tensor", "fp8-fast-accum")
     for name, method in methods.items():
         overrides = type(method).apply_gated is not LinearMethod.apply_gated
-        assert overrides == (name in ("int8", "int8-weight-only", "int8-weight-only-asym", "dense")), name
+        assert overrides == (name in gating), name
         if not overrides:
             assert method.apply_gated(None, torch.randn(2, 8), None) is None
 
 
-@pytest.mark.parametrize("name", ["dense", "int8-weight-only"])
+@pytest.mark.parametrize("name", ["dense", "int8-weight-only", "fp8"])
 def test_decode_gemv_methods_decline_off_cuda(name):
     """Off CUDA (and for a PerTokenQuant input) the GEMV methods decline: silu_and_mul_mlp runs unfused."""
     layer = MergedColumnParallelLinear(32, [16, 16]).bfloat16()

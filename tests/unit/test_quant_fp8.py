@@ -119,12 +119,16 @@ def test_decode_rows_take_the_gemv(monkeypatch, name):
     from deepserve.layers import fused
     from deepserve.layers.linear_method import DenseLinearMethod
 
-    def decode_rows(rows, w):  # `_decode_rows` without its CUDA condition
-        return rows.dtype == torch.bfloat16 and 1 <= rows.shape[0] <= 4 and w.dtype == FP8_DTYPE \
+    from deepserve.kernels.gemv import GEMV_MAX_M
+
+    def decode_rows(x, w):  # `_decode_rows` without its CUDA condition
+        rows = x.numel() // x.shape[-1]
+        return x.dtype == torch.bfloat16 and 1 <= rows <= fp8.DECODE_GEMV_ROWS and w.dtype == FP8_DTYPE \
             and w.is_contiguous() and w.shape[1] % 16 == 0
 
+    assert fp8.DECODE_GEMV_ROWS <= GEMV_MAX_M
     monkeypatch.setattr(fp8, "_decode_rows", decode_rows)
-    monkeypatch.setattr(fp8, "scaled_mm_fits", lambda x, w: x.shape[0] > 4)
+    monkeypatch.setattr(fp8, "scaled_mm_fits", lambda x, w: True)  # _scaled_mm would take every row count
     calls = []
 
     def scaled_mm(a, b, scale_a, scale_b, bias, out_dtype, use_fast_accum):
