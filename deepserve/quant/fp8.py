@@ -35,10 +35,10 @@ the few qkv FLOPs gain. W-offline qwen-7b (run s15e, H200, one call, alternating
 for "fp8" (1.366x); with fast sums in the biased qkv too (run s15c): 1.460x. On the default model (run s15d,
 GPU, bf16 reference: `deepserve eval`) fp8 and fp8-fast-accum score alike: top-1 0.9107 / 0.9089, perplexity
 ratio 1.0288 / 1.0307, mean KL 0.0253 / 0.0255 (its K is at most 1536).
-Decode rows (CUDA, at most DECODE_GEMV_ROWS = 4 bf16/f16 rows, K a multiple of 16; measured at one row only, the
-rows above it not against _scaled_mm): the decode GEMV of the unquantised
-rows and the e4m3 weights (kernels/gemv.py, float32 sums, the weight scale applied to the sum; the gate_up
-GEMV's SiLU-and-mul epilogue too): a batch-1 step reads the 1-byte weights once and quantises no activation,
+Decode rows (CUDA, at most DECODE_GEMV_ROWS = 4 bf16/f16 rows, K a multiple of 16; measured at one row only:
+2 to 4 rows were not timed against _scaled_mm): the decode GEMV of the unquantised rows and the e4m3 weights
+(kernels/gemv.py, float32 sums, the weight scale applied to the sum; the gate_up GEMV's SiLU-and-mul epilogue
+too): a batch-1 step reads the 1-byte weights once and quantises no activation,
 where _scaled_mm at M = 1 was slower than bf16 (run s16v, H200, W-b1 qwen-7b: 4.1192 ms per token against
 3.5919 for bf16). With the GEMV (run s16e, same card, one call): 2.3601 / 2.3616 ms per token against 3.6508 for
 bf16 (1.55x) and 2.4425 for int8-weight-only (e4m3 converts to float32 in fewer instructions than int8); vLLM
@@ -192,7 +192,6 @@ class Fp8Method(LinearMethod):
             return super().apply_silu_and_mul(layer, gate_up, bias)
         y = fp8_silu_and_mul_scaled_mm(rows, layer.weight, layer.weight_scale, bias, self.fast_accum)
         return y.view(*gate_up.shape[:-1], y.shape[-1])
-
 
     def apply_gated(self, layer: nn.Module, x: torch.Tensor | PerTokenQuant,
                     consumer: nn.Module) -> torch.Tensor | None:

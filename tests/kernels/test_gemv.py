@@ -53,6 +53,13 @@ def kernel_depth(cfg, k: int, dtype) -> int:
     return vec + chunks + cfg.block_k // vec + cfg.split_k + 1 + (dtype == torch.float32)
 
 
+def scaled_depth(cfg, k: int, rounded_products: bool = False) -> int:
+    """`kernel_depth` for 1-byte weights (int8, e4m3: VEC = 16) with their row scale, one multiply more;
+    rounded_products: float32 x, whose products with the weights may round (+1)."""
+    chunks = cdiv(cdiv(k, cfg.split_k), cfg.block_k)  # per split
+    return 16 + chunks + cfg.block_k // 16 + cfg.split_k + 2 + rounded_products
+
+
 def allowed(exact, mags, depth: int, dtype, rounding: float) -> torch.Tensor:
     err = gamma(depth) * mags
     return rounding * EPS[dtype] * (exact.abs() + err) + err + rounding * TINY.get(dtype, 0.0)
@@ -373,8 +380,7 @@ def test_int8_weights_with_row_scales(m, n, k, dtype, bias):
     if b is not None:
         s, mags = s + b.double(), mags + b.double().abs()
     cfg = G.gemv_config(m, n, k, torch.int8)
-    chunks = cdiv(cdiv(k, cfg.split_k), cfg.block_k)
-    depth = 16 + chunks + cfg.block_k // 16 + cfg.split_k + 2 + (dtype == torch.float32)
+    depth = scaled_depth(cfg, k, dtype == torch.float32)
     r = 1.0 if INTERPRET and dtype == torch.bfloat16 else 0.5
     ok = (got.double() - s).abs() <= allowed(s, mags, depth, dtype, r)
     assert bool(ok.all()), f"{int((~ok).sum())} of {ok.numel()} outputs outside the bound"
@@ -423,8 +429,7 @@ def test_gpu_int8_weights_real_shapes(k, n):
     got = G.gemv(x, w, None, w_scale=scale)
     s = (x.double() @ w.double().t()) * scale.double()
     mags = (x.double().abs() @ w.double().abs().t()) * scale.double()
-    cfg = G.gemv_config(1, n, k, torch.int8)
-    depth = 16 + cdiv(cdiv(k, cfg.split_k), cfg.block_k) + cfg.block_k // 16 + cfg.split_k + 2
+    depth = scaled_depth(G.gemv_config(1, n, k, torch.int8), k)
     assert bool(((got.double() - s).abs() <= allowed(s, mags, depth, torch.bfloat16, 0.5)).all())
 
 
@@ -457,8 +462,7 @@ def test_e4m3_weights_every_value_exact(k, cfg):
     x = torch.randint(-3, 4, (2, k), generator=gen).float()
     got = G.gemv(x.to(dev), shuffled.to(dev), None, cfg, w_scale=torch.ones(32, device=dev)).cpu()
     s, mags = x.double() @ shuffled.double().t(), x.double().abs() @ shuffled.double().abs().t()
-    fitted = cfg or G.gemv_config(2, 32, k, E4M3)
-    depth = 16 + cdiv(cdiv(k, fitted.split_k), fitted.block_k) + fitted.block_k // 16 + fitted.split_k + 2
+    depth = scaled_depth(cfg or G.gemv_config(2, 32, k, E4M3), k)  # integer x: exact products
     assert bool(((got.double() - s).abs() <= allowed(s, mags, depth, torch.float32, 0.5)).all())
 
 
@@ -481,8 +485,7 @@ def test_e4m3_weights_scaled_bias_and_gated(m, gated):
     got = G.gemv(x, w, b, w_scale=scale)
     s = (x.double() @ w.double().t()) * scale.double() + b.double()
     mags = (x.double().abs() @ w.double().abs().t()) * scale.double() + b.double().abs()
-    cfg = G.gemv_config(m, n, k, E4M3)
-    depth = 16 + cdiv(cdiv(k, cfg.split_k), cfg.block_k) + cfg.block_k // 16 + cfg.split_k + 2
+    depth = scaled_depth(G.gemv_config(m, n, k, E4M3), k)
     r = 1.0 if INTERPRET else 0.5
     assert bool(((got.double() - s).abs() <= allowed(s, mags, depth, torch.bfloat16, r)).all())
     with pytest.raises(ValueError, match="contiguous"):
