@@ -48,10 +48,11 @@ def trimmed(config) -> tuple:
 
 
 def sweeps(records: list[dict], run_ids: set[str], int8: bool) -> list[dict]:
-    """The M = 1 sweep records of these runs for one weight dtype (router, and for int8 the LM head, left out)."""
+    """The M = 1 sweep records of these runs for one weight dtype (router, and for int8 the LM head, left out; the
+    dp4a kernel's records are not this table's)."""
     return [r for r in records if r.get("workload") == "kernel-gemv-sweep" and r.get("run_id") in run_ids
             and r.get("batch") == 1 and r["layer"] != "router" and (r.get("quant") == "int8-weight-only") == int8
-            and not (int8 and r["layer"] == "lm_head")]
+            and not (int8 and r["layer"] == "lm_head") and r.get("kernel") != "dp4a"]
 
 
 def pick(rows: list[dict], table: list[tuple[int, int, tuple]], int8: bool, fit) -> list[Entry]:

@@ -18,7 +18,9 @@ candidate (compile, launch, capture) is reported and skipped. Compiles are share
 summed time of these linears per decode step (x layers), gemv against cuBLAS. `--weights int8` sweeps the
 W8A16 GEMV instead (int8 weights with float32 row scales, bf16 x; GB/s over the int8 bytes): the table
 holds bf16 configs and gemv_config doubles BLOCK_K for int8, which was never swept (W8A16 decode: 55% of
-its roofline in run s5e1).
+its roofline in run s5e1). `--weights dp4a` sweeps the dp4a W8A16 GEMV (kernels/gemv_dp4a.py, what gemv runs for
+int8 weights and bf16 x on NVIDIA GPUs): Dp4aConfig candidates (block_n, num_warps, ahead, maxnreg, blocks), the
+records' "kernel" field "dp4a"; its TABLE is written from them by hand.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ PER_STEP = {"qwen-7b": {"qkv": 28, "o": 28, "gate_up": 28, "down": 28, "lm_head"
 CLI = gemv_bench.Cli(__doc__, RESULTS, models=",".join(SHAPES), models_help="comma-separated models of SHAPES",
                      rows="ms", rows_help="rows of x (decode tokens) for the table",
                      sweep_help="time block candidates per shape instead", sweep_rows="1",
-                     sweep_rows_help="rows of x for --sweep", weights=("bf16", "int8"))
+                     sweep_rows_help="rows of x for --sweep", weights=("bf16", "int8", "dp4a"))
 
 
 def copies_of(k: int, n: int, bias: bool) -> list[tuple]:
@@ -71,12 +73,12 @@ def int8_copies_of(k: int, n: int) -> list[tuple]:
 
 def cases(models: list[str], ms: list[int], with_bias: bool = True, weights: str = "bf16"):
     """(model, layer, k, n, m, x [m, k] bf16, weight copies) per shape and M, one shape's copies at a time;
-    weights "int8": the copies are (int8 w, f32 row scales)."""
+    weights "int8" / "dp4a": the copies are (int8 w, f32 row scales)."""
     import torch
 
     for model in models:
         for layer, (k, n, bias) in SHAPES[model].items():
-            copies = int8_copies_of(k, n) if weights == "int8" else copies_of(k, n, bias and with_bias)
+            copies = int8_copies_of(k, n) if weights != "bf16" else copies_of(k, n, bias and with_bias)
             for m in ms:
                 yield model, layer, k, n, m, torch.randn(m, k, device=DEVICE).bfloat16(), copies
             del copies
@@ -138,6 +140,44 @@ def candidates(m: int, weights: str = "bf16") -> list:
     return [GemvConfig(*c) for c in dict.fromkeys(natural + others) if block_m * c[0] <= 64]
 
 
+def dp4a_candidates(m: int, k: int) -> list:
+    """Dp4aConfig candidates: block_n x num_warps, register limits on the 4-warp ones, and where K fits two chunks
+    the x-stationary kernel with 2 to 8 row blocks a program, with and without `ahead`; BLOCK_M * block_n <= 32
+    (the kernel's cap)."""
+    from deepserve.kernels.gemv_dp4a import Dp4aConfig, fit_config
+
+    block_m = 1 << (m - 1).bit_length()
+    base = [Dp4aConfig(bn, w) for w in (2, 4) for bn in (2, 4, 8, 16) if block_m * bn <= 32]
+    capped = [c._replace(maxnreg=cap) for c in base if c.num_warps == 4 and c.block_n in (4, 8) for cap in (64, 96)]
+    stationary = [Dp4aConfig(bn, w, p, None, b) for w in (2, 4) for bn in (2, 4, 8) for b in (2, 4, 8)
+                  for p in (False, True) if block_m * bn <= 32]
+    return base + capped + [c for c in stationary if fit_config(c, m, k).blocks]
+
+
+def dp4a_sweep(model: str, layer: str, k: int, n: int, m: int, x, copies, env: dict, result_file: str) -> None:
+    """One shape's sweep of the dp4a GEMV (kernels/gemv_dp4a.py), gate_up gated."""
+    from deepserve.bench.offline import append_record
+    from deepserve.kernels.gemv_dp4a import dp4a_config, gemv_dp4a
+
+    gated = layer.endswith("gate_up")
+
+    def call(wb, cfg):  # (w int8, row scales)
+        return lambda: gemv_dp4a(x, wb[0], wb[1], None, cfg, static_weight=True, gated=gated)
+
+    timed = time_configs(dp4a_config(m, n, k), dp4a_candidates(m, k),
+                         lambda cfg: timed_us(lambda wb: call(wb, cfg), copies))
+    if timed is None:
+        return
+    best_us = timed.times[timed.best]
+    gbs = round(n * k / best_us / 1e3, 1)
+    print(f"{model:<8} {layer:<14} K={k:<6d} N={n:<7d} M={m}: best {tuple(timed.best)} {best_us:.2f} us "
+          f"{gbs:.0f} GB/s; table {tuple(timed.table)} {fmt(timed.table_us, 0, 2)} us | top 3: {timed.top()}",
+          flush=True)
+    fields = {**record(env, "kernel-gemv-sweep", model, layer, m, copies, k=k, n=n), "quant": "int8-weight-only",
+              "kernel": "dp4a"}
+    append_record({**fields, **timed.fields("block_n, num_warps, ahead, maxnreg, blocks", best_gbs=gbs)}, result_file)
+
+
 def usable(cfg, k: int, n: int) -> bool:
     """Skip tiles wider than K or splits of shapes that have many programs anyway."""
     return cfg.block_k <= max(256, 1 << (k - 1).bit_length()) and (cfg.split_k == 1 or n <= 4096)
@@ -152,6 +192,10 @@ def sweep(models: list[str], ms: list[int], result_file: str, run_id: str, weigh
     env = environment_fields(torch.cuda.get_device_name(), run_id)
     int8 = weights == "int8"
     for model, layer, k, n, m, x, copies in cases(models, ms, with_bias=False, weights=weights):
+        if weights == "dp4a":
+            if layer not in ("lm_head", "router"):  # W8A16 keeps the LM head in bf16; the router has its own kernel
+                dp4a_sweep(model, layer, k, n, m, x, copies, env, result_file)
+            continue
         table = gemv_config(m, n, k, torch.int8 if int8 else x.dtype)
 
         gated = layer.endswith("gate_up")  # timed as decode runs it (LinearMethod.apply_gated: SiLU-and-mul fused)

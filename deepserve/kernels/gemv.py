@@ -173,16 +173,16 @@ def _chunk_sums(x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
-def _program_rows(N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """The weight rows of program_id(0) [BLOCK_N] (clamped to N - 1: the last block re-reads a row, unstored)
+def _program_rows(block, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """The weight rows of row block `block` [BLOCK_N] (clamped to N - 1: the last block re-reads a row, unstored)
     and which of them are real. GATED (w = [gate | up], N = 2I): the program's H = BLOCK_N / 2 output columns
     jH..jH+H-1, i.e. gate rows jH..jH+H-1, then the up rows I+jH..I+jH+H-1."""
     r = tl.arange(0, BLOCK_N)
     if GATED:
         inter = N // 2
-        col = tl.program_id(0) * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+        col = block * (BLOCK_N // 2) + r % (BLOCK_N // 2)
         return tl.minimum(col, inter - 1) + (r // (BLOCK_N // 2)) * inter, col < inter
-    rows = tl.program_id(0) * BLOCK_N + r
+    rows = block * BLOCK_N + r
     return tl.minimum(rows, N - 1), rows < N
 
 
@@ -196,7 +196,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_x
     (+ bias on split 0). PREFETCH_W: the first weight chunk is loaded before the PDL wait (module docstring).
     GATED (one split): out [M, N / 2] = silu_and_mul of that output rounded to out's dtype (`_gated_store`)."""
     split = tl.program_id(1)
-    rows, n_ok = _program_rows(N, BLOCK_N, GATED)  # [BN]
+    rows, n_ok = _program_rows(tl.program_id(0), N, BLOCK_N, GATED)  # [BN]
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     w_offs = rows.to(tl.int64) * K  # [BN]
@@ -240,19 +240,19 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, k_per_split, stride_x
         bias = tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
         y += tl.where(split == 0, bias, 0.0)[None, :]
     if GATED:
-        _gated_store(y.to(out_ptr.dtype.element_ty), out_ptr, offs_m, M, N // 2, BLOCK_N // 2)
+        _gated_store(y.to(out_ptr.dtype.element_ty), out_ptr, tl.program_id(0), offs_m, M, N // 2, BLOCK_N // 2)
     else:
         out = out_ptr + (split * M + offs_m[:, None]).to(tl.int64) * N + rows[None, :]  # [BM, BN]
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _gated_store(y, out_ptr, offs_m, M, inter, HALF: tl.constexpr):
-    """y [BM, 2 HALF] in out's dtype: this program's gate columns, then its up columns (`_program_rows`).
+def _gated_store(y, out_ptr, block, offs_m, M, inter, HALF: tl.constexpr):
+    """y [BM, 2 HALF] in out's dtype: row block `block`'s gate columns, then its up columns (`_program_rows`).
     out[m, jH + i] = silu_and_mul's value for them (kernels/silu_and_mul.py `silu_mul`, same roundings)."""
     gate, up = tl.split(tl.permute(tl.reshape(y, (y.shape[0], 2, HALF)), (0, 2, 1)))  # [BM, H] each
     h = silu_mul(gate, up.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    cols = tl.program_id(0) * HALF + tl.arange(0, HALF)
+    cols = block * HALF + tl.arange(0, HALF)
     out = out_ptr + offs_m.to(tl.int64)[:, None] * inter + cols[None, :]
     tl.store(out, h, mask=(offs_m < M)[:, None] & (cols < inter)[None, :])
 
@@ -320,6 +320,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     gated=True (w a merged [gate | up] weight, N = 2I even) -> [M, I]: silu_and_mul (kernels/silu_and_mul.py)
     of that output, bit for bit, in the same launch (one K split; the gate_up output is never stored)."""
     _check(x, w, bias, w_scale)
+    if config is None and _dp4a_applies(x, w, w_scale):  # int8 weights, 2-byte x, NVIDIA: kernels/gemv_dp4a.py
+        from deepserve.kernels.gemv_dp4a import gemv_dp4a
+
+        return gemv_dp4a(x, w, w_scale, bias, static_weight=static_weight, gated=gated)
     (m, k), n = x.shape, w.shape[0]
     if gated and n % 2:
         raise ValueError(f"gemv: a gated weight [gate | up] has an even number of rows, got {n}")
@@ -352,6 +356,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     if gated:
         return out
     return out[0] if splits == 1 else _sum_splits(out, x.dtype)
+
+
+def _dp4a_applies(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> bool:
+    from deepserve.kernels.gemv_dp4a import dp4a_applies
+
+    return dp4a_applies(x, w, w_scale)
 
 
 def gated_applies(m: int, n: int, k: int, dtype: torch.dtype) -> bool:

@@ -231,6 +231,7 @@ def test_table_register_limit_only_for_two_byte_rows_ungated(monkeypatch):
     dev = device()
     monkeypatch.setattr(G, "_gemv_kernel", Spy())
     monkeypatch.setattr(G, "nvidia_ptx", lambda d: True)  # as on an NVIDIA GPU: the limit would be passed
+    monkeypatch.setattr(G, "_dp4a_applies", lambda x, w, s: False)  # this float32 kernel, not gemv_dp4a
     monkeypatch.setattr(G, "INT8_TABLE", ((1 << 62, 1 << 62, G.GemvConfig(2, 256, 1, 1, 96)),))  # fits whole
     w, scale = torch.randint(-127, 128, (8, 64), dtype=torch.int8, device=dev), torch.rand(8, device=dev)
     x = torch.randn(1, 64, device=dev)
@@ -423,10 +424,12 @@ def test_int8_weights_need_their_scales():
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(3584, 4608), (3584, 37888), (18944, 3584), (2048, 3648)])
 def test_gpu_int8_weights_real_shapes(k, n):
+    """This float32 kernel's int8 path at real shapes (its config passed: without one, gemv hands bf16 rows to
+    kernels/gemv_dp4a.py, tested in test_gemv_dp4a.py; this one still runs float32 x, e4m3 and K % 16 != 0)."""
     x = torch.randn(1, k, device="cuda").bfloat16()
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
     scale = torch.rand(n, device="cuda") / 50 + 1e-3
-    got = G.gemv(x, w, None, w_scale=scale)
+    got = G.gemv(x, w, None, G.gemv_config(1, n, k, torch.int8), w_scale=scale)
     s = (x.double() @ w.double().t()) * scale.double()
     mags = (x.double().abs() @ w.double().abs().t()) * scale.double()
     depth = scaled_depth(G.gemv_config(1, n, k, torch.int8), k)

@@ -108,7 +108,8 @@ def _kernels_taking_pdl() -> list[tuple[str, ast.FunctionDef]]:
 
 
 # kernel -> (constexpr flag, pointer block name): kernels that may load a static weight before the wait
-EARLY_WEIGHT_LOADS = {"_gemv_kernel": ("PREFETCH_W", "w_rows")}
+EARLY_WEIGHT_LOADS = {"_gemv_kernel": ("PREFETCH_W", "w_rows"), "_gemv_dp4a_kernel": ("PREFETCH_W", "w_rows"),
+                      "_gemv_dp4a_xs_kernel": ("PREFETCH_W", "w_rows")}
 
 
 def _check_only_static_weight_loads(before_wait: list[ast.stmt], allowed: tuple[str, str]) -> None:

@@ -1,0 +1,428 @@
+"""W8A16 decode GEMV on dp4a: int8 weights times 2-byte activation rows that the kernel writes as int16.
+
+    gemv_dp4a(x [M, K] bf16/f16 (unit stride in K), w [N, K] int8 contiguous, w_scale [N] f32, bias [N] | None)
+        -> y [M, N] x.dtype,   1 <= M <= GEMV_MAX_M, K % 16 == 0
+    y[m, n] = round(w_scale[n] * sum_g s[m, g] * sum_{k in g} w[n, k] q[m, k] + bias[n])
+    gated=True (w = [gate | up], N = 2I) -> h [M, I] = silu_and_mul(y), as kernels/gemv.py's gated epilogue
+
+Activations. Each row's columns go in groups g of 16. s[m, g] = 2^(E - 14), E the exponent of the group's
+largest |x| (clamped to >= -112), and q = round(x / s), an int16 (|q| < 2^15: x / s < 2^15 and x is a 2-byte
+float, so it stays below 2^15 - 2^4). A bf16 x (8 significant bits) with |x| >= 2^(E-7) is a multiple of s,
+so q s = x exactly; an f16 x (11 bits) is exact from 2^(E-4). Smaller elements round to a multiple of s:
+|q s - x| <= s / 2 <= max|x in g| * 2^-15, a 64th of bf16's own rounding of the group's largest element.
+inf or NaN in a group makes s NaN, so its outputs are NaN (as a float sum would be).
+
+Products. q = 256 hi + lo with hi = q >> 8 a signed byte and lo = q & 255 an unsigned one; four of them pack
+into a 32-bit word each, so one dp4a multiplies 4 weight bytes by 4 activations' high (or low) bytes and adds:
+sum_{k in g} w q = 256 dp4a.s32.s32(w, hi) + dp4a.s32.u32(w, lo) over the group's 4 words, exact in int32
+(|w q| <= 128 * 2^15, 16 terms). Per 16 weight bytes and row: 8 dp4a, a shift, one conversion to float32
+and one FMA with s, where the float32 GEMV (kernels/gemv.py) converts and multiplies every byte; the weight
+stays packed in registers (4 bytes a register), so a thread keeps more bytes in flight for its registers.
+Not the interpreter's or ROCm's: there the same integers come from shifts and multiplies (`PTX=False`), the
+reference of the PTX form (tests).
+
+Kernel: program j owns BLOCK_N rows of w (clamped to N - 1; gated: `gemv._program_rows`) and all M rows of
+x. A chunk is G = 32 * num_warps groups (512 * num_warps columns): each thread loads 16 bytes of each of its
+rows (one group), the [BLOCK_M, G, 16] x chunk quantised in registers, no data leaves the thread in the loop;
+acc [BLOCK_M, BLOCK_N, G] float32 += float(group sum) * s. The cross-thread sum runs once, after the loop,
+then w_scale, the bias and the store (or the gated epilogue). Chunk 0's weights are loaded before the PDL
+wait when `static_weight` (kernels/gemv.py's contract); a K that is not a multiple of the chunk ends with
+one masked chunk. PIPE: the next chunk's weights are requested before this chunk's sums (two chunks in
+flight, more registers). No host synchronisation, no allocation but the output: CUDA-graph safe.
+
+The table (`dp4a_config`, keyed by N and K as kernels/gemv.py's) holds the configs that
+`benchmarks/kernels_gemv.py --sweep --weights int8` found fastest on an H200 at M = 1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.kernels.gemv import GEMV_MAX_M, _gated_store, _program_rows
+from deepserve.kernels.int8_convert import nvidia_ptx
+from deepserve.kernels.pdl import pdl_launch, pdl_prologue
+from deepserve.kernels.sizes import cdiv, next_power_of_2
+
+GROUP = 16  # columns per activation scale
+_ACC_ROWS = 32  # BLOCK_M * BLOCK_N cap (float32 accumulators a thread keeps per group)
+_ANY = 1 << 62
+
+
+class Dp4aConfig(NamedTuple):
+    block_n: int  # weight rows per program
+    num_warps: int = 4  # a chunk is 512 * num_warps columns
+    ahead: bool = False  # x-stationary: the next row block's weights requested before this one's sums
+    maxnreg: int | None = None  # registers a thread may take (ptxas .maxnreg), at M = 1 only
+    blocks: int = 0  # > 0: the x-stationary kernel (K within two chunks), this many row blocks a program
+
+
+# (largest N, largest K, config at M = 1); the first entry covering the shape wins.
+TABLE: tuple[tuple[int, int, Dp4aConfig], ...] = (
+    (4096, 4096, Dp4aConfig(2, 4, True, None, 2)),  # qwen-7b/o, v2-lite/q_kv_a, v2-lite/o
+    (4096, _ANY, Dp4aConfig(4, 4)),  # qwen-7b/down, v2-lite/dense_down
+    (8192, _ANY, Dp4aConfig(2, 4, True, None, 2)),  # qwen-7b/qkv
+    (_ANY, _ANY, Dp4aConfig(4, 4, True, None, 2)),  # qwen-7b/gate_up, v2-lite/dense_gate_up
+)
+
+
+def dp4a_config(m: int, n: int, k: int) -> Dp4aConfig:
+    """The table's entry for (N, K), fitted to the shape: no more warps than K's groups fill, BLOCK_N cut so
+    that BLOCK_M * BLOCK_N <= 32, the register limit only at M = 1."""
+    cfg = next(c for max_n, max_k, c in TABLE if n <= max_n and k <= max_k)
+    return fit_config(cfg, m, k)
+
+
+def fit_config(cfg: Dp4aConfig, m: int, k: int) -> Dp4aConfig:
+    num_warps = max(1, min(cfg.num_warps, next_power_of_2(cdiv(k, 32 * GROUP))))
+    block_n = max(1, min(cfg.block_n, _ACC_ROWS // next_power_of_2(m)))
+    maxnreg = cfg.maxnreg if m == 1 and num_warps == cfg.num_warps else None
+    blocks = cfg.blocks if k <= 2 * _chunk_cols(num_warps) else 0  # x-stationary: K within two chunks
+    return cfg._replace(block_n=block_n, num_warps=num_warps, maxnreg=maxnreg, blocks=blocks)
+
+
+def _chunk_cols(num_warps: int) -> int:
+    """Columns of a chunk: a group of 16 per thread."""
+    return 32 * num_warps * GROUP
+
+
+def dp4a_applies(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> bool:
+    """Whether `gemv` (kernels/gemv.py) runs this kernel: int8 w with its scales, 2-byte x rows with whole
+    groups, 16-byte aligned rows, on an NVIDIA GPU (the PTX form; elsewhere the float32 GEMV)."""
+    return (w_scale is not None and w.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16)
+            and x.dim() == 2 and x.shape[0] >= 1 and x.shape[1] > 0 and x.shape[1] % GROUP == 0
+            and w.data_ptr() % 16 == 0 and nvidia_ptx(x.device))
+
+
+@triton.jit
+def _group_dots(w, hi, lo, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, PTX: tl.constexpr):
+    """w [1, BN, G, 4] int32 words of int8 bytes; hi, lo [BM, 1, G, 4] words of q's signed high / unsigned low
+    bytes -> [BM, BN, G] int32: per group, 256 * dot(w, hi) + dot(w, lo) over its 16 bytes = sum w q."""
+    if PTX:  # one asm per 4 words (pack=4): the group's sum lands in the first output, the others are unused
+        d = tl.inline_asm_elementwise(
+            asm="""{
+            dp4a.s32.s32 $0, $4, $8, 0;
+            dp4a.s32.s32 $0, $5, $9, $0;
+            dp4a.s32.s32 $0, $6, $10, $0;
+            dp4a.s32.s32 $0, $7, $11, $0;
+            shl.b32 $0, $0, 8;
+            dp4a.s32.u32 $0, $4, $12, $0;
+            dp4a.s32.u32 $0, $5, $13, $0;
+            dp4a.s32.u32 $0, $6, $14, $0;
+            dp4a.s32.u32 $0, $7, $15, $0;
+            mov.b32 $1, 0;
+            mov.b32 $2, 0;
+            mov.b32 $3, 0;
+            }""",
+            constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", args=[w, hi, lo], dtype=tl.int32, is_pure=True,
+            pack=4)
+        a, b = tl.split(tl.reshape(d, (BM, BN, G, 2, 2)))
+        first, third = tl.split(a)
+        return first
+    prod = _byte(w, 0) * (_byte(hi, 0) * 256 + _ubyte(lo, 0)) + _byte(w, 1) * (_byte(hi, 1) * 256 + _ubyte(lo, 1)) \
+        + _byte(w, 2) * (_byte(hi, 2) * 256 + _ubyte(lo, 2)) + _byte(w, 3) * (_byte(hi, 3) * 256 + _ubyte(lo, 3))
+    return tl.sum(prod, axis=3)
+
+
+@triton.jit
+def _byte(word, i: tl.constexpr):
+    """Byte i of int32 words as a signed value."""
+    return (word << (24 - 8 * i)) >> 24
+
+
+@triton.jit
+def _ubyte(word, i: tl.constexpr):
+    """Byte i of int32 words as an unsigned value."""
+    return (word >> (8 * i)) & 255
+
+
+@triton.jit
+def _pack_words(q0, q1, q2, q3, PTX: tl.constexpr):
+    """4 int32 [...] whose low 16 bits are int16 values q_i -> (hi, lo) int32 words: byte i of hi is q_i's high
+    byte, byte i of lo its low byte."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 a, b;
+            prmt.b32 a, $2, $3, 0x5410;
+            prmt.b32 b, $4, $5, 0x5410;
+            prmt.b32 $0, a, b, 0x7531;
+            prmt.b32 $1, a, b, 0x6420;
+            }""",
+            constraints="=r,=r,r,r,r,r", args=[q0, q1, q2, q3], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    hi = ((q0 >> 8) & 255) | (((q1 >> 8) & 255) << 8) | (((q2 >> 8) & 255) << 16) | (((q3 >> 8) & 255) << 24)
+    lo = (q0 & 255) | ((q1 & 255) << 8) | ((q2 & 255) << 16) | ((q3 & 255) << 24)
+    return hi, lo
+
+
+@triton.jit
+def _half_words(x, inv, BM: tl.constexpr, G: tl.constexpr, PTX: tl.constexpr):
+    """x [BM, G, 8] float32, inv [BM, G] (a power of two) -> hi, lo [BM, G, 2] words of round(x * inv)."""
+    # x * inv + 1.5 * 2^23 rounds to an integer held in the low 22 bits; the low 16 are q as an int16
+    qb = (x * inv[:, :, None] + 12582912.0).to(tl.int32, bitcast=True)
+    a, b = tl.split(tl.reshape(qb, (BM, G, 2, 2, 2)))  # element e = 4 word + 2 i + j: a is j = 0, b j = 1
+    q0, q2 = tl.split(a)
+    q1, q3 = tl.split(b)
+    return _pack_words(q0, q1, q2, q3, PTX)
+
+
+@triton.jit
+def _quant_groups(xa, xb, BM: tl.constexpr, G: tl.constexpr, PTX: tl.constexpr):
+    """A chunk of x as its groups' halves xa, xb [BM, G, 8] float32 -> hi, lo [BM, G, 4] words, s [BM, G]."""
+    mag = tl.maximum(tl.max(xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2),
+                     tl.max(xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2))  # inf / NaN bits are the largest
+    e = tl.maximum(mag >> 23, 15)  # the biased exponent of the largest |x|, at least -112 + 127
+    s = tl.where(e == 255, 0x7FC00000, (e - 14) << 23).to(tl.float32, bitcast=True)  # 2^(E-14); NaN for inf / NaN
+    inv = ((268 - e) << 23).to(tl.float32, bitcast=True)  # 2^(14-E)
+    hia, loa = _half_words(xa, inv, BM, G, PTX)
+    hib, lob = _half_words(xb, inv, BM, G, PTX)
+    hi = tl.reshape(tl.permute(tl.join(hia, hib), (0, 1, 3, 2)), (BM, G, 4))
+    lo = tl.reshape(tl.permute(tl.join(loa, lob), (0, 1, 3, 2)), (BM, G, 4))
+    return hi, lo, s
+
+
+@triton.jit
+def _load_half(x_ptr, offs, x_ok, M, stride_xm, BM: tl.constexpr):
+    """[BM, G, 8] float32: x rows 0..BM-1 (clamped to M - 1) at column offsets offs [G, 8]; one [G, 8] load per
+    row, stacked with join (the rows stay in each thread, as BM = 1's layout has them: no exchange)."""
+    if BM == 1:  # a [1, G, 8] load (expanding a [G, 8] one would change its layout: an exchange per chunk)
+        if x_ok is None:
+            x = tl.load(x_ptr + offs[None, :, :]).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + offs[None, :, :], mask=x_ok[None, :, :], other=0.0).to(tl.float32)
+    elif BM == 2:
+        r0 = _load_row(x_ptr, offs, x_ok)
+        x = tl.permute(tl.join(r0, _load_row(x_ptr + tl.minimum(1, M - 1) * stride_xm, offs, x_ok)), (2, 0, 1))
+    else:
+        r0 = _load_row(x_ptr, offs, x_ok)
+        r1 = _load_row(x_ptr + tl.minimum(1, M - 1) * stride_xm, offs, x_ok)
+        r2 = _load_row(x_ptr + tl.minimum(2, M - 1) * stride_xm, offs, x_ok)
+        r3 = _load_row(x_ptr + tl.minimum(3, M - 1) * stride_xm, offs, x_ok)
+        x = tl.reshape(tl.permute(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (3, 2, 0, 1)), (4, offs.shape[0], 8))
+    return x
+
+
+@triton.jit
+def _load_row(ptr, offs, x_ok):
+    """[G, 8] float32 at ptr + offs (x_ok: its mask, None: all of it)."""
+    if x_ok is None:
+        r = tl.load(ptr + offs)
+    else:
+        r = tl.load(ptr + offs, mask=x_ok, other=0.0)
+    return r.to(tl.float32)
+
+
+@triton.jit
+def _chunk(w, x_ptr, offs, x_ok, M, stride_xm, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
+           PTX: tl.constexpr):
+    """w [BN, 4G] int32 words; x_ptr + offs [G, 8]: row 0's groups' first halves (x_ok their mask, None: all)
+    -> this chunk's [BM, BN, G] float32 terms."""
+    xa = _load_half(x_ptr, offs, x_ok, M, stride_xm, BM)
+    xb = _load_half(x_ptr + 8, offs, x_ok, M, stride_xm, BM)
+    hi, lo, s = _quant_groups(xa, xb, BM, G, PTX)
+    d = _group_dots(tl.reshape(w, (1, BN, G, 4)), hi[:, None, :, :], lo[:, None, :, :], BM, BN, G, PTX)
+    return d.to(tl.float32) * s[:, None, :]
+
+
+@triton.jit
+def _gemv_dp4a_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+                      PTX: tl.constexpr, PREFETCH_W: tl.constexpr = False, GATED: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
+    """out [M, N] (GATED: [M, N / 2]) = the module docstring's y. w_ptr: the int8 weight as int32 words."""
+    CH: tl.constexpr = 16 * G  # columns per chunk
+    kw = K // 4  # words per weight row
+    rows, n_ok = _program_rows(tl.program_id(0), N, BLOCK_N, GATED)  # [BN]
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_g = tl.arange(0, G)
+    offs_w = tl.arange(0, 4 * G)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * kw + offs_w[None, :]  # [BN, 4G] at k = 0
+    offs_x = offs_g[:, None] * 16 + tl.arange(0, 8)[None, :]  # [G, 8]: each group's first half
+    k_full = K // CH * CH  # whole chunks end here
+    if PREFETCH_W:  # a static weight: nothing on the stream writes it (kernels/gemv.py)
+        w_cur = tl.load(w_rows, mask=(offs_w < kw)[None, :], other=0)
+    pdl_prologue(PDL)  # everything else only after the previous kernel (kernels/pdl.py)
+    if not PREFETCH_W:
+        w_cur = tl.load(w_rows, mask=(offs_w < kw)[None, :], other=0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, G], dtype=tl.float32)
+    # w_cur holds chunk k0's weights; the first loop's next chunk is whole (unmasked loads), the second loop (the
+    # last whole chunk) masks them, as the next is the partial one or none
+    k_safe = tl.maximum(k_full - CH, 0)
+    for k0 in range(0, k_safe, CH):
+        acc += _chunk(w_cur, x_ptr + k0, offs_x, None, M, stride_xm, BLOCK_M, BLOCK_N, G, PTX)
+        w_cur = tl.load(w_rows + (k0 + CH) // 4)
+    for k0 in range(k_safe, k_full, CH):
+        acc += _chunk(w_cur, x_ptr + k0, offs_x, None, M, stride_xm, BLOCK_M, BLOCK_N, G, PTX)
+        w_cur = tl.load(w_rows + (k0 + CH) // 4, mask=((k0 + CH) // 4 + offs_w < kw)[None, :], other=0)
+    if k_full < K:  # the last, partial chunk
+        x_ok = (k_full + offs_g * 16 < K)[:, None]
+        acc += _chunk(w_cur, x_ptr + k_full, offs_x, x_ok, M, stride_xm, BLOCK_M, BLOCK_N, G, PTX)
+    _store_rows(acc, tl.program_id(0), rows, n_ok, offs_m, M, N, scale_ptr, bias_ptr, out_ptr, HAS_BIAS, BLOCK_N,
+                GATED)
+
+
+@triton.jit
+def _quant_chunk(x_ptr, offs_x, k0, K, M, stride_xm, BM: tl.constexpr, G: tl.constexpr, PTX: tl.constexpr):
+    """x's columns k0..k0+16G-1 (groups past K read as zeros) -> hi, lo [BM, G, 4] words, s [BM, G]."""
+    x_ok = (k0 + tl.arange(0, G) * 16 < K)[:, None]
+    xa = _load_half(x_ptr + k0, offs_x, x_ok, M, stride_xm, BM)
+    xb = _load_half(x_ptr + k0 + 8, offs_x, x_ok, M, stride_xm, BM)
+    return _quant_groups(xa, xb, BM, G, PTX)
+
+
+@triton.jit
+def _terms(w, hi, lo, s, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, PTX: tl.constexpr):
+    """w [BN, 4G] words times a quantised chunk (hi, lo [BM, G, 4], s [BM, G]) -> [BM, BN, G] float32 terms."""
+    d = _group_dots(tl.reshape(w, (1, BN, G, 4)), hi[:, None, :, :], lo[:, None, :, :], BM, BN, G, PTX)
+    return d.to(tl.float32) * s[:, None, :]
+
+
+@triton.jit
+def _store_rows(acc, block, rows, n_ok, offs_m, M, N, scale_ptr, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr,
+                BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """acc [BM, BN, G] float32 of row block `block` -> its outputs: the sum over G, w_scale, the bias, the store
+    (GATED: silu_and_mul's, `gemv._gated_store`)."""
+    y = tl.sum(acc, axis=2) * tl.load(scale_ptr + rows, mask=n_ok, other=0.0)[None, :]  # [BM, BN]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        _gated_store(y.to(out_ptr.dtype.element_ty), out_ptr, block, offs_m, M, N // 2, BLOCK_N // 2)
+    else:
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * N + rows[None, :]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gemv_dp4a_xs_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+                         TWO: tl.constexpr, BLOCKS: tl.constexpr, PTX: tl.constexpr, AHEAD: tl.constexpr = False,
+                         PREFETCH_W: tl.constexpr = False,
+                         GATED: tl.constexpr = False, PDL: tl.constexpr = False):
+    """x-stationary (K <= 16G, or <= 32G with TWO): program j quantises x once, into registers, then runs row blocks
+    jB..jB+B-1 (B = BLOCKS, unrolled: the compiler may request a block's weights during the one before)."""
+    CH: tl.constexpr = 16 * G
+    kw = K // 4
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, 4 * G)
+    ok0 = (offs_w < kw)[None, :]
+    ok1 = (CH // 4 + offs_w < kw)[None, :]
+    offs_x = tl.arange(0, G)[:, None] * 16 + tl.arange(0, 8)[None, :]  # [G, 8]: each group's first half
+    first = tl.program_id(0) * BLOCKS
+    rows, n_ok = _program_rows(first, N, BLOCK_N, GATED)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * kw + offs_w[None, :]  # [BN, 4G]
+    if PREFETCH_W:  # a static weight: nothing on the stream writes it (kernels/gemv.py)
+        w0 = tl.load(w_rows, mask=ok0, other=0)
+        if TWO:
+            w1 = tl.load(w_rows + CH // 4, mask=ok1, other=0)
+    pdl_prologue(PDL)  # everything else only after the previous kernel (kernels/pdl.py)
+    if not PREFETCH_W:
+        w0 = tl.load(w_rows, mask=ok0, other=0)
+        if TWO:
+            w1 = tl.load(w_rows + CH // 4, mask=ok1, other=0)
+    hi0, lo0, s0 = _quant_chunk(x_ptr, offs_x, 0, K, M, stride_xm, BLOCK_M, G, PTX)
+    if TWO:
+        hi1, lo1, s1 = _quant_chunk(x_ptr, offs_x, CH, K, M, stride_xm, BLOCK_M, G, PTX)
+    for r in tl.static_range(BLOCKS):
+        if AHEAD and r + 1 < BLOCKS:  # the next block's weights requested before this block's sums
+            rows_n, n_ok_n = _program_rows(first + r + 1, N, BLOCK_N, GATED)
+            w_rows = w_ptr + rows_n.to(tl.int64)[:, None] * kw + offs_w[None, :]
+            w0_n = tl.load(w_rows, mask=ok0, other=0)
+            if TWO:
+                w1_n = tl.load(w_rows + CH // 4, mask=ok1, other=0)
+        if not AHEAD and r > 0:
+            rows, n_ok = _program_rows(first + r, N, BLOCK_N, GATED)
+            w_rows = w_ptr + rows.to(tl.int64)[:, None] * kw + offs_w[None, :]
+            w0 = tl.load(w_rows, mask=ok0, other=0)
+            if TWO:
+                w1 = tl.load(w_rows + CH // 4, mask=ok1, other=0)
+        acc = _terms(w0, hi0, lo0, s0, BLOCK_M, BLOCK_N, G, PTX)
+        if TWO:
+            acc += _terms(w1, hi1, lo1, s1, BLOCK_M, BLOCK_N, G, PTX)
+        _store_rows(acc, first + r, rows, n_ok, offs_m, M, N, scale_ptr, bias_ptr, out_ptr, HAS_BIAS, BLOCK_N, GATED)
+        if AHEAD and r + 1 < BLOCKS:
+            rows, n_ok, w0 = rows_n, n_ok_n, w0_n
+            if TWO:
+                w1 = w1_n
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16) or x.shape[1] % GROUP or (
+            x.shape[1] > 1 and x.stride(1) != 1) or not 1 <= x.shape[0] <= GEMV_MAX_M:
+        raise ValueError(f"gemv_dp4a: x must be [M <= {GEMV_MAX_M}, K] bf16/f16 with K a multiple of {GROUP} "
+                         f"and unit stride in K, got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
+    n = w.shape[0] if w.dim() == 2 else -1
+    if w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != x.shape[1] or not w.is_contiguous() \
+            or w.data_ptr() % 16:
+        raise ValueError(f"gemv_dp4a: w must be [N, K={x.shape[1]}] int8, contiguous and 16-byte aligned, got "
+                         f"{tuple(w.shape)} {w.dtype}")
+    if w_scale.shape != (n,) or w_scale.dtype != torch.float32 or w_scale.stride(0) != 1:
+        raise ValueError(f"gemv_dp4a: w_scale must be [{n}] float32 with unit stride, got "
+                         f"{tuple(w_scale.shape)} {w_scale.dtype}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point() or bias.stride(0) != 1):
+        raise ValueError(f"gemv_dp4a: bias must be [{n}] float with unit stride, got {tuple(bias.shape)}")
+    if len({t.device for t in (x, w, w_scale, bias) if t is not None}) != 1:
+        raise ValueError("gemv_dp4a: x, w, w_scale and bias must be on one device")
+
+
+def gemv_dp4a(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+              config: Dp4aConfig | None = None, static_weight: bool = False, gated: bool = False,
+              ptx: bool | None = None) -> torch.Tensor:
+    """The module docstring's y (gated: silu_and_mul of it, [M, N / 2]). static_weight: kernels/gemv.py's
+    promise (chunk 0 read before the PDL wait). ptx: the dp4a / prmt form (default: on NVIDIA GPUs) or the
+    portable one (False: tests compare the two)."""
+    _check(x, w, w_scale, bias)
+    (m, k), n = x.shape, w.shape[0]
+    if gated and n % 2:
+        raise ValueError(f"gemv_dp4a: a gated weight [gate | up] has an even number of rows, got {n}")
+    if n == 0:
+        return torch.empty((m, 0), dtype=x.dtype, device=x.device)
+    cfg = config or dp4a_config(m, n, k)
+    if cfg.block_n < 1 or cfg.block_n & (cfg.block_n - 1) or cfg.num_warps < 1 or cfg.num_warps & (cfg.num_warps - 1):
+        raise ValueError(f"gemv_dp4a: block_n and num_warps must be powers of two, got {cfg}")
+    if cfg.blocks < 0 or cfg.blocks and k > 2 * _chunk_cols(cfg.num_warps):
+        raise ValueError(f"gemv_dp4a: the x-stationary kernel (blocks > 0) takes K <= two chunks "
+                         f"({2 * _chunk_cols(cfg.num_warps)} columns at {cfg.num_warps} warps), got K={k}, {cfg}")
+    if gated:
+        cfg = cfg._replace(block_n=max(2, cfg.block_n))
+    ptx = nvidia_ptx(x.device) if ptx is None else ptx
+    out = torch.empty((m, n // 2) if gated else (m, n), dtype=x.dtype, device=x.device)
+    args = (x, w.view(torch.int32), w_scale, bias if bias is not None else w_scale, out, m, n, k, x.stride(0))
+    common = dict(HAS_BIAS=bias is not None, BLOCK_M=next_power_of_2(m), BLOCK_N=cfg.block_n, G=32 * cfg.num_warps,
+                  PTX=ptx, PREFETCH_W=static_weight, GATED=gated, num_warps=cfg.num_warps,
+                  **({"maxnreg": cfg.maxnreg} if ptx and cfg.maxnreg else {}))
+    blocks = cdiv(n, cfg.block_n)  # row blocks (gated: of BLOCK_N / 2 output columns, N / 2 of them)
+    if gated:
+        blocks = cdiv(n // 2, cfg.block_n // 2)
+    if cfg.blocks:
+        _gemv_dp4a_xs_kernel[(cdiv(blocks, cfg.blocks),)](*args, TWO=k > _chunk_cols(cfg.num_warps), BLOCKS=cfg.blocks,
+                                                           AHEAD=cfg.ahead, **common, **pdl_launch(x.device))
+    else:
+        _gemv_dp4a_kernel[(blocks,)](*args, **common, **pdl_launch(x.device))
+    return out
+
+
+def gemv_dp4a_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch reference of y (float64 sums of the quantised x, one rounding to x.dtype)."""
+    q, s = quant_groups_ref(x)
+    xq = (q.double() * s.double().repeat_interleave(GROUP, dim=1))
+    y = (xq @ w.double().t()) * w_scale.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
+def quant_groups_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> q [M, K] int32 (|q| < 2^15), s [M, K / 16] float32 powers of two (the module docstring)."""
+    xf = x.float()
+    groups = xf.view(x.shape[0], -1, GROUP)
+    mag = groups.abs().amax(dim=2)
+    e = torch.frexp(mag)[1] - 1  # exponent of the largest |x| (frexp: mag = f 2^(e+1), f in [0.5, 1))
+    e = torch.where(mag > 0, e, torch.full_like(e, -112)).clamp(min=-112)
+    s = torch.ldexp(torch.ones_like(mag), e - 14)
+    s = torch.where(torch.isfinite(mag), s, torch.full_like(s, float("nan")))
+    q = torch.round(groups / torch.where(torch.isfinite(s), s, torch.ones_like(s))[:, :, None])
+    return q.view(x.shape).to(torch.int32), s
