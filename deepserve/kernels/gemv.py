@@ -5,6 +5,9 @@
     y[m, n] = round(sum_k f32(x[m, k]) * f32(w[n, k]) + f32(bias[n]))     float32 sums, one rounding
     gemv(x, w [2I, K] = [gate | up], bias, gated=True) -> h [M, I] = silu_and_mul(y), bit for bit
     gemv(x, w [N, K] int8 or float8_e4m3fn, bias, w_scale=[N] f32) -> y * w_scale before the bias (W8A16)
+    Without a config, int8 w with bf16 / f16 rows (K % 16 == 0) on an NVIDIA GPU goes to kernels/gemv_dp4a.py
+    (dp4a on the rows' int16 form: its docstring); this module's kernel takes the rest (float32 rows, e4m3 w,
+    other K, the interpreter, ROCm) and any call with a GemvConfig.
 
 At batch-1 decode every linear layer is a GEMV whose time is the time to stream its weight once;
 cuBLAS reaches ~78% of an H200's HBM bandwidth on the big qwen-7b ones and much less on small ones.
@@ -44,7 +47,8 @@ written at load time; a caller that builds w just before the call keeps the defa
 2.5162 without. Kernel level (runs s9b / s9c, two runs, not one A/B): int8 qkv 7.35 -> 6.14 us and o
 6.19 -> 5.59 us at the same configs.
 
-int8 weights (W8A16, `w_scale` given): a weight is converted to float32 exactly without I2F, a
+int8 weights (W8A16, `w_scale` given; bf16 / f16 rows on NVIDIA GPUs go to kernels/gemv_dp4a.py, which was
+1.09-1.13x faster at M = 1 on qwen-7b's shapes in run s17e): a weight is converted to float32 exactly without I2F, a
 low-throughput conversion (the CUDA guide's table: 16 per clock per SM on compute capability 9.0, against
 128 float32 FMAs) that bounded this kernel (`kernels/int8_convert.py`). Run s9b (H200, same run,
 table configs, cold weights): a qwen-7b decode step's four linears 2.262 ms with I2F, 2.201 ms with the

@@ -9,7 +9,8 @@ Activations. Each row's columns go in groups g of 16. s[m, g] = 2^(E - 14), E th
 largest |x| (clamped to >= -112), and q = round(x / s), an int16 (|q| < 2^15: x / s < 2^15 and x is a 2-byte
 float, so it stays below 2^15 - 2^4). A bf16 x (8 significant bits) with |x| >= 2^(E-7) is a multiple of s,
 so q s = x exactly; an f16 x (11 bits) is exact from 2^(E-4). Smaller elements round to a multiple of s:
-|q s - x| <= s / 2 <= max|x in g| * 2^-15, a 64th of bf16's own rounding of the group's largest element.
+|q s - x| <= s / 2 <= max|x in g| * 2^-15, a 128th of the error bf16 itself allows the group's largest
+element (half an ulp, 2^(E-8)).
 inf or NaN in a group makes s NaN, so its outputs are NaN (as a float sum would be).
 
 Products. q = 256 hi + lo with hi = q >> 8 a signed byte and lo = q & 255 an unsigned one; four of them pack
@@ -21,17 +22,33 @@ stays packed in registers (4 bytes a register), so a thread keeps more bytes in 
 Not the interpreter's or ROCm's: there the same integers come from shifts and multiplies (`PTX=False`), the
 reference of the PTX form (tests).
 
-Kernel: program j owns BLOCK_N rows of w (clamped to N - 1; gated: `gemv._program_rows`) and all M rows of
-x. A chunk is G = 32 * num_warps groups (512 * num_warps columns): each thread loads 16 bytes of each of its
-rows (one group), the [BLOCK_M, G, 16] x chunk quantised in registers, no data leaves the thread in the loop;
-acc [BLOCK_M, BLOCK_N, G] float32 += float(group sum) * s. The cross-thread sum runs once, after the loop,
-then w_scale, the bias and the store (or the gated epilogue). Chunk 0's weights are loaded before the PDL
-wait when `static_weight` (kernels/gemv.py's contract); a K that is not a multiple of the chunk ends with
-one masked chunk. PIPE: the next chunk's weights are requested before this chunk's sums (two chunks in
-flight, more registers). No host synchronisation, no allocation but the output: CUDA-graph safe.
+Kernels. A chunk is G = 32 * num_warps groups (512 * num_warps columns): each thread loads 16 bytes of each
+of its weight rows (one group) and quantises its group of each x row in registers; no data leaves the thread
+until the sum over G (lanes, then warps), once per row block, then w_scale, the bias and the store (gated:
+kernels/gemv.py's `_gated_store`). With `static_weight` (kernels/gemv.py's PDL contract) a program's first
+weights are requested before the PDL wait. No host synchronisation, no allocation but the output:
+CUDA-graph safe.
+  * streaming (`_gemv_dp4a_kernel`, blocks = 0): program j owns row block j (BLOCK_N rows; gated:
+    `gemv._program_rows`) and walks K chunk by chunk, acc [BLOCK_M, BLOCK_N, G] += float(group sum) * s;
+    a K that is not a multiple of the chunk ends with one masked chunk.
+  * x-stationary (`_gemv_dp4a_xs_kernel`, blocks = B > 0, K within two chunks): program j quantises x once
+    and keeps its words in registers, then runs row blocks jB..jB+B-1 in straight-line code (`ahead`: block
+    r+1's weights requested before block r's sums). The activation work is per program, not per row block:
+    at qwen-7b's gate_up (K = 3584) it was ~1.8 us of the streaming kernel's time (run s17c, a probe that
+    skipped it). Same terms, same order: the streaming kernel's bits.
 
-The table (`dp4a_config`, keyed by N and K as kernels/gemv.py's) holds the configs that
-`benchmarks/kernels_gemv.py --sweep --weights int8` found fastest on an H200 at M = 1.
+Measured (NVIDIA H200, cold weights, CUDA-graph replays; kernels_gemv.jsonl and gpu.jsonl):
+  * the sweep (run s17d, `benchmarks/kernels_gemv.py --sweep --weights dp4a`) picked TABLE at M = 1: qwen-7b
+    qkv 5.13 us, o 4.81, gate_up (gated) 31.98, down 18.29;
+  * against the float32 GEMV's table configs in one call (run s17e), us at M = 1 / 2 / 4: qkv 5.58 vs 6.33,
+    7.48 vs 9.42, 12.61 vs 16.25; o 4.80 vs 5.31, 5.86 vs 7.87, 10.70 vs 12.43; gate_up 32.36 vs 35.59,
+    36.45 vs 42.30, 63.26 vs 65.25; down 18.34 vs 20.03, 23.28 vs 28.33, 31.20 vs 47.38. A decode step's four
+    linears x 28 layers at M = 1: 1.710 vs 1.879 ms (bf16 over the same bytes: 1.698 in run s17c);
+  * W-b1 qwen-7b W8A16 (run s17e, one call): 2.2431 / 2.2433 ms per token against 2.4353 with the float32
+    GEMV (tree c5a5c6f); bf16 3.6331 / 3.6365.
+
+The table (`dp4a_config`, keyed by N and K as kernels/gemv.py's) holds what the sweep found fastest at
+qwen-7b's shapes; V2-Lite's shapes share its buckets, not swept.
 """
 
 from __future__ import annotations

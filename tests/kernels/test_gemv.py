@@ -502,7 +502,10 @@ GATED_CONFIGS = [None, G.GemvConfig(2, 32, 1, 1), G.GemvConfig(8, 64, 1, 2), G.G
 
 
 def _unfused(x, w, b, cfg, scale=None):
-    """gemv (at the config gated=True runs: block_n >= 2) then the silu_and_mul kernel."""
+    """gemv (at the config gated=True runs: block_n >= 2) then the silu_and_mul kernel. Without a config, where
+    gemv hands the call to kernels/gemv_dp4a.py (int8 weights, 2-byte rows, NVIDIA), that kernel's own output."""
+    if cfg is None and G._dp4a_applies(x, w, scale):
+        return S.silu_and_mul(G.gemv(x, w, b, w_scale=scale))
     cfg = (cfg or G.gemv_config(x.shape[0], w.shape[0], x.shape[1], w.dtype))
     cfg = cfg._replace(block_n=max(2, cfg.block_n))
     return S.silu_and_mul(G.gemv(x, w, b, cfg, w_scale=scale))
