@@ -8,11 +8,11 @@
     get_quant_method("block-fp8")         -> BlockFp8LinearMethod() DeepSeek-V3 fp8 weights + 128x128 block
                                              scales, activations fp8 per token per 128 columns
     "none": no method: float linear layers (a quantised checkpoint is dequantised at load)
-    get_quant_method("fp8")               -> Fp8Method()           e4m3 weights/channel, activations/token
-                                             (decode rows: float activations, quant/fp8.py)
+    get_quant_method("fp8")               -> Fp8Method()           e4m3 weights/channel, activations/token, the
+                                             GEMM's sums in the tensor core's precision, as vLLM's fp8 (decode
+                                             rows: float activations; quant/fp8.py)
     get_quant_method("fp8-per-tensor")    -> Fp8Method(per_channel=False)
-    get_quant_method("fp8-fast-accum")    -> Fp8Method(fast_accum=True)  as fp8, the GEMM sums in the tensor
-                                             core's precision (faster, less exact: quant/fp8.py)
+    get_quant_method("fp8-exact-accum")   -> Fp8Method(fast_accum=False)  as fp8, float32 sums (slower, exact)
 
 `LinearBase` layers are quantised by the method; the embedding, the LM head and MLA's kv_b_proj (its
 dense matrix is absorbed into q/o) stay in float. The stacked MoE experts become int8 per (expert, row)
@@ -36,7 +36,7 @@ _METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "block-fp8": ("deepserve.quant.block_fp8", "BlockFp8LinearMethod", {}),
     "fp8": ("deepserve.quant.fp8", "Fp8Method", {}),
     "fp8-per-tensor": ("deepserve.quant.fp8", "Fp8Method", {"per_channel": False}),
-    "fp8-fast-accum": ("deepserve.quant.fp8", "Fp8Method", {"fast_accum": True}),
+    "fp8-exact-accum": ("deepserve.quant.fp8", "Fp8Method", {"fast_accum": False}),
 }
 NO_QUANTIZATION = "none"
 WRITABLE_METHODS = ("int8", "int8-weight-only", "fp8")  # what `deepserve quantize --method` writes (the other
@@ -46,8 +46,8 @@ QUANTIZATION_HELP = (
     "quantization of the linear layers: int8 (W8A8), int8-weight-only (W8A16; -asym: zero-point weights; on CUDA "
     "int8 and int8-weight-only also store the routed MoE experts as int8, W8A16), fp8 / fp8-per-tensor (W8A8 "
     "FP8 with per-channel / per-tensor weight scales, CUDA 8.9+, decode batches of up to 4 W8A16-style with fp8 "
-    "weights; fp8-fast-accum: fp8 with the GEMM's sums in the "
-    "tensor core's reduced precision, faster, less exact), block-fp8 (DeepSeek-V3/R1 "
+    "weights; their GEMM sums in the tensor core's reduced precision, as vLLM's fp8 does; fp8-exact-accum: fp8 "
+    "with float32 sums, slower), block-fp8 (DeepSeek-V3/R1 "
     "FP8 weights with 128x128 block scales, activations FP8 per token per 128 columns; CUDA compute "
     "capability 8.9+), none (float; a quantised checkpoint is dequantised at load). Default: what the "
     "checkpoint says; a block-FP8 checkpoint (V3/R1) is served as block-fp8 on FP8 GPUs and dequantised "

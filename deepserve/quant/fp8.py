@@ -1,9 +1,8 @@
 """Dynamic FP8 (float8_e4m3fn) linear method: W8A8, and fp8 weights with float activations on decode rows.
 
-    Fp8Method(per_channel=True)                   "fp8":            weight scale per output channel
-    Fp8Method(per_channel=False)                  "fp8-per-tensor": one weight scale per layer
-    Fp8Method(per_channel=True, fast_accum=True)  "fp8-fast-accum": as "fp8", the GEMM's sums in the tensor
-                                                                    core's own precision (below)
+    Fp8Method(per_channel=True)                    "fp8":             weight scale per output channel
+    Fp8Method(per_channel=False)                   "fp8-per-tensor":  one weight scale per layer
+    Fp8Method(per_channel=True, fast_accum=False)  "fp8-exact-accum": as "fp8", float32 sums (Accumulation below)
 
 Weights: q = e4m3(w / scale) with scale = max|w| / 448 per output channel (or over the whole
 matrix), stored [out, in] row-major with weight_scale [out] f32 (a per-tensor scale is stored
@@ -12,7 +11,7 @@ scale_t = max|x_t| / 448 (`kernels/fp8_quant.py` on CUDA).
 
 CUDA (compute capability 8.9+: Ada, Hopper): y = torch._scaled_mm(x_q, w_q.t(), scale_a [M, 1],
 scale_b [1, N], bias, out_dtype=bfloat16), cuBLASLt's (or CUTLASS's) row-wise scaled FP8 GEMM with
-float32 accumulation (use_fast_accum off; on for "fp8-fast-accum": see Accumulation below). It needs K and N
+the tensor core's accumulation (use_fast_accum on; off for "fp8-exact-accum": see Accumulation below). It needs K and N
 multiples of 16; other layers, and CPU, run the emulation below. Older GPUs are refused when the weights are
 processed. A SiLU-gated input (`apply_silu_and_mul`, the MLP's down projection) is quantised by
 kernels/silu_and_mul_quant.py straight from the [gate | up] rows there, with the same bits as
@@ -22,9 +21,10 @@ reads a pre-norm layer's norm (qkv_proj, gate_up_proj: layers/decoder.py) comes 
 (`fp8_quant.rms_norm_fp8_quant`, `quantizes_input`) as a `PerTokenQuant`, with the same bits as
 fp8_quant(rms_norm(x)); run s11d (H200, W-offline qwen-7b, A/B in one call): 16,157.71 / 16,144.85 output tok/s
 against 15,992.96 / 15,981.83 unfused.
-Accumulation: "fp8" and "fp8-per-tensor" run _scaled_mm with use_fast_accum off (float32 sums, promoted
-out of the tensor core). "fp8-fast-accum" turns it on: the tensor core's reduced-precision running sum over
-all of K, what vLLM's CUTLASS fp8 kernels run. Kernels (run s13e, benchmarks/kernels_fp8_accumulation.py,
+Accumulation: "fp8" and "fp8-per-tensor" run _scaled_mm with use_fast_accum on: the tensor core's
+reduced-precision running sum over all of K, what vLLM's CUTLASS fp8 kernels run (every sm90 fp8 config of its
+scaled_mm dispatch takes an FP8FastAccum kernel schedule). "fp8-exact-accum" turns it off (float32 sums, promoted
+out of the tensor core). Kernels (run s13e, benchmarks/kernels_fp8_accumulation.py,
 H200): 1.02-1.22x faster at 2048-8192 rows (gate_up 1.13-1.22x, down 1.02-1.07x), with 1.6-2.8x the max
 error of the float32-accumulated product, 3-4x for down's K = 18944 (1.03e-2 vs 3.38e-3 of the largest
 value at 8192 rows). A layer with a bias (qwen's qkv_proj) keeps float32 sums: cuBLASLt (torch 2.11, CUDA 13,
@@ -32,9 +32,11 @@ H200) has no row-wise fast-accumulation algorithm with a bias epilogue at M <= 1
 CUBLAS_STATUS_NOT_SUPPORTED (run s15d), and adding the bias in a separate launch would cost more than
 the few qkv FLOPs gain. W-offline qwen-7b (run s15e, H200, one call, alternating, this method as it is):
 17,532.76 / 17,551.86 output tok/s against 12,085.39 / 12,077.99 for bf16 (1.451x / 1.453x) and 16,507.51
-for "fp8" (1.366x); with fast sums in the biased qkv too (run s15c): 1.460x. On the default model (run s15d,
-GPU, bf16 reference: `deepserve eval`) fp8 and fp8-fast-accum score alike: top-1 0.9107 / 0.9089, perplexity
-ratio 1.0288 / 1.0307, mean KL 0.0253 / 0.0255 (its K is at most 1536).
+with float32 sums (1.366x); with fast sums in the biased qkv too (run s15c): 1.460x; beside vLLM 0.20.0's fp8
+(run s16v, one call): 17,952.52 against vLLM's 11,655.46 (1.540x) and 12,408.76 for bf16 (1.447x). On the
+default model (run s15d, GPU, bf16 reference: `deepserve eval`) the two accumulations score alike: top-1
+0.9089 fast / 0.9107 float32, perplexity ratio 1.0307 / 1.0288, mean KL 0.0255 / 0.0253 (its K is at most
+1536; at qwen's K = 18944 the fast sums' kernel error is 3-4x the float32 one's, above).
 Decode rows (CUDA, at most DECODE_GEMV_ROWS = 4 bf16/f16 rows, K a multiple of 16; measured at one row only:
 2 to 4 rows were not timed against _scaled_mm): the decode GEMV of the unquantised rows and the e4m3 weights
 (kernels/gemv.py, float32 sums, the weight scale applied to the sum; the gate_up GEMV's SiLU-and-mul epilogue
@@ -110,7 +112,7 @@ def check_fp8_device(device: torch.device) -> None:
         return
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < MIN_CAPABILITY:
-        raise ValueError(f"the fp8 methods (fp8, fp8-per-tensor, fp8-fast-accum) need a GPU of compute "
+        raise ValueError(f"the fp8 methods (fp8, fp8-per-tensor, fp8-exact-accum) need a GPU of compute "
                          f"capability 8.9 or newer (Ada, Hopper); "
                          f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}. "
                          f"Use --quantization int8 or int8-weight-only on this GPU.")
@@ -130,7 +132,7 @@ class Fp8Method(LinearMethod):
 
     quantized_input_dtype = FP8_DTYPE
 
-    def __init__(self, per_channel: bool = True, fast_accum: bool = False):
+    def __init__(self, per_channel: bool = True, fast_accum: bool = True):
         self.per_channel = per_channel
         self.fast_accum = fast_accum  # _scaled_mm's use_fast_accum (module docstring)
 

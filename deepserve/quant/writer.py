@@ -16,7 +16,7 @@ Recipes (`plan`):
     fp8 (W8A8, e4m3)       round-to-nearest per output channel (scale max|w| / 448), the weights
                            `--quantization fp8` computes at load; no calibration, smoothing, rotation or
                            GPTQ (the CLI refuses those options; `plan` ignores them). Served as fp8 (or
-                           fp8-fast-accum / fp8-per-tensor when asked: the loader dequantises)
+                           fp8-exact-accum / fp8-per-tensor when asked: the loader dequantises)
     calibration=None       every weight rounded to nearest on its own, tensor by tensor (any
                            architecture, constant memory: the input is streamed)
 The calibrated path holds the whole float32 model and its calibration statistics in memory and
@@ -59,7 +59,7 @@ def method_name(method: str, asymmetric: bool, rotation: str = "none") -> str:
     """The registered method a checkpoint is written for (ValueError for impossible combinations)."""
     if method not in WRITABLE_METHODS:
         raise ValueError(f"quantize writes {', '.join(WRITABLE_METHODS)} checkpoints, not {method!r} "
-                         f"(fp8-fast-accum and fp8-per-tensor are serving choices: write fp8 and serve it with "
+                         f"(fp8-exact-accum and fp8-per-tensor are serving choices: write fp8 and serve it with "
                          f"--quantization)")
     if asymmetric and method != "int8-weight-only":
         raise ValueError("--asymmetric needs --method int8-weight-only (W8A8 activations are symmetric)")

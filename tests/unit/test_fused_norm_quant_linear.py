@@ -32,9 +32,9 @@ from tests.paged_harness import PagedRunner
 
 RMS = load_kernel_module("rms_norm")
 QUANT = load_kernel_module("int8_quant")
-OTHERS = ["int8-weight-only", "int8-weight-only-asym", "int8-hadamard", "fp8", "fp8-per-tensor", "fp8-fast-accum",
+OTHERS = ["int8-weight-only", "int8-weight-only-asym", "int8-hadamard", "fp8", "fp8-per-tensor", "fp8-exact-accum",
           "block-fp8"]
-FP8_METHODS = ("fp8", "fp8-per-tensor", "fp8-fast-accum")  # quantize their input too (e4m3), where _scaled_mm runs
+FP8_METHODS = ("fp8", "fp8-per-tensor", "fp8-exact-accum")  # quantize their input too (e4m3), where _scaled_mm runs
 
 
 @pytest.fixture(autouse=True)

@@ -36,7 +36,7 @@ def test_which_methods_gate():
     kernels/gemv.py `gated`) override apply_gated; the others keep the default, which declines (None)."""
     methods = {name: get_quant_method(name) for name in [*FUSED, *DEFAULT]}
     methods.update(dense=DenseLinearMethod(), packed=CpuPackedLinearMethod())
-    gating = ("int8", "int8-weight-only", "int8-weight-only-asym", "dense", "fp8", "fp8-per-tensor", "fp8-fast-accum")
+    gating = ("int8", "int8-weight-only", "int8-weight-only-asym", "dense", "fp8", "fp8-per-tensor", "fp8-exact-accum")
     for name, method in methods.items():
         overrides = type(method).apply_gated is not LinearMethod.apply_gated
         assert overrides == (name in gating), name

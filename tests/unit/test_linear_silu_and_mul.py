@@ -28,7 +28,7 @@ from deepserve.quant.int8 import Int8W8A8Method, quantize_per_channel_ref
 from tests.kernels.interpret import device, load_kernel_module
 
 SILU = load_kernel_module("silu_and_mul")
-FUSED = ["int8", "fp8", "fp8-per-tensor", "fp8-fast-accum"]
+FUSED = ["int8", "fp8", "fp8-per-tensor", "fp8-exact-accum"]
 DEFAULT = ["int8-weight-only", "int8-weight-only-asym", "int8-hadamard", "block-fp8"]
 
 

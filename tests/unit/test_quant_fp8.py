@@ -74,12 +74,12 @@ def test_method_on_a_linear_layer(name):
 def test_registry():
     assert isinstance(get_quant_method("fp8"), Fp8Method) and get_quant_method("fp8").per_channel
     assert get_quant_method("fp8-per-tensor").per_channel is False
-    assert get_quant_method("fp8").fast_accum is False and get_quant_method("fp8-per-tensor").fast_accum is False
-    fast = get_quant_method("fp8-fast-accum")
-    assert isinstance(fast, Fp8Method) and fast.per_channel and fast.fast_accum
+    assert get_quant_method("fp8").fast_accum and get_quant_method("fp8-per-tensor").fast_accum  # as vLLM's fp8
+    exact = get_quant_method("fp8-exact-accum")
+    assert isinstance(exact, Fp8Method) and exact.per_channel and not exact.fast_accum
 
 
-@pytest.mark.parametrize("name,fast", [("fp8", False), ("fp8-per-tensor", False), ("fp8-fast-accum", True)])
+@pytest.mark.parametrize("name,fast", [("fp8", True), ("fp8-per-tensor", True), ("fp8-exact-accum", False)])
 def test_fast_accum_reaches_scaled_mm(monkeypatch, name, fast):
     """Where `_scaled_mm` runs (forced here on CPU, with a stand-in), each method passes its use_fast_accum on
     every entry: a float input, an input the norm quantised, and a SiLU-gated input; with a bias, never (cuBLASLt
@@ -107,7 +107,7 @@ def test_fast_accum_reaches_scaled_mm(monkeypatch, name, fast):
     assert seen[3:] == [False]
 
 
-@pytest.mark.parametrize("name", ["fp8", "fp8-fast-accum"])
+@pytest.mark.parametrize("name", ["fp8", "fp8-exact-accum"])
 def test_decode_rows_take_the_gemv(monkeypatch, name):
     """Decode rows (1 to GEMV_MAX_M; forced here on CPU, where the GEMV runs in Triton's interpreter) go to the
     decode GEMV with the e4m3 weights and unquantised rows: `apply` gives the GEMV's bits; `apply_gated` gives
@@ -237,7 +237,7 @@ def test_quantize_command_writes_an_fp8_folder(tmp_path: Path):
 
     with pytest.raises(ValueError, match="asymmetric"):
         quantize_checkpoint(tiny, tmp_path / "bad", "fp8", asymmetric=True, progress=False)
-    for name in ("fp8-fast-accum", "fp8-per-tensor", "none", "block-fp8"):  # serving choices, not checkpoints
+    for name in ("fp8-exact-accum", "fp8-per-tensor", "none", "block-fp8"):  # serving choices, not checkpoints
         with pytest.raises(ValueError, match="quantize writes"):
             quantize_checkpoint(tiny, tmp_path / "bad", name, progress=False)
     for flags in (["--calibration", str(tiny / "config.json")], ["--rotation", "none"], ["--smoothing-alpha", "0.3"],

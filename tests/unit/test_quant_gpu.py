@@ -20,7 +20,7 @@ from deepserve.layers.linear import ReplicatedLinear
 pytestmark = pytest.mark.gpu
 SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): qkv, gate_up, o, down
 METHODS = {"int8": 2e-2, "int8-weight-only": 1e-2, "int8-weight-only-asym": 1e-2, "fp8": 0.06,
-           "fp8-per-tensor": 0.06, "fp8-fast-accum": 0.06}  # with a bias: fp8-fast-accum's float32 sums
+           "fp8-per-tensor": 0.06, "fp8-exact-accum": 0.06}  # with a bias, fp8 and fp8-per-tensor keep float32 sums
 
 
 def _layer(k: int, n: int, bias: bool = True) -> ReplicatedLinear:
@@ -86,14 +86,14 @@ def test_fp8_fast_accum_error_is_bounded(k, n, m):
 
 @pytest.mark.parametrize("m", [1, 16, 256])
 def test_fp8_fast_accum_without_bias_matches_float(m):
-    """fp8-fast-accum on a bias-free down projection (K = 18944: the fast sums), against float as above."""
+    """fp8 (fast sums) on a bias-free down projection (K = 18944: the fast sums), against float as above."""
     layer = _layer(18944, 3584, bias=False)
     x = torch.randn(m, 18944, device="cuda").bfloat16()
     ref = F.linear(x.float(), layer.weight.float())
-    layer.process_weights_after_loading("fp8-fast-accum")
+    layer.process_weights_after_loading("fp8")
     with torch.no_grad():
         y = layer(x)
-    assert float((y.float() - ref).norm() / ref.norm()) < METHODS["fp8-fast-accum"]
+    assert float((y.float() - ref).norm() / ref.norm()) < METHODS["fp8"]
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -136,7 +136,7 @@ def _triton_only(name: str, m: int) -> bool:
     return pick_backend(W8A8_BACKENDS if name == "int8" else W8A16_BACKENDS, m) == "triton"
 
 
-@pytest.mark.parametrize("name", ["fp8", "fp8-fast-accum", "fp8-per-tensor"])
+@pytest.mark.parametrize("name", ["fp8", "fp8-exact-accum", "fp8-per-tensor"])
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_fp8_decode_rows_take_the_gemv(name, m):
     """Decode rows of an fp8 layer (quant/fp8.py): the GEMV's bits with the e4m3 weights (qkv with its bias), the
