@@ -43,8 +43,9 @@ Decode rows (CUDA, at most DECODE_GEMV_ROWS = 4 bf16/f16 rows, K a multiple of 1
 too): a batch-1 step reads the 1-byte weights once and quantises no activation,
 where _scaled_mm at M = 1 was slower than bf16 (run s16v, H200, W-b1 qwen-7b: 4.1192 ms per token against
 3.5919 for bf16). With the GEMV (run s16e, same card, one call): 2.3601 / 2.3616 ms per token against 3.6508 for
-bf16 (1.55x) and 2.4425 for int8-weight-only (e4m3 converts to float32 in fewer instructions than int8); vLLM
-0.20.0's fp8 ran W-b1 at 3.4606 ms per token on that card (run s16v, prefill included in its figure). These rows
+bf16 (1.55x). Beside vLLM 0.20.0's fp8 (run s17v, one call): 2.3609 ms per token, 397.67 output tok/s, against
+vLLM's 3.4799 (287.36 tok/s, 1.38x; its figure has the prefill in it) and 3.6342 for bf16 (int8-weight-only,
+whose decode GEMV runs dp4a since then, kernels/gemv_dp4a.py: 2.2437). These rows
 get fp8 weights with float activations (more accurate than W8A8; the accuracy gate's teacher-forced prefill
 measures the W8A8 path), so the norm before qkv_proj / gate_up_proj does not quantise them (`quantizes_input`).
 Both accumulation variants take it.
