@@ -139,7 +139,8 @@ def variant_fns(wt: dict, x) -> dict:
             "w8a16-triton": lambda: w8a16_linear(x, wt["q"], wt["s"], None, None, "triton"),
             "w8a16-asym-triton": lambda: w8a16_linear(x, wt["qa"], wt["sa"], wt["zp"], None, "triton"),
             "w8a16-dequant": lambda: w8a16_linear(x, wt["q"], wt["s"], None, None, "dequant"),
-            "fp8": lambda: fp8_scaled_mm(x, wt["f8"], wt["f8s"], None),
+            "fp8": lambda: fp8_scaled_mm(x, wt["f8"], wt["f8s"], None, fast_accum=True),  # what "fp8" runs
+            "fp8-exact-accum": lambda: fp8_scaled_mm(x, wt["f8"], wt["f8s"], None, fast_accum=False),
             "fp8-triton": lambda: fp8_gemm(*fp8_quant(x), wt["f8"], wt["f8s"], None, torch.bfloat16),
             "int8-quant": lambda: int8_quant(x),
             "w8a8-gemm": lambda: int8_gemm(xq, xs, wt["q"], wt["s"], None, torch.bfloat16),

@@ -1,6 +1,6 @@
 """What float32 accumulation costs the fp8 linears: torch._scaled_mm (cuBLASLt, row-wise scales, bf16 out) with
-use_fast_accum off (what `quant/fp8.py` runs: every partial sum promoted to float32) against on (the tensor
-core's own reduced-precision running sum over all of K, as vLLM's CUTLASS fp8 kernels run on Hopper), at
+use_fast_accum off ("fp8-exact-accum": every partial sum promoted to float32) against on ("fp8" since session 17:
+the tensor core's own reduced-precision running sum over all of K, as vLLM's CUTLASS fp8 kernels run on Hopper), at
 qwen-7b's four linear shapes, with each one's error against the exact product.
 
     python benchmarks/kernels_fp8_accumulation.py [--tokens 256,2048,8192] [--run-id R]

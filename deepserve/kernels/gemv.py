@@ -6,8 +6,9 @@
     gemv(x, w [2I, K] = [gate | up], bias, gated=True) -> h [M, I] = silu_and_mul(y), bit for bit
     gemv(x, w [N, K] int8 or float8_e4m3fn, bias, w_scale=[N] f32) -> y * w_scale before the bias (W8A16)
     Without a config, int8 w with bf16 / f16 rows (K % 16 == 0) on an NVIDIA GPU goes to kernels/gemv_dp4a.py
-    (dp4a on the rows' int16 form: its docstring); this module's kernel takes the rest (float32 rows, e4m3 w,
-    other K, the interpreter, ROCm) and any call with a GemvConfig.
+    (dp4a on the rows' int16 form, which rounds elements below 2^-7 of their 16-column group's largest: its
+    docstring); this module's kernel (x exact in float32) takes the rest (float32 rows, e4m3 w, other K, the
+    interpreter, ROCm) and any call with a GemvConfig.
 
 At batch-1 decode every linear layer is a GEMV whose time is the time to stream its weight once;
 cuBLAS reaches ~78% of an H200's HBM bandwidth on the big qwen-7b ones and much less on small ones.
@@ -317,7 +318,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     """x [M, K] bf16/f16/f32 (unit stride in K), w [N, K] x.dtype contiguous, bias [N] float or None
     -> [M, N] x.dtype. With w_scale [N] float32, w is int8 (symmetric W8A16) or float8_e4m3fn (the fp8 method's
     decode rows): y = (x @ w^T) * w_scale (+ bias), the weight values exact in float32, the scale applied to
-    the float32 sum. `config`
+    the float32 sum; int8 w with bf16 / f16 rows on an NVIDIA GPU and no config: kernels/gemv_dp4a.py's y (x in
+    its int16 form). `config`
     overrides the table (benchmarks, tests). static_weight=True promises that the kernel launched just
     before this one on the stream does not write w (a layer's weight: written at load time), so under
     PDL its first chunk is read before the wait; a w computed by the previous kernel needs False.

@@ -5,22 +5,12 @@
     y[m, n] = round(w_scale[n] * sum_g s[m, g] * sum_{k in g} w[n, k] q[m, k] + bias[n])
     gated=True (w = [gate | up], N = 2I) -> h [M, I] = silu_and_mul(y), as kernels/gemv.py's gated epilogue
 
-Activations. Each row's columns go in groups g of 16. s[m, g] = 2^(E - 14), E the exponent of the group's
-largest |x| (clamped to >= -112), and q = round(x / s), an int16 (|q| < 2^15: x / s < 2^15 and x is a 2-byte
-float, so it stays below 2^15 - 2^4). A bf16 x (8 significant bits) with |x| >= 2^(E-7) is a multiple of s,
-so q s = x exactly; an f16 x (11 bits) is exact from 2^(E-4). Smaller elements round to a multiple of s:
-|q s - x| <= s / 2 <= max|x in g| * 2^-15, a 128th of the error bf16 itself allows the group's largest
-element (half an ulp, 2^(E-8)).
-inf or NaN in a group makes s NaN, so its outputs are NaN (as a float sum would be).
-
-Products. q = 256 hi + lo with hi = q >> 8 a signed byte and lo = q & 255 an unsigned one; four of them pack
-into a 32-bit word each, so one dp4a multiplies 4 weight bytes by 4 activations' high (or low) bytes and adds:
-sum_{k in g} w q = 256 dp4a.s32.s32(w, hi) + dp4a.s32.u32(w, lo) over the group's 4 words, exact in int32
-(|w q| <= 128 * 2^15, 16 terms). Per 16 weight bytes and row: 8 dp4a, a shift, one conversion to float32
-and one FMA with s, where the float32 GEMV (kernels/gemv.py) converts and multiplies every byte; the weight
-stays packed in registers (4 bytes a register), so a thread keeps more bytes in flight for its registers.
-Not the interpreter's or ROCm's: there the same integers come from shifts and multiplies (`PTX=False`), the
-reference of the PTX form (tests).
+The arithmetic is kernels/dp4a.py's: each x row as int16 per group g of 16 columns with a power-of-two scale
+s[m, g] (bf16 values within 2^7 of the group's largest exact), q = 256 hi + lo dotted with 4 weight bytes per
+dp4a, the group's sum an exact int32. Per 16 weight bytes and row: 8 dp4a, a shift, one conversion to
+float32 and one FMA with s, where the float32 GEMV (kernels/gemv.py) converts and multiplies every byte; the
+weight stays packed in registers (4 bytes a register), so a thread keeps more bytes in flight for its
+registers.
 
 Kernels. A chunk is G = 32 * num_warps groups (512 * num_warps columns): each thread loads 16 bytes of each
 of its weight rows (one group) and quantises its group of each x row in registers; no data leaves the thread
@@ -46,6 +36,9 @@ Measured (NVIDIA H200, cold weights, CUDA-graph replays; kernels_gemv.jsonl and 
     linears x 28 layers at M = 1: 1.710 vs 1.879 ms (bf16 over the same bytes: 1.698 in run s17c);
   * W-b1 qwen-7b W8A16 (run s17e, one call): 2.2431 / 2.2433 ms per token against 2.4353 with the float32
     GEMV (tree c5a5c6f); bf16 3.6331 / 3.6365.
+Accuracy: on the bundled SmolLM2 (CPU, every W8A16 input in the int16 form, benchmarks/dp4a_act_accuracy.py)
+the next-token distributions move by a mean KL of 7.3e-5 nats against bf16 inputs, as rounding float32
+inputs to bf16 does (5.8e-5); top-1 0.9957 (benchmarks/results/quant_accuracy.md).
 
 The table (`dp4a_config`, keyed by N and K as kernels/gemv.py's) holds what the sweep found fastest at
 qwen-7b's shapes; V2-Lite's shapes share its buckets, not swept.
@@ -59,12 +52,12 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.kernels.dp4a import GROUP, group_dots, quant_groups, quant_groups_ref
 from deepserve.kernels.gemv import GEMV_MAX_M, _gated_store, _program_rows
 from deepserve.kernels.int8_convert import nvidia_ptx
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.sizes import cdiv, next_power_of_2
 
-GROUP = 16  # columns per activation scale
 _ACC_ROWS = 32  # BLOCK_M * BLOCK_N cap (float32 accumulators a thread keeps per group)
 _ANY = 1 << 62
 
@@ -115,93 +108,6 @@ def dp4a_applies(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None)
 
 
 @triton.jit
-def _group_dots(w, hi, lo, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, PTX: tl.constexpr):
-    """w [1, BN, G, 4] int32 words of int8 bytes; hi, lo [BM, 1, G, 4] words of q's signed high / unsigned low
-    bytes -> [BM, BN, G] int32: per group, 256 * dot(w, hi) + dot(w, lo) over its 16 bytes = sum w q."""
-    if PTX:  # one asm per 4 words (pack=4): the group's sum lands in the first output, the others are unused
-        d = tl.inline_asm_elementwise(
-            asm="""{
-            dp4a.s32.s32 $0, $4, $8, 0;
-            dp4a.s32.s32 $0, $5, $9, $0;
-            dp4a.s32.s32 $0, $6, $10, $0;
-            dp4a.s32.s32 $0, $7, $11, $0;
-            shl.b32 $0, $0, 8;
-            dp4a.s32.u32 $0, $4, $12, $0;
-            dp4a.s32.u32 $0, $5, $13, $0;
-            dp4a.s32.u32 $0, $6, $14, $0;
-            dp4a.s32.u32 $0, $7, $15, $0;
-            mov.b32 $1, 0;
-            mov.b32 $2, 0;
-            mov.b32 $3, 0;
-            }""",
-            constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", args=[w, hi, lo], dtype=tl.int32, is_pure=True,
-            pack=4)
-        a, b = tl.split(tl.reshape(d, (BM, BN, G, 2, 2)))
-        first, third = tl.split(a)
-        return first
-    prod = _byte(w, 0) * (_byte(hi, 0) * 256 + _ubyte(lo, 0)) + _byte(w, 1) * (_byte(hi, 1) * 256 + _ubyte(lo, 1)) \
-        + _byte(w, 2) * (_byte(hi, 2) * 256 + _ubyte(lo, 2)) + _byte(w, 3) * (_byte(hi, 3) * 256 + _ubyte(lo, 3))
-    return tl.sum(prod, axis=3)
-
-
-@triton.jit
-def _byte(word, i: tl.constexpr):
-    """Byte i of int32 words as a signed value."""
-    return (word << (24 - 8 * i)) >> 24
-
-
-@triton.jit
-def _ubyte(word, i: tl.constexpr):
-    """Byte i of int32 words as an unsigned value."""
-    return (word >> (8 * i)) & 255
-
-
-@triton.jit
-def _pack_words(q0, q1, q2, q3, PTX: tl.constexpr):
-    """4 int32 [...] whose low 16 bits are int16 values q_i -> (hi, lo) int32 words: byte i of hi is q_i's high
-    byte, byte i of lo its low byte."""
-    if PTX:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 a, b;
-            prmt.b32 a, $2, $3, 0x5410;
-            prmt.b32 b, $4, $5, 0x5410;
-            prmt.b32 $0, a, b, 0x7531;
-            prmt.b32 $1, a, b, 0x6420;
-            }""",
-            constraints="=r,=r,r,r,r,r", args=[q0, q1, q2, q3], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-    hi = ((q0 >> 8) & 255) | (((q1 >> 8) & 255) << 8) | (((q2 >> 8) & 255) << 16) | (((q3 >> 8) & 255) << 24)
-    lo = (q0 & 255) | ((q1 & 255) << 8) | ((q2 & 255) << 16) | ((q3 & 255) << 24)
-    return hi, lo
-
-
-@triton.jit
-def _half_words(x, inv, BM: tl.constexpr, G: tl.constexpr, PTX: tl.constexpr):
-    """x [BM, G, 8] float32, inv [BM, G] (a power of two) -> hi, lo [BM, G, 2] words of round(x * inv)."""
-    # x * inv + 1.5 * 2^23 rounds to an integer held in the low 22 bits; the low 16 are q as an int16
-    qb = (x * inv[:, :, None] + 12582912.0).to(tl.int32, bitcast=True)
-    a, b = tl.split(tl.reshape(qb, (BM, G, 2, 2, 2)))  # element e = 4 word + 2 i + j: a is j = 0, b j = 1
-    q0, q2 = tl.split(a)
-    q1, q3 = tl.split(b)
-    return _pack_words(q0, q1, q2, q3, PTX)
-
-
-@triton.jit
-def _quant_groups(xa, xb, BM: tl.constexpr, G: tl.constexpr, PTX: tl.constexpr):
-    """A chunk of x as its groups' halves xa, xb [BM, G, 8] float32 -> hi, lo [BM, G, 4] words, s [BM, G]."""
-    mag = tl.maximum(tl.max(xa.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2),
-                     tl.max(xb.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2))  # inf / NaN bits are the largest
-    e = tl.maximum(mag >> 23, 15)  # the biased exponent of the largest |x|, at least -112 + 127
-    s = tl.where(e == 255, 0x7FC00000, (e - 14) << 23).to(tl.float32, bitcast=True)  # 2^(E-14); NaN for inf / NaN
-    inv = ((268 - e) << 23).to(tl.float32, bitcast=True)  # 2^(14-E)
-    hia, loa = _half_words(xa, inv, BM, G, PTX)
-    hib, lob = _half_words(xb, inv, BM, G, PTX)
-    hi = tl.reshape(tl.permute(tl.join(hia, hib), (0, 1, 3, 2)), (BM, G, 4))
-    lo = tl.reshape(tl.permute(tl.join(loa, lob), (0, 1, 3, 2)), (BM, G, 4))
-    return hi, lo, s
-
-
-@triton.jit
 def _load_half(x_ptr, offs, x_ok, M, stride_xm, BM: tl.constexpr):
     """[BM, G, 8] float32: x rows 0..BM-1 (clamped to M - 1) at column offsets offs [G, 8]; one [G, 8] load per
     row, stacked with join (the rows stay in each thread, as BM = 1's layout has them: no exchange)."""
@@ -218,7 +124,8 @@ def _load_half(x_ptr, offs, x_ok, M, stride_xm, BM: tl.constexpr):
         r1 = _load_row(x_ptr + tl.minimum(1, M - 1) * stride_xm, offs, x_ok)
         r2 = _load_row(x_ptr + tl.minimum(2, M - 1) * stride_xm, offs, x_ok)
         r3 = _load_row(x_ptr + tl.minimum(3, M - 1) * stride_xm, offs, x_ok)
-        x = tl.reshape(tl.permute(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (3, 2, 0, 1)), (4, offs.shape[0], 8))
+        rows = tl.permute(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (3, 2, 0, 1))  # [2, 2, G, 8]: row 2 a + b
+        x = tl.reshape(rows, (4, offs.shape[0], 8))  # [4, G, 8]
     return x
 
 
@@ -239,9 +146,8 @@ def _chunk(w, x_ptr, offs, x_ok, M, stride_xm, BM: tl.constexpr, BN: tl.constexp
     -> this chunk's [BM, BN, G] float32 terms."""
     xa = _load_half(x_ptr, offs, x_ok, M, stride_xm, BM)
     xb = _load_half(x_ptr + 8, offs, x_ok, M, stride_xm, BM)
-    hi, lo, s = _quant_groups(xa, xb, BM, G, PTX)
-    d = _group_dots(tl.reshape(w, (1, BN, G, 4)), hi[:, None, :, :], lo[:, None, :, :], BM, BN, G, PTX)
-    return d.to(tl.float32) * s[:, None, :]
+    hi, lo, s = quant_groups(xa, xb, BM, G, PTX)
+    return _terms(w, hi, lo, s, BM, BN, G, PTX)
 
 
 @triton.jit
@@ -287,13 +193,14 @@ def _quant_chunk(x_ptr, offs_x, k0, K, M, stride_xm, BM: tl.constexpr, G: tl.con
     x_ok = (k0 + tl.arange(0, G) * 16 < K)[:, None]
     xa = _load_half(x_ptr + k0, offs_x, x_ok, M, stride_xm, BM)
     xb = _load_half(x_ptr + k0 + 8, offs_x, x_ok, M, stride_xm, BM)
-    return _quant_groups(xa, xb, BM, G, PTX)
+    return quant_groups(xa, xb, BM, G, PTX)
 
 
 @triton.jit
 def _terms(w, hi, lo, s, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, PTX: tl.constexpr):
     """w [BN, 4G] words times a quantised chunk (hi, lo [BM, G, 4], s [BM, G]) -> [BM, BN, G] float32 terms."""
-    d = _group_dots(tl.reshape(w, (1, BN, G, 4)), hi[:, None, :, :], lo[:, None, :, :], BM, BN, G, PTX)
+    w4 = tl.reshape(w, (1, BN, G, 4))  # [BN, 4G] words -> [1, BN, G, 4]: a group's 4 words in one thread
+    d = group_dots(w4, hi[:, None, :, :], lo[:, None, :, :], BM, BN, G, PTX)  # [BM, BN, G]
     return d.to(tl.float32) * s[:, None, :]
 
 
@@ -388,8 +295,8 @@ def gemv_dp4a(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: tor
               config: Dp4aConfig | None = None, static_weight: bool = False, gated: bool = False,
               ptx: bool | None = None) -> torch.Tensor:
     """The module docstring's y (gated: silu_and_mul of it, [M, N / 2]). static_weight: kernels/gemv.py's
-    promise (chunk 0 read before the PDL wait). ptx: the dp4a / prmt form (default: on NVIDIA GPUs) or the
-    portable one (False: tests compare the two)."""
+    promise (the first row block's weights read before the PDL wait). ptx: the dp4a / prmt form (default: on
+    NVIDIA GPUs) or the portable one (False: tests compare the two)."""
     _check(x, w, w_scale, bias)
     (m, k), n = x.shape, w.shape[0]
     if gated and n % 2:
@@ -430,16 +337,3 @@ def gemv_dp4a_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     if bias is not None:
         y = y + bias.double()
     return y.to(x.dtype)
-
-
-def quant_groups_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> q [M, K] int32 (|q| < 2^15), s [M, K / 16] float32 powers of two (the module docstring)."""
-    xf = x.float()
-    groups = xf.view(x.shape[0], -1, GROUP)
-    mag = groups.abs().amax(dim=2)
-    e = torch.frexp(mag)[1] - 1  # exponent of the largest |x| (frexp: mag = f 2^(e+1), f in [0.5, 1))
-    e = torch.where(mag > 0, e, torch.full_like(e, -112)).clamp(min=-112)
-    s = torch.ldexp(torch.ones_like(mag), e - 14)
-    s = torch.where(torch.isfinite(mag), s, torch.full_like(s, float("nan")))
-    q = torch.round(groups / torch.where(torch.isfinite(s), s, torch.ones_like(s))[:, :, None])
-    return q.view(x.shape).to(torch.int32), s

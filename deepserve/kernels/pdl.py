@@ -13,8 +13,9 @@ Contract of a kernel that takes `PDL: tl.constexpr = False`:
     lets the next kernel launch (after the wait, so at most one grid waits behind a running one).
     Two exceptions, each behind its caller's promise about the kernel launched just before (the only one
     that can still run then):
-      - the decode GEMV (kernels/gemv.py) called with `static_weight=True` loads its first weight chunk
-        before the wait (`if PREFETCH_W:` ahead of the prologue): that kernel never writes a layer's weight;
+      - the decode GEMVs (kernels/gemv.py, kernels/gemv_dp4a.py) called with `static_weight=True` load their
+        first weight chunk (gemv_dp4a's x-stationary kernel: chunks 0 and 1 of its first row block) before
+        the wait (`if PREFETCH_W:` ahead of the prologue): that kernel never writes a layer's weight;
       - the decode attention (kernels/paged_decode_attention.py) called with `prefetch_kv=True` reads
         seq_lens, its block-table entries and its first tile's keys but each sequence's newest before the
         wait (`if PREFETCH_KV:`): that kernel is the cache write of the newest keys only. The newest key

@@ -229,8 +229,10 @@ def _decode_rows(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 def fp8_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                  bias: torch.Tensor | None, fast_accum: bool = False) -> torch.Tensor:
-    """x [M, K] f16/bf16/f32 on CUDA, w_q [N, K] e4m3 row-major, w_scale [N] f32 -> [M, N] x.dtype."""
+                  bias: torch.Tensor | None, fast_accum: bool) -> torch.Tensor:
+    """x [M, K] f16/bf16/f32 on CUDA, w_q [N, K] e4m3 row-major, w_scale [N] f32 -> [M, N] x.dtype. fast_accum:
+    the tensor core's sums (what "fp8" runs) or float32 ones ("fp8-exact-accum"); no default, so that a caller
+    says which."""
     from deepserve.kernels.fp8_quant import fp8_quant
 
     x_q, x_scale = fp8_quant(x if x.stride(-1) == 1 else x.contiguous())
@@ -238,7 +240,7 @@ def fp8_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
 
 
 def fp8_silu_and_mul_scaled_mm(gate_up: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                               bias: torch.Tensor | None, fast_accum: bool = False) -> torch.Tensor:
+                               bias: torch.Tensor | None, fast_accum: bool) -> torch.Tensor:
     """gate_up [M, 2K] f16/bf16/f32 on CUDA -> [M, N] gate_up.dtype: fp8_scaled_mm(silu_and_mul(gate_up)),
     bit for bit, SiLU-and-mul fused into the quantisation (`kernels/silu_and_mul_quant.py`)."""
     from deepserve.kernels.silu_and_mul_quant import silu_and_mul_fp8_quant
@@ -248,7 +250,7 @@ def fp8_silu_and_mul_scaled_mm(gate_up: torch.Tensor, w_q: torch.Tensor, w_scale
 
 
 def _rowwise_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+                       bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
     """x_q [M, K] e4m3, x_scale [M] f32 -> [M, N] out_dtype. Row-wise scaled _scaled_mm computes in
     bfloat16 out (the only output it supports row-wise); `fast_accum`: its use_fast_accum, for a GEMM without a
     bias only (module docstring)."""

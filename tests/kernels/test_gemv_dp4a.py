@@ -1,4 +1,5 @@
-"""gemv_dp4a (kernels/gemv_dp4a.py): the W8A16 decode GEMV on dp4a, against exact references.
+"""gemv_dp4a (kernels/gemv_dp4a.py): the W8A16 decode GEMV on dp4a, and its arithmetic (kernels/dp4a.py), against
+exact references.
 
 Two errors, bounded separately:
   * the activations' int16 form (`quant_groups_ref`, the kernel's definition): per group of 16 columns a
@@ -26,6 +27,7 @@ import triton.language as tl
 
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
 
+P = load_kernel_module("dp4a")
 D = load_kernel_module("gemv_dp4a")
 G = load_kernel_module("gemv")
 S = load_kernel_module("silu_and_mul")
@@ -49,8 +51,8 @@ def depth(cfg, k: int) -> int:
 
 def quantised_exact(x, w, w_scale, bias):
     """(s_q, B) of the module docstring, float64 [M, N]."""
-    q, s = D.quant_groups_ref(x)
-    xq = q.double() * s.double().repeat_interleave(D.GROUP, dim=1)
+    q, s = P.quant_groups_ref(x)
+    xq = q.double() * s.double().repeat_interleave(P.GROUP, dim=1)
     exact = (xq @ w.double().t()) * w_scale.double()
     mags = (xq.abs() @ w.double().abs().t()) * w_scale.double()
     if bias is not None:
@@ -90,7 +92,7 @@ def test_int16_form_exact_near_the_group_max(dtype, bits):
     from 2^(E-4)); within s / 2 otherwise; |q| < 2^15; s a power of two."""
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(8, 256, generator=gen) * torch.exp2(torch.randint(-12, 12, (8, 256), generator=gen))).to(dtype)
-    q, s = D.quant_groups_ref(x)
+    q, s = P.quant_groups_ref(x)
     assert int(q.abs().max()) < 2 ** 15
     assert torch.equal(torch.frexp(s)[0], torch.full_like(s, 0.5))  # powers of two
     xs = x.float().view(8, -1, 16)
@@ -109,7 +111,7 @@ def test_int16_form_of_special_groups():
     x[0, 16] = float("inf")
     x[0, 33] = float("nan")
     x[0, 48:64] = 1e-38
-    q, s = D.quant_groups_ref(x)
+    q, s = P.quant_groups_ref(x)
     assert int(q[0, :16].abs().max()) == 0 and s[0, 0] > 0
     assert torch.isnan(s[0, 1]) and torch.isnan(s[0, 2])
     assert s[0, 3] == 2.0 ** -126 and int(q[0, 48:].abs().max()) < 2 ** 15
@@ -161,17 +163,17 @@ def test_bound_rejects_wrong_results():
 
 @triton.jit
 def _dots_kernel(w_ptr, hi_ptr, lo_ptr, out_ptr, G: tl.constexpr, PTX: tl.constexpr):
-    """out[g] = D._group_dots of words g*4..g*4+3 (one row of w, one row of x)."""
+    """out[g] = P.group_dots of words g*4..g*4+3 (one row of w, one row of x)."""
     offs = (tl.arange(0, G)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, None, :, :]  # [1, 1, G, 4]
-    d = D._group_dots(tl.load(w_ptr + offs), tl.load(hi_ptr + offs), tl.load(lo_ptr + offs), 1, 1, G, PTX)
+    d = P.group_dots(tl.load(w_ptr + offs), tl.load(hi_ptr + offs), tl.load(lo_ptr + offs), 1, 1, G, PTX)
     tl.store(out_ptr + tl.arange(0, G)[None, None, :], d)
 
 
 @triton.jit
 def _pack_kernel(q_ptr, hi_ptr, lo_ptr, N: tl.constexpr, PTX: tl.constexpr):
-    """hi, lo [N] = D._pack_words of q[4i..4i+3]."""
+    """hi, lo [N] = P.pack_words of q[4i..4i+3]."""
     offs = tl.arange(0, N) * 4
-    hi, lo = D._pack_words(tl.load(q_ptr + offs), tl.load(q_ptr + offs + 1), tl.load(q_ptr + offs + 2),
+    hi, lo = P.pack_words(tl.load(q_ptr + offs), tl.load(q_ptr + offs + 1), tl.load(q_ptr + offs + 2),
                            tl.load(q_ptr + offs + 3), PTX)
     tl.store(hi_ptr + tl.arange(0, N), hi)
     tl.store(lo_ptr + tl.arange(0, N), lo)
@@ -349,9 +351,23 @@ def test_gpu_ptx_form_equals_portable_form(k, n, m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k,n", SHAPES_GPU[:3])
+@pytest.mark.parametrize("m", [1, 2])
+def test_gpu_stationary_equals_streaming_at_table_configs(k, n, m):
+    """The table's x-stationary configs (4 warps) give the streaming kernel's bits, gated too."""
+    x, w, w_scale, b = (t.cuda() for t in case(m, n, k, torch.bfloat16, bias=True))
+    cfg = D.dp4a_config(m, n, k)
+    assert cfg.blocks
+    streaming = cfg._replace(blocks=0, ahead=False)
+    assert torch.equal(D.gemv_dp4a(x, w, w_scale, b, cfg), D.gemv_dp4a(x, w, w_scale, b, streaming))
+    assert torch.equal(D.gemv_dp4a(x, w, w_scale, b, cfg, gated=True),
+                       D.gemv_dp4a(x, w, w_scale, b, streaming, gated=True))
+
+
+@pytest.mark.gpu
 def test_gpu_graph_replay_same_bits():
-    """Captured behind a kernel that writes x (static_weight: chunk 0 read before the PDL wait): each replay gives
-    the eager bits of the new x."""
+    """Captured behind a kernel that writes x (static_weight: the first row block's weights read before the PDL
+    wait): each replay gives the eager bits of the new x, the first replay already on a different x."""
     k, n = 3584, 37888
     x, w, w_scale, _ = (t.cuda() if t is not None else None for t in case(1, n, k, torch.bfloat16, bias=False))
     src = x.clone()
@@ -360,8 +376,44 @@ def test_gpu_graph_replay_same_bits():
     with torch.cuda.graph(graph):
         x.copy_(src * 1.0)
         out = D.gemv_dp4a(x, w, w_scale, None, static_weight=True, gated=True)
-    for sign in (1.0, -1.0, 1.0):
+    for sign in (-1.0, 1.0, -1.0):
         src.copy_(sign * x)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, D.gemv_dp4a(src, w, w_scale, None, gated=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [3584, 18944])  # the x-stationary and the streaming kernel
+def test_gpu_pdl_chain_matches_without_pdl(monkeypatch, k):
+    """A chain where each GEMV reads what a PDL-launched kernel just wrote (add + RMSNorm, then gemv_dp4a with
+    static_weight, gated, repeatedly): the same bits with PDL on as off, so nothing but the weights is read
+    before the wait."""
+    from deepserve.kernels import pdl
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    rms_norm = load_kernel_module("rms_norm").rms_norm
+    torch.manual_seed(9)
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    weights = [torch.randint(-127, 128, (2 * k, k), device="cuda", dtype=torch.int8) for _ in range(4)]
+    scales = [torch.rand(2 * k, device="cuda") / (64 * k ** 0.5) for _ in weights]
+    norm_w = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+
+    def chain():
+        hidden, residual = x, torch.zeros_like(x)
+        for w, s in zip(weights, scales):
+            normed, residual = rms_norm(hidden, residual, norm_w, 1e-6)
+            hidden = D.gemv_dp4a(normed, w, s, None, static_weight=True, gated=True)  # [1, k]
+        return hidden + residual
+
+    try:
+        monkeypatch.setenv("DEEPSERVE_PDL", "0")
+        pdl._pdl_on.cache_clear()
+        expected = chain()
+        monkeypatch.setenv("DEEPSERVE_PDL", "1")
+        pdl._pdl_on.cache_clear()
+        assert pdl.pdl_launch(x.device) == {"PDL": True, "launch_pdl": True}
+        assert torch.equal(chain(), expected)
+    finally:
+        pdl._pdl_on.cache_clear()
