@@ -294,14 +294,21 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, w_scale:
     if w.dim() != 2 or w.dtype not in w_dtypes or not w.is_contiguous() or w.shape[1] != x.shape[1]:
         raise ValueError(f"gemv: w must be [N, K={x.shape[1]}] of {w_dtypes} contiguous, got "
                          f"{tuple(w.shape)} {w.dtype} strides {w.stride()}")
+    check_scale_bias("gemv", x, w, w_scale, bias)
+
+
+def check_scale_bias(fn: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None,
+                     bias: torch.Tensor | None) -> None:
+    """w_scale (if any) [N] float32 and bias (if any) [N] float, unit stride, all on x's device; N = w.shape[0].
+    ValueError naming `fn` otherwise (the GEMVs' shared argument check)."""
     n = w.shape[0]
     if w_scale is not None and (w_scale.shape != (n,) or w_scale.dtype != torch.float32 or w_scale.stride(0) != 1):
-        raise ValueError(f"gemv: w_scale must be [{n}] float32 with unit stride, got "
+        raise ValueError(f"{fn}: w_scale must be [{n}] float32 with unit stride, got "
                          f"{tuple(w_scale.shape)} {w_scale.dtype}")
     if bias is not None and (bias.shape != (n,) or not bias.is_floating_point() or bias.stride(0) != 1):
-        raise ValueError(f"gemv: bias must be [{n}] float with unit stride, got {tuple(bias.shape)} {bias.dtype}")
+        raise ValueError(f"{fn}: bias must be [{n}] float with unit stride, got {tuple(bias.shape)} {bias.dtype}")
     if len({t.device for t in (x, w, bias, w_scale) if t is not None}) != 1:
-        raise ValueError("gemv: x, w, bias and w_scale must be on one device")
+        raise ValueError(f"{fn}: x, w, bias and w_scale must be on one device")
 
 
 def _check_config(cfg: GemvConfig, vec: int) -> None:

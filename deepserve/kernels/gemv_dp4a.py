@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from deepserve.kernels.dp4a import GROUP, group_dots, quant_groups, quant_groups_ref
-from deepserve.kernels.gemv import GEMV_MAX_M, _gated_store, _program_rows
+from deepserve.kernels.gemv import GEMV_MAX_M, _gated_store, _program_rows, check_scale_bias
 from deepserve.kernels.int8_convert import nvidia_ptx
 from deepserve.kernels.pdl import pdl_launch, pdl_prologue
 from deepserve.kernels.sizes import cdiv, next_power_of_2
@@ -277,18 +277,13 @@ def _check(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.
             x.shape[1] > 1 and x.stride(1) != 1) or not 1 <= x.shape[0] <= GEMV_MAX_M:
         raise ValueError(f"gemv_dp4a: x must be [M <= {GEMV_MAX_M}, K] bf16/f16 with K a multiple of {GROUP} "
                          f"and unit stride in K, got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
-    n = w.shape[0] if w.dim() == 2 else -1
     if w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != x.shape[1] or not w.is_contiguous() \
             or w.data_ptr() % 16:
         raise ValueError(f"gemv_dp4a: w must be [N, K={x.shape[1]}] int8, contiguous and 16-byte aligned, got "
                          f"{tuple(w.shape)} {w.dtype}")
-    if w_scale.shape != (n,) or w_scale.dtype != torch.float32 or w_scale.stride(0) != 1:
-        raise ValueError(f"gemv_dp4a: w_scale must be [{n}] float32 with unit stride, got "
-                         f"{tuple(w_scale.shape)} {w_scale.dtype}")
-    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point() or bias.stride(0) != 1):
-        raise ValueError(f"gemv_dp4a: bias must be [{n}] float with unit stride, got {tuple(bias.shape)}")
-    if len({t.device for t in (x, w, w_scale, bias) if t is not None}) != 1:
-        raise ValueError("gemv_dp4a: x, w, w_scale and bias must be on one device")
+    if w_scale is None:
+        raise ValueError("gemv_dp4a: int8 weights need their w_scale [N] float32")
+    check_scale_bias("gemv_dp4a", x, w, w_scale, bias)
 
 
 def gemv_dp4a(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,

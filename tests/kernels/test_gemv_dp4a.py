@@ -260,6 +260,8 @@ def test_rejects_what_it_cannot_run():
         D.gemv_dp4a(x, unaligned, s)
     with pytest.raises(ValueError, match="w_scale"):
         D.gemv_dp4a(x, w, s[:7])
+    with pytest.raises(ValueError, match="w_scale"):
+        D.gemv_dp4a(x, w, None)
     with pytest.raises(ValueError, match="even"):
         D.gemv_dp4a(x, w[:7], s[:7], gated=True)
     with pytest.raises(ValueError, match="two chunks"):
