@@ -97,3 +97,26 @@ def test_rendered_tables_replace_gemv_py_and_parse_back():
         assert got == want
     with pytest.raises(ValueError, match="NOPE"):
         gemv_table.replace_table(source, "NOPE", "")
+
+
+def test_dp4a_sweep_records_stay_out_of_the_int8_table():
+    """`kernels_gemv.py --sweep --weights dp4a` records (int8 weights too, "kernel": "dp4a", 5-field configs)
+    are not the float32 GEMV's INT8_TABLE candidates."""
+    float_rec = record("qwen-7b", "o", 3584, 3584, [((4, 2048, 1, 4), 5.3)], int8=True)
+    dp4a_rec = {**record("qwen-7b", "o", 3584, 3584, [((4, 4, False, None, 0), 4.8)], int8=True), "kernel": "dp4a"}
+    assert gemv_table.sweeps([float_rec, dp4a_rec], {"r1"}, int8=True) == [float_rec]
+
+
+def test_dp4a_sweep_candidates():
+    """kernels_gemv.py's dp4a candidates: powers of two within the kernel's accumulator cap, the x-stationary ones
+    only where K fits two chunks, each accepted by gemv_dp4a's own config check."""
+    from deepserve.kernels.gemv_dp4a import fit_config
+
+    kernels_gemv = importlib.import_module("kernels_gemv")
+    for m, k in ((1, 3584), (1, 18944), (2, 3584), (4, 2048)):
+        cands = kernels_gemv.dp4a_candidates(m, k)
+        block_m = 1 << (m - 1).bit_length()
+        assert cands and len(set(cands)) == len(cands)
+        assert all(block_m * c.block_n <= 32 and c.num_warps & (c.num_warps - 1) == 0 for c in cands)
+        assert all(fit_config(c, m, k).blocks == c.blocks for c in cands)  # no x-stationary one beyond two chunks
+        assert any(c.blocks for c in cands) == (k <= 2 * 512 * 4)
