@@ -33,7 +33,8 @@ Measured (NVIDIA H200, cold weights, CUDA-graph replays; kernels_gemv.jsonl and 
   * against the float32 GEMV's table configs in one call (run s17e), us at M = 1 / 2 / 4: qkv 5.58 vs 6.33,
     7.48 vs 9.42, 12.61 vs 16.25; o 4.80 vs 5.31, 5.86 vs 7.87, 10.70 vs 12.43; gate_up 32.36 vs 35.59,
     36.45 vs 42.30, 63.26 vs 65.25; down 18.34 vs 20.03, 23.28 vs 28.33, 31.20 vs 47.38. A decode step's four
-    linears x 28 layers at M = 1: 1.710 vs 1.879 ms (bf16 over the same bytes: 1.698 in run s17c);
+    linears x 28 layers at M = 1: 1.710 vs 1.883 ms (run s17c: the float32 GEMV 1.879, bf16 over the same
+    bytes 1.698);
   * W-b1 qwen-7b W8A16 (run s17e, one call): 2.2431 / 2.2433 ms per token against 2.4353 with the float32
     GEMV (tree c5a5c6f); bf16 3.6331 / 3.6365.
 Accuracy: on the bundled SmolLM2 (CPU, every W8A16 input in the int16 form, benchmarks/dp4a_act_accuracy.py)
