@@ -56,7 +56,7 @@ table configs, cold weights): a qwen-7b decode step's four linears 2.262 ms with
 integer-add form, 2.084 ms with the PTX form. gate_up went from 3.19 to 3.82 TB/s at the best configs.
 e4m3 weights (the fp8 method's decode rows, quant/fp8.py): Triton's own conversion to float32 (exact), the
 1-byte table (INT8_TABLE) as for int8, its register limits included (Triton 3.6 sm_90 code: no spill at them).
-W-b1 qwen-7b (run s16e, H200): 2.3601 ms per token with e4m3 weights, 2.4425 with int8.
+W-b1 qwen-7b (run s16e, H200): 2.3601 ms per token with e4m3 weights, 2.4425 with int8 (this kernel then).
 
 Gated (`gated=True`, the dense MLP's gate_up at decode: `LinearMethod.apply_gated`): program j owns output
 columns jH..jH+H-1 (H = BLOCK_N / 2), i.e. gate rows jH.. and up rows I+jH.. of the weight, so its
@@ -334,9 +334,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     of that output, bit for bit, in the same launch (one K split; the gate_up output is never stored)."""
     _check(x, w, bias, w_scale)
     if config is None and _dp4a_applies(x, w, w_scale):  # int8 weights, 2-byte x, NVIDIA: kernels/gemv_dp4a.py
-        from deepserve.kernels.gemv_dp4a import gemv_dp4a
+        from deepserve.kernels.gemv_dp4a import run_dp4a
 
-        return gemv_dp4a(x, w, w_scale, bias, static_weight=static_weight, gated=gated)
+        return run_dp4a(x, w, w_scale, bias, None, static_weight, gated)  # checked above (no second check)
     (m, k), n = x.shape, w.shape[0]
     if gated and n % 2:
         raise ValueError(f"gemv: a gated weight [gate | up] has an even number of rows, got {n}")

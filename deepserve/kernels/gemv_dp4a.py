@@ -294,6 +294,13 @@ def gemv_dp4a(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: tor
     promise (the first row block's weights read before the PDL wait). ptx: the dp4a / prmt form (default: on
     NVIDIA GPUs) or the portable one (False: tests compare the two)."""
     _check(x, w, w_scale, bias)
+    return run_dp4a(x, w, w_scale, bias, config, static_weight, gated, ptx)
+
+
+def run_dp4a(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+             config: Dp4aConfig | None, static_weight: bool, gated: bool, ptx: bool | None = None) -> torch.Tensor:
+    """gemv_dp4a without its argument check, for a caller that has made it: kernels/gemv.py's `gemv` (its own
+    check plus `dp4a_applies` cover `_check`'s), on the decode path."""
     (m, k), n = x.shape, w.shape[0]
     if gated and n % 2:
         raise ValueError(f"gemv_dp4a: a gated weight [gate | up] has an even number of rows, got {n}")

@@ -31,7 +31,7 @@ gpu_quant_kernels.jsonl; CUDA-graph replays over cold weights, summed over a qwe
 linears): W8A8 Triton beats torch._int_mm + epilogue at every M (1.5x at M = 2048); W8A16 Triton beats
 dequantise + cuBLAS up to M = 16 (0.105 vs 0.325 ms), loses from M = 256 (0.426 vs 0.364 ms). The
 "gemv" rows (M <= 2) follow kernels_gemv.jsonl's bf16 figures (the gemv beats cuBLAS at M <= 2, loses
-at M = 4); its int8 (dp4a) kernel is 1.1-1.3x faster than the float32 GEMV at M = 1-2 (run s17e).
+at M = 4); its int8 (dp4a) kernel is 1.09-1.34x faster than the float32 GEMV at M = 1-2 (run s17e).
 """
 
 from __future__ import annotations

@@ -321,13 +321,13 @@ def test_gemv_routes_int8_rows_to_dp4a(monkeypatch):
     GemvConfig keeps the float32 kernel), with static_weight and gated passed on."""
     calls = []
     monkeypatch.setattr(G, "_dp4a_applies", lambda x, w, s: True)
-    monkeypatch.setattr(D, "gemv_dp4a", lambda *a, **kw: calls.append(kw) or "dp4a")
+    monkeypatch.setattr(D, "run_dp4a", lambda *a, **kw: calls.append(a[4:]) or "dp4a")
     dev = device()
     w = torch.randint(-127, 128, (8, 64), dtype=torch.int8, device=dev)
     s = torch.rand(8, device=dev)
     x = torch.randn(1, 64, device=dev).bfloat16()
     assert G.gemv(x, w, None, w_scale=s, static_weight=True, gated=True) == "dp4a"
-    assert calls == [{"static_weight": True, "gated": True}]
+    assert calls == [(None, True, True)]  # config, static_weight, gated
     assert G.gemv(x, w, None, G.GemvConfig(2, 64, 1, 1), w_scale=s).shape == (1, 8)
     assert len(calls) == 1
 

@@ -114,12 +114,10 @@ def test_decode_rows_take_the_gemv(monkeypatch, name):
     gemv then silu_and_mul for an fp8 consumer (None for another); `apply_silu_and_mul` runs SiLU-and-mul, then
     the GEMV; `_scaled_mm` (a stand-in) is never called. Five rows keep the W8A8 path."""
     import deepserve.quant.fp8 as fp8
-    from deepserve.kernels.gemv import gemv
+    from deepserve.kernels.gemv import GEMV_MAX_M, gemv
     from deepserve.kernels.silu_and_mul import silu_and_mul as silu_kernel
     from deepserve.layers import fused
     from deepserve.layers.linear_method import DenseLinearMethod
-
-    from deepserve.kernels.gemv import GEMV_MAX_M
 
     def decode_rows(x, w):  # `_decode_rows` without its CUDA condition
         rows = x.numel() // x.shape[-1]

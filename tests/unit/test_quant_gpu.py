@@ -128,9 +128,9 @@ def _triton_only(name: str, m: int) -> bool:
     from deepserve.quant.int8_cuda import W8A8_BACKENDS, W8A16_BACKENDS, pick_backend
 
     if name.startswith("fp8"):  # decode rows: the GEMV (quant/fp8.py)
-        from deepserve.kernels.gemv import GEMV_MAX_M
+        from deepserve.quant.fp8 import DECODE_GEMV_ROWS
 
-        return m <= GEMV_MAX_M
+        return m <= DECODE_GEMV_ROWS
     if not name.startswith("int8"):
         return False
     return pick_backend(W8A8_BACKENDS if name == "int8" else W8A16_BACKENDS, m) == "triton"
