@@ -253,13 +253,35 @@ def candidates(m: int, kernel: str = "int8_gemm"):
                  for bn in (128, 256) for bk in (64, 128) for w, st in ((8, 3), (8, 4), (4, 4))] + \
             [GemmConfig(256, 128, bk, split_k=1, group_m=8, num_warps=8, num_stages=st)
              for bk in (64, 128) for st in (3, 4)]
-    if kernel != "int8_gemm":
-        return plain
+    if kernel != "int8_gemm":  # w8a16_gemm: the x-left kernel runs M <= X_LEFT_MAX_M, the w-left kernel above
+        from deepserve.kernels.w8a16_gemm import X_LEFT_MAX_M
+
+        return plain if m <= X_LEFT_MAX_M else w8a16_candidates(m)
     wide = [GemmConfig(256, bn, 128, split_k=s, group_m=8, num_warps=8, num_stages=st, tma=True)
             for bn in (64, 128) for s in (1, 2) for st in (3, 4)] if 64 < m <= 256 else []
     tma = [c._replace(tma=True) for c in plain if c.block_k >= 64] + wide
     persistent = [c._replace(persistent=True) for c in tma if c.split_k == 1 and m > 64]
     return tma + persistent + plain
+
+
+def w8a16_candidates(m: int):
+    """Configs of kernels/w8a16_gemm.py's w-left kernel (y^T = w @ x^T): block_n tiles the weight rows (wgmma's
+    M: 64 per warp group), block_m the tokens (wgmma's N)."""
+    from deepserve.kernels.int8_gemm import GemmConfig
+
+    if m <= 16:
+        shapes = [(16, bn, bk, 4, 4) for bn in (64, 128) for bk in (128, 256)]
+    elif m <= 64:
+        shapes = [(bm, bn, 128, 4, 4) for bm in (32, 64) for bn in (64, 128)]
+    elif m <= 256:
+        shapes = [(128, 64, 128, 4, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (128, 128, 64, 8, 4),
+                  (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (256, 64, 64, 4, 3)]
+    else:
+        shapes = [(256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+                  (256, 64, 64, 4, 3)]
+    splits = (1, 4) if m <= 256 else (1,)
+    return [GemmConfig(bm, bn, bk, split_k=s, group_m=8, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in shapes for s in splits]
 
 
 def tune(ms: list[int], result_file: str, run_id: str, kernels_: tuple[str, ...] = TUNED,

@@ -17,7 +17,8 @@
         "gemv"     kernels/gemv.py with int8 weights (decode rows; symmetric weights only: with zero
                    points the row goes to "triton"), which hands bf16 / f16 rows on NVIDIA GPUs to
                    kernels/gemv_dp4a.py;
-        "triton"   kernels/w8a16_gemm.py, the weight dequantised in registers (read once, as int8);
+        "triton"   kernels/w8a16_gemm.py, the weight dequantised in registers (read once, as int8; the
+                   weight is the tensor-core product's left operand above M = 16);
         "dequant"  kernels/w8a16_dequant.py into a [N, K] temporary, then cuBLAS (F.linear): the
                    weight is rounded to x's dtype first, as a float model's would be.
     w8a16_gated_gemv(x [M, K], w_q [2I, K], w_scale [2I], bias) -> [M, I] | None
@@ -28,8 +29,10 @@ Weights are [N, K] row-major on CUDA (see `kernels/int8_gemm.py` for why). The t
 largest M of a bucket to a backend; the choice is made on the host from M alone, so each CUDA graph
 (one per batch size) captures one fixed path. Measured on an H200 (run s4c2, benchmarks/results/
 gpu_quant_kernels.jsonl; CUDA-graph replays over cold weights, summed over a qwen-7b layer's four
-linears): W8A8 Triton beats torch._int_mm + epilogue at every M (1.5x at M = 2048); W8A16 Triton beats
-dequantise + cuBLAS up to M = 16 (0.105 vs 0.325 ms), loses from M = 256 (0.426 vs 0.364 ms). The
+linears): W8A8 Triton beats torch._int_mm + epilogue at every M (1.5x at M = 2048). W8A16 Triton beats
+dequantise + cuBLAS up to M = 256 (run s18c: 0.138 vs 0.325 ms at M = 16, 0.227 vs 0.331 at M = 128, 0.356
+vs 0.363 at M = 256 with one config per M; its per-linear configs came later from that run's sweep) and
+loses at M = 512 (0.638 vs 0.492). The
 "gemv" rows (M <= 2) follow kernels_gemv.jsonl's bf16 figures (the gemv beats cuBLAS at M <= 2, loses
 at M = 4); its int8 (dp4a) kernel is 1.09-1.34x faster than the float32 GEMV at M = 1-2 (run s17e).
 """
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
     from deepserve.kernels.int8_quant import Int8Activations
 
 W8A8_BACKENDS: dict[int, str] = {1 << 62: "triton"}
-W8A16_BACKENDS: dict[int, str] = {2: "gemv", 64: "triton", 1 << 62: "dequant"}
+W8A16_BACKENDS: dict[int, str] = {2: "gemv", 256: "triton", 1 << 62: "dequant"}
 BACKENDS = {"w8a8": ("triton", "int_mm"), "w8a16": ("gemv", "triton", "dequant")}
 
 

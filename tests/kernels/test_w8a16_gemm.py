@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from deepserve.kernels.int8_gemm import GemmConfig
-from deepserve.kernels.w8a16_gemm import CONFIGS, w8a16_gemm_config
+from deepserve.kernels.w8a16_gemm import CONFIGS, SHAPE_CONFIGS, X_LEFT_MAX_M, w8a16_gemm_config, weight_left
 from deepserve.quant.int8 import dequantize_per_channel_ref, quantize_per_channel_ref
 from tests.kernels.interpret import INTERPRET, device, load_kernel_module
 
@@ -44,12 +44,39 @@ def _assert_close(got, ref, x, w_deq):
 @pytest.mark.parametrize("cfg", TINY, ids=["plain", "split3", "grouped"])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matches_reference(m, n, k, cfg, symmetric, dtype):
+@pytest.mark.parametrize("w_left", [False, True], ids=["x-left", "w-left"])
+def test_matches_reference(m, n, k, cfg, symmetric, dtype, w_left):
     dev = device()
     q, scale, zp = _weights(n, k, symmetric, dev)
     x, bias = torch.randn(m, k, device=dev).to(dtype), torch.randn(n, device=dev).to(dtype)
-    got = G.w8a16_gemm(x, q, scale, zp, bias, cfg)
+    got = G.w8a16_gemm(x, q, scale, zp, bias, cfg, w_left=w_left)
     _assert_close(got, G.w8a16_gemm_ref(x, q, scale, zp, bias), x, dequantize_per_channel_ref(q, scale, zp))
+
+
+@pytest.mark.parametrize("m", [16, 17])
+def test_default_kernel_by_rows(m, monkeypatch):
+    """M <= X_LEFT_MAX_M takes the x-left kernel, larger M the w-left one; both within the bound."""
+    launched = []
+    for name in ("_x_left_kernel", "_w_left_kernel"):
+        kernel = getattr(G, name)
+        monkeypatch.setattr(G, name, _Spy(kernel, name, launched))
+    dev = device()
+    q, scale, zp = _weights(24, 64, True, dev)
+    x = torch.randn(m, 64, device=dev)
+    got = G.w8a16_gemm(x, q, scale, zp, None, GemmConfig(16, 16, 32, num_stages=1))
+    assert launched == ["_w_left_kernel" if m > G.X_LEFT_MAX_M else "_x_left_kernel"]
+    _assert_close(got, G.w8a16_gemm_ref(x, q, scale, zp), x, dequantize_per_channel_ref(q, scale, zp))
+
+
+class _Spy:
+    """Records `kernel[grid](...)` launches by name, then launches."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
 
 
 def test_strided_rows_default_config_no_bias():
@@ -119,6 +146,11 @@ def test_bad_inputs():
 def test_config_table():
     assert w8a16_gemm_config(1, 3584, 3584, 132).block_m == CONFIGS[16].block_m
     assert w8a16_gemm_config(8192, 3584, 3584, 132) == CONFIGS[1 << 62]
+    assert w8a16_gemm_config(100, 3000, 3584, 132).block_m == CONFIGS[128].block_m  # no shape entry
+    for (n, k), table in SHAPE_CONFIGS.items():  # a tuned shape's entry, its split_k as tuned on 132 SMs
+        for max_m, cfg in table.items():
+            assert w8a16_gemm_config(max_m, n, k, 132) == cfg
+    assert not weight_left(X_LEFT_MAX_M) and weight_left(X_LEFT_MAX_M + 1)
 
 
 # ---- GPU, qwen-7b linear shapes -------------------------------------------------------------------
@@ -128,7 +160,7 @@ SHAPES = [(3584, 4608), (3584, 37888), (3584, 3584), (18944, 3584)]  # (K, N): q
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", SHAPES)
-@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+@pytest.mark.parametrize("m", [1, 16, 17, 128, 256, 4096])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("backend", ["gemv", "triton", "dequant"])
 def test_gpu_real_shapes(k, n, m, symmetric, backend):
