@@ -210,6 +210,9 @@ class EngineConfig:
     served_model_name: str | None = None
     enforce_eager: bool = False  # True: no CUDA graphs, every batch runs eagerly
     max_graph_batch_size: int = 512  # largest decode batch captured in a CUDA graph
+    # Largest single-sequence prefill chunk captured in a CUDA graph (engine/prefill_graph.py), capped at
+    # max_num_batched_tokens and max_model_len; 0: prefill always runs eagerly.
+    max_prefill_graph_tokens: int = 256
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
     quantization: str | None = None  # deepserve.quant method for LinearBase layers (int8, ...)
     quantize_lm_head: bool = False  # the LM head as int8 W8A16 (deepserve/quant/lm_head.py)
@@ -231,6 +234,8 @@ class EngineConfig:
                 f"max_model_len {sched.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.model_config.max_position_embeddings}"
             )
+        if self.max_prefill_graph_tokens < 0:
+            raise ConfigError(f"max_prefill_graph_tokens must be >= 0, got {self.max_prefill_graph_tokens}")
         if self.async_scheduling not in ("auto", "on", "off"):
             raise ConfigError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.speculative is not None and self.quantize_lm_head:

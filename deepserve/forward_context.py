@@ -43,8 +43,9 @@ class ForwardContext:
 
     def derived(self, key: Hashable, build: Callable[["ForwardContext"], Any]) -> Any:
         """build(self) on the first call with `key`, the same object for every later call (every layer
-        of the step). Not for decode paths captured in CUDA graphs: a capture context serves many
-        replays, so what the first call computed from device contents would go stale."""
+        of the step). Not for paths captured in CUDA graphs (decode batches, and prefill chunks with
+        engine/prefill_graph.py): a capture context serves many replays, so what the first call computed
+        from device contents would go stale."""
         if key not in self.derived_cache:
             self.derived_cache[key] = build(self)
         return self.derived_cache[key]

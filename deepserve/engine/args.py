@@ -26,6 +26,7 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 | int8
     enforce_eager: bool = False
     max_graph_batch_size: int = 512
+    max_prefill_graph_tokens: int = 256
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     attention_mode: str = "auto"
@@ -64,6 +65,9 @@ class EngineArgs:
                        help="no CUDA graphs: run every batch eagerly")
         g.add_argument("--max-graph-batch-size", type=int, default=d.max_graph_batch_size,
                        help="largest decode batch captured in a CUDA graph (larger ones run eagerly)")
+        g.add_argument("--max-prefill-graph-tokens", type=int, default=d.max_prefill_graph_tokens,
+                       help="largest single-sequence prefill chunk replayed from a CUDA graph (capped at "
+                            "--max-num-batched-tokens and --max-model-len; 0: prefill runs eagerly)")
         g.add_argument("--async-scheduling", default=d.async_scheduling, choices=["auto", "on", "off"],
                        help="schedule the next step while the device runs this one (auto: on for CUDA); "
                             "batches with logprobs, penalties or speculative decoding run in step")
@@ -114,6 +118,7 @@ class EngineArgs:
             seed=self.seed, attention_mode=self.attention_mode,
             served_model_name=self.served_model_name or _default_name(self.model, folder),
             enforce_eager=self.enforce_eager, max_graph_batch_size=self.max_graph_batch_size,
+            max_prefill_graph_tokens=self.max_prefill_graph_tokens,
             speculative=self._speculative_config(), quantization=self._quantization(model_config),
             quantize_lm_head=self.quantize_lm_head, async_scheduling=self.async_scheduling,
         )

@@ -1,4 +1,5 @@
-"""CUDA graphs for decode-only batches.
+"""CUDA graphs for decode-only batches (single-sequence prefill chunks: deepserve/engine/prefill_graph.py,
+which reuses this module's padding rule, `Capturer`s and pool).
 
 At start-up the model's decode step (input ids + positions -> logits) is captured once per batch
 size of a ladder (1, 2, 4, 8, 16, 24, 32, ... up to the cap), all over one set of static input
@@ -62,6 +63,17 @@ def supports_graphs(model: nn.Module) -> bool:
 
     layers = attention_layers(model)
     return bool(layers) and all(getattr(layer, "supports_cuda_graph", False) for layer in layers)
+
+
+def copies_queued(tensor: torch.Tensor):
+    """A CUDA event recorded on the current stream after the copies queued so far (into `tensor`'s
+    device); None off CUDA, where copies are synchronous. A fill synchronizes on the last one before it
+    rewrites the staging buffers that those copies read."""
+    if not tensor.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 # ------------------------------------------------------------------------------- static inputs
@@ -156,9 +168,7 @@ class StaticInputs:
             staged[0, :len(rows)] = rows
             staged[1, :len(sources)] = sources
             self.pending.copy_(self.host_pending, non_blocking=True)
-        if self.tokens.is_cuda:
-            self.copied[0] = torch.cuda.Event()
-            self.copied[0].record()
+        self.copied[0] = copies_queued(self.tokens)
 
 
 # ------------------------------------------------------------------------------- capturers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -16,6 +17,7 @@ from deepserve.engine.memory import (KVCachePlan, cpu_num_blocks, gpu_num_blocks
                                      profile_lengths, profile_memory)
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.outputs import EngineOutput
+from deepserve.engine.prefill_graph import PrefillGraphs, prefill_capture_sizes, prefill_graph_tokens
 from deepserve.engine.scheduler import DraftBudget, PendingToken, ScheduledBatch, Scheduler, SchedulerStats
 from deepserve.engine.spec_decode import DraftTokenBudget, MTPProposer
 from deepserve.engine.sequence import Sequence
@@ -24,8 +26,8 @@ from deepserve.platforms.interface import HostCopy
 from deepserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-GRAPH_HINT = ("start with --enforce-eager, or lower --max-graph-batch-size, --max-num-seqs or "
-              "--gpu-memory-utilization")
+GRAPH_HINT = ("start with --enforce-eager, or lower --max-graph-batch-size, --max-num-seqs, "
+              "--max-prefill-graph-tokens or --gpu-memory-utilization")
 
 
 @dataclass(frozen=True)
@@ -147,16 +149,33 @@ class EngineCore:
         logger.info("warmed up the kernels in %.1f s", time.perf_counter() - start)
 
     def _capture_graphs(self) -> None:
-        """One CUDA graph per decode batch size of the ladder, over the allocated KV cache."""
+        """One CUDA graph per decode batch size of the ladder, then one per padded prefill chunk size
+        (engine/prefill_graph.py) where the model supports them, over the allocated KV cache; all in
+        one capturer's memory pool."""
         config, block_size = self.config, self.config.cache.block_size
+        capturer = self.platform.graph_capturer()
         sizes = capture_sizes(config.scheduler.max_num_seqs, config.max_graph_batch_size)
         graphs = DecodeGraphs(sizes, cdiv(config.max_model_len, block_size), block_size,
                               config.max_model_len, self.runner.device)
+        self._capture(lambda: self.runner.capture_decode_graphs(graphs, capturer), sizes, "decode batches %s..%s")
+        sizes = prefill_capture_sizes(prefill_graph_tokens(config, self.runner.model))
+        if not sizes:
+            if config.max_prefill_graph_tokens > 0:
+                logger.info("prefill CUDA graphs off: the attention backend does not declare "
+                            "supports_prefill_cuda_graph, or the model has MoE layers")
+            return
+        prefill = PrefillGraphs(sizes, cdiv(config.max_model_len, block_size), block_size,
+                                config.max_model_len, self.runner.device)
+        self._capture(lambda: self.runner.capture_prefill_graphs(prefill, capturer), sizes,
+                      "prefill chunks of %s..%s tokens")
+
+    def _capture(self, capture: Callable[[], None], sizes: tuple[int, ...], what: str) -> None:
+        """Run `capture` under the OOM guard; log the count, the sizes, the time and the pool's growth."""
         start, before = time.perf_counter(), self.platform.memory_stats().reserved
         with oom_guard(self.platform, "capturing CUDA graphs", GRAPH_HINT):
-            self.runner.capture_decode_graphs(graphs, self.platform.graph_capturer())
+            capture()
         used = self.platform.memory_stats().reserved - before
-        logger.info("captured %d CUDA graphs for decode batches %s..%s in %.1f s (%.0f MiB)",
+        logger.info("captured %d CUDA graphs for " + what + " in %.1f s (%.0f MiB)",
                     len(sizes), sizes[0], sizes[-1], time.perf_counter() - start, used / 2**20)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -7,7 +7,8 @@ GPU: after the weights are loaded,
        activation memory;
     2. KV bytes = gpu_memory_utilization x card total - weights - peak activations
                   - memory outside torch (CUDA context, other processes) - a margin for the
-                  CUDA-graph pool;
+                  CUDA-graph pool (`graph_margin`: the decode graphs' logits and activations, plus
+                  the prefill graphs' activations of up to Tmax tokens, engine/prefill_graph.py);
     3. blocks = KV bytes / bytes per block, at most what max_num_seqs sequences of max_model_len
        can use; fewer blocks than one max_model_len sequence needs is InsufficientMemoryError.
 An out-of-memory error during load, profile or capture becomes InsufficientMemoryError too (a
@@ -140,12 +141,18 @@ def gpu_num_blocks(config: EngineConfig, profile: MemoryProfile, bytes_per_block
 
 
 def graph_margin(enabled: bool, max_graph_bs: int, vocab_size: int, peak_activation: int,
-                 profile_tokens: int) -> int:
-    """Estimated CUDA-graph pool: the largest graph's logits (counted at 4 bytes, an upper bound) + that many
-    tokens' share of the profiled activations (the decode step is a subset of the prefill step), with a floor."""
+                 profile_tokens: int, prefill_tokens: int = 0) -> int:
+    """Estimated CUDA-graph pool: the largest decode graph's logits (counted at 4 bytes, an upper bound) + that
+    many tokens' share of the profiled activations (the decode step is a subset of the prefill step), + the
+    largest prefill graph's `prefill_tokens` tokens' share of them (its output is hidden states, no logits;
+    counted on top of the decode terms although the pool may reuse memory across captures), with a floor."""
     if not enabled or max_graph_bs <= 0:
         return 0
-    activations = peak_activation * min(1.0, max_graph_bs / max(1, profile_tokens))
+
+    def share(tokens: int) -> float:
+        return peak_activation * min(1.0, tokens / max(1, profile_tokens))
+
+    activations = share(max_graph_bs) + share(prefill_tokens)
     return int(max_graph_bs * vocab_size * 4 + activations) + GRAPH_MARGIN_FLOOR
 
 
@@ -191,6 +198,7 @@ def _profile_forward(model: nn.Module, config: EngineConfig, device: torch.devic
 def profile_memory(model: nn.Module, config: EngineConfig, platform: Platform, graphs: bool) -> MemoryProfile:
     """Measure weights, peak activations and memory outside torch on the model's device."""
     from deepserve.engine.kv_cache import kv_cache_dtype_of
+    from deepserve.engine.prefill_graph import prefill_graph_tokens
 
     device = next(model.parameters()).device
     dtype = kv_cache_dtype_of(config, model, platform)
@@ -204,8 +212,9 @@ def profile_memory(model: nn.Module, config: EngineConfig, platform: Platform, g
     platform.empty_cache()
     info, stats = platform.mem_get_info(), platform.memory_stats()
     non_torch = max(0, info.total - info.free - stats.reserved)
+    prefill_tokens = prefill_graph_tokens(config, model) if graphs else 0
     margin = graph_margin(graphs, config.max_graph_batch_size, config.model_config.vocab_size, peak,
-                          sum(profile_lengths(config)))
+                          sum(profile_lengths(config)), prefill_tokens)
     return MemoryProfile(info.total, weights, max(0, peak), non_torch, margin)
 
 

@@ -3,8 +3,11 @@ samples the sequences whose chunk reached their end (at every draft position too
 verified: deepserve/engine/spec_decode) and, with a proposer, drafts the next step's tokens.
 
 A decode-only batch replays a captured CUDA graph when `capture_decode_graphs` was called
-(CUDA platforms, not --enforce-eager, graph-safe attention); prefill and mixed batches, and decode
-batches larger than the largest graph, run eagerly."""
+(CUDA platforms, not --enforce-eager, graph-safe attention); a batch of one sequence with 2 to
+--max-prefill-graph-tokens new tokens (a prefill chunk) replays a padded prefill graph when
+`capture_prefill_graphs` was called (engine/prefill_graph.py: the forward to hidden states in the graph,
+the sampling rows' logits eagerly). Mixed batches, prefills of several sequences and batches larger
+than the largest graph run eagerly, as does every batch with a proposer (speculative decoding)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from torch import nn
 
 from deepserve.engine.cuda_graph import Capturer, DecodeGraphs
 from deepserve.engine.kv_cache import allocate_kv_caches, allocate_kv_scales, bind_kv_cache, bind_split_counters
+from deepserve.engine.prefill_graph import PrefillGraphs
 from deepserve.engine.scheduler import ScheduledBatch, ScheduledSeq
 from deepserve.engine.sequence import PLACEHOLDER_TOKEN
 from deepserve.engine.sequence import TokenLogprob
@@ -72,6 +76,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.verifier = Verifier()
         self.proposer = proposer  # spec_decode.MTPProposer or None (it needs every hidden state)
         # The last launch's sampled ids [N] on the device and each request's row in them: where a
@@ -86,7 +91,9 @@ class ModelRunner:
         compiled before the first request. A count above max_model_len is split into several
         sequences of at most max_model_len tokens: positions stay inside the model's rotary table
         (a budget of 2048 tokens with --max-model-len 256 read past it). Every token writes into the
-        null block 0, which no sequence owns. Counts: `warm_up_counts`."""
+        null block 0, which no sequence owns. Counts: `warm_up_counts`. The padded shapes of the
+        prefill graphs (T tokens in two sequences) are compiled by the capturer's warm-up calls, which run
+        the captured function itself before recording it (cuda_graph.CudaGraphCapturer)."""
         counts = warm_up_counts(max_num_batched_tokens)
         for query_lens in [split_sequences(n, max_model_len) for n in counts] + [[1] * 7 + [2]]:
             tables = [[0] * -(-n // self.block_size) for n in query_lens]
@@ -101,6 +108,14 @@ class ModelRunner:
         """Capture the decode step (ids, positions -> logits in the model's dtype) for every size of `graphs`."""
         graphs.capture(self._decode_step, capturer)
         self.graphs = graphs
+
+    @torch.inference_mode()
+    def capture_prefill_graphs(self, graphs: PrefillGraphs, capturer: Capturer) -> None:
+        """Capture the model forward (ids, positions -> hidden states) for every padded size of `graphs`.
+        The capturer's warm-up calls run each padded size in the graphs' two-sequence layout first, which
+        compiles its kernels (Triton compiles per shape-derived constexpr at first launch)."""
+        graphs.capture(self.model, capturer)
+        self.prefill_graphs = graphs
 
     def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[B] int64, [B] int64 -> logits [B, V] in the head's dtype (every row samples in a decode batch). No
@@ -141,10 +156,14 @@ class ModelRunner:
         return tokens
 
     def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(hidden states, or None through a CUDA graph; logits of the sampling rows, or None when
-        nobody samples): a decode-only batch that fits replays its graph, any other runs eagerly."""
-        if self.graphs is not None and self.graphs.can_run([e.num_new_tokens for e in batch.scheduled]):
+        """(hidden states, or None through a decode graph; logits of the sampling rows, or None when
+        nobody samples): a decode-only batch that fits replays its graph, a one-sequence prefill chunk
+        that fits its prefill graph, any other batch runs eagerly."""
+        query_lens = [e.num_new_tokens for e in batch.scheduled]
+        if self.graphs is not None and self.graphs.can_run(query_lens):
             return None, self._replay(batch.scheduled)
+        if self.prefill_graphs is not None and self.proposer is None and self.prefill_graphs.can_run(query_lens):
+            return self._replay_prefill(batch.scheduled, bool(batch.sampling))
         return self._run_eager(batch.scheduled, bool(batch.sampling))
 
     def _run_eager(self, scheduled: list[ScheduledSeq], sample: bool
@@ -157,9 +176,22 @@ class ModelRunner:
             input_ids[upload(torch.tensor(rows), self.device)] = tokens[upload(torch.tensor(sources), self.device)]
         with forward_context(ctx):
             hidden = self.model(input_ids, ctx.positions)  # [num_tokens, hidden]
+        return hidden, self._logits(hidden, scheduled, sample)
+
+    def _replay_prefill(self, scheduled: list[ScheduledSeq], sample: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A one-sequence prefill chunk through its padded graph: inputs built on the host, copied into the
+        static buffers; hidden states [n, H] (a view of the graph's output, valid until the next replay) and
+        the sampling rows' logits computed from them eagerly (None when the chunk does not sample)."""
+        input_ids, ctx, pending = self._prepare(scheduled, "cpu")
+        hidden = self.prefill_graphs.run(input_ids, ctx, pending)  # [n, hidden]
+        return hidden, self._logits(hidden, scheduled, sample)
+
+    def _logits(self, hidden: torch.Tensor, scheduled: list[ScheduledSeq], sample: bool) -> torch.Tensor | None:
+        """Float32 logits [num_rows, V] of the sampling rows of hidden [num_tokens, H]; None when nobody samples."""
         if not sample:
-            return hidden, None
-        return hidden, self.model.compute_logits(hidden[self._last_token_rows(scheduled)])  # [N, V]
+            return None
+        return self.model.compute_logits(hidden[self._last_token_rows(scheduled)])  # [N, V]
 
     def _replay(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """A decode-only batch through its graph: inputs built on the host, copied into the

@@ -18,7 +18,8 @@ its `kv_scales [2, num_blocks, block_size, H_kv]` f32, deepserve/layers/kv_quant
      (kernels/paged_decode_attention.py, which gives the one measurement of both changes, run s10g).
 Launch decisions use host values only (tensor shapes and the ForwardContext's host tuples), so no
 call syncs with the device. The split count of decode is chosen from the batch size and the
-longest context on the host (max_model_len while a CUDA graph is captured).
+longest context on the host (max_model_len while a CUDA graph is captured); prefill reads shapes
+only (`supports_prefill_cuda_graph`: prefill chunks are captured too, engine/prefill_graph.py).
 Without a bound cache (a profiling pass) it falls back to the PyTorch backend.
 """
 
@@ -41,6 +42,10 @@ class TritonAttention(Attention):
     # Launch decisions read only shapes and host tuples: during graph capture the runner sets
     # seq_lens_cpu to max_model_len, so the decode split count is fixed for every replay.
     supports_cuda_graph = True
+    # Prefill launches read shapes only (`paged_prefill_attention`: grid from num_tokens and the batch,
+    # programs find their sequence in query_start_loc on the device), never the host tuples: a padded
+    # single-sequence prefill can be captured too (deepserve/engine/prefill_graph.py).
+    supports_prefill_cuda_graph = True
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None,
                  rotary: RotaryEmbedding | None = None):

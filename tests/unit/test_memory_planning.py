@@ -114,6 +114,29 @@ def test_graph_margin():
     assert graph_margin(True, 512, 100, 1000, 100) == 512 * 100 * 4 + 1000 + GRAPH_MARGIN_FLOOR
 
 
+def test_graph_margin_adds_the_prefill_graphs_share():
+    base = graph_margin(True, 512, 100, 1000, 1000)
+    assert base == 512 * 100 * 4 + 512 + GRAPH_MARGIN_FLOOR
+    assert graph_margin(True, 512, 100, 1000, 1000, prefill_tokens=256) == base + 256  # 256 tokens' share
+    assert graph_margin(True, 512, 100, 1000, 1000, prefill_tokens=4000) == base + 1000  # at most the peak
+    assert graph_margin(False, 512, 100, 1000, 1000, prefill_tokens=256) == 0
+
+
+def test_profile_margin_counts_prefill_graphs_where_the_model_takes_them(monkeypatch):
+    """profile_memory adds Tmax tokens' share (prefill_graph_tokens: 0 for this model's reference attention)."""
+    import deepserve.engine.prefill_graph as prefill_graph
+
+    config = engine_config(max_model_len=64, max_num_seqs=4, tokens=96)
+    model = tiny_model(config)
+    fake = FakeGpu(total=80 * GiB, free=60 * GiB, allocated=15 * GiB, reserved=16 * GiB, peak=17 * GiB)
+    assert prefill_graph.prefill_graph_tokens(config, model) == 0
+    monkeypatch.setattr(prefill_graph, "prefill_graph_tokens", lambda config, model: 48)
+    p = profile_memory(model, config, fake, graphs=True)
+    assert p.graph_margin == graph_margin(True, 512, 256, 2 * GiB, 96, prefill_tokens=48)
+    assert p.graph_margin == graph_margin(True, 512, 256, 2 * GiB, 96) + GiB
+    assert profile_memory(model, config, fake, graphs=False).graph_margin == 0
+
+
 def test_profile_lengths():
     assert profile_lengths(engine_config(max_model_len=1024, tokens=2500)) == [1024, 1024, 452]
     assert profile_lengths(engine_config(max_model_len=1024, tokens=512)) == [512]
