@@ -13,9 +13,9 @@ Two kernels, picked by M (`weight_left`):
           is read from shared memory as it is, and M becomes the product's narrow dimension.
 Both read every weight byte once, as int8. Measured on an H200 (qwen-7b's four linears summed,
 CUDA-graph replays over cold weights): at M = 128 the x-left kernel took 0.339 ms and dequantise +
-cuBLAS 0.327 (run s18a), the w-left kernel 0.227 with one config and 0.210 with each linear's best
-(run s18c; bf16 cuBLAS 0.139); at M = 16 the x-left kernel is the faster, 0.105 ms (run s4c2)
-against 0.138 (s18c).
+cuBLAS 0.327 (run s18a), the w-left kernel 0.227 with one config (run s18c) and 0.209 with
+SHAPE_CONFIGS (run s18d; bf16 cuBLAS 0.142); at M = 16 the x-left kernel is the faster, 0.105 ms
+(s18d) against the w-left kernel's 0.138 (s18c).
 
 Exactness: |q - zp| <= 255 is an integer that bf16 (8 significant bits) and f16 hold exactly, so
 the tensor-core product x (q - zp) is the exact float one, accumulated in float32. The per-channel

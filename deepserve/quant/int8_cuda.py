@@ -30,9 +30,8 @@ largest M of a bucket to a backend; the choice is made on the host from M alone,
 (one per batch size) captures one fixed path. Measured on an H200 (run s4c2, benchmarks/results/
 gpu_quant_kernels.jsonl; CUDA-graph replays over cold weights, summed over a qwen-7b layer's four
 linears): W8A8 Triton beats torch._int_mm + epilogue at every M (1.5x at M = 2048). W8A16 Triton beats
-dequantise + cuBLAS up to M = 256 (run s18c: 0.138 vs 0.325 ms at M = 16, 0.227 vs 0.331 at M = 128, 0.356
-vs 0.363 at M = 256 with one config per M; its per-linear configs came later from that run's sweep) and
-loses at M = 512 (0.638 vs 0.492). The
+dequantise + cuBLAS up to M = 256 (run s18d: 0.105 vs 0.324 ms at M = 16, 0.209 vs 0.330 at M = 128, 0.292
+vs 0.365 at M = 256) and loses at M = 512 (0.542 vs 0.499). The
 "gemv" rows (M <= 2) follow kernels_gemv.jsonl's bf16 figures (the gemv beats cuBLAS at M <= 2, loses
 at M = 4); its int8 (dp4a) kernel is 1.09-1.34x faster than the float32 GEMV at M = 1-2 (run s17e).
 """
