@@ -269,9 +269,7 @@ def w8a16_candidates(m: int):
     M: 64 per warp group), block_m the tokens (wgmma's N)."""
     from deepserve.kernels.int8_gemm import GemmConfig
 
-    if m <= 16:
-        shapes = [(16, bn, bk, 4, 4) for bn in (64, 128) for bk in (128, 256)]
-    elif m <= 64:
+    if m <= 64:
         shapes = [(bm, bn, 128, 4, 4) for bm in (32, 64) for bn in (64, 128)]
     elif m <= 256:
         shapes = [(128, 64, 128, 4, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (128, 128, 64, 8, 4),
@@ -360,7 +358,7 @@ def print_tuned(path: Path, run_id: str, ms: list[int]) -> None:
         shaped = [f"    {TUNE_SHAPES[best[m]['model']][layer][::-1]}: {{{m}: GemmConfig{tuple(cfg)}}},  "
                   f"# {best[m]['model']} {layer}: {ms_} ms"
                   for m in ms if m in best for layer, (cfg, ms_) in best[m].get("per_layer_best", {}).items()]
-        if shaped and kernel == "int8_gemm":  # (N, K) keys, one line per linear and M: merge them by hand
+        if shaped:  # (N, K) keys, one line per linear and M: merge them by hand
             print("SHAPE_CONFIGS (each linear's best; (N, K) -> {max M: config}):\n" + "\n".join(shaped))
 
 

@@ -67,7 +67,8 @@ class EngineArgs:
                        help="largest decode batch captured in a CUDA graph (larger ones run eagerly)")
         g.add_argument("--max-prefill-graph-tokens", type=int, default=d.max_prefill_graph_tokens,
                        help="largest single-sequence prefill chunk replayed from a CUDA graph (capped at "
-                            "--max-num-batched-tokens and --max-model-len; 0: prefill runs eagerly)")
+                            "--max-num-batched-tokens and --max-model-len; 0: prefill runs eagerly; off with "
+                            "every graph under --enforce-eager or --max-graph-batch-size 0)")
         g.add_argument("--async-scheduling", default=d.async_scheduling, choices=["auto", "on", "off"],
                        help="schedule the next step while the device runs this one (auto: on for CUDA); "
                             "batches with logprobs, penalties or speculative decoding run in step")

@@ -1,9 +1,9 @@
 """CUDA graphs for single-sequence prefill chunks (decode batches: deepserve/engine/cuda_graph.py).
 
 A short prefill is host-bound: launching a 7B model's ~400 kernels from Python takes longer than
-the GPU needs to run them (qwen-7b, a 128-token prompt, H200: 15.6 ms of launches for 8.9 ms of GPU
-work), so the time to first token of a lone short prompt is mostly launch overhead. At start-up the
-model forward (input ids [T] + positions [T] -> hidden states [T, H], not logits) is captured once
+the GPU needs to run them (qwen-7b, a 128-token prompt, H200: 15.6-18.6 ms of launches for 8.9 ms of
+GPU work, benchmarks/results/prefill_host.jsonl), so the time to first token of a lone short prompt is
+mostly launch overhead. At start-up the model forward (input ids [T] + positions [T] -> hidden states [T, H], not logits) is captured once
 per padded token count T of a ladder (16, 32, 64, ... up to the cap, and the cap itself), all over
 one set of static buffers sized for the largest, Tmax (`PrefillInputs`).
 
@@ -17,6 +17,11 @@ warm-up filled with finite values). Every row is thus computed on real, finite d
 paths that take one activation scale over all rows see no garbage. When T == n the second sequence
 is empty (q_len 0; the Triton prefill kernel's programs for it exit). hidden[:n] is the answer; the
 runner computes the sampling rows' logits eagerly.
+
+Numerics: the linears see T rows, not n, so they may pick other kernels or tiles than an eager run: results
+equal an eager forward of the padded batch, and differ from the unpadded one by rounding (bf16), or by
+method where a quantisation method routes by row count (2-4 rows: fp8's and W8A16's decode GEMV eagerly,
+their prefill GEMMs in the 16-token graph).
 
 Graph safety: nothing on the host runs at replay, so the attention backend's launches must depend on
 shapes only (T, the batch of 2, the table width). Attention modules declare it with

@@ -4,7 +4,7 @@
                bias [N] | None) -> y [M, N] x.dtype
     y = x @ ((w_q - w_zero) * w_scale)^T (+ bias)
 
-Two kernels, picked by M (`weight_left`):
+Two kernels, picked by M and x's dtype (`weight_left`):
   x-left  (M <= X_LEFT_MAX_M) y = x @ w^T: each [BLOCK_K, BLOCK_N] tile of w_q is loaded as int8,
           converted in registers and, as the right operand of the tensor-core product, written back
           to shared memory in x's dtype;
@@ -20,7 +20,8 @@ SHAPE_CONFIGS (run s18d; bf16 cuBLAS 0.142); at M = 16 the x-left kernel is the 
 Exactness: |q - zp| <= 255 is an integer that bf16 (8 significant bits) and f16 hold exactly, so
 the tensor-core product x (q - zp) is the exact float one, accumulated in float32. The per-channel
 scale is applied once in the epilogue: y = acc * w_scale (+ bias). Symmetric weights (no zero
-point) skip the subtraction. float32 x multiplies in IEEE float32 (no tensor cores).
+point) skip the subtraction. float32 x multiplies in IEEE float32 (no tensor cores), always in the
+x-left kernel on FLOAT32_CONFIG's small tiles.
 
 Split-K (few tiles: small N) writes float32 partials that the host sums (`reduce_splits`).
 CONFIGS and SHAPE_CONFIGS hold GemmConfig(block_m: rows of x per tile, block_n: rows of w_q per
@@ -55,6 +56,11 @@ CONFIGS: dict[int, GemmConfig] = {
     1 << 62: GemmConfig(256, 64, 64, split_k=1, group_m=8, num_warps=4, num_stages=3),
 }
 
+# float32 x (IEEE products on CUDA cores, not a serving dtype): the x-left kernel on small tiles at every M. The
+# tables' tiles, sized for 16-bit x, would need 104-224 KB of shared memory in float32: more than sm_89 / sm_120
+# (99 KB) or sm_80 (163 KB) give a block.
+FLOAT32_CONFIG = GemmConfig(16, 64, 64, split_k=4, group_m=1, num_warps=4, num_stages=3)
+
 # (N, K) -> {max M: GemmConfig} for linear shapes tuned apart, laid over CONFIGS (`w8a16_gemm_config`): each
 # qwen-7b linear's best in run s18c (split_k as the tune resolved it on 132 SMs). Summed over the four at
 # M = 128: 0.210 ms against CONFIGS' 0.227; at M = 256: 0.290 against 0.320.
@@ -86,9 +92,16 @@ def w8a16_gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     return config_for({**CONFIGS, **SHAPE_CONFIGS.get((n, k), {})}, m, n, k, sms)
 
 
-def weight_left(m: int) -> bool:
-    """The w-left kernel for M rows (else x-left)."""
-    return m > X_LEFT_MAX_M
+def weight_left(m: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The w-left kernel for M rows of x in `dtype` (else x-left): float32 x always takes x-left."""
+    return m > X_LEFT_MAX_M and dtype != torch.float32
+
+
+def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemmConfig:
+    """The tables' config (`w8a16_gemm_config`) for 16-bit x; FLOAT32_CONFIG for float32 x."""
+    if dtype == torch.float32:
+        return config_for({1 << 62: FLOAT32_CONFIG}, m, n, k, sms)
+    return w8a16_gemm_config(m, n, k, sms)
 
 
 @triton.jit
@@ -183,8 +196,8 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zero
                w_left: bool | None = None) -> torch.Tensor:
     """x [M, K] f16/bf16/f32 (unit stride in K), w_q [N, K] int8 (unit stride in K), w_scale [N] f32,
     w_zero [N] f32 integer-valued zero points or None (symmetric), bias [N] or None
-    -> [M, N] x.dtype. `config` overrides the tables (its split_k used as given); `w_left` the kernel
-    (default `weight_left(M)`)."""
+    -> [M, N] x.dtype. `config` overrides `default_config` (its split_k used as given); `w_left` the kernel
+    (default `weight_left(M, x.dtype)`)."""
     check_operands(x, w_q, w_scale, bias, _FLOATS, "w8a16_gemm")
     n = w_q.shape[0]
     if w_zero is not None and (w_zero.shape != (n,) or w_zero.dtype != torch.float32 or w_zero.device != x.device):
@@ -193,11 +206,11 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zero
     m, k = x.shape
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=x.dtype, device=x.device)
-    cfg = config or w8a16_gemm_config(m, n, k, num_sms(x.device))
+    cfg = config or default_config(m, n, k, x.dtype, num_sms(x.device))
     k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     c = split_k_output(m, n, cfg.split_k, x.dtype, x.device)
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), cfg.split_k)
-    kernel = _w_left_kernel if (weight_left(m) if w_left is None else w_left) else _x_left_kernel
+    kernel = _w_left_kernel if (weight_left(m, x.dtype) if w_left is None else w_left) else _x_left_kernel
     kernel[grid](
         x, w_q, c, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale,
         m, n, k, k_per_split, x.stride(0), w_q.stride(0), c.stride(0), c.stride(1),

@@ -54,17 +54,25 @@ def test_matches_reference(m, n, k, cfg, symmetric, dtype, w_left):
 
 
 @pytest.mark.parametrize("m", [16, 17])
-def test_default_kernel_by_rows(m, monkeypatch):
-    """M <= X_LEFT_MAX_M takes the x-left kernel, larger M the w-left one; both within the bound."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_default_kernel_by_rows(m, dtype, monkeypatch):
+    """16-bit x: M <= X_LEFT_MAX_M takes the x-left kernel, larger M the w-left one; float32 x always x-left on
+    FLOAT32_CONFIG (the tables' tiles would not fit the shared memory of every card in float32). All within the
+    bound."""
     launched = []
     for name in ("_x_left_kernel", "_w_left_kernel"):
         kernel = getattr(G, name)
         monkeypatch.setattr(G, name, _Spy(kernel, name, launched))
+    configs = []
+    real_config = G.config_for
+    monkeypatch.setattr(G, "config_for", lambda table, *a: configs.append(table) or real_config(table, *a))
     dev = device()
     q, scale, zp = _weights(24, 64, True, dev)
-    x = torch.randn(m, 64, device=dev)
-    got = G.w8a16_gemm(x, q, scale, zp, None, GemmConfig(16, 16, 32, num_stages=1))
-    assert launched == ["_w_left_kernel" if m > G.X_LEFT_MAX_M else "_x_left_kernel"]
+    x = torch.randn(m, 64, device=dev).to(dtype)
+    got = G.w8a16_gemm(x, q, scale, zp)
+    w_left = m > G.X_LEFT_MAX_M and dtype != torch.float32
+    assert launched == ["_w_left_kernel" if w_left else "_x_left_kernel"]
+    assert (configs == [{1 << 62: G.FLOAT32_CONFIG}]) == (dtype == torch.float32)
     _assert_close(got, G.w8a16_gemm_ref(x, q, scale, zp), x, dequantize_per_channel_ref(q, scale, zp))
 
 
@@ -151,6 +159,7 @@ def test_config_table():
         for max_m, cfg in table.items():
             assert w8a16_gemm_config(max_m, n, k, 132) == cfg
     assert not weight_left(X_LEFT_MAX_M) and weight_left(X_LEFT_MAX_M + 1)
+    assert not weight_left(4096, torch.float32)
 
 
 # ---- GPU, qwen-7b linear shapes -------------------------------------------------------------------
