@@ -20,7 +20,10 @@ W8A16 GEMV instead (int8 weights with float32 row scales, bf16 x; GB/s over the 
 holds bf16 configs and gemv_config doubles BLOCK_K for int8, which was never swept (W8A16 decode: 55% of
 its roofline in run s5e1). `--weights dp4a` sweeps the dp4a W8A16 GEMV (kernels/gemv_dp4a.py, what gemv runs for
 int8 weights and bf16 x on NVIDIA GPUs): Dp4aConfig candidates (block_n, num_warps, ahead, maxnreg, blocks), the
-records' "kernel" field "dp4a"; its TABLE is written from them by hand.
+records' "kernel" field "dp4a"; `benchmarks/gemv_table.py` picks its TABLE from them. Its pick from run s17d
+equals the TABLE in kernels/gemv_dp4a.py except for qwen-7b's o, where the sweep's streaming (4, 4) took 4.784 us
+and the table's x-stationary (2, 4, True, None, 2) 4.811 (0.6%, within a call's spread); the table was written
+by hand and is what runs s17e/s17f/s18d measured, so it stays.
 """
 
 from __future__ import annotations

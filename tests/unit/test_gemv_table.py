@@ -120,3 +120,39 @@ def test_dp4a_sweep_candidates():
         assert all(block_m * c.block_n <= 32 and c.num_warps & (c.num_warps - 1) == 0 for c in cands)
         assert all(fit_config(c, m, k).blocks == c.blocks for c in cands)  # no x-stationary one beyond two chunks
         assert any(c.blocks for c in cands) == (k <= 2 * 512 * 4)
+
+
+def test_dp4a_records_feed_only_the_dp4a_table():
+    float_rec = record("qwen-7b", "o", 3584, 3584, [((4, 2048, 1, 4), 5.3)], int8=True)
+    dp4a_rec = {**record("qwen-7b", "o", 3584, 3584, [((4, 4, False, None, 0), 4.8)], int8=True), "kernel": "dp4a"}
+    head = {**record("qwen-7b", "lm_head", 152064, 3584, [], int8=True), "kernel": "dp4a"}
+    assert gemv_table.sweeps([float_rec, dp4a_rec, head], {"r1"}, True, dp4a=True) == [dp4a_rec]
+
+
+def test_dp4a_pick_counts_an_x_stationary_programs_row_blocks():
+    """An x-stationary dp4a config runs `blocks` row blocks a program: (8, 4, True, None, 2) at N = 3584 is
+    224 programs (< 264), skipped though fastest; the streaming (4, 4) gives 896. Entries are the swept fields."""
+    from deepserve.kernels import gemv_dp4a as D
+
+    fit = lambda c, k: tuple(D.fit_config(D.Dp4aConfig(*c), 1, k))  # noqa: E731
+    xs, stream = (8, 4, True, None, 2), (4, 4, False, None, 0)
+    rows = [{**record("qwen-7b", "o", 3584, 3584, [(xs, 4.0), (stream, 4.8)], int8=True), "kernel": "dp4a"}]
+    entries = gemv_table.pick(rows, [(4096, 4096, D.Dp4aConfig(2, 4))], True, fit, D.Dp4aConfig,
+                              lambda c, _: gemv_table.trimmed(c), gemv_table.dp4a_programs)
+    assert gemv_table.dp4a_programs(xs, 3584) == 224 and gemv_table.dp4a_programs(stream, 3584) == 896
+    assert entries[0].config == stream and entries[0].step_us == 28 * 4.8
+
+
+def test_dp4a_table_renders_into_gemv_dp4a_py_and_parses_back():
+    from deepserve.kernels import gemv_dp4a as D
+
+    source = gemv_table.DP4A_SOURCE.read_text()
+    entries = [gemv_table.Entry(n, k, tuple(c), ["qwen-7b/o"], 1.0) for n, k, c in D.TABLE]
+    new = gemv_table.replace_table(source, "TABLE", gemv_table.render("TABLE", entries, D._ANY, "Dp4aConfig"),
+                                   "Dp4aConfig")
+    assert all(len(line) <= 120 for line in new.splitlines())
+    node = next(n for n in ast.parse(new).body if isinstance(n, ast.AnnAssign) and n.target.id == "TABLE")
+    got = [D.Dp4aConfig(*[ast.literal_eval(a) for a in e.elts[2].args]) for e in node.value.elts]
+    assert got == [c for _, _, c in D.TABLE]
+    with pytest.raises(ValueError):  # gemv.py's GemvConfig pattern does not match gemv_dp4a.py's table
+        gemv_table.replace_table(source, "TABLE", "")
