@@ -76,6 +76,17 @@ def copies_queued(tensor: torch.Tensor):
     return event
 
 
+def bound_step(step: StepFn, ctx: ForwardContext, ids: torch.Tensor, positions: torch.Tensor
+               ) -> Callable[[], torch.Tensor]:
+    """`step(ids, positions)` under `ctx` as a no-argument function over static buffers (what a capturer records)."""
+
+    def run() -> torch.Tensor:
+        with forward_context(ctx):
+            return step(ids, positions)
+
+    return run
+
+
 # ------------------------------------------------------------------------------- static inputs
 
 
@@ -236,16 +247,8 @@ class DecodeGraphs:
         """Capture `step` for every size, largest first (the pool then fits the smaller ones)."""
         for bs in reversed(self.sizes):
             ctx = self.static.context(bs, self.block_size, self.max_model_len)
-            self._replays[bs] = capturer.capture(self._bound(step, ctx, bs))
-
-    def _bound(self, step: StepFn, ctx: ForwardContext, bs: int) -> Callable[[], torch.Tensor]:
-        ids, positions = self.static.input_ids[:bs], self.static.positions[:bs]
-
-        def run() -> torch.Tensor:
-            with forward_context(ctx):
-                return step(ids, positions)
-
-        return run
+            self._replays[bs] = capturer.capture(bound_step(step, ctx, self.static.input_ids[:bs],
+                                                            self.static.positions[:bs]))
 
     def can_run(self, query_lens: list[int]) -> bool:
         """Decode-only (one new token per sequence) and no larger than the largest graph."""

@@ -48,8 +48,8 @@ from torch import nn
 
 from deepserve.config import EngineConfig
 from deepserve.engine.block_manager import cdiv
-from deepserve.engine.cuda_graph import PAD_SLOT, Capturer, copies_queued, padded_size
-from deepserve.forward_context import ForwardContext, build_forward_context, forward_context
+from deepserve.engine.cuda_graph import PAD_SLOT, Capturer, bound_step, copies_queued, padded_size
+from deepserve.forward_context import ForwardContext, build_forward_context
 
 LADDER_START = 16  # the smallest padded token count (then 32, 64, ... up to the cap)
 META = 8  # int32 header of the packed int32 buffer: query_start_loc at 0..2, seq_lens at 4..5 (16-byte aligned)
@@ -217,16 +217,8 @@ class PrefillGraphs:
         for size in reversed(self.sizes):
             self.static.fill(*null_chunk(size, self.block_size), padded=size)
             ctx = self.static.context(size, self.block_size, self.max_model_len)
-            self._replays[size] = capturer.capture(self._bound(forward, ctx, size))
-
-    def _bound(self, forward: ForwardFn, ctx: ForwardContext, size: int) -> Callable[[], torch.Tensor]:
-        ids, positions = self.static.input_ids[:size], self.static.positions[:size]
-
-        def run() -> torch.Tensor:
-            with forward_context(ctx):
-                return forward(ids, positions)
-
-        return run
+            self._replays[size] = capturer.capture(bound_step(forward, ctx, self.static.input_ids[:size],
+                                                              self.static.positions[:size]))
 
     def can_run(self, query_lens: list[int]) -> bool:
         """Exactly one sequence with 2 <= n <= Tmax new tokens."""
@@ -238,7 +230,7 @@ class PrefillGraphs:
         input_ids[rows[i]] = tokens[sources[i]], gathered on the device after the copy."""
         n = input_ids.shape[0]
         padded = padded_size(self.sizes, n)
-        if padded is None or padded not in self._replays or not self.can_run(list(ctx.query_lens_cpu)):
+        if padded is None or padded not in self._replays:  # the fill checks the rest (one sequence, n >= 2)
             raise ValueError(f"no captured prefill graph for a batch of {ctx.query_lens_cpu} tokens")
         self.static.fill(input_ids, ctx, padded, None if pending is None else pending[:2])
         if pending is not None:
