@@ -11,11 +11,11 @@ Two kernels, picked by M and x's dtype (`weight_left`):
   w-left  (larger M) y^T = w @ x^T: the weight is the left operand, which Hopper's wgmma reads from
           registers, so the converted tile goes straight to the tensor cores; x^T [BLOCK_K, BLOCK_M]
           is read from shared memory as it is, and M becomes the product's narrow dimension.
-Both read every weight byte once, as int8. Measured on an H200 (qwen-7b's four linears summed,
-CUDA-graph replays over cold weights): at M = 128 the x-left kernel took 0.339 ms and dequantise +
-cuBLAS 0.327 (run s18a), the w-left kernel 0.227 with one config (run s18c) and 0.209 with
-SHAPE_CONFIGS (run s18d; bf16 cuBLAS 0.142); at M = 16 the x-left kernel is the faster, 0.105 ms
-(s18d) against the w-left kernel's 0.138 (s18c).
+Both read every weight byte once, as int8. Side by side on an H200 (run s18e, qwen-7b's four linears summed,
+CUDA-graph replays over cold weights; x-left with its earlier tables, w-left with these): M = 8 and 16,
+x-left 0.104 ms against w-left 0.138; M = 32, 0.184 against 0.148; M = 64, 0.190 against 0.173; M = 128,
+0.341 against 0.211. In run s18d, beside these kernels as routed: dequantise + cuBLAS 0.330 ms and bf16
+cuBLAS 0.142 at M = 128.
 
 Exactness: |q - zp| <= 255 is an integer that bf16 (8 significant bits) and f16 hold exactly, so
 the tensor-core product x (q - zp) is the exact float one, accumulated in float32. The per-channel
